@@ -1,0 +1,1 @@
+"""The metrics service: Prometheus /metrics from state, events and service reports."""

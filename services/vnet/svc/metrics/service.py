@@ -1,0 +1,195 @@
+"""Metrics: serves Prometheus ``/metrics``.
+
+* ``vnet_networks_total`` / ``vnet_endpoints_total``: gauges read from the state in
+  Redis (the indexes the network and endpoint services keep), refreshed on every
+  event of ``VNET_EVENTS`` and every few seconds;
+* ``vnet_operations_total{service,op}``, ``vnet_operation_errors_total{service,op,code}``,
+  ``vnet_operation_duration_seconds{service,op}``: summed over the cumulative reports
+  every service instance publishes on ``vnet.metrics.report.<service>.<instance>``;
+* ``vnet_events_total{domain,event}``: events seen on the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from vnet.adapters import redis as redis_adapter
+from vnet.adapters.nats import DurableConsumer
+from vnet.contracts import subjects
+from vnet.contracts.messages import Empty, MetricsReport, MetricsSummary
+from vnet.runtime.service import Ctx, Runtime, ServiceDef
+
+log = logging.getLogger(__name__)
+
+SERVICE = ServiceDef("metrics", "Metrics: Prometheus /metrics for networks, endpoints and operations")
+
+NETWORKS_INDEX = redis_adapter.global_key("networks")
+ENDPOINTS_INDEX = redis_adapter.global_key("endpoints")
+REFRESH_S = 2.0
+
+
+class State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reports: dict[tuple[str, str], MetricsReport] = {}
+        self.networks = 0
+        self.endpoints = 0
+        self.events: dict[tuple[str, str], int] = {}
+        self.http_port = 0
+
+
+class VNetCollector(Collector):
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterable[Any]:
+        st = self.state
+        with st.lock:
+            reports = list(st.reports.values())
+            networks, endpoints = st.networks, st.endpoints
+            events = dict(st.events)
+        yield GaugeMetricFamily("vnet_networks_total", "Virtual networks that exist", value=networks)
+        yield GaugeMetricFamily("vnet_endpoints_total", "Endpoints that exist", value=endpoints)
+        ops = CounterMetricFamily("vnet_operations", "Operations handled, by service and op",
+                                  labels=["service", "op"])
+        errs = CounterMetricFamily("vnet_operation_errors", "Operations that failed, by service, op and code",
+                                   labels=["service", "op", "code"])
+        dur = HistogramMetricFamily("vnet_operation_duration_seconds", "Time to handle an operation",
+                                    labels=["service", "op"])
+        # Sum the instances of one service: replicas are one logical service.
+        count: dict[tuple[str, str], int] = {}
+        ecount: dict[tuple[str, str, str], int] = {}
+        hist: dict[tuple[str, str], tuple[list[float], list[int], float]] = {}
+        for r in reports:
+            for o in r.ops:
+                k = (r.service, o.op)
+                count[k] = count.get(k, 0) + o.count
+                for code, n in o.errors.items():
+                    ek = (r.service, o.op, code)
+                    ecount[ek] = ecount.get(ek, 0) + n
+                bounds, buckets, total = hist.get(k, (r.buckets, [0] * len(o.bucket_counts), 0.0))
+                hist[k] = (bounds, [a + b for a, b in zip(buckets, o.bucket_counts, strict=False)],
+                           total + o.sum_s)
+        for k, n in sorted(count.items()):
+            ops.add_metric(list(k), n)
+        for ek, n in sorted(ecount.items()):
+            errs.add_metric(list(ek), n)
+        for k, (bounds, buckets, total) in sorted(hist.items()):
+            les = [*(str(b) for b in bounds), "+Inf"]
+            dur.add_metric(list(k), list(zip(les, buckets, strict=False)), total)
+        yield ops
+        yield errs
+        yield dur
+        ev = CounterMetricFamily("vnet_events", "Domain events seen on VNET_EVENTS", labels=["domain", "event"])
+        for (d, e), n in sorted(events.items()):
+            ev.add_metric([d, e], n)
+        yield ev
+
+
+async def _refresh(rt: Runtime, st: State) -> None:
+    try:
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.scard(NETWORKS_INDEX)
+        pipe.scard(ENDPOINTS_INDEX)
+        n, e = await pipe.execute()
+        with st.lock:
+            st.networks, st.endpoints = int(n), int(e)
+    except Exception as exc:
+        log.warning("cannot read state from Redis: %s", exc)
+
+
+@SERVICE.starting
+async def _start(rt: Runtime) -> None:
+    from prometheus_client.exposition import start_http_server
+
+    st = State()
+    rt.state["metrics"] = st
+
+    async def on_report(msg: Msg) -> None:
+        try:
+            rep = msgspec.json.decode(msg.data, type=MetricsReport)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("ignoring malformed metrics report on %s", msg.subject)
+            return
+        with st.lock:
+            st.reports[(rep.service, rep.instance)] = rep
+
+    rt.state["report_sub"] = await rt.nc.subscribe(subjects.METRICS_REPORT.wildcard(), cb=on_report)
+    # Ask every running instance for a snapshot now rather than waiting for its next tick.
+
+    async def on_event(msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) >= 4:
+            with st.lock:
+                k = (parts[2], parts[3])
+                st.events[k] = st.events.get(k, 0) + 1
+        if len(parts) >= 3 and parts[2] in ("network", "endpoint"):
+            await _refresh(rt, st)
+
+    consumer = DurableConsumer(rt.js, "vnet-metrics", deliver_all=False)
+    await consumer.start(on_event)
+    rt.state["consumer"] = consumer
+
+    async def refresher() -> None:
+        while True:
+            await _refresh(rt, st)
+            await asyncio.sleep(REFRESH_S)
+
+    rt.spawn(refresher(), "refresh")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(VNetCollector(st))
+    server, thread = start_http_server(rt.config.metrics_http_port, addr=rt.config.metrics_http_host,
+                                       registry=registry)
+    st.http_port = int(server.server_address[1])
+    rt.state["http"] = (server, thread)
+    log.info("serving /metrics on http://%s:%d/metrics", rt.config.metrics_http_host, st.http_port)
+
+
+@SERVICE.stopping
+async def _stop(rt: Runtime) -> None:
+    consumer: DurableConsumer | None = rt.state.get("consumer")
+    if consumer:
+        await consumer.stop()
+    http = rt.state.get("http")
+    if http:
+        server, _thread = http
+        server.shutdown()
+        server.server_close()
+
+
+async def _http_check(rt: Runtime) -> tuple[str, str]:
+    st: State | None = rt.state.get("metrics")
+    return "http", "ok" if st and st.http_port else "not serving"
+
+
+SERVICE.health_checks.append(_http_check)
+
+
+@SERVICE.op("summary", subjects.METRICS_SUMMARY, Empty)
+async def summary(ctx: Ctx, req: Empty) -> MetricsSummary:
+    st: State = ctx.rt.state["metrics"]
+    await _refresh(ctx.rt, st)
+    with st.lock:
+        instances: dict[str, list[str]] = {}
+        ops: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for (svc, inst), r in st.reports.items():
+            instances.setdefault(svc, []).append(inst)
+            for o in r.ops:
+                ops[f"{svc}.{o.op}"] = ops.get(f"{svc}.{o.op}", 0) + o.count
+                n = sum(o.errors.values())
+                if n:
+                    errors[f"{svc}.{o.op}"] = errors.get(f"{svc}.{o.op}", 0) + n
+        return MetricsSummary(networks=st.networks, endpoints=st.endpoints, instances=instances,
+                              operations=ops, errors=errors)
+
+

@@ -1,0 +1,1 @@
+"""The node worker: one per host, applies desired state to the kernel."""

@@ -1,0 +1,1 @@
+"""I/O adapters: NATS (service wrapper, JetStream, client), Redis, netlink, nftables."""

@@ -1,0 +1,196 @@
+"""NATS connection, traced request/reply, and JetStream events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from vnet.contracts import codec, subjects
+from vnet.contracts import headers as H
+from vnet.contracts.subjects import Subject
+from vnet.core import errors as E
+from vnet.runtime.config import VNetConfig
+from vnet.telemetry import tracing
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EVENTS_DUPLICATE_WINDOW_S = 120.0
+
+
+async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0,
+                  allow_reconnect: bool = True) -> Client:
+    """Connect with endless reconnects: subscriptions are restored by the client."""
+
+    async def _err(e: Exception) -> None:
+        log.warning("nats error: %s", e)
+
+    async def _disc() -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _rec() -> None:
+        log.info("reconnected to NATS")
+
+    opts: dict[str, Any] = dict(
+        servers=[config.nats_url],
+        name=name,
+        connect_timeout=connect_timeout,
+        allow_reconnect=allow_reconnect,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=_err,
+        disconnected_cb=_disc,
+        reconnected_cb=_rec,
+    )
+    if config.nats_user:
+        opts["user"] = config.nats_user
+        opts["password"] = config.nats_password
+    if config.nats_token:
+        opts["token"] = config.nats_token
+    if config.nats_creds:
+        opts["user_credentials"] = config.nats_creds
+    try:
+        return await nats.connect(**opts)
+    except Exception as exc:  # the client raises several unrelated types here
+        raise E.make(E.UNAVAILABLE, f"cannot connect to NATS at {config.nats_url}: {exc or type(exc).__name__}; "
+                     "is nats-server running? (`vnetctl up` starts one)", url=config.nats_url) from None
+
+
+async def request(
+    nc: Client,
+    subject: Subject,
+    payload: Any,
+    reply_type: type[T],
+    *,
+    timeout: float = 5.0,
+    params: dict[str, str] | None = None,
+) -> tuple[T, str | None]:
+    """Traced request/reply; raises the VNetError the service returned.
+
+    Returns the decoded reply and the trace id the service reported.
+    """
+    concrete = subject.format(**(params or {}))
+    data = payload if isinstance(payload, bytes) else codec.encode(payload)
+    with tracing.publish_span(subject.template, concrete) as hdrs:
+        try:
+            msg = await nc.request(concrete, data, timeout=timeout, headers=hdrs)
+        except NoRespondersError:
+            raise E.make(E.UNAVAILABLE, f"no service answers {concrete}; is the stack up? "
+                         "(`vnetctl status` lists what runs)", subject=concrete) from None
+        except NatsTimeout:
+            raise E.make(E.TIMEOUT, f"no reply on {concrete} within {timeout}s", subject=concrete) from None
+    h = msg.headers or {}
+    trace_id = h.get(H.TRACE_ID)
+    if H.ERROR_CODE in h:
+        err = codec.decode_error(msg.data, h[H.ERROR_CODE], h.get(H.ERROR, ""))
+        err.trace_id = err.trace_id or trace_id
+        raise err
+    try:
+        return msgspec.json.decode(msg.data, type=reply_type), trace_id
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise E.make(E.INTERNAL, f"reply on {concrete} does not match {reply_type.__name__}: {exc}") from None
+
+
+# --- JetStream events -------------------------------------------------------------------
+
+async def ensure_events_stream(js: JetStreamContext) -> None:
+    """Create ``VNET_EVENTS`` if missing; concurrent callers are fine."""
+    cfg = StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[subjects.EVENTS_WILDCARD],
+        storage=StorageType.FILE,
+        duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+        max_age=7 * 24 * 3600.0,
+    )
+    try:
+        await js.stream_info(subjects.EVENTS_STREAM)
+        return
+    except NotFoundError:
+        pass
+    try:
+        await js.add_stream(cfg)
+    except Exception:  # lost a creation race: fine if it exists now
+        await js.stream_info(subjects.EVENTS_STREAM)
+
+
+async def publish_event(js: JetStreamContext, subject: str, event: Any, *, msg_id: str,
+                        template: str = subjects.EVT.template) -> int:
+    """Publish a domain event with ``Nats-Msg-Id`` (dedup) and trace context; returns its seq."""
+    with tracing.publish_span(template, subject) as hdrs:
+        hdrs[H.MSG_ID] = msg_id
+        ack = await js.publish(subject, codec.encode(event), headers=hdrs, stream=subjects.EVENTS_STREAM)
+    return int(ack.seq)
+
+
+class DurableConsumer:
+    """A pull consumer with explicit ack: a handler that raises is nak'ed and redelivered."""
+
+    def __init__(self, js: JetStreamContext, durable: str, filter_subject: str = subjects.EVENTS_WILDCARD,
+                 *, deliver_all: bool = True, ack_wait_s: float = 30.0, max_deliver: int = 10) -> None:
+        self.js = js
+        self.durable = durable
+        self.filter_subject = filter_subject
+        self.deliver_all = deliver_all
+        self.ack_wait_s = ack_wait_s
+        self.max_deliver = max_deliver
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self, handler: Callable[[Msg], Awaitable[None]], *, batch: int = 64) -> None:
+        sub = await self.js.pull_subscribe(
+            self.filter_subject,
+            durable=self.durable,
+            stream=subjects.EVENTS_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL if self.deliver_all else DeliverPolicy.NEW,
+                ack_wait=self.ack_wait_s,
+                max_deliver=self.max_deliver,
+            ),
+        )
+
+        async def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    msgs = await sub.fetch(batch, timeout=1.0)
+                except NatsTimeout:
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # disconnected: the client reconnects; keep pulling
+                    log.debug("fetch failed: %s", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for m in msgs:
+                    tmpl = subjects.EVT.template
+                    with tracing.process_span(tmpl, m.subject, m.headers):
+                        try:
+                            await handler(m)
+                        except Exception:
+                            log.exception("event handler failed on %s; nak for redelivery", m.subject)
+                            await m.nak(delay=1.0)
+                            continue
+                    await m.ack()
+
+        self._task = asyncio.create_task(loop(), name=f"consumer-{self.durable}")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass

@@ -1,0 +1,1 @@
+"""``VNetManager`` mixins, one per service; each uses ``ClientBase.call``."""

@@ -1,0 +1,1 @@
+"""``vnetctl``: the command line."""

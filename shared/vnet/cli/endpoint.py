@@ -1,0 +1,1 @@
+"""`vnetctl endpoint ...` verbs."""

@@ -1,0 +1,1 @@
+"""`vnetctl network ...` verbs."""

@@ -1,0 +1,1 @@
+"""`vnetctl policy ...` verbs."""

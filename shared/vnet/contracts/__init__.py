@@ -1,0 +1,1 @@
+"""The public wire contract: subjects, request/reply types, events, codec, headers."""

@@ -1,0 +1,11 @@
+"""Header names on the wire."""
+
+ERROR = "Nats-Service-Error"
+ERROR_CODE = "Nats-Service-Error-Code"
+MSG_ID = "Nats-Msg-Id"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+# The trace id of the request's trace, returned on every reply so a user can find it.
+TRACE_ID = "Vnet-Trace-Id"
+# Which service instance answered (useful with N replicas in a queue group).
+INSTANCE = "Vnet-Instance"

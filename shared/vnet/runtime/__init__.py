@@ -1,0 +1,1 @@
+"""Configuration and the one service pattern every VNet service runs on."""

@@ -1,0 +1,159 @@
+"""``VNetConfig``: the module description's fields plus connection settings.
+
+Precedence (later wins): defaults < file (``VNET_CONFIG`` or an explicit path;
+TOML, YAML or JSON) < environment (``VNET_<FIELD>`` upper-case) < explicit keyword
+arguments. Every key of the file and every ``VNET_*`` variable is a field below;
+an unknown one is an error that names it, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import netaddr
+import yaml
+
+from vnet.core import errors as E
+from vnet.core.model import DriverType, IsolationMode
+
+ENV_PREFIX = "VNET_"
+# Variables read by other parts (not config fields) that must not be mistaken for typos.
+_NON_FIELD_ENV = {"VNET_CONFIG", "VNET_STATE_DIR", "VNET_RUN_PREFIX"}
+
+
+class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # The module description's fields and defaults.
+    default_driver: DriverType = DriverType.BRIDGE
+    default_isolation: IsolationMode = IsolationMode.FULL
+    ipv6_enabled: bool = False
+    default_subnet: str = "172.20.0.0/16"
+    default_subnet_v6: str | None = None
+    max_networks: int = 1000
+    metrics_enabled: bool = True
+    # Prefix length of networks carved from default_subnet when no CIDR is given.
+    default_prefix_len: int = 24
+    default_prefix_len_v6: int = 64
+
+    # Connections.
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_creds: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_username: str | None = None
+    redis_password: str | None = None
+
+    # Service runtime.
+    max_inflight: int = 256
+    request_timeout_s: float = 5.0
+    metrics_report_interval_s: float = 2.0
+    metrics_http_host: str = "127.0.0.1"
+    metrics_http_port: int = 9464
+    otlp_endpoint: str | None = None
+    log_level: str = "INFO"
+
+    # Node worker.
+    node_id: str | None = None
+    host_netns: str | None = None  # None: the namespace the worker runs in
+
+    def __post_init__(self) -> None:
+        try:
+            v4 = netaddr.IPNetwork(self.default_subnet)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise E.make(E.INVALID_CONFIG, f"default_subnet {self.default_subnet!r} is not a CIDR") from None
+        if v4.version != 4:
+            raise E.make(E.INVALID_CONFIG, f"default_subnet {self.default_subnet!r} must be IPv4; "
+                         "put an IPv6 pool in default_subnet_v6")
+        if self.default_subnet_v6 is not None:
+            try:
+                v6 = netaddr.IPNetwork(self.default_subnet_v6)
+            except (netaddr.AddrFormatError, ValueError, TypeError):
+                raise E.make(E.INVALID_CONFIG,
+                             f"default_subnet_v6 {self.default_subnet_v6!r} is not a CIDR") from None
+            if v6.version != 6:
+                raise E.make(E.INVALID_CONFIG, f"default_subnet_v6 {self.default_subnet_v6!r} must be IPv6")
+        if not (v4.prefixlen <= self.default_prefix_len <= 30):
+            raise E.make(E.INVALID_CONFIG, f"default_prefix_len {self.default_prefix_len} must be between "
+                         f"the pool's /{v4.prefixlen} and /30")
+        if self.max_networks < 1:
+            raise E.make(E.INVALID_CONFIG, "max_networks must be at least 1")
+        if self.max_inflight < 1:
+            raise E.make(E.INVALID_CONFIG, "max_inflight must be at least 1")
+
+    # -- loading ---------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return cls.__struct_fields__
+
+    @classmethod
+    def env_names(cls) -> tuple[str, ...]:
+        return tuple(ENV_PREFIX + f.upper() for f in cls.__struct_fields__)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> VNetConfig:
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        path = path or env.get("VNET_CONFIG")
+        if path:
+            raw.update(_read_file(Path(path)))
+        fields = set(cls.__struct_fields__)
+        for key, value in env.items():
+            if not key.startswith(ENV_PREFIX) or key in _NON_FIELD_ENV:
+                continue
+            name = key[len(ENV_PREFIX):].lower()
+            if name not in fields:
+                raise E.make(E.INVALID_CONFIG, f"environment variable {key} is not a VNet setting; "
+                             f"known: {', '.join(cls.env_names())}", variable=key)
+            raw[name] = value
+        raw.update({k: v for k, v in overrides.items()})
+        return cls.from_mapping(raw)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> VNetConfig:
+        try:
+            return msgspec.convert(dict(raw), cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise E.make(E.INVALID_CONFIG, f"invalid configuration: {exc}") from None
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces this config in a child process."""
+        out: dict[str, str] = {}
+        for f in self.__struct_fields__:
+            v = getattr(self, f)
+            if v is None:
+                continue
+            out[ENV_PREFIX + f.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
+        return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise E.make(E.INVALID_CONFIG, f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise E.make(E.INVALID_CONFIG, f"config file {path} is not valid: {exc}") from None
+    if not isinstance(data, dict):
+        raise E.make(E.INVALID_CONFIG, f"config file {path} must hold a mapping of settings")
+    data = data.get("vnet", data)
+    return dict(data)

@@ -1,0 +1,85 @@
+"""Entry points ``vnet-service <name>`` and ``vnet-node``: run one service until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import socket
+import sys
+
+from vnet.contracts import subjects
+from vnet.core.errors import VNetError
+from vnet.runtime import service as svc_runtime
+from vnet.runtime.config import VNetConfig
+from vnet.telemetry.logging import setup_logging
+from vnet.telemetry.tracing import setup_tracing
+
+log = logging.getLogger("vnet.launcher")
+
+
+def load_service(name: str) -> svc_runtime.ServiceDef:
+    if name not in (*subjects.SERVICES, subjects.NODE_SERVICE):
+        raise SystemExit(f"unknown service {name!r}; choose one of: {', '.join(subjects.SERVICES)}")
+    mod = importlib.import_module(f"vnet.svc.{name}.service")
+    defn: svc_runtime.ServiceDef = mod.SERVICE
+    return defn
+
+
+async def run(name: str, config: VNetConfig, params: dict[str, str]) -> None:
+    defn = load_service(name)
+    rt = await svc_runtime.start(defn, config, params=params)
+    log.info("%s %s up as instance %s on %s", defn.name, defn.version, rt.instance, config.nats_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining %s", defn.name)
+    await rt.stop()
+    log.info("%s stopped", defn.name)
+
+
+def _main(name: str, argv: list[str] | None, node: bool) -> int:
+    p = argparse.ArgumentParser(prog="vnet-node" if node else "vnet-service")
+    if not node:
+        p.add_argument("name", choices=subjects.SERVICES)
+    p.add_argument("--config", help="config file (TOML, YAML or JSON); default $VNET_CONFIG")
+    if node:
+        p.add_argument("--node-id", help="this host's node id (default: $VNET_NODE_ID or the hostname)")
+        p.add_argument("--host-netns", help="network namespace to manage (default: the current one)")
+    args = p.parse_args(argv)
+    try:
+        overrides = {}
+        if node and args.node_id:
+            overrides["node_id"] = args.node_id
+        if node and args.host_netns:
+            overrides["host_netns"] = args.host_netns
+        config = VNetConfig.load(args.config, **overrides)
+    except VNetError as err:
+        print(f"vnet: {err.message}", file=sys.stderr)
+        return 2
+    svc = name if node else args.name
+    setup_logging(svc, config.log_level)
+    setup_tracing(svc, config.otlp_endpoint)
+    params: dict[str, str] = {}
+    if node:
+        params["node"] = config.node_id or socket.gethostname().split(".")[0]
+    try:
+        asyncio.run(run(svc, config, params))
+    except VNetError as err:
+        print(f"vnet-{svc}: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def service_main(argv: list[str] | None = None) -> None:
+    raise SystemExit(_main("", argv, node=False))
+
+
+def node_main(argv: list[str] | None = None) -> None:
+    raise SystemExit(_main(subjects.NODE_SERVICE, argv, node=True))

@@ -1,0 +1,1 @@
+"""Tracing (W3C context in NATS headers), operation metrics, logging."""
