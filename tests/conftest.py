@@ -86,3 +86,38 @@ async def start_service(config: VNetConfig) -> AsyncIterator[Callable[..., Await
     yield _start
     for rt in reversed(started):
         await rt.stop(drain_timeout=2.0)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+requires_root = pytest.mark.skipif(not _is_root(), reason="needs root to create network namespaces")
+
+
+@pytest.fixture
+def netns(run_prefix: str) -> Iterator[Callable[[str], str]]:
+    """Create named network namespaces (``netns("h1")`` -> ``<prefix>-h1``); all are
+    deleted at teardown, pass or fail, with every process still inside them."""
+    import subprocess
+
+    if not _is_root():
+        pytest.skip("needs root to create network namespaces")
+    made: list[str] = []
+
+    def _make(name: str) -> str:
+        full = f"{run_prefix}-{name}"
+        subprocess.run(["ip", "netns", "add", full], check=True, capture_output=True)
+        made.append(full)
+        subprocess.run(["ip", "-n", full, "link", "set", "lo", "up"], check=True, capture_output=True)
+        return full
+
+    yield _make
+    for ns in reversed(made):
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

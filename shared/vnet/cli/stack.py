@@ -1,3 +1,144 @@
-"""``vnetctl up`` / ``vnetctl down``: the embedded local stack (placeholder until filled)."""
+"""``vnetctl up`` / ``vnetctl down``: the embedded local stack (see docs/local-stack.md)."""
 
 from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import click
+from rich.markup import escape
+
+from vnet.cli.main import cli, err_console
+from vnet.core.errors import VNetError
+from vnet.runtime import stack
+from vnet.runtime.config import VNetConfig
+
+PORT = click.IntRange(1, 65535)
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg)
+
+
+def _event(msg: str) -> None:
+    # Timestamped: in a detached stack these lines are all supervisor.log has.
+    click.echo(f"{dt.datetime.now():%H:%M:%S} {msg}")
+
+
+def _fail(err: stack.StackError) -> NoReturn:
+    # Messages quote logs and paths: no rich markup or highlighting inside them.
+    err_console.print(f"[red]error[/red]: {escape(err.message)}", highlight=False, soft_wrap=True)
+    sys.exit(err.exit_code)
+
+
+def _state_dir(given: Path | None) -> Path:
+    return (given or stack.default_state_dir()).expanduser().absolute()
+
+
+def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[str]:
+    """The command line of the background supervisor: this same ``up``, in the foreground."""
+    argv: list[str] = []
+    if config_path:
+        argv += ["--config", str(Path(config_path).absolute())]
+    argv += ["up", "--foreground-supervisor", "--state-dir", str(opts.state_dir),
+             "--ready-timeout", str(opts.ready_timeout), "--stop-timeout", str(opts.stop_timeout)]
+    for flag, value in (("--nats-url", opts.nats_url), ("--redis-url", opts.redis_url),
+                        ("--nats-port", opts.nats_port), ("--redis-port", opts.redis_port),
+                        ("--metrics-port", opts.metrics_port), ("--node-id", opts.node_id)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if opts.host_root_netns:
+        argv.append("--host-root-netns")
+    return stack.entry_argv("vnetctl", "vnet.cli.main", "main", argv)
+
+
+@cli.command()
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where data, logs and stack.json live (default $VNET_STATE_DIR, else ~/.local/state/vnet).")
+@click.option("--nats-url", default=None, help="Use this existing NATS server (JetStream on) instead of starting one.")
+@click.option("--redis-url", default=None, help="Use this existing Redis/Valkey server instead of starting one.")
+@click.option("--nats-port", type=PORT, default=None, help="Port for the stack's nats-server (default: a free one).")
+@click.option("--redis-port", type=PORT, default=None, help="Port for the stack's valkey-server (default: a free one).")
+@click.option("--metrics-port", type=PORT, default=None, help="Port for /metrics (default: a free one).")
+@click.option("--node-id", default=None, help="Node id of the node worker (default: the short hostname).")
+@click.option("--host-root-netns", is_flag=True,
+              help="Let the node worker manage THIS MACHINE's network namespace instead of a sandbox one (root).")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; return once everything answers health.")
+@click.option("--ready-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds to wait for every service to answer health.")
+@click.option("--stop-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+              help="Seconds a process gets after SIGTERM before SIGKILL.")
+@click.option("--foreground-supervisor", is_flag=True, hidden=True,
+              help="Internal: the background supervisor that --detach starts.")
+@click.pass_context
+def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_url: str | None,
+       nats_port: int | None, redis_port: int | None, metrics_port: int | None, node_id: str | None,
+       host_root_netns: bool, detach: bool, ready_timeout: float, stop_timeout: float,
+       foreground_supervisor: bool) -> None:
+    """Start NATS, Redis, the five services and a node worker, and supervise them.
+
+    Runs in the foreground until Ctrl-C (or `vnetctl down`), unless --detach.
+    """
+    if nats_url and nats_port:
+        raise click.UsageError("--nats-port is for the stack's own nats-server; it has no effect with --nats-url")
+    if redis_url and redis_port:
+        raise click.UsageError("--redis-port is for the stack's own valkey-server; it has no effect with --redis-url")
+    if node_id is not None and not stack.valid_node_id(node_id):
+        raise click.UsageError(f"--node-id {node_id!r} may hold only letters, digits, '-' and '_'")
+    opts = stack.StackOptions(
+        state_dir=_state_dir(state_dir), nats_url=nats_url, redis_url=redis_url, nats_port=nats_port,
+        redis_port=redis_port, metrics_port=metrics_port, node_id=node_id, host_root_netns=host_root_netns,
+        ready_timeout=ready_timeout, stop_timeout=stop_timeout, detached=detach or foreground_supervisor)
+    config_path = ctx.obj.get("config_path")
+    try:
+        # Not load_config(): that would point at a running stack; `up` makes its own.
+        config = VNetConfig.load(config_path)
+    except VNetError as err:
+        err_console.print(f"[red]error[/red]: {err.message}")
+        sys.exit(2)
+
+    try:
+        if detach and not foreground_supervisor:
+            running = stack.running_stack(opts.state_dir)
+            if running is not None:
+                raise stack.StackError(
+                    f"a local stack is already running from {opts.state_dir} (supervisor pid "
+                    f"{running.supervisor_pid}); `vnetctl down --state-dir {opts.state_dir}` stops it")
+            t0 = time.monotonic()
+            st = stack.start_detached(_supervisor_argv(config_path, opts), opts.state_dir,
+                                      timeout=ready_timeout + 30, say=_event)
+            _echo(stack.format_summary(st, elapsed=time.monotonic() - t0))
+            return
+        sup = stack.Supervisor(opts, config, say=_event, show=_echo)
+        sup.prepare()
+        code = sup.run()
+    except stack.StackError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        _event("interrupted before the stack started; nothing left running")
+        sys.exit(130)
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="State directory of the stack (default $VNET_STATE_DIR or ~/.local/state/vnet).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds to wait for the supervisor before killing it.")
+def down(state_dir: Path | None, timeout: float) -> None:
+    """Stop the local stack: every process, the sandbox namespace, the state file.
+
+    Data (NATS JetStream, Redis) and logs stay in the state directory.
+    """
+    sd = _state_dir(state_dir)
+    try:
+        stopped = stack.stop_stack(sd, say=_event, timeout=timeout)
+    except stack.StackError as err:
+        _fail(err)
+    if stopped:
+        _event("stopped; nothing of the stack is left running")
+    else:
+        _echo(f"no local stack runs from {sd} (no {stack.STACK_FILE}); nothing to stop")
