@@ -83,3 +83,10 @@ def service_main(argv: list[str] | None = None) -> None:
 
 def node_main(argv: list[str] | None = None) -> None:
     raise SystemExit(_main(subjects.NODE_SERVICE, argv, node=True))
+
+
+if __name__ == "__main__":
+    # `python -m vnet.runtime.launcher node ...` runs the node worker, any other name a service.
+    if sys.argv[1:2] == ["node"]:
+        node_main(sys.argv[2:])
+    service_main()
