@@ -1,0 +1,206 @@
+"""The node worker's reconciler: desired state in -> observe -> plan -> apply.
+
+::
+
+    rec = Reconciler(host_netns=None)          # None: this process's namespace
+    result = rec.reconcile(desired)            # whole host: start-up, periodic resync
+    result = rec.reconcile(desired, Scope(endpoints=frozenset({"ep1"})))  # one event
+    result = await rec.areconcile(desired)     # from asyncio: runs in a worker thread
+    result.writes, result.endpoints["ep1"].state, result.errors
+
+Level-triggered (Calico Felix's model): it never replays history; every call reads
+the kernel, plans the difference (:func:`vnet.core.plan.plan`, pure) and applies it.
+A converged host costs zero kernel writes. Reconciles are serialised (one at a
+time per reconciler); the kernel serialises netlink work anyway.
+
+Tracing: ``node.reconcile`` is a child of the current span (the node worker's
+``process ...`` span of the request that caused it), with ``node.observe``,
+``node.plan`` and ``node.apply`` below it and one ``kernel <op>`` span per kernel
+operation below ``node.apply``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from vnet.adapters.netlink.apply import Applier
+from vnet.adapters.netlink.nsctx import NamespaceGone, NsContext
+from vnet.adapters.netlink.observe import Observer
+from vnet.core import errors as E
+from vnet.core.dataplane_model import (
+    NodeActual,
+    NodeDesired,
+    ObjectStatus,
+    ReconcileError,
+    ReconcileResult,
+    Scope,
+)
+from vnet.core.plan import Plan, SetSysctl, ep_owner, net_owner, observation_targets, plan
+from vnet.telemetry import tracing
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    """Reconciles one host namespace (``host_netns``: a name, a path, or ``None`` for
+    the namespace this process runs in) with the desired state given to it."""
+
+    def __init__(self, host_netns: str | None = None, *, max_namespaces: int = 1024,
+                 tracer: trace.Tracer | None = None) -> None:
+        self.host_netns = host_netns
+        self.ctx = NsContext(max_entries=max_namespaces)
+        self._tracer = tracer
+        self.observer = Observer(self.ctx, host_netns)
+        self.applier = Applier(self.ctx, host_netns, tracer)
+        self._lock = threading.Lock()
+        self.reconciles = 0
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        """The tracer given, else the ``vnet`` tracer of the current provider."""
+        return self._tracer or tracing.tracer()
+
+    @property
+    def writes(self) -> int:
+        """Kernel writes since this reconciler was made (the counter the tests assert on)."""
+        return self.applier.writes
+
+    # -- steps (public for tests and tools) ----------------------------------------------
+    def observe(self, desired: NodeDesired, scope: Scope | None = None) -> NodeActual:
+        names, containers = observation_targets(desired, scope)
+        return self.observer.node(containers, names)
+
+    def plan(self, desired: NodeDesired, scope: Scope | None = None) -> tuple[Plan, NodeActual]:
+        actual = self.observe(desired, scope)
+        return plan(desired, actual, scope), actual
+
+    # -- reconcile -----------------------------------------------------------------------
+    def reconcile(self, desired: NodeDesired, scope: Scope | None = None) -> ReconcileResult:
+        """Make the host look like ``desired`` (within ``scope``); never raises for
+        kernel or input problems — they are in ``result.errors`` and the statuses."""
+        with self._lock:
+            return self._reconcile(desired, scope)
+
+    async def areconcile(self, desired: NodeDesired, scope: Scope | None = None) -> ReconcileResult:
+        """:meth:`reconcile` off the event loop (the trace context follows)."""
+        return await asyncio.to_thread(self.reconcile, desired, scope)
+
+    def _reconcile(self, desired: NodeDesired, scope: Scope | None) -> ReconcileResult:
+        t0 = time.perf_counter()
+        writes0 = self.applier.writes
+        self.reconciles += 1
+        tracer = self.tracer
+        self.applier.tracer = tracer
+        attrs = {"vnet.host_netns": self.host_netns or "", "vnet.scope": "full" if scope is None else "scoped",
+                 "vnet.desired.networks": len(desired.networks), "vnet.desired.endpoints": len(desired.endpoints)}
+        with tracer.start_as_current_span("node.reconcile", attributes=attrs) as span:
+            errors: list[ReconcileError] = []
+            failed: dict[str, ReconcileError] = {}
+            ops_planned = ops_applied = 0
+            observe_s = plan_s = apply_s = 0.0
+            p: Plan | None = None
+            try:
+                t = time.perf_counter()
+                with tracer.start_as_current_span("node.observe") as sp:
+                    actual = self.observe(desired, scope)
+                    sp.set_attribute("vnet.containers", len(actual.containers))
+                    sp.set_attribute("vnet.host_links", len(actual.host.links))
+                observe_s = time.perf_counter() - t
+                t = time.perf_counter()
+                with tracer.start_as_current_span("node.plan") as sp:
+                    p = plan(desired, actual, scope)
+                    sp.set_attribute("vnet.ops", len(p.ops))
+                    sp.set_attribute("vnet.plan_errors", len(p.errors))
+                plan_s = time.perf_counter() - t
+                ops_planned = len(p.ops)
+                for pe in p.errors:
+                    err = ReconcileError(owner=pe.owner, code=pe.code, message=pe.message)
+                    errors.append(err)
+                    if pe.fatal:
+                        failed.setdefault(pe.owner, err)
+                if p.ops:
+                    t = time.perf_counter()
+                    with tracer.start_as_current_span("node.apply") as sp:
+                        out = self.applier.apply(p, actual)
+                        sp.set_attribute("vnet.ops_applied", out.applied)
+                        sp.set_attribute("vnet.writes", self.applier.writes - writes0)
+                    apply_s = time.perf_counter() - t
+                    ops_applied = out.applied
+                    if any(isinstance(op, SetSysctl) and op.ns is None for op in p.ops):
+                        self.observer.forget_host_sysctls()
+                    errors.extend(out.errors)
+                    for owner, err in out.failed.items():
+                        failed.setdefault(owner, err)
+                if scope is None:  # close the sockets of namespaces gone or no longer ours to watch
+                    refs: set[str | None] = {self.host_netns}
+                    refs |= set(actual.containers)
+                    self.ctx.retain(refs)
+                    self.ctx.prune()
+            except NamespaceGone as exc:
+                err = ReconcileError(owner="node", code=E.UNAVAILABLE.code,
+                                     message=f"host namespace unavailable: {exc.strerror}", errno=exc.errno or 0)
+                errors.append(err)
+                failed["node"] = err
+            except OSError as exc:
+                err = ReconcileError(owner="node", code=E.UNAVAILABLE.code,
+                                     message=f"cannot read the host's network state: {exc}", errno=exc.errno or 0)
+                errors.append(err)
+                failed["node"] = err
+            except Exception as exc:  # a bug: report it on every object rather than kill the worker's loop
+                log.exception("reconcile failed")
+                err = ReconcileError(owner="node", code=E.INTERNAL.code,
+                                     message=f"internal error while reconciling: {type(exc).__name__}: {exc}")
+                errors.append(err)
+                failed["node"] = err
+                span.record_exception(exc)
+            writes = self.applier.writes - writes0
+            result = ReconcileResult(
+                ops_planned=ops_planned, ops_applied=ops_applied, writes=writes, errors=errors,
+                networks=self._statuses(desired, scope, failed, nets=True, plan_=p),
+                endpoints=self._statuses(desired, scope, failed, nets=False, plan_=p),
+                duration=time.perf_counter() - t0, observe_s=observe_s, plan_s=plan_s, apply_s=apply_s)
+            span.set_attribute("vnet.ops", ops_planned)
+            span.set_attribute("vnet.ops_applied", ops_applied)
+            span.set_attribute("vnet.writes", writes)
+            span.set_attribute("vnet.errors", len(errors))
+            if failed:
+                span.set_status(Status(StatusCode.ERROR, f"{len(failed)} object(s) failed"))
+            return result
+
+    @staticmethod
+    def _statuses(desired: NodeDesired, scope: Scope | None, failed: dict[str, ReconcileError], *, nets: bool,
+                  plan_: Plan | None) -> dict[str, ObjectStatus]:
+        node_err = failed.get("node")  # the whole reconcile failed: every object with it
+        owner: Callable[[str], str]
+        if nets:
+            ids = plan_.networks if plan_ is not None else [
+                n.id for n in desired.networks if scope is None or n.id in scope.networks]
+            owner = net_owner
+        else:
+            ids = plan_.endpoints if plan_ is not None else [
+                e.id for e in desired.endpoints if scope is None or e.id in scope.endpoints]
+            owner = ep_owner
+        out: dict[str, ObjectStatus] = {}
+        for i in ids:
+            err = node_err or failed.get(owner(i))
+            out[i] = (ObjectStatus(state="ready") if err is None else
+                      ObjectStatus(state="failed", reason=err.message, code=err.code))
+        return out
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    def __enter__(self) -> Reconciler:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""Helpers for the real-kernel tests: a guard on the root namespace, ping, and
+independent views of a namespace through ``ip -j`` (not through our observer).
+
+Every namespace comes from the ``netns`` fixture (per-run prefix, deleted at
+teardown, pass or fail). The autouse ``root_netns_untouched`` fixture fails a test
+that changed the root namespace's interfaces, addresses or routes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from vnet.core import naming
+
+
+def ip_json(*args: str, ns: str | None = None) -> Any:
+    cmd = ["ip", "-j"] + (["-n", ns] if ns else []) + list(args)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out or "[]")
+
+
+def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = ["ip"] + (["-n", ns] if ns else []) + list(args)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def links(ns: str | None) -> dict[str, dict[str, Any]]:
+    return {x["ifname"]: x for x in ip_json("-d", "link", "show", ns=ns)}
+
+
+def addrs(ns: str | None) -> set[tuple[str, str]]:
+    """(ifname, cidr) of every address."""
+    out = set()
+    for x in ip_json("addr", "show", ns=ns):
+        for a in x.get("addr_info", []):
+            out.add((x["ifname"], f"{a['local']}/{a['prefixlen']}"))
+    return out
+
+
+def routes(ns: str | None, family: str = "-4") -> list[dict[str, Any]]:
+    return list(ip_json(family, "route", "show", "table", "main", ns=ns))
+
+
+def sysctl(ns: str, key: str) -> str:
+    out = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", key], check=True, capture_output=True,
+                         text=True).stdout
+    return out.strip()
+
+
+def ping(ns: str, addr: str) -> bool:
+    """One echo from inside ``ns`` to ``addr`` (an address of a namespace this test made)."""
+    if shutil.which("ping") is None:
+        pytest.skip("ping (iputils-ping) is not installed: ops/scripts/bootstrap.sh installs it")
+    r = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c1", "-W1", "-n", "-q", addr], capture_output=True)
+    return r.returncode == 0
+
+
+def ping_all(pairs: list[tuple[str, str]], workers: int = 6) -> list[tuple[str, str]]:
+    """Ping every (namespace, address); return the pairs that failed."""
+    with ThreadPoolExecutor(workers) as pool:
+        ok = list(pool.map(lambda p: ping(*p), pairs))
+    return [p for p, good in zip(pairs, ok, strict=True) if not good]
+
+
+def _root_snapshot() -> tuple[frozenset[str], frozenset[tuple[str, str]], frozenset[str]]:
+    names = frozenset(x["ifname"] for x in ip_json("link", "show"))
+    addresses = frozenset(addrs(None))
+    rts = frozenset(json.dumps(r, sort_keys=True) for fam in ("-4", "-6") for r in routes(None, fam)
+                    if "expires" not in r)
+    return names, addresses, rts
+
+
+@pytest.fixture(autouse=True)
+def root_netns_untouched() -> Iterator[None]:
+    """Fail loudly if a test changed the root namespace (it never may)."""
+    if shutil.which("ip") is None:
+        yield
+        return
+    before = _root_snapshot()
+    yield
+    after = _root_snapshot()
+    assert not any(naming.is_ours(n) for n in after[0]), f"our interface in the ROOT namespace: {after[0]}"
+    assert after[0] == before[0], f"root namespace interfaces changed: {before[0] ^ after[0]}"
+    assert after[1] == before[1], f"root namespace addresses changed: {before[1] ^ after[1]}"
+    assert after[2] == before[2], f"root namespace routes changed: {before[2] ^ after[2]}"
