@@ -1,9 +1,178 @@
-"""VNetManager methods of the network service."""
+"""VNetManager methods of the network service: lifecycle, topology, host routes.
+
+The module description's example works as written::
+
+    network = await vnet_manager.create_network(
+        "example-network", "172.20.0.0/16", "172.20.0.1",
+        DriverType.BRIDGE, IsolationMode.FULL, {}, {})
+
+``cidr`` / ``gateway`` may be ``None`` (the service carves the next free subnet and
+takes its first usable address); ``driver`` / ``isolation`` ``None`` mean the
+*service's* configured defaults. Networks are named by id or name everywhere.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable, Mapping
+
 from vnet.client import ClientBase
+from vnet.contracts import subjects
+from vnet.contracts.messages import Empty
+from vnet.contracts.network import (
+    ConnectReply,
+    HostRoutesInfo,
+    MeshCreate,
+    MeshGroup,
+    MeshList,
+    MeshMember,
+    MeshMemberReply,
+    MeshRef,
+    NetworkCreate,
+    NetworkDelete,
+    NetworkDeleted,
+    NetworkList,
+    NetworkPage,
+    NetworkPair,
+    NetworkRef,
+    NetworkUpdate,
+)
+from vnet.core import topology
+from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
+
+
+def parse_label_selector(selector: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """``{"env": "prod"}`` or ``["env=prod", "team=a"]`` -> a dict (AND-ed exact matches)."""
+    if selector is None:
+        return {}
+    if isinstance(selector, Mapping):
+        return dict(selector)
+    out: dict[str, str] = {}
+    for item in selector:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"label filter {item!r} must be key=value")
+        out[k] = v
+    return out
 
 
 class NetworkAPI(ClientBase):
-    pass
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def create_network(
+        self,
+        name: str,
+        cidr: str | None = None,
+        gateway: str | None = None,
+        driver: DriverType | str | None = None,
+        isolation: IsolationMode | str | None = None,
+        options: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        *,
+        parent: str | None = None,
+        prefix_len: int | None = None,
+        ipv6: bool | None = None,
+        cidr_v6: str | None = None,
+        gateway_v6: str | None = None,
+        prefix_len_v6: int | None = None,
+        request_id: str | None = None,
+    ) -> VirtualNetwork:
+        """Create a network (module description's argument order)."""
+        req = NetworkCreate(
+            name=name, cidr=cidr, gateway=gateway,
+            driver=None if driver is None else str(driver), isolation=None if isolation is None else str(isolation),
+            options=dict(options or {}), labels=dict(labels or {}), parent=parent, prefix_len=prefix_len,
+            ipv6=ipv6, cidr_v6=cidr_v6, gateway_v6=gateway_v6, prefix_len_v6=prefix_len_v6, request_id=request_id)
+        return await self.call(subjects.NETWORK_CREATE, req, VirtualNetwork)
+
+    async def create_child_network(self, parent: str, name: str, cidr: str | None = None, gateway: str | None = None,
+                                   driver: DriverType | str | None = None,
+                                   isolation: IsolationMode | str | None = None,
+                                   options: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
+                                   *, prefix_len: int | None = None, ipv6: bool | None = None,
+                                   cidr_v6: str | None = None, request_id: str | None = None) -> VirtualNetwork:
+        """A network whose subnet is carved from (or given inside) ``parent``'s."""
+        return await self.create_network(name, cidr, gateway, driver, isolation, options, labels, parent=parent,
+                                         prefix_len=prefix_len, ipv6=ipv6, cidr_v6=cidr_v6, request_id=request_id)
+
+    async def get_network(self, network: str) -> VirtualNetwork:
+        return await self.call(subjects.NETWORK_GET, NetworkRef(network=network), VirtualNetwork)
+
+    async def list_networks(self, labels: Mapping[str, str] | Iterable[str] | None = None, *, limit: int = 100,
+                            cursor: str | None = None, parent: str | None = None) -> NetworkPage:
+        """One page of networks ordered by name; ``page.next_cursor`` fetches the next."""
+        req = NetworkList(labels=parse_label_selector(labels), limit=limit, cursor=cursor, parent=parent)
+        return await self.call(subjects.NETWORK_LIST, req, NetworkPage)
+
+    async def iter_networks(self, labels: Mapping[str, str] | Iterable[str] | None = None, *,
+                            parent: str | None = None, page_size: int = 500) -> AsyncIterator[VirtualNetwork]:
+        cursor: str | None = None
+        while True:
+            page = await self.list_networks(labels, limit=page_size, cursor=cursor, parent=parent)
+            for n in page.networks:
+                yield n
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def all_networks(self, labels: Mapping[str, str] | Iterable[str] | None = None, *,
+                           parent: str | None = None) -> list[VirtualNetwork]:
+        return [n async for n in self.iter_networks(labels, parent=parent)]
+
+    async def list_children(self, network: str) -> list[VirtualNetwork]:
+        return await self.all_networks(parent=network)
+
+    async def update_network(self, network: str, *, labels: Mapping[str, str] | None = None,
+                             set_labels: Mapping[str, str] | None = None, remove_labels: Iterable[str] = (),
+                             isolation: IsolationMode | str | None = None,
+                             request_id: str | None = None) -> VirtualNetwork:
+        """``labels`` replaces the map; ``set_labels`` / ``remove_labels`` change single keys."""
+        req = NetworkUpdate(network=network, labels=None if labels is None else dict(labels),
+                            set_labels=dict(set_labels or {}), remove_labels=list(remove_labels),
+                            isolation=None if isolation is None else str(isolation), request_id=request_id)
+        return await self.call(subjects.NETWORK_UPDATE, req, VirtualNetwork)
+
+    async def delete_network(self, network: str, *, force: bool = False,
+                             request_id: str | None = None) -> NetworkDeleted:
+        """Refused (``network_in_use``) while endpoints exist unless ``force``."""
+        return await self.call(subjects.NETWORK_DELETE,
+                               NetworkDelete(network=network, force=force, request_id=request_id), NetworkDeleted,
+                               timeout=max(self.config.request_timeout_s, 30.0) if force else None)
+
+    # -- topology ----------------------------------------------------------------------------
+    async def connect_networks(self, a: str, b: str, *, request_id: str | None = None) -> ConnectReply:
+        return await self.call(subjects.NETWORK_CONNECT, NetworkPair(network_a=a, network_b=b, request_id=request_id),
+                               ConnectReply)
+
+    async def disconnect_networks(self, a: str, b: str, *, request_id: str | None = None) -> ConnectReply:
+        return await self.call(subjects.NETWORK_DISCONNECT,
+                               NetworkPair(network_a=a, network_b=b, request_id=request_id), ConnectReply)
+
+    async def create_mesh(self, name: str, members: Iterable[str] = (), *,
+                          request_id: str | None = None) -> MeshGroup:
+        return await self.call(subjects.NETWORK_MESH_CREATE,
+                               MeshCreate(name=name, members=list(members), request_id=request_id), MeshGroup)
+
+    async def add_to_mesh(self, mesh: str, network: str, *, request_id: str | None = None) -> MeshMemberReply:
+        return await self.call(subjects.NETWORK_MESH_ADD, MeshMember(mesh=mesh, network=network,
+                                                                     request_id=request_id), MeshMemberReply)
+
+    async def remove_from_mesh(self, mesh: str, network: str, *, request_id: str | None = None) -> MeshMemberReply:
+        return await self.call(subjects.NETWORK_MESH_REMOVE, MeshMember(mesh=mesh, network=network,
+                                                                        request_id=request_id), MeshMemberReply)
+
+    async def delete_mesh(self, mesh: str, *, request_id: str | None = None) -> MeshGroup:
+        return await self.call(subjects.NETWORK_MESH_DELETE, MeshRef(mesh=mesh, request_id=request_id), MeshGroup)
+
+    async def get_mesh(self, mesh: str) -> MeshGroup:
+        return await self.call(subjects.NETWORK_MESH_GET, MeshRef(mesh=mesh), MeshGroup)
+
+    async def list_meshes(self) -> list[MeshGroup]:
+        return (await self.call(subjects.NETWORK_MESH_LIST, Empty(), MeshList)).meshes
+
+    async def network_topology(self) -> tuple[list[topology.TreeNode], list[VirtualNetwork], list[MeshGroup]]:
+        """Every network nested under its parent, the flat list, and the mesh groups."""
+        nets = await self.all_networks()
+        return topology.build_tree(nets), nets, await self.list_meshes()
+
+    async def host_routes(self) -> HostRoutesInfo:
+        """What node workers reported of their hosts' routes (carving skips these)."""
+        return await self.call(subjects.NETWORK_HOSTROUTES_LIST, Empty(), HostRoutesInfo)

@@ -1,1 +1,242 @@
-"""`vnetctl ipam ...` verbs."""
+"""`vnetctl ipam ...` verbs: pools, request/release (debugging), gc, check.
+
+::
+
+    vnetctl ipam pools                      # every pool: capacity, used, free, cursor
+    vnetctl ipam pools web --json
+    vnetctl ipam request web ep-1 [--address 10.1.0.9] [--family 6]
+    vnetctl ipam release web ep-1
+    vnetctl ipam check [web]                # leaks and inconsistencies; changes nothing; exit 1 if any
+    vnetctl ipam gc [--grace 60]            # release orphans older than the grace period
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+from rich.table import Table
+
+from vnet.cli.main import cli, console, load_config, print_json, run_async
+from vnet.contracts.ipam import CheckReply, GcReply, PoolInfo
+
+
+@cli.group()
+def ipam() -> None:
+    """IP address management: pools, allocations, garbage collection and checks."""
+
+
+def _pct(used: int, capacity: int) -> str:
+    return f"{100.0 * used / capacity:.1f}%" if capacity else "-"
+
+
+def _pools_table(pools: list[PoolInfo], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("network", "family", "cidr", "gateway", "capacity", "used", "free", "use", "cursor"):
+        table.add_column(col, justify="right" if col in ("capacity", "used", "free", "use") else "left")
+    for p in pools:
+        cidr = p.cidr
+        if p.window and p.capacity and p.window < _size(p.cidr):
+            cidr += f" [dim](first {p.window:,})[/dim]"
+        color = "red" if p.free == 0 else ("yellow" if p.capacity and p.free / p.capacity < 0.1 else "")
+        free = f"[{color}]{p.free:,}[/{color}]" if color else f"{p.free:,}"
+        table.add_row(p.network_id, f"IPv{p.family}", cidr, p.gateway or "-", f"{p.capacity:,}", f"{p.used:,}", free,
+                      _pct(p.used, p.capacity), p.cursor or "-")
+    return table
+
+
+def _size(cidr: str) -> int:
+    import ipaddress
+
+    return ipaddress.ip_network(cidr).num_addresses
+
+
+@ipam.command("pools")
+@click.argument("network", required=False)
+@click.option("--family", type=click.Choice(["4", "6"]), default=None, help="Only this address family.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def pools_cmd(ctx: click.Context, network: str | None, family: str | None, as_json: bool) -> None:
+    """Pools (of NETWORK, or all): capacity, used, free and the serial cursor."""
+    cfg = load_config(ctx)
+    fam = int(family) if family else None
+    rows = run_async(lambda m: m.pools(network, fam), cfg)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"no IPAM pool{' for network ' + network if network else ''}")
+        return
+    console.print(_pools_table(rows, f"IPAM pools{' of ' + network if network else ''}"))
+
+
+@ipam.command("pool-create")
+@click.argument("network")
+@click.argument("cidr")
+@click.option("--gateway", default=None, help="Gateway address (never handed out).")
+@click.option("--reserved", multiple=True, help="An address never handed out (repeatable).")
+@click.option("--exclude", "excluded", multiple=True, help="A child subnet carved out of the pool (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pool_create_cmd(ctx: click.Context, network: str, cidr: str, gateway: str | None, reserved: tuple[str, ...],
+                    excluded: tuple[str, ...], as_json: bool) -> None:
+    """Create NETWORK's pool for CIDR (the network service does this; for debugging)."""
+    cfg = load_config(ctx)
+    p = run_async(lambda m: m.create_pool(network, cidr, gateway, reserved=reserved, excluded=excluded), cfg)
+    if as_json:
+        print_json(p)
+        return
+    console.print(_pools_table([p], f"pool of {network}"))
+
+
+@ipam.command("pool-delete")
+@click.argument("network")
+@click.option("--family", type=click.Choice(["4", "6"]), default=None, help="Only this family (default: all).")
+@click.option("--force", is_flag=True, help="Delete even with addresses allocated (they are dropped).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pool_delete_cmd(ctx: click.Context, network: str, family: str | None, force: bool, as_json: bool) -> None:
+    """Delete NETWORK's pool(s) (the network service does this; for debugging)."""
+    cfg = load_config(ctx)
+    rep = run_async(lambda m: m.delete_pool(network, int(family) if family else None, force=force), cfg)
+    if as_json:
+        print_json(rep)
+        return
+    if not rep.pools:
+        console.print(f"network {network} had no pool")
+    for p in rep.pools:
+        console.print(f"deleted the IPv{p.family} pool {p.cidr} of {network}"
+                      + (f" ([yellow]{p.used} allocations dropped[/yellow])" if p.used else ""))
+
+
+@ipam.command("pool-exclude")
+@click.argument("network")
+@click.argument("cidrs", nargs=-1, required=True)
+@click.option("--remove", is_flag=True, help="Give the subnets back to the pool instead.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pool_exclude_cmd(ctx: click.Context, network: str, cidrs: tuple[str, ...], remove: bool, as_json: bool) -> None:
+    """Carve child subnets CIDRS out of NETWORK's pool (or give them back with --remove)."""
+    cfg = load_config(ctx)
+    p = run_async(lambda m: m.exclude_from_pool(network, remove=cidrs) if remove
+                  else m.exclude_from_pool(network, add=cidrs), cfg)
+    if as_json:
+        print_json(p)
+        return
+    console.print(_pools_table([p], f"pool of {network}"))
+    console.print(f"excluded: {', '.join(p.excluded) or '-'}")
+
+
+@ipam.command("request")
+@click.argument("network")
+@click.argument("owner")
+@click.option("--address", default=None, help="Ask for this address (static) instead of the next free one.")
+@click.option("--family", type=click.Choice(["4", "6"]), default="4", show_default=True)
+@click.option("--request-id", default=None, help="Idempotency key.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def request_cmd(ctx: click.Context, network: str, owner: str, address: str | None, family: str,
+                request_id: str | None, as_json: bool) -> None:
+    """Allocate an address of NETWORK to OWNER (an endpoint id) — for debugging."""
+    cfg = load_config(ctx)
+    rep = run_async(lambda m: m.request_address(network, owner, family=int(family), address=address,
+                                                request_id=request_id), cfg)
+    if as_json:
+        print_json(rep)
+        return
+    console.print(f"{rep.address}/{rep.prefix_len} → {rep.owner} (gateway {rep.gateway or '-'}, "
+                  f"allocated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rep.allocated_at))})")
+
+
+@ipam.command("release")
+@click.argument("network")
+@click.argument("owner")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def release_cmd(ctx: click.Context, network: str, owner: str, as_json: bool) -> None:
+    """Release every address OWNER holds in NETWORK (idempotent)."""
+    cfg = load_config(ctx)
+    released = run_async(lambda m: m.release_address(network, owner), cfg)
+    if as_json:
+        print_json({"released": released})
+        return
+    console.print(f"released {', '.join(released)}" if released else f"{owner} held nothing in {network}")
+
+
+@ipam.command("gc")
+@click.option("--grace", "grace_s", type=float, default=None,
+              help="Collect only what is older than this many seconds (default: the service's, 60).")
+@click.option("--network", default=None, help="Only this network's pools.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def gc_cmd(ctx: click.Context, grace_s: float | None, network: str | None, as_json: bool) -> None:
+    """Release allocations whose endpoint is gone and delete pools whose network is gone."""
+    cfg = load_config(ctx)
+    rep: GcReply = run_async(lambda m: m.ipam_gc(grace_s=grace_s, network_id=network), cfg)
+    if as_json:
+        print_json(rep)
+        return
+    console.print(f"scanned {rep.pools_scanned} pools (grace {rep.grace_s:g}s): released {len(rep.released)} "
+                  f"allocations, deleted {len(rep.pools_deleted)} orphan pools, repaired {rep.index_repaired} "
+                  "index entries")
+    if rep.released:
+        table = Table(title="released")
+        for col in ("network", "address", "owner", "allocated"):
+            table.add_column(col)
+        for a in rep.released:
+            table.add_row(a.network_id, a.address, a.owner, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                          time.localtime(a.allocated_at)))
+        console.print(table)
+    for p in rep.pools_deleted:
+        console.print(f"deleted the IPv{p.family} pool {p.cidr} of {p.network_id} (network gone; {p.released} "
+                      "allocations dropped)")
+    for s in rep.skipped:
+        console.print(f"[yellow]skipped[/yellow] {s}")
+
+
+@ipam.command("check")
+@click.argument("network", required=False)
+@click.option("--grace", "grace_s", type=float, default=None, help="Mark leaks older than this collectable.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def check_cmd(ctx: click.Context, network: str | None, grace_s: float | None, as_json: bool) -> None:
+    """Report leaks and inconsistencies without changing anything (exit 1 if any)."""
+    cfg = load_config(ctx)
+    rep: CheckReply = run_async(lambda m: m.ipam_check(network_id=network, grace_s=grace_s), cfg)
+    if as_json:
+        print_json(rep)
+    else:
+        _print_check(rep)
+    if not rep.clean:
+        sys.exit(1)
+
+
+def _print_check(rep: CheckReply) -> None:
+    verdict = "[green]clean[/green]" if rep.clean else "[red]problems found[/red]"
+    console.print(f"checked {rep.pools_checked} pools, {rep.allocations} allocations: {verdict}")
+    if rep.leaks:
+        table = Table(title="leaks (owner not in the endpoint index)")
+        for col in ("network", "family", "address", "owner", "age", "next GC"):
+            table.add_column(col, justify="right" if col == "age" else "left")
+        for lk in rep.leaks:
+            table.add_row(lk.network_id, f"IPv{lk.family}", lk.address, lk.owner, f"{lk.age_s:.0f}s",
+                          "releases it" if lk.collectable else "waits (grace)")
+        console.print(table)
+    if rep.inconsistencies:
+        table = Table(title="inconsistencies")
+        for col in ("network", "family", "kind", "detail"):
+            table.add_column(col)
+        for i in rep.inconsistencies:
+            table.add_row(i.network_id, f"IPv{i.family}", i.kind, i.message)
+        console.print(table)
+    if rep.orphan_pools:
+        table = Table(title="orphan pools (network not in the network index)")
+        for col in ("network", "family", "cidr", "used", "age", "next GC"):
+            table.add_column(col)
+        for o in rep.orphan_pools:
+            table.add_row(o.network_id, f"IPv{o.family}", o.cidr, str(o.used), f"{o.age_s:.0f}s",
+                          "deletes it" if o.collectable else "waits (grace)")
+        console.print(table)
+    for n in rep.notes:
+        console.print(f"[dim]note: {n}[/dim]")

@@ -1,1 +1,401 @@
-"""`vnetctl network ...` verbs."""
+"""``vnetctl network ...`` verbs: create, ls, inspect, update, rm, connect, disconnect,
+mesh ..., topology, hostroutes. Every verb takes ``--json`` for machine-readable output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from vnet.cli.main import cli, console, load_config, print_json, run_async
+from vnet.client import VNetManager
+from vnet.contracts.network import MeshGroup
+from vnet.core import topology
+from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
+
+DRIVERS = [d.value for d in DriverType]
+ISOLATIONS = [m.value for m in IsolationMode]
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{item!r} must be key=value", param_hint=what)
+        out[k] = v
+    return out
+
+
+def _kv(d: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items()))
+
+
+def _names(ids: list[str], by_id: dict[str, VirtualNetwork]) -> str:
+    return ", ".join(by_id[i].name if i in by_id else i for i in ids)
+
+
+def _network_table(nets: list[VirtualNetwork], title: str | None = None) -> Table:
+    table = Table(title=title)
+    for col in ("name", "id", "cidr", "gateway", "driver", "isolation"):
+        table.add_column(col, no_wrap=True)
+    for col in ("parent", "relations", "labels"):
+        table.add_column(col, overflow="fold")
+    by_id = {n.id: n for n in nets}
+    for n in nets:
+        cidr = n.cidr + (f"\n{n.cidr_v6}" if n.cidr_v6 else "")
+        gw = n.gateway + (f"\n{n.gateway_v6}" if n.gateway_v6 else "")
+        rel = []
+        if n.children:
+            rel.append(f"{len(n.children)} child(ren)")
+        if n.connected:
+            rel.append(f"↔ {_names(n.connected, by_id)}")
+        if n.mesh_groups:
+            rel.append(f"mesh {', '.join(n.mesh_groups)}")
+        parent = by_id[n.parent].name if n.parent in by_id else (n.parent or "")
+        table.add_row(escape(n.name), n.id, cidr, gw, n.driver_type.value, n.isolation_mode.value, escape(parent),
+                      escape("; ".join(rel)), escape(_kv(n.labels)))
+    return table
+
+
+def _show_network(n: VirtualNetwork) -> None:
+    table = Table(show_header=False, title=f"network {escape(n.name)}")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, Any]] = [
+        ("id", n.id), ("name", n.name), ("cidr", n.cidr), ("gateway", n.gateway),
+        ("cidr_v6", n.cidr_v6 or "-"), ("gateway_v6", n.gateway_v6 or "-"),
+        ("driver", n.driver_type.value), ("isolation", n.isolation_mode.value),
+        ("options", _kv(n.options) or "-"), ("labels", _kv(n.labels) or "-"),
+        ("parent", n.parent or "-"), ("children", ", ".join(n.children) or "-"),
+        ("connected", ", ".join(n.connected) or "-"), ("mesh groups", ", ".join(n.mesh_groups) or "-"),
+        ("created", n.created_at), ("updated", n.updated_at),
+    ]
+    for k, v in rows:
+        table.add_row(k, escape(str(v)))
+    console.print(table)
+
+
+@cli.group()
+def network() -> None:
+    """Networks: create, list, inspect, update, delete, and their topology."""
+
+
+@network.command("create")
+@click.argument("name")
+@click.option("--cidr", default=None, help="IPv4 subnet, e.g. 172.20.1.0/24 (default: the next free one).")
+@click.option("--gateway", default=None, help="Gateway address (default: the first usable address).")
+@click.option("--driver", type=click.Choice(DRIVERS, case_sensitive=False), default=None,
+              help="Driver (default: the service's default_driver).")
+@click.option("--isolation", type=click.Choice(ISOLATIONS, case_sensitive=False), default=None,
+              help="Isolation mode (default: the service's default_isolation).")
+@click.option("-o", "--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Driver option (repeatable).")
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label (repeatable).")
+@click.option("--parent", default=None, help="Create as a child of this network (id or name).")
+@click.option("--prefix-len", type=click.IntRange(1, 32), default=None, help="Size of an automatic IPv4 subnet.")
+@click.option("--ipv6/--no-ipv6", default=None, help="Give the network an IPv6 subnet too (default: config).")
+@click.option("--cidr-v6", default=None, help="IPv6 subnet, e.g. fd00:20:1::/64.")
+@click.option("--gateway-v6", default=None, help="IPv6 gateway (default: the first usable address).")
+@click.option("--prefix-len-v6", type=click.IntRange(1, 128), default=None, help="Size of an automatic IPv6 subnet.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def create_cmd(ctx: click.Context, name: str, cidr: str | None, gateway: str | None, driver: str | None,
+               isolation: str | None, opts: tuple[str, ...], labels: tuple[str, ...], parent: str | None,
+               prefix_len: int | None, ipv6: bool | None, cidr_v6: str | None, gateway_v6: str | None,
+               prefix_len_v6: int | None, as_json: bool) -> None:
+    """Create network NAME."""
+    options, lbls = _pairs(opts, "--opt"), _pairs(labels, "--label")
+    cfg = load_config(ctx)
+    net = run_async(lambda m: m.create_network(
+        name, cidr, gateway, driver, isolation, options, lbls, parent=parent, prefix_len=prefix_len, ipv6=ipv6,
+        cidr_v6=cidr_v6, gateway_v6=gateway_v6, prefix_len_v6=prefix_len_v6), cfg)
+    if as_json:
+        print_json(net)
+        return
+    v6 = f" + {net.cidr_v6}" if net.cidr_v6 else ""
+    console.print(f"created network [bold]{escape(net.name)}[/bold] {net.id} {net.cidr}{v6} gateway {net.gateway} "
+                  f"({net.driver_type.value}, {net.isolation_mode.value})")
+
+
+@network.command("ls")
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Only networks with this label (repeatable: all must match).")
+@click.option("--parent", default=None, help="Only the children of this network.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="Page size.")
+@click.option("--cursor", default=None, help="Continue after this cursor (printed below a full page).")
+@click.option("--all", "all_pages", is_flag=True, help="Every page.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ls_cmd(ctx: click.Context, labels: tuple[str, ...], parent: str | None, limit: int, cursor: str | None,
+           all_pages: bool, as_json: bool) -> None:
+    """List networks, ordered by name."""
+    sel = _pairs(labels, "--label")
+    cfg = load_config(ctx)
+
+    async def go(m: VNetManager) -> tuple[list[VirtualNetwork], str | None]:
+        if all_pages:
+            return await m.all_networks(sel, parent=parent), None
+        page = await m.list_networks(sel, limit=limit, cursor=cursor, parent=parent)
+        return page.networks, page.next_cursor
+
+    nets, nxt = run_async(go, cfg)
+    if as_json:
+        print_json({"networks": nets, "next_cursor": nxt})
+        return
+    console.print(_network_table(nets))
+    if nxt:
+        console.print(f"[dim]more: vnetctl network ls --cursor {escape(nxt)}[/dim]")
+
+
+@network.command("inspect")
+@click.argument("networks", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def inspect_cmd(ctx: click.Context, networks: tuple[str, ...], as_json: bool) -> None:
+    """Show networks (by id or name) with their relations."""
+    cfg = load_config(ctx)
+
+    async def go(m: VNetManager) -> list[VirtualNetwork]:
+        return [await m.get_network(n) for n in networks]
+
+    nets = run_async(go, cfg)
+    if as_json:
+        print_json(nets if len(nets) > 1 else nets[0])
+        return
+    for n in nets:
+        _show_network(n)
+
+
+@network.command("update")
+@click.argument("network_ref", metavar="NETWORK")
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Set a label (repeatable).")
+@click.option("--unlabel", multiple=True, metavar="KEY", help="Remove a label (repeatable).")
+@click.option("--replace-labels", is_flag=True, help="The --label values replace all labels.")
+@click.option("--isolation", type=click.Choice(ISOLATIONS, case_sensitive=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def update_cmd(ctx: click.Context, network_ref: str, labels: tuple[str, ...], unlabel: tuple[str, ...],
+               replace_labels: bool, isolation: str | None, as_json: bool) -> None:
+    """Change a network's labels or isolation mode."""
+    lbls = _pairs(labels, "--label")
+    cfg = load_config(ctx)
+    net = run_async(lambda m: m.update_network(
+        network_ref, labels=lbls if replace_labels else None, set_labels=None if replace_labels else lbls,
+        remove_labels=unlabel, isolation=isolation), cfg)
+    if as_json:
+        print_json(net)
+        return
+    _show_network(net)
+
+
+@network.command("rm")
+@click.argument("networks", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Also delete the networks' endpoints.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rm_cmd(ctx: click.Context, networks: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Delete networks (refused while they have endpoints, unless --force)."""
+    cfg = load_config(ctx)
+
+    async def go(m: VNetManager) -> list[Any]:
+        return [await m.delete_network(n, force=force) for n in networks]
+
+    done = run_async(go, cfg)
+    if as_json:
+        print_json(done)
+        return
+    for d in done:
+        extra = f", {len(d.endpoints_deleted)} endpoint(s) deleted" if d.endpoints_deleted else ""
+        if d.children_detached:
+            extra += f", {len(d.children_detached)} child network(s) now top-level"
+        console.print(f"deleted network [bold]{escape(d.network.name)}[/bold] {d.network.id}{extra}")
+        for w in d.warnings:
+            console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+
+
+@network.command("connect")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def connect_cmd(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
+    """Connect networks A and B (symmetric, not transitive)."""
+    rep = run_async(lambda m: m.connect_networks(a, b), load_config(ctx))
+    if as_json:
+        print_json(rep)
+        return
+    state = "connected" if rep.changed else "already connected"
+    console.print(f"{escape(rep.network_a.name)} ↔ {escape(rep.network_b.name)}: {state}")
+
+
+@network.command("disconnect")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def disconnect_cmd(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
+    """Remove the connection between networks A and B."""
+    rep = run_async(lambda m: m.disconnect_networks(a, b), load_config(ctx))
+    if as_json:
+        print_json(rep)
+        return
+    state = "disconnected" if rep.changed else "were not connected"
+    console.print(f"{escape(rep.network_a.name)} / {escape(rep.network_b.name)}: {state}")
+
+
+@network.group("mesh")
+def mesh() -> None:
+    """Mesh groups: every member network is related to every other."""
+
+
+def _mesh_table(groups: list[MeshGroup], by_id: dict[str, VirtualNetwork]) -> Table:
+    table = Table()
+    for col in ("mesh", "members", "created"):
+        table.add_column(col, overflow="fold")
+    for g in groups:
+        table.add_row(escape(g.name), escape(_names(g.members, by_id)) or "-", g.created_at)
+    return table
+
+
+@mesh.command("create")
+@click.argument("name")
+@click.argument("members", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def mesh_create_cmd(ctx: click.Context, name: str, members: tuple[str, ...], as_json: bool) -> None:
+    """Create mesh group NAME with MEMBERS (ids or names)."""
+    g = run_async(lambda m: m.create_mesh(name, members), load_config(ctx))
+    if as_json:
+        print_json(g)
+        return
+    console.print(f"created mesh group [bold]{escape(g.name)}[/bold] with {len(g.members)} member(s)")
+
+
+@mesh.command("add")
+@click.argument("mesh_name", metavar="MESH")
+@click.argument("network_ref", metavar="NETWORK")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def mesh_add_cmd(ctx: click.Context, mesh_name: str, network_ref: str, as_json: bool) -> None:
+    """Add NETWORK to mesh group MESH."""
+    rep = run_async(lambda m: m.add_to_mesh(mesh_name, network_ref), load_config(ctx))
+    if as_json:
+        print_json(rep)
+        return
+    state = "added to" if rep.changed else "already in"
+    console.print(f"{escape(network_ref)} {state} mesh {escape(mesh_name)} ({len(rep.mesh.members)} member(s))")
+
+
+@mesh.command("remove")
+@click.argument("mesh_name", metavar="MESH")
+@click.argument("network_ref", metavar="NETWORK")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def mesh_remove_cmd(ctx: click.Context, mesh_name: str, network_ref: str, as_json: bool) -> None:
+    """Remove NETWORK from mesh group MESH."""
+    rep = run_async(lambda m: m.remove_from_mesh(mesh_name, network_ref), load_config(ctx))
+    if as_json:
+        print_json(rep)
+        return
+    state = "removed from" if rep.changed else "was not in"
+    console.print(f"{escape(network_ref)} {state} mesh {escape(mesh_name)} ({len(rep.mesh.members)} member(s))")
+
+
+@mesh.command("delete")
+@click.argument("mesh_name", metavar="MESH")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def mesh_delete_cmd(ctx: click.Context, mesh_name: str, as_json: bool) -> None:
+    """Delete mesh group MESH (its networks stay)."""
+    g = run_async(lambda m: m.delete_mesh(mesh_name), load_config(ctx))
+    if as_json:
+        print_json(g)
+        return
+    console.print(f"deleted mesh group [bold]{escape(g.name)}[/bold]")
+
+
+@mesh.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def mesh_ls_cmd(ctx: click.Context, as_json: bool) -> None:
+    """List mesh groups and their members."""
+
+    async def go(m: VNetManager) -> tuple[list[MeshGroup], list[VirtualNetwork]]:
+        return await m.list_meshes(), await m.all_networks()
+
+    groups, nets = run_async(go, load_config(ctx))
+    if as_json:
+        print_json(groups)
+        return
+    console.print(_mesh_table(groups, {n.id: n for n in nets}))
+
+
+def _label(n: VirtualNetwork, by_id: dict[str, VirtualNetwork]) -> str:
+    s = (f"[bold]{escape(n.name)}[/bold] {n.cidr}" + (f" {n.cidr_v6}" if n.cidr_v6 else "")
+         + f" [dim]{n.driver_type.value}/{n.isolation_mode.value} {n.id}[/dim]")
+    if n.connected:
+        s += f"  [cyan]↔ {escape(_names(n.connected, by_id))}[/cyan]"
+    if n.mesh_groups:
+        s += f"  [magenta]mesh: {escape(', '.join(n.mesh_groups))}[/magenta]"
+    return s
+
+
+def render_topology(nets: list[VirtualNetwork], groups: list[MeshGroup]) -> Tree:
+    """Parents with their children nested; connections and mesh groups listed after."""
+    by_id = {n.id: n for n in nets}
+    root = Tree(f"[bold]networks[/bold] ({len(nets)})")
+
+    def add(parent: Tree, node: topology.TreeNode) -> None:
+        branch = parent.add(_label(node.network, by_id))
+        for c in node.children:
+            add(branch, c)
+
+    for node in topology.build_tree(nets):
+        add(root, node)
+    conns = topology.connections(nets)
+    ctree = root.add(f"[bold cyan]connections[/bold cyan] ({len(conns)})")
+    for a, b in conns:
+        ctree.add(f"{escape(_names([a], by_id))} ↔ {escape(_names([b], by_id))}")
+    mtree = root.add(f"[bold magenta]mesh groups[/bold magenta] ({len(groups)})")
+    for g in groups:
+        mtree.add(f"{escape(g.name)}: {escape(_names(g.members, by_id)) or '(no members)'}")
+    return root
+
+
+@network.command("topology")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def topology_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Networks and their relations as a tree: parents with children nested, then
+    connections and mesh groups."""
+
+    async def go(m: VNetManager) -> tuple[list[VirtualNetwork], list[MeshGroup]]:
+        _, nets, groups = await m.network_topology()
+        return nets, groups
+
+    nets, groups = run_async(go, load_config(ctx))
+    if as_json:
+        print_json({"networks": nets, "connections": [list(p) for p in topology.connections(nets)],
+                    "mesh_groups": groups})
+        return
+    console.print(render_topology(nets, groups))
+
+
+@network.command("hostroutes")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hostroutes_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Routes and addresses node workers reported from their hosts (automatic subnets avoid them)."""
+    info = run_async(lambda m: m.host_routes(), load_config(ctx))
+    if as_json:
+        print_json(info)
+        return
+    table = Table()
+    for col in ("node", "prefixes", "expires in"):
+        table.add_column(col, overflow="fold")
+    for n in info.nodes:
+        table.add_row(escape(n.node), ", ".join(n.prefixes) or "-", f"{n.expires_in_s:.0f}s")
+    console.print(table)

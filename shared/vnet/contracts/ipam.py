@@ -41,6 +41,11 @@ class PoolInfo(msgspec.Struct, kw_only=True):
     used: int
     free: int
     cursor: str | None  # the last address handed out (serial allocation continues after it)
+    # Added by the IPAM service (defaults keep older senders valid):
+    window: int = 0  # addresses managed (the subnet size, capped at 2**24 for large IPv6 subnets)
+    reserved: list[str] = []
+    excluded: list[str] = []
+    created_at: float = 0.0
 
 
 class PoolsReply(msgspec.Struct, kw_only=True):
@@ -77,3 +82,138 @@ class AddrRelease(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ReleaseReply(msgspec.Struct, kw_only=True):
     released: list[str]
+
+
+# --- additions by the IPAM service (wire-compatible: new types and defaulted fields) ----------
+
+Family = Annotated[int, msgspec.Meta(ge=4, le=6)]
+GraceS = Annotated[float, msgspec.Meta(ge=0, le=30 * 24 * 3600)]
+
+
+class PoolDelete(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Delete the pool(s) of a network (idempotent: no pool is not an error).
+
+    A superset of :class:`PoolRef` on the wire. Refused with 409 ``pool_in_use`` while
+    addresses are allocated, unless ``force`` (which releases them).
+    """
+
+    network_id: Id
+    family: Family | None = None  # None: every family
+    force: bool = False
+    request_id: RequestId | None = None
+
+
+class PoolDeleteReply(msgspec.Struct, kw_only=True):
+    pools: list[PoolInfo]  # the pools deleted, as they were just before
+    released: int = 0  # allocations dropped by a forced delete
+
+
+class PoolList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Every pool, or those of one network."""
+
+    network_id: Id | None = None
+    family: Family | None = None
+
+
+class Allocation(msgspec.Struct, kw_only=True):
+    network_id: str
+    family: int
+    address: str
+    owner: str
+    allocated_at: float  # Redis server time, seconds since the epoch
+
+
+class GcRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Release allocations whose owner (endpoint) is gone and delete pools whose network is gone.
+
+    Only what is older than ``grace_s`` is collected (default: the service's setting).
+    """
+
+    grace_s: GraceS | None = None
+    network_id: Id | None = None  # None: every pool
+    request_id: RequestId | None = None
+
+
+class GcPool(msgspec.Struct, kw_only=True):
+    network_id: str
+    family: int
+    cidr: str
+    released: int  # allocations it still had
+
+
+class GcReply(msgspec.Struct, kw_only=True):
+    grace_s: float
+    pools_scanned: int
+    released: list[Allocation]
+    pools_deleted: list[GcPool]
+    index_repaired: int = 0  # pool index entries without a pool, removed
+    skipped: list[str] = []  # why a part of the collection did not run
+
+
+class CheckRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    network_id: Id | None = None
+    grace_s: GraceS | None = None  # a leak older than this is marked collectable
+
+
+class Leak(msgspec.Struct, kw_only=True):
+    network_id: str
+    family: int
+    address: str
+    owner: str
+    allocated_at: float
+    age_s: float
+    collectable: bool  # older than the grace period: the next GC releases it
+
+
+class Inconsistency(msgspec.Struct, kw_only=True):
+    network_id: str
+    family: int
+    kind: str  # bit_without_owner | owner_without_bit | holder_mismatch | blocked_bit_clear | ...
+    message: str
+    address: str | None = None
+    owner: str | None = None
+
+
+class OrphanPool(msgspec.Struct, kw_only=True):
+    network_id: str
+    family: int
+    cidr: str
+    used: int
+    age_s: float
+    collectable: bool
+
+
+class CheckReply(msgspec.Struct, kw_only=True):
+    """What ``vnetctl ipam check`` prints; nothing was changed to produce it."""
+
+    clean: bool  # no leak, no inconsistency, no orphan pool
+    pools_checked: int
+    allocations: int
+    leaks: list[Leak]
+    inconsistencies: list[Inconsistency]
+    orphan_pools: list[OrphanPool]
+    notes: list[str] = []
+
+
+class PoolEvent(msgspec.Struct, kw_only=True):
+    """Payload of ``vnet.evt.ipam.pool_created.<id>`` / ``pool_deleted.<id>``."""
+
+    network_id: str
+    family: int
+    cidr: str
+    capacity: int
+    released: int = 0
+
+
+class PoolExclude(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Carve child subnets out of an existing pool (``add``) or give them back (``remove``).
+
+    For parent/child networks: the parent's pool excludes each child's subnet. All CIDRs
+    are of one family (that pool's). Adding is refused with 409 ``address_in_use`` naming
+    the holders while an address inside is allocated. Idempotent.
+    """
+
+    network_id: Id
+    add: Annotated[list[Cidr], msgspec.Meta(max_length=1024)] = []
+    remove: Annotated[list[Cidr], msgspec.Meta(max_length=1024)] = []
+    request_id: RequestId | None = None

@@ -95,3 +95,32 @@ def event(domain: str, name: str, ident: str) -> str:
 def all_subjects() -> dict[str, Subject]:
     """Every subject constant in this module, by name (for the contract document)."""
     return {k: v for k, v in globals().items() if isinstance(v, Subject)}
+
+
+# --- ipam (appended by the IPAM service) ---------------------------------------------
+IPAM_POOL_LIST = Subject("vnet.ipam.pool.list")
+IPAM_POOL_EXCLUDE = Subject("vnet.ipam.pool.exclude")
+
+# --- network topology and host routes (appended by the network service) ---------------
+NETWORK_CONNECT = Subject("vnet.network.connect")
+NETWORK_DISCONNECT = Subject("vnet.network.disconnect")
+NETWORK_MESH_CREATE = Subject("vnet.network.mesh.create")
+NETWORK_MESH_ADD = Subject("vnet.network.mesh.add")
+NETWORK_MESH_REMOVE = Subject("vnet.network.mesh.remove")
+NETWORK_MESH_DELETE = Subject("vnet.network.mesh.delete")
+NETWORK_MESH_GET = Subject("vnet.network.mesh.get")
+NETWORK_MESH_LIST = Subject("vnet.network.mesh.list")
+# Node workers report their host's routes and addresses; carving skips them.
+NETWORK_HOSTROUTES_REPORT = Subject("vnet.network.hostroutes.report")
+NETWORK_HOSTROUTES_LIST = Subject("vnet.network.hostroutes.list")
+
+# --- endpoints and the node registry (appended by the endpoint service) ---------------
+# A node worker reads its desired state here (node credentials may call *.*.get).
+ENDPOINT_DESIRED = Subject("vnet.endpoint.desired.get")
+ENDPOINT_NODE_LIST = Subject("vnet.endpoint.node.list")
+# Node worker operations (served by the worker of that node).
+NODE_NETNS_CHECK = Subject("vnet.node.{node}.netns.check")
+NODE_STATS = Subject("vnet.node.{node}.stats")
+NODE_RESYNC = Subject("vnet.node.{node}.resync")
+# The node reports each endpoint's state here; the endpoint service folds it into the record.
+EVT_ENDPOINT_STATUS = Subject("vnet.evt.endpoint.status.{id}")

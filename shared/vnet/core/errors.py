@@ -62,6 +62,14 @@ TIMEOUT = _code("timeout", 504, "no reply came in time")
 # 500
 INTERNAL = _code("internal", 500, "an unexpected error on our side; the trace id finds it")
 
+# IPAM (appended by the IPAM service)
+ADDRESS_NOT_ASSIGNABLE = _code("address_not_assignable", 400,
+                               "the address is outside the pool or is its network, broadcast, gateway, "
+                               "a reserved or an excluded address")
+POOL_NOT_FOUND = _code("pool_not_found", 404, "the network has no IPAM pool of that family")
+POOL_EXISTS = _code("pool_exists", 409, "a pool with other settings already exists for that network and family")
+POOL_IN_USE = _code("pool_in_use", 409, "the pool still has allocated addresses")
+
 
 def all_codes() -> dict[str, ErrorCode]:
     """Every registered code, by name (used for docs and the contract document)."""
@@ -158,3 +166,28 @@ def make(ec: ErrorCode, message: str, **details: Any) -> VNetError:
     """Build the exception for a registered code (``raise make(SUBNET_OVERLAP, ...)``)."""
     cls = _BY_STATUS.get(ec.status, VNetError)
     return cls(message, code=ec, details=details or None)
+
+
+# Networks and topology (appended by the network service)
+CIDR_HOST_BITS = _code("cidr_host_bits", 400, "a CIDR has host bits set; its network address is suggested")
+UNKNOWN_DRIVER = _code("unknown_driver", 400, "no network driver has that name")
+UNKNOWN_ISOLATION = _code("unknown_isolation", 400, "no isolation mode has that name")
+CIDR_OUTSIDE_PARENT = _code("cidr_outside_parent", 400,
+                            "a child network's subnet is not inside its parent's, or covers the parent's gateway")
+SELF_CONNECTION = _code("self_connection", 400, "a network cannot be connected to itself")
+NO_IPV6_POOL = _code("no_ipv6_pool", 422, "IPv6 was asked for but no IPv6 subnet was given or configured")
+PARENT_NOT_FOUND = _code("parent_not_found", 404, "the parent network named does not exist")
+MESH_NOT_FOUND = _code("mesh_not_found", 404, "no mesh group has that name")
+SUBNET_POOL_EXHAUSTED = _code("subnet_pool_exhausted", 503,
+                              "no free subnet of the asked size is left in the pool networks are carved from")
+
+# Endpoints and nodes (appended by the endpoint service)
+INVALID_MAC = _code("invalid_mac", 400, "a MAC address is malformed, multicast or all zeros")
+INVALID_IFNAME = _code("invalid_ifname", 400, "an interface name is empty, longer than 15 bytes or has a "
+                       "character the kernel refuses")
+INVALID_NETNS = _code("invalid_netns", 400, "a network namespace is neither a name under /run/netns nor an "
+                      "absolute path")
+NETNS_NOT_FOUND = _code("netns_not_found", 404, "the container's network namespace does not exist on its node")
+MAC_IN_USE = _code("mac_in_use", 409, "another endpoint of the network has that MAC address")
+IFNAME_IN_USE = _code("ifname_in_use", 409, "the container already has an interface with that name")
+ENDPOINT_GONE = _code("endpoint_gone", 409, "the request id created an endpoint that has since been deleted")

@@ -47,6 +47,14 @@ class VirtualNetwork(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     labels: dict[str, str] = {}
     created_at: str = ""
     updated_at: str = ""
+    # IPv6 subnet and gateway when the network has one (added by the network service).
+    cidr_v6: str | None = None
+    gateway_v6: str | None = None
+    # Topology: relations are part of the record (DESIGN section 4, "Topology").
+    parent: str | None = None  # id of the parent network; this one's subnet is carved from the parent's
+    children: list[str] = []  # ids of child networks
+    connected: list[str] = []  # ids of networks explicitly connected to this one (symmetric)
+    mesh_groups: list[str] = []  # names of the mesh groups this network is a member of
 
 
 class Endpoint(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -59,6 +59,10 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     otlp_endpoint: str | None = None
     log_level: str = "INFO"
 
+    # IPAM garbage collection: how often, and how old an orphan must be before it is released.
+    ipam_gc_interval_s: float = 30.0
+    ipam_gc_grace_s: float = 60.0
+
     # Node worker.
     node_id: str | None = None
     host_netns: str | None = None  # None: the namespace the worker runs in

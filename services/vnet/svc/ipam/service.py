@@ -1,7 +1,363 @@
-"""IPAM: address pools per network, allocation and release (filled by the IPAM issue)."""
+"""IPAM: address pools per network and family, allocation, release, GC and check.
+
+Every decision is one Lua script call on the pool's keys (``vnet.adapters.ipam_store``);
+the rules themselves (offset math, serial next-free, what is never handed out, the
+check) are pure code in ``vnet.core.ipam``. Replicas share nothing but Redis, so any
+number of them may run.
+
+Garbage collection (``vnet.ipam.gc`` on request, and every ``ipam_gc_interval_s`` in
+one replica at a time) releases allocations whose owner is not in the endpoint index
+``vnet:{global:idx}:endpoints`` and deletes pools whose network is not in
+``vnet:{global:idx}:networks`` — only what is older than the grace period
+(``ipam_gc_grace_s``, default 60 s), so an endpoint or network being created right now
+is not collected. A missing index (no endpoint / network ever registered) disables that
+half of the collection instead of treating everything as orphaned.
+"""
 
 from __future__ import annotations
 
-from vnet.runtime.service import ServiceDef
+import asyncio
+import logging
+import random
+import re
+from typing import Any
+
+from vnet.adapters import ipam_store as st
+from vnet.adapters.ipam_store import IpamStore, PoolMeta
+from vnet.adapters.redis import load_scripts
+from vnet.contracts import subjects
+from vnet.contracts.ipam import (
+    AddrRelease,
+    AddrReply,
+    AddrRequest,
+    Allocation,
+    CheckReply,
+    CheckRequest,
+    GcPool,
+    GcReply,
+    GcRequest,
+    Inconsistency,
+    Leak,
+    OrphanPool,
+    PoolCreate,
+    PoolDelete,
+    PoolDeleteReply,
+    PoolEvent,
+    PoolExclude,
+    PoolInfo,
+    PoolList,
+    PoolRef,
+    PoolsReply,
+    ReleaseReply,
+)
+from vnet.core import errors as E
+from vnet.core import ipam as core
+from vnet.runtime.service import Ctx, Runtime, ServiceDef
+
+log = logging.getLogger(__name__)
 
 SERVICE = ServiceDef("ipam", "IP address management: pools, allocation, release, GC")
+
+# Documented defaults; the live values are VNetConfig.ipam_gc_interval_s / ipam_gc_grace_s.
+GC_INTERVAL_S = 30.0  # 0 disables the periodic collection
+GC_GRACE_S = 60.0
+
+_EVENT_TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def gc_settings(rt: Runtime) -> tuple[float, float]:
+    interval = rt.config.ipam_gc_interval_s
+    grace = rt.config.ipam_gc_grace_s
+    return interval, grace
+
+
+def _store(ctx: Ctx | Runtime) -> IpamStore:
+    rt = ctx.rt if isinstance(ctx, Ctx) else ctx
+    store: IpamStore = rt.state["ipam_store"]
+    return store
+
+
+@SERVICE.starting
+async def _start(rt: Runtime) -> None:
+    rt.state["ipam_store"] = IpamStore(rt.redis)
+    await load_scripts(rt.redis, *st.SCRIPTS)
+    interval, _ = gc_settings(rt)
+    if interval > 0:
+        rt.spawn(_gc_loop(rt), "gc")
+
+
+async def _gc_loop(rt: Runtime) -> None:
+    store = _store(rt)
+    while True:
+        interval, grace = gc_settings(rt)
+        await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+        try:
+            # One replica per period does the work; the others find the lock taken.
+            if not await store.try_lock(st.GC_LOCK, rt.instance or "ipam", interval * 0.8):
+                continue
+            rep = await collect(store, grace)
+            if rep.released or rep.pools_deleted or rep.index_repaired:
+                log.info("IPAM GC released %d allocations, deleted %d orphan pools, repaired %d index entries",
+                         len(rep.released), len(rep.pools_deleted), rep.index_repaired)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("periodic IPAM GC failed (it runs again in %.0fs): %s", interval, exc)
+
+
+def pool_info(m: PoolMeta) -> PoolInfo:
+    lay = m.layout
+    return PoolInfo(network_id=m.network_id, family=m.family, cidr=lay.cidr,
+                    gateway=str(lay.gateway) if lay.gateway is not None else None, capacity=lay.capacity,
+                    used=m.used, free=m.free, cursor=m.cursor_address, window=lay.window,
+                    reserved=[str(a) for a in lay.reserved], excluded=[str(n) for n in lay.excluded],
+                    created_at=m.created_at)
+
+
+async def _event(ctx: Ctx, name: str, m: PoolMeta, released: int = 0) -> None:
+    ident = f"{_EVENT_TOKEN_BAD.sub('_', m.network_id)}_{m.family}"
+    payload = PoolEvent(network_id=m.network_id, family=m.family, cidr=m.layout.cidr, capacity=m.layout.capacity,
+                        released=released)
+    try:
+        await ctx.publish_event("ipam", name, ident, payload, msg_id=f"ipam.{name}.{ident}.{m.gen}")
+    except Exception as exc:  # the pool change is done; a lost event must not undo or fail it
+        log.warning("could not publish ipam %s event for %s: %s", name, m.network_id, exc)
+
+
+# --- pools ------------------------------------------------------------------------------
+
+@SERVICE.op("pool.create", subjects.IPAM_POOL_CREATE, PoolCreate)
+async def pool_create(ctx: Ctx, req: PoolCreate) -> PoolInfo:
+    layout = core.build_layout(req.network_id, req.cidr, req.gateway, req.reserved, req.excluded)
+    created, meta = await _store(ctx).create_pool(layout)
+    if created:
+        await _event(ctx, "pool_created", meta)
+    return pool_info(meta)
+
+
+@SERVICE.op("pool.delete", subjects.IPAM_POOL_DELETE, PoolDelete)
+async def pool_delete(ctx: Ctx, req: PoolDelete) -> PoolDeleteReply:
+    store = _store(ctx)
+    families = (req.family,) if req.family else (4, 6)
+    if not req.force and len(families) > 1:
+        # Refuse before deleting anything: a network's pools go together or not at all.
+        for m in await store.pools(req.network_id):
+            if m.used:
+                await store.delete_pool(req.network_id, m.family, force=False)  # raises pool_in_use
+    deleted: list[PoolInfo] = []
+    released = 0
+    for fam in families:
+        res = await store.delete_pool(req.network_id, fam, force=req.force)
+        if res is None:
+            continue
+        meta, n = res
+        released += n
+        deleted.append(pool_info(meta))
+        await _event(ctx, "pool_deleted", meta, n)
+    return PoolDeleteReply(pools=deleted, released=released)
+
+
+@SERVICE.op("pool.exclude", subjects.IPAM_POOL_EXCLUDE, PoolExclude)
+async def pool_exclude(ctx: Ctx, req: PoolExclude) -> PoolInfo:
+    nets = [core.parse_network(c, "excluded subnet") for c in (*req.add, *req.remove)]
+    if not nets:
+        raise E.make(E.INVALID_REQUEST, "pool.exclude needs at least one CIDR in add or remove")
+    families = {n.version for n in nets}
+    if len(families) > 1:
+        raise E.make(E.INVALID_REQUEST, "add and remove must all be of one family (one pool); send one request "
+                     "per family")
+    meta = await _store(ctx).change_excluded(req.network_id, families.pop(), req.add, req.remove)
+    return pool_info(meta)
+
+
+@SERVICE.op("pool.get", subjects.IPAM_POOL_GET, PoolRef)
+async def pool_get(ctx: Ctx, req: PoolRef) -> PoolsReply:
+    pools = await _store(ctx).pools(req.network_id, req.family)
+    if not pools:
+        if req.family:
+            raise st.pool_not_found(req.network_id, req.family)
+        raise E.make(E.POOL_NOT_FOUND, f"network {req.network_id} has no IPAM pool; the network service creates "
+                     "them with the network (`vnetctl ipam pools` lists every pool)", network_id=req.network_id)
+    return PoolsReply(pools=[pool_info(m) for m in pools])
+
+
+@SERVICE.op("pool.list", subjects.IPAM_POOL_LIST, PoolList)
+async def pool_list(ctx: Ctx, req: PoolList) -> PoolsReply:
+    pools = await _store(ctx).pools(req.network_id, req.family)
+    return PoolsReply(pools=[pool_info(m) for m in pools])
+
+
+# --- addresses --------------------------------------------------------------------------
+
+@SERVICE.op("addr.request", subjects.IPAM_ADDR_REQUEST, AddrRequest)
+async def addr_request(ctx: Ctx, req: AddrRequest) -> AddrReply:
+    family = req.family
+    if req.address is not None:
+        addr = core.parse_address(req.address)
+        if addr.version == 4 and family == 6:
+            raise E.make(E.ADDRESS_NOT_ASSIGNABLE, f"{addr} is an IPv4 address but family 6 was asked; omit "
+                         "family (it follows the address) or ask for an IPv6 address", address=str(addr))
+        family = addr.version  # the family follows a static address
+    got = await _store(ctx).allocate(req.network_id, family, req.owner, req.address, req.request_id)
+    lay = got.layout
+    return AddrReply(network_id=req.network_id, family=family, address=got.address, prefix_len=lay.prefix_len,
+                     gateway=str(lay.gateway) if lay.gateway is not None else None, owner=req.owner,
+                     allocated_at=got.allocated_at)
+
+
+@SERVICE.op("addr.release", subjects.IPAM_ADDR_RELEASE, AddrRelease)
+async def addr_release(ctx: Ctx, req: AddrRelease) -> ReleaseReply:
+    store = _store(ctx)
+    results = await asyncio.gather(*(store.release(req.network_id, fam, req.owner) for fam in (4, 6)))
+    return ReleaseReply(released=[r.address for r in results if r is not None])
+
+
+# --- GC and check -----------------------------------------------------------------------
+
+async def _pools_with_index(store: IpamStore, network_id: str | None
+                            ) -> tuple[list[PoolMeta], list[tuple[str, int, float]]]:
+    """The pools to look at, and index entries that have no pool behind them."""
+    index = await store.index()
+    if network_id is not None:
+        index = [e for e in index if e[0] == network_id]
+    pools = await store.pools(network_id)
+    have = {(m.network_id, m.family) for m in pools}
+    dangling = [e for e in index if (e[0], e[1]) not in have]
+    return pools, dangling
+
+
+async def collect(store: IpamStore, grace_s: float, network_id: str | None = None) -> GcReply:
+    """Release orphaned allocations and delete orphaned pools older than ``grace_s``."""
+    now = await store.now()
+    cutoff = now - grace_s
+    pools, dangling = await _pools_with_index(store, network_id)
+    skipped: list[str] = []
+    repaired = 0
+    for nid, fam, added in dangling:
+        if added <= cutoff:
+            await store.remove_index_entry(nid, fam)
+            repaired += 1
+    deleted: list[GcPool] = []
+    live: list[PoolMeta] = pools
+    if await store.set_exists(st.NETWORKS_INDEX):
+        exists = await store.members(st.NETWORKS_INDEX, [m.network_id for m in pools])
+        live = []
+        for m, ok in zip(pools, exists, strict=True):
+            if ok or m.created_at > cutoff:
+                live.append(m)
+                continue
+            res = await store.delete_pool(m.network_id, m.family, force=True, expect_gen=m.gen)
+            if res is not None:
+                deleted.append(GcPool(network_id=m.network_id, family=m.family, cidr=m.layout.cidr, released=res[1]))
+                log.info("GC deleted the %s pool of network %s (%s): the network no longer exists",
+                         core.family_name(m.family), m.network_id, m.layout.cidr)
+    else:
+        skipped.append(f"pools: the network index {st.NETWORKS_INDEX} does not exist (no network registered), "
+                       "so no pool is treated as orphaned")
+    released: list[Allocation] = []
+    if await store.set_exists(st.ENDPOINTS_INDEX):
+        for m in live:
+            async for chunk in store.owners(m.network_id, m.family):
+                old = [row for row in chunk if row[2] <= cutoff]
+                if not old:
+                    continue
+                exists = await store.members(st.ENDPOINTS_INDEX, [row[0] for row in old])
+                for (owner, off, _ts), ok in zip(old, exists, strict=True):
+                    if ok:
+                        continue
+                    r = await store.release(m.network_id, m.family, owner, expect_offset=off, allocated_before=cutoff)
+                    if r is not None:
+                        released.append(Allocation(network_id=r.network_id, family=r.family, address=r.address,
+                                                   owner=r.owner, allocated_at=r.allocated_at))
+    else:
+        skipped.append(f"allocations: the endpoint index {st.ENDPOINTS_INDEX} does not exist (no endpoint "
+                       "registered), so no allocation is treated as orphaned")
+    return GcReply(grace_s=grace_s, pools_scanned=len(pools), released=released, pools_deleted=deleted,
+                   index_repaired=repaired, skipped=skipped)
+
+
+async def inspect(store: IpamStore, grace_s: float, network_id: str | None = None) -> CheckReply:
+    """Leaks, inconsistencies and orphan pools — read only."""
+    now = await store.now()
+    pools, dangling = await _pools_with_index(store, network_id)
+    notes: list[str] = []
+    issues: list[Inconsistency] = []
+    for nid, fam, added in dangling:
+        issues.append(Inconsistency(network_id=nid, family=fam, kind="index_without_pool",
+                                    message=f"the pool index lists {nid}/{fam} (added {now - added:.0f}s ago) but "
+                                    "the pool does not exist; GC removes the entry"))
+    has_endpoints = await store.set_exists(st.ENDPOINTS_INDEX)
+    if not has_endpoints:
+        notes.append(f"the endpoint index {st.ENDPOINTS_INDEX} does not exist: leaks not looked for")
+    has_networks = await store.set_exists(st.NETWORKS_INDEX)
+    if not has_networks:
+        notes.append(f"the network index {st.NETWORKS_INDEX} does not exist: orphan pools not looked for")
+    leaks: list[Leak] = []
+    orphans: list[OrphanPool] = []
+    allocations = 0
+    checked = 0
+    if has_networks and pools:
+        exists = await store.members(st.NETWORKS_INDEX, [m.network_id for m in pools])
+        for m, ok in zip(pools, exists, strict=True):
+            if not ok:
+                age = now - m.created_at
+                orphans.append(OrphanPool(network_id=m.network_id, family=m.family, cidr=m.layout.cidr, used=m.used,
+                                          age_s=round(age, 3), collectable=age > grace_s))
+    for m in pools:
+        snap = await store.snapshot(m.network_id, m.family)
+        if snap is None:  # deleted meanwhile
+            continue
+        checked += 1
+        lay = snap.meta.layout
+        allocations += len(snap.owners)
+        if network_id is not None and not await _indexed(store, m):
+            issues.append(Inconsistency(network_id=m.network_id, family=m.family, kind="pool_not_indexed",
+                                        message="the pool exists but is missing from the pool index "
+                                        f"{st.POOLS_INDEX}: `vnetctl ipam pools` does not list it"))
+        for text in snap.bad_records:
+            issues.append(Inconsistency(network_id=m.network_id, family=m.family, kind="bad_record", message=text))
+        found = core.check_pool(lay, snap.bits, snap.summary, {o: v[0] for o, v in snap.owners.items()},
+                                snap.holders, snap.meta.used)
+        for p in found:
+            address = str(lay.address_at(p.offset)) if p.offset is not None and 0 <= p.offset < lay.window else None
+            issues.append(Inconsistency(network_id=m.network_id, family=m.family, kind=p.kind,
+                                        message=f"{lay.describe()}: {p.message}", address=address, owner=p.owner))
+        if has_endpoints and snap.owners:
+            owners = list(snap.owners)
+            for i in range(0, len(owners), 1000):
+                part = owners[i:i + 1000]
+                for owner, ok in zip(part, await store.members(st.ENDPOINTS_INDEX, part), strict=True):
+                    if ok:
+                        continue
+                    off, ts = snap.owners[owner]
+                    age = now - ts
+                    leaks.append(Leak(network_id=m.network_id, family=m.family,
+                                      address=str(lay.address_at(off)) if 0 <= off < lay.window else f"offset {off}",
+                                      owner=owner, allocated_at=ts, age_s=round(age, 3), collectable=age > grace_s))
+    clean = not leaks and not issues and not orphans
+    return CheckReply(clean=clean, pools_checked=checked, allocations=allocations, leaks=leaks,
+                      inconsistencies=issues, orphan_pools=orphans, notes=notes)
+
+
+async def _indexed(store: IpamStore, m: PoolMeta) -> bool:
+    score: Any = await store.r.zscore(st.POOLS_INDEX, st.index_member(m.network_id, m.family))
+    return score is not None
+
+
+@SERVICE.op("gc", subjects.IPAM_GC, GcRequest)
+async def gc(ctx: Ctx, req: GcRequest) -> GcReply:
+    _, grace = gc_settings(ctx.rt)
+    return await collect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id)
+
+
+@SERVICE.op("check", subjects.IPAM_CHECK, CheckRequest)
+async def check(ctx: Ctx, req: CheckRequest) -> CheckReply:
+    _, grace = gc_settings(ctx.rt)
+    return await inspect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id)
+
+
+async def _pools_check(rt: Runtime) -> tuple[str, str]:
+    return "ipam_store", "ok" if "ipam_store" in rt.state else "not started"
+
+
+SERVICE.health_checks.append(_pools_check)

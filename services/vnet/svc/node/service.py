@@ -5,12 +5,16 @@ It holds no Redis credentials (``uses_redis=False``); its subjects carry its nod
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
 import msgspec
 
+from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
+from vnet.contracts.network import HostRoutesReply, HostRoutesReport
+from vnet.core import addr
 from vnet.runtime.service import Runtime, ServiceDef
 
 log = logging.getLogger(__name__)
@@ -56,3 +60,65 @@ async def _health_check(rt: Runtime) -> tuple[str, str]:
 
 
 SERVICE.health_checks.append(_health_check)
+
+
+# --- host routes (read only): the network service's carving skips them -------------------------
+# Added by the network service. The worker never changes anything here: it dumps the
+# routes and interface addresses of its host namespace and reports their prefixes.
+
+HOST_ROUTES_INTERVAL_S = 60.0
+HOST_ROUTES_RETRY_S = 5.0  # after a failed report (the network service not up yet)
+# Route types that occupy a prefix: unicast, blackhole, unreachable, prohibit (not local/broadcast).
+_ROUTE_TYPES = (1, 6, 7, 8)
+
+
+def read_host_prefixes(netns: str | None) -> list[str]:
+    """Prefixes of every route and interface address in ``netns`` (a name under
+    /run/netns or a path; None: the current namespace). Blocking; read only — and it
+    never creates a missing namespace (pyroute2 would, unless told not to)."""
+    from pyroute2 import IPRoute
+
+    kwargs: dict[str, object] = {}
+    if netns is not None:
+        path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"host namespace {path} does not exist")
+        kwargs = {"netns": netns, "flags": 0}
+    out: set[str] = set()
+    with IPRoute(**kwargs) as ipr:
+        for r in ipr.get_routes():
+            if r["type"] not in _ROUTE_TYPES or not r["dst_len"]:
+                continue
+            dst = r.get("dst")
+            if dst:
+                out.add(f"{dst}/{r['dst_len']}")
+        for a in ipr.get_addr():
+            address = a.get("address")
+            if address:
+                out.add(f"{address}/{a['prefixlen']}")
+    return [str(n) for n in addr.host_prefixes(out)]
+
+
+async def report_host_routes(rt: Runtime) -> HostRoutesReply:
+    prefixes = await asyncio.to_thread(read_host_prefixes, rt.config.host_netns)
+    report = HostRoutesReport(node=rt.params["node"], prefixes=prefixes, interval_s=HOST_ROUTES_INTERVAL_S)
+    reply, _ = await nats_adapter.request(rt.nc, subjects.NETWORK_HOSTROUTES_REPORT, report, HostRoutesReply,
+                                          timeout=rt.config.request_timeout_s)
+    return reply
+
+
+async def _host_routes_loop(rt: Runtime) -> None:
+    while True:
+        try:
+            rep = await report_host_routes(rt)
+            log.debug("reported %d host prefixes", rep.accepted)
+            delay = HOST_ROUTES_INTERVAL_S
+        except Exception as exc:
+            log.info("could not report host routes (retrying in %.0fs): %s", HOST_ROUTES_RETRY_S, exc)
+            delay = HOST_ROUTES_RETRY_S
+        await asyncio.sleep(delay)
+
+
+@SERVICE.starting
+async def _start_host_routes(rt: Runtime) -> None:
+    rt.spawn(_host_routes_loop(rt), "host-routes")

@@ -1,0 +1,762 @@
+"""IPAM state in Redis: one Lua script per decision, keys of one pool in one hash slot.
+
+Keys of the pool of network ``N``, family ``F`` (all tagged ``{pool:N:F}``)::
+
+    vnet:{pool:N:F}:meta      hash   cidr, gateway, reserved, excluded, sig, gen, window,
+                                     capacity, used, cursor, created_at, network_id, family
+    vnet:{pool:N:F}:bits      string bitmap, bit i = offset i taken (blocked offsets are set
+                                     at creation, so they are never found free)
+    vnet:{pool:N:F}:sum       string summary, bit b = every offset of block b (1024) taken
+    vnet:{pool:N:F}:own       hash   owner -> "offset|allocated_at"
+    vnet:{pool:N:F}:off       hash   offset -> owner (who holds an address: the 409 names them)
+    vnet:{pool:N:F}:rid:<id>  string "gen|owner|offset|ts", 24 h: request_id idempotency
+
+and one cluster-wide index, ``vnet:{global:idx}:pools`` (sorted set, member ``N/F``,
+score the time it was added), next to the sets the network and endpoint services
+keep (``...:networks``, ``...:endpoints``) which GC reads.
+
+Addresses never enter Lua: the service turns them into offsets with the pool's layout
+(:mod:`vnet.core.ipam`), cached per process and validated by the pool's ``gen``
+(a token made at creation) on every call, so a pool deleted and re-created with other
+arguments is noticed and the layout reloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from vnet.adapters.redis import Script, global_key, key
+from vnet.core import errors as E
+from vnet.core import ipam as core
+
+POOLS_INDEX = global_key("pools")
+NETWORKS_INDEX = global_key("networks")
+ENDPOINTS_INDEX = global_key("endpoints")
+GC_LOCK = global_key("ipam-gc-lock")
+REQUEST_ID_TTL_S = 24 * 3600
+
+PARTS = ("meta", "bits", "sum", "own", "off")
+
+
+def pool_key(network_id: str, family: int, part: str) -> str:
+    return key("pool", f"{network_id}:{family}", part)
+
+
+def pool_keys(network_id: str, family: int) -> list[str]:
+    return [pool_key(network_id, family, p) for p in PARTS]
+
+
+def index_member(network_id: str, family: int) -> str:
+    return f"{network_id}/{family}"
+
+
+_LUA_COMMON = """
+-- First clear bit in [s, e] (inclusive); bits past the end of the string are clear.
+-- (BITPOS with an explicit range ignores bits past the string, and on a missing key it
+-- answers 0 whatever the range: both are handled here.)
+local function first_clear(key, s, e)
+  if s > e then return -1 end
+  local len = redis.call('STRLEN', key) * 8
+  if s >= len then return s end
+  local last = e
+  if last >= len then last = len - 1 end
+  local p = redis.call('BITPOS', key, 0, s, last, 'BIT')
+  if p >= s and p <= last then return p end
+  if e >= len then return len end
+  return -1
+end
+local function block_full(key, b, n, B)
+  local s = b * B
+  local e = math.min(n - 1, s + B - 1)
+  return redis.call('BITCOUNT', key, s, e, 'BIT') == e - s + 1
+end
+-- First free offset in [s, e]: the rest of s's block, then the summary, then one block.
+local function find_free(bits, sum, s, e, B)
+  if s > e then return -1 end
+  local bs = math.floor(s / B)
+  local be = math.floor(e / B)
+  local p = first_clear(bits, s, math.min(e, bs * B + B - 1))
+  if p >= 0 then return p end
+  local b = first_clear(sum, bs + 1, be)
+  while b >= 0 and b <= be do
+    p = first_clear(bits, b * B, math.min(e, b * B + B - 1))
+    if p >= 0 then return p end
+    if b == be then return -1 end
+    -- a clear summary bit on a full block: repair it and go on
+    redis.call('SETBIT', sum, b, 1)
+    b = first_clear(sum, b + 1, be)
+  end
+  return -1
+end
+-- Set (v = 1) or clear (v = 0) the bits s..e: single bits at the edges, whole bytes between.
+local function fill_range(key, s, e, v)
+  local j = s
+  while j <= e and j % 8 ~= 0 do redis.call('SETBIT', key, j, v); j = j + 1 end
+  local full = math.floor((e + 1 - j) / 8)
+  if full > 0 then
+    local byte = '\\0'
+    if v == 1 then byte = '\\255' end
+    redis.call('SETRANGE', key, j / 8, string.rep(byte, full))
+    j = j + full * 8
+  end
+  while j <= e do redis.call('SETBIT', key, j, v); j = j + 1 end
+end
+local function now()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+end
+local function split_record(rec)
+  local sep = string.find(rec, '|', 1, true)
+  return tonumber(string.sub(rec, 1, sep - 1)), string.sub(rec, sep + 1)
+end
+"""
+
+# KEYS: meta bits sum own off
+# ARGV: sig gen network_id family cidr gateway reserved_json excluded_json window capacity block [s e]...
+CREATE = Script(_LUA_COMMON + """
+local cur = redis.call('HMGET', KEYS[1], 'sig', 'gen', 'created_at')
+if cur[1] then
+  if cur[1] == ARGV[1] then return {'exists', cur[2], cur[3]} end
+  return {'conflict', cur[1]}
+end
+-- a half-made pool (no meta) leaves nothing that matters: start clean
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+local n = tonumber(ARGV[9])
+local B = tonumber(ARGV[11])
+local touched = {}
+for i = 12, #ARGV, 2 do
+  local s = tonumber(ARGV[i])
+  local e = tonumber(ARGV[i + 1])
+  fill_range(KEYS[2], s, e, 1)
+  for b = math.floor(s / B), math.floor(e / B) do touched[b] = true end
+end
+for b, _ in pairs(touched) do
+  if block_full(KEYS[2], b, n, B) then redis.call('SETBIT', KEYS[3], b, 1) end
+end
+local ts = now()
+redis.call('HSET', KEYS[1], 'sig', ARGV[1], 'gen', ARGV[2], 'network_id', ARGV[3], 'family', ARGV[4],
+  'cidr', ARGV[5], 'gateway', ARGV[6], 'reserved', ARGV[7], 'excluded', ARGV[8], 'window', ARGV[9],
+  'capacity', ARGV[10], 'block', B, 'used', 0, 'cursor', -1, 'created_at', ts)
+return {'created', ARGV[2], ts}
+""")
+
+# KEYS: meta bits sum own off [rid]
+# ARGV: gen owner want(-1: dynamic) rid_ttl
+ALLOC = Script(_LUA_COMMON + """
+local m = redis.call('HMGET', KEYS[1], 'gen', 'window', 'cursor', 'used', 'block')
+if not m[1] then return {'nopool'} end
+if m[1] ~= ARGV[1] then return {'stale', m[1]} end
+local owner = ARGV[2]
+local want = tonumber(ARGV[3])
+local rid = KEYS[6]
+local held = redis.call('HGET', KEYS[4], owner)
+if rid then
+  local prev = redis.call('GET', rid)
+  if prev then
+    local a = string.find(prev, '|', 1, true)
+    local b = string.find(prev, '|', a + 1, true)
+    local c = string.find(prev, '|', b + 1, true)
+    local pgen = string.sub(prev, 1, a - 1)
+    local powner = string.sub(prev, a + 1, b - 1)
+    local poff = tonumber(string.sub(prev, b + 1, c - 1))
+    if pgen == ARGV[1] then
+      if powner ~= owner then return {'rid_conflict', powner, poff} end
+      if not held then return {'rid_spent', poff, string.sub(prev, c + 1)} end
+    end
+  end
+end
+if held then
+  local off, ts = split_record(held)
+  if want >= 0 and want ~= off then return {'owner_has', off, ts} end
+  return {'exists', off, ts}
+end
+local n = tonumber(m[2])
+local B = tonumber(m[5]) or 1024
+local o
+if want >= 0 then
+  if want >= n then return {'outside'} end
+  if redis.call('GETBIT', KEYS[2], want) == 1 then
+    local holder = redis.call('HGET', KEYS[5], want)
+    if holder then
+      local hrec = redis.call('HGET', KEYS[4], holder)
+      local ts = ''
+      if hrec then local _o, t = split_record(hrec); ts = t end
+      return {'in_use', holder, ts}
+    end
+    return {'blocked'}
+  end
+  o = want
+else
+  local cursor = tonumber(m[3]) or -1
+  o = find_free(KEYS[2], KEYS[3], cursor + 1, n - 1, B)
+  if o < 0 then o = find_free(KEYS[2], KEYS[3], 0, math.min(cursor, n - 1), B) end
+  if o < 0 then return {'exhausted', tonumber(m[4])} end
+  redis.call('HSET', KEYS[1], 'cursor', o)
+end
+redis.call('SETBIT', KEYS[2], o, 1)
+if block_full(KEYS[2], math.floor(o / B), n, B) then redis.call('SETBIT', KEYS[3], math.floor(o / B), 1) end
+local ts = now()
+redis.call('HSET', KEYS[4], owner, o .. '|' .. ts)
+redis.call('HSET', KEYS[5], o, owner)
+redis.call('HINCRBY', KEYS[1], 'used', 1)
+if rid then
+  redis.call('SET', rid, ARGV[1] .. '|' .. owner .. '|' .. o .. '|' .. ts, 'EX', tonumber(ARGV[4]))
+end
+return {'ok', o, ts}
+""")
+
+# KEYS: meta bits sum own off
+# ARGV: owner expect_offset('' = any) allocated_before('' = any)
+RELEASE = Script(_LUA_COMMON + """
+local m = redis.call('HMGET', KEYS[1], 'cidr', 'block')
+local cidr = m[1]
+if not cidr then return {'nopool'} end
+local B = tonumber(m[2]) or 1024
+local rec = redis.call('HGET', KEYS[4], ARGV[1])
+if not rec then return {'none', cidr} end
+local off, ts = split_record(rec)
+if ARGV[2] ~= '' and (tonumber(ARGV[2]) ~= off or tonumber(ts) > tonumber(ARGV[3])) then
+  return {'changed', cidr}
+end
+redis.call('SETBIT', KEYS[2], off, 0)
+redis.call('SETBIT', KEYS[3], math.floor(off / B), 0)
+redis.call('HDEL', KEYS[4], ARGV[1])
+if redis.call('HGET', KEYS[5], off) == ARGV[1] then redis.call('HDEL', KEYS[5], off) end
+redis.call('HINCRBY', KEYS[1], 'used', -1)
+return {'released', cidr, off, ts}
+""")
+
+# KEYS: meta bits sum own off
+# ARGV: force('1'/'0') expect_gen('' = any)
+DELETE = Script("""
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if not gen then return {'absent'} end
+if ARGV[2] ~= '' and ARGV[2] ~= gen then return {'changed'} end
+local n = redis.call('HLEN', KEYS[4])
+if n > 0 and ARGV[1] ~= '1' then
+  return {'in_use', n, redis.call('HRANDFIELD', KEYS[4], 3)}
+end
+local meta = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+return {'deleted', n, meta}
+""")
+
+# KEYS: meta bits sum
+# ARGV: gen new_gen sig excluded_json capacity nset [s e]*nset (to block) [s e]... (to unblock)
+EXCLUDE = Script(_LUA_COMMON + """
+local m = redis.call('HMGET', KEYS[1], 'gen', 'window', 'block')
+if not m[1] then return {'nopool'} end
+if m[1] ~= ARGV[1] then return {'stale'} end
+local n = tonumber(m[2])
+local B = tonumber(m[3]) or 1024
+local nset = tonumber(ARGV[6])
+for i = 0, nset - 1 do
+  local s = tonumber(ARGV[7 + 2 * i])
+  local e = tonumber(ARGV[8 + 2 * i])
+  if redis.call('BITCOUNT', KEYS[2], s, e, 'BIT') > 0 then return {'in_use', s, e} end
+end
+local touched = {}
+for i = 7, #ARGV, 2 do
+  local s = tonumber(ARGV[i])
+  local e = tonumber(ARGV[i + 1])
+  local v = 1
+  if i >= 7 + 2 * nset then v = 0 end
+  fill_range(KEYS[2], s, e, v)
+  for b = math.floor(s / B), math.floor(e / B) do touched[b] = true end
+end
+for b, _ in pairs(touched) do
+  if block_full(KEYS[2], b, n, B) then redis.call('SETBIT', KEYS[3], b, 1) else redis.call('SETBIT', KEYS[3], b, 0) end
+end
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'sig', ARGV[3], 'excluded', ARGV[4], 'capacity', ARGV[5])
+return {'ok'}
+""")
+
+SCRIPTS = (CREATE, ALLOC, RELEASE, DELETE, EXCLUDE)
+
+
+class Batcher:
+    """Script calls issued in the same event-loop turn go to Redis as one pipeline.
+
+    Each call is still one script — one atomic decision — but 64 concurrent requests
+    cost one write and one read instead of 64 of each (like ioredis' auto-pipelining).
+    A script the server forgot (``NOSCRIPT``) is loaded and that call retried alone.
+    """
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+        self._pending: list[tuple[Script, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((script, keys, args, fut))
+        return fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if len(batch) == 1:
+            script, keys, args, fut = batch[0]
+            task = asyncio.ensure_future(self._one(script, keys, args, fut))
+        else:
+            task = asyncio.ensure_future(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, script: Script, keys: list[str], args: list[Any], fut: asyncio.Future[Any]) -> None:
+        try:
+            res = await script(self.r, keys, args)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        if not fut.done():
+            fut.set_result(res)
+
+    async def _send(self, batch: list[tuple[Script, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (script, keys, args, fut), res in zip(batch, results, strict=True):
+            if isinstance(res, NoScriptError):
+                await self._one(script, keys, args, fut)
+            elif fut.done():
+                continue
+            elif isinstance(res, Exception):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass(frozen=True)
+class PoolMeta:
+    """A pool as stored (``meta`` hash), with its layout."""
+
+    layout: core.PoolLayout
+    gen: str
+    used: int
+    cursor: int
+    created_at: float
+
+    @property
+    def network_id(self) -> str:
+        return self.layout.network_id
+
+    @property
+    def family(self) -> int:
+        return self.layout.family
+
+    @property
+    def free(self) -> int:
+        return self.layout.capacity - self.used
+
+    @property
+    def cursor_address(self) -> str | None:
+        return str(self.layout.address_at(self.cursor)) if 0 <= self.cursor < self.layout.window else None
+
+
+def meta_from_hash(h: dict[Any, Any]) -> PoolMeta:
+    d = {_s(k): _s(v) for k, v in h.items()}
+    layout = core.build_layout(d["network_id"], d["cidr"], d.get("gateway") or None,
+                               json.loads(d.get("reserved") or "[]"), json.loads(d.get("excluded") or "[]"),
+                               block=int(d.get("block") or core.BLOCK))
+    return PoolMeta(layout=layout, gen=d["gen"], used=int(d.get("used", 0)), cursor=int(d.get("cursor", -1)),
+                    created_at=float(d.get("created_at", 0.0)))
+
+
+@dataclass(frozen=True)
+class Allocated:
+    layout: core.PoolLayout
+    offset: int
+    allocated_at: float
+    existing: bool  # the owner already held it (an idempotent retry)
+
+    @property
+    def address(self) -> str:
+        return str(self.layout.address_at(self.offset))
+
+
+@dataclass(frozen=True)
+class Released:
+    network_id: str
+    family: int
+    address: str
+    owner: str
+    allocated_at: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A pool read in one transaction (for the check)."""
+
+    meta: PoolMeta
+    bits: bytes
+    summary: bytes
+    owners: dict[str, tuple[int, float]]  # owner -> (offset, allocated_at)
+    holders: dict[int, str]
+    bad_records: list[str]
+
+
+class IpamStore:
+    """Pools and allocations in Redis. Every decision is one script call (one round trip)."""
+
+    def __init__(self, r: aioredis.Redis, *, request_id_ttl_s: int = REQUEST_ID_TTL_S) -> None:
+        self.r = r
+        self.request_id_ttl_s = request_id_ttl_s
+        self._layouts: dict[tuple[str, int], tuple[str, core.PoolLayout]] = {}
+        self._keys: dict[tuple[str, int], list[str]] = {}
+        self._batch = Batcher(r)
+
+    def _pool_keys(self, network_id: str, family: int) -> list[str]:
+        k = self._keys.get((network_id, family))
+        if k is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            k = self._keys[(network_id, family)] = pool_keys(network_id, family)
+        return k
+
+    # -- pools ---------------------------------------------------------------------------
+    async def create_pool(self, layout: core.PoolLayout) -> tuple[bool, PoolMeta]:
+        """Create the pool, or find the identical one (409 ``pool_exists`` if it differs)."""
+        nid, fam = layout.network_id, layout.family
+        # Index first: a crash after this leaves an entry GC removes; the reverse would leave a pool
+        # nobody lists.
+        await self.r.zadd(POOLS_INDEX, {index_member(nid, fam): time.time()}, nx=True)
+        gen = secrets.token_hex(8)
+        ranges: list[int] = []
+        for s, e in layout.ranges:
+            ranges += [s, e]
+        args: list[Any] = [
+            layout.signature(), gen, nid, fam, layout.cidr, str(layout.gateway) if layout.gateway else "",
+            json.dumps([str(a) for a in layout.reserved]), json.dumps([str(n) for n in layout.excluded]),
+            layout.window, layout.capacity, layout.block, *ranges,
+        ]
+        res = await CREATE(self.r, pool_keys(nid, fam), args)
+        status = _s(res[0])
+        if status == "conflict":
+            existing = await self.pool(nid, fam)
+            have = existing.layout.signature() if existing else _s(res[1])
+            raise E.make(E.POOL_EXISTS,
+                         f"network {nid} already has an {core.family_name(fam)} pool with other settings "
+                         f"({_describe_sig(have)}) than asked ({_describe_sig(layout.signature())}); delete it "
+                         "first (`vnetctl ipam pool-delete`) or ask with the same settings",
+                         network_id=nid, family=fam, existing=json.loads(have),
+                         requested=json.loads(layout.signature()))
+        created = status == "created"
+        gen = _s(res[1])
+        self._layouts[(nid, fam)] = (gen, layout)
+        used = 0
+        cursor = -1
+        if not created:
+            meta = await self.pool(nid, fam)
+            if meta is not None:
+                return False, meta
+        return created, PoolMeta(layout=layout, gen=gen, used=used, cursor=cursor, created_at=float(_s(res[2])))
+
+    async def delete_pool(self, network_id: str, family: int, *, force: bool = False,
+                          expect_gen: str | None = None) -> tuple[PoolMeta, int] | None:
+        """Delete one pool; ``None`` if there is none. 409 ``pool_in_use`` unless ``force``."""
+        res = await DELETE(self.r, pool_keys(network_id, family), ["1" if force else "0", expect_gen or ""])
+        status = _s(res[0])
+        self._layouts.pop((network_id, family), None)
+        if status in ("absent", "changed"):
+            if status == "absent":
+                await self.r.zrem(POOLS_INDEX, index_member(network_id, family))
+            return None
+        if status == "in_use":
+            n = int(res[1])
+            some = ", ".join(_s(o) for o in res[2])
+            raise E.make(E.POOL_IN_USE,
+                         f"the {core.family_name(family)} pool of network {network_id} still has {n} allocated "
+                         f"address{'es' if n != 1 else ''} (owners include {some}); release them or delete the "
+                         "endpoints first, or delete with force",
+                         network_id=network_id, family=family, used=n, owners=[_s(o) for o in res[2]])
+        flat = res[2]
+        meta = meta_from_hash({flat[i]: flat[i + 1] for i in range(0, len(flat), 2)})
+        await self.r.zrem(POOLS_INDEX, index_member(network_id, family))
+        return meta, int(res[1])
+
+    async def change_excluded(self, network_id: str, family: int, add: Sequence[str] = (),
+                              remove: Sequence[str] = ()) -> PoolMeta:
+        """Exclude child subnets from the pool (``add``) or give them back (``remove``); idempotent.
+
+        Refused (409 ``address_in_use``, holders named) while an address to exclude is allocated.
+        """
+        adds = [core.parse_network(c, "excluded subnet") for c in add]
+        removes = {str(core.parse_network(c, "excluded subnet")) for c in remove}
+        for _attempt in range(5):
+            meta = await self.pool(network_id, family)
+            if meta is None:
+                raise pool_not_found(network_id, family)
+            old = meta.layout
+            current = [str(x) for x in old.excluded]
+            wanted = [c for c in dict.fromkeys([*current, *(str(a) for a in adds)]) if c not in removes]
+            if wanted == current:
+                return meta
+            new = core.build_layout(network_id, old.cidr, str(old.gateway) if old.gateway else None,
+                                    [str(a) for a in old.reserved], wanted, block=old.block)
+            to_set = core.subtract_ranges(new.ranges, old.ranges)
+            to_clear = core.subtract_ranges(old.ranges, new.ranges)
+            args: list[Any] = [meta.gen, secrets.token_hex(8), new.signature(), json.dumps(wanted), new.capacity,
+                               len(to_set)]
+            for s, e in (*to_set, *to_clear):
+                args += [s, e]
+            res = await EXCLUDE(self.r, pool_keys(network_id, family)[:3], args)
+            status = _s(res[0])
+            if status == "stale":
+                continue
+            if status == "nopool":
+                raise pool_not_found(network_id, family)
+            if status == "in_use":
+                s, e = int(res[1]), int(res[2])
+                held = await self._holders_in(network_id, family, s, e)
+                child = next((str(c) for c in new.excluded if c not in old.excluded
+                              and 0 <= s - old.offset_of(c.network_address) < c.num_addresses),
+                             f"{old.address_at(s)}-{old.address_at(e)}")
+                listed = ", ".join(f"{old.address_at(o)} to {h}" for o, h in held[:5])
+                more = f" and {len(held) - 5} more" if len(held) > 5 else ""
+                raise E.make(E.ADDRESS_IN_USE,
+                             f"cannot exclude {child} from {old.describe()}: {len(held)} of its addresses are "
+                             f"allocated ({listed}{more}); release them first",
+                             network_id=network_id, family=family, excluded=child,
+                             holders={str(old.address_at(o)): h for o, h in held[:100]})
+            fresh = await self.pool(network_id, family)
+            if fresh is None:
+                raise pool_not_found(network_id, family)
+            return fresh
+        raise E.make(E.UNAVAILABLE, f"the pool of network {network_id} kept changing; retry",
+                     network_id=network_id, family=family)
+
+    async def _holders_in(self, network_id: str, family: int, s: int, e: int) -> list[tuple[int, str]]:
+        out = []
+        async for chunk in self.owners(network_id, family):
+            out += [(off, owner) for owner, off, _ in chunk if s <= off <= e]
+        return sorted(out)
+
+    async def pool(self, network_id: str, family: int) -> PoolMeta | None:
+        h = await self.r.hgetall(pool_key(network_id, family, "meta"))
+        if not h:
+            return None
+        meta = meta_from_hash(h)
+        self._layouts[(network_id, family)] = (meta.gen, meta.layout)
+        return meta
+
+    async def index(self) -> list[tuple[str, int, float]]:
+        """Every (network_id, family, added_at) in the pool index."""
+        out = []
+        rows: Any = await self.r.zrange(POOLS_INDEX, 0, -1, withscores=True)
+        for member, score in rows:
+            nid, _, fam = _s(member).rpartition("/")
+            if nid and fam in ("4", "6"):
+                out.append((nid, int(fam), float(score)))
+        return out
+
+    async def pools(self, network_id: str | None = None, family: int | None = None) -> list[PoolMeta]:
+        if network_id is not None:
+            refs = [(network_id, f) for f in ((family,) if family else (4, 6))]
+        else:
+            refs = [(n, f) for n, f, _ in await self.index() if family in (None, f)]
+        if not refs:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for n, f in refs:
+            pipe.hgetall(pool_key(n, f, "meta"))
+        out = []
+        for h in await pipe.execute():
+            if h:
+                meta = meta_from_hash(h)
+                self._layouts[(meta.network_id, meta.family)] = (meta.gen, meta.layout)
+                out.append(meta)
+        out.sort(key=lambda m: (m.network_id, m.family))
+        return out
+
+    async def layout(self, network_id: str, family: int, *, refresh: bool = False) -> tuple[str, core.PoolLayout]:
+        """The pool's (gen, layout), cached; 404 ``pool_not_found`` if there is no such pool."""
+        cached = None if refresh else self._layouts.get((network_id, family))
+        if cached is not None:
+            return cached
+        meta = await self.pool(network_id, family)
+        if meta is None:
+            raise pool_not_found(network_id, family)
+        return meta.gen, meta.layout
+
+    # -- allocations ---------------------------------------------------------------------
+    async def allocate(self, network_id: str, family: int, owner: str, address: str | None = None,
+                       request_id: str | None = None) -> Allocated:
+        """Give ``owner`` an address (``address``: that one) — one script call in the common case."""
+        keys = self._pool_keys(network_id, family)
+        if request_id:
+            keys = [*keys, pool_key(network_id, family, f"rid:{request_id}")]
+        for attempt in range(3):
+            gen, layout = await self.layout(network_id, family, refresh=attempt > 0)
+            want = layout.static_offset(address) if address is not None else -1
+            res = await self._batch(ALLOC, keys, [gen, owner, want, self.request_id_ttl_s])
+            status = _s(res[0])
+            if status == "ok":
+                return Allocated(layout, int(res[1]), float(_s(res[2])), existing=False)
+            if status == "exists":
+                return Allocated(layout, int(res[1]), float(_s(res[2])), existing=True)
+            if status == "stale":
+                continue
+            if status == "nopool":
+                self._layouts.pop((network_id, family), None)
+                raise pool_not_found(network_id, family)
+            if status == "exhausted":
+                raise core.exhausted_error(layout, int(res[1]))
+            if status == "in_use":
+                ts = _s(res[2])
+                raise core.in_use_error(layout, want, _s(res[1]), float(ts) if ts else None)
+            if status == "owner_has":
+                raise core.owner_has_other_error(layout, owner, int(res[1]), want)
+            if status == "blocked":  # a blocked offset the layout did not know: should not happen
+                raise E.make(E.ADDRESS_NOT_ASSIGNABLE, f"{address} is not assignable in {layout.describe()}",
+                             address=address, network_id=network_id)
+            if status == "outside":
+                raise E.make(E.ADDRESS_NOT_ASSIGNABLE, f"{address} is outside {layout.describe()}",
+                             address=address, network_id=network_id)
+            if status == "rid_conflict":
+                raise E.make(E.CONFLICT, f"request_id {request_id} was already used to allocate "
+                             f"{layout.address_at(int(res[2]))} to {_s(res[1])} in {layout.describe()}, not to "
+                             f"{owner}; use a new request_id for a new request", request_id=request_id,
+                             owner=_s(res[1]))
+            if status == "rid_spent":
+                raise E.make(E.CONFLICT, f"request_id {request_id} already allocated "
+                             f"{layout.address_at(int(res[1]))} to {owner} in {layout.describe()}, and it has been "
+                             "released since; use a new request_id to allocate again", request_id=request_id,
+                             owner=owner)
+            raise E.make(E.INTERNAL, f"unexpected answer {status!r} from the allocation script")
+        raise E.make(E.UNAVAILABLE, f"the pool of network {network_id} changed three times while allocating; retry",
+                     network_id=network_id, family=family)
+
+    async def release(self, network_id: str, family: int, owner: str, *, expect_offset: int | None = None,
+                      allocated_before: float | None = None) -> Released | None:
+        """Release what ``owner`` holds in one pool (``None``: nothing held, or no such pool).
+
+        With ``expect_offset``/``allocated_before`` (GC), release only that very allocation.
+        """
+        args: list[Any] = [owner, "" if expect_offset is None else expect_offset,
+                           "" if allocated_before is None else repr(allocated_before)]
+        res = await self._batch(RELEASE, self._pool_keys(network_id, family), args)
+        if _s(res[0]) != "released":
+            return None
+        cidr = _s(res[1])
+        addr = core.parse_network(cidr).network_address + int(res[2])
+        return Released(network_id, family, str(addr), owner, float(_s(res[3])))
+
+    async def owners(self, network_id: str, family: int, *, count: int = 1000
+                     ) -> AsyncIterator[list[tuple[str, int, float]]]:
+        """The pool's allocations, in chunks (HSCAN: Redis is never blocked for long)."""
+        cursor: int = 0
+        k = pool_key(network_id, family, "own")
+        while True:
+            res: Any = await self.r.hscan(k, cursor, count=count)
+            cursor, chunk = int(res[0]), res[1]
+            rows = []
+            for o, rec in chunk.items():
+                parsed = _parse_record(_s(rec))
+                if parsed is not None:
+                    rows.append((_s(o), parsed[0], parsed[1]))
+            if rows:
+                yield rows
+            if cursor == 0:
+                break
+
+    async def snapshot(self, network_id: str, family: int) -> Snapshot | None:
+        pipe = self.r.pipeline(transaction=True)
+        for part in ("meta", "bits", "sum", "own", "off"):
+            k = pool_key(network_id, family, part)
+            if part in ("bits", "sum"):
+                pipe.get(k)
+            else:
+                pipe.hgetall(k)
+        meta_h, bits, summary, own, off = await pipe.execute()
+        if not meta_h:
+            return None
+        meta = meta_from_hash(meta_h)
+        owners: dict[str, tuple[int, float]] = {}
+        bad: list[str] = []
+        for o, rec in own.items():
+            parsed = _parse_record(_s(rec))
+            if parsed is None:
+                bad.append(f"owner record of {_s(o)} is unreadable: {_s(rec)!r}")
+            else:
+                owners[_s(o)] = parsed
+        holders: dict[int, str] = {}
+        for k, v in off.items():
+            try:
+                holders[int(_s(k))] = _s(v)
+            except ValueError:
+                bad.append(f"address record {_s(k)!r} is not an offset")
+        return Snapshot(meta, bits or b"", summary or b"", owners, holders, bad)
+
+    # -- indexes and time ----------------------------------------------------------------
+    async def members(self, set_key: str, items: Sequence[str]) -> list[bool]:
+        if not items:
+            return []
+        res = await self.r.smismember(set_key, list(items))
+        return [bool(x) for x in res]
+
+    async def set_exists(self, set_key: str) -> bool:
+        return bool(await self.r.exists(set_key))
+
+    async def now(self) -> float:
+        t: Any = await self.r.time()
+        return float(t[0]) + float(t[1]) / 1e6
+
+    async def try_lock(self, name: str, holder: str, ttl_s: float) -> bool:
+        return bool(await self.r.set(name, holder, nx=True, px=max(1, int(ttl_s * 1000))))
+
+    async def remove_index_entry(self, network_id: str, family: int) -> None:
+        await self.r.zrem(POOLS_INDEX, index_member(network_id, family))
+
+
+def pool_not_found(network_id: str, family: int) -> E.VNetError:
+    return E.make(E.POOL_NOT_FOUND, f"network {network_id} has no {core.family_name(family)} pool; the network "
+                  "service creates it with the network (`vnetctl ipam pools` lists the pools)",
+                  network_id=network_id, family=family)
+
+
+def _parse_record(rec: str) -> tuple[int, float] | None:
+    off, sep, ts = rec.partition("|")
+    try:
+        return int(off), float(ts) if sep else 0.0
+    except ValueError:
+        return None
+
+
+def _describe_sig(sig: str) -> str:
+    d = json.loads(sig)
+    parts = [str(d["cidr"])]
+    if d.get("gateway"):
+        parts.append(f"gateway {d['gateway']}")
+    if d.get("reserved"):
+        parts.append(f"reserved {', '.join(d['reserved'])}")
+    if d.get("excluded"):
+        parts.append(f"excluded {', '.join(d['excluded'])}")
+    return "; ".join(parts)
