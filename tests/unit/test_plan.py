@@ -406,7 +406,7 @@ def test_duplicates_and_clashes() -> None:
     assert len([op for op in p.ops if isinstance(op, P.CreateVeth)]) == 1
 
 
-def test_unsupported_driver_and_bad_network() -> None:
+def test_invalid_driver_options_and_bad_network() -> None:
     d = NodeDesired(networks=[NetDesired(id="ipv", driver=DriverType.IPVLAN, gateway4="10.5.0.1/24"),
                               NetDesired(id="bad", gateway4="10.6.0.0/24"),
                               NetDesired(id="wrongname", bridge="br0", gateway4="10.7.0.1/24")],
@@ -414,8 +414,9 @@ def test_unsupported_driver_and_bad_network() -> None:
                                          ipv4="10.5.0.2/24")])
     p = P.plan(d, empty_actual("c1"))
     codes = {e.owner: e.code for e in p.errors}
-    assert codes == {"net:ipv": "driver_unavailable", "net:bad": "invalid_cidr",
-                     "net:wrongname": "invalid_request", "ep:e": "driver_unavailable"}
+    # ipvlan is implemented now: without its parent option it is an invalid option
+    assert codes == {"net:ipv": "invalid_option", "net:bad": "invalid_cidr",
+                     "net:wrongname": "invalid_request", "ep:e": "invalid_option"}
     assert p.ops == []
 
 

@@ -28,8 +28,27 @@ NsRef = str | None
 """A namespace in an operation: ``None`` is the host namespace, else a container's."""
 
 
+class RemoteEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An endpoint of an overlay network that lives on another host.
+
+    Programmed on this host as a static FDB entry (``mac`` -> the VTEP of ``host``)
+    and static neighbour entries (``ipv4``/``ipv6`` -> ``mac``) on the network's
+    VXLAN device, which answers the containers' ARP/ND from them (no flooding).
+    """
+
+    mac: str
+    host: str  # a PeerHost.name of NodeDesired.peers: its VTEP is that host's address
+    ipv4: str | None = None  # "10.1.0.7" (a "/len" suffix is accepted and ignored)
+    ipv6: str | None = None
+
+
 class NetDesired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One network as this host must realise it."""
+    """One network as this host must realise it.
+
+    Overlay networks also need ``vni`` (and ``NodeDesired.underlay``); macvlan and
+    ipvlan networks need ``parent``. Every field added after the bridge driver is
+    optional, so older desired states decode unchanged.
+    """
 
     id: str
     driver: DriverType = DriverType.BRIDGE
@@ -37,6 +56,14 @@ class NetDesired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     gateway4: str | None = None  # "10.1.0.1/24": the bridge's address, the containers' gateway
     gateway6: str | None = None  # "fd00:1::1/64"
     mtu: int = 1500
+    # overlay
+    vni: int | None = None  # 1..16777215, unique per network (the network service allocates it)
+    encrypted: bool = False  # VXLAN over the WireGuard mesh (NodeDesired.underlay.wg_*)
+    remotes: tuple[RemoteEndpoint, ...] = ()  # this network's endpoints on other hosts
+    # macvlan / ipvlan
+    parent: str | None = None  # the host interface the sub-interfaces hang off
+    mode: str | None = None  # macvlan: bridge|private|vepa|passthru (bridge); ipvlan: l2|l3 (l2)
+    host_shim: str | None = None  # macvlan: "10.1.0.254/24" puts a macvlan with this address on the host
 
     def bridge_name(self) -> str:
         return self.bridge or naming.bridge_name(self.id)
@@ -59,9 +86,32 @@ class EpDesired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         return naming.veth_name(self.id)
 
 
+class Underlay(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """This host's side of the overlay: its underlay address and, for encrypted
+    networks, its place in the WireGuard mesh."""
+
+    address: str  # "10.250.0.1": the VTEP source address of clear overlays (on ``ifname``)
+    ifname: str  # the underlay interface the VXLAN devices are bound to
+    wg_address: str | None = None  # "10.251.0.1/24": this host's address inside the WireGuard mesh
+    wg_ifname: str = "vnwg0"  # the WireGuard interface (wireguard-go tun, or the kernel module's)
+    wg_port: int = 51820  # UDP listen port on the underlay
+
+
+class PeerHost(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Another host of the overlay (the VTEP of its remote endpoints)."""
+
+    name: str
+    address: str  # its underlay address ("10.250.0.2"): the VTEP of clear overlays
+    wg_public_key: str | None = None  # base64 WireGuard public key (never a private key)
+    wg_address: str | None = None  # "10.251.0.2": its mesh address, the VTEP of encrypted overlays
+    wg_port: int = 51820
+
+
 class NodeDesired(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     networks: list[NetDesired] = []
     endpoints: list[EpDesired] = []
+    underlay: Underlay | None = None  # needed by overlay networks
+    peers: list[PeerHost] = []  # the other hosts of this host's overlay networks
 
 
 class Scope(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +142,15 @@ class LinkState(msgspec.Struct, frozen=True, kw_only=True):
     addrs: tuple[str, ...] = ()  # every address, as CIDR, normalised
     arp_notify: int | None = None  # ipv4 devconf, from the link dump
     accept_dad: int | None = None  # ipv6 devconf, from the link dump
+    # vxlan (IFLA_INFO_DATA)
+    vni: int | None = None
+    vxlan_local: str | None = None
+    vxlan_link: str | None = None  # name of the lower device (same namespace)
+    vxlan_port: int | None = None
+    vxlan_learning: bool | None = None
+    vxlan_proxy: bool | None = None
+    # macvlan / ipvlan (IFLA_INFO_DATA): the mode as a name ("bridge", "l2", ...)
+    sub_mode: str | None = None
 
 
 class RouteState(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,6 +169,8 @@ class NsState(msgspec.Struct, kw_only=True):
     links: dict[str, LinkState] = {}
     routes: list[RouteState] = []
     sysctls: dict[str, str] = {}  # path under /proc/sys -> value (only those we read)
+    fdb: dict[str, dict[str, str]] = {}  # our VXLAN devices: ifname -> {mac: remote VTEP} (static entries)
+    neigh: dict[str, dict[str, str]] = {}  # our VXLAN devices: ifname -> {ip: mac} (permanent entries)
     complete: bool = True  # False: only some links were read (scoped observation)
 
 

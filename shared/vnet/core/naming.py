@@ -10,6 +10,8 @@ what             name                       length  collision space
 ===============  =========================  ======  =============================
 network bridge   ``vnb-`` + 10 hex          14      40 bits (per host)
 endpoint veth    ``vne`` + 12 hex           15      48 bits (per host)
+network VXLAN    ``vnx-`` + 10 hex          14      40 bits (per host)
+macvlan shim     ``vnm-`` + 10 hex          14      40 bits (per host)
 ===============  =========================  ======  =============================
 
 (Calico's ``cali`` + 11 hex is the model.) With 48 bits, 10,000 endpoints on one
@@ -28,11 +30,15 @@ MAX_IFNAME = IFNAMSIZ - 1
 
 BRIDGE_PREFIX = "vnb-"
 VETH_PREFIX = "vne"
+VXLAN_PREFIX = "vnx-"
+SHIM_PREFIX = "vnm-"
 _BRIDGE_HEX = 10
 _VETH_HEX = 12
 
 _BRIDGE_RE = re.compile(rf"^{re.escape(BRIDGE_PREFIX)}[0-9a-f]{{{_BRIDGE_HEX}}}$")
 _VETH_RE = re.compile(rf"^{re.escape(VETH_PREFIX)}[0-9a-f]{{{_VETH_HEX}}}$")
+_VXLAN_RE = re.compile(rf"^{re.escape(VXLAN_PREFIX)}[0-9a-f]{{{_BRIDGE_HEX}}}$")
+_SHIM_RE = re.compile(rf"^{re.escape(SHIM_PREFIX)}[0-9a-f]{{{_BRIDGE_HEX}}}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -56,6 +62,18 @@ def bridge_name(network_id: str) -> str:
 def veth_name(endpoint_id: str) -> str:
     """The host-side veth of endpoint ``endpoint_id`` (15 chars)."""
     return VETH_PREFIX + _digest("endpoint", endpoint_id)[:_VETH_HEX]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def vxlan_name(network_id: str) -> str:
+    """The VXLAN device of overlay network ``network_id`` on every host (14 chars)."""
+    return VXLAN_PREFIX + _digest("network", network_id)[:_BRIDGE_HEX]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def shim_name(network_id: str) -> str:
+    """The host-side macvlan shim of network ``network_id`` (14 chars)."""
+    return SHIM_PREFIX + _digest("network", network_id)[:_BRIDGE_HEX]
 
 
 def bridge_mac(network_id: str) -> str:
@@ -87,9 +105,17 @@ def is_our_veth(name: str) -> bool:
     return _VETH_RE.fullmatch(name) is not None
 
 
+def is_our_vxlan(name: str) -> bool:
+    return _VXLAN_RE.fullmatch(name) is not None
+
+
+def is_our_shim(name: str) -> bool:
+    return _SHIM_RE.fullmatch(name) is not None
+
+
 def is_ours(name: str) -> bool:
     """True only for names this module generates: teardown never touches others."""
-    return is_our_bridge(name) or is_our_veth(name)
+    return is_our_bridge(name) or is_our_veth(name) or is_our_vxlan(name) or is_our_shim(name)
 
 
 def check_ifname(name: str) -> str:

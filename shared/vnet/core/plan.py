@@ -48,6 +48,7 @@ from vnet.core.dataplane_model import (
     NodeDesired,
     NsRef,
     NsState,
+    PeerHost,
     RouteState,
     Scope,
 )
@@ -58,6 +59,13 @@ ROUTE_PROTO = 86  # rtm_protocol of the routes we add ('V'); shown by `ip route`
 MAIN_TABLE = 254
 MIN_MTU = 68
 MAX_MTU = 65535
+VXLAN_PORT = 4789  # IANA
+MAX_VNI = (1 << 24) - 1
+MACVLAN_MODES = ("bridge", "private", "vepa", "passthru")
+IPVLAN_MODES = ("l2", "l3")
+BRIDGED = frozenset({DriverType.BRIDGE, DriverType.OVERLAY})  # a Linux bridge per network, veths per endpoint
+SUBIF = frozenset({DriverType.MACVLAN, DriverType.IPVLAN})  # a sub-interface of a parent per endpoint
+WG_OWNER = "wg"  # owner of the WireGuard interface's address and link state
 
 Family = Literal[4, 6]
 
@@ -142,7 +150,73 @@ class DeleteLink(Op, frozen=True, tag="delete_link"):
     reason: str = ""
 
 
-PlanOp = EnsureBridge | CreateVeth | SetLink | AddAddr | DelAddr | AddRoute | DelRoute | SetSysctl | DeleteLink
+class EnsureVxlan(Op, frozen=True, tag="ensure_vxlan"):
+    """Create a VXLAN device, up, on ``bridge``: VNI, source ``local`` bound to ``dev``,
+    UDP ``port``, ``nolearning`` and ``proxy`` (ARP/ND answered from static neighbours)."""
+
+    name: str
+    vni: int
+    local: str
+    dev: str
+    port: int
+    mtu: int
+    bridge: str
+
+
+class AddFdb(Op, frozen=True, tag="add_fdb"):
+    """Static FDB entry on a VXLAN device: frames for ``mac`` go to VTEP ``dst``
+    (created or replaced: a MAC that moved host is re-pointed in one write)."""
+
+    ifname: str
+    mac: str
+    dst: str
+
+
+class DelFdb(Op, frozen=True, tag="del_fdb"):
+    ifname: str
+    mac: str
+    dst: str
+
+
+class AddNeigh(Op, frozen=True, tag="add_neigh"):
+    """Permanent neighbour entry (``ip`` -> ``mac``) on a VXLAN device (created or replaced)."""
+
+    ifname: str
+    ip: str
+    mac: str
+
+
+class DelNeigh(Op, frozen=True, tag="del_neigh"):
+    ifname: str
+    ip: str
+
+
+class CreateSubIf(Op, frozen=True, tag="create_subif"):
+    """One request: a macvlan/ipvlan sub-interface of host interface ``parent``,
+    created directly in ``peer_ns`` (``None``: in the host namespace, up — the shim)."""
+
+    kind: Literal["macvlan", "ipvlan"]
+    parent: str
+    mode: str
+    peer_ns: str | None
+    ifname: str
+    mac: str | None
+    mtu: int
+
+
+PlanOp = (EnsureBridge | CreateVeth | SetLink | AddAddr | DelAddr | AddRoute | DelRoute | SetSysctl | DeleteLink
+          | EnsureVxlan | AddFdb | DelFdb | AddNeigh | DelNeigh | CreateSubIf)
+
+
+class Departed(msgspec.Struct, frozen=True, kw_only=True):
+    """A sub-interface endpoint (macvlan/ipvlan) no longer desired: nothing on the host
+    side names it, so the caller remembers where it was to remove it."""
+
+    id: str
+    netns: str
+    ifname: str
+    kind: str
+    mac: str | None = None  # macvlan: only an interface with this MAC is ours to delete
 
 
 def op_writes(op: PlanOp) -> int:
@@ -244,6 +318,13 @@ def _addr(value: str, family: Family, what: str) -> str:
     return str(ip)
 
 
+def _addr_any(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.split("/", 1)[0]))
+    except ValueError:
+        raise _Invalid(E.INVALID_REQUEST, f"{what} {value!r} is not an IP address") from None
+
+
 def _check_netns(ref: str) -> None:
     if ref.startswith("/"):
         if "/../" in ref + "/" or ref.endswith("/.."):
@@ -260,10 +341,24 @@ class _Net:
                  net6: ipaddress.IPv4Network | ipaddress.IPv6Network | None) -> None:
         self.d = nd
         self.bridge = naming.bridge_name(nd.id)
+        self.vxlan = naming.vxlan_name(nd.id)
+        self.shim = naming.shim_name(nd.id)
         self.gw4 = gw4
         self.gw6 = gw6
         self.net4 = net4
         self.net6 = net6
+        self.local = ""  # overlay: VTEP source address
+        self.dev = ""  # overlay: the device the VXLAN is bound to (underlay or WireGuard)
+        self.mode = ""  # macvlan/ipvlan mode
+        self.shim_addr: str | None = None
+
+    @property
+    def bridged(self) -> bool:
+        return self.d.driver in BRIDGED
+
+    @property
+    def subif(self) -> bool:
+        return self.d.driver in SUBIF
 
 
 class _Ep:
@@ -292,8 +387,11 @@ class _Ep:
 
 
 class _Planner:
-    def __init__(self, desired: NodeDesired, actual: NodeActual, scope: Scope | None) -> None:
+    def __init__(self, desired: NodeDesired, actual: NodeActual, scope: Scope | None,
+                 departed: Iterable[Departed] = ()) -> None:
         self.desired = desired
+        wanted = {e.id for e in desired.endpoints}
+        self.departed = [d for d in departed if d.id not in wanted]
         self.actual = actual
         self.host = actual.host
         self.scope = scope
@@ -354,9 +452,6 @@ class _Planner:
                                f"derived name {naming.bridge_name(n.id)!r}")
             if n.driver == DriverType.HOST:
                 return _Net(n, None, None, None, None)
-            if n.driver != DriverType.BRIDGE:
-                raise _Invalid(E.DRIVER_UNAVAILABLE, f"driver {n.driver.value} of network {n.id} is not "
-                               "implemented by this node's data plane (bridge and host are)")
             if not MIN_MTU <= n.mtu <= MAX_MTU:
                 raise _Invalid(E.INVALID_OPTION, f"mtu {n.mtu} of network {n.id} is outside {MIN_MTU}..{MAX_MTU}")
             gw4 = gw6 = None
@@ -369,10 +464,63 @@ class _Planner:
                 i6 = _iface(n.gateway6, 6, "gateway")
                 _usable(i6, "gateway")
                 gw6, net6 = i6.with_prefixlen, i6.network
-            return _Net(n, gw4, gw6, net4, net6)
+            net = _Net(n, gw4, gw6, net4, net6)
+            if n.driver == DriverType.OVERLAY:
+                self.validate_overlay(net)
+            elif n.driver in SUBIF:
+                self.validate_subif(net)
+            return net
         except _Invalid as exc:
             self.fail(owner, exc.code, exc.message)
             return None
+
+    def validate_overlay(self, net: _Net) -> None:
+        n = net.d
+        if n.vni is None or not 1 <= n.vni <= MAX_VNI:
+            raise _Invalid(E.INVALID_OPTION, f"overlay network {n.id} needs a VNI in 1..{MAX_VNI}, not {n.vni}")
+        u = self.desired.underlay
+        if u is None:
+            raise _Invalid(E.INVALID_OPTION, f"overlay network {n.id}: this node's desired state has no underlay "
+                           "(address and interface)")
+        if n.encrypted:
+            if u.wg_address is None:
+                raise _Invalid(E.INVALID_OPTION, f"encrypted overlay network {n.id}: this node has no WireGuard "
+                               "mesh address (underlay.wg_address)")
+            net.local = str(_iface(u.wg_address, 4 if ":" not in u.wg_address else 6, "WireGuard address").ip)
+            net.dev = u.wg_ifname
+        else:
+            net.local = _addr_any(u.address, "underlay address")
+            net.dev = u.ifname
+        try:
+            naming.check_ifname(net.dev)
+        except naming.InvalidName as exc:
+            raise _Invalid(E.INVALID_OPTION, str(exc)) from None
+
+    def validate_subif(self, net: _Net) -> None:
+        n = net.d
+        kind = n.driver.value
+        if not n.parent:
+            raise _Invalid(E.INVALID_OPTION, f"{kind} network {n.id} needs a parent interface (option parent)")
+        try:
+            naming.check_ifname(n.parent)
+        except naming.InvalidName as exc:
+            raise _Invalid(E.INVALID_OPTION, f"parent: {exc}") from None
+        modes = MACVLAN_MODES if n.driver == DriverType.MACVLAN else IPVLAN_MODES
+        mode = n.mode or modes[0]
+        if mode not in modes:
+            raise _Invalid(E.INVALID_OPTION, f"{kind} mode {mode!r} of network {n.id} is not one of "
+                           f"{', '.join(modes)}")
+        net.mode = mode
+        if n.host_shim is not None:
+            if n.driver != DriverType.MACVLAN:
+                raise _Invalid(E.INVALID_OPTION, "a host shim is offered for macvlan networks only")
+            fam: Family = 6 if ":" in n.host_shim else 4
+            itf = _iface(n.host_shim, fam, "host shim address")
+            _usable(itf, "host shim address")
+            subnet = net.net4 if fam == 4 else net.net6
+            if subnet is not None and itf.network != subnet:
+                raise _Invalid(E.INVALID_CIDR, f"host shim address {n.host_shim} is not in network {subnet}")
+            net.shim_addr = itf.with_prefixlen
 
     def validate_ep(self, e: EpDesired, nets: dict[str, _Net]) -> _Ep | None:
         owner = ep_owner(e.id)
@@ -434,7 +582,7 @@ class _Planner:
         ips: dict[tuple[str, str], str] = {}
         for ep in eps:
             e = ep.d
-            if ep.net.d.driver != DriverType.BRIDGE:
+            if ep.net.d.driver == DriverType.HOST:
                 out.append(ep)
                 continue
             clash: str | None = None
@@ -465,12 +613,27 @@ class _Planner:
         """Delete what is ours and undesired; returns the names being deleted."""
         gone: set[str] = set()
         links = self.host.links
+        for dep in self.departed:
+            cns = self.actual.containers.get(dep.netns)
+            link = cns.links.get(dep.ifname) if cns is not None and cns.exists else None
+            if link is not None and link.kind == dep.kind and (dep.mac is None or (link.mac or "") == dep.mac):
+                self.ops.append(DeleteLink(owner=ep_owner(dep.id), ns=dep.netns, ifname=dep.ifname,
+                                           reason="endpoint removed"))
         if self.scope is None:
             desired_veths = {naming.veth_name(e.id) for e in self.desired.endpoints if e.id}
-            desired_bridges = {naming.bridge_name(n.id) for n in self.desired.networks if n.id}
+            desired_bridges = {naming.bridge_name(n.id) for n in self.desired.networks if n.id and n.driver in BRIDGED}
+            desired_vxlans = {naming.vxlan_name(n.id) for n in self.desired.networks
+                              if n.id and n.driver == DriverType.OVERLAY}
+            desired_shims = {naming.shim_name(n.id) for n in self.desired.networks
+                             if n.id and n.driver == DriverType.MACVLAN and n.host_shim is not None}
             for name in sorted(links):
                 if naming.is_our_veth(name) and name not in desired_veths:
                     self.ops.append(DeleteLink(owner=f"link:{name}", ifname=name, reason="no endpoint wants it"))
+                    gone.add(name)
+            for name in sorted(links):
+                if ((naming.is_our_vxlan(name) and name not in desired_vxlans)
+                        or (naming.is_our_shim(name) and name not in desired_shims)):
+                    self.ops.append(DeleteLink(owner=f"link:{name}", ifname=name, reason="no network wants it"))
                     gone.add(name)
             for name in sorted(links):
                 if naming.is_our_bridge(name) and name not in desired_bridges:
@@ -485,16 +648,16 @@ class _Planner:
                 gone.add(name)
         wanted_nets = {n.id for n in self.desired.networks}
         for nid in sorted(self.scope.networks - wanted_nets):
-            name = naming.bridge_name(nid)
-            if name in links:
-                self.ops.append(DeleteLink(owner=net_owner(nid), ifname=name, reason="network removed"))
-                gone.add(name)
+            for name in (naming.vxlan_name(nid), naming.shim_name(nid), naming.bridge_name(nid)):
+                if name in links:
+                    self.ops.append(DeleteLink(owner=net_owner(nid), ifname=name, reason="network removed"))
+                    gone.add(name)
         return gone
 
     # -- host --------------------------------------------------------------------------
     def host_sysctls(self, nets: list[_Net]) -> None:
         want: list[tuple[str, str]] = []
-        bridges = [n for n in nets if n.d.driver == DriverType.BRIDGE]
+        bridges = [n for n in nets if n.bridged]
         if any(n.gw4 for n in bridges) and self.host.sysctls.get(FORWARD4) != "1":
             want.append((FORWARD4, "1"))
         if any(n.gw6 for n in bridges) and self.host.sysctls.get(FORWARD6) != "1":
@@ -502,10 +665,39 @@ class _Planner:
         if want:
             self.ops.append(SetSysctl(owner="host", ns=None, settings=tuple(want)))
 
+    def wireguard(self, nets: list[_Net]) -> None:
+        """The WireGuard interface (made by wireguard-go or the kernel module, keyed and
+        peered by the node's WireGuard manager) gets its mesh address and is set up.
+        Encrypted networks fail closed without it: no VXLAN device, nothing in clear."""
+        u = self.desired.underlay
+        enc = [n for n in nets if n.d.driver == DriverType.OVERLAY and n.d.encrypted]
+        if not enc or u is None or u.wg_address is None:
+            return
+        link = self.host.links.get(u.wg_ifname)
+        if link is None:
+            for n in enc:
+                self.fail(net_owner(n.d.id), E.UNAVAILABLE,
+                          f"encrypted overlay network {n.d.id}: the WireGuard interface {u.wg_ifname} is not up on "
+                          "this node; the network stays down rather than send its traffic in clear")
+            return
+        self.addrs(WG_OWNER, None, u.wg_ifname, link, [normalize_cidr(u.wg_address)])
+        if not link.up:
+            self.ops.append(SetLink(owner=WG_OWNER, ifname=u.wg_ifname, up=True))
+
     def network(self, n: _Net) -> None:
-        if n.d.driver != DriverType.BRIDGE:
+        if n.subif:
+            self.subif_network(n)
+            return
+        if not n.bridged:
             return
         owner = net_owner(n.d.id)
+        if n.d.driver == DriverType.OVERLAY:
+            lower = self.host.links.get(n.dev)
+            if lower is None:
+                what = "WireGuard interface" if n.d.encrypted else "underlay interface"
+                self.fail(owner, E.UNAVAILABLE, f"overlay network {n.d.id}: the {what} {n.dev} does not exist on "
+                          "this node")
+                return
         mac = naming.bridge_mac(n.d.id)
         link = self.host.links.get(n.bridge)
         want = [a for a in (n.gw4, n.gw6) if a is not None]
@@ -513,18 +705,121 @@ class _Planner:
             self.ops.append(EnsureBridge(owner=owner, name=n.bridge, mac=mac, mtu=n.d.mtu))
             for a in want:
                 self.ops.append(AddAddr(owner=owner, ifname=n.bridge, cidr=a, nodad=":" in a))
-            return
-        if link.kind != "bridge":
+        elif link.kind != "bridge":
             self.fail(owner, E.CONFLICT, f"interface {n.bridge} exists in the host namespace and is a "
                       f"{link.kind or 'device'}, not a bridge")
             return
-        change = SetLink(owner=owner, ifname=n.bridge,
-                         up=True if not link.up else None,
-                         mtu=n.d.mtu if link.mtu != n.d.mtu else None,
-                         mac=mac if (link.mac or "").lower() != mac else None)
-        if (change.up, change.mtu, change.mac) != (None, None, None):
-            self.ops.append(change)
-        self.addrs(owner, None, n.bridge, link, want)
+        else:
+            change = SetLink(owner=owner, ifname=n.bridge,
+                             up=True if not link.up else None,
+                             mtu=n.d.mtu if link.mtu != n.d.mtu else None,
+                             mac=mac if (link.mac or "").lower() != mac else None)
+            if (change.up, change.mtu, change.mac) != (None, None, None):
+                self.ops.append(change)
+            self.addrs(owner, None, n.bridge, link, want)
+        if n.d.driver == DriverType.OVERLAY:
+            self.overlay(n)
+
+    def _remote_entries(self, n: _Net) -> tuple[dict[str, str], dict[str, str]]:
+        """Wanted ``{mac: vtep}`` and ``{ip: mac}`` of a network's remote endpoints."""
+        owner = net_owner(n.d.id)
+        peers: dict[str, PeerHost] = {p.name: p for p in self.desired.peers}
+        fdb: dict[str, str] = {}
+        neigh: dict[str, str] = {}
+        for r in n.d.remotes:
+            peer = peers.get(r.host)
+            vtep = None if peer is None else (peer.wg_address if n.d.encrypted else peer.address)
+            if vtep is None:
+                self.fail(owner, E.INVALID_REQUEST, f"remote endpoint {r.mac} of network {n.d.id}: host {r.host} "
+                          f"is not among this node's peers{' with a WireGuard address' if n.d.encrypted else ''}; "
+                          "entry skipped", fatal=False)
+                continue
+            try:
+                mac = naming.normalize_mac(r.mac)
+                dst = str(ipaddress.ip_address(vtep.split("/", 1)[0]))
+                ips = [str(ipaddress.ip_address(a.split("/", 1)[0])) for a in (r.ipv4, r.ipv6) if a is not None]
+            except (naming.InvalidName, ValueError) as exc:
+                self.fail(owner, E.INVALID_REQUEST, f"remote endpoint {r.mac} of network {n.d.id}: {exc}; entry "
+                          "skipped", fatal=False)
+                continue
+            if fdb.get(mac, dst) != dst:
+                self.fail(owner, E.CONFLICT, f"remote MAC {mac} of network {n.d.id} is announced on two hosts; "
+                          "the first is used", fatal=False)
+                continue
+            fdb[mac] = dst
+            for ip in ips:
+                neigh.setdefault(ip, mac)
+        return fdb, neigh
+
+    def overlay(self, n: _Net) -> None:
+        """The network's VXLAN device on its bridge, and one static FDB entry and one
+        permanent neighbour entry per remote endpoint (no learning, no flooding)."""
+        owner = net_owner(n.d.id)
+        vni = n.d.vni if n.d.vni is not None else 0
+        want_fdb, want_neigh = self._remote_entries(n)
+        link = self.host.links.get(n.vxlan)
+        ensure = EnsureVxlan(owner=owner, name=n.vxlan, vni=vni, local=n.local, dev=n.dev, port=VXLAN_PORT,
+                             mtu=n.d.mtu, bridge=n.bridge, after=WG_OWNER if n.d.encrypted else None)
+        have_fdb: dict[str, str] = {}
+        have_neigh: dict[str, str] = {}
+        if link is not None and (link.kind != "vxlan" or link.vni != vni or link.vxlan_local != n.local
+                                 or link.vxlan_link != n.dev or link.vxlan_port != VXLAN_PORT
+                                 or link.vxlan_learning or link.vxlan_proxy is False):
+            self.ops.append(DeleteLink(owner=owner, ifname=n.vxlan, reason="VXLAN device differs from the desired"))
+            link = None
+        if link is None:
+            self.ops.append(ensure)
+        else:
+            change = SetLink(owner=owner, ifname=n.vxlan, up=True if not link.up else None,
+                             master=n.bridge if link.master != n.bridge else None,
+                             mtu=n.d.mtu if link.mtu != n.d.mtu else None)
+            if (change.up, change.master, change.mtu) != (None, None, None):
+                self.ops.append(change)
+            have_fdb = self.host.fdb.get(n.vxlan, {})
+            have_neigh = self.host.neigh.get(n.vxlan, {})
+        for mac, dst in sorted(have_fdb.items()):
+            if mac not in want_fdb:
+                self.ops.append(DelFdb(owner=owner, ifname=n.vxlan, mac=mac, dst=dst))
+        for ip in sorted(have_neigh):
+            if ip not in want_neigh:
+                self.ops.append(DelNeigh(owner=owner, ifname=n.vxlan, ip=ip))
+        for mac, dst in sorted(want_fdb.items()):
+            if have_fdb.get(mac) != dst:
+                self.ops.append(AddFdb(owner=owner, ifname=n.vxlan, mac=mac, dst=dst))
+        for ip, mac in sorted(want_neigh.items()):
+            if have_neigh.get(ip) != mac:
+                self.ops.append(AddNeigh(owner=owner, ifname=n.vxlan, ip=ip, mac=mac))
+
+    def subif_network(self, n: _Net) -> None:
+        """A macvlan/ipvlan network needs its parent (validated here, on the node) and,
+        when asked, the host shim: a macvlan of the parent in the host namespace with an
+        address in the network (the kernel forbids parent<->child traffic)."""
+        owner = net_owner(n.d.id)
+        parent = n.d.parent or ""
+        plink = self.host.links.get(parent)
+        if plink is None:
+            self.fail(owner, E.INVALID_OPTION, f"{n.d.driver.value} network {n.d.id}: parent interface {parent} "
+                      "does not exist on this node")
+            return
+        if naming.is_ours(parent):
+            self.fail(owner, E.INVALID_OPTION, f"parent interface {parent} is one of VNet's own interfaces")
+            return
+        if not plink.up:
+            self.ops.append(SetLink(owner=owner, ifname=parent, up=True))
+        shim = self.host.links.get(n.shim)
+        if n.shim_addr is None:
+            return
+        if shim is not None and (shim.kind != "macvlan" or shim.peer_index != plink.index):
+            self.ops.append(DeleteLink(owner=owner, ifname=n.shim, reason="host shim is not a macvlan of the parent"))
+            shim = None
+        if shim is None:
+            self.ops.append(CreateSubIf(owner=owner, kind="macvlan", parent=parent, mode="bridge", peer_ns=None,
+                                        ifname=n.shim, mac=None, mtu=n.d.mtu))
+            self.ops.append(AddAddr(owner=owner, ifname=n.shim, cidr=n.shim_addr, nodad=":" in n.shim_addr))
+            return
+        if not shim.up:
+            self.ops.append(SetLink(owner=owner, ifname=n.shim, up=True))
+        self.addrs(owner, None, n.shim, shim, [n.shim_addr])
 
     def addrs(self, owner: str, ns: NsRef, ifname: str, link: LinkState | None, want: Iterable[str],
               after: str | None = None) -> None:
@@ -588,10 +883,13 @@ class _Planner:
         for ep in eps:
             ifaces_by_ns.setdefault(ep.d.netns, set()).add(ep.d.ifname)
         for ep in attached + rest:
-            if ep.net.d.driver != DriverType.BRIDGE:
+            if not ep.net.bridged and not ep.net.subif:
                 continue
             cns = self.container(ep)
             if cns is None:
+                continue
+            if ep.net.subif:
+                self.sub_endpoint(ep, cns, ifaces_by_ns.get(ep.d.netns, set()))
                 continue
             members = ports.setdefault(ep.net.bridge, set())
             if count_ports and ep.hv not in members and len(members) >= BRIDGE_MAX_PORTS:
@@ -635,6 +933,14 @@ class _Planner:
                      mtu=ep.net.d.mtu if h.mtu != ep.net.d.mtu else None)
         if (hs.master, hs.up, hs.mtu) != (None, None, None):
             ops.append(hs)
+        self.ops.extend(ops)
+        self.repair_container(ep, c, cns, after, set_mac=True)
+
+    def repair_container(self, ep: _Ep, c: LinkState, cns: NsState, after: str, *, set_mac: bool) -> None:
+        """The container side of an existing endpoint interface: sysctls, MAC, MTU,
+        addresses, link up, default routes."""
+        e, owner = ep.d, ep.owner
+        ops: list[PlanOp] = []
         sysctls: list[tuple[str, str]] = []
         if c.arp_notify is not None and c.arp_notify != 1:
             sysctls.append((arp_notify_path(e.ifname), "1"))
@@ -643,7 +949,7 @@ class _Planner:
         if sysctls:
             ops.append(SetSysctl(owner=owner, ns=e.netns, after=after, settings=tuple(sysctls)))
         cs = SetLink(owner=owner, ns=e.netns, ifname=e.ifname, after=after,
-                     mac=ep.mac if (c.mac or "").lower() != ep.mac else None,
+                     mac=ep.mac if set_mac and (c.mac or "").lower() != ep.mac else None,
                      mtu=ep.net.d.mtu if c.mtu != ep.net.d.mtu else None)
         if (cs.mac, cs.mtu) != (None, None):
             ops.append(cs)
@@ -653,10 +959,48 @@ class _Planner:
             self.ops.append(SetLink(owner=owner, ns=e.netns, ifname=e.ifname, up=True, after=after))
         self.routes(ep, cns, after)
 
+    def sub_endpoint(self, ep: _Ep, cns: NsState, ours: set[str]) -> None:
+        """A macvlan/ipvlan endpoint: the sub-interface of the network's parent, made
+        directly in the container namespace (no host-side interface)."""
+        e, owner, after = ep.d, ep.owner, net_owner(ep.net.d.id)
+        kind: Literal["macvlan", "ipvlan"] = "macvlan" if ep.net.d.driver == DriverType.MACVLAN else "ipvlan"
+        parent = ep.net.d.parent or ""
+        plink = self.host.links.get(parent)
+        if plink is None:  # the network failed already (checked in subif_network)
+            self.fail(owner, E.INVALID_OPTION, f"parent interface {parent} does not exist on this node")
+            return
+        conflict = self.route_conflicts(ep, cns, ours)
+        if conflict is not None:
+            self.fail(owner, E.CONFLICT, conflict)
+            return
+        c = cns.links.get(e.ifname)
+        mac = ep.mac if kind == "macvlan" else None
+        if c is not None:
+            mine = c.kind == kind and c.peer_netnsid is not None and c.peer_index == plink.index
+            if not mine:
+                self.fail(owner, E.CONFLICT, f"container namespace {e.netns} already has an interface named "
+                          f"{e.ifname} that is not a {kind} of {parent}")
+                return
+            if c.sub_mode is not None and c.sub_mode != ep.net.mode:
+                self.ops.append(DeleteLink(owner=owner, ns=e.netns, ifname=e.ifname, after=after,
+                                           reason=f"{kind} mode is {c.sub_mode}, not {ep.net.mode}"))
+                c = None
+        if c is None:
+            self.ops.append(CreateSubIf(owner=owner, after=after, kind=kind, parent=parent, mode=ep.net.mode,
+                                        peer_ns=e.netns, ifname=e.ifname, mac=mac, mtu=ep.net.d.mtu))
+            self.container_setup(ep, after)
+            return
+        self.repair_container(ep, c, cns, after, set_mac=mac is not None)
+
     def create(self, ep: _Ep, after: str) -> None:
         e, owner = ep.d, ep.owner
         self.ops.append(CreateVeth(owner=owner, ns=None, after=after, name=ep.hv, bridge=ep.net.bridge,
                                    peer_ns=e.netns, peer_ifname=e.ifname, peer_mac=ep.mac, mtu=ep.net.d.mtu))
+        self.container_setup(ep, after)
+
+    def container_setup(self, ep: _Ep, after: str) -> None:
+        """A freshly made container interface: sysctls, addresses, up, default routes."""
+        e, owner = ep.d, ep.owner
         sysctls = [(arp_notify_path(e.ifname), "1")]
         if ep.ipv6 is not None:
             sysctls.append((accept_dad_path(e.ifname), "0"))
@@ -712,8 +1056,10 @@ class _Planner:
         self.assign_default_routes(eps)
         gone = self.teardown(nets_d, eps_d)
         self.host_sysctls(list(nets.values()))
+        self.wireguard(list(nets.values()))
         for n in nets.values():
-            self.network(n)
+            if net_owner(n.d.id) not in self.failed:
+                self.network(n)
         ready_eps: list[_Ep] = []
         for ep in eps:
             err = self.reason(net_owner(ep.net.d.id))
@@ -733,9 +1079,9 @@ def observation_targets(desired: NodeDesired, scope: Scope | None = None) -> tup
     Returns ``(host interface names or None for the whole host namespace,
     container namespaces)``.
     """
-    bridge_nets = {n.id for n in desired.networks if n.driver == DriverType.BRIDGE}
+    ns_nets = {n.id for n in desired.networks if n.driver in BRIDGED or n.driver in SUBIF}
     if scope is None:
-        return None, {e.netns for e in desired.endpoints if e.network_id in bridge_nets}
+        return None, {e.netns for e in desired.endpoints if e.network_id in ns_nets}
     ids = set(scope.endpoints)
     shared = {e.netns for e in desired.endpoints if e.id in ids}
     eps = [e for e in desired.endpoints if e.id in ids or e.netns in shared]
@@ -743,9 +1089,29 @@ def observation_targets(desired: NodeDesired, scope: Scope | None = None) -> tup
     names = {naming.bridge_name(n) for n in nets if n}
     names |= {naming.veth_name(e.id) for e in eps if e.id}
     names |= {naming.veth_name(i) for i in ids if i}
-    return names, {e.netns for e in eps if e.network_id in bridge_nets}
+    by_id = {n.id: n for n in desired.networks}
+    for nid in nets:
+        nd = by_id.get(nid)
+        if nd is None:  # removed: whatever it had
+            if nid:
+                names |= {naming.vxlan_name(nid), naming.shim_name(nid)}
+            continue
+        if nd.driver == DriverType.OVERLAY:
+            names.add(naming.vxlan_name(nid))
+        if nd.driver == DriverType.MACVLAN:
+            names.add(naming.shim_name(nid))
+        if nd.parent:
+            names.add(nd.parent)
+        if nd.driver == DriverType.OVERLAY and desired.underlay is not None:
+            names.add(desired.underlay.wg_ifname if nd.encrypted else desired.underlay.ifname)
+    return names, {e.netns for e in eps if e.network_id in ns_nets}
 
 
-def plan(desired: NodeDesired, actual: NodeActual, scope: Scope | None = None) -> Plan:
-    """Ordered operations that turn ``actual`` into ``desired`` (see the module doc)."""
-    return _Planner(desired, actual, scope).run()
+def plan(desired: NodeDesired, actual: NodeActual, scope: Scope | None = None,
+         departed: Iterable[Departed] = ()) -> Plan:
+    """Ordered operations that turn ``actual`` into ``desired`` (see the module doc).
+
+    ``departed``: sub-interface endpoints (macvlan/ipvlan) the caller saw desired
+    before and that are gone now; their interfaces are removed from their containers.
+    """
+    return _Planner(desired, actual, scope, departed).run()

@@ -22,7 +22,10 @@ operation below ``node.apply``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from opentelemetry.trace import Status, StatusCode
 from vnet.adapters.netlink.apply import Applier
 from vnet.adapters.netlink.nsctx import NamespaceGone, NsContext
 from vnet.adapters.netlink.observe import Observer
+from vnet.adapters.wireguard import WireGuard, WireGuardError
 from vnet.core import errors as E
 from vnet.core.dataplane_model import (
     NodeActual,
@@ -43,7 +47,18 @@ from vnet.core.dataplane_model import (
     ReconcileResult,
     Scope,
 )
-from vnet.core.plan import Plan, SetSysctl, ep_owner, net_owner, observation_targets, plan
+from vnet.core.model import DriverType
+from vnet.core.plan import (
+    SUBIF,
+    WG_OWNER,
+    Departed,
+    Plan,
+    SetSysctl,
+    ep_owner,
+    net_owner,
+    observation_targets,
+    plan,
+)
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -54,14 +69,42 @@ class Reconciler:
     the namespace this process runs in) with the desired state given to it."""
 
     def __init__(self, host_netns: str | None = None, *, max_namespaces: int = 1024,
-                 tracer: trace.Tracer | None = None) -> None:
+                 tracer: trace.Tracer | None = None, node_name: str | None = None,
+                 state_dir: str | os.PathLike[str] | None = None) -> None:
+        """``node_name`` names this node in errors (default: the host namespace or the
+        host name); ``state_dir`` keeps the node's WireGuard private key (0600; default a
+        private temporary directory)."""
         self.host_netns = host_netns
+        self.node_name = node_name or host_netns or os.uname().nodename
         self.ctx = NsContext(max_entries=max_namespaces)
         self._tracer = tracer
         self.observer = Observer(self.ctx, host_netns)
-        self.applier = Applier(self.ctx, host_netns, tracer)
+        self.applier = Applier(self.ctx, host_netns, tracer, node=self.node_name)
         self._lock = threading.Lock()
         self.reconciles = 0
+        self._state_dir = state_dir
+        self._wg: WireGuard | None = None
+        self._subifs: dict[str, Departed] = {}  # macvlan/ipvlan endpoints seen desired: where to remove them
+
+    @property
+    def wireguard(self) -> WireGuard:
+        """The WireGuard mesh manager (made on first use)."""
+        if self._wg is None:
+            state = self._state_dir or tempfile.mkdtemp(prefix=f"vnet-node-{self.node_name.replace('/', '_')}-")
+            self._wg = WireGuard(self.host_netns, state,
+                                 lambda name: self.observer.link(self.host_netns, name) is not None)
+        return self._wg
+
+    def stop_wireguard(self) -> None:
+        """Stop the wireguard-go processes this reconciler started (tests, tools). A node
+        worker does not call it on exit: the tunnel stays up (fail static)."""
+        if self._wg is not None:
+            self._wg.stop()
+
+    def wg_public_key(self, ifname: str = "vnwg0") -> str:
+        """This node's WireGuard public key (generating the key pair on first use); the
+        node worker publishes it so other hosts can list this node as a peer."""
+        return self.wireguard.public_key(ifname)
 
     @property
     def tracer(self) -> trace.Tracer:
@@ -74,9 +117,47 @@ class Reconciler:
         return self.applier.writes
 
     # -- steps (public for tests and tools) ----------------------------------------------
-    def observe(self, desired: NodeDesired, scope: Scope | None = None) -> NodeActual:
+    def observe(self, desired: NodeDesired, scope: Scope | None = None,
+                departed: list[Departed] | None = None) -> NodeActual:
         names, containers = observation_targets(desired, scope)
+        containers |= {d.netns for d in departed or ()}
         return self.observer.node(containers, names)
+
+    def _departed(self, desired: NodeDesired, scope: Scope | None) -> list[Departed]:
+        wanted = {e.id for e in desired.endpoints}
+        return [d for i, d in self._subifs.items() if i not in wanted and (scope is None or i in scope.endpoints)]
+
+    def _remember_subifs(self, desired: NodeDesired, departed: list[Departed], failed: dict[str, object]) -> None:
+        kinds = {n.id: n.driver for n in desired.networks if n.driver in SUBIF}
+        for d in departed:
+            if ep_owner(d.id) not in failed:
+                self._subifs.pop(d.id, None)
+        for e in desired.endpoints:
+            kind = kinds.get(e.network_id)
+            if kind is not None:
+                self._subifs[e.id] = Departed(id=e.id, netns=e.netns, ifname=e.ifname, kind=kind.value,
+                                              mac=e.mac.lower() if kind == DriverType.MACVLAN else None)
+
+    def _ensure_wireguard(self, desired: NodeDesired, scope: Scope | None) -> ReconcileError | None:
+        u = desired.underlay
+        if u is None or u.wg_address is None:
+            return None
+        enc = [n for n in desired.networks if n.driver == DriverType.OVERLAY and n.encrypted
+               and (scope is None or n.id in scope.networks
+                    or any(e.network_id == n.id and e.id in scope.endpoints for e in desired.endpoints))]
+        if not enc:
+            return None
+        with self.tracer.start_as_current_span("node.wireguard", attributes={"vnet.ifname": u.wg_ifname}) as sp:
+            try:
+                writes = self.wireguard.ensure(u, desired.peers)
+                self.applier.writes += writes
+                sp.set_attribute("vnet.writes", writes)
+            except (WireGuardError, OSError) as exc:
+                sp.set_status(Status(StatusCode.ERROR, str(exc)))
+                return ReconcileError(owner=WG_OWNER, code=E.UNAVAILABLE.code, op="wireguard",
+                                      message=f"WireGuard mesh on {self.node_name}: {exc}",
+                                      errno=(exc.errno or errno.EIO) if isinstance(exc, OSError) else 0)
+        return None
 
     def plan(self, desired: NodeDesired, scope: Scope | None = None) -> tuple[Plan, NodeActual]:
         actual = self.observe(desired, scope)
@@ -107,16 +188,20 @@ class Reconciler:
             ops_planned = ops_applied = 0
             observe_s = plan_s = apply_s = 0.0
             p: Plan | None = None
+            departed = self._departed(desired, scope)
             try:
+                wg_err = self._ensure_wireguard(desired, scope)
+                if wg_err is not None:
+                    errors.append(wg_err)
                 t = time.perf_counter()
                 with tracer.start_as_current_span("node.observe") as sp:
-                    actual = self.observe(desired, scope)
+                    actual = self.observe(desired, scope, departed)
                     sp.set_attribute("vnet.containers", len(actual.containers))
                     sp.set_attribute("vnet.host_links", len(actual.host.links))
                 observe_s = time.perf_counter() - t
                 t = time.perf_counter()
                 with tracer.start_as_current_span("node.plan") as sp:
-                    p = plan(desired, actual, scope)
+                    p = plan(desired, actual, scope, departed)
                     sp.set_attribute("vnet.ops", len(p.ops))
                     sp.set_attribute("vnet.plan_errors", len(p.errors))
                 plan_s = time.perf_counter() - t
@@ -139,6 +224,7 @@ class Reconciler:
                     errors.extend(out.errors)
                     for owner, err in out.failed.items():
                         failed.setdefault(owner, err)
+                self._remember_subifs(desired, departed, dict(failed))
                 if scope is None:  # close the sockets of namespaces gone or no longer ours to watch
                     refs: set[str | None] = {self.host_netns}
                     refs |= set(actual.containers)

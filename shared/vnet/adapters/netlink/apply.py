@@ -20,21 +20,25 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import random
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
-from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
+from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
     RTM_DELLINK,
+    RTM_DELNEIGH,
     RTM_DELROUTE,
     RTM_GETLINK,
     RTM_NEWADDR,
     RTM_NEWLINK,
+    RTM_NEWNEIGH,
     RTM_NEWROUTE,
 )
 
@@ -51,19 +55,46 @@ from vnet.adapters.netlink.nsctx import (
     rtmsg,
     write_sysctl,
 )
-from vnet.adapters.netlink.observe import IFF_UP, IFLA_EXT_MASK, IFLA_IFNAME, RTEXT_FILTER_SKIP_STATS, parse_link
+from vnet.adapters.netlink.observe import (
+    AF_BRIDGE,
+    IFF_UP,
+    IFLA_EXT_MASK,
+    IFLA_IFNAME,
+    IFLA_IPVLAN_MODE,
+    IFLA_MACVLAN_MODE,
+    IFLA_VXLAN_ID,
+    IFLA_VXLAN_LEARNING,
+    IFLA_VXLAN_LINK,
+    IFLA_VXLAN_LOCAL,
+    IFLA_VXLAN_LOCAL6,
+    IFLA_VXLAN_PORT,
+    IFLA_VXLAN_PROXY,
+    NDA_DST,
+    NDA_LLADDR,
+    NTF_SELF,
+    NUD_PERMANENT,
+    RTEXT_FILTER_SKIP_STATS,
+    ndmsg,
+    parse_link,
+)
 from vnet.core import errors as E
 from vnet.core.dataplane_model import NodeActual, NsRef, ReconcileError
 from vnet.core.plan import (
     MAIN_TABLE,
     ROUTE_PROTO,
     AddAddr,
+    AddFdb,
+    AddNeigh,
     AddRoute,
+    CreateSubIf,
     CreateVeth,
     DelAddr,
     DeleteLink,
+    DelFdb,
+    DelNeigh,
     DelRoute,
     EnsureBridge,
+    EnsureVxlan,
     Plan,
     PlanOp,
     SetLink,
@@ -80,6 +111,9 @@ IFLA_INFO_DATA = 2
 VETH_INFO_PEER = 1
 IFLA_GROUP = 27
 IFLA_NET_NS_FD = 28
+IFLA_LINK = 5
+MACVLAN_MODE = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8}
+IPVLAN_MODE = {"l2": 0, "l3": 1, "l3s": 2}
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFA_BROADCAST = 4
@@ -91,6 +125,7 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
 CREATE = NLM_F_CREATE | NLM_F_EXCL
+UPSERT = NLM_F_CREATE | NLM_F_REPLACE
 
 _ACCEPT_ON_CREATE = {errno.EEXIST}
 _ACCEPT_ON_DELETE = {errno.ENODEV, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ESRCH}
@@ -117,6 +152,19 @@ def describe(op: PlanOp) -> str:
         return f"delete IPv{op.family} route {op.dst} via {op.gateway} dev {op.ifname} in {where}"
     if isinstance(op, SetSysctl):
         return "sysctl " + " ".join(f"{k}={v}" for k, v in op.settings) + f" in {where}"
+    if isinstance(op, EnsureVxlan):
+        return f"ensure vxlan {op.name} vni {op.vni} local {op.local} dev {op.dev} on {op.bridge}"
+    if isinstance(op, AddFdb):
+        return f"add fdb {op.mac} dst {op.dst} on {op.ifname}"
+    if isinstance(op, DelFdb):
+        return f"delete fdb {op.mac} dst {op.dst} on {op.ifname}"
+    if isinstance(op, AddNeigh):
+        return f"add neighbour {op.ip} lladdr {op.mac} on {op.ifname}"
+    if isinstance(op, DelNeigh):
+        return f"delete neighbour {op.ip} on {op.ifname}"
+    if isinstance(op, CreateSubIf):
+        into = "the host" if op.peer_ns is None else op.peer_ns
+        return f"create {op.kind} {op.ifname} (mode {op.mode}) on {op.parent} in {into}"
     return f"delete link {op.ifname} in {where}"
 
 
@@ -131,9 +179,11 @@ class ApplyOutcome:
 class Applier:
     """Runs plans through the namespace-bound sockets of an :class:`NsContext`."""
 
-    def __init__(self, ctx: NsContext, host_ref: str | None, tracer: trace.Tracer | None = None) -> None:
+    def __init__(self, ctx: NsContext, host_ref: str | None, tracer: trace.Tracer | None = None,
+                 node: str = "") -> None:
         self.ctx = ctx
         self.host_ref = host_ref
+        self.node = node or (host_ref or "this node")
         self.tracer = tracer or trace.get_tracer("vnet")
         self.writes = 0
         self._index: dict[tuple[NsRef, str], int] = {}
@@ -278,6 +328,70 @@ class Applier:
 
         self.ctx.run_in(self._ref(op.ns), job)
 
+    def ensure_vxlan(self, op: EnsureVxlan) -> None:
+        local = ipaddress.ip_address(op.local)
+        data = (nla_u32(IFLA_VXLAN_ID, op.vni) + nla_u32(IFLA_VXLAN_LINK, self.index(None, op.dev))
+                + nla(IFLA_VXLAN_LOCAL if local.version == 4 else IFLA_VXLAN_LOCAL6, local.packed)
+                + nla(IFLA_VXLAN_LEARNING, b"\0") + nla(IFLA_VXLAN_PROXY, b"\1")
+                + nla(IFLA_VXLAN_PORT, struct.pack("!H", op.port)))
+        body = (ifinfomsg(flags=IFF_UP, change=IFF_UP) + nla_str(IFLA_IFNAME, op.name) + nla_u32(IFLA_MTU, op.mtu)
+                + nla_u32(IFLA_MASTER, self.index(None, op.bridge))
+                + nla(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "vxlan") + nla(IFLA_INFO_DATA, data)))
+        self._forget(None, op.name)
+        self._create(None, RTM_NEWLINK, body)
+
+    def _fdb_msg(self, ns: NsRef, ifname: str, mac: str, dst: str, state: int) -> bytes:
+        return (ndmsg(AF_BRIDGE, self.index(ns, ifname), state, NTF_SELF) + nla_mac(NDA_LLADDR, mac)
+                + nla(NDA_DST, ipaddress.ip_address(dst).packed))
+
+    def add_fdb(self, op: AddFdb) -> None:
+        self._write(op.ns, RTM_NEWNEIGH, UPSERT, self._fdb_msg(op.ns, op.ifname, op.mac, op.dst, NUD_PERMANENT))
+
+    def del_fdb(self, op: DelFdb) -> None:
+        try:
+            body = self._fdb_msg(op.ns, op.ifname, op.mac, op.dst, 0)
+        except NetlinkError as exc:
+            if exc.errno in _ACCEPT_ON_DELETE:
+                return
+            raise
+        self._delete(op.ns, RTM_DELNEIGH, body)
+
+    def _neigh_msg(self, ns: NsRef, ifname: str, ip: str, state: int) -> bytes:
+        addr = ipaddress.ip_address(ip)
+        family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+        return ndmsg(family, self.index(ns, ifname), state) + nla(NDA_DST, addr.packed)
+
+    def add_neigh(self, op: AddNeigh) -> None:
+        body = self._neigh_msg(op.ns, op.ifname, op.ip, NUD_PERMANENT) + nla_mac(NDA_LLADDR, op.mac)
+        self._write(op.ns, RTM_NEWNEIGH, UPSERT, body)
+
+    def del_neigh(self, op: DelNeigh) -> None:
+        try:
+            body = self._neigh_msg(op.ns, op.ifname, op.ip, 0)
+        except NetlinkError as exc:
+            if exc.errno in _ACCEPT_ON_DELETE:
+                return
+            raise
+        self._delete(op.ns, RTM_DELNEIGH, body)
+
+    def create_subif(self, op: CreateSubIf) -> None:
+        """A macvlan/ipvlan of a host interface, made straight inside the container
+        namespace (``IFLA_NET_NS_FD``; ``IFLA_LINK`` is resolved in the host's)."""
+        parent = self.index(None, op.parent)
+        if op.kind == "macvlan":
+            data = nla_u32(IFLA_MACVLAN_MODE, MACVLAN_MODE[op.mode])
+        else:
+            data = nla(IFLA_IPVLAN_MODE, struct.pack("=H", IPVLAN_MODE[op.mode]))
+        body = (ifinfomsg(flags=IFF_UP if op.peer_ns is None else 0, change=IFF_UP if op.peer_ns is None else 0)
+                + nla_str(IFLA_IFNAME, op.ifname) + nla_u32(IFLA_MTU, op.mtu) + nla_u32(IFLA_LINK, parent))
+        if op.mac is not None:
+            body += nla_mac(IFLA_ADDRESS, op.mac)
+        if op.peer_ns is not None:
+            body += nla_u32(IFLA_NET_NS_FD, self.ctx.netns(op.peer_ns).fd)
+        body += nla(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, op.kind) + nla(IFLA_INFO_DATA, data))
+        self._forget(op.peer_ns, op.ifname)
+        self._create(None, RTM_NEWLINK, body)
+
     def delete_link(self, op: DeleteLink) -> None:
         self._forget(op.ns, op.ifname)
         self._delete(op.ns, RTM_DELLINK, ifinfomsg() + nla_str(IFLA_IFNAME, op.ifname))
@@ -300,7 +414,9 @@ class Applier:
     def _dispatch(self) -> dict[type[Any], Callable[[Any], None]]:
         return {EnsureBridge: self.ensure_bridge, CreateVeth: self.create_veth, SetLink: self.set_link,
                 AddAddr: self.add_addr, DelAddr: self.del_addr, AddRoute: self.add_route,
-                DelRoute: self.del_route, SetSysctl: self.set_sysctl, DeleteLink: self.delete_link}
+                DelRoute: self.del_route, SetSysctl: self.set_sysctl, DeleteLink: self.delete_link,
+                EnsureVxlan: self.ensure_vxlan, AddFdb: self.add_fdb, DelFdb: self.del_fdb, AddNeigh: self.add_neigh,
+                DelNeigh: self.del_neigh, CreateSubIf: self.create_subif}
 
     def apply(self, plan: Plan, actual: NodeActual | None = None) -> ApplyOutcome:
         """Run every op in order; failures are collected, never raised."""
@@ -413,7 +529,7 @@ class Applier:
             try:
                 fn(op)
             except (NetlinkError, NamespaceGone, OSError, ValueError, RuntimeError) as exc:
-                code, message, num = classify(op, exc)
+                code, message, num = classify(op, exc, self.node)
                 span.set_status(Status(StatusCode.ERROR, message))
                 span.set_attribute("error.type", code)
                 if num:
@@ -424,12 +540,22 @@ class Applier:
         return None
 
 
-def classify(op: PlanOp, exc: BaseException) -> tuple[str, str, int]:
+KERNEL_FEATURE = {"ipvlan": "CONFIG_IPVLAN (link kind ipvlan)", "macvlan": "CONFIG_MACVLAN (link kind macvlan)",
+                  "vxlan": "CONFIG_VXLAN (link kind vxlan)"}
+
+
+def classify(op: PlanOp, exc: BaseException, node: str = "") -> tuple[str, str, int]:
     """``(code, message, errno)`` for a failed op, worded for a person."""
     what = describe(op)
     num = exc.errno if isinstance(exc, OSError) and exc.errno else 0
     if isinstance(exc, NamespaceGone):
         return E.NOT_FOUND.code, f"{what}: {exc.strerror}", num
+    kind = op.kind if isinstance(op, CreateSubIf) else "vxlan" if isinstance(op, EnsureVxlan) else None
+    if kind is not None and num == errno.EOPNOTSUPP:
+        detail = exc.kernel_message if isinstance(exc, NetlinkError) else ""
+        return (E.DRIVER_UNAVAILABLE.code,
+                f"the {kind} driver is unavailable on node {node or 'this node'}: its kernel lacks "
+                f"{KERNEL_FEATURE[kind]} ({os.strerror(num)}{': ' + detail if detail else ''})", num)
     if num == errno.EXFULL and isinstance(op, CreateVeth):
         return (E.LIMIT_REACHED.code, f"{what}: bridge {op.bridge} is full (a Linux bridge holds at most 1023 "
                 "ports)", num)

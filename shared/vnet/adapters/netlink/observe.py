@@ -27,7 +27,16 @@ import struct
 from collections.abc import Iterable
 from typing import Literal
 
-from pyroute2.netlink.rtnl import RTM_GETADDR, RTM_GETLINK, RTM_GETROUTE, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
+from pyroute2.netlink.rtnl import (
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETNEIGH,
+    RTM_GETROUTE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+)
 
 from vnet.adapters.netlink.nsctx import (
     NamespaceGone,
@@ -40,6 +49,7 @@ from vnet.adapters.netlink.nsctx import (
     read_sysctl,
     rtmsg,
 )
+from vnet.core import naming
 from vnet.core.dataplane_model import LinkState, NodeActual, NsState, RouteState
 from vnet.core.plan import FORWARD4, FORWARD6
 
@@ -51,6 +61,25 @@ IFLA_LINK = 5
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+IFLA_VXLAN_ID = 1
+IFLA_VXLAN_LINK = 3
+IFLA_VXLAN_LOCAL = 4
+IFLA_VXLAN_LEARNING = 7
+IFLA_VXLAN_PROXY = 11
+IFLA_VXLAN_PORT = 15
+IFLA_VXLAN_LOCAL6 = 17
+IFLA_MACVLAN_MODE = 1
+IFLA_IPVLAN_MODE = 1
+MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
+IPVLAN_MODES = {0: "l2", 1: "l3", 2: "l3s"}
+AF_BRIDGE = 7
+NDA_DST = 1
+NDA_LLADDR = 2
+NDA_IFINDEX = 8
+NUD_PERMANENT = 0x80
+NUD_NOARP = 0x40
+NTF_SELF = 0x02
 IFLA_AF_SPEC = 26
 IFLA_LINK_NETNSID = 37
 IFLA_EXT_MASK = 29
@@ -76,6 +105,23 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _S32 = struct.Struct("=i")
+_NDMSG = struct.Struct("=BxxxiHBB")
+
+
+def ndmsg(family: int = 0, index: int = 0, state: int = 0, flags: int = 0, ntype: int = 0) -> bytes:
+    return _NDMSG.pack(family, index, state, flags, ntype)
+
+
+def parse_neigh(buf: bytes) -> tuple[int, int, int, int, str | None, str | None]:
+    """``(family, ifindex, state, flags, dst or None, lladdr or None)`` of one RTM_NEWNEIGH."""
+    family, index, state, flags, _t = _NDMSG.unpack_from(buf, _NLH)
+    dst = mac = None
+    for t, a, b in _attrs(buf, _NLH + _NDMSG.size, len(buf)):
+        if t == NDA_DST and b - a in (4, 16):
+            dst = str(ipaddress.ip_address(buf[a:b]))
+        elif t == NDA_LLADDR and b - a == 6:
+            mac = ":".join(f"{x:02x}" for x in buf[a:b])
+    return family, index, state, flags, dst, mac
 
 
 def _attrs(buf: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int]]:
@@ -94,7 +140,7 @@ def _cstr(buf: bytes, a: int, b: int) -> str:
 
 class RawLink:
     __slots__ = ("accept_dad", "arp_notify", "index", "kind", "link", "mac", "master", "mtu", "name", "netnsid",
-                 "up")
+                 "sub_mode", "up", "vni", "vxlan_learning", "vxlan_link", "vxlan_local", "vxlan_port", "vxlan_proxy")
 
     def __init__(self) -> None:
         self.index = 0
@@ -108,6 +154,13 @@ class RawLink:
         self.netnsid: int | None = None
         self.arp_notify: int | None = None
         self.accept_dad: int | None = None
+        self.vni: int | None = None
+        self.vxlan_local: str | None = None
+        self.vxlan_link: int | None = None
+        self.vxlan_port: int | None = None
+        self.vxlan_learning: bool | None = None
+        self.vxlan_proxy: bool | None = None
+        self.sub_mode: str | None = None
 
 
 def parse_link(buf: bytes) -> RawLink:
@@ -130,9 +183,14 @@ def parse_link(buf: bytes) -> RawLink:
         elif t == IFLA_LINK_NETNSID:
             (r.netnsid,) = _S32.unpack_from(buf, a)
         elif t == IFLA_LINKINFO:
+            data: tuple[int, int] | None = None
             for t2, a2, b2 in _attrs(buf, a, b):
                 if t2 == IFLA_INFO_KIND:
                     r.kind = _cstr(buf, a2, b2)
+                elif t2 == IFLA_INFO_DATA:
+                    data = (a2, b2)
+            if data is not None and r.kind in ("vxlan", "macvlan", "ipvlan"):
+                _parse_info_data(r, buf, *data)
         elif t == IFLA_AF_SPEC:
             for fam, a2, b2 in _attrs(buf, a, b):
                 if fam == socket.AF_INET:
@@ -144,6 +202,29 @@ def parse_link(buf: bytes) -> RawLink:
                         if t3 == IFLA_INET6_CONF and b3 - a3 >= 4 * (DEVCONF_ACCEPT_DAD + 1):
                             (r.accept_dad,) = _S32.unpack_from(buf, a3 + 4 * DEVCONF_ACCEPT_DAD)
     return r
+
+
+def _parse_info_data(r: RawLink, buf: bytes, a: int, b: int) -> None:
+    for t, a2, b2 in _attrs(buf, a, b):
+        if r.kind == "vxlan":
+            if t == IFLA_VXLAN_ID:
+                (r.vni,) = _U32.unpack_from(buf, a2)
+            elif t == IFLA_VXLAN_LINK:
+                (r.vxlan_link,) = _U32.unpack_from(buf, a2)
+            elif t in (IFLA_VXLAN_LOCAL, IFLA_VXLAN_LOCAL6) and b2 - a2 in (4, 16):
+                r.vxlan_local = str(ipaddress.ip_address(buf[a2:b2]))
+            elif t == IFLA_VXLAN_LEARNING:
+                r.vxlan_learning = bool(buf[a2])
+            elif t == IFLA_VXLAN_PROXY:
+                r.vxlan_proxy = bool(buf[a2])
+            elif t == IFLA_VXLAN_PORT:
+                (r.vxlan_port,) = struct.unpack_from("!H", buf, a2)
+        elif r.kind == "macvlan" and t == IFLA_MACVLAN_MODE:
+            (mode,) = _U32.unpack_from(buf, a2)
+            r.sub_mode = MACVLAN_MODES.get(mode, str(mode))
+        elif r.kind == "ipvlan" and t == IFLA_IPVLAN_MODE:
+            (mode,) = struct.unpack_from("=H", buf, a2)
+            r.sub_mode = IPVLAN_MODES.get(mode, str(mode))
 
 
 def parse_addr(buf: bytes) -> tuple[int, str] | None:
@@ -202,7 +283,10 @@ def _states(raw: list[RawLink], addrs: dict[int, list[str]]) -> dict[str, LinkSt
             master=None if r.master is None else names.get(r.master, f"#{r.master}"),
             peer_index=r.link if (r.link is not None and r.link != r.index) else None,
             peer_netnsid=r.netnsid, addrs=tuple(addrs.get(r.index, ())),
-            arp_notify=r.arp_notify, accept_dad=r.accept_dad)
+            arp_notify=r.arp_notify, accept_dad=r.accept_dad, vni=r.vni, vxlan_local=r.vxlan_local,
+            vxlan_link=None if r.vxlan_link is None else names.get(r.vxlan_link, f"#{r.vxlan_link}"),
+            vxlan_port=r.vxlan_port, vxlan_learning=r.vxlan_learning, vxlan_proxy=r.vxlan_proxy,
+            sub_mode=r.sub_mode)
     return out
 
 
@@ -285,9 +369,47 @@ class Observer:
         self._host_sysctls = None
 
     # -- namespaces --------------------------------------------------------------------
+    def fdb(self, ref: str | None, index: int) -> dict[str, str]:
+        """Static unicast FDB entries of a VXLAN device: ``{mac: remote VTEP}``."""
+        self.requests += 1
+        out: dict[str, str] = {}
+        for t, b in self.ctx.sock(ref).dump(RTM_GETNEIGH, ndmsg(AF_BRIDGE, index), "dump fdb"):
+            if t != RTM_NEWNEIGH:
+                continue
+            _fam, idx, state, flags, dst, mac = parse_neigh(b)
+            if (idx == index and flags & NTF_SELF and state & NUD_PERMANENT and dst is not None and mac is not None
+                    and mac != "00:00:00:00:00:00"):
+                out[mac] = dst
+        return out
+
+    def neigh(self, ref: str | None, index: int) -> dict[str, str]:
+        """Permanent neighbour entries of a device (IPv4 and IPv6): ``{ip: mac}``."""
+        out: dict[str, str] = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            self.requests += 1
+            for t, b in self.ctx.sock(ref).dump(RTM_GETNEIGH, ndmsg(family) + nla_u32(NDA_IFINDEX, index),
+                                                "dump neighbours"):
+                if t != RTM_NEWNEIGH:
+                    continue
+                _fam, idx, state, _flags, dst, mac = parse_neigh(b)
+                if idx == index and state & NUD_PERMANENT and dst is not None and mac is not None:
+                    out[dst] = mac
+        return out
+
+    def _vxlan_tables(self, raw: Iterable[RawLink]) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+        fdb: dict[str, dict[str, str]] = {}
+        neigh: dict[str, dict[str, str]] = {}
+        for r in raw:
+            if r.kind == "vxlan" and naming.is_our_vxlan(r.name):
+                fdb[r.name] = self.fdb(self.host_ref, r.index)
+                neigh[r.name] = self.neigh(self.host_ref, r.index)
+        return fdb, neigh
+
     def host_full(self) -> NsState:
         raw = self.links(self.host_ref)
-        return NsState(links=_states(raw, self.addrs(self.host_ref)), sysctls=self.host_sysctls())
+        fdb, neigh = self._vxlan_tables(raw)
+        return NsState(links=_states(raw, self.addrs(self.host_ref)), sysctls=self.host_sysctls(), fdb=fdb,
+                       neigh=neigh)
 
     def host_links(self, names: Iterable[str]) -> NsState:
         """Only the interfaces named (and what they point at as master)."""
@@ -299,14 +421,16 @@ class Observer:
         by_index = {r.index: r for r in raw.values()}
         addrs: dict[int, list[str]] = {}
         for r in list(raw.values()):
-            if r.kind == "bridge":
+            if r.kind != "veth" and r.kind != "vxlan":  # bridges, shims, parents, the WireGuard interface
                 addrs.update(self.addrs(self.host_ref, r.index))
-            if r.master is not None and r.master not in by_index:
-                m = self._link_by_index(self.host_ref, r.master)
-                if m is not None:
-                    by_index[m.index] = m
+            for other in (r.master, r.vxlan_link):
+                if other is not None and other not in by_index:
+                    m = self._link_by_index(self.host_ref, other)
+                    if m is not None:
+                        by_index[m.index] = m
+        fdb, neigh = self._vxlan_tables(raw.values())
         return NsState(links=_states(list(by_index.values()), addrs), sysctls=self.cached_host_sysctls(),
-                       complete=False)
+                       complete=False, fdb=fdb, neigh=neigh)
 
     def _link_by_index(self, ref: str | None, index: int) -> RawLink | None:
         self.requests += 1

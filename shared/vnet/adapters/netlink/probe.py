@@ -30,7 +30,7 @@ from vnet.adapters.netlink.observe import parse_link
 from vnet.core.dataplane_model import ProbeResult, Support
 
 KINDS = ("bridge", "veth", "vxlan", "macvlan", "ipvlan", "wireguard")
-IMPLEMENTED_DRIVERS = frozenset({"bridge", "host"})
+IMPLEMENTED_DRIVERS = frozenset({"bridge", "host", "overlay", "macvlan", "ipvlan"})
 MACVLAN_MODE_BRIDGE = 4
 IPVLAN_MODE_L2 = 0
 _PREFIX = "vnp"  # names of probe links (inside the scratch namespace only)
