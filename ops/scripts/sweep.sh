@@ -11,7 +11,7 @@ for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${prefix}" 
 done
 for pid in $(pgrep -f -- "${prefix}" 2>/dev/null || true); do
   [ "$pid" = "$$" ] && continue
-  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
+  cmd=$( (tr '\0' ' ' <"/proc/$pid/cmdline") 2>/dev/null) || continue
   case "$cmd" in *sweep.sh*|*pytest*|*test.sh*) continue ;; esac
   echo "sweep: leftover process $pid: $cmd" >&2
   kill -9 "$pid" 2>/dev/null; left=1

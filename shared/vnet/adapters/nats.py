@@ -11,7 +11,7 @@ import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
@@ -34,10 +34,14 @@ async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0
                   allow_reconnect: bool = True) -> Client:
     """Connect with endless reconnects: subscriptions are restored by the client."""
 
+    client: list[Client] = []
+
     async def _err(e: Exception) -> None:
         log.warning("nats error: %s", e)
 
     async def _disc() -> None:
+        if client and client[0].is_closed:  # a deliberate close, not an outage
+            return
         log.warning("disconnected from NATS; reconnecting")
 
     async def _rec() -> None:
@@ -62,10 +66,26 @@ async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0
     if config.nats_creds:
         opts["user_credentials"] = config.nats_creds
     try:
-        return await nats.connect(**opts)
+        nc = await nats.connect(**opts)
     except Exception as exc:  # the client raises several unrelated types here
         raise E.make(E.UNAVAILABLE, f"cannot connect to NATS at {config.nats_url}: {exc or type(exc).__name__}; "
                      "is nats-server running? (`vnetctl up` starts one)", url=config.nats_url) from None
+    client.append(nc)
+    return nc
+
+
+async def flush(nc: Client, timeout: float = 10.0) -> None:
+    """Return once the server has processed every command sent so far (SUB included).
+
+    ``Client.flush()`` alone does not promise that in nats-py 2.16: it writes its PING
+    straight to the socket while earlier commands (a SUB just made) still wait in the
+    buffer for the flusher task, so the PONG can come back before the server saw them
+    and a request sent right after "has no responders". The first flush makes the
+    flusher write them (it runs before the PONG can be read); the second PING then
+    follows them on the wire.
+    """
+    await nc.flush(timeout=timeout)  # type: ignore[arg-type]  # typed int, any number works
+    await nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
 
 async def request(
@@ -135,17 +155,28 @@ async def publish_event(js: JetStreamContext, subject: str, event: Any, *, msg_i
 
 
 class DurableConsumer:
-    """A pull consumer with explicit ack: a handler that raises is nak'ed and redelivered."""
+    """A pull consumer with explicit ack: a handler that raises is nak'ed and redelivered.
+
+    Messages are handled one at a time, in order, each in a ``process vnet.evt.{domain}.{event}.{id}``
+    span parented on the publisher's trace. A handler that raises gets the message back after
+    ``nak_delay_s`` (at most ``max_deliver`` deliveries); one that hangs past ``ack_wait_s`` gets it
+    back too. ``inactive_threshold_s`` lets the server delete the consumer once nobody pulled for
+    that long (for per-instance consumers that would otherwise outlive their process).
+    """
 
     def __init__(self, js: JetStreamContext, durable: str, filter_subject: str = subjects.EVENTS_WILDCARD,
-                 *, deliver_all: bool = True, ack_wait_s: float = 30.0, max_deliver: int = 10) -> None:
+                 *, deliver_all: bool = True, ack_wait_s: float = 30.0, max_deliver: int = 10,
+                 nak_delay_s: float = 1.0, inactive_threshold_s: float | None = None) -> None:
         self.js = js
         self.durable = durable
         self.filter_subject = filter_subject
         self.deliver_all = deliver_all
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
+        self.nak_delay_s = nak_delay_s
+        self.inactive_threshold_s = inactive_threshold_s
         self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
         self._stop = asyncio.Event()
 
     async def start(self, handler: Callable[[Msg], Awaitable[None]], *, batch: int = 64) -> None:
@@ -158,8 +189,20 @@ class DurableConsumer:
                 deliver_policy=DeliverPolicy.ALL if self.deliver_all else DeliverPolicy.NEW,
                 ack_wait=self.ack_wait_s,
                 max_deliver=self.max_deliver,
+                inactive_threshold=self.inactive_threshold_s,
             ),
         )
+        self._sub = sub
+        tmpl = subjects.EVT.template
+
+        async def settle(m: Msg, ok: bool) -> None:
+            try:
+                if ok:
+                    await m.ack()
+                else:
+                    await m.nak(delay=self.nak_delay_s)
+            except Exception as exc:  # disconnected: the server redelivers after ack_wait
+                log.debug("could not %s %s: %s", "ack" if ok else "nak", m.subject, exc)
 
         async def loop() -> None:
             while not self._stop.is_set():
@@ -169,24 +212,34 @@ class DurableConsumer:
                     continue
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # disconnected: the client reconnects; keep pulling
-                    log.debug("fetch failed: %s", exc)
+                except Exception as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        # nats-py turns a cancelled fetch on a closed connection into
+                        # ConnectionClosedError; swallowing it would never let us end.
+                        raise asyncio.CancelledError from None
+                    if isinstance(exc, ConnectionClosedError):  # closed for good: nothing more comes
+                        log.debug("consumer %s: connection closed", self.durable)
+                        return
+                    log.debug("fetch failed: %s", exc)  # disconnected: the client reconnects; keep pulling
                     await asyncio.sleep(0.5)
                     continue
                 for m in msgs:
-                    tmpl = subjects.EVT.template
-                    with tracing.process_span(tmpl, m.subject, m.headers):
+                    with tracing.process_span(tmpl, m.subject, m.headers) as span:
                         try:
                             await handler(m)
-                        except Exception:
+                        except Exception as exc:
                             log.exception("event handler failed on %s; nak for redelivery", m.subject)
-                            await m.nak(delay=1.0)
-                            continue
-                    await m.ack()
+                            tracing.mark_error(span, "handler_failed", type(exc).__name__)
+                            ok = False
+                        else:
+                            ok = True
+                    await settle(m, ok)
 
         self._task = asyncio.create_task(loop(), name=f"consumer-{self.durable}")
 
-    async def stop(self) -> None:
+    async def stop(self, *, delete: bool = False) -> None:
+        """Stop pulling; ``delete`` also removes the consumer from the server."""
         self._stop.set()
         if self._task:
             self._task.cancel()
@@ -194,3 +247,16 @@ class DurableConsumer:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self._sub is not None:
+            # Drop what the server already pushed for a fetch nobody waits for any more;
+            # left alone, it would hold up nc.drain() (it waits for every pending message).
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:
+                log.debug("unsubscribe %s: %s", self.durable, exc)
+            self._sub = None
+        if delete:
+            try:
+                await self.js.delete_consumer(subjects.EVENTS_STREAM, self.durable)
+            except Exception as exc:
+                log.debug("delete consumer %s: %s", self.durable, exc)

@@ -17,6 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the server gets SIGTERM when the process that started it dies, so a
+    killed test run or supervisor cannot leave servers behind."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -107,7 +121,7 @@ def start_nats(data_dir: Path, port: int | None = None, *, monitor_port: int | N
     args = nats_args(port, data_dir, monitor_port=monitor_port)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     _wait_port("127.0.0.1", port, proc, "nats-server", log)
     return ServerProc("nats", f"nats://127.0.0.1:{port}", port, proc, log, args)
 
@@ -120,7 +134,7 @@ def start_valkey(data_dir: Path, port: int | None = None, *, password: str | Non
     args = valkey_args(port, data_dir, password=password)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ})
+                                start_new_session=True, env={**os.environ}, preexec_fn=_die_with_parent)
     _wait_port("127.0.0.1", port, proc, "valkey-server", log)
     auth = f":{password}@" if password else ""
     return ServerProc("valkey", f"redis://{auth}127.0.0.1:{port}/0", port, proc, log, args)

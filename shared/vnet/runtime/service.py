@@ -16,30 +16,41 @@ queue group per endpoint) and adds what plain ``nats.micro`` lacks:
   only as ``internal`` with the trace id, never as a Python repr;
 * bounded concurrency: ``nats.micro`` awaits one handler at a time per endpoint,
   which caps throughput at 1/latency, so each request runs in its own task under a
-  semaphore (the subscription stops reading while the bound is reached);
+  semaphore shared by the instance's endpoints (``config.max_inflight``); while the
+  bound is reached the subscriptions stop reading and NATS buffers for us;
 * a ``process <subject template>`` span per request, parented on the caller's
-  ``traceparent``; the trace id returned in ``Vnet-Trace-Id``;
+  ``traceparent``; the trace id returned in ``Vnet-Trace-Id``, the instance in
+  ``Vnet-Instance``;
 * ``vnet_operations_total`` / ``_errors_total`` / ``_duration_seconds`` per op,
-  reported to the metrics service;
-* a ``health`` operation; graceful drain on stop.
+  reported to the metrics service, and ``$SRV.STATS`` counters that match them;
+* a ``health`` operation; graceful drain on stop (no request that reached this
+  instance is dropped: unsubscribe, answer what was received, then close).
+
+The request path is written for throughput (see ``docs/service-pattern.md`` for the
+figures): the endpoint subscriptions are ours rather than ``nats.micro``'s (which would
+wrap every message in a ``Request`` and time the hand-off), everything that depends
+only on the op is computed once at start, and a request without headers skips the
+trace-context extraction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
-import traceback
+import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.micro import add_service
-from nats.micro.request import Request
 from nats.micro.service import Endpoint as MicroEndpoint
 from nats.micro.service import EndpointConfig, Service
 
@@ -59,6 +70,9 @@ Req = TypeVar("Req")
 Rep = TypeVar("Rep")
 VERSION = "0.1.0"
 
+# nats.micro endpoint names allow only these characters; op names may also use dots.
+_ENDPOINT_NAME_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
 
 @dataclass
 class Ctx:
@@ -73,6 +87,7 @@ class Ctx:
 
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
                             msg_id: str | None = None) -> int:
+        """Publish a domain event to ``VNET_EVENTS``; it carries this request's trace context."""
         return await self.rt.publish_event(domain, event, ident, payload, msg_id=msg_id)
 
     async def request(self, subject: Subject, payload: Any, reply_type: type[Rep], *,
@@ -95,6 +110,11 @@ class Op(Generic[Req]):
     handler: Handler
     max_bytes: int = codec.MAX_REQUEST_BYTES
 
+    @property
+    def endpoint_name(self) -> str:
+        """The ``nats.micro`` endpoint name (``addr.request`` -> ``addr_request``)."""
+        return _ENDPOINT_NAME_BAD.sub("_", self.name)
+
 
 @dataclass
 class ServiceDef:
@@ -113,10 +133,16 @@ class ServiceDef:
 
     def op(self, name: str, subject: Subject, req_type: type[Req], *,
            max_bytes: int = codec.MAX_REQUEST_BYTES) -> Callable[[Handler], Handler]:
+        """Register ``fn`` as operation ``name`` on ``subject``, decoding requests as ``req_type``."""
+
         def deco(fn: Handler) -> Handler:
-            if any(o.name == name for o in self.ops):
+            new = Op(name, subject, req_type, fn, max_bytes)
+            if name == "health" or any(o.name == name for o in self.ops):
                 raise ValueError(f"duplicate op {name!r} in service {self.name}")
-            self.ops.append(Op(name, subject, req_type, fn, max_bytes))
+            if any(o.endpoint_name == new.endpoint_name for o in self.ops):
+                raise ValueError(f"op {name!r} in service {self.name} clashes with another op's endpoint name "
+                                 f"{new.endpoint_name!r}")
+            self.ops.append(new)
             return fn
 
         return deco
@@ -130,11 +156,184 @@ class ServiceDef:
         return fn
 
 
+class _StatsEndpoint(MicroEndpoint):
+    """A ``nats.micro`` endpoint record whose average is derived when read, not per request."""
+
+    @property
+    def _average_processing_time(self) -> int:
+        return int(self._processing_time / max(self._num_requests, 1))
+
+    @_average_processing_time.setter
+    def _average_processing_time(self, value: Any) -> None:  # micro's __init__ and _reset assign it
+        pass
+
+
+class _Bound:
+    """One op as registered: everything the request path needs, computed once."""
+
+    __slots__ = ("attrs", "decode", "dynamic", "micro", "op", "params", "span_name", "subscribe_subject",
+                 "template")
+
+    def __init__(self, service: str, op: Op[Any], params: dict[str, str]) -> None:
+        self.op = op
+        self.decode = codec.request_decoder(op.req_type, op.max_bytes)
+        self.template = op.subject.template
+        self.span_name = f"process {self.template}"
+        tokens = self.template.split(".")
+        concrete: list[str] = []
+        self.params: dict[str, str] = {}
+        # Template parameters the instance was not started with are wildcards, read per request.
+        self.dynamic: list[tuple[int, str]] = []
+        for i, tok in enumerate(tokens):
+            if tok.startswith("{") and tok.endswith("}"):
+                name = tok[1:-1]
+                if name in params:
+                    self.params[name] = params[name]
+                    concrete.append(Subject(tok).format(**{name: params[name]}))
+                else:
+                    self.dynamic.append((i, name))
+                    concrete.append("*")
+            else:
+                concrete.append(tok)
+        self.subscribe_subject = ".".join(concrete)
+        # Span attributes cost 1-2 us each in the SDK, on every request. The span name has
+        # the subject template and the resource the service, so a span gets the concrete
+        # subject only when the template has parameters (which node, which id).
+        self.attrs: dict[str, str] | None = (
+            {"messaging.destination.name": self.subscribe_subject} if "{" in self.template else None)
+        self.micro: MicroEndpoint | None = None
+
+    def params_of(self, subject: str) -> dict[str, str]:
+        out = dict(self.params)
+        if self.dynamic:
+            parts = subject.split(".")
+            for i, name in self.dynamic:
+                out[name] = parts[i] if i < len(parts) else ""
+        return out
+
+
+_Item = tuple[_Bound, Msg]
+
+
+class _Workers:
+    """A bounded pool of long-lived tasks that run requests.
+
+    ``nats.micro`` would await one handler at a time per endpoint; a task per request
+    fixes that but costs a task creation, a registration and a done callback per
+    request. Here a request goes to an idle worker (one wake-up), or to a new worker
+    while there are fewer than ``limit``, or to a short backlog that a worker takes
+    up without sleeping; when that is full too, :meth:`put` waits, so the NATS
+    subscription stops reading and the client library buffers. At most ``limit``
+    handlers run at once.
+
+    A worker runs many requests one after another in the same task, so a handler must
+    not leave a ``ContextVar`` set when it returns (``with`` blocks, as OpenTelemetry
+    uses, are fine).
+    """
+
+    def __init__(self, run: Callable[[_Bound, Msg], Awaitable[None]], limit: int) -> None:
+        self._run = run
+        self.limit = limit
+        self.busy = 0  # workers holding a request
+        self.workers: set[asyncio.Task[None]] = set()
+        self._idle: deque[asyncio.Future[_Item]] = deque()
+        self._backlog: deque[_Item] = deque()
+        self._space: deque[asyncio.Future[None]] = deque()
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    def offer(self, item: _Item) -> bool:
+        """Hand ``item`` over without waiting; False when the bound and the backlog are full."""
+        while self._idle:
+            fut = self._idle.pop()  # the most recently parked worker: warm caches
+            if fut.done():  # its worker was cancelled
+                continue
+            self.busy += 1
+            self._quiet.clear()
+            fut.set_result(item)
+            return True
+        if len(self.workers) < self.limit:
+            self.busy += 1
+            self._quiet.clear()
+            task = asyncio.get_running_loop().create_task(self._work(item))
+            self.workers.add(task)
+            task.add_done_callback(self.workers.discard)
+            return True
+        if len(self._backlog) < self.limit:
+            self._backlog.append(item)
+            self._quiet.clear()
+            return True
+        return False
+
+    async def put(self, item: _Item) -> None:
+        while not self.offer(item):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._space.append(fut)
+            try:
+                await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+
+    async def _work(self, item: _Item) -> None:
+        loop = asyncio.get_running_loop()
+        holding = True
+        try:
+            while True:
+                try:
+                    await self._run(*item)
+                except Exception:  # _run answers every failure itself; this is a bug in it
+                    log.exception("request handling failed")
+                if self._backlog:
+                    item = self._backlog.popleft()
+                    while self._space:
+                        waiter = self._space.popleft()
+                        if not waiter.done():
+                            waiter.set_result(None)
+                            break
+                    continue
+                holding = False
+                self.busy -= 1
+                if self.busy == 0:
+                    self._quiet.set()
+                fut: asyncio.Future[_Item] = loop.create_future()
+                self._idle.append(fut)
+                try:
+                    item = await fut
+                finally:
+                    if not fut.done():
+                        fut.cancel()
+                holding = True
+        finally:
+            if holding:
+                self.busy -= 1
+                if self.busy == 0 and not self._backlog:
+                    self._quiet.set()
+
+    async def join(self, timeout: float) -> bool:
+        """Wait until no request is running or waiting; False on timeout."""
+        try:
+            await asyncio.wait_for(self._quiet.wait(), max(timeout, 0.01))
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        """Cancel every worker (a request still running is answered ``unavailable``)."""
+        self._backlog.clear()
+        for fut in self._space:
+            fut.cancel()
+        workers = list(self.workers)
+        for t in workers:
+            t.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
 class Runtime:
     """One running instance of a service: connections, metrics, in-flight tasks."""
 
     def __init__(self, defn: ServiceDef, config: VNetConfig, nc: Client, *, params: dict[str, str],
-                 redis: Any = None) -> None:
+                 redis: Any = None, own_nc: bool = True, own_redis: bool = True) -> None:
         self.defn = defn
         self.config = config
         self.nc = nc
@@ -146,106 +345,134 @@ class Runtime:
         self.started = time.time()
         self.state: dict[str, Any] = {}  # per-service state set by on_start hooks
         self._micro: Service | None = None
-        self._sem = asyncio.Semaphore(config.max_inflight)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._bg: list[asyncio.Task[None]] = []
+        self._endpoints: dict[str, _Bound] = {}
+        self._workers = _Workers(self._run, config.max_inflight)
+        self._bg: list[asyncio.Future[None]] = []
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._own_nc = own_nc
+        self._own_redis = own_redis
 
     # -- events --------------------------------------------------------------------------
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
                             msg_id: str | None = None) -> int:
+        """Publish ``vnet.evt.<domain>.<event>.<ident>`` with ``Nats-Msg-Id`` (dedup) and trace context.
+
+        Give ``msg_id`` to make a retried publish idempotent; the default is unique per call.
+        """
         subject = subjects.event(domain, event, ident)
         return await nats_adapter.publish_event(
             self.js, subject, payload, msg_id=msg_id or f"{domain}.{event}.{ident}.{time.time_ns()}")
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         """A background task that is cancelled when the service stops."""
-        self._bg.append(asyncio.ensure_future(coro))
+        task = asyncio.ensure_future(coro)
+        if isinstance(task, asyncio.Task):
+            task.set_name(f"{self.defn.name}:{name}")
+        self._bg.append(task)
 
     @property
     def inflight(self) -> int:
-        return len(self._tasks)
+        """Requests being handled right now."""
+        return self._workers.busy
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     # -- request handling ----------------------------------------------------------------
-    def _endpoint_for(self, name: str) -> MicroEndpoint | None:
-        if self._micro is None:
-            return None
-        for ep in self._micro._endpoints:
-            if ep._name == name:
-                found: MicroEndpoint = ep
-                return found
-        return None
+    def _make_handler(self, b: _Bound) -> Callable[[Msg], Awaitable[None]]:
+        workers = self._workers
 
-    def _make_handler(self, op: Op[Any]) -> Callable[[Request], Awaitable[None]]:
-        async def on_request(request: Request) -> None:
-            await self._sem.acquire()
-            task = asyncio.create_task(self._run(op, request))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+        async def on_msg(msg: Msg) -> None:
+            ep = b.micro
+            if ep is not None:
+                ep._num_requests += 1
+            item = (b, msg)
+            if not workers.offer(item):
+                await workers.put(item)
 
-        return on_request
+        return on_msg
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._sem.release()
-
-    async def _run(self, op: Op[Any], request: Request) -> None:
+    async def _run(self, b: _Bound, msg: Msg) -> None:
         t0 = time.perf_counter()
-        msg = request._msg
-        hdrs = dict(msg.headers or {})
-        code: str | None = None
+        op = b.op
+        subject = msg.subject
+        headers = msg.headers
+        attrs = {"messaging.destination.name": subject} if b.dynamic else b.attrs
+        span = tracing.start_process_span(b.span_name, headers, attrs)
+        token = tracing.activate(span)
+        sc = span.get_span_context()
+        trace_id = f"{sc.trace_id:032x}" if sc.is_valid else None
         failure: E.VNetError | None = None
-        with tracing.process_span(op.subject.template, msg.subject, hdrs,
-                                  **{"vnet.service": self.defn.name, "vnet.op": op.name}) as span:
-            trace_id = tracing.trace_id_hex(span)
-            reply_headers = tracing.inject_headers({H.INSTANCE: self.instance})
-            if trace_id:
-                reply_headers[H.TRACE_ID] = trace_id
+        cancelled = False
+        try:
             try:
-                if self._stopping:
-                    raise E.make(E.UNAVAILABLE, f"{self.defn.name} instance {self.instance} is shutting "
-                                 "down; retry (another replica answers)")
-                req = codec.decode(msg.data, op.req_type, max_bytes=op.max_bytes)
-                ctx = Ctx(self, msg.subject, op.subject.template, hdrs,
-                          _params(op.subject.template, msg.subject), trace_id)
+                req = b.decode(msg.data)
+                ctx = Ctx(self, subject, b.template, headers if headers is not None else {},
+                          b.params_of(subject) if b.dynamic else dict(b.params), trace_id)
                 result = await op.handler(ctx, req)
-                body = codec.encode(result) if result is not None else b"{}"
+                body = b"{}" if result is None else codec.encode(result)
             except E.VNetError as err:
                 failure = err
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():  # the handler awaited something cancelled
+                    failure = self._internal(op, span, trace_id, exc)
+                else:  # stop() gave up waiting: say so rather than leave the caller hanging
+                    cancelled = True
+                    failure = E.make(E.UNAVAILABLE, f"{self.defn.name} instance {self.instance} stopped "
+                                     f"before finishing {op.name}; retry (another replica answers)")
             except Exception as exc:
-                log.error("unexpected error in %s %s: %s", self.defn.name, op.name,
-                          "".join(traceback.format_exception(exc)))
-                tracing.mark_error(span, E.INTERNAL.code, type(exc).__name__)
-                span.record_exception(exc)
-                failure = E.make(E.INTERNAL, f"internal error in {self.defn.name} while handling {op.name}; "
-                                 f"the logs and trace {trace_id} have the details")
-            if failure is not None:
-                code = failure.code
-                failure.trace_id = trace_id
-                if code != E.INTERNAL.code:
-                    tracing.mark_error(span, code, failure.message)
+                failure = self._internal(op, span, trace_id, exc)
+            if failure is None:
+                # Success replies carry the trace id only: every header costs on both ends.
+                reply_headers = {}
+            else:
+                if trace_id:
+                    failure.trace_id = trace_id
+                tracing.mark_error(span, failure.code, failure.message)
+                span.set_attribute("vnet.op", op.name)
                 body = codec.error_body(failure)
-                reply_headers[H.ERROR] = _header_safe(failure.message)
-                reply_headers[H.ERROR_CODE] = str(failure.status)
+                reply_headers = {H.ERROR: _header_safe(failure.message), H.ERROR_CODE: str(failure.status),
+                                 H.INSTANCE: self.instance}
+            if trace_id:
+                reply_headers[H.TRACE_ID] = trace_id
             if msg.reply:
                 try:
-                    await self.nc.publish(msg.reply, body, headers=reply_headers)
+                    await self.nc.publish(msg.reply, body, headers=reply_headers or None)
                 except Exception as exc:
-                    log.warning("could not reply on %s: %s", msg.subject, exc)
+                    log.warning("could not reply on %s: %s", subject, exc)
+        finally:
+            span.end()
+            tracing.deactivate(token)
         elapsed = time.perf_counter() - t0
+        code = failure.code if failure is not None else None
         self.metrics.observe(op.name, elapsed, code)
-        ep = self._endpoint_for(op.name)
-        if ep is not None:  # keep $SRV.STATS truthful: micro only saw the hand-off
-            ep._processing_time += int(elapsed * 1e9)
-            ep._average_processing_time = int(ep._processing_time / max(ep._num_requests, 1))
-            if code is not None:
+        ep = b.micro
+        if ep is not None:  # $SRV.STATS: the same truth as the metrics
+            ep._processing_time += int(elapsed * 1e9)  # the average is computed when STATS asks
+            if failure is not None:
                 ep._num_errors += 1
-                ep._last_error = code  # type: ignore[assignment]
+                ep._last_error = f"{failure.status} {failure.code}"  # type: ignore[assignment]
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _internal(self, op: Op[Any], span: Any, trace_id: str | None, exc: BaseException) -> E.VNetError:
+        """Log an unexpected exception with its traceback; the caller gets ``internal`` and a reference."""
+        ref = trace_id or uuid.uuid4().hex
+        log.error("unexpected error in %s %s (trace %s)", self.defn.name, op.name, ref, exc_info=exc)
+        span.record_exception(exc)
+        err = E.make(E.INTERNAL, f"internal error in {self.defn.name} while handling {op.name}; "
+                     f"the logs and trace {ref} have the details")
+        err.trace_id = ref
+        return err
 
     # -- lifecycle -----------------------------------------------------------------------
     async def health(self) -> HealthReply:
         checks = {"nats": "ok" if self.nc.is_connected else "disconnected"}
+        if self._stopping:
+            checks["serving"] = "draining"
         for check in self.defn.health_checks:
             try:
                 name, status = await check(self)
@@ -275,38 +502,91 @@ class Runtime:
             except Exception as exc:
                 log.debug("metrics report failed: %s", exc)
 
+    async def _drain_endpoints(self, timeout: float) -> None:
+        """Unsubscribe every endpoint at the server and hand what already arrived to handlers."""
+
+        async def drain_one(b: _Bound) -> None:
+            ep = b.micro
+            sub = ep._subscription if ep is not None else None
+            if ep is None or sub is None:
+                return
+            ep._subscription = None
+            try:
+                await cast(Any, sub).drain()  # untyped in nats-py
+            except Exception as exc:  # closed or reconnecting: nothing more will arrive anyway
+                log.debug("drain %s: %s", b.subscribe_subject, exc)
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    pass
+
+        pending = [asyncio.create_task(drain_one(b)) for b in self._endpoints.values()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=max(timeout, 0.01))
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop taking requests, finish those in flight, report, close."""
+        """Stop taking requests, finish those in flight, report, close.
+
+        Requests that reached this instance are answered (by their handler, or with
+        ``unavailable`` if one is still running after ``drain_timeout``); afterwards
+        the subjects have no responder here, so callers go to another replica.
+        """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
-        if self._micro is not None:
-            try:
-                await self._micro.stop()
-            except Exception as exc:
-                log.debug("micro stop: %s", exc)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=drain_timeout)
-        for hook in self.defn.on_stop:
-            try:
-                await hook(self)
-            except Exception:
-                log.exception("stop hook failed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        try:
+            await self._drain_endpoints(drain_timeout)
+            if not await self._workers.join(deadline - loop.time()):
+                log.warning("%s: %d requests still running after %.1fs; cancelling them", self.defn.name,
+                            self._workers.busy, drain_timeout)
+            await self._workers.close()
+            if self._micro is not None:
+                self._micro._endpoints = []  # already unsubscribed above
+                try:
+                    await asyncio.wait_for(self._micro.stop(), max(deadline - loop.time(), 1.0))
+                except Exception as exc:
+                    log.debug("micro stop: %s", exc)
+            for hook in self.defn.on_stop:
+                try:
+                    await hook(self)
+                except Exception:
+                    log.exception("stop hook failed")
+            await self._cancel_background()
+            if self.config.metrics_enabled:
+                try:
+                    await self._report_metrics()
+                except Exception:
+                    pass
+            await self._close_connections(max(deadline - loop.time(), 1.0))
+        finally:
+            self._stopped.set()
+
+    async def _cancel_background(self) -> None:
         for t in self._bg:
             t.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
-        try:
-            await self._report_metrics()
-            await self.nc.drain()
-        except Exception:
-            pass
-        if self.redis is not None:
+        self._bg.clear()
+
+    async def _close_connections(self, timeout: float) -> None:
+        if self._own_nc:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout)
+            except Exception:
+                try:
+                    await self.nc.close()
+                except Exception:
+                    pass
+        if self.redis is not None and self._own_redis:
             try:
                 await self.redis.aclose()
             except Exception:
                 pass
-        self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -316,29 +596,30 @@ def _header_safe(s: str) -> str:
     return s.replace("\r", " ").replace("\n", " ")[:512]
 
 
-def _params(template: str, subject: str) -> dict[str, str]:
-    if "{" not in template:
-        return {}
-    out = {}
-    for t, s in zip(template.split("."), subject.split("."), strict=False):
-        if t.startswith("{") and t.endswith("}"):
-            out[t[1:-1]] = s
-    return out
-
-
 async def start(defn: ServiceDef, config: VNetConfig, *, nc: Client | None = None,
                 params: dict[str, str] | None = None, redis: Any = None) -> Runtime:
-    """Connect (unless given a client), register every op, start background work."""
+    """Connect (unless given a client), register every op, start background work.
+
+    A client or Redis connection passed in stays open when the service stops.
+    """
     params = params or {}
     own_nc = nc is None
     if nc is None:
         nc = await nats_adapter.connect(config, f"vnet-{defn.name}@{socket.gethostname()}")
-    if defn.uses_redis and redis is None:
-        from vnet.adapters import redis as redis_adapter
+    own_redis = redis is None
+    try:
+        if defn.uses_redis and redis is None:
+            from vnet.adapters import redis as redis_adapter
 
-        redis = redis_adapter.connect(config)
-        await redis_adapter.ping(redis, config.redis_url)
-    rt = Runtime(defn, config, nc, params=params, redis=redis)
+            redis = redis_adapter.connect(config)
+            await redis_adapter.ping(redis, config.redis_url)
+    except BaseException:
+        if own_nc:
+            await nc.close()
+        if redis is not None and own_redis:
+            await redis.aclose()
+        raise
+    rt = Runtime(defn, config, nc, params=params, redis=redis, own_nc=own_nc, own_redis=own_redis)
     try:
         await nats_adapter.ensure_events_stream(rt.js)
         meta = {"vnet.service": defn.name, **{f"vnet.{k}": v for k, v in params.items()}}
@@ -355,18 +636,52 @@ async def start(defn: ServiceDef, config: VNetConfig, *, nc: Client | None = Non
         ops = [Op("health", health_subject, Empty, _health), *defn.ops]
         for hook in defn.on_start:
             await hook(rt)
+        queue = f"vnet-{defn.name}"
         for op in ops:
-            concrete = op.subject.format(**{k: v for k, v in params.items() if "{" + k + "}" in op.subject.template})
-            await micro.add_endpoint(EndpointConfig(name=op.name, subject=concrete, handler=rt._make_handler(op),
-                                                    queue_group=f"vnet-{defn.name}"))
-        await nc.flush()
-        rt.spawn(rt._report_loop(), "metrics-report")
-        await rt._report_metrics()
+            b = _Bound(defn.name, op, params)
+            ep = _StatsEndpoint(micro, EndpointConfig(
+                name=op.endpoint_name, subject=b.subscribe_subject, handler=_unused_handler, queue_group=queue,
+                metadata={"vnet.op": op.name, "vnet.subject": op.subject.template,
+                          "vnet.request": getattr(op.req_type, "__name__", str(op.req_type)),
+                          "vnet.max_bytes": str(op.max_bytes)}))
+            ep._subscription = await nc.subscribe(b.subscribe_subject, queue=queue, cb=rt._make_handler(b))
+            b.micro = ep
+            micro._endpoints.append(ep)
+            rt._endpoints[op.name] = b
+        await nats_adapter.flush(nc)  # answering from here on: not just nc.flush(), see there
+        if config.metrics_enabled:
+            rt.spawn(rt._report_loop(), "metrics-report")
+            await rt._report_metrics()
     except BaseException:
-        if own_nc:
-            await nc.close()
+        await _abort(rt)
         raise
     return rt
+
+
+async def _unused_handler(request: Any) -> None:  # the endpoint subscriptions are ours (see Runtime._run)
+    raise RuntimeError("not called")
+
+
+async def _abort(rt: Runtime) -> None:
+    """Undo a half-done start: nothing registered stays behind."""
+    rt._stopping = True
+    await rt._cancel_background()
+    await rt._workers.close()
+    for b in rt._endpoints.values():
+        sub = b.micro._subscription if b.micro is not None else None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+    if rt._micro is not None:
+        rt._micro._endpoints = []
+        try:
+            await rt._micro.stop()
+        except Exception:
+            pass
+    await rt._close_connections(2.0)
+    rt._stopped.set()
 
 
 def decode_reply(data: bytes, tp: type[Rep]) -> Rep:

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -26,6 +27,7 @@ from vnet.adapters import redis as redis_adapter
 from vnet.adapters.nats import DurableConsumer
 from vnet.contracts import subjects
 from vnet.contracts.messages import Empty, MetricsReport, MetricsSummary
+from vnet.core import errors as E
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,17 @@ async def _start(rt: Runtime) -> None:
 
     st = State()
     rt.state["metrics"] = st
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(VNetCollector(st))
+    host, port = rt.config.metrics_http_host, rt.config.metrics_http_port
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise E.make(E.UNAVAILABLE, f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; free the "
+                     "port or choose another with VNET_METRICS_HTTP_PORT (0 picks a free one)",
+                     host=host, port=port) from None
+    st.http_port = int(server.server_address[1])
+    rt.state["http"] = (server, thread)
 
     async def on_report(msg: Msg) -> None:
         try:
@@ -123,9 +136,6 @@ async def _start(rt: Runtime) -> None:
         with st.lock:
             st.reports[(rep.service, rep.instance)] = rep
 
-    rt.state["report_sub"] = await rt.nc.subscribe(subjects.METRICS_REPORT.wildcard(), cb=on_report)
-    # Ask every running instance for a snapshot now rather than waiting for its next tick.
-
     async def on_event(msg: Msg) -> None:
         parts = msg.subject.split(".")
         if len(parts) >= 4:
@@ -135,9 +145,18 @@ async def _start(rt: Runtime) -> None:
         if len(parts) >= 3 and parts[2] in ("network", "endpoint"):
             await _refresh(rt, st)
 
-    consumer = DurableConsumer(rt.js, "vnet-metrics", deliver_all=False)
-    await consumer.start(on_event)
-    rt.state["consumer"] = consumer
+    try:
+        # Every metrics replica hears every report (no queue group), so each serves the whole picture.
+        rt.state["report_sub"] = await rt.nc.subscribe(subjects.METRICS_REPORT.wildcard(), cb=on_report)
+        # One consumer per instance, so every replica counts every event (a shared durable would
+        # split them between replicas); the server drops it if the instance dies without stopping.
+        consumer = DurableConsumer(rt.js, f"vnet-metrics-{rt.instance}", deliver_all=False,
+                                   inactive_threshold_s=300.0)
+        rt.state["consumer"] = consumer
+        await consumer.start(on_event)
+    except BaseException:  # the runtime runs no stop hook after a failed start
+        await _stop(rt)
+        raise
 
     async def refresher() -> None:
         while True:
@@ -145,24 +164,25 @@ async def _start(rt: Runtime) -> None:
             await asyncio.sleep(REFRESH_S)
 
     rt.spawn(refresher(), "refresh")
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(VNetCollector(st))
-    server, thread = start_http_server(rt.config.metrics_http_port, addr=rt.config.metrics_http_host,
-                                       registry=registry)
-    st.http_port = int(server.server_address[1])
-    rt.state["http"] = (server, thread)
-    log.info("serving /metrics on http://%s:%d/metrics", rt.config.metrics_http_host, st.http_port)
+    log.info("serving /metrics on http://%s:%d/metrics", host, st.http_port)
 
 
 @SERVICE.stopping
 async def _stop(rt: Runtime) -> None:
-    consumer: DurableConsumer | None = rt.state.get("consumer")
+    sub: Subscription | None = rt.state.pop("report_sub", None)
+    if sub is not None:
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:
+            log.debug("unsubscribe %s: %s", subjects.METRICS_REPORT, exc)
+    consumer: DurableConsumer | None = rt.state.pop("consumer", None)
     if consumer:
-        await consumer.stop()
-    http = rt.state.get("http")
+        await consumer.stop(delete=True)
+    http = rt.state.pop("http", None)
     if http:
         server, _thread = http
-        server.shutdown()
+        # shutdown() blocks until serve_forever notices (up to its 0.5 s poll): not on the loop.
+        await asyncio.to_thread(server.shutdown)
         server.server_close()
 
 
