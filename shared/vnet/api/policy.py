@@ -1,9 +1,56 @@
-"""VNetManager methods of the policy service."""
+"""VNetManager methods of the policy service: allow rules, explain, node rulesets.
+
+::
+
+    await m.put_rule(AllowRule(id="web-db", from_=[Selector(labels={"role": "web"})],
+                               to=[Selector(labels={"role": "db"})],
+                               ports=[PortSpec(protocol="tcp", port=5432)]))
+    v = await m.explain("ep-a", "ep-b", protocol="tcp", port=5432)
+    v.allowed, v.path, v.rules, v.reasons
+
+Isolation modes change through :meth:`update_network` (``isolation=...``).
+"""
 
 from __future__ import annotations
 
 from vnet.client import ClientBase
+from vnet.contracts import subjects
+from vnet.contracts.policy import (
+    AllowRule,
+    ExplainRequest,
+    RuleDelete,
+    RuleDeleted,
+    RuleGet,
+    RuleList,
+    RulePage,
+    RulePut,
+    RulesetReply,
+    RulesetRequest,
+    Verdict,
+)
+from vnet.core.policy import Protocol
 
 
 class PolicyAPI(ClientBase):
-    pass
+    async def put_rule(self, rule: AllowRule, *, request_id: str | None = None) -> AllowRule:
+        """Create or replace (whole) the allow rule ``rule.id``."""
+        return await self.call(subjects.POLICY_RULE_PUT, RulePut(rule=rule, request_id=request_id), AllowRule)
+
+    async def get_rule(self, rule_id: str) -> AllowRule:
+        return await self.call(subjects.POLICY_RULE_GET, RuleGet(id=rule_id), AllowRule)
+
+    async def list_rules(self) -> list[AllowRule]:
+        return (await self.call(subjects.POLICY_RULE_LIST, RuleList(), RulePage)).rules
+
+    async def delete_rule(self, rule_id: str, *, request_id: str | None = None) -> RuleDeleted:
+        return await self.call(subjects.POLICY_RULE_DELETE, RuleDelete(id=rule_id, request_id=request_id),
+                               RuleDeleted)
+
+    async def explain(self, src: str, dst: str, *, protocol: Protocol = "tcp", port: int | None = None) -> Verdict:
+        """Why ``src`` can or cannot open a connection to ``dst`` (endpoint ids or addresses)."""
+        return await self.call(subjects.POLICY_EXPLAIN, ExplainRequest(src=src, dst=dst, protocol=protocol,
+                                                                         port=port), Verdict)
+
+    async def node_ruleset(self, node: str) -> RulesetReply:
+        """The compiled nft script of node ``node`` and its version."""
+        return await self.call(subjects.POLICY_RULESET, RulesetRequest(node=node), RulesetReply)

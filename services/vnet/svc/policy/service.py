@@ -1,7 +1,160 @@
-"""Isolation and allow rules, explain (filled by the policy issue)."""
+"""Isolation and allow rules, explain, and the node workers' compiled rulesets.
+
+Operations (subjects in ``contracts/subjects.py``, types in ``contracts/policy.py``):
+
+* ``rule.put`` — create or replace an allow rule (an update replaces the whole rule);
+  ``rule.get`` / ``rule.list`` / ``rule.delete``;
+* ``explain`` — the verdict for a flow with its reason chain (:meth:`Policy.verdict`);
+* ``ruleset.get`` — node ``node``'s ruleset, rendered to one nft script, with a
+  version hash (the node worker applies it when the version changed).
+
+Isolation modes are changed through the network service (``vnet.network.update``
+``isolation``): the mode lives in the network's record, one way only. Networks and
+endpoints are read from their services (``vnet.network.list``,
+``vnet.endpoint.list``); the rules live in Redis under one hash tag
+(``vnet:{policy:global}:rules``). A rule change publishes ``vnet.evt.policy.rules.<id>``;
+node workers refetch their ruleset on it and on network / endpoint events.
+"""
 
 from __future__ import annotations
 
-from vnet.runtime.service import ServiceDef
+import hashlib
+import logging
+from typing import Any
 
-SERVICE = ServiceDef("policy", "Isolation modes, allow rules, explain")
+import msgspec
+
+from vnet.adapters.redis import key
+from vnet.contracts import subjects
+from vnet.contracts.endpoint import EndpointList, EndpointPage
+from vnet.contracts.network import NetworkList, NetworkPage
+from vnet.contracts.policy import (
+    ExplainRequest,
+    RuleDelete,
+    RuleDeleted,
+    RuleGet,
+    RuleList,
+    RulePage,
+    RulePut,
+    RulesetReply,
+    RulesetRequest,
+    policy_endpoint,
+    policy_network,
+)
+from vnet.core import errors as E
+from vnet.core import nft
+from vnet.core.policy import AllowRule, Policy, Verdict, validate_rule
+from vnet.runtime.service import Ctx, ServiceDef
+
+log = logging.getLogger(__name__)
+
+SERVICE = ServiceDef("policy", "Isolation modes, allow rules, explain, compiled rulesets")
+
+RULES_KEY = key("policy", "global", "rules")  # vnet:{policy:global}:rules, a hash: rule id -> JSON
+IDEM_PREFIX = key("policy", "global", "idem") + ":"
+IDEM_TTL_S = 24 * 3600
+PAGE = 1000
+
+
+def _redis(ctx: Ctx) -> Any:
+    return ctx.rt.redis
+
+
+async def _rules(ctx: Ctx) -> list[AllowRule]:
+    raw: dict[bytes, bytes] = await _redis(ctx).hgetall(RULES_KEY)
+    return sorted((msgspec.json.decode(v, type=AllowRule) for v in raw.values()), key=lambda r: r.id)
+
+
+async def _event(ctx: Ctx, ident: str, payload: Any) -> None:
+    try:
+        await ctx.publish_event("policy", "rules", ident, payload)
+    except Exception as exc:  # committed already: log, the periodic resync catches up
+        log.error("could not publish policy.rules for %s: %s", ident, exc)
+
+
+async def _idem(ctx: Ctx, op: str, request_id: str | None) -> bytes | None:
+    if not request_id:
+        return None
+    got: bytes | None = await _redis(ctx).get(f"{IDEM_PREFIX}{op}:{request_id}")
+    return got
+
+
+async def _idem_put(ctx: Ctx, op: str, request_id: str | None, value: bytes) -> None:
+    if request_id:
+        await _redis(ctx).set(f"{IDEM_PREFIX}{op}:{request_id}", value, ex=IDEM_TTL_S)
+
+
+@SERVICE.op("rule.put", subjects.POLICY_RULE_PUT, RulePut)
+async def rule_put(ctx: Ctx, req: RulePut) -> AllowRule:
+    prev = await _idem(ctx, "put", req.request_id)
+    if prev is not None:
+        return msgspec.json.decode(prev, type=AllowRule)
+    validate_rule(req.rule)
+    body = msgspec.json.encode(req.rule)
+    await _redis(ctx).hset(RULES_KEY, req.rule.id.encode(), body)
+    await _idem_put(ctx, "put", req.request_id, body)
+    await _event(ctx, req.rule.id, req.rule)
+    return req.rule
+
+
+@SERVICE.op("rule.get", subjects.POLICY_RULE_GET, RuleGet)
+async def rule_get(ctx: Ctx, req: RuleGet) -> AllowRule:
+    raw: bytes | None = await _redis(ctx).hget(RULES_KEY, req.id.encode())
+    if raw is None:
+        raise E.make(E.RULE_NOT_FOUND, f"no allow rule has id {req.id!r}; `vnetctl policy ls` lists them", rule=req.id)
+    return msgspec.json.decode(raw, type=AllowRule)
+
+
+@SERVICE.op("rule.list", subjects.POLICY_RULE_LIST, RuleList)
+async def rule_list(ctx: Ctx, req: RuleList) -> RulePage:
+    return RulePage(rules=await _rules(ctx))
+
+
+@SERVICE.op("rule.delete", subjects.POLICY_RULE_DELETE, RuleDelete)
+async def rule_delete(ctx: Ctx, req: RuleDelete) -> RuleDeleted:
+    prev = await _idem(ctx, "delete", req.request_id)
+    if prev is not None:
+        return msgspec.json.decode(prev, type=RuleDeleted)
+    n = await _redis(ctx).hdel(RULES_KEY, req.id.encode())
+    out = RuleDeleted(id=req.id, deleted=bool(n))
+    await _idem_put(ctx, "delete", req.request_id, msgspec.json.encode(out))
+    if n:
+        await _event(ctx, req.id, out)
+    return out
+
+
+async def _policy(ctx: Ctx, node: str | None = None) -> Policy:
+    """Networks and endpoints from their services, rules from Redis."""
+    nets = []
+    cursor: str | None = None
+    while True:
+        page = await ctx.request(subjects.NETWORK_LIST, NetworkList(limit=PAGE, cursor=cursor), NetworkPage)
+        nets += page.networks
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    eps = []
+    cursor = None
+    while True:
+        ep_page = await ctx.request(subjects.ENDPOINT_LIST, EndpointList(limit=PAGE, cursor=cursor), EndpointPage)
+        eps += ep_page.endpoints
+        cursor = ep_page.next_cursor
+        if cursor is None:
+            break
+    return Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], await _rules(ctx))
+
+
+@SERVICE.op("explain", subjects.POLICY_EXPLAIN, ExplainRequest)
+async def explain(ctx: Ctx, req: ExplainRequest) -> Verdict:
+    pol = await _policy(ctx)
+    return pol.verdict(req.src, req.dst, req.protocol, req.port)
+
+
+@SERVICE.op("ruleset.get", subjects.POLICY_RULESET, RulesetRequest)
+async def ruleset(ctx: Ctx, req: RulesetRequest) -> RulesetReply:
+    pol = await _policy(ctx, req.node)
+    rs = pol.compile(req.node)
+    script = nft.render(rs)
+    version = hashlib.sha256(script.encode()).hexdigest()[:16]
+    return RulesetReply(node=req.node, version=version, script=script, endpoints=len(rs.ports),
+                        rules=len(pol.rules))

@@ -1,0 +1,101 @@
+"""Policy wire types (``vnet.policy.*``) and the translation of stored records to the engine's inputs.
+
+Rules travel as :class:`vnet.core.policy.AllowRule` (``{"id", "from": [selector],
+"to": [selector], "ports": [{"protocol", "port", "end_port"}]}``). Isolation modes
+are changed through the network service (``vnet.network.update`` with
+``isolation``); the policy service reads networks and endpoints from their services.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from vnet.contracts.endpoint import EndpointInfo
+from vnet.contracts.messages import RequestId
+from vnet.contracts.network import NodeId
+from vnet.core.model import VirtualNetwork
+from vnet.core.policy import (
+    AllowRule,
+    Party,
+    PolicyEndpoint,
+    PolicyNetwork,
+    PortSpec,
+    Protocol,
+    RuleId,
+    Selector,
+    Verdict,
+)
+
+__all__ = [
+    "AllowRule", "ExplainRequest", "Party", "PortSpec", "RuleDelete", "RuleDeleted", "RuleGet", "RuleList",
+    "RulePut", "RulesetReply", "RulesetRequest", "Selector", "Verdict", "policy_endpoint", "policy_network",
+]
+
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class RulePut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Create or replace (an update replaces the whole rule) the allow rule ``rule.id``."""
+
+    rule: AllowRule
+    request_id: RequestId | None = None
+
+
+class RuleGet(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: RuleId
+
+
+class RuleDelete(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: RuleId
+    request_id: RequestId | None = None
+
+
+class RuleDeleted(msgspec.Struct, kw_only=True):
+    id: str
+    deleted: bool
+
+
+class RuleList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RulePage(msgspec.Struct, kw_only=True):
+    rules: list[AllowRule]
+
+
+class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Why can (or cannot) ``src`` open a connection to ``dst``? Each is an endpoint id
+    or an IP address (an address no network holds is external)."""
+
+    src: Ref
+    dst: Ref
+    protocol: Protocol = "tcp"
+    port: Port | None = None
+
+
+class RulesetRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The compiled ruleset of node ``node`` (the node worker's fetch)."""
+
+    node: NodeId
+
+
+class RulesetReply(msgspec.Struct, kw_only=True):
+    node: str
+    version: str  # hash of the script: unchanged version -> nothing to apply
+    script: str  # one nft transaction (vnet.core.nft.render)
+    endpoints: int
+    rules: int
+
+
+def policy_network(n: VirtualNetwork) -> PolicyNetwork:
+    return PolicyNetwork.from_record(n)
+
+
+def policy_endpoint(ep: EndpointInfo) -> PolicyEndpoint:
+    """A stored endpoint as the engine sees it (host-driver endpoints have no bridge port)."""
+    ips = tuple(a for a in (ep.ip_address, ep.ipv6_address) if a)
+    return PolicyEndpoint(id=ep.id, network=ep.network_id, ips=ips, mac=ep.mac_address, labels=dict(ep.labels),
+                          node=ep.node, host_ifname="-" if ep.driver.value == "host" else "")

@@ -1,0 +1,736 @@
+"""The policy engine (pure): isolation verdicts with their reasons, and the per-host ruleset.
+
+One engine answers two questions from the same inputs (networks with their isolation
+mode and relations, endpoints with addresses, MACs and labels, and allow rules):
+
+* :meth:`Policy.verdict` — is a NEW flow ``(src, dst, protocol, port)`` allowed, and
+  why (the path relation, each side's mode, the rule(s) that allowed it);
+* :meth:`Policy.compile` — the ruleset model of one host (:class:`Ruleset`: port
+  bindings, bridge pairs the modes allow, rule elements), rendered to one nftables
+  script by :mod:`vnet.core.nft`.
+
+Semantics (DESIGN section 4), as built here:
+
+* a path exists between two endpoints when they share a network or their networks
+  are directly related (connected, parent/child edge, shared mesh group) — symmetric
+  and not transitive; every endpoint also has a path to external addresses;
+* a flow between two endpoints is allowed by the modes iff a path exists and
+  both sides allow it: same network — the mode is not ``full``; two related networks —
+  both are ``mesh_only`` or ``none`` (``peer_only`` keeps to its own network, ``full``
+  to nothing);
+* endpoint -> external (including any host/gateway address): only ``none``;
+  external -> endpoint: only ``none``, or a port the endpoint publishes (on the host's
+  addresses: DNAT, no user-space proxy; hairpin from None networks);
+* allow rules are directional (``from`` initiates toward ``to``), additive in every
+  mode, authorise both sides of exactly those flows and never create a path between
+  unrelated networks; selector fields AND together, list entries OR; a selector with
+  only ``cidr`` also selects external addresses; ``ports`` absent = every protocol
+  (ICMP included); ``{protocol}``, ``{protocol, port}``, ``{protocol, port,
+  end_port}`` inclusive; ``icmp`` means ICMP for IPv4 and ICMPv6 for IPv6;
+* anti-spoofing is not a verdict: a source address that no endpoint owns (and that
+  is inside one of our networks) can never send (:class:`Verdict` says so).
+
+The data-plane sets are expanded per endpoint pair (rules) and per bridge pair
+(modes) so the per-packet cost is a fixed number of set lookups whatever the number
+of rules or endpoints; see ``docs/policy.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import ipaddress
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Literal
+
+import msgspec
+
+from vnet.core import errors as E
+from vnet.core import naming
+from vnet.core.model import IsolationMode, VirtualNetwork
+
+Protocol = Literal["tcp", "udp", "sctp", "icmp"]
+PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp"})
+IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+RuleId = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")]
+SelStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class PolicyNetwork(msgspec.Struct, frozen=True, kw_only=True):
+    """A network as the engine sees it."""
+
+    id: str
+    mode: IsolationMode
+    cidrs: tuple[str, ...] = ()
+    gateways: tuple[str, ...] = ()  # host addresses on the network's bridge (count as external)
+    connected: tuple[str, ...] = ()
+    parent: str | None = None
+    children: tuple[str, ...] = ()
+    mesh_groups: tuple[str, ...] = ()
+    bridge: str = ""  # empty: naming.bridge_name(id)
+
+    def bridge_name(self) -> str:
+        return self.bridge or naming.bridge_name(self.id)
+
+    @classmethod
+    def from_record(cls, n: VirtualNetwork) -> PolicyNetwork:
+        cidrs = tuple(c for c in (n.cidr, n.cidr_v6) if c)
+        gws = tuple(g for g in (n.gateway, n.gateway_v6) if g)
+        return cls(id=n.id, mode=n.isolation_mode, cidrs=cidrs, gateways=gws, connected=tuple(n.connected),
+                   parent=n.parent, children=tuple(n.children), mesh_groups=tuple(n.mesh_groups))
+
+
+class Published(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A container port published on the host's addresses (``host_port`` -> ``port``)."""
+
+    protocol: Literal["tcp", "udp"]
+    host_port: Port
+    port: Port
+
+
+class PolicyEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """An endpoint as the engine sees it (addresses without prefix length)."""
+
+    id: str
+    network: str
+    ips: tuple[str, ...]
+    mac: str
+    labels: dict[str, str] = {}
+    node: str = ""
+    host_ifname: str = ""  # empty: naming.veth_name(id); "-": no bridge port (host driver)
+    published: tuple[Published, ...] = ()
+
+    def port_name(self) -> str:
+        return self.host_ifname or naming.veth_name(self.id)
+
+
+class Selector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Selects endpoints (fields AND together) or, with only ``cidr``, addresses."""
+
+    endpoint: SelStr | None = None
+    network: SelStr | None = None
+    labels: dict[str, str] | None = None
+    cidr: SelStr | None = None
+
+    def only_cidr(self) -> bool:
+        return self.cidr is not None and self.endpoint is None and self.network is None and not self.labels
+
+
+class PortSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    protocol: Protocol
+    port: Port | None = None
+    end_port: Port | None = None
+
+    def range(self) -> tuple[int, int] | None:
+        if self.port is None:
+            return None
+        return self.port, self.end_port if self.end_port is not None else self.port
+
+
+class AllowRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Allow flows initiated by a ``from`` match toward a ``to`` match (on ``ports``)."""
+
+    id: RuleId
+    from_: Annotated[list[Selector], msgspec.Meta(min_length=1, max_length=64)] = msgspec.field(name="from")
+    to: Annotated[list[Selector], msgspec.Meta(min_length=1, max_length=64)]
+    ports: Annotated[list[PortSpec], msgspec.Meta(min_length=1, max_length=64)] | None = None
+    description: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+
+def validate_rule(rule: AllowRule) -> None:
+    """Raise ``invalid_request`` for a rule the engine cannot compile faithfully."""
+    for side, sels in (("from", rule.from_), ("to", rule.to)):
+        for s in sels:
+            if s.endpoint is None and s.network is None and not s.labels and s.cidr is None:
+                raise E.make(E.INVALID_REQUEST, f"rule {rule.id}: an empty selector in {side!r} would select "
+                             "everything; name an endpoint, network, labels or cidr", rule=rule.id)
+            if s.cidr is not None:
+                try:
+                    ipaddress.ip_network(s.cidr, strict=True)
+                except ValueError as exc:
+                    raise E.make(E.INVALID_CIDR, f"rule {rule.id}: selector cidr {s.cidr!r}: {exc}",
+                                 rule=rule.id) from None
+    for p in rule.ports or []:
+        if p.protocol not in PORT_PROTOCOLS and p.port is not None:
+            raise E.make(E.INVALID_REQUEST, f"rule {rule.id}: protocol {p.protocol} has no ports", rule=rule.id)
+        if p.end_port is not None and (p.port is None or p.end_port < p.port):
+            raise E.make(E.INVALID_REQUEST, f"rule {rule.id}: end_port needs a port not above it", rule=rule.id)
+
+
+# ----------------------------------------------------------------------------- verdict
+
+PartyKind = Literal["endpoint", "external", "host", "unassigned"]
+
+
+class Party(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    kind: PartyKind
+    address: str
+    endpoint: str | None = None
+    network: str | None = None
+    mode: str | None = None
+
+
+class Verdict(msgspec.Struct, kw_only=True):
+    """The answer for one NEW flow (replies of an allowed flow always pass)."""
+
+    allowed: bool
+    src: Party
+    dst: Party
+    protocol: str
+    port: int | None
+    path: list[str]  # relations: "same", "connected", "parent", "child", "mesh:<group>", "external"; [] = none
+    by: Literal["mode", "rule", "denied"]
+    rules: list[str]  # ids of the rules that allow the flow (when the modes do not)
+    reasons: list[str]  # the chain, for people
+
+
+# ----------------------------------------------------------------------------- ruleset model
+
+Addr = str  # an address, a CIDR or a range "a-b" (nft syntax)
+
+
+class PortBinding(msgspec.Struct, frozen=True, kw_only=True):
+    """Anti-spoofing binding of one bridge port (a local endpoint)."""
+
+    ifname: str
+    mac: str
+    ipv4: tuple[str, ...]
+    ipv6: tuple[str, ...]
+    full: bool  # non-IP frames are dropped (Full network)
+    endpoint: str
+
+
+class FamilySets(msgspec.Struct, kw_only=True):
+    """Rule elements for one family and direction; no two elements overlap."""
+
+    all: list[tuple[Addr, Addr]] = []
+    proto: list[tuple[Addr, Addr, str]] = []
+    port: list[tuple[Addr, Addr, str, int, int]] = []
+
+    def size(self) -> int:
+        return len(self.all) + len(self.proto) + len(self.port)
+
+
+class Ruleset(msgspec.Struct, kw_only=True):
+    """Everything one host's nftables tables hold (rendered by :mod:`vnet.core.nft`)."""
+
+    node: str
+    bridges: list[str]  # every bridge of a network in play
+    none_bridges: list[str]  # bridges whose networks may use the uplink (egress masquerade)
+    net_pairs: list[tuple[str, str]]  # (in bridge, out bridge) the modes allow
+    ports: list[PortBinding]
+    internal4: FamilySets
+    internal6: FamilySets
+    egress4: FamilySets  # endpoint -> external (incl. host addresses)
+    egress6: FamilySets
+    ingress4: FamilySets  # external -> endpoint
+    ingress6: FamilySets
+    published4: list[tuple[str, int, str, int]] = []  # (protocol, host port, endpoint address, port): DNAT
+
+    def version(self) -> str:
+        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- engine
+
+_PROTO_ALL = "*"
+
+
+def _mode_allows(a: PolicyNetwork, b: PolicyNetwork, rel: Sequence[str]) -> bool:
+    if not rel:
+        return False
+    if a.id == b.id:
+        return a.mode != IsolationMode.FULL
+    relaxed = (IsolationMode.MESH_ONLY, IsolationMode.NONE)
+    return a.mode in relaxed and b.mode in relaxed
+
+
+def _l4(protocol: str, family: int) -> str:
+    if protocol == "icmp":
+        return "icmp" if family == 4 else "ipv6-icmp"
+    return protocol
+
+
+class Policy:
+    """The engine over one snapshot of networks, endpoints and rules."""
+
+    def __init__(self, networks: Iterable[PolicyNetwork], endpoints: Iterable[PolicyEndpoint],
+                 rules: Iterable[AllowRule] = ()) -> None:
+        self.networks: dict[str, PolicyNetwork] = {n.id: n for n in networks}
+        self.endpoints: dict[str, PolicyEndpoint] = {e.id: e for e in endpoints}
+        self.rules: list[AllowRule] = sorted(rules, key=lambda r: r.id)
+        self._by_ip: dict[IPAddr, PolicyEndpoint] = {}
+        self._ips: dict[str, tuple[IPAddr, ...]] = {}
+        for e in self.endpoints.values():
+            self._ips[e.id] = tuple(ipaddress.ip_address(a) for a in e.ips)
+            for ip in self._ips[e.id]:
+                self._by_ip[ip] = e
+        self._gateways: dict[IPAddr, str] = {}
+        self._nets: list[tuple[IPNet, str]] = []
+        for n in self.networks.values():
+            for g in n.gateways:
+                self._gateways[ipaddress.ip_address(g.split("/")[0])] = n.id
+            for c in n.cidrs:
+                self._nets.append((ipaddress.ip_network(c, strict=False), n.id))
+        self._nets.sort(key=lambda t: -t[0].prefixlen)  # most specific first (children inside parents)
+        self._cidrs: dict[str, IPNet] = {}
+        # indexes for selector matching: compile cost ~ the endpoints a rule selects, not all of them
+        self._by_net: dict[str, list[PolicyEndpoint]] = {}
+        self._sorted_ips_ready = False
+        self._by_label: dict[tuple[str, str], list[PolicyEndpoint]] = {}
+        self._sorted_ips: dict[int, list[tuple[int, str]]] = {4: [], 6: []}
+        # a host port of one node maps to one endpoint: the first by id that publishes it
+        self._pub_owner: dict[tuple[str, str, int], str] = {}
+        for e in sorted(self.endpoints.values(), key=lambda x: x.id):
+            for pb in e.published:
+                self._pub_owner.setdefault((e.node, pb.protocol, pb.host_port), e.id)
+            self._by_net.setdefault(e.network, []).append(e)
+            for ip in self._ips[e.id]:
+                self._sorted_ips[ip.version].append((int(ip), e.id))
+            for kv in e.labels.items():
+                self._by_label.setdefault(kv, []).append(e)
+
+    # -- topology ------------------------------------------------------------------
+    def relations(self, a: str, b: str) -> list[str]:
+        """Direct relations between networks ``a`` and ``b`` (symmetric, not transitive)."""
+        if a == b:
+            return ["same"]
+        na, nb = self.networks.get(a), self.networks.get(b)
+        if na is None or nb is None:
+            return []
+        out: list[str] = []
+        if b in na.connected or a in nb.connected:
+            out.append("connected")
+        if na.parent == b or a in nb.children:
+            out.append("parent")
+        if nb.parent == a or b in na.children:
+            out.append("child")
+        out += [f"mesh:{m}" for m in sorted(set(na.mesh_groups) & set(nb.mesh_groups))]
+        return out
+
+    def _cidr(self, c: str) -> IPNet:
+        n = self._cidrs.get(c)
+        if n is None:
+            n = self._cidrs[c] = ipaddress.ip_network(c, strict=False)
+        return n
+
+    # -- selectors -----------------------------------------------------------------
+    def _sel_ep(self, s: Selector, e: PolicyEndpoint) -> bool:
+        if s.endpoint is not None and s.endpoint != e.id:
+            return False
+        if s.network is not None and s.network != e.network:
+            return False
+        if s.labels and any(e.labels.get(k) != v for k, v in s.labels.items()):
+            return False
+        if s.cidr is not None:
+            net = self._cidr(s.cidr)
+            if not any(a in net for a in self._ips.get(e.id, ())):
+                return False
+        return True
+
+    def published(self, e: PolicyEndpoint) -> list[Published]:
+        """The ports ``e`` really publishes (a host port another endpoint took first is not)."""
+        return [pb for pb in e.published if self._pub_owner.get((e.node, pb.protocol, pb.host_port)) == e.id]
+
+    def _candidates(self, s: Selector) -> list[PolicyEndpoint]:
+        if s.endpoint is not None:
+            e = self.endpoints.get(s.endpoint)
+            return [e] if e is not None else []
+        if s.network is not None:
+            return self._by_net.get(s.network, [])
+        if s.labels:
+            return min((self._by_label.get(kv, []) for kv in s.labels.items()), key=len)
+        if s.cidr is not None:
+            net = self._cidr(s.cidr)
+            lst = self._sorted_ips[net.version]
+            if not self._sorted_ips_ready:
+                for v in lst, self._sorted_ips[10 - net.version]:
+                    v.sort()
+                self._sorted_ips_ready = True
+            lo = bisect.bisect_left(lst, (int(net.network_address), ""))
+            hi = bisect.bisect_right(lst, (int(net.broadcast_address), "\U0010ffff"))
+            return [self.endpoints[i] for _, i in lst[lo:hi]]
+        return sorted(self.endpoints.values(), key=lambda x: x.id)
+
+    def select(self, sels: Sequence[Selector]) -> list[PolicyEndpoint]:
+        """The endpoints any of ``sels`` selects, sorted by id."""
+        out: dict[str, PolicyEndpoint] = {}
+        for s in sels:
+            for e in self._candidates(s):
+                if e.id not in out and self._sel_ep(s, e):
+                    out[e.id] = e
+        return [out[k] for k in sorted(out)]
+
+    def _sel_ep_ip(self, s: Selector, e: PolicyEndpoint, ip: IPAddr) -> bool:
+        """Does ``s`` select endpoint ``e`` speaking from/to address ``ip``?"""
+        if not self._sel_ep(s, e):
+            return False
+        return s.cidr is None or ip in self._cidr(s.cidr)
+
+    def _sel_ext(self, s: Selector, ip: IPAddr) -> bool:
+        return s.only_cidr() and s.cidr is not None and ip in self._cidr(s.cidr)
+
+    @staticmethod
+    def _port_match(rule: AllowRule, protocol: str, port: int | None) -> bool:
+        if rule.ports is None:
+            return True
+        for p in rule.ports:
+            if p.protocol != protocol:
+                continue
+            r = p.range()
+            if r is None or (port is not None and r[0] <= port <= r[1]):
+                return True
+        return False
+
+    # -- parties -------------------------------------------------------------------
+    def party(self, ref: str) -> tuple[Party, IPAddr]:
+        """An endpoint id or an address -> who it is."""
+        e = self.endpoints.get(ref)
+        if e is not None:
+            if not e.ips:
+                raise E.make(E.INVALID_REQUEST, f"endpoint {ref} has no address", endpoint=ref)
+            ip = ipaddress.ip_address(e.ips[0])
+            return self._ep_party(e, ip), ip
+        try:
+            ip = ipaddress.ip_address(ref)
+        except ValueError:
+            raise E.make(E.ENDPOINT_NOT_FOUND, f"{ref!r} is neither an endpoint id nor an IP address",
+                         ref=ref) from None
+        e = self._by_ip.get(ip)
+        if e is not None:
+            return self._ep_party(e, ip), ip
+        if ip in self._gateways:
+            return Party(kind="host", address=str(ip), network=self._gateways[ip]), ip
+        for net, nid in self._nets:
+            if net.version == ip.version and ip in net:
+                return Party(kind="unassigned", address=str(ip), network=nid,
+                             mode=self.networks[nid].mode.value), ip
+        return Party(kind="external", address=str(ip)), ip
+
+    def _ep_party(self, e: PolicyEndpoint, ip: IPAddr) -> Party:
+        n = self.networks.get(e.network)
+        return Party(kind="endpoint", address=str(ip), endpoint=e.id, network=e.network,
+                     mode=n.mode.value if n else None)
+
+    # -- verdict -------------------------------------------------------------------
+    def verdict(self, src: str, dst: str, protocol: str = "tcp", port: int | None = None) -> Verdict:
+        """The verdict for a NEW flow from ``src`` to ``dst`` (endpoint ids or addresses)."""
+        if protocol not in ("tcp", "udp", "sctp", "icmp"):
+            raise E.make(E.INVALID_REQUEST, f"protocol {protocol!r}: choose tcp, udp, sctp or icmp",
+                         protocol=protocol)
+        if protocol not in PORT_PROTOCOLS:
+            port = None
+        sp, sip = self.party(src)
+        dp, dip = self.party(dst)
+        if sip.version != dip.version and sp.kind == "endpoint" and src in self.endpoints:
+            e = self.endpoints[src]
+            alt = [ipaddress.ip_address(a) for a in e.ips if ipaddress.ip_address(a).version == dip.version]
+            if alt:
+                sip = alt[0]
+                sp = self._ep_party(e, sip)
+        if dip.version != sip.version and dp.kind == "endpoint" and dst in self.endpoints:
+            e = self.endpoints[dst]
+            alt = [ipaddress.ip_address(a) for a in e.ips if ipaddress.ip_address(a).version == sip.version]
+            if alt:
+                dip = alt[0]
+                dp = self._ep_party(e, dip)
+
+        def out(allowed: bool, path: list[str], by: Literal["mode", "rule", "denied"], rules: list[str],
+                reasons: list[str]) -> Verdict:
+            return Verdict(allowed=allowed, src=sp, dst=dp, protocol=protocol, port=port, path=path, by=by,
+                           rules=rules, reasons=reasons)
+
+        reasons: list[str] = []
+        if sip.version != dip.version:
+            return out(False, [], "denied", [], ["source and destination are of different IP families"])
+        if sp.kind in ("unassigned", "host"):
+            what = "no endpoint owns it" if sp.kind == "unassigned" else "it is a host address"
+            return out(sp.kind == "host", [], "mode" if sp.kind == "host" else "denied", [],
+                       [f"source {sp.address} is in network {sp.network} but {what}"
+                        + ("; anti-spoofing drops it" if sp.kind == "unassigned"
+                           else "; traffic the host starts is always allowed")])
+        if sp.kind == "external" and dp.kind != "endpoint":
+            return out(False, [], "denied", [], ["neither side is an endpoint: VNet does not govern this flow"])
+
+        # -- the path and the modes
+        path: list[str]
+        mode_ok: bool
+        if sp.kind == "endpoint" and dp.kind in ("endpoint", "unassigned"):
+            assert sp.network is not None and dp.network is not None
+            path = self.relations(sp.network, dp.network)
+            if not path:
+                reasons.append(f"no path: networks {sp.network} and {dp.network} are not related "
+                               "(relations are not transitive)")
+                return out(False, [], "denied", [], reasons)
+            reasons.append(f"path: {', '.join(path)} ({sp.network} -> {dp.network})")
+            a, b = self.networks[sp.network], self.networks[dp.network]
+            mode_ok = _mode_allows(a, b, path)
+            if a.id == b.id:
+                reasons.append(f"network {a.id} is {a.mode.value}: peers "
+                               + ("may talk" if mode_ok else "talk only through allow rules"))
+            else:
+                reasons.append(f"source network {a.id} is {a.mode.value} (egress "
+                               + ("allowed" if a.mode in (IsolationMode.MESH_ONLY, IsolationMode.NONE)
+                                  else "to other networks blocked") + ")")
+                reasons.append(f"destination network {b.id} is {b.mode.value} (ingress "
+                               + ("allowed" if b.mode in (IsolationMode.MESH_ONLY, IsolationMode.NONE)
+                                  else "from other networks blocked") + ")")
+        elif sp.kind == "endpoint":  # toward external or a host address
+            assert sp.network is not None
+            path = ["external"]
+            a = self.networks[sp.network]
+            mode_ok = a.mode == IsolationMode.NONE
+            where = "a host address" if dp.kind == "host" else "an external address"
+            reasons.append(f"path: external ({dp.address} is {where}, reached through the host)")
+            reasons.append(f"source network {a.id} is {a.mode.value}: external traffic "
+                           + ("allowed" if mode_ok else "blocked"))
+        else:  # external -> endpoint
+            assert dp.network is not None
+            path = ["external"]
+            b = self.networks[dp.network]
+            mode_ok = b.mode == IsolationMode.NONE
+            reasons.append(f"path: external (inbound from {sp.address})")
+            reasons.append(f"destination network {b.id} is {b.mode.value}: inbound from external "
+                           + ("allowed" if mode_ok else "blocked"))
+            de_ = self.endpoints.get(dp.endpoint or "")
+            pub = [x for x in self.published(de_) if x.protocol == protocol and x.port == port] if de_ else []
+            if not mode_ok and pub:
+                reasons.append(f"{protocol}/{port} is published on the host as port {pub[0].host_port}")
+                return out(True, path, "mode", [], reasons)
+        if mode_ok:
+            return out(True, path, "mode", [], reasons)
+
+        # -- allow rules
+        matched: list[str] = []
+        se = self.endpoints.get(sp.endpoint) if sp.endpoint else None
+        de = self.endpoints.get(dp.endpoint) if dp.endpoint else None
+        for r in self.rules:
+            if not self._port_match(r, protocol, port):
+                continue
+            if se is not None:
+                fm = any(self._sel_ep_ip(s, se, sip) for s in r.from_)
+            else:
+                fm = any(self._sel_ext(s, sip) for s in r.from_)
+            if not fm:
+                continue
+            if de is not None:
+                tm = any(self._sel_ep_ip(s, de, dip) for s in r.to)
+            elif dp.kind in ("external", "host"):
+                tm = any(self._sel_ext(s, dip) for s in r.to)
+            else:
+                tm = False  # an unassigned address of one of our networks: rules select endpoints
+            if tm:
+                matched.append(r.id)
+        if matched:
+            reasons.append(f"allowed by rule(s) {', '.join(matched)}")
+            return out(True, path, "rule", matched, reasons)
+        ports = f"{protocol}/{port}" if port is not None else protocol
+        reasons.append(f"no allow rule matches {sp.address} -> {dp.address} {ports}")
+        return out(False, path, "denied", [], reasons)
+
+    # -- compile -------------------------------------------------------------------
+    def compile(self, node: str | None = None) -> Ruleset:
+        """The ruleset of host ``node`` (``None``: every endpoint is local)."""
+        local = [e for e in self.endpoints.values() if node is None or e.node == node]
+        local_ids = {e.id for e in local}
+        nets_in_play = {e.network for e in local if e.network in self.networks}
+        for nid in list(nets_in_play):
+            nets_in_play |= {o for o in self.networks if self.relations(nid, o)}
+        nets = [self.networks[n] for n in sorted(nets_in_play) if n in self.networks]
+        bridges = sorted({n.bridge_name() for n in nets})
+        none_bridges = sorted({n.bridge_name() for n in nets if n.mode == IsolationMode.NONE})
+        pairs: set[tuple[str, str]] = set()
+        for a in nets:
+            for b in nets:
+                if _mode_allows(a, b, self.relations(a.id, b.id)):
+                    pairs.add((a.bridge_name(), b.bridge_name()))
+        ports: list[PortBinding] = []
+        for e in sorted(local, key=lambda x: x.id):
+            if e.host_ifname == "-" or e.network not in self.networks:
+                continue
+            v4 = tuple(sorted(a for a in e.ips if ipaddress.ip_address(a).version == 4))
+            v6 = tuple(sorted(a for a in e.ips if ipaddress.ip_address(a).version == 6))
+            ports.append(PortBinding(ifname=e.port_name(), mac=naming.normalize_mac(e.mac), ipv4=v4, ipv6=v6,
+                                     full=self.networks[e.network].mode == IsolationMode.FULL, endpoint=e.id))
+
+        acc = _Acc()
+        for r in self.rules:
+            specs = self._specs(r)
+            src_eps = self.select(r.from_)
+            dst_eps = self.select(r.to)
+            ext_from = [self._cidr(s.cidr) for s in r.from_ if s.only_cidr() and s.cidr is not None]
+            ext_to = [self._cidr(s.cidr) for s in r.to if s.only_cidr() and s.cidr is not None]
+            for s in src_eps:
+                sn = self.networks.get(s.network)
+                if sn is None:
+                    continue
+                s_local = s.id in local_ids
+                for d in dst_eps:
+                    if d.id == s.id or (not s_local and d.id not in local_ids):
+                        continue
+                    dn = self.networks.get(d.network)
+                    if dn is None:
+                        continue
+                    rel = self.relations(sn.id, dn.id)
+                    if not rel or _mode_allows(sn, dn, rel):
+                        continue
+                    for sa in s.ips:
+                        sip = ipaddress.ip_address(sa)
+                        if not any(self._sel_ep_ip(x, s, sip) for x in r.from_):
+                            continue
+                        for da in d.ips:
+                            dip = ipaddress.ip_address(da)
+                            if dip.version != sip.version or not any(self._sel_ep_ip(x, d, dip) for x in r.to):
+                                continue
+                            acc.add("int", sip.version, int(sip), int(sip), int(dip), int(dip), specs)
+                if s_local and sn.mode != IsolationMode.NONE:
+                    for sa in s.ips:
+                        sip = ipaddress.ip_address(sa)
+                        if not any(self._sel_ep_ip(x, s, sip) for x in r.from_):
+                            continue
+                        for c in ext_to:
+                            if c.version == sip.version:
+                                acc.add("out", sip.version, int(sip), int(sip), int(c.network_address),
+                                        int(c.broadcast_address), specs)
+            for d in dst_eps:
+                dn = self.networks.get(d.network)
+                if d.id not in local_ids or dn is None or dn.mode == IsolationMode.NONE:
+                    continue
+                for da in d.ips:
+                    dip = ipaddress.ip_address(da)
+                    if not any(self._sel_ep_ip(x, d, dip) for x in r.to):
+                        continue
+                    for c in ext_from:
+                        if c.version == dip.version:
+                            acc.add("in", dip.version, int(c.network_address), int(c.broadcast_address),
+                                    int(dip), int(dip), specs)
+        published4: list[tuple[str, int, str, int]] = []
+        for e in sorted(local, key=lambda x: x.id):
+            a4 = [a for a in self._ips.get(e.id, ()) if a.version == 4]
+            en = self.networks.get(e.network)
+            for pb in self.published(e):
+                if not a4 or en is None:
+                    continue
+                published4.append((pb.protocol, pb.host_port, str(a4[0]), pb.port))
+                if en.mode != IsolationMode.NONE:
+                    acc.add("in", 4, 0, (1 << 32) - 1, int(a4[0]), int(a4[0]), [(pb.protocol, pb.port, pb.port)])
+        return Ruleset(node=node or "", bridges=bridges, none_bridges=none_bridges, net_pairs=sorted(pairs),
+                       published4=sorted(published4),
+                       ports=ports, internal4=acc.sets("int", 4), internal6=acc.sets("int", 6),
+                       egress4=acc.sets("out", 4), egress6=acc.sets("out", 6),
+                       ingress4=acc.sets("in", 4), ingress6=acc.sets("in", 6))
+
+    @staticmethod
+    def _specs(r: AllowRule) -> list[tuple[str, int, int] | None]:
+        """``None`` = every protocol; (protocol, lo, hi) with lo = -1 for protocol-only."""
+        if r.ports is None:
+            return [None]
+        out: list[tuple[str, int, int] | None] = []
+        for p in r.ports:
+            rg = p.range()
+            out.append((p.protocol, -1, -1) if rg is None else (p.protocol, rg[0], rg[1]))
+        return out
+
+
+# ----------------------------------------------------------------------------- element normalisation
+
+class _Acc:
+    """Collects (exact address, address interval, protocol, port interval) and emits
+    non-overlapping set elements (the kernel refuses overlapping interval elements)."""
+
+    def __init__(self) -> None:
+        # key (dir, fam, exact, exact_is_src, proto) -> list of (lo, hi, plo, phi)
+        self.items: dict[tuple[str, int, int, bool, str], list[tuple[int, int, int, int]]] = {}
+
+    def add(self, direction: str, fam: int, slo: int, shi: int, dlo: int, dhi: int,
+            specs: list[tuple[str, int, int] | None]) -> None:
+        exact_is_src = direction != "in"
+        exact, lo, hi = (slo, dlo, dhi) if exact_is_src else (dlo, slo, shi)
+        for spec in specs:
+            if spec is None:
+                proto, plo, phi = _PROTO_ALL, 0, 0
+            else:
+                proto, plo, phi = spec
+                proto = _l4(proto, fam)
+            self.items.setdefault((direction, fam, exact, exact_is_src, proto), []).append((lo, hi, plo, phi))
+
+    def sets(self, direction: str, fam: int) -> FamilySets:
+        fs = FamilySets(all=[], proto=[], port=[])
+        for (d, f, exact, exact_is_src, proto), items in sorted(self.items.items()):
+            if d != direction or f != fam:
+                continue
+            ex = _fmt_addr(fam, exact, exact)
+            if proto == _PROTO_ALL:
+                for lo, hi in _merge((lo, hi) for lo, hi, _, _ in items):
+                    other = _fmt_addr(fam, lo, hi)
+                    fs.all.append((ex, other) if exact_is_src else (other, ex))
+                continue
+            whole = [(lo, hi) for lo, hi, plo, _ in items if plo < 0]
+            for lo, hi in _merge(whole):
+                other = _fmt_addr(fam, lo, hi)
+                fs.proto.append((ex, other, proto) if exact_is_src else (other, ex, proto))
+            ranged = [(lo, hi, plo, phi) for lo, hi, plo, phi in items if plo >= 0]
+            for lo, hi, plo, phi in _disjoint(ranged):
+                other = _fmt_addr(fam, lo, hi)
+                fs.port.append((ex, other, proto, plo, phi) if exact_is_src else (other, ex, proto, plo, phi))
+        return fs
+
+
+def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _disjoint(items: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """(addr lo, hi, port lo, hi) boxes -> boxes covering the same points, none overlapping."""
+    if not items:
+        return []
+    cuts = sorted({lo for lo, _, _, _ in items} | {hi + 1 for _, hi, _, _ in items})
+    out: list[tuple[int, int, int, int]] = []
+    prev: tuple[int, int, list[tuple[int, int]]] | None = None
+    for a, b in itertools.pairwise(cuts):
+        ports = _merge((plo, phi) for lo, hi, plo, phi in items if lo <= a and b - 1 <= hi)
+        if not ports:
+            if prev is not None:
+                out += [(prev[0], prev[1], p, q) for p, q in prev[2]]
+                prev = None
+            continue
+        if prev is not None and prev[2] == ports and prev[1] + 1 == a:
+            prev = (prev[0], b - 1, ports)
+        else:
+            if prev is not None:
+                out += [(prev[0], prev[1], p, q) for p, q in prev[2]]
+            prev = (a, b - 1, ports)
+    if prev is not None:
+        out += [(prev[0], prev[1], p, q) for p, q in prev[2]]
+    return out
+
+
+def _fmt_addr(fam: int, lo: int, hi: int) -> Addr:
+    cls = ipaddress.IPv4Address if fam == 4 else ipaddress.IPv6Address
+    if lo == hi:
+        return str(cls(lo))
+    nets = list(ipaddress.summarize_address_range(cls(lo), cls(hi)))
+    if len(nets) == 1:
+        return str(nets[0])
+    return f"{cls(lo)}-{cls(hi)}"
+
+
+# ----------------------------------------------------------------------------- helpers for callers
+
+
+def endpoint_from_parts(ep_id: str, network: str, ips: Sequence[str], mac: str,
+                        labels: dict[str, str] | None = None, node: str = "") -> PolicyEndpoint:
+    """A :class:`PolicyEndpoint` from addresses given with or without prefix length."""
+    return PolicyEndpoint(id=ep_id, network=network, ips=tuple(a.split("/")[0] for a in ips if a), mac=mac,
+                          labels=dict(labels or {}), node=node)
