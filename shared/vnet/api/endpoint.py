@@ -1,9 +1,129 @@
-"""VNetManager methods of the endpoint service."""
+"""VNetManager methods of the endpoint service: attach and detach containers, the node registry.
+
+The module description's call works as written (``ip`` / ``mac`` ``None`` for automatic)::
+
+    ep = await vnet.create_endpoint("web-1", network.id, None, None)
+    ep = await vnet.create_endpoint("web-1", "example-network", "172.20.0.10", None,
+                                    node="host-a", netns="/proc/4242/ns/net", wait=True)
+    ep.status            # pending -> ready | failed (ep.reason says why)
+    await vnet.delete_endpoint(ep.id, wait=True)
+
+With ``wait=True`` the call returns once the node worker has reported the endpoint
+``ready`` or ``failed`` (or when ``wait_timeout`` passes: then it is still ``pending``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable, Mapping
+
+from vnet.api.network import parse_label_selector
 from vnet.client import ClientBase
+from vnet.contracts import subjects
+from vnet.contracts.endpoint import (
+    DEFAULT_WAIT_S,
+    DesiredReply,
+    DesiredRequest,
+    EndpointCreate,
+    EndpointDelete,
+    EndpointDeleted,
+    EndpointInfo,
+    EndpointList,
+    EndpointPage,
+    EndpointRef,
+    EndpointState,
+    NodeInfo,
+    NodeList,
+    NodeListRequest,
+    NodeStats,
+    ResyncRequest,
+)
+from vnet.contracts.messages import Empty
 
 
 class EndpointAPI(ClientBase):
-    pass
+    def _wait_budget(self, wait: bool, wait_timeout: float) -> float | None:
+        """The request timeout: the service waits up to ``wait_timeout``, then answers."""
+        return wait_timeout + max(self.config.request_timeout_s, 5.0) if wait else None
+
+    async def create_endpoint(
+        self,
+        container_id: str,
+        network_id: str,
+        ip: str | None = None,
+        mac: str | None = None,
+        *,
+        node: str | None = None,
+        netns: str | None = None,
+        ifname: str | None = None,
+        ipv6: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        wait: bool = False,
+        wait_timeout: float = DEFAULT_WAIT_S,
+        request_id: str | None = None,
+    ) -> EndpointInfo:
+        """Attach ``container_id`` to ``network_id`` (id or name); idempotent per (container, network)."""
+        req = EndpointCreate(container_id=container_id, network_id=network_id, ip=ip, ipv6=ipv6, mac=mac, node=node,
+                             netns=netns, ifname=ifname, labels=dict(labels or {}), wait=wait,
+                             wait_timeout_s=wait_timeout, request_id=request_id)
+        return await self.call(subjects.ENDPOINT_CREATE, req, EndpointInfo,
+                               timeout=self._wait_budget(wait, wait_timeout))
+
+    async def get_endpoint(self, endpoint_id: str) -> EndpointInfo:
+        return await self.call(subjects.ENDPOINT_GET, EndpointRef(endpoint_id=endpoint_id), EndpointInfo)
+
+    async def list_endpoints_page(self, *, network: str | None = None, node: str | None = None,
+                                  container: str | None = None,
+                                  labels: Mapping[str, str] | Iterable[str] | None = None,
+                                  status: EndpointState | None = None, limit: int = 1000,
+                                  cursor: str | None = None) -> EndpointPage:
+        req = EndpointList(network=network, node=node, container=container, labels=parse_label_selector(labels),
+                           status=status, limit=limit, cursor=cursor)
+        return await self.call(subjects.ENDPOINT_LIST, req, EndpointPage)
+
+    async def iter_endpoints(self, *, network: str | None = None, node: str | None = None,
+                             container: str | None = None, labels: Mapping[str, str] | Iterable[str] | None = None,
+                             status: EndpointState | None = None, page_size: int = 1000
+                             ) -> AsyncIterator[EndpointInfo]:
+        cursor: str | None = None
+        while True:
+            page = await self.list_endpoints_page(network=network, node=node, container=container, labels=labels,
+                                                  status=status, limit=page_size, cursor=cursor)
+            for e in page.endpoints:
+                yield e
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def list_endpoints(self, *, network: str | None = None, node: str | None = None,
+                             container: str | None = None, labels: Mapping[str, str] | Iterable[str] | None = None,
+                             status: EndpointState | None = None) -> list[EndpointInfo]:
+        """Every endpoint matching the filters (they AND together), ordered by id."""
+        return [e async for e in self.iter_endpoints(network=network, node=node, container=container, labels=labels,
+                                                     status=status)]
+
+    async def delete_endpoint(self, endpoint_id: str, *, force: bool = False, wait: bool = False,
+                              wait_timeout: float = DEFAULT_WAIT_S, request_id: str | None = None) -> EndpointDeleted:
+        """Detach; ``wait``: until the node confirmed the teardown; ``force``: never wait for the node."""
+        req = EndpointDelete(endpoint_id=endpoint_id, force=force, wait=wait, wait_timeout_s=wait_timeout,
+                             request_id=request_id)
+        return await self.call(subjects.ENDPOINT_DELETE, req, EndpointDeleted,
+                               timeout=self._wait_budget(wait and not force, wait_timeout))
+
+    # -- nodes --------------------------------------------------------------------------------
+    async def nodes(self, *, include_gone: bool = False) -> list[NodeInfo]:
+        """Registered node workers: drivers their kernel supports, last heartbeat, endpoint counts."""
+        rep = await self.call(subjects.ENDPOINT_NODE_LIST, NodeListRequest(include_gone=include_gone), NodeList)
+        return rep.nodes
+
+    async def node_desired(self, node: str) -> DesiredReply:
+        """What the endpoint service wants node ``node`` to have (for debugging)."""
+        return await self.call(subjects.ENDPOINT_DESIRED, DesiredRequest(node=node), DesiredReply)
+
+    async def node_stats(self, node: str) -> NodeStats:
+        """The node worker's counters: reconciles, kernel writes, the last full resync."""
+        return await self.call(subjects.NODE_STATS, Empty(), NodeStats, params={"node": node})
+
+    async def node_resync(self, node: str, *, fetch: bool = True, timeout: float = 60.0) -> NodeStats:
+        """Make the node run a full resync now; its counters afterwards."""
+        return await self.call(subjects.NODE_RESYNC, ResyncRequest(fetch=fetch), NodeStats, params={"node": node},
+                               timeout=timeout)

@@ -1,1 +1,313 @@
-"""`vnetctl endpoint ...` verbs."""
+"""``vnetctl endpoint ...`` verbs: create (alias attach), ls, inspect, rm, nodes.
+
+``create`` waits for the node to report (``--no-wait`` returns at once); with several
+containers or ``--count N`` it runs them concurrently behind a progress bar.
+Every verb takes ``--json`` for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vnet.cli.main import cli, console, err_console, load_config, print_json, run_async
+from vnet.client import VNetManager
+from vnet.contracts.endpoint import DEFAULT_WAIT_S, EndpointDeleted, EndpointInfo, NodeInfo
+from vnet.core.errors import VNetError
+
+T = TypeVar("T")
+STATUS_COLOR = {"ready": "green", "pending": "yellow", "failed": "red"}
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{item!r} must be key=value", param_hint=what)
+        out[k] = v
+    return out
+
+
+def _status(e: EndpointInfo) -> str:
+    color = STATUS_COLOR.get(e.status, "white")
+    return f"[{color}]{e.status}[/{color}]"
+
+
+def _line(e: EndpointInfo, net_name: str | None = None) -> str:
+    addrs = " ".join(a for a in (e.ip_address, e.ipv6_address) if a) or "no address (host driver)"
+    where = f"{e.interface_name} " if e.interface_name else ""
+    text = (f"{escape(e.container_id)} → {escape(net_name or e.network_id)}: {where}{addrs} "
+            f"{e.mac_address} on {escape(e.node)} [dim]({e.id})[/dim] {_status(e)}")
+    if e.reason:
+        text += f": {escape(e.reason)}"
+    return text
+
+
+async def _many(items: list[T], fn: Callable[[T], Awaitable[Any]], parallel: int, label: str,
+                show: bool) -> list[Any]:
+    """Run ``fn`` over ``items`` with ``parallel`` in flight; a progress bar when ``show``."""
+    sem = asyncio.Semaphore(parallel)
+    results: list[Any] = [None] * len(items)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, disable=not show, transient=False)
+
+    with progress:
+        task = progress.add_task(label, total=len(items))
+
+        async def one(i: int, item: T) -> None:
+            async with sem:
+                try:
+                    results[i] = await fn(item)
+                except VNetError as err:
+                    results[i] = err
+                progress.advance(task)
+
+        await asyncio.gather(*(one(i, x) for i, x in enumerate(items)))
+    return results
+
+
+@cli.group()
+def endpoint() -> None:
+    """Endpoints: attach containers to networks, list, inspect, detach; the node registry."""
+
+
+def _create_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        click.argument("containers", nargs=-1, required=True),
+        click.option("-n", "--network", required=True, help="Network id or name."),
+        click.option("--ip", default=None, help="Static IPv4 (or IPv6) address (default: the next free one)."),
+        click.option("--ipv6", default=None, help="Static IPv6 address (when the network has an IPv6 subnet)."),
+        click.option("--mac", default=None, help="MAC address (default: random, locally administered)."),
+        click.option("--node", default=None, help="Node the container runs on (default: the only registered one)."),
+        click.option("--netns", default=None, help="Container network namespace: a name under /run/netns or a path "
+                     "such as /proc/<pid>/ns/net (default: the namespace named like the container)."),
+        click.option("--ifname", default=None, help="Interface name in the container (default: eth0, eth1, ...)."),
+        click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label (repeatable)."),
+        click.option("--count", type=click.IntRange(1, 100000), default=None,
+                     help="Attach N containers named CONTAINER-1 .. CONTAINER-N."),
+        click.option("--wait/--no-wait", default=True, show_default=True,
+                     help="Wait until the node reports ready or failed."),
+        click.option("--timeout", type=click.FloatRange(0.1, 600), default=DEFAULT_WAIT_S, show_default=True,
+                     help="How long to wait for the node (seconds)."),
+        click.option("--parallel", type=click.IntRange(1, 256), default=16, show_default=True,
+                     help="Attachments in flight when attaching several."),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+        click.pass_context,
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: str | None, ipv6: str | None,
+            mac: str | None, node: str | None, netns: str | None, ifname: str | None, labels: tuple[str, ...],
+            count: int | None, wait: bool, timeout: float, parallel: int, as_json: bool) -> None:
+    lbls = _pairs(labels, "--label")
+    names = list(containers)
+    if count is not None:
+        if len(names) != 1:
+            raise click.UsageError("--count takes one CONTAINER name (the containers are NAME-1 .. NAME-N)")
+        names = [f"{names[0]}-{i}" for i in range(1, count + 1)]
+    if len(names) > 1 and any(v is not None for v in (ip, ipv6, mac, netns)):
+        raise click.UsageError("--ip, --ipv6, --mac and --netns apply to one container; attach them one by one")
+    cfg = load_config(ctx)
+
+    async def go(m: VNetManager) -> tuple[list[Any], dict[str, str]]:
+        async def one(name: str) -> EndpointInfo:
+            return await m.create_endpoint(name, network, ip, mac, node=node, netns=netns, ifname=ifname, ipv6=ipv6,
+                                           labels=lbls, wait=wait, wait_timeout=timeout)
+
+        if len(names) == 1:
+            results: list[Any] = [await one(names[0])]
+        else:
+            results = await _many(names, one, parallel, f"attaching to {network}", show=not as_json)
+        nets = {n.id: n.name for n in await m.all_networks()} if not as_json else {}
+        return results, nets
+
+    t0 = time.perf_counter()
+    results, nets = run_async(go, cfg)
+    elapsed = time.perf_counter() - t0
+    eps = [r for r in results if isinstance(r, EndpointInfo)]
+    errors = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, VNetError)]
+    if as_json:
+        print_json(eps[0] if len(names) == 1 and eps else eps)
+    else:
+        if len(names) <= 20:
+            for e in eps:
+                console.print(_line(e, nets.get(e.network_id)))
+        counts = {s: sum(1 for e in eps if e.status == s) for s in ("ready", "pending", "failed")}
+        if len(names) > 1:
+            console.print(f"{len(eps)} attached in {elapsed:.2f}s: {counts['ready']} ready, {counts['pending']} "
+                          f"pending, {counts['failed']} failed; {len(errors)} refused")
+            for e in eps:
+                if e.status == "failed" and len(names) > 20:
+                    console.print(_line(e, nets.get(e.network_id)))
+        for name, err in errors:
+            err_console.print(f"[red]error[/red]: {escape(name)}: {escape(err.message)} [dim]({err.code})[/dim]")
+    if errors or any(e.status == "failed" for e in eps):
+        sys.exit(1)
+
+
+@endpoint.command("create")
+@_create_options
+def create_cmd(ctx: click.Context, **kw: Any) -> None:
+    """Attach CONTAINER(s) to a network (waits for the node by default)."""
+    _create(ctx, **kw)
+
+
+@endpoint.command("attach")
+@_create_options
+def attach_cmd(ctx: click.Context, **kw: Any) -> None:
+    """Same as `create`."""
+    _create(ctx, **kw)
+
+
+def _table(eps: list[EndpointInfo], nets: dict[str, str]) -> Table:
+    table = Table()
+    for col in ("id", "container", "network", "node", "interface", "ipv4", "ipv6", "mac", "status"):
+        table.add_column(col, no_wrap=col != "status")
+    table.add_column("labels", overflow="fold")
+    for e in eps:
+        status = _status(e) + (f": {escape(e.reason)}" if e.reason else "")
+        table.add_row(e.id, escape(e.container_id), escape(nets.get(e.network_id, e.network_id)), escape(e.node),
+                      e.interface_name or "-", e.ip_address or "-", e.ipv6_address or "-", e.mac_address or "-",
+                      status, escape(",".join(f"{k}={v}" for k, v in sorted(e.labels.items()))))
+    return table
+
+
+@endpoint.command("ls")
+@click.option("-n", "--network", default=None, help="Only this network (id or name).")
+@click.option("--node", default=None, help="Only this node.")
+@click.option("-c", "--container", default=None, help="Only this container.")
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label filter (repeatable, AND).")
+@click.option("--status", type=click.Choice(["pending", "ready", "failed"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ls_cmd(ctx: click.Context, network: str | None, node: str | None, container: str | None,
+           labels: tuple[str, ...], status: Any, as_json: bool) -> None:
+    """List endpoints."""
+    lbls = _pairs(labels, "--label")
+    cfg = load_config(ctx)
+
+    async def go(m: VNetManager) -> tuple[list[EndpointInfo], dict[str, str]]:
+        eps = await m.list_endpoints(network=network, node=node, container=container, labels=lbls, status=status)
+        nets = {n.id: n.name for n in await m.all_networks()} if eps and not as_json else {}
+        return eps, nets
+
+    eps, nets = run_async(go, cfg)
+    if as_json:
+        print_json(eps)
+        return
+    console.print(_table(eps, nets))
+
+
+@endpoint.command("inspect")
+@click.argument("endpoint_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def inspect_cmd(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
+    """Show one endpoint."""
+    cfg = load_config(ctx)
+    e = run_async(lambda m: m.get_endpoint(endpoint_id), cfg)
+    if as_json:
+        print_json(e)
+        return
+    table = Table(show_header=False, title=f"endpoint {e.id}")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str]] = [
+        ("id", e.id), ("container", e.container_id), ("network", e.network_id), ("driver", e.driver.value),
+        ("node", e.node), ("netns", e.netns), ("interface", e.interface_name or "-"),
+        ("ipv4", f"{e.ip_address}/{e.prefix_len}" if e.ip_address else "-"), ("gateway", e.gateway or "-"),
+        ("ipv6", f"{e.ipv6_address}/{e.prefix_len_v6}" if e.ipv6_address else "-"),
+        ("gateway v6", e.gateway_v6 or "-"), ("mac", e.mac_address or "-"), ("mtu", str(e.mtu)),
+        ("status", e.status), ("reason", e.reason or "-"), ("status code", e.status_code or "-"),
+        ("status at", e.status_at or "-"), ("labels", ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"),
+        ("created", e.created_at),
+    ]
+    for k, v in rows:
+        table.add_row(k, escape(v))
+    console.print(table)
+
+
+@endpoint.command("rm")
+@click.argument("endpoint_ids", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Do not wait for the node; remove the record even if it is gone.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the node tore it down.")
+@click.option("--timeout", type=click.FloatRange(0.1, 600), default=DEFAULT_WAIT_S, show_default=True)
+@click.option("--parallel", type=click.IntRange(1, 256), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rm_cmd(ctx: click.Context, endpoint_ids: tuple[str, ...], force: bool, wait: bool, timeout: float,
+           parallel: int, as_json: bool) -> None:
+    """Detach endpoint(s): the node tears the interface down, the address is released."""
+    cfg = load_config(ctx)
+    ids = list(endpoint_ids)
+
+    async def go(m: VNetManager) -> list[Any]:
+        async def one(i: str) -> EndpointDeleted:
+            return await m.delete_endpoint(i, force=force, wait=wait, wait_timeout=timeout)
+
+        if len(ids) == 1:
+            return [await one(ids[0])]
+        return await _many(ids, one, parallel, "detaching", show=not as_json)
+
+    results = run_async(go, cfg)
+    done = [r for r in results if isinstance(r, EndpointDeleted)]
+    errors = [(i, r) for i, r in zip(ids, results, strict=True) if isinstance(r, VNetError)]
+    if as_json:
+        print_json(done)
+    else:
+        for d in done[:20]:
+            e = d.endpoint
+            console.print(f"detached {escape(e.container_id)} from {escape(e.network_id)} [dim]({e.id})[/dim]"
+                          + (f", released {', '.join(d.released)}" if d.released else ""))
+            for w in d.warnings:
+                err_console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+        if len(ids) > 20:
+            console.print(f"{len(done)} detached, {len(errors)} failed")
+        for i, err in errors:
+            err_console.print(f"[red]error[/red]: {escape(i)}: {escape(err.message)} [dim]({err.code})[/dim]")
+    if errors:
+        sys.exit(1)
+
+
+def _drivers(n: NodeInfo) -> str:
+    return " ".join(f"[green]{d}[/green]" if s.available else f"[red]{d}✗[/red]" for d, s in sorted(n.drivers.items()))
+
+
+@endpoint.command("nodes")
+@click.option("--all", "include_gone", is_flag=True, help="Also nodes whose heartbeat stopped.")
+@click.option("-v", "--verbose", is_flag=True, help="Say why each unavailable driver is unavailable.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def nodes_cmd(ctx: click.Context, include_gone: bool, verbose: bool, as_json: bool) -> None:
+    """Registered node workers: drivers their kernel supports, heartbeat, endpoints."""
+    cfg = load_config(ctx)
+    nodes = run_async(lambda m: m.nodes(include_gone=include_gone), cfg)
+    if as_json:
+        print_json(nodes)
+        return
+    table = Table(title="nodes")
+    for col in ("node", "alive", "data plane", "host netns", "underlay", "endpoints", "drivers", "last seen"):
+        table.add_column(col, no_wrap=col != "drivers")
+    now = time.time()
+    for n in nodes:
+        table.add_row(escape(n.node), "[green]yes[/green]" if n.alive else "[red]no[/red]",
+                      "on" if n.dataplane else "[yellow]off[/yellow]", escape(n.host_netns or "(its own)"),
+                      n.underlay or "-", str(n.endpoints), _drivers(n), f"{now - n.last_seen:.0f}s ago")
+    console.print(table)
+    if verbose:
+        for n in nodes:
+            for d, s in sorted(n.drivers.items()):
+                if not s.available:
+                    console.print(f"{escape(n.node)} {d}: {escape(s.reason)}")

@@ -115,17 +115,20 @@ def health(ctx: click.Context, service: str, node: str | None, as_json: bool) ->
     rep = run_async(lambda m: m.health(service, node=node), cfg)
     if as_json:
         print_json(rep)
-        return
+        sys.exit(0 if rep.status == "ok" else 4)
     color = "green" if rep.status == "ok" else "yellow"
     console.print(f"{rep.service} [{color}]{rep.status}[/{color}] instance {rep.instance} "
                   f"v{rep.version} up {rep.uptime_s:.0f}s")
     for k, v in rep.checks.items():
         console.print(f"  {k}: {v}")
+    if rep.status != "ok":
+        # Healthchecks (compose, supervisors) read the exit code: degraded is not healthy.
+        sys.exit(4)
 
 
 def main() -> None:
     # Each module registers its verbs on `cli` when imported.
-    from vnet.cli import endpoint, ipam, network, policy, stack  # noqa: F401
+    from vnet.cli import container, endpoint, ipam, network, policy, stack  # noqa: F401
 
     cli(obj={})
 

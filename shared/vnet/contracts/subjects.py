@@ -124,3 +124,13 @@ NODE_STATS = Subject("vnet.node.{node}.stats")
 NODE_RESYNC = Subject("vnet.node.{node}.resync")
 # The node reports each endpoint's state here; the endpoint service folds it into the record.
 EVT_ENDPOINT_STATUS = Subject("vnet.evt.endpoint.status.{id}")
+
+# --- policy: allow rules and compiled rulesets (appended by the policy service) -------------
+POLICY_RULE_PUT = Subject("vnet.policy.rule.put")
+POLICY_RULE_GET = Subject("vnet.policy.rule.get")
+POLICY_RULE_LIST = Subject("vnet.policy.rule.list")
+POLICY_RULE_DELETE = Subject("vnet.policy.rule.delete")
+# A node worker fetches its host's compiled ruleset (one nft script + version) here.
+POLICY_RULESET = Subject("vnet.policy.ruleset.get")
+# Rules changed: node workers refetch their ruleset (network and endpoint events too).
+EVT_POLICY = Subject("vnet.evt.policy.>")

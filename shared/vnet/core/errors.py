@@ -191,3 +191,6 @@ NETNS_NOT_FOUND = _code("netns_not_found", 404, "the container's network namespa
 MAC_IN_USE = _code("mac_in_use", 409, "another endpoint of the network has that MAC address")
 IFNAME_IN_USE = _code("ifname_in_use", 409, "the container already has an interface with that name")
 ENDPOINT_GONE = _code("endpoint_gone", 409, "the request id created an endpoint that has since been deleted")
+
+# Policy (appended by the policy service)
+RULE_NOT_FOUND = _code("rule_not_found", 404, "no allow rule has that id")

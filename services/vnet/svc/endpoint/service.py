@@ -1,7 +1,780 @@
-"""Endpoints: containers attached to networks (filled by the endpoints issue)."""
+"""Endpoints: containers attached to networks, and the registry of node workers.
+
+Operations (subjects in ``contracts/subjects.py``, types in ``contracts/endpoint.py``):
+create, get, list, delete; ``desired.get`` (a node's desired state) and ``node.list``.
+Node workers register on ``vnet.node.register`` (request/reply, repeated as a
+heartbeat); that subject is served by a plain queue subscription rather than an
+operation because clients may not publish on it (ops/nats/nats.conf), and every
+operation must be callable by a client.
+
+How a create goes (details in ``docs/endpoints.md``)::
+
+    validate (MAC, interface name, namespace)       no I/O
+    network.get                                     404 network_not_found
+    node registered? driver available there?        404 node_not_found / 503 driver_unavailable
+    node: does the namespace exist?                 404 netns_not_found   (vnet.node.<node>.netns.check)
+    IPAM: IPv4 (+ IPv6)  owner = endpoint id        409 address_in_use naming the holder
+    netep SADD, commit (one Lua script)             dup -> release and return the first result
+    event vnet.evt.endpoint.created.<id>            the node reconciles and reports status
+
+No partial state: anything failing after the allocation releases it; a crash in
+between leaves an allocation whose owner is not in the endpoint index, which the
+IPAM garbage collector releases after its grace period.
+
+Statuses: the node worker publishes ``vnet.evt.endpoint.status.<id>`` (ready, failed
+with a reason, or deleted); a durable JetStream consumer shared by the replicas folds
+them into the records (later versions win). A request with ``wait`` also listens on
+that subject itself, so it answers as soon as the node has.
+"""
 
 from __future__ import annotations
 
-from vnet.runtime.service import ServiceDef
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any, cast
 
-SERVICE = ServiceDef("endpoint", "Endpoints: attach and detach containers")
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from vnet.adapters.endpoint_store import EndpointStore, describe_holder
+from vnet.adapters.nats import DurableConsumer
+from vnet.contracts import codec, subjects
+from vnet.contracts import headers as H
+from vnet.contracts.endpoint import (
+    DesiredReply,
+    DesiredRequest,
+    EndpointCreate,
+    EndpointDelete,
+    EndpointDeleted,
+    EndpointEvent,
+    EndpointInfo,
+    EndpointList,
+    EndpointPage,
+    EndpointRef,
+    EndpointStatusEvent,
+    NetnsCheck,
+    NetnsCheckReply,
+    NodeInfo,
+    NodeList,
+    NodeListRequest,
+    NodeRegister,
+    NodeRegistered,
+    node_desired,
+    remote_of,
+)
+from vnet.contracts.ipam import AddrRelease, AddrReply, AddrRequest, ReleaseReply
+from vnet.contracts.network import NetworkRef
+from vnet.core import errors as E
+from vnet.core import naming
+from vnet.core.dataplane_model import NodeDesired, PeerHost
+from vnet.core.model import DriverType, VirtualNetwork
+from vnet.runtime.service import Ctx, Runtime, ServiceDef
+from vnet.telemetry import tracing
+
+log = logging.getLogger(__name__)
+
+SERVICE = ServiceDef("endpoint", "Endpoints: attach and detach containers; the node registry")
+
+HEARTBEAT_MISSES = 3  # a node is gone after this many missed heartbeats
+NODE_CALL_TIMEOUT_S = 2.0
+WAIT_POLL_S = 1.0  # a waiting request also re-reads the record this often
+STATUS_DURABLE = "vnet-endpoint-status"
+NETDEL_DURABLE = "vnet-endpoint-netdel"
+HOST_NETNS_DEFAULT = "/proc/1/ns/net"
+
+_IFNAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _store(ctx: Ctx | Runtime) -> EndpointStore:
+    rt = ctx.rt if isinstance(ctx, Ctx) else ctx
+    st: EndpointStore = rt.state["store"]
+    return st
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _iso_us(us: int) -> str:
+    t = dt.datetime.fromtimestamp(us / 1e6, dt.UTC)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- start / stop ---------------------------------------------------------------------------
+
+@SERVICE.starting
+async def _start(rt: Runtime) -> None:
+    store = EndpointStore(rt.redis)
+    await store.load()
+    rt.state["store"] = store
+    async def on_register(msg: Msg) -> None:
+        await _on_register(rt, msg)
+
+    async def on_status(msg: Msg) -> None:
+        await _on_status(rt, msg)
+
+    async def on_network_deleted(msg: Msg) -> None:
+        await _on_network_deleted(rt, msg)
+
+    consumers = [
+        DurableConsumer(rt.js, STATUS_DURABLE, subjects.EVT_ENDPOINT_STATUS.wildcard(), deliver_all=False),
+        DurableConsumer(rt.js, NETDEL_DURABLE, subjects.EVT.wildcard().replace("*.*.*", "network.deleted.*"),
+                        deliver_all=False),
+    ]
+    rt.state["consumers"] = consumers
+    try:
+        rt.state["register_sub"] = await rt.nc.subscribe(subjects.NODE_REGISTER.template,
+                                                         queue=f"vnet-{SERVICE.name}", cb=on_register)
+        await consumers[0].start(on_status)
+        await consumers[1].start(on_network_deleted)
+    except BaseException:  # the runtime does not call stop hooks after a failed start
+        await _stop(rt)
+        raise
+
+
+@SERVICE.stopping
+async def _stop(rt: Runtime) -> None:
+    sub: Subscription | None = rt.state.pop("register_sub", None)
+    if sub is not None:
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:
+            log.debug("unsubscribe %s: %s", subjects.NODE_REGISTER, exc)
+    for c in rt.state.pop("consumers", []):
+        await c.stop()
+
+
+async def _store_check(rt: Runtime) -> tuple[str, str]:
+    return "endpoint_store", "ok" if "store" in rt.state else "not started"
+
+
+SERVICE.health_checks.append(_store_check)
+
+
+# --- validation (no I/O) ------------------------------------------------------------------------
+
+def _check_mac(mac: str) -> str:
+    try:
+        return naming.normalize_mac(mac)
+    except naming.InvalidName as exc:
+        raise E.make(E.INVALID_MAC, f"mac {exc}", mac=mac[:64]) from None
+
+
+def _check_ifname(name: str) -> str:
+    try:
+        naming.check_ifname(name)
+    except naming.InvalidName as exc:
+        raise E.make(E.INVALID_IFNAME, f"{exc} (the kernel's limit is {naming.MAX_IFNAME} bytes)",
+                     ifname=name[:64]) from None
+    if not _IFNAME_CHARS.match(name):
+        raise E.make(E.INVALID_IFNAME, f"interface name {name!r} may only contain letters, digits, '_', '.' and "
+                     "'-', and must start with a letter or digit", ifname=name)
+    return name
+
+
+def check_netns(ref: str) -> str:
+    """A name under /run/netns, or an absolute path without ``..``."""
+    if ref.startswith("/"):
+        parts = ref.split("/")
+        if ".." in parts or "." in parts or "" in parts[1:]:
+            raise E.make(E.INVALID_NETNS, f"namespace path {ref!r} must be a plain absolute path (no '.', '..' or "
+                         "'//'), e.g. /proc/1234/ns/net or /run/netns/web-1", netns=ref)
+        return ref
+    if ref in (".", "..") or "/" in ref or any(c.isspace() for c in ref) or len(ref) > 255:
+        raise E.make(E.INVALID_NETNS, f"namespace {ref!r} is neither a name under /run/netns nor an absolute path",
+                     netns=ref)
+    return ref
+
+
+def _parse_ip(value: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise E.make(E.INVALID_REQUEST, f"{what} {value!r} is not an IP address (give one without a prefix, "
+                     "e.g. 172.20.1.10)", field=what, value=value) from None
+
+
+# --- node registry --------------------------------------------------------------------------
+
+async def _on_register(rt: Runtime, msg: Msg) -> None:
+    """``vnet.node.register``: request/reply by hand (see the module docstring)."""
+    tmpl = subjects.NODE_REGISTER.template
+    with tracing.process_span(tmpl, msg.subject, msg.headers) as span:
+        headers: dict[str, str] = {}
+        try:
+            req = codec.decode(msg.data, NodeRegister)
+            body = codec.encode(await register_node(rt, req))
+        except E.VNetError as err:
+            tracing.mark_error(span, err.code, err.message)
+            body = codec.error_body(err)
+            headers = {H.ERROR: err.message[:512], H.ERROR_CODE: str(err.status)}
+        except Exception as exc:
+            log.exception("node registration failed")
+            span.record_exception(exc)
+            internal = E.make(E.INTERNAL, "internal error in endpoint while registering a node; the logs have details")
+            body = codec.error_body(internal)
+            headers = {H.ERROR: internal.message, H.ERROR_CODE: str(internal.status)}
+        trace_id = tracing.trace_id_hex(span)
+        if trace_id:
+            headers[H.TRACE_ID] = trace_id
+        if msg.reply:
+            try:
+                await rt.nc.publish(msg.reply, body, headers=headers or None)
+            except Exception as exc:
+                log.warning("could not answer a node registration: %s", exc)
+
+
+async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
+    store = _store(rt)
+    ttl = req.heartbeat_s * HEARTBEAT_MISSES
+    info = NodeInfo(node=req.node, instance=req.instance, underlay=req.underlay, underlay_ifname=req.underlay_ifname,
+                    host_netns=req.host_netns,
+                    privileged=req.privileged, dataplane=req.dataplane, drivers=dict(req.drivers),
+                    kinds=dict(req.kinds), heartbeat_s=req.heartbeat_s, version=req.version,
+                    registered_at=_now(), last_seen=time.time(), alive=True)
+    was = await store.node(req.node)
+    await store.register_node(info, ttl)
+    if was is None or was.instance != req.instance:
+        log.info("node %s registered (instance %s, drivers available: %s)", req.node, req.instance,
+                 ", ".join(sorted(d for d, s in req.drivers.items() if s.available)) or "none")
+    return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=await store.count_on(req.node))
+
+
+@SERVICE.op("node.list", subjects.ENDPOINT_NODE_LIST, NodeListRequest)
+async def node_list(ctx: Ctx, req: NodeListRequest) -> NodeList:
+    """The registered node workers: capabilities, last heartbeat, endpoint counts."""
+    return NodeList(nodes=await _store(ctx).nodes(include_gone=req.include_gone))
+
+
+@SERVICE.op("desired.get", subjects.ENDPOINT_DESIRED, DesiredRequest)
+async def desired_get(ctx: Ctx, req: DesiredRequest) -> DesiredReply:
+    """What a node must realise: its endpoints and their networks (the data plane's types)."""
+    store = _store(ctx)
+    eps = await store.of_node(req.node)
+    desired = node_desired(eps)
+    if any(n.driver == DriverType.OVERLAY for n in desired.networks):
+        desired = await _with_remotes(store, req.node, desired)
+    return DesiredReply(node=req.node, desired=desired, statuses={e.id: e.status for e in eps},
+                        reasons={e.id: e.reason for e in eps if e.reason})
+
+
+async def _with_remotes(store: EndpointStore, node: str, desired: NodeDesired) -> NodeDesired:
+    """Overlay networks: their endpoints on other hosts, and those hosts' underlay addresses."""
+    nets = []
+    hosts: set[str] = set()
+    for n in desired.networks:
+        if n.driver != DriverType.OVERLAY:
+            nets.append(n)
+            continue
+        others = [e for e in await store.get_many(await store.of_network(n.id)) if e is not None and e.node != node]
+        hosts |= {e.node for e in others}
+        nets.append(msgspec.structs.replace(n, remotes=tuple(remote_of(e) for e in others)))
+    peers = []
+    for h in sorted(hosts):
+        info = await store.node(h, include_gone=True)
+        if info is not None and info.underlay:
+            peers.append(PeerHost(name=h, address=info.underlay))
+    return NodeDesired(networks=nets, endpoints=desired.endpoints, peers=peers)
+
+
+async def _pick_node(ctx: Ctx, wanted: str | None) -> NodeInfo:
+    store = _store(ctx)
+    if wanted is not None:
+        info = await store.node(wanted)
+        if info is None:
+            gone = await store.node(wanted, include_gone=True)
+            when = f"; its last heartbeat was {time.time() - gone.last_seen:.0f}s ago" if gone else ""
+            raise E.make(E.NODE_NOT_FOUND, f"node {wanted!r} is not registered{when}; is its node worker "
+                         "(vnet-node) running? `vnetctl endpoint nodes` lists the registered nodes", node=wanted)
+        return info
+    nodes = await store.nodes(counts=False)
+    if len(nodes) == 1:
+        return nodes[0]
+    own = ctx.rt.config.node_id
+    if own is not None and any(n.node == own for n in nodes):
+        return next(n for n in nodes if n.node == own)
+    if not nodes:
+        raise E.make(E.NODE_NOT_FOUND, "no node worker is registered, so there is no host to attach the container "
+                     "on; start one (`vnet-node`, or `vnetctl up` for a local stack)")
+    names = ", ".join(n.node for n in nodes[:10])
+    raise E.make(E.INVALID_REQUEST, f"{len(nodes)} nodes are registered ({names}); say which one runs the container "
+                 "(node)", nodes=[n.node for n in nodes[:100]])
+
+
+def _check_driver(node: NodeInfo, net: VirtualNetwork) -> None:
+    driver = net.driver_type.value
+    sup = node.drivers.get(driver)
+    if sup is not None and sup.available:
+        return
+    reason = sup.reason if sup is not None else "the node did not report this driver"
+    raise E.make(E.DRIVER_UNAVAILABLE, f"network {net.name!r} uses the {driver} driver, which is unavailable on node "
+                 f"{node.node}: {reason}", node=node.node, driver=driver, reason=reason)
+
+
+async def _check_netns_on_node(ctx: Ctx, node: str, netns: str) -> None:
+    """Refuse a namespace the node does not have. A registered node that does not answer
+    right now (restarting) is not asked: the endpoint is recorded and the node realises
+    it, or reports it failed, when it is back — its records are its desired state."""
+    try:
+        rep = await ctx.request(subjects.NODE_NETNS_CHECK, NetnsCheck(netns=netns), NetnsCheckReply,
+                                params={"node": node}, timeout=NODE_CALL_TIMEOUT_S)
+    except E.VNetError as err:
+        if err.status in (503, 504):
+            log.info("node %s did not answer the namespace check (%s); recording the endpoint anyway", node,
+                     err.message)
+            return
+        raise
+    if not rep.exists:
+        raise E.make(E.NETNS_NOT_FOUND, f"the container's network namespace {netns!r} does not exist on node {node} "
+                     f"({rep.reason or rep.path}); create the container first (`vnetctl container create`), or "
+                     "pass its namespace (netns)", netns=netns, node=node, path=rep.path)
+
+
+# --- create ---------------------------------------------------------------------------------------
+
+class _StatusWaiter:
+    """Listens on ``vnet.evt.endpoint.status.<id>`` (core NATS sees JetStream publishes too)."""
+
+    def __init__(self, rt: Runtime, ident: str, wanted: frozenset[str]) -> None:
+        self.rt = rt
+        self.ident = ident
+        self.wanted = wanted
+        self.got: asyncio.Future[EndpointStatusEvent] = asyncio.get_running_loop().create_future()
+        self.sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self.sub = await self.rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.format(id=self.ident), cb=self._cb)
+
+    async def _cb(self, msg: Msg) -> None:
+        try:
+            ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if ev.status in self.wanted and not self.got.done():
+            self.got.set_result(ev)
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            try:
+                await self.sub.unsubscribe()
+            except Exception:
+                pass
+            self.sub = None
+
+
+async def _wait_status(ctx: Ctx, info: EndpointInfo | None, waiter: _StatusWaiter,
+                       timeout: float) -> EndpointInfo | None:
+    """Until the node reported ready/failed (folded into the record) or ``timeout``; the record
+    (``info`` is the record as last read; it is read again every ``WAIT_POLL_S``)."""
+    store = _store(ctx)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if info is None or info.status != "pending":
+            return info
+        left = deadline - loop.time()
+        if left <= 0:
+            return info
+        try:
+            ev = await asyncio.wait_for(asyncio.shield(waiter.got), min(left, WAIT_POLL_S))
+        except TimeoutError:
+            info = await store.get(info.id)
+            continue
+        if await _apply_status(store, ev) == "ok":
+            at = _iso_us(ev.version) if ev.version else _now()
+            return msgspec.structs.replace(info, status=ev.status, reason=ev.reason,
+                                           status_code=ev.code, status_at=at)
+        return await store.get(info.id)
+
+
+async def _apply_status(store: EndpointStore, ev: EndpointStatusEvent) -> str:
+    if ev.status == "deleted":
+        return "ignored"
+    return await store.set_status(ev.endpoint_id, ev.node, ev.status, ev.reason, ev.code, ev.version,
+                                  _iso_us(ev.version) if ev.version else _now())
+
+
+async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> EndpointInfo:
+    """The first result of a repeated create (waiting for its status if asked)."""
+    store = _store(ctx)
+    if req.wait:
+        waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
+        await waiter.start()
+        try:
+            info = await _wait_status(ctx, await store.get(ident), waiter, req.wait_timeout_s)
+        finally:
+            await waiter.close()
+    else:
+        info = await store.get(ident)
+    if info is None:
+        raise E.make(E.ENDPOINT_GONE, f"{how} already created endpoint {ident}, which has since been deleted; use a "
+                     "new request_id to attach again", endpoint=ident)
+    return info
+
+
+# Without an mtu option: a bridge's interfaces get 1500; an overlay's leave room for the VXLAN
+# header (50 bytes) on a 1500-byte underlay, and for WireGuard's too (80) when encrypted.
+DEFAULT_MTU = 1500
+OVERLAY_MTU = 1450
+ENCRYPTED_OVERLAY_MTU = 1370
+
+
+def _mtu(net: VirtualNetwork) -> int:
+    default = DEFAULT_MTU
+    if net.driver_type == DriverType.OVERLAY:
+        default = ENCRYPTED_OVERLAY_MTU if net.options.get("encrypted") == "true" else OVERLAY_MTU
+    try:
+        return int(net.options.get("mtu", default))
+    except ValueError:
+        return default
+
+
+async def _allocate(ctx: Ctx, net: VirtualNetwork, ident: str, family: int, address: str | None) -> AddrReply:
+    store = _store(ctx)
+    try:
+        return await ctx.request(subjects.IPAM_ADDR_REQUEST,
+                                 AddrRequest(network_id=net.id, owner=ident, family=family, address=address),
+                                 AddrReply)
+    except E.VNetError as err:
+        if err.code == E.ADDRESS_IN_USE.code and address is not None:
+            holder = str(err.details.get("holder") or "")
+            info = await store.get(holder) if holder else None
+            who = describe_holder(info, holder) if holder else "another endpoint"
+            raise E.make(E.ADDRESS_IN_USE, f"{address} is already in use in network {net.name!r} by {who}; pick "
+                         "another address or omit it for the next free one",
+                         **{**err.details, "address": address, "holder": holder,
+                            "holder_container": info.container_id if info else None}) from None
+        if err.status in (503, 504) and err.code not in (E.POOL_EXHAUSTED.code,):
+            raise E.make(E.UNAVAILABLE, f"IPAM could not allocate an address ({err.message}); nothing was created, "
+                         "retry") from None
+        raise
+
+
+async def _release(ctx: Ctx, network_id: str, ident: str) -> tuple[list[str], str | None]:
+    """Release what ``ident`` holds; a failure is a warning (IPAM GC collects it later)."""
+    try:
+        rep = await ctx.request(subjects.IPAM_ADDR_RELEASE, AddrRelease(network_id=network_id, owner=ident),
+                                ReleaseReply)
+        return rep.released, None
+    except E.VNetError as err:
+        log.warning("could not release the addresses of endpoint %s: %s", ident, err)
+        return [], (f"the addresses of {ident} were not released ({err.message}); the IPAM garbage collector "
+                    "releases them after its grace period")
+
+
+@SERVICE.op("create", subjects.ENDPOINT_CREATE, EndpointCreate)
+async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
+    """Attach a container to a network on a node (idempotent per (container, network) and request id)."""
+    store = _store(ctx)
+    # Input first: a bad request costs no I/O and leaves nothing behind.
+    mac = _check_mac(req.mac) if req.mac is not None else None
+    ifname = _check_ifname(req.ifname) if req.ifname is not None else None
+    netns = check_netns(req.netns if req.netns is not None else req.container_id)
+    ip4 = ip6 = None
+    if req.ip is not None:
+        a = _parse_ip(req.ip, "ip")
+        if a.version == 4:
+            ip4 = str(a)
+        else:
+            ip6 = str(a)
+    if req.ipv6 is not None:
+        a6 = _parse_ip(req.ipv6, "ipv6")
+        if a6.version != 6:
+            raise E.make(E.INVALID_REQUEST, f"ipv6 {req.ipv6!r} is an IPv4 address; give it as ip")
+        if ip6 is not None and str(a6) != ip6:
+            raise E.make(E.INVALID_REQUEST, "ip is an IPv6 address and ipv6 another one; give one of them")
+        ip6 = str(a6)
+
+    if req.request_id:
+        prev = await store.id_for_request(req.request_id)
+        if prev is not None:
+            return await _existing(ctx, prev, req, f"request_id {req.request_id!r}")
+    net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network_id), VirtualNetwork)
+    prev = await store.id_for_container(req.container_id, net.id)
+    if prev is not None:
+        return await _existing(ctx, prev, req, f"container {req.container_id!r} in network {net.name!r}")
+    node = await _pick_node(ctx, req.node)
+    _check_driver(node, net)
+    host = net.driver_type == DriverType.HOST
+    if host:
+        netns = node.host_netns or HOST_NETNS_DEFAULT
+        if ip4 or ip6 or mac or ifname:
+            raise E.make(E.INVALID_REQUEST, f"network {net.name!r} uses the host driver: the container shares the "
+                         "host's namespace, so ip, ipv6, mac and ifname do not apply")
+    else:
+        if ip6 is not None and net.cidr_v6 is None:
+            raise E.make(E.NO_IPV6_POOL, f"ipv6 {ip6} was asked for but network {net.name!r} has no IPv6 subnet",
+                         network=net.id)
+        if mac is not None:
+            holder = await store.mac_holder(net.id, mac)
+            if holder is not None:
+                raise _mac_in_use(mac, net, holder, await store.get(holder))
+        if ifname is not None:
+            holder = await store.ifname_holder(req.container_id, ifname)
+            if holder is not None:
+                raise _ifname_in_use(ifname, req.container_id, holder)
+
+    ident = uuid.uuid4().hex[:16]
+    info = EndpointInfo(id=ident, container_id=req.container_id, network_id=net.id, ip_address="",
+                        mac_address="" if host else (mac or naming.local_mac(os.urandom(6))),
+                        interface_name="" if host else (ifname or ""), created_at=_now(), node=node.node,
+                        netns=netns, labels=dict(req.labels), driver=net.driver_type, mtu=_mtu(net),
+                        network_options=dict(net.options), request_id=req.request_id)
+    allocated = False
+    try:
+        if not host:
+            # The namespace check and the allocations run together (each is a round trip);
+            # if any fails, whatever was allocated is released below.
+            allocated = True
+            jobs: list[Awaitable[Any]] = [_check_netns_on_node(ctx, node.node, netns),
+                                          _allocate(ctx, net, ident, 4, ip4)]
+            if net.cidr_v6 is not None:
+                jobs.append(_allocate(ctx, net, ident, 6, ip6))
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                raise failure
+            a4 = cast(AddrReply, results[1])
+            info = msgspec.structs.replace(info, ip_address=a4.address, prefix_len=a4.prefix_len, gateway=a4.gateway)
+            if net.cidr_v6 is not None:
+                a6r = cast(AddrReply, results[2])
+                info = msgspec.structs.replace(info, ipv6_address=a6r.address, prefix_len_v6=a6r.prefix_len,
+                                               gateway_v6=a6r.gateway)
+        info = await _commit(ctx, store, info, net, auto_ifname=not host and ifname is None,
+                             auto_mac=not host and mac is None, request_id=req.request_id)
+    except BaseException as exc:
+        if allocated:
+            await _release(ctx, net.id, ident)
+        if isinstance(exc, _Duplicate):
+            return await _existing(ctx, exc.ident, req, exc.how)
+        raise
+
+    waiter = None
+    if req.wait:
+        waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
+        await waiter.start()
+    try:
+        try:
+            await ctx.publish_event("endpoint", "created", ident, EndpointEvent(endpoint=info),
+                                    msg_id=f"endpoint.created.{ident}")
+        except Exception as exc:  # committed: the node finds it at its next resync
+            log.warning("could not publish endpoint.created for %s (the node picks it up at its next resync): %s",
+                        ident, exc)
+        if waiter is not None:
+            got = await _wait_status(ctx, info, waiter, req.wait_timeout_s)
+            if got is not None:
+                info = got
+    finally:
+        if waiter is not None:
+            await waiter.close()
+    return info
+
+
+class _Duplicate(Exception):
+    def __init__(self, ident: str, how: str) -> None:
+        super().__init__(ident)
+        self.ident = ident
+        self.how = how
+
+
+def _mac_in_use(mac: str, net: VirtualNetwork, holder: str, info: EndpointInfo | None) -> E.VNetError:
+    return E.make(E.MAC_IN_USE, f"MAC {mac} is already used in network {net.name!r} by "
+                  f"{describe_holder(info, holder)}; pick another or omit it for a random one",
+                  mac=mac, network=net.id, holder=holder)
+
+
+def _ifname_in_use(ifname: str, container: str, holder: str) -> E.VNetError:
+    return E.make(E.IFNAME_IN_USE, f"container {container!r} already has an interface {ifname} (endpoint {holder}); "
+                  "pick another name or omit it for the next free ethN", ifname=ifname, container=container,
+                  holder=holder)
+
+
+async def _commit(ctx: Ctx, store: EndpointStore, info: EndpointInfo, net: VirtualNetwork, *, auto_ifname: bool,
+                  auto_mac: bool, request_id: str | None) -> EndpointInfo:
+    await store.netep_add(net.id, info.id)
+    try:
+        for _ in range(5):
+            res = await store.commit(info, auto_ifname=auto_ifname, request_id=request_id)
+            if res.status == "ok":
+                return msgspec.structs.replace(info, interface_name=res.value)
+            if res.status == "mac_in_use" and auto_mac:  # a random MAC collided: draw again
+                info = msgspec.structs.replace(info, mac_address=naming.local_mac(os.urandom(6)))
+                continue
+            break
+    except BaseException:
+        await store.netep_remove(net.id, info.id)
+        raise
+    await store.netep_remove(net.id, info.id)
+    if res.status == "dup_rid":
+        raise _Duplicate(res.value, f"request_id {request_id!r}")
+    if res.status == "dup_ctr":
+        raise _Duplicate(res.value, f"container {info.container_id!r} in network {net.name!r}")
+    if res.status == "no_network":
+        raise E.make(E.NETWORK_NOT_FOUND, f"network {net.name!r} was deleted while attaching; nothing was created",
+                     network=net.id)
+    if res.status == "mac_in_use":
+        raise _mac_in_use(info.mac_address, net, res.value, await store.get(res.value))
+    if res.status == "ifname_in_use":
+        raise _ifname_in_use(info.interface_name, info.container_id, res.value)
+    raise E.make(E.INTERNAL, f"unexpected answer {res.status!r} from the endpoint commit script")
+
+
+# --- read ----------------------------------------------------------------------------------------
+
+def _not_found(ident: str) -> E.VNetError:
+    return E.make(E.ENDPOINT_NOT_FOUND, f"no endpoint has id {ident!r}; `vnetctl endpoint ls` lists them",
+                  endpoint=ident)
+
+
+@SERVICE.op("get", subjects.ENDPOINT_GET, EndpointRef)
+async def get(ctx: Ctx, req: EndpointRef) -> EndpointInfo:
+    """One endpoint with its current status."""
+    info = await _store(ctx).get(req.endpoint_id)
+    if info is None:
+        raise _not_found(req.endpoint_id)
+    return info
+
+
+@SERVICE.op("list", subjects.ENDPOINT_LIST, EndpointList)
+async def list_endpoints(ctx: Ctx, req: EndpointList) -> EndpointPage:
+    """Endpoints filtered by network, node, container, labels and status; paged by id."""
+    store = _store(ctx)
+    network_id = req.network
+    ids = await store.ids(node=req.node, network_id=network_id, container=req.container)
+    if req.network is not None and req.node is None and not ids:  # maybe a name rather than an id
+        try:
+            network_id = (await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network),
+                                            VirtualNetwork)).id
+        except E.VNetError as err:
+            if err.code != E.NETWORK_NOT_FOUND.code:
+                raise
+        else:
+            ids = await store.ids(network_id=network_id)
+    if req.cursor:
+        ids = [i for i in ids if i > req.cursor]
+    out: list[EndpointInfo] = []
+    labels = dict(req.labels)
+    pos = 0
+    while pos < len(ids) and len(out) < req.limit:
+        chunk = ids[pos:pos + 500]
+        pos += len(chunk)
+        for e in await store.get_many(chunk):
+            if e is None:
+                continue
+            if network_id is not None and e.network_id != network_id:
+                continue
+            if req.node is not None and e.node != req.node:
+                continue
+            if req.container is not None and e.container_id != req.container:
+                continue
+            if req.status is not None and e.status != req.status:
+                continue
+            if any(e.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(e)
+            if len(out) >= req.limit:
+                break
+    nxt = out[-1].id if len(out) >= req.limit and out[-1].id != ids[-1] else None
+    return EndpointPage(endpoints=out, next_cursor=nxt)
+
+
+# --- delete --------------------------------------------------------------------------------------
+
+async def remove(ctx: Ctx, ident: str, *, wait: bool, timeout: float) -> EndpointDeleted:
+    store = _store(ctx)
+    info = await store.get(ident)
+    if info is None:
+        raise _not_found(ident)
+    warnings: list[str] = []
+    waiter = None
+    if wait:
+        node = await store.node(info.node)
+        if node is None:
+            warnings.append(f"node {info.node} is not registered: its interface is removed when its worker comes "
+                            "back (full resync)")
+        else:
+            waiter = _StatusWaiter(ctx.rt, ident, frozenset({"deleted", "failed"}))
+            await waiter.start()
+    try:
+        old = await store.delete(info)
+        if old is None:
+            raise _not_found(ident)
+        await store.netep_remove(old.network_id, ident)
+        try:
+            await ctx.publish_event("endpoint", "deleted", ident, EndpointEvent(endpoint=old),
+                                    msg_id=f"endpoint.deleted.{ident}")
+        except Exception as exc:
+            log.warning("could not publish endpoint.deleted for %s: %s", ident, exc)
+            warnings.append(f"the node was not told ({exc}); its next full resync removes the interface")
+        released: list[str] = []
+        if old.driver != DriverType.HOST:
+            released, warn = await _release(ctx, old.network_id, ident)
+            if warn:
+                warnings.append(warn)
+        confirmed = False
+        if waiter is not None:
+            try:
+                ev = await asyncio.wait_for(asyncio.shield(waiter.got), timeout)
+            except TimeoutError:
+                warnings.append(f"node {old.node} did not confirm the teardown within {timeout:.0f}s")
+            else:
+                confirmed = ev.status == "deleted"
+                if not confirmed:
+                    warnings.append(f"node {old.node} could not tear the interface down: {ev.reason}")
+    finally:
+        if waiter is not None:
+            await waiter.close()
+    return EndpointDeleted(endpoint=old, released=released, node_confirmed=confirmed, warnings=warnings)
+
+
+@SERVICE.op("delete", subjects.ENDPOINT_DELETE, EndpointDelete)
+async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:
+    """Detach: the node tears down, the address is released, the record and indexes go."""
+    store = _store(ctx)
+    if req.request_id:
+        prev = await store.delete_reply(req.request_id)
+        if prev is not None:
+            return msgspec.json.decode(prev, type=EndpointDeleted)
+    rep = await remove(ctx, req.endpoint_id, wait=req.wait and not req.force, timeout=req.wait_timeout_s)
+    if req.request_id:
+        await store.put_delete_reply(req.request_id, msgspec.json.encode(rep))
+    return rep
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+async def _on_status(rt: Runtime, msg: Msg) -> None:
+    try:
+        ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("ignoring a malformed status event on %s: %s", msg.subject, exc)
+        return
+    res = await _apply_status(_store(rt), ev)
+    if res not in ("ok", "ignored", "stale", "missing"):
+        log.info("status of %s from node %s not applied: %s", ev.endpoint_id, ev.node, res)
+
+
+async def _on_network_deleted(rt: Runtime, msg: Msg) -> None:
+    """A network went: endpoints recorded in it meanwhile (a create racing the delete) go too."""
+    network_id = msg.subject.rsplit(".", 1)[-1]
+    store = _store(rt)
+    ids = await store.of_network(network_id)
+    if not ids:
+        return
+    ctx = Ctx(rt, msg.subject, subjects.EVT.template, dict(msg.headers or {}), {}, None)
+    for ident in ids:
+        try:
+            await remove(ctx, ident, wait=False, timeout=0)
+            log.info("deleted endpoint %s: its network %s was deleted", ident, network_id)
+        except E.VNetError as err:
+            if err.code != E.ENDPOINT_NOT_FOUND.code:
+                raise
+

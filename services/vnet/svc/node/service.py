@@ -1,4 +1,4 @@
-"""The node worker as a service: health and registration now; reconcile comes with endpoints.
+"""The node worker as a service: health, host routes, and the control loop of ``worker.py``.
 
 It holds no Redis credentials (``uses_redis=False``); its subjects carry its node id.
 """
@@ -13,9 +13,13 @@ import msgspec
 
 from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
+from vnet.contracts.endpoint import NetnsCheck, NetnsCheckReply, NodeStats, ResyncRequest
+from vnet.contracts.messages import Empty
 from vnet.contracts.network import HostRoutesReply, HostRoutesReport
 from vnet.core import addr
-from vnet.runtime.service import Runtime, ServiceDef
+from vnet.core import errors as E
+from vnet.runtime.service import Ctx, Runtime, ServiceDef
+from vnet.svc.node.worker import NodeWorker
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +126,67 @@ async def _host_routes_loop(rt: Runtime) -> None:
 @SERVICE.starting
 async def _start_host_routes(rt: Runtime) -> None:
     rt.spawn(_host_routes_loop(rt), "host-routes")
+
+
+# --- the control loop: desired state -> kernel (added by the endpoints issue) --------------------
+# The worker (worker.py) registers the node, follows endpoint/network events and
+# reconciles; these ops let the endpoint service, tools and tests ask it things.
+
+@SERVICE.starting
+async def _start_worker(rt: Runtime) -> None:
+    worker = NodeWorker(rt)
+    rt.state["worker"] = worker
+    try:
+        await worker.start()
+    except BaseException:  # the runtime does not call stop hooks after a failed start
+        rt.state.pop("worker", None)
+        await worker.stop()
+        raise
+
+
+@SERVICE.stopping
+async def _stop_worker(rt: Runtime) -> None:
+    worker = rt.state.pop("worker", None)
+    if worker is not None:
+        await worker.stop()
+
+
+def _worker(ctx: Ctx) -> NodeWorker:
+    w: NodeWorker | None = ctx.rt.state.get("worker")
+    if w is None:
+        raise E.make(E.UNAVAILABLE, f"node {ctx.rt.params.get('node')} is starting or stopping; retry")
+    return w
+
+
+def check_netns_path(ref: str) -> NetnsCheckReply:
+    """Blocking: whether ``ref`` (a name under /run/netns or a path) is a network namespace here."""
+    path = ref if ref.startswith("/") else f"/run/netns/{ref}"
+    if not ref.startswith("/") and ("/" in ref or ref in (".", "..")):
+        return NetnsCheckReply(netns=ref, path=path, exists=False, reason="not a namespace name")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return NetnsCheckReply(netns=ref, path=path, exists=False, reason=f"{path}: {exc.strerror}")
+    # A name under /run/netns is a bind mount of an nsfs inode; a plain file left behind is not.
+    if path.startswith("/run/netns/") and (st.st_size != 0 or not os.path.ismount(path)):
+        return NetnsCheckReply(netns=ref, path=path, exists=False,
+                               reason=f"{path} exists but is not a mounted network namespace")
+    return NetnsCheckReply(netns=ref, path=path, exists=True)
+
+
+@SERVICE.op("netns.check", subjects.NODE_NETNS_CHECK, NetnsCheck)
+async def netns_check(ctx: Ctx, req: NetnsCheck) -> NetnsCheckReply:
+    """Does this network namespace (a name under /run/netns or a path) exist on this node?"""
+    return await asyncio.to_thread(check_netns_path, req.netns)
+
+
+@SERVICE.op("stats", subjects.NODE_STATS, Empty)
+async def stats(ctx: Ctx, req: Empty) -> NodeStats:
+    """What the worker did: reconciles, kernel writes (the reconciler's counter), the last full resync."""
+    return _worker(ctx).stats()
+
+
+@SERVICE.op("resync", subjects.NODE_RESYNC, ResyncRequest)
+async def resync(ctx: Ctx, req: ResyncRequest) -> NodeStats:
+    """Run a full resync now (fetch the desired state, reconcile the whole host); the stats after it."""
+    return await _worker(ctx).request_resync(fetch=req.fetch)

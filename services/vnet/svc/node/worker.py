@@ -1,0 +1,576 @@
+"""The node worker's control loop: desired state from the services -> the kernel, level-triggered.
+
+::
+
+    start:   probe the kernel (which drivers really work) -> register (vnet.node.register,
+             repeated as a heartbeat) -> fetch the desired state (vnet.endpoint.desired.get)
+             -> full reconcile
+    events:  vnet.evt.endpoint.{created,deleted}.<id> of this node, vnet.evt.network.deleted.<id>
+             -> the local copy of the desired state changes -> scoped reconcile of those ids
+             (events that arrive while a reconcile runs are handled together in the next one)
+    timer:   every ``resync_s`` (default 10 s) fetch the desired state again and reconcile the
+             whole host: drift (an interface or address removed by hand) is repaired, a
+             missed event is caught up, and a converged host costs zero kernel writes
+    report:  vnet.evt.endpoint.status.<id> {node, status ready|failed|deleted, reason}, only
+             when an endpoint's status differs from what the endpoint service has recorded
+
+It holds no Redis credentials: everything comes over NATS. One task owns the local
+desired state and runs every reconcile, so reconciles never overlap; the kernel work
+itself runs in one dedicated thread (the reconciler's netlink sockets belong to it).
+
+**Fail static.** Until the desired state has been fetched once, only scoped reconciles
+run (a full one against an empty state would tear everything down). When the endpoint
+service cannot be reached later, the periodic resync goes on against the last state
+it received; nothing is flushed when the worker stops.
+
+**Tracing.** An event's handling is one ``node.events`` span whose parent is the
+``process vnet.evt...`` span of the event (so the trace of the client's request goes
+on down to the reconcile and every kernel operation); when several events are
+handled together, the first is the parent and the others are span links. Status
+events published from there carry that trace on to the endpoint service.
+
+**Data plane off.** Without root, or under the test suite (``VNET_RUN_PREFIX`` set)
+without an explicit ``host_netns``, the worker never touches the kernel: it
+registers with every driver unavailable (the host driver excepted) and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import msgspec
+from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
+from vnet.adapters import nats as nats_adapter
+from vnet.adapters.nats import DurableConsumer
+from vnet.contracts import subjects
+from vnet.contracts.endpoint import (
+    DesiredReply,
+    DesiredRequest,
+    EndpointEvent,
+    EndpointStatusEvent,
+    NodeRegister,
+    NodeRegistered,
+    NodeStats,
+    to_desired,
+)
+from vnet.core import errors as E
+from vnet.core import naming
+from vnet.core.dataplane_model import (
+    EpDesired,
+    NetDesired,
+    NodeDesired,
+    ObjectStatus,
+    PeerHost,
+    ProbeResult,
+    ReconcileResult,
+    Scope,
+    Support,
+    Underlay,
+)
+from vnet.core.model import DriverType
+from vnet.core.plan import ep_owner
+from vnet.runtime.service import Runtime
+from vnet.telemetry import tracing
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_RESYNC_S = 10.0
+DEFAULT_HEARTBEAT_S = 10.0
+RETRY_S = 1.0  # until the desired state has been fetched once
+MAX_BATCH = 512
+CONSUMER_INACTIVE_S = 3600.0  # the server drops a node's consumers after this long without it
+DRIVERS = ("bridge", "overlay", "macvlan", "ipvlan", "host")
+
+# endpoint: one of this node's endpoints; remote: another node's endpoint in one of this node's
+# overlay networks (its remotes change); network: a network was deleted; resync: a full resync.
+Kind = Literal["endpoint", "remote", "network", "resync"]
+
+
+@dataclass
+class WorkItem:
+    kind: Kind
+    event: str = ""
+    ident: str = ""
+    endpoint: Any = None  # EndpointInfo for endpoint events
+    fetch: bool = True  # resync: fetch the desired state first
+    ctx: otel_context.Context | None = None
+    span: SpanContext | None = None
+    done: asyncio.Future[NodeStats] | None = None
+
+
+@dataclass
+class Counters:
+    reconciles: int = 0
+    full_resyncs: int = 0
+    events: int = 0
+    batches: int = 0
+    last_full_writes: int = 0
+    last_full_duration_s: float = 0.0
+    last_full_errors: int = 0
+    last_full_at: float = 0.0
+    last_errors: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def dataplane_mode(host_netns: str | None) -> tuple[bool, str]:
+    """Whether this worker may change the kernel, and why not."""
+    if os.geteuid() != 0:
+        return False, "the node worker is not running as root, so it cannot change the kernel"
+    if host_netns is None and os.environ.get("VNET_RUN_PREFIX"):
+        return False, ("test-safety latch: VNET_RUN_PREFIX is set (a test run) and no host_netns was given, so this "
+                       "worker will not touch the namespace it runs in")
+    return True, ""
+
+
+def _float_param(params: dict[str, str], name: str, default: float) -> float:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise E.make(E.INVALID_CONFIG, f"node worker parameter {name}={raw!r} is not a number") from None
+    if v <= 0:
+        raise E.make(E.INVALID_CONFIG, f"node worker parameter {name} must be positive, not {raw}")
+    return v
+
+
+class NodeWorker:
+    """One host's control loop (see the module docstring)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.node = rt.params["node"]
+        self.host_netns = rt.config.host_netns
+        params = rt.params
+        self.resync_s = _float_param(params, "resync_s", float(getattr(rt.config, "node_resync_interval_s",
+                                                                       DEFAULT_RESYNC_S)))
+        self.heartbeat_s = _float_param(params, "heartbeat_s", DEFAULT_HEARTBEAT_S)
+        self.underlay = params.get("underlay")  # this host's underlay address (overlay VTEP); found if not given
+        self.underlay_ifname = params.get("underlay_ifname")
+        self.dataplane, self.dataplane_reason = dataplane_mode(self.host_netns)
+        self.probe_result: ProbeResult | None = None
+        self.rec: Any = None  # Reconciler, made at start when the data plane is on
+        self._pool: ThreadPoolExecutor | None = None
+        # The local copy of the desired state, and what the endpoint service has recorded.
+        self.nets: dict[str, NetDesired] = {}
+        self.eps: dict[str, EpDesired] = {}
+        self.recorded: dict[str, tuple[str, str]] = {}
+        self.peers: list[PeerHost] = []  # hosts of the remote endpoints of this node's overlay networks
+        self.fetched = False
+        self.registered = False
+        self.counters = Counters()
+        self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        self._consumers: list[DurableConsumer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._version = 0
+        self._started = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.dataplane:
+            from vnet.svc.node.reconcile import Reconciler
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vnet-node-{self.node}")
+            self.rec = Reconciler(self.host_netns)
+            log.info("node %s: managing %s (full resync every %.1fs)", self.node,
+                     f"namespace {self.host_netns}" if self.host_netns else "the namespace it runs in", self.resync_s)
+        else:
+            log.warning("node %s: data plane off: %s", self.node, self.dataplane_reason)
+        js = self.rt.js
+        safe = self.node.replace(".", "_")
+        self._consumers = [
+            DurableConsumer(js, f"vnet-node-{safe}-ep", subjects.EVT_ENDPOINT.template, deliver_all=False,
+                            inactive_threshold_s=CONSUMER_INACTIVE_S),
+            DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
+                            inactive_threshold_s=CONSUMER_INACTIVE_S),
+        ]
+        await self._consumers[0].start(self._on_endpoint_event)
+        await self._consumers[1].start(self._on_network_event)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._main(), name=f"node-{self.node}-loop"),
+                       loop.create_task(self._heartbeat(), name=f"node-{self.node}-heartbeat")]
+
+    async def stop(self) -> None:
+        """Stop following events and reconciling; the kernel keeps what it has (fail static)."""
+        for c in self._consumers:
+            await c.stop(delete=True)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        pool, self._pool = self._pool, None
+        if pool is not None:  # a reconcile still running in its thread finishes first
+            await asyncio.to_thread(pool.shutdown, True)
+        if self.rec is not None:
+            self.rec.close()
+            self.rec = None
+
+    # -- kernel work, in the worker's own thread ------------------------------------------
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._pool is not None
+        ctx = contextvars.copy_context()  # the trace context follows into the thread
+        return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
+
+    async def _reconcile(self, scope: Scope | None) -> ReconcileResult:
+        underlay = (Underlay(address=self.underlay, ifname=self.underlay_ifname)
+                    if self.underlay and self.underlay_ifname else None)
+        desired = NodeDesired(networks=list(self.nets.values()), endpoints=list(self.eps.values()),
+                              underlay=underlay, peers=list(self.peers))
+        self.counters.reconciles += 1
+        if self.rec is None:
+            return self._without_dataplane(desired, scope)
+        result: ReconcileResult = await self._in_thread(self.rec.reconcile, desired, scope)
+        return result
+
+    def _without_dataplane(self, desired: NodeDesired, scope: Scope | None) -> ReconcileResult:
+        """Host-driver endpoints need nothing; every other one cannot be realised here."""
+        driver = {n.id: n.driver for n in desired.networks}
+        eps: dict[str, ObjectStatus] = {}
+        for e in desired.endpoints:
+            if scope is not None and e.id not in scope.endpoints:
+                continue
+            eps[e.id] = (ObjectStatus(state="ready") if driver.get(e.network_id) == DriverType.HOST else
+                         ObjectStatus(state="failed", code=E.DRIVER_UNAVAILABLE.code,
+                                      reason=f"node {self.node} has no data plane: {self.dataplane_reason}"))
+        return ReconcileResult(ops_planned=0, ops_applied=0, writes=0, errors=[], endpoints=eps, networks={},
+                               duration=0.0)
+
+    @property
+    def writes(self) -> int:
+        return int(self.rec.writes) if self.rec is not None else 0
+
+    # -- registration ----------------------------------------------------------------------
+    async def _probe(self) -> None:
+        if not self.dataplane:
+            why = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
+            drivers = {d: why for d in DRIVERS}
+            drivers["host"] = Support(available=True, reason="needs nothing from the kernel")
+            self.probe_result = ProbeResult(kinds={}, drivers=drivers)
+            return
+        from vnet.adapters.netlink.probe import probe
+
+        try:
+            self.probe_result = await asyncio.to_thread(probe)
+        except Exception as exc:
+            log.warning("node %s: the kernel probe failed: %s", self.node, exc)
+            why = Support(available=False, reason=f"the kernel probe failed: {exc}")
+            drivers = {d: why for d in DRIVERS}
+            drivers["host"] = Support(available=True, reason="needs nothing from the kernel")
+            self.probe_result = ProbeResult(kinds={}, drivers=drivers)
+            return
+        missing = {d: s.reason for d, s in self.probe_result.drivers.items() if not s.available}
+        for d, reason in sorted(missing.items()):
+            log.info("node %s: driver %s unavailable: %s", self.node, d, reason)
+        if self.underlay is None or self.underlay_ifname is None:
+            try:
+                found = await self._in_thread(self._find_underlay, self.underlay)
+            except Exception as exc:
+                log.info("node %s: could not read the host's addresses for the underlay: %s", self.node, exc)
+            else:
+                if found is not None:
+                    self.underlay, self.underlay_ifname = found
+
+    def _find_underlay(self, address: str | None) -> tuple[str, str] | None:
+        """The interface holding ``address``, else the first IPv4 address (not loopback or
+        link-local) of an interface that is not ours: where overlay peers reach this host."""
+        host = self.rec.observer.host_full()
+        for name in sorted(host.links):
+            link = host.links[name]
+            if name == "lo" or naming.is_ours(name):
+                continue
+            for cidr in link.addrs:
+                ip = ipaddress.ip_interface(cidr).ip
+                if address is not None:
+                    if str(ip) == address:
+                        return address, name
+                elif ip.version == 4 and not ip.is_loopback and not ip.is_link_local and not ip.is_multicast:
+                    return str(ip), name
+        return None
+
+    async def _look_for_underlay(self) -> None:
+        """No underlay yet (none when the worker started): look again; tell the registry when found."""
+        try:
+            found = await self._in_thread(self._find_underlay, self.underlay)
+        except Exception as exc:
+            log.debug("node %s: looking for the underlay: %s", self.node, exc)
+            return
+        if found is None:
+            return
+        self.underlay, self.underlay_ifname = found
+        log.info("node %s: underlay %s on %s", self.node, *found)
+        try:
+            await self.register()
+        except Exception as exc:  # the next heartbeat carries it
+            log.info("node %s: could not re-register with the underlay: %s", self.node, exc)
+
+    async def register(self) -> NodeRegistered:
+        pr = self.probe_result
+        req = NodeRegister(node=self.node, instance=self.rt.instance, underlay=self.underlay,
+                           underlay_ifname=self.underlay_ifname, host_netns=self.host_netns,
+                           privileged=os.geteuid() == 0, dataplane=self.dataplane,
+                           drivers=dict(pr.drivers) if pr else {}, kinds=dict(pr.kinds) if pr else {},
+                           heartbeat_s=self.heartbeat_s, version=self.rt.defn.version)
+        reply, _ = await nats_adapter.request(self.rt.nc, subjects.NODE_REGISTER, req, NodeRegistered,
+                                              timeout=self.rt.config.request_timeout_s)
+        return reply
+
+    async def _heartbeat(self) -> None:
+        await self._probe()
+        failures = 0
+        while True:
+            try:
+                rep = await self.register()
+            except Exception as exc:
+                failures += 1
+                (log.warning if failures == 1 else log.debug)(
+                    "node %s: could not register with the endpoint service (retrying): %s", self.node, exc)
+                await asyncio.sleep(min(RETRY_S * failures, self.heartbeat_s))
+                continue
+            if not self.registered or failures:
+                log.info("node %s registered: %d endpoint(s) recorded here", self.node, rep.endpoints)
+                if not self.fetched:
+                    self.queue.put_nowait(WorkItem(kind="resync"))
+            self.registered = True
+            failures = 0
+            await asyncio.sleep(self.heartbeat_s)
+
+    # -- events ------------------------------------------------------------------------------
+    def _item(self, **kw: Any) -> WorkItem:
+        span = trace.get_current_span().get_span_context()
+        return WorkItem(ctx=otel_context.get_current(), span=span if span.is_valid else None, **kw)
+
+    async def _on_endpoint_event(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) < 5 or parts[3] not in ("created", "deleted"):
+            return  # status reports (ours and other nodes') and anything newer
+        try:
+            ev = msgspec.json.decode(msg.data, type=EndpointEvent)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("node %s: ignoring a malformed event on %s: %s", self.node, msg.subject, exc)
+            return
+        if ev.endpoint.node != self.node:
+            net = self.nets.get(ev.endpoint.network_id)
+            if net is not None and net.driver == DriverType.OVERLAY:  # a remote of one of our overlays
+                self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id))
+            return
+        self.queue.put_nowait(self._item(kind="endpoint", event=parts[3], ident=ev.endpoint.id, endpoint=ev.endpoint))
+
+    async def _on_network_event(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        # Only a deletion changes this node's data plane today (isolation lands with the policy service).
+        if len(parts) < 5 or parts[3] != "deleted":
+            return
+        nid = parts[4]
+        if nid in self.nets or any(e.network_id == nid for e in self.eps.values()):
+            self.queue.put_nowait(self._item(kind="network", event="deleted", ident=nid))
+
+    async def request_resync(self, fetch: bool = True) -> NodeStats:
+        """A full resync now (queued behind what is already waiting); its stats."""
+        fut: asyncio.Future[NodeStats] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(self._item(kind="resync", fetch=fetch, done=fut))
+        return await fut
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_full = loop.time()
+        while True:
+            wait = next_full - loop.time()
+            try:
+                first = self.queue.get_nowait() if wait <= 0 else await asyncio.wait_for(self.queue.get(), wait)
+            except (TimeoutError, asyncio.QueueEmpty):
+                await self._safe_full(fetch=True, parent=None)
+                next_full = loop.time() + (self.resync_s if self.fetched else min(RETRY_S, self.resync_s))
+                continue
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            events = [i for i in batch if i.kind != "resync"]
+            resyncs = [i for i in batch if i.kind == "resync"]
+            if events:
+                try:
+                    await self._handle_events(events)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("node %s: handling %d event(s) failed; the next full resync repairs", self.node,
+                                  len(events))
+            if resyncs:
+                await self._safe_full(fetch=any(r.fetch for r in resyncs), parent=resyncs[0])
+                next_full = loop.time() + (self.resync_s if self.fetched else min(RETRY_S, self.resync_s))
+                stats = self.stats()
+                for r in resyncs:
+                    if r.done is not None and not r.done.done():
+                        r.done.set_result(stats)
+
+    async def _safe_full(self, *, fetch: bool, parent: WorkItem | None) -> None:
+        try:
+            await self._full(fetch=fetch, parent=parent)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("node %s: full resync failed; retrying at the next one", self.node)
+
+    async def _fetch(self) -> bool:
+        try:
+            rep, _ = await nats_adapter.request(self.rt.nc, subjects.ENDPOINT_DESIRED, DesiredRequest(node=self.node),
+                                                DesiredReply, timeout=self.rt.config.request_timeout_s)
+        except E.VNetError as err:
+            (log.info if self.fetched else log.debug)(
+                "node %s: could not fetch the desired state (%s); %s", self.node, err.message,
+                "keeping the last one" if self.fetched else "retrying")
+            return False
+        self.nets = {n.id: n for n in rep.desired.networks}
+        self.eps = {e.id: e for e in rep.desired.endpoints}
+        self.recorded = {i: (s, rep.reasons.get(i, "")) for i, s in rep.statuses.items()}
+        self.peers = list(rep.desired.peers)
+        self.fetched = True
+        return True
+
+    async def _full(self, *, fetch: bool, parent: WorkItem | None) -> None:
+        tracer = tracing.tracer()
+        ctx = parent.ctx if parent is not None else None
+        with tracer.start_as_current_span("node.resync", context=ctx,
+                                          attributes={"vnet.node": self.node, "vnet.fetch": fetch}) as span:
+            if fetch:
+                await self._fetch()
+            if not self.fetched:  # never reconcile the whole host against a state we do not have
+                span.set_attribute("vnet.skipped", "desired state not fetched yet")
+                return
+            if self.rec is not None and self.underlay_ifname is None and self.probe_result is not None:
+                await self._look_for_underlay()
+            t0 = time.perf_counter()
+            result = await self._reconcile(None)
+            c = self.counters
+            c.full_resyncs += 1
+            c.last_full_writes = result.writes
+            c.last_full_duration_s = round(time.perf_counter() - t0, 6)
+            c.last_full_errors = len(result.errors)
+            c.last_errors = [f"{e.owner}: {e.message}" for e in result.errors[:20]]
+            c.last_full_at = time.time()
+            span.set_attribute("vnet.writes", result.writes)
+            for eid in [i for i in c.failed if i not in self.eps]:  # gone while we were not told
+                c.failed.pop(eid)
+            if result.writes:
+                log.info("node %s: full resync made %d kernel write(s) (drift or missed events repaired)", self.node,
+                         result.writes)
+            node_err = next((e for e in result.errors if e.owner == "node"), None)
+            if node_err is not None:
+                log.warning("node %s: %s", self.node, node_err.message)
+            await self._report(result)
+
+    async def _handle_events(self, items: list[WorkItem]) -> None:
+        first = items[0]
+        links = [Link(i.span) for i in items[1:] if i.span is not None]
+        tracer = tracing.tracer()
+        with tracer.start_as_current_span("node.events", context=first.ctx, links=links,
+                                          attributes={"vnet.node": self.node, "vnet.events": len(items)}):
+            scope_eps: set[str] = set()
+            scope_nets: set[str] = set()
+            gone: set[str] = set()
+            refetch = False  # overlay remotes changed: only the endpoint service knows them all
+            for it in items:
+                self.counters.events += 1
+                if it.kind == "endpoint" and it.event == "created":
+                    net, epd = to_desired(it.endpoint)
+                    if net.id not in self.nets:  # a network already here keeps its remotes
+                        self.nets[net.id] = net
+                        refetch = refetch or net.driver == DriverType.OVERLAY
+                    self.eps[epd.id] = epd
+                    self.recorded.setdefault(epd.id, (it.endpoint.status, it.endpoint.reason))
+                    scope_eps.add(epd.id)
+                    gone.discard(epd.id)
+                elif it.kind == "endpoint" and it.event == "deleted":
+                    self.eps.pop(it.ident, None)
+                    self.recorded.pop(it.ident, None)
+                    scope_eps.add(it.ident)
+                    scope_nets.add(it.endpoint.network_id)
+                    gone.add(it.ident)
+                elif it.kind == "network" and it.event == "deleted":
+                    for eid in [e.id for e in self.eps.values() if e.network_id == it.ident]:
+                        self.eps.pop(eid)
+                        self.recorded.pop(eid, None)
+                        scope_eps.add(eid)
+                        gone.add(eid)
+                    scope_nets.add(it.ident)
+                elif it.kind == "remote":
+                    refetch = True
+                    scope_nets.add(it.ident)
+            if refetch:
+                await self._fetch()  # the state after every event of this batch (they were committed first)
+            # A network none of this node's endpoints uses any more: its bridge goes.
+            used = {e.network_id for e in self.eps.values()}
+            for nid in [n for n in self.nets if n not in used]:
+                self.nets.pop(nid)
+                scope_nets.add(nid)
+            self.counters.batches += 1
+            result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)))
+            await self._report(result, gone)
+
+    # -- status reports -------------------------------------------------------------------------
+    def _next_version(self) -> int:
+        self._version = max(self._version + 1, time.time_ns() // 1000)
+        return self._version
+
+    async def _report(self, result: ReconcileResult, gone: Collection[str] = ()) -> None:
+        todo: list[tuple[str, str, str, str]] = []
+        for eid, st in result.endpoints.items():
+            if st.state == "failed":
+                self.counters.failed[eid] = st.reason
+            else:
+                self.counters.failed.pop(eid, None)
+            if self.recorded.get(eid) != (st.state, st.reason):
+                todo.append((eid, st.state, st.reason, st.code))
+        for eid in gone:
+            self.counters.failed.pop(eid, None)
+            err = next((e for e in result.errors if e.owner == ep_owner(eid)), None)
+            if err is None:
+                todo.append((eid, "deleted", "", ""))
+            else:
+                todo.append((eid, "failed", f"teardown failed: {err.message}", err.code))
+        if not todo:
+            return
+
+        async def one(eid: str, state: str, reason: str, code: str) -> None:
+            v = self._next_version()
+            ev = EndpointStatusEvent(endpoint_id=eid, node=self.node, status=state,  # type: ignore[arg-type]
+                                     reason=reason, code=code, version=v)
+            try:
+                await self.rt.publish_event("endpoint", "status", eid, ev, msg_id=f"endpoint.status.{eid}.{v}")
+            except Exception as exc:  # not recorded as reported: the next reconcile tries again
+                log.info("node %s: could not report the status of %s: %s", self.node, eid, exc)
+                return
+            if state != "deleted" and eid in self.eps:
+                self.recorded[eid] = (state, reason)
+
+        await asyncio.gather(*(one(*t) for t in todo))
+
+    # -- introspection ----------------------------------------------------------------------------
+    def stats(self) -> NodeStats:
+        c = self.counters
+        return NodeStats(node=self.node, dataplane=self.dataplane, endpoints=len(self.eps), networks=len(self.nets),
+                         writes=self.writes, reconciles=c.reconciles, full_resyncs=c.full_resyncs, events=c.events,
+                         batches=c.batches, last_full_writes=c.last_full_writes,
+                         last_full_duration_s=c.last_full_duration_s, last_full_errors=c.last_full_errors,
+                         last_errors=list(c.last_errors),
+                         last_full_at=c.last_full_at, desired_fetched=self.fetched,
+                         failed={k: c.failed[k] for k in sorted(c.failed)[:100]}, resync_s=self.resync_s)

@@ -1,0 +1,357 @@
+"""The endpoint records and the node registry in Redis.
+
+Every key but one shares the hash tag ``{global:idx}`` (:func:`vnet.adapters.redis.global_key`),
+so each decision is one Lua script on one slot — atomic across any number of
+endpoint service replicas, Redis Cluster included::
+
+    vnet:{global:idx}:endpoints                  SET    ids of existing endpoints — exactly those (the metrics
+                                                        service counts it; IPAM GC treats an allocation whose
+                                                        owner is not in it as orphaned)
+    vnet:{global:idx}:ep:<id>                    HASH   doc (JSON EndpointInfo as created), node, status,
+                                                        reason, code, at (last report), ver (last report's version)
+    vnet:{global:idx}:epnode:<node>              SET    ids of the endpoints on a node
+    vnet:{global:idx}:epnet:<network>            SET    ids of the endpoints of a network (ours; see netep below)
+    vnet:{global:idx}:epctr:<container>:<net>    STRING id: the (container, network) idempotency key
+    vnet:{global:idx}:epcif:<container>          HASH   interface name inside the container -> id
+    vnet:{global:idx}:epmac:<network>            HASH   MAC -> id (a MAC is unique within a network)
+    vnet:{global:idx}:epidem:<request_id>        STRING id created by that request (24 h)
+    vnet:{global:idx}:epdel:<request_id>         STRING JSON reply of a delete with that request id (24 h)
+    vnet:{global:idx}:node:<node>                STRING JSON NodeInfo, expires 3 heartbeats after the last one
+    vnet:{global:idx}:nodeinfo:<node>            STRING JSON NodeInfo, kept a day (for nodes that are gone)
+    vnet:{global:idx}:nodes                      ZSET   node -> last heartbeat (seconds since the epoch)
+    vnet:{netep:<network>}                       SET    ids of the endpoints of a network, read by the network
+                                                        service (its delete refuses while it is not empty)
+
+``netep`` lives in another slot (the network service's choice), so it is written
+outside the scripts: added *before* the record is committed and removed *after* the
+record is deleted. A crash in between leaves an id there whose record does not exist;
+the network service's forced delete treats a missing endpoint as deleted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from vnet.adapters.redis import Script, global_key, key
+from vnet.contracts.endpoint import EndpointInfo, NodeInfo
+
+ENDPOINTS = global_key("endpoints")
+NETWORKS = global_key("networks")  # the network service's index of existing networks
+NODES = global_key("nodes")
+IDEM_TTL_S = 24 * 3600
+NODE_INFO_KEEP_S = 24 * 3600
+IFNAME_PLACEHOLDER = "@IFNAME@"
+NO_IFNAME = "-"  # host driver: no interface in the container
+
+
+def rec_key(ident: str) -> str:
+    return global_key("ep", ident)
+
+
+def node_set(node: str) -> str:
+    return global_key("epnode", node)
+
+
+def net_set(network_id: str) -> str:
+    return global_key("epnet", network_id)
+
+
+def ctr_key(container: str, network_id: str) -> str:
+    return global_key("epctr", container, network_id)
+
+
+def ifnames_key(container: str) -> str:
+    return global_key("epcif", container)
+
+
+def macs_key(network_id: str) -> str:
+    return global_key("epmac", network_id)
+
+
+def idem_key(request_id: str) -> str:
+    return global_key("epidem", request_id)
+
+
+def del_idem_key(request_id: str) -> str:
+    return global_key("epdel", request_id)
+
+
+def netep_key(network_id: str) -> str:
+    """The network service's view of a network's endpoints (another slot)."""
+    return key("netep", network_id)
+
+
+def node_key(node: str) -> str:
+    return global_key("node", node)
+
+
+def node_info_key(node: str) -> str:
+    return global_key("nodeinfo", node)
+
+
+COMMIT = Script("""
+local id = ARGV[1]
+if ARGV[7] == '1' then
+  local prev = redis.call('GET', KEYS[9])
+  if prev then return {'dup_rid', prev} end
+end
+local prev = redis.call('GET', KEYS[5])
+if prev then return {'dup_ctr', prev} end
+if redis.call('EXISTS', KEYS[8]) == 1 and redis.call('SISMEMBER', KEYS[8], ARGV[5]) == 0 then
+  return {'no_network'}
+end
+local mac = ARGV[4]
+if mac ~= '' then
+  local h = redis.call('HGET', KEYS[7], mac)
+  if h then return {'mac_in_use', h} end
+end
+local ifname = ARGV[3]
+if ifname == '-' then
+  ifname = ''
+elseif ifname == '' then
+  local i = 0
+  while redis.call('HEXISTS', KEYS[6], 'eth' .. i) == 1 do i = i + 1 end
+  ifname = 'eth' .. i
+else
+  local h = redis.call('HGET', KEYS[6], ifname)
+  if h then return {'ifname_in_use', h} end
+end
+local doc = string.gsub(ARGV[2], '@IFNAME@', ifname, 1)
+redis.call('HSET', KEYS[1], 'doc', doc, 'node', ARGV[6], 'status', 'pending', 'reason', '', 'code', '',
+           'at', '', 'ver', '0')
+redis.call('SADD', KEYS[2], id)
+redis.call('SADD', KEYS[3], id)
+redis.call('SADD', KEYS[4], id)
+redis.call('SET', KEYS[5], id)
+if ifname ~= '' then redis.call('HSET', KEYS[6], ifname, id) end
+if mac ~= '' then redis.call('HSET', KEYS[7], mac, id) end
+if ARGV[7] == '1' then redis.call('SET', KEYS[9], id, 'PX', ARGV[8]) end
+return {'ok', ifname}
+""")
+
+DELETE = Script("""
+local id = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local r = redis.call('HMGET', KEYS[1], 'doc', 'status', 'reason', 'code', 'at')
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], id)
+redis.call('SREM', KEYS[3], id)
+redis.call('SREM', KEYS[4], id)
+if redis.call('GET', KEYS[5]) == id then redis.call('DEL', KEYS[5]) end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[6], ARGV[2]) == id then redis.call('HDEL', KEYS[6], ARGV[2]) end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[7], ARGV[3]) == id then redis.call('HDEL', KEYS[7], ARGV[3]) end
+return {r[1], r[2] or 'pending', r[3] or '', r[4] or '', r[5] or ''}
+""")
+
+# Versions are microseconds (a Lua number holds them exactly up to 2**53).
+STATUS = Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then return 'other_node' end
+local v = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') or 0
+if tonumber(ARGV[5]) <= v then return 'stale' end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'reason', ARGV[3], 'code', ARGV[4], 'ver', ARGV[5], 'at', ARGV[6])
+return 'ok'
+""")
+
+SCRIPTS = (COMMIT, DELETE, STATUS)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+_info_decoder = msgspec.json.Decoder(EndpointInfo)
+_node_decoder = msgspec.json.Decoder(NodeInfo)
+
+
+def _from_hash(h: dict[Any, Any]) -> EndpointInfo | None:
+    if not h:
+        return None
+    d = {_s(k): v for k, v in h.items()}
+    if "doc" not in d:
+        return None
+    info = _info_decoder.decode(d["doc"])
+    status = _s(d.get("status", b"pending")) or "pending"
+    return msgspec.structs.replace(info, status=status, reason=_s(d.get("reason", b"")),
+                                   status_code=_s(d.get("code", b"")), status_at=_s(d.get("at", b"")))
+
+
+class CommitResult(msgspec.Struct):
+    status: str  # ok | dup_rid | dup_ctr | no_network | mac_in_use | ifname_in_use
+    value: str = ""  # ok: the interface name; otherwise the id named
+
+
+class EndpointStore:
+    """Typed calls on the endpoint records and the node registry (no validation here)."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+
+    async def load(self) -> None:
+        for s in SCRIPTS:
+            await self.r.script_load(s.source)
+
+    # -- records -------------------------------------------------------------------------
+    async def get(self, ident: str) -> EndpointInfo | None:
+        return _from_hash(await self.r.hgetall(rec_key(ident)))
+
+    async def get_many(self, ids: Iterable[str]) -> list[EndpointInfo | None]:
+        ids = list(ids)
+        if not ids:
+            return []
+        async with self.r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(rec_key(i))
+            rows = await p.execute()
+        return [_from_hash(h) for h in rows]
+
+    async def id_for_request(self, request_id: str) -> str | None:
+        v = await self.r.get(idem_key(request_id))
+        return None if v is None else _s(v)
+
+    async def id_for_container(self, container: str, network_id: str) -> str | None:
+        v = await self.r.get(ctr_key(container, network_id))
+        return None if v is None else _s(v)
+
+    async def mac_holder(self, network_id: str, mac: str) -> str | None:
+        v = await self.r.hget(macs_key(network_id), mac)
+        return None if v is None else _s(v)
+
+    async def ifname_holder(self, container: str, ifname: str) -> str | None:
+        v = await self.r.hget(ifnames_key(container), ifname)
+        return None if v is None else _s(v)
+
+    async def commit(self, info: EndpointInfo, *, auto_ifname: bool, request_id: str | None) -> CommitResult:
+        """Record ``info`` and its indexes unless the (container, network) or request id already
+        made one, the MAC or interface name is taken, or the network was deleted meanwhile."""
+        ifname_arg = NO_IFNAME if not info.interface_name and not auto_ifname else (
+            "" if auto_ifname else info.interface_name)
+        doc = info if not auto_ifname else msgspec.structs.replace(info, interface_name=IFNAME_PLACEHOLDER)
+        keys = [rec_key(info.id), ENDPOINTS, node_set(info.node), net_set(info.network_id),
+                ctr_key(info.container_id, info.network_id), ifnames_key(info.container_id),
+                macs_key(info.network_id), NETWORKS, idem_key(request_id) if request_id else rec_key(info.id)]
+        args = [info.id, msgspec.json.encode(doc), ifname_arg, info.mac_address, info.network_id, info.node,
+                "1" if request_id else "", int(IDEM_TTL_S * 1000)]
+        res = await COMMIT(self.r, keys, args)
+        return CommitResult(_s(res[0]), _s(res[1]) if len(res) > 1 else "")
+
+    async def delete(self, info: EndpointInfo) -> EndpointInfo | None:
+        """Remove the record and its indexes; the record as it was, or None if it was already gone."""
+        keys = [rec_key(info.id), ENDPOINTS, node_set(info.node), net_set(info.network_id),
+                ctr_key(info.container_id, info.network_id), ifnames_key(info.container_id),
+                macs_key(info.network_id)]
+        res = await DELETE(self.r, keys, [info.id, info.interface_name, info.mac_address])
+        if not res:
+            return None
+        doc, status, reason, code, at = (_s(x) for x in res)
+        old = _info_decoder.decode(doc)
+        return msgspec.structs.replace(old, status=status or "pending", reason=reason,
+                                       status_code=code, status_at=at)
+
+    async def set_status(self, ident: str, node: str, status: str, reason: str, code: str, version: int,
+                         at: str) -> str:
+        """Fold a node's report in: ``ok``, or why not (``missing``, ``other_node``, ``stale``)."""
+        return _s(await STATUS(self.r, [rec_key(ident)], [node, status, reason, code, version, at]))
+
+    async def ids(self, *, node: str | None = None, network_id: str | None = None,
+                  container: str | None = None) -> list[str]:
+        """Candidate ids for a listing, from the narrowest index given."""
+        if node is not None:
+            raw: Any = await self.r.smembers(node_set(node))
+        elif network_id is not None:
+            raw = await self.r.smembers(net_set(network_id))
+        elif container is not None:
+            raw = await self.r.hvals(ifnames_key(container))
+            if not raw:  # host-driver endpoints have no interface: fall back to every endpoint
+                raw = await self.r.smembers(ENDPOINTS)
+        else:
+            raw = await self.r.smembers(ENDPOINTS)
+        return sorted({_s(x) for x in raw})
+
+    async def of_network(self, network_id: str) -> list[str]:
+        return sorted(_s(x) for x in await self.r.smembers(net_set(network_id)))
+
+    async def of_node(self, node: str) -> list[EndpointInfo]:
+        ids = sorted(_s(x) for x in await self.r.smembers(node_set(node)))
+        return [e for e in await self.get_many(ids) if e is not None]
+
+    async def count_on(self, node: str) -> int:
+        return int(await self.r.scard(node_set(node)))
+
+    # -- the network service's set (another slot) --------------------------------------------
+    async def netep_add(self, network_id: str, ident: str) -> None:
+        await self.r.sadd(netep_key(network_id), ident)
+
+    async def netep_remove(self, network_id: str, ident: str) -> None:
+        await self.r.srem(netep_key(network_id), ident)
+
+    # -- idempotent deletes ----------------------------------------------------------------
+    async def delete_reply(self, request_id: str) -> bytes | None:
+        v: Any = await self.r.get(del_idem_key(request_id))
+        return None if v is None else bytes(v)
+
+    async def put_delete_reply(self, request_id: str, body: bytes) -> None:
+        await self.r.set(del_idem_key(request_id), body, ex=IDEM_TTL_S)
+
+    # -- node registry ---------------------------------------------------------------------
+    async def register_node(self, info: NodeInfo, ttl_s: float) -> NodeInfo:
+        """Store a heartbeat; keeps ``registered_at`` of the same instance."""
+        prev = await self.node(info.node, include_gone=True)
+        if prev is not None and prev.instance == info.instance and prev.registered_at:
+            info = msgspec.structs.replace(info, registered_at=prev.registered_at)
+        body = msgspec.json.encode(info)
+        async with self.r.pipeline(transaction=False) as p:
+            p.set(node_key(info.node), body, px=max(1, int(ttl_s * 1000)))
+            p.set(node_info_key(info.node), body, ex=NODE_INFO_KEEP_S)
+            p.zadd(NODES, {info.node: info.last_seen})
+            p.zremrangebyscore(NODES, "-inf", time.time() - NODE_INFO_KEEP_S)
+            await p.execute()
+        return info
+
+    async def node(self, node: str, *, include_gone: bool = False) -> NodeInfo | None:
+        v: Any = await self.r.get(node_key(node))
+        if v is not None:
+            return _node_decoder.decode(v)
+        if not include_gone:
+            return None
+        v = await self.r.get(node_info_key(node))
+        if v is None:
+            return None
+        return msgspec.structs.replace(_node_decoder.decode(v), alive=False)
+
+    async def nodes(self, *, include_gone: bool = False, counts: bool = True) -> list[NodeInfo]:
+        """Registered nodes (``alive`` or, with ``include_gone``, not); ``counts``: their endpoints."""
+        names = sorted(_s(x) for x in await self.r.zrange(NODES, 0, -1))
+        if not names:
+            return []
+        live = await self.r.mget([node_key(n) for n in names])
+        old = await self.r.mget([node_info_key(n) for n in names]) if include_gone else [None] * len(names)
+        sizes: list[Any] = [0] * len(names)
+        if counts:
+            async with self.r.pipeline(transaction=False) as p:
+                for n in names:
+                    p.scard(node_set(n))
+                sizes = await p.execute()
+        out: list[NodeInfo] = []
+        for v, gone, count in zip(live, old, sizes, strict=True):
+            if v is not None:
+                out.append(msgspec.structs.replace(_node_decoder.decode(v), alive=True, endpoints=int(count)))
+            elif gone is not None:
+                out.append(msgspec.structs.replace(_node_decoder.decode(gone), alive=False, endpoints=int(count)))
+        return out
+
+    async def alive_nodes(self) -> list[str]:
+        return [n.node for n in await self.nodes()]
+
+
+def describe_holder(info: EndpointInfo | None, ident: str) -> str:
+    """``endpoint ep1 (container web-1)`` for messages; the id alone when the record is gone."""
+    if info is None:
+        return f"endpoint {ident}"
+    return f"endpoint {ident} (container {info.container_id})"
+

@@ -1,0 +1,312 @@
+"""Endpoint and node-registry wire types (``vnet.endpoint.*``, ``vnet.node.*``, endpoint events).
+
+An *endpoint* is one container attached to one network on one node. The endpoint
+service records it (status ``pending``), the node worker realises it in its kernel
+and reports ``ready`` or ``failed`` with a reason (event
+``vnet.evt.endpoint.status.<id>``), which the endpoint service folds into the record.
+
+The node worker holds no Redis credentials: it registers itself (``vnet.node.register``,
+request/reply, repeated as a heartbeat), reads its desired state with
+``vnet.endpoint.desired.get`` and follows the endpoint and network events. The
+translation from a stored endpoint to the data plane's :class:`EpDesired` /
+:class:`NetDesired` is :func:`to_desired`, used by both sides so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from vnet.contracts.messages import RequestId
+from vnet.contracts.network import NetRef, NodeId
+from vnet.core.dataplane_model import EpDesired, NetDesired, NodeDesired, RemoteEndpoint, Support
+from vnet.core.model import DriverType, Endpoint, Labels
+
+# Container ids become a network namespace name by default and a key part in Redis:
+# no '/', no ':', no whitespace.
+ContainerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+EndpointId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+# Checked by the service (a name under /run/netns or an absolute path), with a specific error.
+NetnsRef = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+# Checked by the service (at most 15 bytes, the kernel's rule), with a specific error.
+IfName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Mac = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Addr = Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
+WaitS = Annotated[float, msgspec.Meta(gt=0, le=600)]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Cursor = Annotated[str, msgspec.Meta(max_length=256)]
+
+EndpointState = Literal["pending", "ready", "failed"]
+# What a node reports: the endpoint's state, or that it tore an endpoint down.
+ReportedState = Literal["ready", "failed", "deleted"]
+
+DEFAULT_WAIT_S = 30.0
+
+
+# --- records ----------------------------------------------------------------------------
+
+class EndpointInfo(Endpoint, kw_only=True):
+    """An endpoint as stored and returned: the module description's ``Endpoint`` fields
+    (``id``, ``container_id``, ``network_id``, ``ip_address``, ``mac_address``,
+    ``interface_name``, ``created_at``) plus where it lives and how it is doing."""
+
+    node: str = ""
+    netns: str = ""  # a name under /run/netns or an absolute path; the host's namespace for the host driver
+    labels: dict[str, str] = {}
+    status: EndpointState = "pending"
+    reason: str = ""  # why it failed (empty unless failed)
+    status_code: str = ""  # stable error code of a failure (vnet.core.errors)
+    status_at: str = ""  # when the node last reported
+    ipv6_address: str | None = None
+    prefix_len: int = 0  # of ip_address's subnet
+    prefix_len_v6: int | None = None
+    gateway: str | None = None
+    gateway_v6: str | None = None
+    driver: DriverType = DriverType.BRIDGE
+    mtu: int = 1500
+    network_options: dict[str, str] = {}  # the network's driver options (vni, parent, mode, ...) at attach time
+    request_id: str | None = None
+
+
+def _int_or_none(v: str | None) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def to_desired(ep: EndpointInfo) -> tuple[NetDesired, EpDesired]:
+    """The data plane's view of one stored endpoint (and of its network on that node,
+    without the remote endpoints of an overlay: :func:`remote_of` makes those)."""
+    gw4 = f"{ep.gateway}/{ep.prefix_len}" if ep.gateway and ep.prefix_len else None
+    gw6 = f"{ep.gateway_v6}/{ep.prefix_len_v6}" if ep.gateway_v6 and ep.prefix_len_v6 else None
+    opts = ep.network_options
+    net = NetDesired(id=ep.network_id, driver=ep.driver, gateway4=gw4, gateway6=gw6, mtu=ep.mtu,
+                     vni=_int_or_none(opts.get("vni")), encrypted=opts.get("encrypted", "false") == "true",
+                     parent=opts.get("parent"), mode=opts.get("mode"))
+    ipv4 = f"{ep.ip_address}/{ep.prefix_len}" if ep.ip_address and ep.prefix_len else None
+    ipv6 = f"{ep.ipv6_address}/{ep.prefix_len_v6}" if ep.ipv6_address and ep.prefix_len_v6 else None
+    epd = EpDesired(id=ep.id, network_id=ep.network_id, netns=ep.netns, mac=ep.mac_address, ipv4=ipv4, ipv6=ipv6,
+                    ifname=ep.interface_name, gw4=ep.gateway if ipv4 else None,
+                    gw6=ep.gateway_v6 if ipv6 else None)
+    return net, epd
+
+
+def remote_of(ep: EndpointInfo) -> RemoteEndpoint:
+    """How an overlay endpoint on host ``ep.node`` is programmed on the other hosts."""
+    return RemoteEndpoint(mac=ep.mac_address, host=ep.node, ipv4=ep.ip_address or None, ipv6=ep.ipv6_address)
+
+
+def node_desired(eps: list[EndpointInfo]) -> NodeDesired:
+    """The desired state of a node holding ``eps``: their networks (once each) and them."""
+    nets: dict[str, NetDesired] = {}
+    out: list[EpDesired] = []
+    for ep in sorted(eps, key=lambda e: e.id):
+        net, epd = to_desired(ep)
+        nets.setdefault(net.id, net)
+        out.append(epd)
+    return NodeDesired(networks=[nets[k] for k in sorted(nets)], endpoints=out)
+
+
+# --- requests and replies -----------------------------------------------------------------
+
+class EndpointCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Attach container ``container_id`` to network ``network_id`` (an id or a name).
+
+    ``ip`` / ``mac`` absent: automatic (the next free address; a random locally
+    administered MAC). ``ipv6``: a static IPv6 address when the network has an IPv6
+    subnet (one is allocated automatically otherwise). ``node``: where the container
+    runs (default: the only registered node). ``netns``: the container's network
+    namespace, a name under ``/run/netns`` or a path such as ``/proc/<pid>/ns/net``
+    (default: the namespace named like the container). ``ifname``: the interface
+    inside the container (default ``eth0``, then ``eth1``, ... per container).
+
+    Idempotent: repeating it for the same (container, network), or with the same
+    ``request_id``, returns the first result. ``wait``: reply once the node has
+    reported ``ready`` or ``failed``, or after ``wait_timeout_s`` (then still ``pending``).
+    """
+
+    container_id: ContainerId
+    network_id: NetRef
+    ip: Addr | None = None
+    ipv6: Addr | None = None
+    mac: Mac | None = None
+    node: NodeId | None = None
+    netns: NetnsRef | None = None
+    ifname: IfName | None = None
+    labels: Labels = {}
+    wait: bool = False
+    wait_timeout_s: WaitS = DEFAULT_WAIT_S
+    request_id: RequestId | None = None
+
+
+class EndpointRef(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    endpoint_id: EndpointId
+
+
+class EndpointDelete(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Detach: the node tears the interface down, the address is released, the record
+    and its indexes go. ``wait``: reply once the node confirmed the teardown (or after
+    ``wait_timeout_s``). ``force``: never wait for the node (the network service's forced
+    delete uses it); the record goes even when the node is gone."""
+
+    endpoint_id: EndpointId
+    force: bool = False
+    wait: bool = False
+    wait_timeout_s: WaitS = DEFAULT_WAIT_S
+    request_id: RequestId | None = None
+
+
+class EndpointDeleted(msgspec.Struct, kw_only=True):
+    endpoint: EndpointInfo  # as it was
+    released: list[str] = []  # addresses given back to IPAM
+    node_confirmed: bool = False  # the node reported the teardown done (only looked for with wait)
+    warnings: list[str] = []
+
+
+class EndpointList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Endpoints ordered by id; filters AND together (``labels``: exact matches).
+    Pass the reply's ``next_cursor`` as ``cursor`` for the next page."""
+
+    network: NetRef | None = None  # a network id (or name)
+    node: NodeId | None = None
+    container: ContainerId | None = None
+    labels: Labels = {}
+    status: EndpointState | None = None
+    limit: Limit = 1000
+    cursor: Cursor | None = None
+
+
+class EndpointPage(msgspec.Struct, kw_only=True):
+    endpoints: list[EndpointInfo]
+    next_cursor: str | None = None
+
+
+# --- node registry --------------------------------------------------------------------------
+
+class NodeRegister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A node worker announcing itself on ``vnet.node.register`` (request/reply),
+    again every ``heartbeat_s``; it counts as gone after ``3 * heartbeat_s``."""
+
+    node: NodeId
+    instance: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    underlay: Addr | None = None  # the host's address other hosts reach it on (overlay VTEP)
+    underlay_ifname: Annotated[str, msgspec.Meta(max_length=15)] | None = None  # the interface it is on
+    host_netns: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+    privileged: bool = False
+    dataplane: bool = False  # False: it will not change its kernel (not root, or a test without a namespace)
+    drivers: dict[str, Support] = {}  # bridge, overlay, macvlan, ipvlan, host: found by the probe
+    kinds: dict[str, Support] = {}  # link kinds the probe tried
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
+    version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class NodeInfo(msgspec.Struct, kw_only=True):
+    node: str
+    instance: str = ""
+    underlay: str | None = None
+    underlay_ifname: str | None = None
+    host_netns: str | None = None
+    privileged: bool = False
+    dataplane: bool = False
+    drivers: dict[str, Support] = {}
+    kinds: dict[str, Support] = {}
+    heartbeat_s: float = 10.0
+    version: str = ""
+    registered_at: str = ""  # first registration of this instance
+    last_seen: float = 0.0  # seconds since the epoch
+    alive: bool = True  # seen within 3 heartbeats
+    endpoints: int = 0
+
+
+class NodeRegistered(msgspec.Struct, kw_only=True):
+    node: str
+    ttl_s: float
+    endpoints: int  # endpoints recorded on this node
+
+
+class NodeListRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    include_gone: bool = False  # also nodes whose heartbeat stopped (kept a day)
+
+
+class NodeList(msgspec.Struct, kw_only=True):
+    nodes: list[NodeInfo]
+
+
+class DesiredRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    node: NodeId
+
+
+class DesiredReply(msgspec.Struct, kw_only=True):
+    """What node ``node`` must realise, and the status recorded for each endpoint (so a
+    restarted worker reports only what changed). Overlay networks carry their endpoints
+    on other hosts (``remotes``) and ``desired.peers`` those hosts' underlay addresses;
+    ``desired.underlay`` is left to the node (it knows its own)."""
+
+    node: str
+    desired: NodeDesired
+    statuses: dict[str, str] = {}  # endpoint id -> pending | ready | failed
+    reasons: dict[str, str] = {}  # endpoint id -> recorded failure reason
+
+
+# --- node worker operations (vnet.node.<node>.*) ---------------------------------------------
+
+class NetnsCheck(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    netns: NetnsRef
+
+
+class NetnsCheckReply(msgspec.Struct, kw_only=True):
+    netns: str
+    path: str
+    exists: bool
+    reason: str = ""
+
+
+class NodeStats(msgspec.Struct, kw_only=True):
+    """What the node worker did: reconciles, kernel writes, the last full resync."""
+
+    node: str
+    dataplane: bool
+    endpoints: int  # in its desired state
+    networks: int
+    writes: int  # kernel writes since start (the reconciler's counter)
+    reconciles: int
+    full_resyncs: int
+    events: int  # events handled
+    batches: int  # scoped reconciles they caused
+    last_full_writes: int = 0
+    last_full_duration_s: float = 0.0
+    last_full_errors: int = 0
+    last_errors: list[str] = []  # the last full resync's errors ("<owner>: <message>"), at most 20
+    last_full_at: float = 0.0
+    desired_fetched: bool = False  # has it ever received its desired state
+    failed: dict[str, str] = {}  # endpoint id -> reason, for endpoints currently failed
+    resync_s: float = 10.0
+
+
+class ResyncRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Run a full resync now (fetch the desired state, reconcile the whole host)."""
+
+    fetch: bool = True  # False: reconcile against the desired state it already has
+
+
+# --- events (vnet.evt.endpoint.<event>.<id>) ----------------------------------------------------
+
+class EndpointEvent(msgspec.Struct, kw_only=True):
+    """``created`` / ``deleted``: the endpoint (as it is, or as it was)."""
+
+    endpoint: EndpointInfo
+
+
+class EndpointStatusEvent(msgspec.Struct, kw_only=True):
+    """``status``, published by the node worker: what its kernel has for the endpoint.
+    ``version`` orders reports of one node (later wins)."""
+
+    endpoint_id: str
+    node: str
+    status: ReportedState
+    reason: str = ""
+    code: str = ""
+    version: int = 0
+
