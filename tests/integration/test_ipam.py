@@ -629,3 +629,31 @@ async def test_pool_exclude_child_subnets(config: VNetConfig, start_service: Any
         with pytest.raises(E.InvalidRequest):
             await m.exclude_from_pool(nid, add=["10.101.0.0/24"])  # not inside the pool
         await m.delete_pool(nid, force=True)
+
+
+async def test_gc_still_collects_when_every_endpoint_is_gone(config: VNetConfig, start_service: Any,
+                                                             run_prefix: str, rds: aioredis.Redis) -> None:
+    """Redis drops an empty set; the endpoint service's registry marker keeps GC working."""
+    await start_service("ipam")
+    nid = f"{run_prefix}-gc-empty"
+    await _register_network(rds, nid)
+    saved = await rds.smembers(ipam_store.ENDPOINTS_INDEX)
+    marker = ipam_store.registry_marker(ipam_store.ENDPOINTS_INDEX)
+    had_marker = await rds.exists(marker)
+    await rds.delete(ipam_store.ENDPOINTS_INDEX)
+    try:
+        async with VNetManager(config) as m:
+            await m.create_pool(nid, "10.74.0.0/24", "10.74.0.1")
+            await m.request_address(nid, f"{run_prefix}-gone")
+            await rds.delete(marker)
+            skipped = await m.ipam_gc(grace_s=0, network_id=nid)
+            assert skipped.released == [], "without index or marker GC must not treat everything as orphaned"
+            await rds.set(marker, b"1")
+            rep = await m.ipam_gc(grace_s=0, network_id=nid)
+            assert [a.owner for a in rep.released] == [f"{run_prefix}-gone"]
+            await m.delete_pool(nid)
+    finally:
+        if saved:
+            await rds.sadd(ipam_store.ENDPOINTS_INDEX, *saved)
+        if not had_marker:
+            await rds.delete(marker)

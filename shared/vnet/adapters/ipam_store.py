@@ -40,6 +40,13 @@ from vnet.core import ipam as core
 
 POOLS_INDEX = global_key("pools")
 NETWORKS_INDEX = global_key("networks")
+
+
+def registry_marker(set_key: str) -> str:
+    """The key a service sets to say it maintains ``set_key`` (which may be empty)."""
+    return f"{set_key}:registry"
+
+
 ENDPOINTS_INDEX = global_key("endpoints")
 GC_LOCK = global_key("ipam-gc-lock")
 REQUEST_ID_TTL_S = 24 * 3600
@@ -723,7 +730,9 @@ class IpamStore:
         return [bool(x) for x in res]
 
     async def set_exists(self, set_key: str) -> bool:
-        return bool(await self.r.exists(set_key))
+        """Whether the index is maintained: Redis drops an empty set, so the owning
+        service also keeps a ``<set>:registry`` marker once it has run."""
+        return bool(await self.r.exists(set_key, registry_marker(set_key)))
 
     async def now(self) -> float:
         t: Any = await self.r.time()

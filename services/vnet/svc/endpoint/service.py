@@ -45,7 +45,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from vnet.adapters.endpoint_store import EndpointStore, describe_holder
+from vnet.adapters.ipam_store import registry_marker
 from vnet.adapters.nats import DurableConsumer
+from vnet.adapters.redis import global_key
 from vnet.contracts import codec, subjects
 from vnet.contracts import headers as H
 from vnet.contracts.endpoint import (
@@ -115,6 +117,8 @@ async def _start(rt: Runtime) -> None:
     store = EndpointStore(rt.redis)
     await store.load()
     rt.state["store"] = store
+    # Tell IPAM GC this index is maintained even when it is empty (Redis drops empty sets).
+    await rt.redis.set(registry_marker(global_key("endpoints")), b"1")
     async def on_register(msg: Msg) -> None:
         await _on_register(rt, msg)
 

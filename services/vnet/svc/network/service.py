@@ -35,7 +35,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from vnet.adapters.ipam_store import registry_marker
 from vnet.adapters.network_store import CreateResult, NetworkDoc, NetworkStore, new_id
+from vnet.adapters.redis import global_key
 from vnet.contracts import subjects
 from vnet.contracts.ipam import (
     PoolCreate,
@@ -95,6 +97,8 @@ async def _start(rt: Runtime) -> None:
     store = NetworkStore(rt.redis)
     await store.load()
     rt.state["store"] = store
+    # Tell IPAM GC this index is maintained even when it is empty (Redis drops empty sets).
+    await rt.redis.set(registry_marker(global_key("networks")), b"1")
 
 
 def _store(ctx: Ctx) -> NetworkStore:
