@@ -66,6 +66,10 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Node worker.
     node_id: str | None = None
     host_netns: str | None = None  # None: the namespace the worker runs in
+    node_resync_interval_s: float = 10.0  # full resync period: drift is repaired within it
+    node_underlay: str | None = None  # this host's underlay (VTEP) address; found from the routes if unset
+    node_underlay_ifname: str | None = None
+    node_state_dir: str | None = None  # keys (WireGuard private key) live here; default under the state dir
 
     def __post_init__(self) -> None:
         try:

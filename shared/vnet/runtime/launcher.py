@@ -50,6 +50,9 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
     if node:
         p.add_argument("--node-id", help="this host's node id (default: $VNET_NODE_ID or the hostname)")
         p.add_argument("--host-netns", help="network namespace to manage (default: the current one)")
+        p.add_argument("--underlay", help="this host's underlay address for overlays (default: found from routes)")
+        p.add_argument("--underlay-ifname", help="the underlay interface (default: the one holding --underlay)")
+        p.add_argument("--resync", type=float, help="full resync period in seconds (default 10)")
     args = p.parse_args(argv)
     try:
         overrides = {}
@@ -57,6 +60,12 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
             overrides["node_id"] = args.node_id
         if node and args.host_netns:
             overrides["host_netns"] = args.host_netns
+        if node and args.underlay:
+            overrides["node_underlay"] = args.underlay
+        if node and args.underlay_ifname:
+            overrides["node_underlay_ifname"] = args.underlay_ifname
+        if node and args.resync:
+            overrides["node_resync_interval_s"] = args.resync
         config = VNetConfig.load(args.config, **overrides)
     except VNetError as err:
         print(f"vnet: {err.message}", file=sys.stderr)

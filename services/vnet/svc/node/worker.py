@@ -158,11 +158,11 @@ class NodeWorker:
         self.node = rt.params["node"]
         self.host_netns = rt.config.host_netns
         params = rt.params
-        self.resync_s = _float_param(params, "resync_s", float(getattr(rt.config, "node_resync_interval_s",
-                                                                       DEFAULT_RESYNC_S)))
+        self.resync_s = _float_param(params, "resync_s", rt.config.node_resync_interval_s)
         self.heartbeat_s = _float_param(params, "heartbeat_s", DEFAULT_HEARTBEAT_S)
-        self.underlay = params.get("underlay")  # this host's underlay address (overlay VTEP); found if not given
-        self.underlay_ifname = params.get("underlay_ifname")
+        # This host's underlay address (overlay VTEP); found from the routes if not given.
+        self.underlay = params.get("underlay") or rt.config.node_underlay
+        self.underlay_ifname = params.get("underlay_ifname") or rt.config.node_underlay_ifname
         self.dataplane, self.dataplane_reason = dataplane_mode(self.host_netns)
         self.probe_result: ProbeResult | None = None
         self.rec: Any = None  # Reconciler, made at start when the data plane is on
