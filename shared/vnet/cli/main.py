@@ -128,7 +128,7 @@ def health(ctx: click.Context, service: str, node: str | None, as_json: bool) ->
 
 def main() -> None:
     # Each module registers its verbs on `cli` when imported.
-    from vnet.cli import container, endpoint, ipam, network, policy, stack  # noqa: F401
+    from vnet.cli import container, demo, endpoint, ipam, network, policy, stack  # noqa: F401
 
     cli(obj={})
 

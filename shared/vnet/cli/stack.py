@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import sys
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
+import msgspec
 from rich.markup import escape
 
 from vnet.cli.main import cli, err_console
@@ -67,6 +69,8 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
 @click.option("--host-root-netns", is_flag=True,
               help="Let the node worker manage THIS MACHINE's network namespace instead of a sandbox one (root).")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once everything answers health.")
+@click.option("--demo", is_flag=True, help="Once ready, show the main job end to end: networks, containers, "
+              "who reaches whom and why (then removed; the stack keeps running).")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds to wait for every service to answer health.")
 @click.option("--stop-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
@@ -76,7 +80,7 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
 @click.pass_context
 def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_url: str | None,
        nats_port: int | None, redis_port: int | None, metrics_port: int | None, node_id: str | None,
-       host_root_netns: bool, detach: bool, ready_timeout: float, stop_timeout: float,
+       host_root_netns: bool, detach: bool, demo: bool, ready_timeout: float, stop_timeout: float,
        foreground_supervisor: bool) -> None:
     """Start NATS, Redis, the five services and a node worker, and supervise them.
 
@@ -91,7 +95,8 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
     opts = stack.StackOptions(
         state_dir=_state_dir(state_dir), nats_url=nats_url, redis_url=redis_url, nats_port=nats_port,
         redis_port=redis_port, metrics_port=metrics_port, node_id=node_id, host_root_netns=host_root_netns,
-        ready_timeout=ready_timeout, stop_timeout=stop_timeout, detached=detach or foreground_supervisor)
+        ready_timeout=ready_timeout, stop_timeout=stop_timeout, detached=detach or foreground_supervisor,
+        demo=demo)
     config_path = ctx.obj.get("config_path")
     try:
         # Not load_config(): that would point at a running stack; `up` makes its own.
@@ -111,6 +116,11 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
             st = stack.start_detached(_supervisor_argv(config_path, opts), opts.state_dir,
                                       timeout=ready_timeout + 30, say=_event)
             _echo(stack.format_summary(st, elapsed=time.monotonic() - t0))
+            if demo:
+                from vnet.runtime.demo import run_demo
+
+                cfg = msgspec.structs.replace(config, nats_url=st.nats_url, redis_url=st.redis_url)
+                sys.exit(asyncio.run(run_demo(cfg, say=_echo)))
             return
         sup = stack.Supervisor(opts, config, say=_event, show=_echo)
         sup.prepare()

@@ -346,6 +346,7 @@ class StackOptions:
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0
     detached: bool = False
+    demo: bool = False  # after ready, run the demo (vnet.runtime.demo) once, then keep running
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -700,6 +701,8 @@ class Supervisor:
                 self._status = "ready"
                 self._save()
                 self.show(format_summary(self.stack_file(), elapsed=time.monotonic() - t0, degraded=degraded))
+                if self.opts.demo and self.config is not None:
+                    await self._demo(self.config)
                 await self._stop_event.wait()
         except StackError as err:
             self.say(f"error: {err.message}")
@@ -710,6 +713,26 @@ class Supervisor:
                 supervise.cancel()
                 await asyncio.gather(supervise, return_exceptions=True)
         return code
+
+    async def _demo(self, config: VNetConfig) -> None:
+        from vnet.runtime.demo import run_demo
+
+        self.show("\nDemo: the main job, end to end")
+        try:
+            demo = asyncio.create_task(run_demo(config, say=self.show))
+            stop = asyncio.create_task(self._stop_event.wait()) if self._stop_event else None
+            done, _ = await asyncio.wait([t for t in (demo, stop) if t], return_when=asyncio.FIRST_COMPLETED)
+            if demo not in done:
+                demo.cancel()
+            if stop is not None and stop not in done:
+                stop.cancel()
+            if demo in done:
+                code = demo.result()
+                self.show("Demo done: " + ("every result matched explain" if code == 0 else
+                                           "some results did not match explain (see above)")
+                          + "; the stack keeps running (Ctrl-C stops it)")
+        except Exception as exc:
+            self.say(f"demo failed: {exc}")
 
     def _spawn(self, child: Child) -> None:
         spec = child.spec
