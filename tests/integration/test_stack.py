@@ -238,6 +238,21 @@ def test_port_in_use_is_named(detached: Detached, tmp_root: Path) -> None:
     assert not (tmp_root / "stack-port-clash" / "stack.json").exists()
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="the demo's containers are network namespaces: needs root")
+def test_demo_does_the_main_job(detached: Detached, run_prefix: str) -> None:
+    """`vnetctl demo`: networks, containers, reachability that matches explain, all removed after."""
+    before = _netns_list()
+    res = _ctl("demo", state_dir=detached.state_dir, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    for src, dst, seen in (("a", "b", "reaches"), ("b", "a", "reaches"), ("a", "c", "blocked"),
+                           ("c", "a", "blocked")):
+        assert f"{src} -> {dst}: {seen}" in out, out
+    assert "MISMATCH" not in out and "cleaned up" in out, out
+    assert _netns_list() == before, "the demo left namespaces behind"
+    assert not [n for n in _netns_list() if n.startswith(f"{run_prefix}-demo")]
+
+
 def test_down_leaves_nothing(detached: Detached) -> None:
     st = detached.leftovers.remember()
     assert st is not None

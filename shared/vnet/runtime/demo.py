@@ -34,7 +34,8 @@ def _ping(ns: str, addr: str) -> bool:
 
 async def run_demo(config: VNetConfig, *, say: Say = print, keep: bool = False, prefix: str | None = None) -> int:
     """Run the demo; returns 0 when every observed result matched what explain said."""
-    prefix = prefix or f"vnet-demo-{uuid.uuid4().hex[:4]}"
+    # Under a test run the namespaces carry the run's prefix, so a leftover is traceable.
+    prefix = prefix or f"{os.environ.get('VNET_RUN_PREFIX') or 'vnet'}-demo-{uuid.uuid4().hex[:4]}"
     root = os.geteuid() == 0
     made_ns: list[str] = []
     made_eps: list[str] = []
