@@ -79,7 +79,7 @@ async def env(config: VNetConfig, start_service: Callable[..., Awaitable[Runtime
     cfg = msgspec.structs.replace(config, redis_url=f"{base}/{db}")
     r = aioredis.Redis.from_url(cfg.redis_url)
     await r.flushdb()
-    for name in ("ipam", "network", "endpoint", "metrics"):
+    for name in ("ipam", "network", "endpoint", "metrics", "policy"):
         await start_service(name, cfg=cfg)
     host = netns("eph")
     node = f"{run_prefix}-n1"

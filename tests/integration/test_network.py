@@ -154,7 +154,7 @@ async def test_defaults_come_from_the_service_config(env_factory: Callable[..., 
     env = await env_factory(default_driver=DriverType.OVERLAY, default_isolation=IsolationMode.PEER_ONLY)
     n = await env.m.create_network("defaults")
     assert n.driver_type is DriverType.OVERLAY and n.isolation_mode is IsolationMode.PEER_ONLY
-    assert n.options == {"encrypted": "false"}  # the driver's defaults are filled in
+    assert n.options == {"encrypted": "false", "vni": "1"}  # the driver's defaults, and an allocated VNI
     assert n.cidr == "172.20.0.0/24" and n.gateway == "172.20.0.1"
     m = await env.m.create_network("macv", None, None, "macvlan", "none", {"parent": "eth0", "mode": "vepa"})
     assert m.options == {"mode": "vepa", "parent": "eth0"} and m.isolation_mode is IsolationMode.NONE
@@ -798,3 +798,48 @@ async def test_default_slash24_fits_256(env: Env) -> None:
     e = await env.err(env.m.create_network("n256"))
     assert e.code == "subnet_pool_exhausted" and "default_subnet 172.20.0.0/16 has no free /24 left" in e.message
     assert "fits 256" in e.message and "VNET_DEFAULT_SUBNET" in e.message
+
+
+# --- overlay VNIs ------------------------------------------------------------------------------
+
+async def test_overlay_vni_allocated_unique_and_released(env: Env) -> None:
+    m = env.m
+    a = await m.create_network("ov-a", None, None, "overlay")
+    b = await m.create_network("ov-b", None, None, "overlay", "none", {"encrypted": "true"})
+    br = await m.create_network("br", None, None, "bridge")
+    va, vb = int(a.options["vni"]), int(b.options["vni"])
+    assert 1 <= va <= (1 << 24) - 1 and va != vb and b.options["encrypted"] == "true"
+    assert "vni" not in br.options
+    assert (await m.get_network("ov-a")).options["vni"] == str(va)  # stored in the record
+    holders = {int(k): v.decode() for k, v in (await env.r.hgetall(global_key("netvni"))).items()}
+    assert holders == {va: a.id, vb: b.id}
+    # an explicit vni is honoured; one already held is refused naming the holder
+    c = await m.create_network("ov-c", None, None, "overlay", "none", {"vni": "4242"})
+    assert c.options["vni"] == "4242"
+    e = await env.err(m.create_network("ov-d", None, None, "overlay", "none", {"vni": str(va)}))
+    assert e.status == 409 and e.code == "conflict" and e.details["holder"] == a.id and "'ov-a'" in e.message
+    assert "ov-d" not in {n.name for n in await m.all_networks()}  # nothing left behind (nor its pools)
+    # released on delete: the same VNI can be asked for again
+    await m.delete_network("ov-a")
+    assert va not in {int(k) for k in await env.r.hkeys(global_key("netvni"))}
+    d = await m.create_network("ov-d", None, None, "overlay", "none", {"vni": str(va)})
+    assert d.options["vni"] == str(va)
+    e = await env.err(m.create_network("ov-e", None, None, "overlay", "none", {"vni": "0"}))
+    assert e.code == "invalid_option"
+
+
+async def test_overlay_vni_exhaustion_and_concurrency(env_factory: Callable[..., Awaitable[Env]]) -> None:
+    env = await env_factory(overlay_vni_min=100, overlay_vni_max=109)
+    m = env.m
+    nets = await asyncio.gather(*(m.create_network(f"ov{i}", None, None, "overlay") for i in range(10)))
+    vnis = sorted(int(n.options["vni"]) for n in nets)
+    assert vnis == list(range(100, 110))  # concurrent creates: all distinct, the whole range
+    e = await env.err(m.create_network("ov10", None, None, "overlay"))
+    assert e.status == 503 and e.code == "limit_reached" and "all 10 of 100..109" in e.message
+    assert "ov10" not in {n.name for n in await m.all_networks()}
+    await m.delete_network("ov3")
+    n = await m.create_network("ov10", None, None, "overlay")
+    assert n.options["vni"] == nets[3].options["vni"]  # the released one is reused
+    # an explicit vni outside the allocation range is honoured
+    x = await m.create_network("ov11", None, None, "overlay", "none", {"vni": "5000"})
+    assert x.options["vni"] == "5000"

@@ -83,7 +83,7 @@ async def env(config: VNetConfig, netns: Callable[[str], str], start_service: Ca
     cfg = msgspec.structs.replace(config, redis_url=f"{base}/{db}")
     r = aioredis.Redis.from_url(cfg.redis_url)
     await r.flushdb()
-    for name in ("ipam", "network", "endpoint"):
+    for name in ("ipam", "network", "endpoint", "policy"):  # policy: the worker applies rulesets
         await start_service(name, cfg=cfg)
     host = netns("e2eh")
     node = f"{run_prefix}-e2e"

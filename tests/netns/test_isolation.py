@@ -368,11 +368,12 @@ def test_parent_with_two_children(lab: Callable[[list[Net], list[Ep]], Lab]) -> 
     lb = lab(nets, eps)
     # A child's subnet lies inside its parent's, so the parent's containers see it as
     # on-link and ARP for it on the parent's bridge; the host answers for the child's
-    # addresses there (proxy ARP; see docs/policy.md: the data plane must set it).
-    for br in ("par", "ch1"):
+    # addresses there: the plan sets proxy ARP (no delay) on every parent's bridge.
+    for br, want in (("par", "1"), ("ch1", "1"), ("ch2", "0"), ("gc", "0")):
         b = naming.bridge_name(br)
-        subprocess.run(["ip", "netns", "exec", lb.host, "sysctl", "-qw", f"net.ipv4.conf.{b}.proxy_arp=1",
-                        f"net.ipv4.neigh.{b}.proxy_delay=0"], check=True)
+        got = subprocess.run(["ip", "netns", "exec", lb.host, "sysctl", "-n", f"net.ipv4.conf.{b}.proxy_arp"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        assert got == want, (br, got)
     # parent <-> each child, child <-> its own child; siblings and grandparent/grandchild not related
     expect_all3(lb.probe(ALL3), both("p-c1", "p-c2", "c1-g"))
 

@@ -96,7 +96,7 @@ class FakeKernel:
             ns = self.ns(op.ns)
             for path, value in op.settings:
                 parts = path.split("/")
-                if path in (P.FORWARD4, P.FORWARD6):
+                if path in (P.FORWARD4, P.FORWARD6) or parts[-1] in ("proxy_arp", "proxy_delay"):
                     ns.sysctls[path] = value
                 elif parts[-1] == "arp_notify":
                     self._set(op.ns, parts[-2], arp_notify=int(value))

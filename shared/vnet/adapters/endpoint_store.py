@@ -19,6 +19,8 @@ endpoint service replicas, Redis Cluster included::
     vnet:{global:idx}:node:<node>                STRING JSON NodeInfo, expires 3 heartbeats after the last one
     vnet:{global:idx}:nodeinfo:<node>            STRING JSON NodeInfo, kept a day (for nodes that are gone)
     vnet:{global:idx}:nodes                      ZSET   node -> last heartbeat (seconds since the epoch)
+    vnet:{global:idx}:nodewg                     HASH   node -> its WireGuard mesh address (kept; see wg_address)
+    vnet:{global:idx}:nodewg:addr                HASH   mesh address -> node (uniqueness)
     vnet:{netep:<network>}                       SET    ids of the endpoints of a network, read by the network
                                                         service (its delete refuses while it is not empty)
 
@@ -30,6 +32,8 @@ the network service's forced delete treats a missing endpoint as deleted.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -43,6 +47,8 @@ from vnet.contracts.endpoint import EndpointInfo, NodeInfo
 ENDPOINTS = global_key("endpoints")
 NETWORKS = global_key("networks")  # the network service's index of existing networks
 NODES = global_key("nodes")
+WG_BY_NODE = global_key("nodewg")  # HASH node -> its WireGuard mesh address (CIDR)
+WG_BY_ADDR = global_key("nodewg:addr")  # HASH mesh address -> node (uniqueness)
 IDEM_TTL_S = 24 * 3600
 NODE_INFO_KEEP_S = 24 * 3600
 IFNAME_PLACEHOLDER = "@IFNAME@"
@@ -347,6 +353,26 @@ class EndpointStore:
 
     async def alive_nodes(self) -> list[str]:
         return [n.node for n in await self.nodes()]
+
+    async def wg_address(self, node: str, mesh: str) -> str:
+        """The node's address in the WireGuard mesh ``mesh`` (a CIDR), as ``"a.b.c.d/len"``:
+        allocated once per node and kept (a restarted node gets the same one). The first
+        candidate is derived from the node name, then the next ones; ``HSETNX`` on the
+        address -> node hash makes it unique across endpoint service replicas."""
+        net = ipaddress.ip_network(mesh, strict=False)
+        by_node, by_addr = WG_BY_NODE, WG_BY_ADDR
+        have: Any = await self.r.hget(by_node, node)
+        if have is not None:
+            return _s(have)
+        hosts = net.num_addresses - 2 if net.num_addresses > 2 else net.num_addresses
+        first = 1 if net.num_addresses > 2 else 0
+        start = int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "big") % hosts
+        for i in range(min(hosts, 1 + await self.r.hlen(by_addr))):
+            cand = f"{net.network_address + first + (start + i) % hosts}/{net.prefixlen}"
+            if await self.r.hsetnx(by_addr, cand, node) or _s(await self.r.hget(by_addr, cand)) == node:
+                await self.r.hset(by_node, node, cand)
+                return cand
+        raise RuntimeError(f"the WireGuard mesh {mesh} has no free address left for node {node}")
 
 
 def describe_holder(info: EndpointInfo | None, ident: str) -> str:

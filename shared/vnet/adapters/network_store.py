@@ -19,6 +19,8 @@ service replicas (Redis Cluster included)::
     vnet:{global:idx}:nethostroutes:nodes      ZSET  node -> expiry time
     vnet:{global:idx}:netcarve:<4|6>:<scope>:<pool>  STRING hex position after the last carved subnet
     vnet:{global:idx}:netlock:<name>           STRING short-lived lock (parent pool exclusions)
+    vnet:{global:idx}:netvni                   HASH  VNI -> id of the overlay network holding it
+    vnet:{global:idx}:netvni:next              STRING the VNI after the last one allocated (next-fit cursor)
 
 **The overlap index.** ``<scope>`` is ``root`` for top-level networks and the parent's
 id for children. Within one scope the subnets are pairwise disjoint (children nest
@@ -48,6 +50,7 @@ from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
 PREFIX = global_key() + ":"
 NETWORKS = global_key("networks")
 IDEM_TTL_S = 24 * 3600
+VNI_MIN, VNI_MAX = 1, (1 << 24) - 1  # VXLAN network identifiers (24 bits; 0 is not used)
 
 
 class NetworkDoc(msgspec.Struct, kw_only=True):
@@ -115,7 +118,8 @@ end
 return out
 """)
 
-# ARGV: prefix, id, name, doc, max, scope, m4, first4, last4, m6, first6, last6, parent, request_id, idem_ttl
+# ARGV: prefix, id, name, doc, max, scope, m4, first4, last4, m6, first6, last6, parent, request_id, idem_ttl,
+#       vni ('' none | 'auto' allocate | a number asked for), vni_min, vni_max
 _CREATE = Script(_PRELUDE + """
 local id, name, scope, parent, rid = ARGV[2], ARGV[3], ARGV[6], ARGV[13], ARGV[14]
 if rid ~= '' then
@@ -143,7 +147,36 @@ if ARGV[10] ~= '' then
   c = conflict('6', ARGV[11], ARGV[12])
   if c then return c end
 end
-redis.call('HSET', R(id), 'doc', ARGV[4], 'scope', scope, 'm4', ARGV[7], 'm6', ARGV[10])
+local doc = ARGV[4]
+local VK = P .. 'netvni'
+local vni, vnext = nil, 0
+if ARGV[16] ~= '' then
+  if ARGV[16] ~= 'auto' then
+    local h = redis.call('HGET', VK, ARGV[16])
+    if h then return {'vni_taken', ARGV[16], h} end
+    vni = ARGV[16]
+  else
+    -- next free VNI from the cursor: with n VNIs held, n + 1 consecutive candidates hold a free one
+    local lo, hi = tonumber(ARGV[17]), tonumber(ARGV[18])
+    local size = hi - lo + 1
+    local cur = tonumber(redis.call('GET', VK .. ':next') or lo)
+    if cur < lo or cur > hi then cur = lo end
+    local steps = math.min(size, redis.call('HLEN', VK) + 1)
+    for _ = 1, steps do
+      if redis.call('HEXISTS', VK, tostring(cur)) == 0 then vni = tostring(cur) break end
+      cur = cur + 1
+      if cur > hi then cur = lo end
+    end
+    if not vni then return {'vni_exhausted', tostring(size)} end
+    vnext = cur + 1
+    if vnext > hi then vnext = lo end
+    local d = cjson.decode(doc)
+    if type(d.options) ~= 'table' then d.options = {} end
+    d.options.vni = vni
+    doc = cjson.encode(d)
+  end
+end
+redis.call('HSET', R(id), 'doc', doc, 'scope', scope, 'm4', ARGV[7], 'm6', ARGV[10])
 redis.call('HSET', P .. 'netnames', name, id)
 redis.call('ZADD', P .. 'netnames:lex', 0, name)
 redis.call('SADD', P .. 'networks', id)
@@ -151,6 +184,10 @@ redis.call('ZADD', P .. 'netcidx:4:' .. scope, 0, ARGV[7])
 if ARGV[10] ~= '' then redis.call('ZADD', P .. 'netcidx:6:' .. scope, 0, ARGV[10]) end
 if parent ~= '' then redis.call('SADD', R(parent) .. ':children', id) end
 if rid ~= '' then redis.call('SET', P .. 'netidem:' .. rid, id, 'EX', tonumber(ARGV[15])) end
+if vni then
+  redis.call('HSET', VK, vni, id)
+  if ARGV[16] == 'auto' then redis.call('SET', VK .. ':next', tostring(vnext)) end
+end
 return {'ok', id}
 """)
 
@@ -192,6 +229,9 @@ redis.call('SREM', P .. 'networks', id)
 for _, peer in ipairs(before[3]) do redis.call('SREM', R(peer) .. ':conn', id) end
 for _, mesh in ipairs(before[5]) do redis.call('SREM', P .. 'netmesh:' .. mesh, id) end
 if type(d.parent) == 'string' then redis.call('SREM', R(d.parent) .. ':children', id) end
+if type(d.options) == 'table' and type(d.options.vni) == 'string' then
+  if redis.call('HGET', P .. 'netvni', d.options.vni) == id then redis.call('HDEL', P .. 'netvni', d.options.vni) end
+end
 for _, child in ipairs(before[4]) do
   local cr = R(child)
   local cdoc = redis.call('HGET', cr, 'doc')
@@ -344,9 +384,10 @@ ALL_SCRIPTS = (_GET, _CREATE, _UPDATE, _DELETE, _CONNECT, _MESH_CREATE, _MESH_ME
 
 @dataclass
 class CreateResult:
-    status: str  # ok | dup | name_taken | id_taken | limit | no_parent | overlap
-    id: str = ""  # ok/dup: the network; name_taken: the holder
-    count: int = 0  # limit: networks that exist
+    status: str  # ok | dup | name_taken | id_taken | limit | no_parent | overlap | vni_taken | vni_exhausted
+    id: str = ""  # ok/dup: the network; name_taken, vni_taken: the holder
+    count: int = 0  # limit: networks that exist; vni_exhausted: the size of the VNI range
+    vni: int = 0  # vni_taken: the VNI asked for
     family: int = 0  # overlap
     conflict: VirtualNetwork | None = None  # overlap: the network in the way
     conflict_member: str = ""
@@ -435,12 +476,19 @@ class NetworkStore:
 
     # -- writes ------------------------------------------------------------------------------
     async def create(self, doc: NetworkDoc, *, max_networks: int, scope: str, m4: str, span4: tuple[str, str],
-                     m6: str | None, span6: tuple[str, str] | None, request_id: str | None) -> CreateResult:
+                     m6: str | None, span6: tuple[str, str] | None, request_id: str | None,
+                     vni: str = "", vni_range: tuple[int, int] = (VNI_MIN, VNI_MAX)) -> CreateResult:
+        """``vni``: ``""`` (not an overlay), ``"auto"`` (the next free one of ``vni_range``, written into
+        ``options["vni"]``) or the number asked for (refused when another network holds it)."""
         s6 = span6 or ("", "")
         raw = await self._run(_CREATE, doc.id, doc.name, _encoder.encode(doc), max_networks, scope, m4,
                               span4[0], span4[1], m6 or "", s6[0], s6[1], doc.parent or "", request_id or "",
-                              IDEM_TTL_S)
+                              IDEM_TTL_S, vni, vni_range[0], vni_range[1])
         status = _s(raw[0])
+        if status == "vni_taken":
+            return CreateResult(status, id=_s(raw[2]), vni=int(_s(raw[1])))
+        if status == "vni_exhausted":
+            return CreateResult(status, count=int(_s(raw[1])))
         if status in ("ok", "dup", "name_taken", "id_taken", "no_parent"):
             return CreateResult(status, id=_s(raw[1]))
         if status == "limit":
@@ -460,6 +508,11 @@ class NetworkStore:
         if status == "too_many_labels":
             return status, None
         return status, None
+
+    async def vni_holders(self) -> dict[int, str]:
+        """Every allocated VNI and the network holding it."""
+        raw = await self.r.hgetall(self.k("netvni"))
+        return {int(_s(k)): _s(v) for k, v in raw.items()}
 
     async def delete(self, ident: str, now: str) -> Deleted | None:
         raw = await self._run(_DELETE, ident, now)

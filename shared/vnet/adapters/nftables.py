@@ -43,7 +43,8 @@ from vnet.contracts import subjects
 from vnet.contracts.policy import RulesetReply, RulesetRequest
 from vnet.core import errors as E
 from vnet.core.dataplane_model import Support
-from vnet.core.nft import FAMILIES, TABLE, render_delete
+from vnet.core.nft import FAMILIES, TABLE, render, render_delete
+from vnet.core.policy import FamilySets, Ruleset
 
 BR_NF = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
 
@@ -168,12 +169,29 @@ class NftEnforcer:
         """:meth:`sync` off the event loop (the node worker's call)."""
         return await asyncio.to_thread(self.sync, script, version)
 
+    def ensure_tables(self, node: str) -> bool:
+        """Install the empty ruleset (every frame of a ``vne*`` port and every packet of a
+        ``vnb-*`` bridge dropped) when our tables are missing; leave them when present.
+        The node worker calls this before its first reconcile, so an endpoint created
+        before the policy service answers is denied, never open. True when it wrote."""
+        if self.read() is not None:
+            return False  # a previous worker's ruleset keeps enforcing (fail static)
+        self.apply(render(empty_ruleset(node)))
+        return True
+
     def delete(self) -> None:
         """Remove our tables (explicit teardown only; never on worker exit)."""
         r = self._run([self.nft, "-f", "-"], stdin=render_delete())
         if r.returncode != 0:
             raise NftError(f"cannot delete our tables: {(r.stderr or r.stdout).strip()}")
         self._applied = self._readback = None
+
+
+def empty_ruleset(node: str) -> Ruleset:
+    """No endpoint, no network, no rule: our traffic is dropped (fail closed)."""
+    return Ruleset(node=node, bridges=[], none_bridges=[], net_pairs=[], ports=[],
+                   internal4=FamilySets(), internal6=FamilySets(), egress4=FamilySets(), egress6=FamilySets(),
+                   ingress4=FamilySets(), ingress6=FamilySets())
 
 
 class PolicyAgent:
@@ -198,11 +216,18 @@ class PolicyAgent:
         self.last_script: str | None = None
         self.version = ""
         self.support_: Support | None = None
+        self.syncs = 0
+        self.wrote = 0
+        self.last: SyncResult | None = None
+        self.last_error = ""
 
     def start(self, *, enable: bool | None = None) -> Support:
         """Check support; turn br_netfilter on when it is off and ``enable`` (default: only
         for a named host namespace, never the process's own namespace unasked)."""
         sup = self.enforcer.support()
+        if sup.available or shutil.which(self.enforcer.nft) is None:
+            self.support_ = sup
+            return sup
         if not sup.available and (enable if enable is not None else self.enforcer.host_netns is not None):
             try:
                 self.enforcer.enable_br_netfilter(allow_current_ns=bool(enable))
@@ -212,7 +237,23 @@ class PolicyAgent:
         self.support_ = sup
         return sup
 
+    async def ensure_tables(self) -> bool:
+        """:meth:`NftEnforcer.ensure_tables` off the event loop (before the first reconcile)."""
+        return await asyncio.to_thread(self.enforcer.ensure_tables, self.node)
+
     async def sync(self) -> SyncResult:
+        """Fetch and apply; counted, and the error kept for the worker's stats."""
+        try:
+            res = await self._sync()
+        except Exception as exc:
+            self.last_error = str(exc)[:500]
+            raise
+        self.syncs += 1
+        self.wrote += int(res.wrote)
+        self.last, self.last_error = res, ""
+        return res
+
+    async def _sync(self) -> SyncResult:
         try:
             rep, _ = await nats_adapter.request(self.nc, subjects.POLICY_RULESET, RulesetRequest(node=self.node),
                                                 RulesetReply, timeout=self.timeout)

@@ -35,6 +35,7 @@ from vnet.contracts.endpoint import (
     NodeList,
     NodeListRequest,
     NodeStats,
+    PortMapping,
     ResyncRequest,
 )
 from vnet.contracts.messages import Empty
@@ -57,13 +58,17 @@ class EndpointAPI(ClientBase):
         ifname: str | None = None,
         ipv6: str | None = None,
         labels: Mapping[str, str] | None = None,
+        ports: Iterable[PortMapping] | None = None,
         wait: bool = False,
         wait_timeout: float = DEFAULT_WAIT_S,
         request_id: str | None = None,
     ) -> EndpointInfo:
-        """Attach ``container_id`` to ``network_id`` (id or name); idempotent per (container, network)."""
+        """Attach ``container_id`` to ``network_id`` (id or name); idempotent per (container, network).
+        ``ports``: publish container ports on the node's addresses (``PortMapping(host_port=8080,
+        container_port=80, protocol="tcp")``)."""
         req = EndpointCreate(container_id=container_id, network_id=network_id, ip=ip, ipv6=ipv6, mac=mac, node=node,
-                             netns=netns, ifname=ifname, labels=dict(labels or {}), wait=wait,
+                             netns=netns, ifname=ifname, labels=dict(labels or {}), ports=list(ports or ()),
+                             wait=wait,
                              wait_timeout_s=wait_timeout, request_id=request_id)
         return await self.call(subjects.ENDPOINT_CREATE, req, EndpointInfo,
                                timeout=self._wait_budget(wait, wait_timeout))

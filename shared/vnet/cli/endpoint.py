@@ -20,11 +20,24 @@ from rich.table import Table
 
 from vnet.cli.main import cli, console, err_console, load_config, print_json, run_async
 from vnet.client import VNetManager
-from vnet.contracts.endpoint import DEFAULT_WAIT_S, EndpointDeleted, EndpointInfo, NodeInfo
+from vnet.contracts.endpoint import DEFAULT_WAIT_S, EndpointDeleted, EndpointInfo, NodeInfo, PortMapping
 from vnet.core.errors import VNetError
 
 T = TypeVar("T")
 STATUS_COLOR = {"ready": "green", "pending": "yellow", "failed": "red"}
+
+
+def parse_publish(spec: str) -> PortMapping:
+    """``8080:80``, ``8080:80/tcp``, ``5353:53/udp`` -> a PortMapping (ranges checked by the contract)."""
+    body, _, proto = spec.partition("/")
+    host, sep, cont = body.partition(":")
+    proto = proto.lower() or "tcp"
+    if not sep or not host.isdigit() or not cont.isdigit() or proto not in ("tcp", "udp"):
+        raise click.BadParameter(f"{spec!r}: expected HOST:CONTAINER[/tcp|udp], e.g. 8080:80", param_hint="--publish")
+    h, c = int(host), int(cont)
+    if not (1 <= h <= 65535 and 1 <= c <= 65535):
+        raise click.BadParameter(f"{spec!r}: ports are 1-65535", param_hint="--publish")
+    return PortMapping(host_port=h, container_port=c, protocol="udp" if proto == "udp" else "tcp")
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -47,6 +60,8 @@ def _line(e: EndpointInfo, net_name: str | None = None) -> str:
     where = f"{e.interface_name} " if e.interface_name else ""
     text = (f"{escape(e.container_id)} → {escape(net_name or e.network_id)}: {where}{addrs} "
             f"{e.mac_address} on {escape(e.node)} [dim]({e.id})[/dim] {_status(e)}")
+    if e.ports:
+        text += " publishes " + ", ".join(f"{p.host_port}->{p.container_port}/{p.protocol}" for p in e.ports)
     if e.reason:
         text += f": {escape(e.reason)}"
     return text
@@ -92,6 +107,8 @@ def _create_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "such as /proc/<pid>/ns/net (default: the namespace named like the container)."),
         click.option("--ifname", default=None, help="Interface name in the container (default: eth0, eth1, ...)."),
         click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label (repeatable)."),
+        click.option("-p", "--publish", "publish", multiple=True, metavar="HOST:CONTAINER[/tcp|udp]",
+                     help="Publish a container port on the node's addresses (repeatable; tcp by default)."),
         click.option("--count", type=click.IntRange(1, 100000), default=None,
                      help="Attach N containers named CONTAINER-1 .. CONTAINER-N."),
         click.option("--wait/--no-wait", default=True, show_default=True,
@@ -110,21 +127,24 @@ def _create_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: str | None, ipv6: str | None,
             mac: str | None, node: str | None, netns: str | None, ifname: str | None, labels: tuple[str, ...],
-            count: int | None, wait: bool, timeout: float, parallel: int, as_json: bool) -> None:
+            count: int | None, wait: bool, timeout: float, parallel: int, as_json: bool,
+            publish: tuple[str, ...] = ()) -> None:
     lbls = _pairs(labels, "--label")
+    ports = [parse_publish(p) for p in publish]
     names = list(containers)
     if count is not None:
         if len(names) != 1:
             raise click.UsageError("--count takes one CONTAINER name (the containers are NAME-1 .. NAME-N)")
         names = [f"{names[0]}-{i}" for i in range(1, count + 1)]
-    if len(names) > 1 and any(v is not None for v in (ip, ipv6, mac, netns)):
-        raise click.UsageError("--ip, --ipv6, --mac and --netns apply to one container; attach them one by one")
+    if len(names) > 1 and (any(v is not None for v in (ip, ipv6, mac, netns)) or ports):
+        raise click.UsageError("--ip, --ipv6, --mac, --netns and --publish apply to one container; attach them one "
+                               "by one")
     cfg = load_config(ctx)
 
     async def go(m: VNetManager) -> tuple[list[Any], dict[str, str]]:
         async def one(name: str) -> EndpointInfo:
             return await m.create_endpoint(name, network, ip, mac, node=node, netns=netns, ifname=ifname, ipv6=ipv6,
-                                           labels=lbls, wait=wait, wait_timeout=timeout)
+                                           labels=lbls, ports=ports, wait=wait, wait_timeout=timeout)
 
         if len(names) == 1:
             results: list[Any] = [await one(names[0])]
@@ -311,3 +331,6 @@ def nodes_cmd(ctx: click.Context, include_gone: bool, verbose: bool, as_json: bo
             for d, s in sorted(n.drivers.items()):
                 if not s.available:
                     console.print(f"{escape(n.node)} {d}: {escape(s.reason)}")
+            if n.isolation is not None:
+                console.print(f"{escape(n.node)} isolation: " + ("stateful (nftables + br_netfilter)"
+                              if n.isolation.available else escape(n.isolation.reason)))

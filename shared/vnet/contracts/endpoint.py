@@ -46,6 +46,18 @@ DEFAULT_WAIT_S = 30.0
 
 # --- records ----------------------------------------------------------------------------
 
+class PortMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A container port published on its node's addresses (DNAT, no user-space proxy):
+    ``host_port`` on any address of the host -> ``container_port`` of the endpoint."""
+
+    host_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    container_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+Ports = Annotated[list[PortMapping], msgspec.Meta(max_length=64)]
+
+
 class EndpointInfo(Endpoint, kw_only=True):
     """An endpoint as stored and returned: the module description's ``Endpoint`` fields
     (``id``, ``container_id``, ``network_id``, ``ip_address``, ``mac_address``,
@@ -67,6 +79,7 @@ class EndpointInfo(Endpoint, kw_only=True):
     mtu: int = 1500
     network_options: dict[str, str] = {}  # the network's driver options (vni, parent, mode, ...) at attach time
     request_id: str | None = None
+    ports: list[PortMapping] = []  # published ports (host port -> container port)
 
 
 def _int_or_none(v: str | None) -> int | None:
@@ -121,6 +134,8 @@ class EndpointCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     namespace, a name under ``/run/netns`` or a path such as ``/proc/<pid>/ns/net``
     (default: the namespace named like the container). ``ifname``: the interface
     inside the container (default ``eth0``, then ``eth1``, ... per container).
+    ``ports``: container ports published on the node's addresses; a host port (per
+    protocol) belongs to one endpoint of a node (``port_in_use`` names the holder).
 
     Idempotent: repeating it for the same (container, network), or with the same
     ``request_id``, returns the first result. ``wait``: reply once the node has
@@ -136,6 +151,7 @@ class EndpointCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     netns: NetnsRef | None = None
     ifname: IfName | None = None
     labels: Labels = {}
+    ports: Ports = []  # publish: [{host_port, container_port, protocol tcp|udp}], a host port once per node
     wait: bool = False
     wait_timeout_s: WaitS = DEFAULT_WAIT_S
     request_id: RequestId | None = None
@@ -200,6 +216,11 @@ class NodeRegister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kinds: dict[str, Support] = {}  # link kinds the probe tried
     heartbeat_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
     version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    isolation: Support | None = None  # stateful nftables filtering (br_netfilter on), or why not
+    # WireGuard mesh (encrypted overlays): only the public key ever leaves the node; the
+    # registry answers with the node's mesh address (NodeRegistered.wg_address).
+    wg_public_key: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")] | None = None
+    wg_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 51820
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
@@ -218,12 +239,17 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     last_seen: float = 0.0  # seconds since the epoch
     alive: bool = True  # seen within 3 heartbeats
     endpoints: int = 0
+    isolation: Support | None = None  # stateful nftables filtering available, or why not
+    wg_public_key: str | None = None  # its WireGuard public key (encrypted overlays)
+    wg_address: str | None = None  # its address in the WireGuard mesh ("10.255.3.7/16"), unique per node
+    wg_port: int = 51820
 
 
 class NodeRegistered(msgspec.Struct, kw_only=True):
     node: str
     ttl_s: float
     endpoints: int  # endpoints recorded on this node
+    wg_address: str | None = None  # the node's WireGuard mesh address (when it sent a public key)
 
 
 class NodeListRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -283,6 +309,18 @@ class NodeStats(msgspec.Struct, kw_only=True):
     desired_fetched: bool = False  # has it ever received its desired state
     failed: dict[str, str] = {}  # endpoint id -> reason, for endpoints currently failed
     resync_s: float = 10.0
+    isolation: Support | None = None  # stateful nftables filtering available, or why not
+    policy: PolicyStats | None = None  # None: no data plane, no nftables
+
+
+class PolicyStats(msgspec.Struct, kw_only=True):
+    """The node worker's nftables syncs (``PolicyAgent``)."""
+
+    syncs: int = 0  # rulesets fetched and checked against the kernel
+    applies: int = 0  # of which written (new ruleset, or a deleted/altered table restored)
+    version: str = ""  # the ruleset version in force
+    last_reason: str = ""  # "unchanged", "new ruleset", "table missing", ...
+    last_error: str = ""  # the last failed sync's error ("" after a good one)
 
 
 class ResyncRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -23,6 +23,7 @@ from vnet.core.policy import (
     PolicyNetwork,
     PortSpec,
     Protocol,
+    Published,
     RuleId,
     Selector,
     Verdict,
@@ -97,5 +98,6 @@ def policy_network(n: VirtualNetwork) -> PolicyNetwork:
 def policy_endpoint(ep: EndpointInfo) -> PolicyEndpoint:
     """A stored endpoint as the engine sees it (host-driver endpoints have no bridge port)."""
     ips = tuple(a for a in (ep.ip_address, ep.ipv6_address) if a)
+    published = tuple(Published(protocol=p.protocol, host_port=p.host_port, port=p.container_port) for p in ep.ports)
     return PolicyEndpoint(id=ep.id, network=ep.network_id, ips=ips, mac=ep.mac_address, labels=dict(ep.labels),
-                          node=ep.node, host_ifname="-" if ep.driver.value == "host" else "")
+                          node=ep.node, host_ifname="-" if ep.driver.value == "host" else "", published=published)

@@ -260,6 +260,14 @@ FORWARD4 = "net/ipv4/ip_forward"
 FORWARD6 = "net/ipv6/conf/all/forwarding"
 
 
+def proxy_arp_path(ifname: str) -> str:
+    return f"net/ipv4/conf/{ifname}/proxy_arp"
+
+
+def proxy_delay_path(ifname: str) -> str:
+    return f"net/ipv4/neigh/{ifname}/proxy_delay"
+
+
 def arp_notify_path(ifname: str) -> str:
     return f"net/ipv4/conf/{ifname}/arp_notify"
 
@@ -717,8 +725,38 @@ class _Planner:
             if (change.up, change.mtu, change.mac) != (None, None, None):
                 self.ops.append(change)
             self.addrs(owner, None, n.bridge, link, want)
+        self.proxy_arp(n, link)
         if n.d.driver == DriverType.OVERLAY:
             self.overlay(n)
+
+    def proxy_arp(self, n: _Net, link: LinkState | None) -> None:
+        """A parent network with a child on this host: the child's subnet lies inside the
+        parent's, so the parent's containers take a child's address as on-link and ARP for
+        it on the parent's bridge, where nobody would answer. Proxy ARP on that bridge (no
+        delay) answers with the bridge's MAC and the host routes to the child's bridge.
+        Children are found from the desired networks (a bridged network whose IPv4 subnet
+        lies strictly inside this one's), so no control-plane field is needed. Once set it
+        stays (harmless without children). IPv6 (NDP proxy) is not handled."""
+        if not isinstance(n.net4, ipaddress.IPv4Network):
+            return
+        parent = n.net4
+        has_child = False
+        for m in self.desired.networks:
+            if m.id == n.d.id or m.gateway4 is None or m.driver not in BRIDGED:
+                continue
+            try:
+                sub = ipaddress.ip_interface(m.gateway4).network
+            except ValueError:
+                continue
+            if isinstance(sub, ipaddress.IPv4Network) and sub != parent and sub.subnet_of(parent):
+                has_child = True
+                break
+        if not has_child:
+            return
+        want = ((proxy_arp_path(n.bridge), "1"), (proxy_delay_path(n.bridge), "0"))
+        if link is not None and all(self.host.sysctls.get(k) == v for k, v in want):
+            return
+        self.ops.append(SetSysctl(owner=net_owner(n.d.id), ns=None, settings=want))
 
     def _remote_entries(self, n: _Net) -> tuple[dict[str, str], dict[str, str]]:
         """Wanted ``{mac: vtep}`` and ``{ip: mac}`` of a network's remote endpoints."""

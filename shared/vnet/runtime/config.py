@@ -39,6 +39,10 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Prefix length of networks carved from default_subnet when no CIDR is given.
     default_prefix_len: int = 24
     default_prefix_len_v6: int = 64
+    # VXLAN network identifiers the network service allocates to overlay networks (an explicit
+    # `vni` option may lie outside this range; it must only be free).
+    overlay_vni_min: int = 1
+    overlay_vni_max: int = (1 << 24) - 1
 
     # Connections.
     nats_url: str = "nats://127.0.0.1:4222"
@@ -70,6 +74,8 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_underlay: str | None = None  # this host's underlay (VTEP) address; found from the routes if unset
     node_underlay_ifname: str | None = None
     node_state_dir: str | None = None  # keys (WireGuard private key) live here; default under the state dir
+    # The WireGuard mesh of encrypted overlays: the node registry gives each node one address of it.
+    node_wg_mesh: str = "10.255.0.0/16"
 
     def __post_init__(self) -> None:
         try:
@@ -90,6 +96,9 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not (v4.prefixlen <= self.default_prefix_len <= 30):
             raise E.make(E.INVALID_CONFIG, f"default_prefix_len {self.default_prefix_len} must be between "
                          f"the pool's /{v4.prefixlen} and /30")
+        if not (1 <= self.overlay_vni_min <= self.overlay_vni_max <= (1 << 24) - 1):
+            raise E.make(E.INVALID_CONFIG, f"overlay_vni_min..overlay_vni_max ({self.overlay_vni_min}.."
+                         f"{self.overlay_vni_max}) must be a non-empty range within 1..16777215")
         if self.max_networks < 1:
             raise E.make(E.INVALID_CONFIG, "max_networks must be at least 1")
         if self.max_inflight < 1:

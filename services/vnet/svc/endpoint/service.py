@@ -69,6 +69,7 @@ from vnet.contracts.endpoint import (
     NodeListRequest,
     NodeRegister,
     NodeRegistered,
+    PortMapping,
     node_desired,
     remote_of,
 )
@@ -243,13 +244,21 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
                     host_netns=req.host_netns,
                     privileged=req.privileged, dataplane=req.dataplane, drivers=dict(req.drivers),
                     kinds=dict(req.kinds), heartbeat_s=req.heartbeat_s, version=req.version,
-                    registered_at=_now(), last_seen=time.time(), alive=True)
+                    registered_at=_now(), last_seen=time.time(), alive=True, isolation=req.isolation)
+    wg_address = None
+    if req.wg_public_key is not None:  # its place in the WireGuard mesh of encrypted overlays
+        try:
+            wg_address = await store.wg_address(req.node, rt.config.node_wg_mesh)
+        except RuntimeError as exc:
+            raise E.make(E.LIMIT_REACHED, f"{exc}; widen node_wg_mesh", node=req.node) from None
+        info = msgspec.structs.replace(info, wg_public_key=req.wg_public_key, wg_address=wg_address,
+                                       wg_port=req.wg_port)
     was = await store.node(req.node)
     await store.register_node(info, ttl)
     if was is None or was.instance != req.instance:
         log.info("node %s registered (instance %s, drivers available: %s)", req.node, req.instance,
                  ", ".join(sorted(d for d, s in req.drivers.items() if s.available)) or "none")
-    return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=await store.count_on(req.node))
+    return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=await store.count_on(req.node), wg_address=wg_address)
 
 
 @SERVICE.op("node.list", subjects.ENDPOINT_NODE_LIST, NodeListRequest)
@@ -271,21 +280,23 @@ async def desired_get(ctx: Ctx, req: DesiredRequest) -> DesiredReply:
 
 
 async def _with_remotes(store: EndpointStore, node: str, desired: NodeDesired) -> NodeDesired:
-    """Overlay networks: their endpoints on other hosts, and those hosts' underlay addresses."""
+    """Overlay networks: their endpoints on other hosts, and those hosts' underlay addresses
+    (and WireGuard public keys and mesh addresses). Hosts that are gone (deregistered, or
+    silent past 3 heartbeats) are left out, so their entries leave every other host."""
     nets = []
-    hosts: set[str] = set()
+    infos: dict[str, NodeInfo | None] = {}
     for n in desired.networks:
         if n.driver != DriverType.OVERLAY:
             nets.append(n)
             continue
         others = [e for e in await store.get_many(await store.of_network(n.id)) if e is not None and e.node != node]
-        hosts |= {e.node for e in others}
-        nets.append(msgspec.structs.replace(n, remotes=tuple(remote_of(e) for e in others)))
-    peers = []
-    for h in sorted(hosts):
-        info = await store.node(h, include_gone=True)
-        if info is not None and info.underlay:
-            peers.append(PeerHost(name=h, address=info.underlay))
+        for h in {e.node for e in others} - infos.keys():
+            info = await store.node(h)
+            infos[h] = info if info is not None and info.underlay else None
+        nets.append(msgspec.structs.replace(n, remotes=tuple(remote_of(e) for e in others if infos[e.node])))
+    peers = [PeerHost(name=h, address=info.underlay, wg_public_key=info.wg_public_key,
+                      wg_address=info.wg_address.split("/")[0] if info.wg_address else None, wg_port=info.wg_port)
+             for h, info in sorted(infos.items()) if info is not None and info.underlay]
     return NodeDesired(networks=nets, endpoints=desired.endpoints, peers=peers)
 
 
@@ -496,6 +507,7 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         if ip6 is not None and str(a6) != ip6:
             raise E.make(E.INVALID_REQUEST, "ip is an IPv6 address and ipv6 another one; give one of them")
         ip6 = str(a6)
+    _check_ports(req.ports)
 
     if req.request_id:
         prev = await store.id_for_request(req.request_id)
@@ -510,9 +522,9 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
     host = net.driver_type == DriverType.HOST
     if host:
         netns = node.host_netns or HOST_NETNS_DEFAULT
-        if ip4 or ip6 or mac or ifname:
+        if ip4 or ip6 or mac or ifname or req.ports:
             raise E.make(E.INVALID_REQUEST, f"network {net.name!r} uses the host driver: the container shares the "
-                         "host's namespace, so ip, ipv6, mac and ifname do not apply")
+                         "host's namespace, so ip, ipv6, mac, ifname and ports do not apply")
     else:
         if ip6 is not None and net.cidr_v6 is None:
             raise E.make(E.NO_IPV6_POOL, f"ipv6 {ip6} was asked for but network {net.name!r} has no IPv6 subnet",
@@ -525,13 +537,15 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
             holder = await store.ifname_holder(req.container_id, ifname)
             if holder is not None:
                 raise _ifname_in_use(ifname, req.container_id, holder)
+        if req.ports:
+            await _check_ports_free(store, node.node, req.ports)
 
     ident = uuid.uuid4().hex[:16]
     info = EndpointInfo(id=ident, container_id=req.container_id, network_id=net.id, ip_address="",
                         mac_address="" if host else (mac or naming.local_mac(os.urandom(6))),
                         interface_name="" if host else (ifname or ""), created_at=_now(), node=node.node,
                         netns=netns, labels=dict(req.labels), driver=net.driver_type, mtu=_mtu(net),
-                        network_options=dict(net.options), request_id=req.request_id)
+                        network_options=dict(net.options), request_id=req.request_id, ports=list(req.ports))
     allocated = False
     try:
         if not host:
@@ -593,6 +607,30 @@ def _mac_in_use(mac: str, net: VirtualNetwork, holder: str, info: EndpointInfo |
     return E.make(E.MAC_IN_USE, f"MAC {mac} is already used in network {net.name!r} by "
                   f"{describe_holder(info, holder)}; pick another or omit it for a random one",
                   mac=mac, network=net.id, holder=holder)
+
+
+def _check_ports(ports: list[PortMapping]) -> None:
+    """Ranges and protocols are checked by the contract; a host port twice in one request is not."""
+    seen: set[tuple[str, int]] = set()
+    for p in ports:
+        k = (p.protocol, p.host_port)
+        if k in seen:
+            raise E.make(E.INVALID_REQUEST, f"host port {p.host_port}/{p.protocol} is published twice in this request",
+                         host_port=p.host_port, protocol=p.protocol)
+        seen.add(k)
+
+
+async def _check_ports_free(store: EndpointStore, node: str, ports: list[PortMapping]) -> None:
+    """A host port (per protocol) maps to one endpoint of a node: 409 naming the holder.
+    (Two creates racing for the same port can both pass; the policy engine then maps the
+    port to the first endpoint by id only, and ``Policy.published()`` says which.)"""
+    wanted = {(p.protocol, p.host_port) for p in ports}
+    for other in await store.of_node(node):
+        for p in other.ports:
+            if (p.protocol, p.host_port) in wanted:
+                raise E.make(E.PORT_IN_USE, f"host port {p.host_port}/{p.protocol} on node {node!r} is already "
+                             f"published by {describe_holder(other, other.id)}; pick another host port",
+                             host_port=p.host_port, protocol=p.protocol, node=node, holder=other.id)
 
 
 def _ifname_in_use(ifname: str, container: str, holder: str) -> E.VNetError:

@@ -558,7 +558,9 @@ async def _create_locked(ctx: Ctx, st: NetworkStore, req: NetworkCreate, wants: 
             res = await st.create(doc, max_networks=cfg.max_networks, scope=scope,
                                   m4=addr.index_member(net4, ident), span4=addr.index_bounds(net4),
                                   m6=addr.index_member(net6, ident) if net6 else None,
-                                  span6=addr.index_bounds(net6) if net6 else None, request_id=rid)
+                                  span6=addr.index_bounds(net6) if net6 else None, request_id=rid,
+                                  vni=options.get("vni", "auto") if driver == DriverType.OVERLAY else "",
+                                  vni_range=(cfg.overlay_vni_min, cfg.overlay_vni_max))
         except BaseException:
             await _delete_pools(ctx, ident)
             if parent is not None:
@@ -583,6 +585,16 @@ async def _create_locked(ctx: Ctx, st: NetworkStore, req: NetworkCreate, wants: 
                          "since been deleted; use a new request_id")
         if res.status == "name_taken":
             raise _name_taken(req.name, res.id)
+        if res.status == "vni_taken":
+            holder_net = await st.get(res.id)
+            who = f"{holder_net.name!r} ({res.id})" if holder_net is not None else res.id
+            raise E.make(E.CONFLICT, f"VNI {res.vni} is already held by overlay network {who}; pick another vni "
+                         "or omit it to have one allocated", vni=res.vni, holder=res.id)
+        if res.status == "vni_exhausted":
+            raise E.make(E.LIMIT_REACHED, f"no VXLAN network identifier is free: all {res.count} of "
+                         f"{cfg.overlay_vni_min}..{cfg.overlay_vni_max} are held by overlay networks; delete "
+                         "unused overlay networks or widen overlay_vni_min/overlay_vni_max", limit=res.count,
+                         vni_min=cfg.overlay_vni_min, vni_max=cfg.overlay_vni_max)
         if res.status == "limit":
             raise _limit(cfg.max_networks, res.count)
         if res.status == "no_parent":

@@ -66,6 +66,21 @@ async def _health_check(rt: Runtime) -> tuple[str, str]:
 SERVICE.health_checks.append(_health_check)
 
 
+async def _isolation_check(rt: Runtime) -> tuple[str, str]:
+    """Stateful filtering (nftables + br_netfilter) in the host namespace, and the last policy sync."""
+    w: NodeWorker | None = rt.state.get("worker")
+    if w is None:
+        return "isolation", "starting"
+    if not w.isolation.available:
+        return "isolation", w.isolation.reason or "unavailable"
+    if w.policy is not None and w.policy.last_error:
+        return "isolation", f"last ruleset sync failed (the previous ruleset stays): {w.policy.last_error}"
+    return "isolation", "ok"
+
+
+SERVICE.health_checks.append(_isolation_check)
+
+
 # --- host routes (read only): the network service's carving skips them -------------------------
 # Added by the network service. The worker never changes anything here: it dumps the
 # routes and interface addresses of its host namespace and reports their prefixes.

@@ -13,6 +13,13 @@
              missed event is caught up, and a converged host costs zero kernel writes
     report:  vnet.evt.endpoint.status.<id> {node, status ready|failed|deleted, reason}, only
              when an endpoint's status differs from what the endpoint service has recorded
+    policy:  the PolicyAgent (vnet.adapters.nftables) fetches this node's ruleset
+             (vnet.policy.ruleset.get) and applies it in one ``nft -f``: before the first
+             reconcile our tables are made to exist (empty: our traffic dropped), then after
+             every full resync (a deleted or altered table is restored), after every
+             reconcile that created or removed endpoints (before their status is reported,
+             so "ready" means "enforced"), and on vnet.evt.{policy,network,endpoint}.> events
+             (coalesced in one task). Stopping the worker leaves the rules (fail static).
 
 It holds no Redis credentials: everything comes over NATS. One task owns the local
 desired state and runs every reconcile, so reconciles never overlap; the kernel work
@@ -55,6 +62,7 @@ from opentelemetry.trace import Link, SpanContext
 
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters.nats import DurableConsumer
+from vnet.adapters.nftables import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DesiredReply,
@@ -64,6 +72,7 @@ from vnet.contracts.endpoint import (
     NodeRegister,
     NodeRegistered,
     NodeStats,
+    PolicyStats,
     to_desired,
 )
 from vnet.core import errors as E
@@ -163,6 +172,12 @@ class NodeWorker:
         # This host's underlay address (overlay VTEP); found from the routes if not given.
         self.underlay = params.get("underlay") or rt.config.node_underlay
         self.underlay_ifname = params.get("underlay_ifname") or rt.config.node_underlay_ifname
+        # WireGuard mesh (encrypted overlays): the key pair is made here, only the public key is
+        # published; the registry gives the mesh address. Hosts sharing a machine need distinct names.
+        self.wg_ifname = params.get("wg_ifname") or "vnwg0"
+        self.wg_port = int(_float_param(params, "wg_port", 51820))
+        self.wg_public_key: str | None = None
+        self.wg_address: str | None = None
         self.dataplane, self.dataplane_reason = dataplane_mode(self.host_netns)
         self.probe_result: ProbeResult | None = None
         self.rec: Any = None  # Reconciler, made at start when the data plane is on
@@ -180,6 +195,11 @@ class NodeWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._version = 0
         self._started = asyncio.Event()
+        # Isolation (nftables): the agent, whether stateful filtering is available and why not.
+        self.policy: PolicyAgent | None = None
+        self.isolation: Support = Support(available=False, reason="not checked yet")
+        self._policy_dirty = asyncio.Event()
+        self._policy_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -187,11 +207,12 @@ class NodeWorker:
             from vnet.svc.node.reconcile import Reconciler
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vnet-node-{self.node}")
-            self.rec = Reconciler(self.host_netns)
+            self.rec = Reconciler(self.host_netns, node_name=self.node, state_dir=self.rt.config.node_state_dir)
             log.info("node %s: managing %s (full resync every %.1fs)", self.node,
                      f"namespace {self.host_netns}" if self.host_netns else "the namespace it runs in", self.resync_s)
         else:
             log.warning("node %s: data plane off: %s", self.node, self.dataplane_reason)
+        await self._start_policy()
         js = self.rt.js
         safe = self.node.replace(".", "_")
         self._consumers = [
@@ -202,9 +223,16 @@ class NodeWorker:
         ]
         await self._consumers[0].start(self._on_endpoint_event)
         await self._consumers[1].start(self._on_network_event)
+        if self.policy is not None:
+            pol = DurableConsumer(js, f"vnet-node-{safe}-pol", subjects.EVT_POLICY.template, deliver_all=False,
+                                  inactive_threshold_s=CONSUMER_INACTIVE_S)
+            self._consumers.append(pol)
+            await pol.start(self._on_policy_event)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._main(), name=f"node-{self.node}-loop"),
                        loop.create_task(self._heartbeat(), name=f"node-{self.node}-heartbeat")]
+        if self.policy is not None:
+            self._tasks.append(loop.create_task(self._policy_loop(), name=f"node-{self.node}-policy"))
 
     async def stop(self) -> None:
         """Stop following events and reconciling; the kernel keeps what it has (fail static)."""
@@ -221,6 +249,59 @@ class NodeWorker:
             self.rec.close()
             self.rec = None
 
+    # -- isolation (nftables) -----------------------------------------------------------------
+    async def _start_policy(self) -> None:
+        """Check stateful filtering, and make our tables exist before anything is created:
+        with no table of ours a new endpoint would be open until the first ruleset."""
+        if not self.dataplane:  # same latch as the reconciler: never the kernel without a data plane
+            self.isolation = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
+            return
+        agent = PolicyAgent(self.rt.nc, node=self.node, host_netns=self.host_netns,
+                            timeout=self.rt.config.request_timeout_s)
+        self.isolation = await asyncio.to_thread(agent.start)
+        if not self.isolation.available:
+            log.warning("node %s: isolation is not stateful here: %s", self.node, self.isolation.reason)
+        try:
+            if await agent.ensure_tables():
+                log.info("node %s: no nftables table of ours yet: installed the empty ruleset (our traffic "
+                         "dropped until the first ruleset)", self.node)
+        except Exception as exc:
+            log.error("node %s: cannot install our nftables tables: %s", self.node, exc)
+            self.isolation = Support(available=False, reason=f"nftables: {exc}")
+        self.policy = agent
+
+    async def _policy_sync(self, why: str) -> None:
+        """Fetch and apply this node's ruleset now (serialised); errors are logged and kept in
+        the stats (the last ruleset, or the empty one, keeps enforcing)."""
+        agent = self.policy
+        if agent is None:
+            return
+        async with self._policy_lock:
+            try:
+                res = await agent.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("node %s: policy sync (%s) failed; the last ruleset stays: %s", self.node, why, exc)
+                return
+        if res.wrote:
+            log.info("node %s: nftables ruleset %s applied (%s, %s) in %.0f ms", self.node, res.version, why,
+                     res.reason, res.duration * 1000)
+
+    def _policy_changed(self) -> None:
+        if self.policy is not None:
+            self._policy_dirty.set()
+
+    async def _policy_loop(self) -> None:
+        """Event-driven syncs, coalesced: events arriving during a sync cause one more."""
+        while True:
+            await self._policy_dirty.wait()
+            self._policy_dirty.clear()
+            await self._policy_sync("event")
+
+    async def _on_policy_event(self, msg: Msg) -> None:
+        self._policy_changed()
+
     # -- kernel work, in the worker's own thread ------------------------------------------
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._pool is not None
@@ -228,7 +309,8 @@ class NodeWorker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
 
     async def _reconcile(self, scope: Scope | None) -> ReconcileResult:
-        underlay = (Underlay(address=self.underlay, ifname=self.underlay_ifname)
+        underlay = (Underlay(address=self.underlay, ifname=self.underlay_ifname, wg_address=self.wg_address,
+                             wg_ifname=self.wg_ifname, wg_port=self.wg_port)
                     if self.underlay and self.underlay_ifname else None)
         desired = NodeDesired(networks=list(self.nets.values()), endpoints=list(self.eps.values()),
                               underlay=underlay, peers=list(self.peers))
@@ -325,13 +407,31 @@ class NodeWorker:
                            underlay_ifname=self.underlay_ifname, host_netns=self.host_netns,
                            privileged=os.geteuid() == 0, dataplane=self.dataplane,
                            drivers=dict(pr.drivers) if pr else {}, kinds=dict(pr.kinds) if pr else {},
-                           heartbeat_s=self.heartbeat_s, version=self.rt.defn.version)
+                           heartbeat_s=self.heartbeat_s, version=self.rt.defn.version, isolation=self.isolation,
+                           wg_public_key=self.wg_public_key, wg_port=self.wg_port)
         reply, _ = await nats_adapter.request(self.rt.nc, subjects.NODE_REGISTER, req, NodeRegistered,
                                               timeout=self.rt.config.request_timeout_s)
+        if reply.wg_address is not None:
+            self.wg_address = reply.wg_address
         return reply
+
+    async def _wg_key(self) -> None:
+        """This node's WireGuard public key (the key pair is generated on first use, the
+        private key stays in the node's state directory); none without wireguard-tools."""
+        if self.rec is None:
+            return
+        if self.rt.config.node_state_dir is None:
+            log.info("node %s: no node_state_dir to keep a WireGuard key in, so no encrypted overlays here",
+                     self.node)
+            return
+        try:
+            self.wg_public_key = await self._in_thread(self.rec.wg_public_key, self.wg_ifname)
+        except Exception as exc:
+            log.info("node %s: no WireGuard key, so no encrypted overlays here: %s", self.node, exc)
 
     async def _heartbeat(self) -> None:
         await self._probe()
+        await self._wg_key()
         failures = 0
         while True:
             try:
@@ -359,6 +459,7 @@ class NodeWorker:
         parts = msg.subject.split(".")
         if len(parts) < 5 or parts[3] not in ("created", "deleted"):
             return  # status reports (ours and other nodes') and anything newer
+        self._policy_changed()  # rules and modes may involve any endpoint (labels, addresses)
         try:
             ev = msgspec.json.decode(msg.data, type=EndpointEvent)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -373,6 +474,7 @@ class NodeWorker:
 
     async def _on_network_event(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
+        self._policy_changed()  # isolation mode, relations
         # Only a deletion changes this node's data plane today (isolation lands with the policy service).
         if len(parts) < 5 or parts[3] != "deleted":
             return
@@ -476,6 +578,7 @@ class NodeWorker:
             node_err = next((e for e in result.errors if e.owner == "node"), None)
             if node_err is not None:
                 log.warning("node %s: %s", self.node, node_err.message)
+            await self._policy_sync("resync")  # also restores a deleted or altered table of ours
             await self._report(result)
 
     async def _handle_events(self, items: list[WorkItem]) -> None:
@@ -524,6 +627,8 @@ class NodeWorker:
                 scope_nets.add(nid)
             self.counters.batches += 1
             result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)))
+            if scope_eps:  # endpoints created or removed: their bindings before "ready"
+                await self._policy_sync("endpoints")
             await self._report(result, gone)
 
     # -- status reports -------------------------------------------------------------------------
@@ -573,4 +678,12 @@ class NodeWorker:
                          last_full_duration_s=c.last_full_duration_s, last_full_errors=c.last_full_errors,
                          last_errors=list(c.last_errors),
                          last_full_at=c.last_full_at, desired_fetched=self.fetched,
-                         failed={k: c.failed[k] for k in sorted(c.failed)[:100]}, resync_s=self.resync_s)
+                         failed={k: c.failed[k] for k in sorted(c.failed)[:100]}, resync_s=self.resync_s,
+                         isolation=self.isolation, policy=self._policy_stats())
+
+    def _policy_stats(self) -> PolicyStats | None:
+        a = self.policy
+        if a is None:
+            return None
+        return PolicyStats(syncs=a.syncs, applies=a.wrote, version=a.version,
+                           last_reason=a.last.reason if a.last else "", last_error=a.last_error)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import struct
 from collections.abc import Iterable
@@ -51,7 +52,7 @@ from vnet.adapters.netlink.nsctx import (
 )
 from vnet.core import naming
 from vnet.core.dataplane_model import LinkState, NodeActual, NsState, RouteState
-from vnet.core.plan import FORWARD4, FORWARD6
+from vnet.core.plan import FORWARD4, FORWARD6, proxy_arp_path, proxy_delay_path
 
 IFF_UP = 0x1
 IFLA_ADDRESS = 1
@@ -350,7 +351,15 @@ class Observer:
     def host_sysctls(self) -> dict[str, str]:
         def read() -> dict[str, str]:
             out: dict[str, str] = {}
-            for path in (FORWARD4, FORWARD6):
+            paths = [FORWARD4, FORWARD6]
+            try:  # our bridges' proxy ARP (parent networks with a child on this host)
+                names = os.listdir("/proc/sys/net/ipv4/conf")
+            except OSError:
+                names = []
+            for name in names:
+                if name.startswith(naming.BRIDGE_PREFIX):
+                    paths += [proxy_arp_path(name), proxy_delay_path(name)]
+            for path in paths:
                 try:
                     out[path] = read_sysctl(path)
                 except OSError:
