@@ -121,3 +121,7 @@ def netns(run_prefix: str) -> Iterator[Callable[[str], str]]:
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    # wireguard-go killed with the namespace leaves its control socket behind (named after
+    # its interface, which carries the run prefix).
+    for sock in Path("/var/run/wireguard").glob(f"{run_prefix}*.sock"):
+        sock.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ for pid in $(pgrep -f -- "${prefix}" 2>/dev/null || true); do
   echo "sweep: leftover process $pid: $cmd" >&2
   kill -9 "$pid" 2>/dev/null; left=1
 done
-for d in "${TMPDIR:-/tmp}/${prefix}"*; do
+for d in "${TMPDIR:-/tmp}/${prefix}"* /var/run/wireguard/"${prefix}"*.sock; do
   [ -e "$d" ] || continue
   echo "sweep: leftover temp path $d" >&2
   rm -rf "$d"; left=1
