@@ -63,7 +63,7 @@ class Cluster:
     ports: dict[str, str] = field(default_factory=dict)  # node -> switch port (captures)
     runtimes: dict[str, Runtime] = field(default_factory=dict)
 
-    async def add_host(self, k: int) -> str:
+    async def add_host(self, k: int, resync_s: float = RESYNC_S) -> str:
         node = f"{self.prefix}-n{k}"
 
         def make() -> str:
@@ -73,10 +73,12 @@ class Cluster:
 
         h = await asyncio.to_thread(make)
         self.hosts[node] = h
-        cfg = msgspec.structs.replace(self.cfg, host_netns=h, node_state_dir=str(self.state / f"n{k}"))
+        # These hosts leave for good when their worker stops: deregister at once.
+        cfg = msgspec.structs.replace(self.cfg, host_netns=h, node_state_dir=str(self.state / f"n{k}"),
+                                      node_deregister_on_stop=True)
         self.runtimes[node] = await self.start_service(
             "node", params={"node": node, "underlay": underlay_addr(k), "underlay_ifname": UNDERLAY_IF,
-                            "resync_s": str(RESYNC_S), "heartbeat_s": str(HEARTBEAT_S),
+                            "resync_s": str(resync_s), "heartbeat_s": str(HEARTBEAT_S),
                             "wg_ifname": f"{self.prefix}w{k}"[-15:]}, cfg=cfg)
         return node
 
@@ -225,8 +227,8 @@ async def test_three_hosts_one_overlay_then_a_fourth_joins_and_leaves(cluster: C
         assert macs4 <= (await asyncio.to_thread(_fdb, c.hosts[node])).keys()
         assert ips4 <= await asyncio.to_thread(_neigh, c.hosts[node])
 
-    # It leaves: its worker stops, its heartbeat with it; past the node timeout its FDB and
-    # neighbour entries disappear from every other host (at their next resync).
+    # It leaves: its worker stops and deregisters (vnet.evt.node.left.<node>: every other worker
+    # re-fetches at once); its FDB and neighbour entries disappear from every other host.
     await c.runtimes[n4].stop(drain_timeout=2.0)
 
     def gone() -> bool:

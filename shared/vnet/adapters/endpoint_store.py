@@ -351,6 +351,28 @@ class EndpointStore:
                 out.append(msgspec.structs.replace(_node_decoder.decode(gone), alive=False, endpoints=int(count)))
         return out
 
+    async def deregister_node(self, node: str, instance: str) -> NodeInfo | None:
+        """Drop the live registration of ``node`` if it is still that ``instance``'s (its
+        info stays for ``include_gone``); the registration removed, or ``None``."""
+        v: Any = await self.r.get(node_key(node))
+        if v is None:
+            return None
+        info = _node_decoder.decode(v)
+        if info.instance != instance:
+            return None
+        await self.r.delete(node_key(node))
+        return info
+
+    async def liveness(self) -> dict[str, tuple[bool, float]]:
+        """Every node of the registry: (alive, last heartbeat) — two round trips."""
+        got: Any = await self.r.zrange(NODES, 0, -1, withscores=True)
+        pairs: list[tuple[Any, float]] = list(got)
+        if not pairs:
+            return {}
+        names = [_s(n) for n, _ in pairs]
+        live = await self.r.mget([node_key(n) for n in names])
+        return {n: (v is not None, float(t)) for n, v, (_, t) in zip(names, live, pairs, strict=True)}
+
     async def alive_nodes(self) -> list[str]:
         return [n.node for n in await self.nodes()]
 

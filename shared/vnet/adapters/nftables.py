@@ -29,10 +29,13 @@ named test namespace always, in the process's own namespace only when asked to
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -75,10 +78,14 @@ def _canonical(doc: Any) -> str:
 class NftEnforcer:
     """Our nftables tables in one host namespace (``None``: this process's namespace)."""
 
-    def __init__(self, host_netns: str | None = None, *, nft: str = "nft", timeout: float = 20.0) -> None:
+    def __init__(self, host_netns: str | None = None, *, nft: str = "nft", timeout: float = 20.0,
+                 state_file: str | Path | None = None) -> None:
         self.host_netns = host_netns
         self.nft = nft
         self.timeout = timeout
+        # What the last apply wrote (script digest + canonical readback), kept across worker
+        # restarts so a restarted worker adopts an intact ruleset instead of rewriting it.
+        self.state_file = Path(state_file) if state_file is not None else None
         self._applied: str | None = None  # the script of the last successful apply
         self._readback: str | None = None  # canonical listing right after it
         self.applies = 0
@@ -132,6 +139,39 @@ class NftEnforcer:
         self.applies += 1
         self._applied = script
         self._readback = self.read()
+        self._save_state(script)
+
+    @staticmethod
+    def _digest(script: str) -> str:
+        return hashlib.sha256(script.encode()).hexdigest()
+
+    def _save_state(self, script: str) -> None:
+        if self.state_file is None or self._readback is None:
+            return
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"sha256": self._digest(script), "readback": self._readback}))
+            os.replace(tmp, self.state_file)
+        except OSError:  # only costs a rewrite after the next restart
+            pass
+
+    def _adopt(self, script: str) -> bool:
+        """After a restart: the kernel holds exactly what the previous worker applied for this
+        very script (same digest, same canonical listing): take it over without writing."""
+        if self.state_file is None:
+            return False
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(saved, dict) or saved.get("sha256") != self._digest(script):
+            return False
+        now = self.read()
+        if now is None or now != saved.get("readback"):
+            return False
+        self._applied, self._readback = script, now
+        return True
 
     def read(self) -> str | None:
         """Canonical listing of our tables; ``None`` when one of them is missing."""
@@ -150,6 +190,9 @@ class NftEnforcer:
         """Apply ``script`` unless it is what we applied last and our tables are intact."""
         t0 = time.perf_counter()
         if self._applied is None:
+            if self._adopt(script):
+                return SyncResult(wrote=False, reason="unchanged (adopted from the previous worker)",
+                                  duration=time.perf_counter() - t0, version=version)
             reason = "first apply"
         elif script != self._applied:
             reason = "new ruleset"
@@ -208,10 +251,12 @@ class PolicyAgent:
     static, never open, never flushed.
     """
 
-    def __init__(self, nc: Any, node: str, host_netns: str | None = None, *, timeout: float = 5.0) -> None:
+    def __init__(self, nc: Any, node: str, host_netns: str | None = None, *, timeout: float = 5.0,
+                 state_dir: str | None = None) -> None:
         self.nc = nc
         self.node = node
-        self.enforcer = NftEnforcer(host_netns)
+        self.enforcer = NftEnforcer(host_netns,
+                                    state_file=Path(state_dir) / "nft-applied.json" if state_dir else None)
         self.timeout = timeout
         self.last_script: str | None = None
         self.version = ""

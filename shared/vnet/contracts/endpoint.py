@@ -252,6 +252,22 @@ class NodeRegistered(msgspec.Struct, kw_only=True):
     wg_address: str | None = None  # the node's WireGuard mesh address (when it sent a public key)
 
 
+class NodeDeregister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``vnet.node.deregister``: a node worker stopping gracefully (fire and forget). Only the
+    registration of that ``instance`` is removed (a restarted worker's is kept)."""
+
+    node: str
+    instance: str
+
+
+class NodeMembership(msgspec.Struct, kw_only=True):
+    """``vnet.evt.node.left.<node>`` / ``vnet.evt.node.joined.<node>`` (endpoint service)."""
+
+    node: str
+    reason: Literal["deregistered", "timeout", "registered"]
+    last_seen: float = 0.0  # its last heartbeat (seconds since the epoch)
+
+
 class NodeListRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_gone: bool = False  # also nodes whose heartbeat stopped (kept a day)
 

@@ -124,6 +124,12 @@ NODE_STATS = Subject("vnet.node.{node}.stats")
 NODE_RESYNC = Subject("vnet.node.{node}.resync")
 # The node reports each endpoint's state here; the endpoint service folds it into the record.
 EVT_ENDPOINT_STATUS = Subject("vnet.evt.endpoint.status.{id}")
+# A node worker leaving on a graceful stop (fire and forget; a crash is caught by the heartbeat timeout).
+NODE_DEREGISTER = Subject("vnet.node.deregister")
+# The endpoint service: a node left (deregistered, or silent past its timeout) or (re)joined;
+# every worker with an overlay re-fetches its desired state at once (remotes, peers).
+EVT_NODE_LEFT = Subject("vnet.evt.node.left.{node}")
+EVT_NODE_JOINED = Subject("vnet.evt.node.joined.{node}")
 
 # --- policy: allow rules and compiled rulesets (appended by the policy service) -------------
 POLICY_RULE_PUT = Subject("vnet.policy.rule.put")

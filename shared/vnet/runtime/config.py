@@ -73,6 +73,10 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_resync_interval_s: float = 10.0  # full resync period: drift is repaired within it
     node_underlay: str | None = None  # this host's underlay (VTEP) address; found from the routes if unset
     node_underlay_ifname: str | None = None
+    # Deregister on a graceful stop, so other hosts drop this one's overlay entries at once.
+    # Off by default: a restart (an upgrade) should not cut cross-host traffic (fail static);
+    # a node that is really gone is removed after the heartbeat timeout anyway.
+    node_deregister_on_stop: bool = False
     node_state_dir: str | None = None  # keys (WireGuard private key) live here; default under the state dir
     # The WireGuard mesh of encrypted overlays: the node registry gives each node one address of it.
     node_wg_mesh: str = "10.255.0.0/16"

@@ -64,20 +64,23 @@ from vnet.contracts.endpoint import (
     EndpointStatusEvent,
     NetnsCheck,
     NetnsCheckReply,
+    NodeDeregister,
     NodeInfo,
     NodeList,
     NodeListRequest,
+    NodeMembership,
     NodeRegister,
     NodeRegistered,
     PortMapping,
     node_desired,
     remote_of,
+    to_desired,
 )
 from vnet.contracts.ipam import AddrRelease, AddrReply, AddrRequest, ReleaseReply
-from vnet.contracts.network import NetworkRef
+from vnet.contracts.network import MeshGroup, MeshRef, NetworkRef
 from vnet.core import errors as E
 from vnet.core import naming
-from vnet.core.dataplane_model import NodeDesired, PeerHost
+from vnet.core.dataplane_model import NetDesired, NodeDesired, PeerHost
 from vnet.core.model import DriverType, VirtualNetwork
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 from vnet.telemetry import tracing
@@ -87,6 +90,7 @@ log = logging.getLogger(__name__)
 SERVICE = ServiceDef("endpoint", "Endpoints: attach and detach containers; the node registry")
 
 HEARTBEAT_MISSES = 3  # a node is gone after this many missed heartbeats
+NODE_WATCH_S = 0.25  # how often expired node registrations are looked for
 NODE_CALL_TIMEOUT_S = 2.0
 WAIT_POLL_S = 1.0  # a waiting request also re-reads the record this often
 STATUS_DURABLE = "vnet-endpoint-status"
@@ -129,6 +133,9 @@ async def _start(rt: Runtime) -> None:
     async def on_network_deleted(msg: Msg) -> None:
         await _on_network_deleted(rt, msg)
 
+    async def on_deregister(msg: Msg) -> None:
+        await _on_deregister(rt, msg)
+
     consumers = [
         DurableConsumer(rt.js, STATUS_DURABLE, subjects.EVT_ENDPOINT_STATUS.wildcard(), deliver_all=False),
         DurableConsumer(rt.js, NETDEL_DURABLE, subjects.EVT.wildcard().replace("*.*.*", "network.deleted.*"),
@@ -138,8 +145,11 @@ async def _start(rt: Runtime) -> None:
     try:
         rt.state["register_sub"] = await rt.nc.subscribe(subjects.NODE_REGISTER.template,
                                                          queue=f"vnet-{SERVICE.name}", cb=on_register)
+        rt.state["deregister_sub"] = await rt.nc.subscribe(subjects.NODE_DEREGISTER.template,
+                                                           queue=f"vnet-{SERVICE.name}", cb=on_deregister)
         await consumers[0].start(on_status)
         await consumers[1].start(on_network_deleted)
+        rt.spawn(_watch_nodes(rt), "endpoint-node-watch")
     except BaseException:  # the runtime does not call stop hooks after a failed start
         await _stop(rt)
         raise
@@ -147,12 +157,13 @@ async def _start(rt: Runtime) -> None:
 
 @SERVICE.stopping
 async def _stop(rt: Runtime) -> None:
-    sub: Subscription | None = rt.state.pop("register_sub", None)
-    if sub is not None:
-        try:
-            await sub.unsubscribe()
-        except Exception as exc:
-            log.debug("unsubscribe %s: %s", subjects.NODE_REGISTER, exc)
+    for key in ("register_sub", "deregister_sub"):
+        sub: Subscription | None = rt.state.pop(key, None)
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                log.debug("unsubscribe %s: %s", key, exc)
     for c in rt.state.pop("consumers", []):
         await c.stop()
 
@@ -255,10 +266,58 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
                                        wg_port=req.wg_port)
     was = await store.node(req.node)
     await store.register_node(info, ttl)
+    if was is None:  # (re)joined: the other hosts' overlays get it at once, not at their next resync
+        await _membership(rt, "joined", NodeMembership(node=req.node, reason="registered", last_seen=info.last_seen))
     if was is None or was.instance != req.instance:
         log.info("node %s registered (instance %s, drivers available: %s)", req.node, req.instance,
                  ", ".join(sorted(d for d, s in req.drivers.items() if s.available)) or "none")
     return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=await store.count_on(req.node), wg_address=wg_address)
+
+
+async def _membership(rt: Runtime, event: str, body: NodeMembership) -> None:
+    """``vnet.evt.node.<event>.<node>``; replicas publishing the same change are deduplicated
+    by the stream (same message id)."""
+    try:
+        await rt.publish_event("node", event, body.node, body, msg_id=f"node.{event}.{body.node}.{body.last_seen}")
+    except Exception as exc:  # the workers' next full resync covers it
+        log.warning("could not publish node %s %s: %s", body.node, event, exc)
+
+
+async def _on_deregister(rt: Runtime, msg: Msg) -> None:
+    """``vnet.node.deregister`` (fire and forget): a graceful stop removes the node now."""
+    try:
+        req = codec.decode(msg.data, NodeDeregister)
+    except E.VNetError as err:
+        log.info("ignoring a malformed node deregistration: %s", err.message)
+        return
+    info = await _store(rt).deregister_node(req.node, req.instance)
+    if info is not None:
+        log.info("node %s deregistered (instance %s)", req.node, req.instance)
+        rt.state.setdefault("alive_nodes", set()).discard(req.node)
+        await _membership(rt, "left", NodeMembership(node=req.node, reason="deregistered", last_seen=info.last_seen))
+
+
+async def _watch_nodes(rt: Runtime) -> None:
+    """Notice nodes whose registration expired (silent past their timeout) and announce them:
+    every worker re-fetches its desired state, so their entries leave at once."""
+    store = _store(rt)
+    first = True
+    while True:
+        try:
+            now = await store.liveness()
+            alive = {n for n, (up, _) in now.items() if up}
+            known: set[str] = rt.state.get("alive_nodes", set())  # a deregistration takes its node out
+            for n in [] if first else sorted(known - alive):
+                if n in now:
+                    log.info("node %s is silent past its timeout: removing it from the overlays", n)
+                    await _membership(rt, "left", NodeMembership(node=n, reason="timeout", last_seen=now[n][1]))
+            rt.state["alive_nodes"] = alive
+            first = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("node watch: %s", exc)
+        await asyncio.sleep(NODE_WATCH_S)
 
 
 @SERVICE.op("node.list", subjects.ENDPOINT_NODE_LIST, NodeListRequest)
@@ -274,9 +333,42 @@ async def desired_get(ctx: Ctx, req: DesiredRequest) -> DesiredReply:
     eps = await store.of_node(req.node)
     desired = node_desired(eps)
     if any(n.driver == DriverType.OVERLAY for n in desired.networks):
+        routed = await _routed_overlays(ctx, store, desired)
+        if routed:
+            nets = sorted([*desired.networks, *routed], key=lambda n: n.id)
+            desired = NodeDesired(networks=nets, endpoints=desired.endpoints, peers=desired.peers)
         desired = await _with_remotes(store, req.node, desired)
     return DesiredReply(node=req.node, desired=desired, statuses={e.id: e.status for e in eps},
                         reasons={e.id: e.reason for e in eps if e.reason})
+
+
+async def _routed_overlays(ctx: Ctx, store: EndpointStore, desired: NodeDesired) -> list[NetDesired]:
+    """Overlay networks with no endpoint on this node but related (connected, parent/child,
+    a shared mesh group) to an overlay that has one: the distributed gateway routes to them
+    on this host, so it needs their bridge, gateway and remote entries too (isolation is the
+    ruleset's business: a PeerOnly side gets the bridge but no allowed pair)."""
+    here = {n.id for n in desired.networks}
+    related: set[str] = set()
+    for n in desired.networks:
+        if n.driver != DriverType.OVERLAY:
+            continue
+        try:
+            net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=n.id), VirtualNetwork)
+        except E.VNetError as err:  # this resync goes without; the next one tries again
+            log.info("desired state: relations of network %s unknown: %s", n.id, err.message)
+            continue
+        related |= set(net.connected) | set(net.children) | ({net.parent} if net.parent else set())
+        for g in net.mesh_groups:
+            try:
+                related |= set((await ctx.request(subjects.NETWORK_MESH_GET, MeshRef(mesh=g), MeshGroup)).members)
+            except E.VNetError as err:
+                log.info("desired state: mesh group %s unknown: %s", g, err.message)
+    out: list[NetDesired] = []
+    for nid in sorted(related - here):
+        eps = [e for e in await store.get_many(await store.of_network(nid)) if e is not None]
+        if eps and eps[0].driver == DriverType.OVERLAY:
+            out.append(to_desired(eps[0])[0])
+    return out
 
 
 async def _with_remotes(store: EndpointStore, node: str, desired: NodeDesired) -> NodeDesired:

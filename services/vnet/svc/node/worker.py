@@ -63,12 +63,13 @@ from opentelemetry.trace import Link, SpanContext
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters.nats import DurableConsumer
 from vnet.adapters.nftables import PolicyAgent
-from vnet.contracts import subjects
+from vnet.contracts import codec, subjects
 from vnet.contracts.endpoint import (
     DesiredReply,
     DesiredRequest,
     EndpointEvent,
     EndpointStatusEvent,
+    NodeDeregister,
     NodeRegister,
     NodeRegistered,
     NodeStats,
@@ -187,6 +188,7 @@ class NodeWorker:
         self.eps: dict[str, EpDesired] = {}
         self.recorded: dict[str, tuple[str, str]] = {}
         self.peers: list[PeerHost] = []  # hosts of the remote endpoints of this node's overlay networks
+        self.routed: set[str] = set()  # overlays here only because a local one is related to them
         self.fetched = False
         self.registered = False
         self.counters = Counters()
@@ -220,9 +222,12 @@ class NodeWorker:
                             inactive_threshold_s=CONSUMER_INACTIVE_S),
             DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
                             inactive_threshold_s=CONSUMER_INACTIVE_S),
+            DurableConsumer(js, f"vnet-node-{safe}-node", subjects.EVT_NODE.template, deliver_all=False,
+                            inactive_threshold_s=CONSUMER_INACTIVE_S),
         ]
         await self._consumers[0].start(self._on_endpoint_event)
         await self._consumers[1].start(self._on_network_event)
+        await self._consumers[2].start(self._on_node_event)
         if self.policy is not None:
             pol = DurableConsumer(js, f"vnet-node-{safe}-pol", subjects.EVT_POLICY.template, deliver_all=False,
                                   inactive_threshold_s=CONSUMER_INACTIVE_S)
@@ -240,14 +245,35 @@ class NodeWorker:
             await c.stop(delete=True)
         for t in self._tasks:
             t.cancel()
+        pending = set(self._tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+            for t in pending:  # a cancellation lost inside a library's wait_for/timeout handling: again
+                t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.rt.config.node_deregister_on_stop:
+            await self._deregister()
         pool, self._pool = self._pool, None
         if pool is not None:  # a reconcile still running in its thread finishes first
             await asyncio.to_thread(pool.shutdown, True)
         if self.rec is not None:
             self.rec.close()
             self.rec = None
+
+    async def _deregister(self) -> None:
+        """Graceful stop: tell the endpoint service now, so the other hosts drop this one's
+        overlay entries at once instead of after the heartbeat timeout (the kernel here keeps
+        everything: fail static). Fire and forget."""
+        if not self.registered:
+            return
+        try:
+            await self.rt.nc.publish(subjects.NODE_DEREGISTER.template,
+                                     codec.encode(NodeDeregister(node=self.node, instance=self.rt.instance)))
+            await self.rt.nc.flush(timeout=2)
+        except Exception as exc:  # the heartbeat timeout covers it
+            log.info("node %s: could not deregister: %s", self.node, exc)
+        self.registered = False
 
     # -- isolation (nftables) -----------------------------------------------------------------
     async def _start_policy(self) -> None:
@@ -257,7 +283,7 @@ class NodeWorker:
             self.isolation = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
             return
         agent = PolicyAgent(self.rt.nc, node=self.node, host_netns=self.host_netns,
-                            timeout=self.rt.config.request_timeout_s)
+                            timeout=self.rt.config.request_timeout_s, state_dir=self.rt.config.node_state_dir)
         self.isolation = await asyncio.to_thread(agent.start)
         if not self.isolation.available:
             log.warning("node %s: isolation is not stateful here: %s", self.node, self.isolation.reason)
@@ -482,6 +508,14 @@ class NodeWorker:
         if nid in self.nets or any(e.network_id == nid for e in self.eps.values()):
             self.queue.put_nowait(self._item(kind="network", event="deleted", ident=nid))
 
+    async def _on_node_event(self, msg: Msg) -> None:
+        """Another node left or (re)joined: re-fetch the remotes and peers of our overlays now."""
+        parts = msg.subject.split(".")
+        if len(parts) < 5 or parts[3] not in ("left", "joined") or parts[4] == self.node:
+            return
+        for nid in sorted(n.id for n in self.nets.values() if n.driver == DriverType.OVERLAY):
+            self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=nid))
+
     async def request_resync(self, fetch: bool = True) -> NodeStats:
         """A full resync now (queued behind what is already waiting); its stats."""
         fut: asyncio.Future[NodeStats] = asyncio.get_running_loop().create_future()
@@ -545,6 +579,7 @@ class NodeWorker:
         self.eps = {e.id: e for e in rep.desired.endpoints}
         self.recorded = {i: (s, rep.reasons.get(i, "")) for i, s in rep.statuses.items()}
         self.peers = list(rep.desired.peers)
+        self.routed = set(self.nets) - {e.network_id for e in self.eps.values()}
         self.fetched = True
         return True
 
@@ -622,7 +657,7 @@ class NodeWorker:
                 await self._fetch()  # the state after every event of this batch (they were committed first)
             # A network none of this node's endpoints uses any more: its bridge goes.
             used = {e.network_id for e in self.eps.values()}
-            for nid in [n for n in self.nets if n not in used]:
+            for nid in [n for n in self.nets if n not in used and n not in self.routed]:
                 self.nets.pop(nid)
                 scope_nets.add(nid)
             self.counters.batches += 1
