@@ -45,7 +45,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from vnet.adapters.redis import Script, global_key, key
-from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
+from vnet.core.model import NetworkRecord, VirtualNetwork
 
 PREFIX = global_key() + ":"
 NETWORKS = global_key("networks")
@@ -53,23 +53,8 @@ IDEM_TTL_S = 24 * 3600
 VNI_MIN, VNI_MAX = 1, (1 << 24) - 1  # VXLAN network identifiers (24 bits; 0 is not used)
 
 
-class NetworkDoc(msgspec.Struct, kw_only=True):
-    """The stored record: a network without its relation sets (those live in SETs)."""
-
-    id: str
-    name: str
-    cidr: str
-    gateway: str
-    driver_type: DriverType
-    isolation_mode: IsolationMode
-    options: dict[str, str] = {}
-    labels: dict[str, str] = {}
-    created_at: str = ""
-    updated_at: str = ""
-    cidr_v6: str | None = None
-    gateway_v6: str | None = None
-    parent: str | None = None
-
+# The stored record: a network without its relation sets (those live in SETs).
+NetworkDoc = NetworkRecord
 
 _doc_decoder = msgspec.json.Decoder(NetworkDoc)
 _encoder = msgspec.json.Encoder()

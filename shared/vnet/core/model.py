@@ -34,8 +34,8 @@ Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
 Options = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
 
 
-class VirtualNetwork(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A virtual network (module description's ``VirtualNetwork``)."""
+class NetworkRecord(msgspec.Struct, kw_only=True):
+    """A network's own fields; the stored record is exactly this (relations live apart)."""
 
     id: str
     name: str
@@ -50,8 +50,13 @@ class VirtualNetwork(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # IPv6 subnet and gateway when the network has one (added by the network service).
     cidr_v6: str | None = None
     gateway_v6: str | None = None
-    # Topology: relations are part of the record (DESIGN section 4, "Topology").
     parent: str | None = None  # id of the parent network; this one's subnet is carved from the parent's
+
+
+class VirtualNetwork(NetworkRecord, forbid_unknown_fields=True, kw_only=True):
+    """A virtual network (module description's ``VirtualNetwork``)."""
+
+    # Topology: relations are part of the record (DESIGN section 4, "Topology").
     children: list[str] = []  # ids of child networks
     connected: list[str] = []  # ids of networks explicitly connected to this one (symmetric)
     mesh_groups: list[str] = []  # names of the mesh groups this network is a member of
