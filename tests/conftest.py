@@ -3,15 +3,21 @@ an in-memory span exporter, a per-run prefix for everything a test creates."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import redis.asyncio as aioredis
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -125,3 +131,58 @@ def netns(run_prefix: str) -> Iterator[Callable[[str], str]]:
     # its interface, which carries the run prefix).
     for sock in Path("/var/run/wireguard").glob(f"{run_prefix}*.sock"):
         sock.unlink(missing_ok=True)
+
+
+# --- the control plane plus one node worker, for endpoint-level tests -------------------------
+
+_fresh_dbs = itertools.cycle(range(1, 16))
+
+
+def fresh_db_config(config: VNetConfig) -> VNetConfig:
+    """``config`` pointed at the next Redis logical database, so a test starts from empty state."""
+    base = config.redis_url.rsplit("/", 1)[0]
+    return msgspec.structs.replace(config, redis_url=f"{base}/{next(_fresh_dbs)}")
+
+
+@dataclass
+class ControlPlane:
+    cfg: VNetConfig
+    m: Any  # VNetManager (typed loosely: conftest imports stay light)
+    r: aioredis.Redis
+    node: str
+    host: str
+    node_rt: Any  # the node worker's Runtime
+
+
+@asynccontextmanager
+async def control_plane(config: VNetConfig, start_service: Callable[..., Awaitable[Any]],
+                        netns: Callable[[str], str], *, host: str, node: str, resync_s: float,
+                        services: tuple[str, ...] = ("ipam", "network", "endpoint", "policy"),
+                        ) -> AsyncIterator[ControlPlane]:
+    """Services (policy included: the worker applies rulesets) on a fresh Redis database and
+    one node worker on a fixture host namespace, registered before this yields. Take the
+    ``netns`` fixture before ``start_service`` so the services stop before the namespaces go."""
+    from vnet.client import VNetManager
+
+    cfg = fresh_db_config(config)
+    r = aioredis.Redis.from_url(cfg.redis_url)
+    await r.flushdb()
+    for name in services:
+        await start_service(name, cfg=cfg)
+    host_ns = netns(host)
+    node_rt = await start_service("node", params={"node": node, "resync_s": str(resync_s)},
+                                  cfg=msgspec.structs.replace(cfg, host_netns=host_ns))
+    m = VNetManager(cfg)
+    await m.__aenter__()
+    try:
+        for _ in range(200):
+            if any(n.node == node for n in await m.nodes()):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the node worker {node} did not register")
+        yield ControlPlane(cfg, m, r, node, host_ns, node_rt)
+    finally:
+        await m.close()
+        await r.flushdb()
+        await r.aclose()

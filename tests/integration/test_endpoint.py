@@ -8,7 +8,6 @@ come from the ``netns`` fixture too (per-run prefix, deleted at teardown, pass o
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.conftest import control_plane
 from vnet import VNetManager
 from vnet.adapters import endpoint_store as es
 from vnet.adapters import nats as nats_adapter
@@ -34,7 +34,6 @@ from vnet.core.model import VirtualNetwork
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.service import Runtime
 
-_dbs = itertools.cycle(range(1, 16))
 CIDR = "10.201.0.0/24"
 CIDR6 = "fd00:201::/64"
 
@@ -74,31 +73,9 @@ class Env:
 @pytest.fixture
 async def env(config: VNetConfig, start_service: Callable[..., Awaitable[Runtime]], netns: Callable[[str], str],
               run_prefix: str) -> AsyncIterator[Env]:
-    db = next(_dbs)
-    base = config.redis_url.rsplit("/", 1)[0]
-    cfg = msgspec.structs.replace(config, redis_url=f"{base}/{db}")
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.flushdb()
-    for name in ("ipam", "network", "endpoint", "metrics", "policy"):
-        await start_service(name, cfg=cfg)
-    host = netns("eph")
-    node = f"{run_prefix}-n1"
-    await start_service("node", params={"node": node, "resync_s": "2"},
-                        cfg=msgspec.structs.replace(cfg, host_netns=host))
-    m = VNetManager(cfg)
-    await m.__aenter__()
-    for _ in range(200):
-        if any(n.node == node for n in await m.nodes()):
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the node worker did not register")
-    try:
-        yield Env(cfg, m, r, node, host, netns, start_service)
-    finally:
-        await m.close()
-        await r.flushdb()
-        await r.aclose()
+    async with control_plane(config, start_service, netns, host="eph", node=f"{run_prefix}-n1", resync_s=2,
+                             services=("ipam", "network", "endpoint", "metrics", "policy")) as cp:
+        yield Env(cp.cfg, cp.m, cp.r, cp.node, cp.host, netns, start_service)
 
 
 async def test_create_get_list_delete(env: Env) -> None:

@@ -9,7 +9,6 @@ checked through ``ip -j`` (not through the observer under test); Redis directly.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import random
 import subprocess
@@ -21,7 +20,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import requires_root
+from tests.conftest import control_plane, requires_root
 from tests.netns.conftest import addrs, ip, links, ping_all, routes
 from vnet import VNetManager
 from vnet.adapters import endpoint_store as es
@@ -35,7 +34,6 @@ from vnet.runtime.service import Runtime
 
 pytestmark = [pytest.mark.netns, requires_root]
 
-_dbs = itertools.cycle(range(1, 16))
 CIDR, GW = "10.124.0.0/24", "10.124.0.1"
 CIDR6, GW6 = "fd00:124::/64", "fd00:124::1"
 RESYNC_S = 2.0
@@ -78,29 +76,9 @@ class Env:
 async def env(config: VNetConfig, netns: Callable[[str], str], start_service: Callable[..., Awaitable[Runtime]],
               run_prefix: str) -> AsyncIterator[Env]:
     # `netns` before `start_service`: the services stop before the namespaces are deleted.
-    db = next(_dbs)
-    base = config.redis_url.rsplit("/", 1)[0]
-    cfg = msgspec.structs.replace(config, redis_url=f"{base}/{db}")
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.flushdb()
-    for name in ("ipam", "network", "endpoint", "policy"):  # policy: the worker applies rulesets
-        await start_service(name, cfg=cfg)
-    host = netns("e2eh")
-    node = f"{run_prefix}-e2e"
-    await start_service("node", params={"node": node, "resync_s": str(RESYNC_S)},
-                        cfg=msgspec.structs.replace(cfg, host_netns=host))
-    m = VNetManager(cfg)
-    await m.__aenter__()
-    for _ in range(200):
-        if any(n.node == node for n in await m.nodes()):
-            break
-        await asyncio.sleep(0.05)
-    try:
-        yield Env(cfg, m, r, node, host, netns)
-    finally:
-        await m.close()
-        await r.flushdb()
-        await r.aclose()
+    async with control_plane(config, start_service, netns, host="e2eh", node=f"{run_prefix}-e2e",
+                             resync_s=RESYNC_S) as cp:
+        yield Env(cp.cfg, cp.m, cp.r, cp.node, cp.host, netns)
 
 
 async def _containers(env: Env, n: int, tag: str) -> list[str]:

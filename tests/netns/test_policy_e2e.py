@@ -12,17 +12,14 @@ out here, not computed by the engine.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-import msgspec
 import pytest
-import redis.asyncio as aioredis
 
-from tests.conftest import requires_root
+from tests.conftest import control_plane, requires_root
 from tests.netns.conftest import ip
 from tests.netns.test_isolation import Agent
 from vnet import VNetManager
@@ -36,7 +33,6 @@ from vnet.runtime.service import Runtime
 
 pytestmark = [pytest.mark.netns, requires_root]
 
-_dbs = itertools.cycle(range(1, 16))
 T = 0.5  # probe timeout (s)
 ENFORCE_S = 2.0  # a rule change must show within this
 
@@ -60,29 +56,9 @@ class Env:
 @pytest.fixture
 async def env(config: VNetConfig, netns: Callable[[str], str], start_service: Callable[..., Awaitable[Runtime]],
               run_prefix: str) -> AsyncIterator[Env]:
-    db = next(_dbs)
-    base = config.redis_url.rsplit("/", 1)[0]
-    cfg = msgspec.structs.replace(config, redis_url=f"{base}/{db}")
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.flushdb()
-    for name in ("ipam", "network", "endpoint", "policy"):
-        await start_service(name, cfg=cfg)
-    host = netns("ph")
-    node = f"{run_prefix}-pol"
-    rt = await start_service("node", params={"node": node, "resync_s": "2"},
-                             cfg=msgspec.structs.replace(cfg, host_netns=host))
-    m = VNetManager(cfg)
-    await m.__aenter__()
-    for _ in range(200):
-        if any(n.node == node for n in await m.nodes()):
-            break
-        await asyncio.sleep(0.05)
-    try:
-        yield Env(m, node, host, rt, netns)
-    finally:
-        await m.close()
-        await r.flushdb()
-        await r.aclose()
+    async with control_plane(config, start_service, netns, host="ph", node=f"{run_prefix}-pol",
+                             resync_s=2) as cp:
+        yield Env(cp.m, cp.node, cp.host, cp.node_rt, netns)
 
 
 @pytest.fixture
