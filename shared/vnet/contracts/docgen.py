@@ -28,6 +28,7 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 import pkgutil
 import re
@@ -195,11 +196,26 @@ def _type_key(tp: Any) -> str:
     return f"{getattr(tp, '__module__', '')}.{getattr(tp, '__qualname__', repr(tp))}"
 
 
+def _cleandocs(obj: Any) -> Any:
+    """Every ``description`` dedented the same way, whatever msgspec version rendered it.
+
+    msgspec 0.23 started dedenting docstrings itself; earlier versions copied ``__doc__``
+    verbatim. ``inspect.cleandoc`` of either gives one text, so the checked-in contract
+    depends on our docstrings only, not on the library's release.
+    """
+    if isinstance(obj, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _cleandocs(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cleandocs(v) for v in obj]
+    return obj
+
+
 def _components(types: Sequence[Any], ref_template: str) -> tuple[dict[Any, dict[str, Any]], dict[str, Any]]:
     """Schema per type (a ``$ref`` for Structs) and the shared definitions."""
     schemas, components = msgspec.json.schema_components(types, ref_template=ref_template)
-    by_type = {_type_key(t): s for t, s in zip(types, schemas, strict=True)}
-    return by_type, dict(sorted(components.items()))
+    by_type = {_type_key(t): _cleandocs(s) for t, s in zip(types, schemas, strict=True)}
+    return by_type, _cleandocs(dict(sorted(components.items())))
 
 
 def _all_types(services: Sequence[ServiceDoc], events: Sequence[Any]) -> list[Any]:
