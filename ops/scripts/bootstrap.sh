@@ -24,16 +24,25 @@ elif [ "$(id -u)" != 0 ]; then
   echo "bootstrap: not root: skipping system packages ($want_apt); kernel tests will be skipped" >&2
 fi
 
+# Python packages: exactly what uv.lock says (the lock is the truth; pyproject.toml only
+# states ranges). `uv sync --locked` refuses to run when pyproject.toml changed without
+# `uv lock`, so a stale lock fails here, loudly, instead of drifting. To update the lock:
+#   .venv/bin/uv lock                      # after editing pyproject.toml's dependencies
+#   .venv/bin/uv lock --upgrade-package X  # to move one package forward
 py=${PYTHON:-python3}
+# the uv the lock pins (it is a dev dependency, so the exact sync keeps it)
+uv_version=$(awk '/^name = "uv"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' uv.lock)
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv with $($py --version 2>&1)"
   "$py" -m venv .venv
 fi
+if [ ! -x .venv/bin/uv ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check "uv==$uv_version"
+fi
 stamp=.venv/.vnet-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "bootstrap: installing vnet and its dev tools into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import vnet, nats, msgspec" 
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ uv.lock -nt "$stamp" ]; then
+  echo "bootstrap: installing vnet and its dev tools into .venv from uv.lock"
+  UV_PROJECT_ENVIRONMENT=.venv .venv/bin/uv sync --locked --quiet --extra dev --python .venv/bin/python
+  .venv/bin/python -c "import vnet, nats, msgspec"
   touch "$stamp"
 fi
