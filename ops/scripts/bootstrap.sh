@@ -37,7 +37,9 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 if [ ! -x .venv/bin/uv ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check "uv==$uv_version"
+  # quiet unless it fails (pip's notes about configured find-links are noise here)
+  out=$(.venv/bin/python -m pip install -q --disable-pip-version-check "uv==$uv_version" 2>&1) \
+    || { printf '%s\n' "$out" >&2; exit 1; }
 fi
 stamp=.venv/.vnet-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ uv.lock -nt "$stamp" ]; then
