@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import hashlib
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vnet.core import errors as E
 from vnet.runtime.config import VNetConfig
@@ -43,25 +55,84 @@ class Script:
             return await r.evalsha(self.sha, len(keys), *keys, *args)
 
 
-def connect(config: VNetConfig) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+def connect(config: VNetConfig, *, max_connections: int | None = None) -> aioredis.Redis:
+    """A client whose pool blocks instead of failing when every connection is in use.
+
+    The plain pool raises ``MaxConnectionsError`` at 100 connections while a service runs
+    ``max_inflight`` (256) handlers at once, so a burst turned into 500s. This pool holds
+    ``redis_max_connections`` (default: ``max_inflight``) and a handler waits for a free
+    connection at most ``redis_timeout_s``. Every command has the same socket timeout, so a
+    frozen server (SIGSTOP) fails a request within that time instead of holding it; only a
+    connection error is retried, once and at once (a pooled connection a restarted server
+    dropped), never a timeout, which could run a command twice.
+    """
+    size = max_connections or config.redis_max_connections or config.max_inflight
+    pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
+        max_connections=size,
+        timeout=config.redis_timeout_s,
         username=config.redis_username,
         password=config.redis_password,
         decode_responses=False,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
+        socket_connect_timeout=min(config.redis_timeout_s, 2.0),
+        socket_timeout=config.redis_timeout_s,
         health_check_interval=10,
-        retry_on_timeout=True,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
+    return aioredis.Redis.from_pool(pool)
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# Server replies that mean "the store cannot serve now", not "the command was wrong".
+_UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY", "OOM", "MISCONF", "BUSY")
+
+
+def dependency_error(exc: BaseException, url: str) -> E.VNetError | None:
+    """The ``unavailable`` error for a Redis failure that is the store's, not ours; else None.
+
+    Connection refused or reset, a socket or pool timeout, LOADING, READONLY, OOM and the
+    like are the store's state: the caller should retry later. A script error or a wrong
+    type is a bug on our side and stays ``internal``.
+    """
+    where = safe_url(url)
+    what: str | None = None
+    if isinstance(exc, BusyLoadingError):
+        what = "is loading its data set into memory"
+    elif isinstance(exc, RedisTimeoutError):
+        what = "did not answer in time (frozen or overloaded?)"
+    elif isinstance(exc, RedisConnectionError):
+        text = str(exc)
+        what = ("has no free connection in this instance's pool in time (overloaded)"
+                if "No connection available" in text else f"cannot be reached ({text or type(exc).__name__})")
+    elif isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
+        first = str(exc).split(" ", 1)[0].upper()
+        if first in _UNAVAILABLE_REPLIES or isinstance(exc, (ReadOnlyError, OutOfMemoryError)):
+            what = f"refused the command: {exc}"
+    elif isinstance(exc, OSError):
+        # Raised from inside the client's socket code without being wrapped.
+        what = f"cannot be reached ({exc or type(exc).__name__})"
+    if what is None:
+        return None
+    return E.make(E.UNAVAILABLE, f"Redis at {where} {what}; retry later (the same request_id is safe to "
+                  "retry)", dependency="redis", url=where)
 
 
 async def ping(r: aioredis.Redis, url: str) -> None:
     try:
         await r.ping()
     except (RedisError, OSError) as exc:
-        raise E.make(E.UNAVAILABLE, f"cannot reach Redis at {url}: {exc}; is it running? "
-                     "(`vnetctl up` starts one)", url=url) from None
+        raise E.make(E.UNAVAILABLE, f"cannot reach Redis at {safe_url(url)}: {exc}; is it running? "
+                     "(`vnetctl up` starts one)", url=safe_url(url)) from None
 
 
 async def load_scripts(r: aioredis.Redis, *scripts: Script) -> None:

@@ -53,6 +53,14 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_username: str | None = None
     redis_password: str | None = None
+    # How long a client (VNetManager, vnetctl, a service starting) tries to reach NATS before
+    # it gives up with `unavailable` naming the URL; it used to retry forever.
+    connect_timeout_s: float = 5.0
+    # Every Redis command's socket timeout, and the longest wait for a pooled connection: a
+    # frozen or lost store fails a request with 503 within this, instead of holding it.
+    redis_timeout_s: float = 2.0
+    # Connections in a service's Redis pool; None: max_inflight (one per running handler).
+    redis_max_connections: int | None = None
 
     # Service runtime.
     max_inflight: int = 256
@@ -107,6 +115,11 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise E.make(E.INVALID_CONFIG, "max_networks must be at least 1")
         if self.max_inflight < 1:
             raise E.make(E.INVALID_CONFIG, "max_inflight must be at least 1")
+        if self.redis_max_connections is not None and self.redis_max_connections < 1:
+            raise E.make(E.INVALID_CONFIG, "redis_max_connections must be at least 1 (or unset: max_inflight)")
+        for name in ("connect_timeout_s", "redis_timeout_s", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise E.make(E.INVALID_CONFIG, f"{name} must be a positive number of seconds")
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
