@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-import nats
+from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from vnet.adapters import natsauth
 from vnet.contracts import codec, subjects
 from vnet.contracts import headers as H
 from vnet.contracts.subjects import Subject
@@ -31,12 +35,22 @@ EVENTS_DUPLICATE_WINDOW_S = 120.0
 
 
 async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0,
-                  allow_reconnect: bool = True) -> Client:
-    """Connect with endless reconnects: subscriptions are restored by the client."""
+                  allow_reconnect: bool = True, give_up_after: float | None = None) -> Client:
+    """Connect, giving up after ``give_up_after`` seconds (default ``config.connect_timeout_s``).
+
+    The first connection is bounded: nats-py alone retries a server that is not there
+    forever (logging each try), so a client pointed at no stack hung. Once connected,
+    reconnects are endless and subscriptions are restored by the client.
+    """
 
     client: list[Client] = []
+    connected = False
+    last_error: list[BaseException] = []
 
     async def _err(e: Exception) -> None:
+        if not connected:  # the first connection: the final error says it all, once
+            last_error[:] = [e]
+            return
         log.warning("nats error: %s", e)
 
     async def _disc() -> None:
@@ -65,13 +79,44 @@ async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0
         opts["token"] = config.nats_token
     if config.nats_creds:
         opts["user_credentials"] = config.nats_creds
+    opts.update(natsauth.security_options(config))  # private inbox prefix, TLS
+    limit = config.connect_timeout_s if give_up_after is None else give_up_after
+    nc = Client()
     try:
-        nc = await nats.connect(**opts)
+        await asyncio.wait_for(nc.connect(**opts), limit)
     except Exception as exc:  # the client raises several unrelated types here
-        raise E.make(E.UNAVAILABLE, f"cannot connect to NATS at {config.nats_url}: {exc or type(exc).__name__}; "
-                     "is nats-server running? (`vnetctl up` starts one)", url=config.nats_url) from None
+        with contextlib.suppress(Exception):
+            await nc.close()
+        cause = last_error[0] if isinstance(exc, TimeoutError) and last_error else exc
+        why = f"{cause or type(cause).__name__}"
+        if isinstance(exc, TimeoutError):
+            why = f"no connection within {limit:g}s (last error: {why})"
+        raise E.make(E.UNAVAILABLE, f"cannot connect to NATS at {config.nats_url}: {why}; is the stack up? "
+                     "Start one with `vnetctl up` (it is then found by itself), or point at a running one "
+                     "with VNET_NATS_URL, `vnetctl --nats URL` or VNetConfig(nats_url=...)",
+                     url=config.nats_url, dependency="nats") from None
+    connected = True
     client.append(nc)
     return nc
+
+
+# nats-py errors that mean the bus (or JetStream) cannot serve now, not that we misused it.
+_NATS_DOWN: tuple[type[BaseException], ...] = (
+    NatsTimeout, NoRespondersError, ConnectionClosedError, nats_errors.ConnectionReconnectingError,
+    nats_errors.ConnectionDrainingError, nats_errors.OutboundBufferLimitError, nats_errors.StaleConnectionError,
+    nats_errors.NoServersError, nats_errors.SlowConsumerError, js_errors.NoStreamResponseError,
+    js_errors.ServiceUnavailableError, js_errors.ServerError,
+)
+
+
+def dependency_error(exc: BaseException, url: str) -> E.VNetError | None:
+    """The ``unavailable`` error for a NATS / JetStream failure; None for anything else."""
+    if not isinstance(exc, _NATS_DOWN):
+        return None
+    what = "JetStream" if isinstance(exc, js_errors.Error) else "NATS"
+    text = str(exc) or type(exc).__name__
+    return E.make(E.UNAVAILABLE, f"{what} at {url} failed: {text}; retry later (the same request_id is safe "
+                  "to retry)", dependency="nats", url=url)
 
 
 async def flush(nc: Client, timeout: float = 10.0) -> None:
@@ -96,14 +141,26 @@ async def request(
     *,
     timeout: float = 5.0,
     params: dict[str, str] | None = None,
+    deadline: float | None = None,
 ) -> tuple[T, str | None]:
     """Traced request/reply; raises the VNetError the service returned.
 
+    The request carries its deadline (``Vnet-Deadline``): ``deadline`` (Unix seconds, a
+    service passing on its caller's) or now + ``timeout``; we wait no longer than either.
     Returns the decoded reply and the trace id the service reported.
     """
     concrete = subject.format(**(params or {}))
     data = payload if isinstance(payload, bytes) else codec.encode(payload)
+    now = time.time()
+    if deadline is None:
+        deadline = now + timeout
+    elif deadline - now < timeout:
+        timeout = deadline - now
+        if timeout <= 0:
+            raise E.make(E.DEADLINE_EXCEEDED, f"the caller's deadline passed before {concrete} was asked; "
+                         "nothing was sent", subject=concrete)
     with tracing.publish_span(subject.template, concrete) as hdrs:
+        hdrs[H.DEADLINE] = str(int(deadline * 1000))
         try:
             msg = await nc.request(concrete, data, timeout=timeout, headers=hdrs)
         except NoRespondersError:

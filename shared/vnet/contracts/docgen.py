@@ -255,13 +255,16 @@ def _headers(props: dict[str, str], required: Sequence[str] = ()) -> dict[str, A
 _TRACE_HEADERS = {
     H.TRACEPARENT: "W3C trace context of the sender's span (optional; a new trace starts without it).",
     H.TRACESTATE: "W3C trace state (optional).",
+    H.DEADLINE: "The caller's deadline, Unix time in milliseconds (optional; VNet clients always send it). "
+                "A service does not start work whose deadline has passed (504 `deadline_exceeded`) and passes it "
+                "on to the calls it makes.",
 }
 _REPLY_HEADERS = {
     H.TRACE_ID: "Id of the trace this request belongs to (when tracing is on); find it in Jaeger.",
 }
 _ERROR_HEADERS = {
     H.ERROR: "A message for people (same as the body's `message`).",
-    H.ERROR_CODE: "The HTTP-like status as a numeric string: 400, 404, 409, 422, 423, 500, 503, 504.",
+    H.ERROR_CODE: "The HTTP-like status as a numeric string: 400, 404, 409, 413, 422, 423, 500, 503, 504.",
     H.INSTANCE: "The service instance that answered.",
     **_REPLY_HEADERS,
 }

@@ -9,3 +9,7 @@ TRACESTATE = "tracestate"
 TRACE_ID = "Vnet-Trace-Id"
 # Which service instance answered (useful with N replicas in a queue group).
 INSTANCE = "Vnet-Instance"
+# The caller's deadline, Unix time in milliseconds: set by the client from its timeout and
+# carried on to every call a service makes for the request. A service does not start work
+# (above all a mutation) whose deadline has passed: nobody waits for the answer any more.
+DEADLINE = "Vnet-Deadline"

@@ -59,6 +59,10 @@ DRIVER_UNAVAILABLE = _code("driver_unavailable", 503, "no node can run this driv
 UNAVAILABLE = _code("unavailable", 503, "a dependency (NATS, Redis, a node) is unavailable; retry later")
 OVERLOADED = _code("overloaded", 503, "the service is at its concurrency bound; retry later")
 TIMEOUT = _code("timeout", 504, "no reply came in time")
+DEADLINE_EXCEEDED = _code("deadline_exceeded", 504, "the caller's deadline passed before the work started; nothing "
+                          "was done")
+REPLY_TOO_LARGE = _code("reply_too_large", 413, "the reply would exceed the bus's maximum message size; ask for "
+                        "less (page with a cursor or a narrower request)")
 # 500
 INTERNAL = _code("internal", 500, "an unexpected error on our side; the trace id finds it")
 
@@ -146,6 +150,7 @@ _BY_STATUS: dict[int, type[VNetError]] = {
     400: InvalidRequest,
     404: NotFound,
     409: Conflict,
+    413: InvalidRequest,
     422: InvalidRequest,
     423: Conflict,
     503: Unavailable,

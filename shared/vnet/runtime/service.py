@@ -84,6 +84,8 @@ class Ctx:
     headers: dict[str, str]
     params: dict[str, str]
     trace_id: str | None
+    # The caller's deadline (Unix seconds) from ``Vnet-Deadline``; None when it sent none.
+    deadline: float | None = None
 
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
                             msg_id: str | None = None) -> int:
@@ -92,10 +94,20 @@ class Ctx:
 
     async def request(self, subject: Subject, payload: Any, reply_type: type[Rep], *,
                       params: dict[str, str] | None = None, timeout: float | None = None) -> Rep:
-        """Call another service; the trace continues across the hop."""
-        reply, _ = await nats_adapter.request(
-            self.rt.nc, subject, payload, reply_type, params=params,
-            timeout=timeout or self.rt.config.request_timeout_s)
+        """Call another service; the trace and the caller's deadline continue across the hop.
+
+        A dependency that does not answer in time is ``unavailable`` for our caller (503,
+        retry), not a timeout of ours: the caller's request did reach us and got an answer.
+        """
+        try:
+            reply, _ = await nats_adapter.request(
+                self.rt.nc, subject, payload, reply_type, params=params,
+                timeout=timeout or self.rt.config.request_timeout_s, deadline=self.deadline)
+        except E.VNetError as err:
+            if err.code != E.TIMEOUT.code:
+                raise
+            raise E.make(E.UNAVAILABLE, f"{err.message}: the service behind it is slow or down; retry (the same "
+                         "request_id is safe to retry)", dependency=subject.template) from None
         return reply
 
 
@@ -109,6 +121,9 @@ class Op(Generic[Req]):
     req_type: type[Req]
     handler: Handler
     max_bytes: int = codec.MAX_REQUEST_BYTES
+    # How a caller asks for less when the reply would not fit in one message (named in
+    # the ``reply_too_large`` error).
+    page_hint: str | None = None
 
     @property
     def endpoint_name(self) -> str:
@@ -132,11 +147,11 @@ class ServiceDef:
     health_subject: Subject | None = None
 
     def op(self, name: str, subject: Subject, req_type: type[Req], *,
-           max_bytes: int = codec.MAX_REQUEST_BYTES) -> Callable[[Handler], Handler]:
+           max_bytes: int = codec.MAX_REQUEST_BYTES, page_hint: str | None = None) -> Callable[[Handler], Handler]:
         """Register ``fn`` as operation ``name`` on ``subject``, decoding requests as ``req_type``."""
 
         def deco(fn: Handler) -> Handler:
-            new = Op(name, subject, req_type, fn, max_bytes)
+            new = Op(name, subject, req_type, fn, max_bytes, page_hint)
             if name == "health" or any(o.name == name for o in self.ops):
                 raise ValueError(f"duplicate op {name!r} in service {self.name}")
             if any(o.endpoint_name == new.endpoint_name for o in self.ops):
@@ -352,6 +367,7 @@ class Runtime:
         self._stopped = asyncio.Event()
         self._own_nc = own_nc
         self._own_redis = own_redis
+        self._dep_logged: dict[str, float] = {}
 
     # -- events --------------------------------------------------------------------------
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
@@ -408,11 +424,19 @@ class Runtime:
         cancelled = False
         try:
             try:
+                deadline = _deadline_of(headers) if headers else None
+                if deadline is not None and time.time() > deadline:
+                    # The caller has given up: starting now could only change state nobody
+                    # waits for (a mutation done after the caller's timeout).
+                    raise E.make(E.DEADLINE_EXCEEDED, f"the caller's deadline passed before {op.name} started "
+                                 f"(waited {time.time() - deadline:.3f}s too long); nothing was done")
                 req = b.decode(msg.data)
                 ctx = Ctx(self, subject, b.template, headers if headers is not None else {},
-                          b.params_of(subject) if b.dynamic else dict(b.params), trace_id)
+                          b.params_of(subject) if b.dynamic else dict(b.params), trace_id, deadline)
                 result = await op.handler(ctx, req)
                 body = b"{}" if result is None else codec.encode(result)
+                if len(body) > self._max_reply:
+                    failure = self._too_large(op, len(body))
             except E.VNetError as err:
                 failure = err
             except asyncio.CancelledError as exc:
@@ -424,7 +448,7 @@ class Runtime:
                     failure = E.make(E.UNAVAILABLE, f"{self.defn.name} instance {self.instance} stopped "
                                      f"before finishing {op.name}; retry (another replica answers)")
             except Exception as exc:
-                failure = self._internal(op, span, trace_id, exc)
+                failure = self._dependency(op, exc) or self._internal(op, span, trace_id, exc)
             if failure is None:
                 # Success replies carry the trace id only: every header costs on both ends.
                 reply_headers = {}
@@ -457,6 +481,40 @@ class Runtime:
                 ep._last_error = f"{failure.status} {failure.code}"  # type: ignore[assignment]
         if cancelled:
             raise asyncio.CancelledError
+
+    @property
+    def _max_reply(self) -> int:
+        """The largest reply body that fits in one message: the server's max_payload less room
+        for the reply's headers (which count against it too)."""
+        limit = self.nc.max_payload or (1 << 20)
+        return max(limit - _REPLY_HEADER_ROOM, 1024)
+
+    def _too_large(self, op: Op[Any], size: int) -> E.VNetError:
+        how = op.page_hint or "ask for less (a narrower request)"
+        log.warning("%s %s: reply of %d bytes exceeds the bus limit (%d); answered reply_too_large",
+                    self.defn.name, op.name, size, self._max_reply)
+        return E.make(E.REPLY_TOO_LARGE, f"the reply to {op.name} would be {size} bytes, more than the "
+                      f"{self._max_reply} bytes one NATS message may carry here; {how}",
+                      size=size, limit=self._max_reply)
+
+    def _dependency(self, op: Op[Any], exc: BaseException) -> E.VNetError | None:
+        """``unavailable`` naming what is down when ``exc`` is a dependency's failure (Redis, NATS)."""
+        err = None
+        if self.redis is not None:
+            from vnet.adapters import redis as redis_adapter
+
+            err = redis_adapter.dependency_error(exc, self.config.redis_url)
+        if err is None:
+            err = nats_adapter.dependency_error(exc, self.config.nats_url)
+        if err is not None:
+            now = time.monotonic()
+            dep = str(err.details.get("dependency", "?"))
+            # One line per dependency and second: an outage fails every request, and a log
+            # line per request would drown what matters.
+            if now - self._dep_logged.get(dep, -1e9) >= 1.0:
+                self._dep_logged[dep] = now
+                log.warning("%s %s failed: %s", self.defn.name, op.name, err.message)
+        return err
 
     def _internal(self, op: Op[Any], span: Any, trace_id: str | None, exc: BaseException) -> E.VNetError:
         """Log an unexpected exception with its traceback; the caller gets ``internal`` and a reference."""
@@ -590,6 +648,20 @@ class Runtime:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+# Room kept for a reply's headers (trace id, error headers of up to 512 bytes, instance).
+_REPLY_HEADER_ROOM = 2048
+
+
+def _deadline_of(headers: dict[str, str]) -> float | None:
+    raw = headers.get(H.DEADLINE)
+    if not raw:
+        return None
+    try:
+        return int(raw) / 1000.0
+    except ValueError:
+        return None  # a malformed deadline is no deadline, not a failed request
 
 
 def _header_safe(s: str) -> str:
