@@ -1,9 +1,15 @@
 """``VNetConfig``: the module description's fields plus connection settings.
 
-Precedence (later wins): defaults < file (``VNET_CONFIG`` or an explicit path;
-TOML, YAML or JSON) < environment (``VNET_<FIELD>`` upper-case) < explicit keyword
-arguments. Every key of the file and every ``VNET_*`` variable is a field below;
-an unknown one is an error that names it, not silently ignored.
+Precedence (later wins): defaults < the running local stack < file (``VNET_CONFIG``
+or an explicit path; TOML, YAML or JSON) < environment (``VNET_<FIELD>`` upper-case)
+< explicit keyword arguments. Every key of the file and every ``VNET_*`` variable is a
+field below; an unknown one is an error that names it, not silently ignored.
+
+The running local stack (the one ``vnetctl up`` started from the default state
+directory) is found by :func:`with_local_stack`, the one function ``VNetConfig.load()``
+and ``vnetctl`` both use: its connection settings apply unless a NATS server is named
+(file, environment, argument), so ``VNetConfig.load()`` reaches the stack exactly as
+``vnetctl status`` does.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +142,17 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         path: str | os.PathLike[str] | None = None,
         *,
         env: Mapping[str, str] | None = None,
+        discover: bool | None = None,
         **overrides: Any,
     ) -> VNetConfig:
+        """Defaults, the running local stack, the file, ``VNET_*`` variables, ``overrides``.
+
+        ``env`` replaces ``os.environ`` (tests); ``discover`` says whether to look for the
+        running local stack (default: only when reading the real environment, so a test's
+        ``env={}`` config never depends on a stack someone runs on the machine).
+        """
+        if discover is None:
+            discover = env is None
         env = os.environ if env is None else env
         raw: dict[str, Any] = {}
         path = path or env.get("VNET_CONFIG")
@@ -153,7 +168,10 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                              f"known: {', '.join(cls.env_names())}", variable=key)
             raw[name] = value
         raw.update({k: v for k, v in overrides.items()})
-        return cls.from_mapping(raw)
+        config = cls.from_mapping(raw)
+        if discover:
+            config = with_local_stack(config, named=raw.keys(), env=env)
+        return config
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> VNetConfig:
@@ -171,6 +189,47 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 continue
             out[ENV_PREFIX + f.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
         return out
+
+
+_DEFAULTS: dict[str, Any] = {f: getattr(VNetConfig(), f) for f in VNetConfig.__struct_fields__}
+
+
+def local_stack_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Connection settings of the local stack running from the default state directory
+    (``$VNET_STATE_DIR``, else ``$XDG_STATE_HOME/vnet``, else ``~/.local/state/vnet``), read
+    from its state file; ``{}`` when none runs there (or its supervisor is gone).
+
+    The keys are :class:`VNetConfig` fields; the state file decides which
+    (``StackFile.connection_settings``), so credentials it records reach clients too.
+    """
+    from vnet.runtime import stack  # the state file's format and liveness check live there
+
+    try:
+        running = stack.running_stack(stack.default_state_dir(env))
+    except stack.StackError:
+        return {}
+    if running is None:
+        return {}
+    return running.connection_settings()
+
+
+def with_local_stack(config: VNetConfig, *, named: Iterable[str] = (),
+                     env: Mapping[str, str] | None = None) -> VNetConfig:
+    """``config`` pointed at the running local stack unless it names its own NATS server.
+
+    ``named`` are the fields the user set (file, environment, arguments); a NATS URL that
+    differs from the default counts as named too. Then ``config`` is returned as is: a
+    stack's Redis or credentials must not be mixed with another NATS. Otherwise the stack's
+    settings replace every field that was not named.
+    """
+    named = set(named)
+    if "nats_url" in named or config.nats_url != _DEFAULTS["nats_url"]:
+        return config
+    settings = {k: v for k, v in local_stack_settings(env).items()
+                if k not in named and k in _DEFAULTS and getattr(config, k) == _DEFAULTS[k]}
+    if not settings:
+        return config
+    return msgspec.structs.replace(config, **settings)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ import msgspec
 
 from vnet.contracts import subjects
 from vnet.runtime import servers
-from vnet.runtime.config import ENV_PREFIX, VNetConfig
+from vnet.runtime.config import ENV_PREFIX, VNetConfig, with_local_stack
 
 STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
@@ -69,7 +69,6 @@ TICK_S = 0.1
 
 Say = Callable[[str], None]
 
-_CONFIG_DEFAULTS: dict[str, Any] = {f.name: f.default for f in msgspec.structs.fields(VNetConfig)}
 _NODE_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -114,6 +113,11 @@ class StackFile(msgspec.Struct, kw_only=True):
     privileged: bool
     logs_dir: str
     processes: dict[str, ProcEntry] = {}
+
+    def connection_settings(self) -> dict[str, Any]:
+        """What a client needs to reach this stack, as VNetConfig fields (credentials belong
+        here too): ``VNetConfig.load()`` and vnetctl apply it (``config.with_local_stack``)."""
+        return {"nats_url": self.nats_url, "redis_url": self.redis_url}
 
 
 def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -164,18 +168,10 @@ def apply_running_stack(config: VNetConfig, *, explicit_nats: bool = False) -> V
     returned as is. Otherwise, if the stack of the default state directory is up, its
     NATS URL (and its Redis URL, unless named likewise) replace the defaults.
     """
-    if explicit_nats or os.environ.get("VNET_NATS_URL") or config.nats_url != _CONFIG_DEFAULTS["nats_url"]:
-        return config
-    try:
-        stack = running_stack(default_state_dir())
-    except StackError:
-        return config
-    if stack is None:
-        return config
-    changes: dict[str, Any] = {"nats_url": stack.nats_url}
-    if not os.environ.get("VNET_REDIS_URL") and config.redis_url == _CONFIG_DEFAULTS["redis_url"]:
-        changes["redis_url"] = stack.redis_url
-    return msgspec.structs.replace(config, **changes)
+    named = {f for f in VNetConfig.__struct_fields__ if os.environ.get(ENV_PREFIX + f.upper())}
+    if explicit_nats:
+        named.add("nats_url")
+    return with_local_stack(config, named=named)
 
 
 # --- processes --------------------------------------------------------------------------
