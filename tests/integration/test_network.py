@@ -7,6 +7,7 @@ network registry of one test never leaks into another or into db 0 that other su
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 import itertools
 import json
@@ -103,7 +104,7 @@ class Events:
     def names(self) -> list[str]:
         return [s.split(".")[3] for s, _ in self.seen]
 
-    async def wait_for(self, event: str, n: int = 1, timeout: float = 3.0) -> list[dict[str, Any]]:
+    async def wait_for(self, event: str, n: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
         for _ in range(int(timeout / 0.02)):
             got = [p for s, p in self.seen if s.split(".")[3] == event]
             if len(got) >= n:
@@ -252,7 +253,7 @@ async def test_concurrent_overlapping_creates_across_two_replicas(env: Env) -> N
     # A second replica in its own process: same queue group, its own Redis connection.
     proc = _replica_proc(env.cfg)
     try:
-        for _ in range(100):
+        for _ in range(300):
             h = await env.m.services()
             if len([s for s in h if s.name == "network"]) >= 2:
                 break
@@ -666,15 +667,29 @@ async def test_label_filter_and_pagination(env: Env) -> None:
     assert (await m.list_networks({"env": "nowhere"})).networks == []
 
 
+def _stamp(text: str) -> dt.datetime:
+    """A record's timestamp (ISO 8601, UTC, ``Z``) as an aware datetime."""
+    t = dt.datetime.fromisoformat(text)
+    assert t.tzinfo is not None and t.utcoffset() == dt.timedelta(0), text
+    return t
+
+
 async def test_update_labels_and_isolation(env: Env) -> None:
     ev = await events(env)
     m = env.m
-    await m.create_network("u", labels={"a": "1", "b": "2"})
+    made = await m.create_network("u", labels={"a": "1", "b": "2"})
+    created = _stamp(made.created_at)
+    assert _stamp(made.updated_at) == created
+    await asyncio.sleep(0.01)  # the updates are stamped at least a millisecond after the create
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(milliseconds=1)  # stamps are truncated to ms
     n = await m.update_network("u", set_labels={"c": "3"}, remove_labels=["a"])
     assert n.labels == {"b": "2", "c": "3"}
     n = await m.update_network("u", labels={"only": "this"}, isolation="PeerOnly")
+    after = dt.datetime.now(dt.UTC)
     assert n.labels == {"only": "this"} and n.isolation_mode is IsolationMode.PEER_ONLY
-    assert n.updated_at >= n.created_at
+    # Compared as times, not strings: an update moves updated_at and leaves created_at alone.
+    assert _stamp(n.created_at) == created
+    assert created < before <= _stamp(n.updated_at) <= after, (made, n)
     got = await ev.wait_for("updated", 2)
     assert got[-1]["changes"] == ["labels", "isolation"]
 
@@ -702,7 +717,7 @@ async def test_node_worker_reports_host_routes(env_factory: Callable[..., Awaita
     env = await env_factory(default_subnet="10.70.0.0/16")
     node = f"{run_prefix}-n1"
     await env.start("node", params={"node": node}, cfg=msgspec.structs.replace(env.cfg, host_netns=host_netns))
-    for _ in range(100):
+    for _ in range(600):
         nodes = {n.node: n.prefixes for n in (await env.m.host_routes()).nodes}
         if node in nodes:
             break
