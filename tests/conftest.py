@@ -158,6 +158,7 @@ class ControlPlane:
 async def control_plane(config: VNetConfig, start_service: Callable[..., Awaitable[Any]],
                         netns: Callable[[str], str], *, host: str, node: str, resync_s: float,
                         services: tuple[str, ...] = ("ipam", "network", "endpoint", "policy"),
+                        node_params: dict[str, str] | None = None,
                         ) -> AsyncIterator[ControlPlane]:
     """Services (policy included: the worker applies rulesets) on a fresh Redis database and
     one node worker on a fixture host namespace, registered before this yields. Take the
@@ -170,7 +171,7 @@ async def control_plane(config: VNetConfig, start_service: Callable[..., Awaitab
     for name in services:
         await start_service(name, cfg=cfg)
     host_ns = netns(host)
-    node_rt = await start_service("node", params={"node": node, "resync_s": str(resync_s)},
+    node_rt = await start_service("node", params={"node": node, "resync_s": str(resync_s), **(node_params or {})},
                                   cfg=msgspec.structs.replace(cfg, host_netns=host_ns))
     m = VNetManager(cfg)
     await m.__aenter__()
