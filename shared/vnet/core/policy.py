@@ -165,6 +165,9 @@ def validate_rule(rule: AllowRule) -> None:
 # ----------------------------------------------------------------------------- verdict
 
 PartyKind = Literal["endpoint", "external", "host", "unassigned"]
+# "ungoverned": neither side is an endpoint, so no rule of VNet's is on the path; such a flow
+# is reported allowed=True (VNet does not block it) but never as allowed *by* VNet.
+VerdictBy = Literal["mode", "rule", "denied", "ungoverned"]
 
 
 class Party(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -184,7 +187,7 @@ class Verdict(msgspec.Struct, kw_only=True):
     protocol: str
     port: int | None
     path: list[str]  # relations: "same", "connected", "parent", "child", "mesh:<group>", "external"; [] = none
-    by: Literal["mode", "rule", "denied"]
+    by: VerdictBy
     rules: list[str]  # ids of the rules that allow the flow (when the modes do not)
     reasons: list[str]  # the chain, for people
 
@@ -440,12 +443,17 @@ class Policy:
                 dip = alt[0]
                 dp = self._ep_party(e, dip)
 
-        def out(allowed: bool, path: list[str], by: Literal["mode", "rule", "denied"], rules: list[str],
+        def out(allowed: bool, path: list[str], by: VerdictBy, rules: list[str],
                 reasons: list[str]) -> Verdict:
             return Verdict(allowed=allowed, src=sp, dst=dp, protocol=protocol, port=port, path=path, by=by,
                            rules=rules, reasons=reasons)
 
         reasons: list[str] = []
+        if sp.kind == "external" and dp.kind != "endpoint":
+            # Checked first: whatever else is true of the pair, VNet is not in the way.
+            return out(True, [], "ungoverned", [],
+                       ["neither side is an endpoint: VNet does not govern this flow (it neither allows nor "
+                        "blocks it)"])
         if sip.version != dip.version:
             return out(False, [], "denied", [], ["source and destination are of different IP families"])
         if sp.kind in ("unassigned", "host"):

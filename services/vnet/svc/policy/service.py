@@ -4,7 +4,8 @@ Operations (subjects in ``contracts/subjects.py``, types in ``contracts/policy.p
 
 * ``rule.put`` — create or replace an allow rule (an update replaces the whole rule);
   ``rule.get`` / ``rule.list`` / ``rule.delete``;
-* ``explain`` — the verdict for a flow with its reason chain (:meth:`Policy.verdict`);
+* ``explain`` — the verdict for a flow with its reason chain (:meth:`Policy.verdict`); each
+  side is an endpoint id, a container name or an address (:func:`_explain_refs`);
 * ``ruleset.get`` — node ``node``'s ruleset, rendered to one nft script, with a
   version hash (the node worker applies it when the version changed).
 
@@ -19,6 +20,7 @@ node workers refetch their ruleset on it and on network / endpoint events.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 from typing import Any
 
@@ -26,7 +28,7 @@ import msgspec
 
 from vnet.adapters.redis import key
 from vnet.contracts import subjects
-from vnet.contracts.endpoint import EndpointList, EndpointPage
+from vnet.contracts.endpoint import EndpointInfo, EndpointList, EndpointPage
 from vnet.contracts.network import NetworkList, NetworkPage
 from vnet.contracts.policy import (
     ExplainRequest,
@@ -125,6 +127,11 @@ async def rule_delete(ctx: Ctx, req: RuleDelete) -> RuleDeleted:
 
 async def _policy(ctx: Ctx, node: str | None = None) -> Policy:
     """Networks and endpoints from their services, rules from Redis."""
+    return (await _load(ctx))[0]
+
+
+async def _load(ctx: Ctx) -> tuple[Policy, list[EndpointInfo]]:
+    """The policy, and the endpoint records it was built from (explain resolves names with them)."""
     nets = []
     cursor: str | None = None
     while True:
@@ -141,13 +148,52 @@ async def _policy(ctx: Ctx, node: str | None = None) -> Policy:
         cursor = ep_page.next_cursor
         if cursor is None:
             break
-    return Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], await _rules(ctx))
+    pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], await _rules(ctx))
+    return pol, eps
+
+
+def _explain_refs(ref: str, pol: Policy, eps: list[EndpointInfo], side: str) -> list[str]:
+    """What ``ref`` stands for: an endpoint id or an address as it is, else a container name:
+    the ids of its endpoints (several when it is attached to several networks)."""
+    if ref in pol.endpoints:
+        return [ref]
+    try:
+        ipaddress.ip_address(ref)
+        return [ref]
+    except ValueError:
+        pass
+    ids = sorted(e.id for e in eps if e.container_id == ref)
+    if not ids:
+        raise E.make(E.ENDPOINT_NOT_FOUND, f"{side} {ref!r} is neither an endpoint id, a container with an endpoint "
+                     "nor an IP address; `vnetctl endpoint ls` lists endpoints and their containers", ref=ref)
+    return ids
+
+
+def _pair_rank(v: Verdict) -> int:
+    """Which endpoint pair a flow between two multi-homed containers takes: a shared network
+    (the kernel's directly connected route) first, then any related pair, then the rest."""
+    if v.src.network is not None and v.src.network == v.dst.network:
+        return 0
+    return 1 if v.path else 2
 
 
 @SERVICE.op("explain", subjects.POLICY_EXPLAIN, ExplainRequest)
 async def explain(ctx: Ctx, req: ExplainRequest) -> Verdict:
-    pol = await _policy(ctx)
-    return pol.verdict(req.src, req.dst, req.protocol, req.port)
+    pol, eps = await _load(ctx)
+    srcs = _explain_refs(req.src, pol, eps, "source")
+    dsts = _explain_refs(req.dst, pol, eps, "destination")
+    pairs = [(a, b) for a in srcs for b in dsts if a != b] or [(srcs[0], dsts[0])]
+    verdicts = [pol.verdict(a, b, req.protocol, req.port) for a, b in pairs]
+    best = min(verdicts, key=_pair_rank)  # min is stable: the first (by endpoint id) of the best rank
+    notes: list[str] = []
+    for ref, refs, party in ((req.src, srcs, best.src), (req.dst, dsts, best.dst)):
+        if refs != [ref]:  # a container name: say which endpoint stood for it
+            where = f" of {len(refs)}" if len(refs) > 1 else ""
+            notes.append(f"container {ref}: endpoint {party.endpoint}{where} (network {party.network}, "
+                         f"{party.address})")
+    if notes:
+        best = msgspec.structs.replace(best, reasons=notes + best.reasons)
+    return best
 
 
 @SERVICE.op("ruleset.get", subjects.POLICY_RULESET, RulesetRequest)
