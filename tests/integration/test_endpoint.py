@@ -418,7 +418,7 @@ async def test_cli(env: Env) -> None:
     cs = [env.netns(f"k{i}") for i in range(3)]
     rc, out, err = await _vnetctl(cfg, "endpoint", "create", cs[0], "--network", "web", "--json")
     assert rc == 0, err
-    ep = msgspec.json.decode(out, type=EndpointInfo)
+    ep = msgspec.json.decode(out, type=dict[str, list[EndpointInfo]])["items"][0]  # vnetctl: {"items", "errors"}
     assert ep.status == "ready" and ep.container_id == cs[0]  # the CLI waits by default
     rc, out, err = await _vnetctl(cfg, "endpoint", "attach", cs[1], cs[2], "--network", net.id)
     assert rc == 0, err

@@ -751,7 +751,7 @@ async def test_cli(env: Env) -> None:
     assert (await _vnetctl(cfg, "network", "connect", "cli-web", "cli-db"))[0] == 0
     assert (await _vnetctl(cfg, "network", "mesh", "create", "cli-mesh", "cli-db", "cli-kid"))[0] == 0
     rc, out, _ = await _vnetctl(cfg, "network", "ls", "--json", "-l", "env=prod")
-    assert rc == 0 and [n["name"] for n in json.loads(out)["networks"]] == ["cli-web"]
+    assert rc == 0 and [n["name"] for n in json.loads(out)["items"]] == ["cli-web"]
     rc, out, _ = await _vnetctl(cfg, "network", "ls")
     assert rc == 0 and "cli-db" in out and "cli-kid" in out
     rc, out, _ = await _vnetctl(cfg, "network", "topology")

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
-from vnet.cli.main import cli, console, err_console, print_json
+from vnet.cli import output
+from vnet.cli.main import cli, console, escape
+from vnet.core import errors as E
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NETNS_DIR = Path("/run/netns")
@@ -38,8 +38,8 @@ def marker_dir() -> Path:
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.path.exists(p)), None)
     if binary is None:
-        err_console.print("[red]error[/red]: the `ip` command (iproute2) is needed; install iproute2")
-        sys.exit(2)
+        output.fail(E.UNPROCESSABLE.code, "the `ip` command (iproute2) is needed; install iproute2",
+                    exit_code=output.EXIT_USAGE)
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=10, check=False)
 
 
@@ -51,8 +51,8 @@ def _check_name(name: str) -> None:
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        err_console.print("[red]error[/red]: creating and deleting network namespaces needs root (sudo vnetctl ...)")
-        sys.exit(2)
+        output.fail(E.UNPROCESSABLE.code, "creating and deleting network namespaces needs root (sudo vnetctl ...)",
+                    exit_code=output.EXIT_USAGE)
 
 
 def _pids(name: str) -> list[str]:
@@ -62,6 +62,19 @@ def _pids(name: str) -> list[str]:
 @cli.group()
 def container() -> None:
     """Bare network namespaces standing for containers (demos and tests)."""
+
+
+class _Errors:
+    """Per-name failures of a multi-name verb: error lines now, or the ``errors`` of the JSON."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, name: str, code: E.ErrorCode, message: str) -> None:
+        self.items.append({"ref": name, **output.error_doc(code.code, message)})
+        if not self.as_json:
+            output.print_error(code.code, message)
 
 
 @container.command("create")
@@ -75,78 +88,79 @@ def create_cmd(names: tuple[str, ...], as_json: bool) -> None:
     marks = marker_dir()
     marks.mkdir(parents=True, exist_ok=True)
     made: list[dict[str, Any]] = []
-    failed = False
+    errors = _Errors(as_json)
     for n in names:
         if (NETNS_DIR / n).exists():
             ours = (marks / n).exists()
-            err_console.print(f"[red]error[/red]: network namespace {escape(n)} already exists"
-                              + (" (made by vnetctl)" if ours else " (not made by vnetctl)"))
-            failed = True
+            errors.add(n, E.NAME_TAKEN, f"network namespace {n} already exists"
+                       + (" (made by vnetctl)" if ours else " (not made by vnetctl)"))
             continue
         res = _ip("netns", "add", n)
         if res.returncode != 0:
-            err_console.print(f"[red]error[/red]: cannot create network namespace {escape(n)}: "
-                              f"{escape(res.stderr.strip())}")
-            failed = True
+            errors.add(n, E.INTERNAL, f"cannot create network namespace {n}: {res.stderr.strip()}")
             continue
         info = {"name": n, "netns": str(NETNS_DIR / n), "created_at": dt.datetime.now(dt.UTC).isoformat()}
         (marks / n).write_text(json.dumps(info))
         up = _ip("-n", n, "link", "set", "lo", "up")
         if up.returncode != 0:
-            err_console.print(f"[yellow]warning[/yellow]: loopback of {escape(n)} not up: {escape(up.stderr.strip())}")
+            output.warn(f"loopback of {n} not up: {up.stderr.strip()}")
         made.append(info)
         if not as_json:
             console.print(f"created container {escape(n)} (network namespace {NETNS_DIR / n}); attach it with "
-                          f"`vnetctl endpoint create {escape(n)} --network NET`")
+                          f"`vnetctl endpoint create {escape(n)} --network NET`", highlight=False)
     if as_json:
-        print_json(made)
-    if failed:
-        sys.exit(1)
+        output.emit({"items": made, "errors": errors.items})
+    if errors.items:
+        sys.exit(output.EXIT_ERROR)
 
 
 @container.command("rm")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Also delete namespaces vnetctl did not make, and ones with processes.")
-def rm_cmd(names: tuple[str, ...], force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def rm_cmd(names: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Delete network namespace(s) NAME made by `vnetctl container create`."""
     for n in names:
         _check_name(n)
     _need_root()
     marks = marker_dir()
-    failed = False
+    errors = _Errors(as_json)
+    done: list[dict[str, Any]] = []
     for n in names:
         mark = marks / n
         exists = (NETNS_DIR / n).exists()
         if not exists:
             if mark.exists():
                 mark.unlink()
-                console.print(f"container {escape(n)} was already gone; forgot it")
+                done.append({"name": n, "deleted": False, "forgotten": True})
+                if not as_json:
+                    console.print(f"container {escape(n)} was already gone; forgot it", highlight=False)
             else:
-                err_console.print(f"[red]error[/red]: no network namespace {escape(n)}")
-                failed = True
+                errors.add(n, E.NOT_FOUND, f"no network namespace {n}")
             continue
         if not mark.exists() and not force:
-            err_console.print(f"[red]error[/red]: {escape(n)} was not made by `vnetctl container create` (no marker in "
-                              f"{marks}); pass --force to delete it anyway")
-            failed = True
+            errors.add(n, E.CONFLICT, f"{n} was not made by `vnetctl container create` (no marker in {marks}); pass "
+                       "--force to delete it anyway")
             continue
         pids = _pids(n)
         if pids and not force:
-            err_console.print(f"[red]error[/red]: {len(pids)} process(es) run in {escape(n)} ({' '.join(pids[:5])}); "
-                              "stop them, or pass --force (they keep the namespace alive after its name is gone)")
-            failed = True
+            errors.add(n, E.CONFLICT, f"{len(pids)} process(es) run in {n} ({' '.join(pids[:5])}); stop them, or "
+                       "pass --force (they keep the namespace alive after its name is gone)")
             continue
         res = _ip("netns", "del", n)
         if res.returncode != 0:
-            err_console.print(f"[red]error[/red]: cannot delete {escape(n)}: {escape(res.stderr.strip())}")
-            failed = True
+            errors.add(n, E.INTERNAL, f"cannot delete {n}: {res.stderr.strip()}")
             continue
         if mark.exists():
             mark.unlink()
-        console.print(f"deleted container {escape(n)} (endpoints still attached to it turn failed until detached: "
-                      f"`vnetctl endpoint ls -c {escape(n)}`)")
-    if failed:
-        sys.exit(1)
+        done.append({"name": n, "deleted": True, "forgotten": False})
+        if not as_json:
+            console.print(f"deleted container {escape(n)} (endpoints still attached to it turn failed until "
+                          f"detached: `vnetctl endpoint ls -c {escape(n)}`)", highlight=False)
+    if as_json:
+        output.emit({"items": done, "errors": errors.items})
+    if errors.items:
+        sys.exit(output.EXIT_ERROR)
 
 
 @container.command("ls")
@@ -166,12 +180,9 @@ def ls_cmd(as_json: bool) -> None:
                      "created_at": info.get("created_at", ""),
                      "processes": len(_pids(name)) if exists and os.geteuid() == 0 else 0})
     if as_json:
-        print_json(rows)
+        output.emit_items(rows)
         return
-    table = Table(title=f"containers ({marks})")
-    for col in ("name", "namespace", "exists", "processes", "created"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(escape(r["name"]), r["netns"], "yes" if r["exists"] else "[red]no[/red]", str(r["processes"]),
-                      str(r["created_at"]))
-    console.print(table)
+    output.table(("name", "namespace", "exists", "processes", "created"),
+                 [[r["name"], r["netns"], "yes" if r["exists"] else output.styled("no", "red"), str(r["processes"]),
+                   str(r["created_at"])] for r in rows],
+                 empty="no containers (`vnetctl container create NAME` makes one)", title=f"containers ({marks})")

@@ -7,21 +7,26 @@ import sys
 
 import click
 
-from vnet.cli.main import cli, err_console, load_config
+from vnet.cli import output
+from vnet.cli.main import cli, load_config
 from vnet.core.errors import VNetError
 
 
 @cli.command()
 @click.option("--keep", is_flag=True, help="Leave the networks, endpoints and namespaces for a look around.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"ok": bool, "exit_code": n, "lines": [...]} (the narration) at the end.')
 @click.pass_context
-def demo(ctx: click.Context, keep: bool) -> None:
+def demo(ctx: click.Context, keep: bool, as_json: bool) -> None:
     """Two networks, three containers, who reaches whom and why explain says so."""
     from vnet.runtime.demo import run_demo
 
     cfg = load_config(ctx)
+    lines: list[str] = []
     try:
-        code = asyncio.run(run_demo(cfg, say=click.echo, keep=keep))
+        code = asyncio.run(run_demo(cfg, say=lines.append if as_json else click.echo, keep=keep))
     except VNetError as err:
-        err_console.print(f"[red]error[/red]: {err.message} [dim]({err.code})[/dim]")
-        sys.exit(1)
+        output.fail_with(err)
+    if as_json:
+        output.emit({"ok": code == 0, "exit_code": code, "lines": lines})
     sys.exit(code)

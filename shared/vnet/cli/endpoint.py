@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.text import Text
 
-from vnet.cli.main import cli, console, err_console, load_config, print_json, run_async
+from vnet.cli import output
+from vnet.cli.main import cli, console, each, err_console, escape, load_config, report_batch, run_async
 from vnet.client import VNetManager
 from vnet.contracts.endpoint import DEFAULT_WAIT_S, EndpointDeleted, EndpointInfo, NodeInfo, PortMapping
 from vnet.core.errors import VNetError
@@ -52,14 +52,21 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 
 def _status(e: EndpointInfo) -> str:
     color = STATUS_COLOR.get(e.status, "white")
-    return f"[{color}]{e.status}[/{color}]"
+    return f"[{color}]{escape(e.status)}[/{color}]"
+
+
+def _status_cell(e: EndpointInfo) -> Text:
+    t = Text(e.status, style=STATUS_COLOR.get(e.status, "white"))
+    if e.reason:
+        t.append(f": {e.reason}")
+    return t
 
 
 def _line(e: EndpointInfo, net_name: str | None = None) -> str:
     addrs = " ".join(a for a in (e.ip_address, e.ipv6_address) if a) or "no address (host driver)"
     where = f"{e.interface_name} " if e.interface_name else ""
-    text = (f"{escape(e.container_id)} → {escape(net_name or e.network_id)}: {where}{addrs} "
-            f"{e.mac_address} on {escape(e.node)} [dim]({e.id})[/dim] {_status(e)}")
+    text = (f"{escape(e.container_id)} → {escape(net_name or e.network_id)}: {escape(where + addrs)} "
+            f"{escape(e.mac_address)} on {escape(e.node)} [dim]({escape(e.id)})[/dim] {_status(e)}")
     if e.ports:
         text += " publishes " + ", ".join(f"{p.host_port}->{p.container_port}/{p.protocol}" for p in e.ports)
     if e.reason:
@@ -147,7 +154,7 @@ def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: s
                                            labels=lbls, ports=ports, wait=wait, wait_timeout=timeout)
 
         if len(names) == 1:
-            results: list[Any] = [await one(names[0])]
+            results: list[Any] = list(await each(names, one))  # a failure is reported, not raised
         else:
             results = await _many(names, one, parallel, f"attaching to {network}", show=not as_json)
         nets = {n.id: n.name for n in await m.all_networks()} if not as_json else {}
@@ -158,9 +165,8 @@ def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: s
     elapsed = time.perf_counter() - t0
     eps = [r for r in results if isinstance(r, EndpointInfo)]
     errors = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, VNetError)]
-    if as_json:
-        print_json(eps[0] if len(names) == 1 and eps else eps)
-    else:
+    report_batch(names, results, EndpointInfo, as_json=as_json)
+    if not as_json:
         if len(names) <= 20:
             for e in eps:
                 console.print(_line(e, nets.get(e.network_id)))
@@ -171,10 +177,8 @@ def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: s
             for e in eps:
                 if e.status == "failed" and len(names) > 20:
                     console.print(_line(e, nets.get(e.network_id)))
-        for name, err in errors:
-            err_console.print(f"[red]error[/red]: {escape(name)}: {escape(err.message)} [dim]({err.code})[/dim]")
     if errors or any(e.status == "failed" for e in eps):
-        sys.exit(1)
+        sys.exit(output.EXIT_ERROR)
 
 
 @endpoint.command("create")
@@ -191,17 +195,13 @@ def attach_cmd(ctx: click.Context, **kw: Any) -> None:
     _create(ctx, **kw)
 
 
-def _table(eps: list[EndpointInfo], nets: dict[str, str]) -> Table:
-    table = Table()
-    for col in ("id", "container", "network", "node", "interface", "ipv4", "ipv6", "mac", "status"):
-        table.add_column(col, no_wrap=col != "status")
-    table.add_column("labels", overflow="fold")
-    for e in eps:
-        status = _status(e) + (f": {escape(e.reason)}" if e.reason else "")
-        table.add_row(e.id, escape(e.container_id), escape(nets.get(e.network_id, e.network_id)), escape(e.node),
-                      e.interface_name or "-", e.ip_address or "-", e.ipv6_address or "-", e.mac_address or "-",
-                      status, escape(",".join(f"{k}={v}" for k, v in sorted(e.labels.items()))))
-    return table
+ENDPOINT_COLUMNS = ("id", "container", "network", "node", "interface", "ipv4", "ipv6", "mac", "status", "labels")
+
+
+def _rows(eps: list[EndpointInfo], nets: dict[str, str]) -> list[list[output.Cell]]:
+    return [[e.id, e.container_id, nets.get(e.network_id, e.network_id), e.node, e.interface_name or "-",
+             e.ip_address or "-", e.ipv6_address or "-", e.mac_address or "-", _status_cell(e),
+             ",".join(f"{k}={v}" for k, v in sorted(e.labels.items()))] for e in eps]
 
 
 @endpoint.command("ls")
@@ -225,9 +225,11 @@ def ls_cmd(ctx: click.Context, network: str | None, node: str | None, container:
 
     eps, nets = run_async(go, cfg)
     if as_json:
-        print_json(eps)
+        output.emit_items(eps)
         return
-    console.print(_table(eps, nets))
+    filtered = any(x for x in (network, node, container, lbls, status))
+    output.table(ENDPOINT_COLUMNS, _rows(eps, nets), empty="no endpoints" + (" match" if filtered else ""),
+                 fold=("status", "labels"))
 
 
 @endpoint.command("inspect")
@@ -239,11 +241,8 @@ def inspect_cmd(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
     cfg = load_config(ctx)
     e = run_async(lambda m: m.get_endpoint(endpoint_id), cfg)
     if as_json:
-        print_json(e)
+        output.emit(e)
         return
-    table = Table(show_header=False, title=f"endpoint {e.id}")
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [
         ("id", e.id), ("container", e.container_id), ("network", e.network_id), ("driver", e.driver.value),
         ("node", e.node), ("netns", e.netns), ("interface", e.interface_name or "-"),
@@ -254,9 +253,7 @@ def inspect_cmd(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
         ("status at", e.status_at or "-"), ("labels", ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"),
         ("created", e.created_at),
     ]
-    for k, v in rows:
-        table.add_row(k, escape(v))
-    console.print(table)
+    output.fields(rows, title=f"endpoint {e.id}")
 
 
 @endpoint.command("rm")
@@ -278,31 +275,30 @@ def rm_cmd(ctx: click.Context, endpoint_ids: tuple[str, ...], force: bool, wait:
             return await m.delete_endpoint(i, force=force, wait=wait, wait_timeout=timeout)
 
         if len(ids) == 1:
-            return [await one(ids[0])]
+            return list(await each(ids, one))
         return await _many(ids, one, parallel, "detaching", show=not as_json)
 
     results = run_async(go, cfg)
     done = [r for r in results if isinstance(r, EndpointDeleted)]
-    errors = [(i, r) for i, r in zip(ids, results, strict=True) if isinstance(r, VNetError)]
-    if as_json:
-        print_json(done)
-    else:
+    errors = report_batch(ids, results, EndpointDeleted, as_json=as_json)
+    if not as_json:
         for d in done[:20]:
             e = d.endpoint
-            console.print(f"detached {escape(e.container_id)} from {escape(e.network_id)} [dim]({e.id})[/dim]"
-                          + (f", released {', '.join(d.released)}" if d.released else ""))
+            console.print(f"detached {escape(e.container_id)} from {escape(e.network_id)} [dim]({escape(e.id)})[/dim]"
+                          + (f", released {escape(', '.join(d.released))}" if d.released else ""))
             for w in d.warnings:
-                err_console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+                output.warn(w)
         if len(ids) > 20:
             console.print(f"{len(done)} detached, {len(errors)} failed")
-        for i, err in errors:
-            err_console.print(f"[red]error[/red]: {escape(i)}: {escape(err.message)} [dim]({err.code})[/dim]")
     if errors:
-        sys.exit(1)
+        sys.exit(output.EXIT_ERROR)
 
 
-def _drivers(n: NodeInfo) -> str:
-    return " ".join(f"[green]{d}[/green]" if s.available else f"[red]{d}✗[/red]" for d, s in sorted(n.drivers.items()))
+def _drivers(n: NodeInfo) -> Text:
+    t = Text()
+    for i, (d, s) in enumerate(sorted(n.drivers.items())):
+        t.append((" " if i else "") + (d if s.available else f"{d}✗"), style="green" if s.available else "red")
+    return t
 
 
 @endpoint.command("nodes")
@@ -315,22 +311,20 @@ def nodes_cmd(ctx: click.Context, include_gone: bool, verbose: bool, as_json: bo
     cfg = load_config(ctx)
     nodes = run_async(lambda m: m.nodes(include_gone=include_gone), cfg)
     if as_json:
-        print_json(nodes)
+        output.emit_items(nodes)
         return
-    table = Table(title="nodes")
-    for col in ("node", "alive", "data plane", "host netns", "underlay", "endpoints", "drivers", "last seen"):
-        table.add_column(col, no_wrap=col != "drivers")
     now = time.time()
-    for n in nodes:
-        table.add_row(escape(n.node), "[green]yes[/green]" if n.alive else "[red]no[/red]",
-                      "on" if n.dataplane else "[yellow]off[/yellow]", escape(n.host_netns or "(its own)"),
-                      n.underlay or "-", str(n.endpoints), _drivers(n), f"{now - n.last_seen:.0f}s ago")
-    console.print(table)
+    output.table(("node", "alive", "data plane", "host netns", "underlay", "endpoints", "drivers", "last seen"),
+                 [[n.node, output.styled("yes", "green") if n.alive else output.styled("no", "red"),
+                   "on" if n.dataplane else output.styled("off", "yellow"), n.host_netns or "(its own)",
+                   n.underlay or "-", str(n.endpoints), _drivers(n), f"{now - n.last_seen:.0f}s ago"] for n in nodes],
+                 empty="no node workers registered" if not include_gone else "no node workers ever registered",
+                 title="nodes", fold=("drivers",))
     if verbose:
         for n in nodes:
             for d, s in sorted(n.drivers.items()):
                 if not s.available:
-                    console.print(f"{escape(n.node)} {d}: {escape(s.reason)}")
+                    console.print(f"{escape(n.node)} {escape(d)}: {escape(s.reason)}")
             if n.isolation is not None:
                 console.print(f"{escape(n.node)} isolation: " + ("stateful (nftables + br_netfilter)"
                               if n.isolation.available else escape(n.isolation.reason)))

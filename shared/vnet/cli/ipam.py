@@ -16,9 +16,10 @@ import sys
 import time
 
 import click
-from rich.table import Table
+from rich.text import Text
 
-from vnet.cli.main import cli, console, load_config, print_json, run_async
+from vnet.cli import output
+from vnet.cli.main import cli, console, escape, load_config, print_json, run_async
 from vnet.contracts.ipam import CheckReply, GcReply, PoolInfo
 
 
@@ -31,19 +32,19 @@ def _pct(used: int, capacity: int) -> str:
     return f"{100.0 * used / capacity:.1f}%" if capacity else "-"
 
 
-def _pools_table(pools: list[PoolInfo], title: str) -> Table:
-    table = Table(title=title)
-    for col in ("network", "family", "cidr", "gateway", "capacity", "used", "free", "use", "cursor"):
-        table.add_column(col, justify="right" if col in ("capacity", "used", "free", "use") else "left")
+POOL_COLUMNS = ("network", "family", "cidr", "gateway", "capacity", "used", "free", "use", "cursor")
+
+
+def _pools_table(pools: list[PoolInfo], title: str, empty: str = "no IPAM pools") -> None:
+    rows: list[list[output.Cell]] = []
     for p in pools:
-        cidr = p.cidr
+        cidr = Text(p.cidr)
         if p.window and p.capacity and p.window < _size(p.cidr):
-            cidr += f" [dim](first {p.window:,})[/dim]"
+            cidr.append(f" (first {p.window:,})", style="dim")
         color = "red" if p.free == 0 else ("yellow" if p.capacity and p.free / p.capacity < 0.1 else "")
-        free = f"[{color}]{p.free:,}[/{color}]" if color else f"{p.free:,}"
-        table.add_row(p.network_id, f"IPv{p.family}", cidr, p.gateway or "-", f"{p.capacity:,}", f"{p.used:,}", free,
-                      _pct(p.used, p.capacity), p.cursor or "-")
-    return table
+        rows.append([p.network_id, f"IPv{p.family}", cidr, p.gateway or "-", f"{p.capacity:,}", f"{p.used:,}",
+                     Text(f"{p.free:,}", style=color), _pct(p.used, p.capacity), p.cursor or "-"])
+    output.table(POOL_COLUMNS, rows, empty=empty, title=title, right=("capacity", "used", "free", "use"))
 
 
 def _size(cidr: str) -> int:
@@ -63,12 +64,10 @@ def pools_cmd(ctx: click.Context, network: str | None, family: str | None, as_js
     fam = int(family) if family else None
     rows = run_async(lambda m: m.pools(network, fam), cfg)
     if as_json:
-        print_json(rows)
+        output.emit_items(rows)
         return
-    if not rows:
-        console.print(f"no IPAM pool{' for network ' + network if network else ''}")
-        return
-    console.print(_pools_table(rows, f"IPAM pools{' of ' + network if network else ''}"))
+    _pools_table(rows, f"IPAM pools{' of ' + network if network else ''}",
+                 empty=f"no IPAM pools{' for network ' + network if network else ''}")
 
 
 @ipam.command("pool-create")
@@ -87,7 +86,7 @@ def pool_create_cmd(ctx: click.Context, network: str, cidr: str, gateway: str | 
     if as_json:
         print_json(p)
         return
-    console.print(_pools_table([p], f"pool of {network}"))
+    _pools_table([p], f"pool of {network}")
 
 
 @ipam.command("pool-delete")
@@ -104,9 +103,9 @@ def pool_delete_cmd(ctx: click.Context, network: str, family: str | None, force:
         print_json(rep)
         return
     if not rep.pools:
-        console.print(f"network {network} had no pool")
+        console.print(f"network {escape(network)} had no pool")
     for p in rep.pools:
-        console.print(f"deleted the IPv{p.family} pool {p.cidr} of {network}"
+        console.print(f"deleted the IPv{p.family} pool {p.cidr} of {escape(network)}"
                       + (f" ([yellow]{p.used} allocations dropped[/yellow])" if p.used else ""))
 
 
@@ -124,8 +123,8 @@ def pool_exclude_cmd(ctx: click.Context, network: str, cidrs: tuple[str, ...], r
     if as_json:
         print_json(p)
         return
-    console.print(_pools_table([p], f"pool of {network}"))
-    console.print(f"excluded: {', '.join(p.excluded) or '-'}")
+    _pools_table([p], f"pool of {network}")
+    console.print(f"excluded: {escape(', '.join(p.excluded)) or '-'}")
 
 
 @ipam.command("request")
@@ -145,7 +144,7 @@ def request_cmd(ctx: click.Context, network: str, owner: str, address: str | Non
     if as_json:
         print_json(rep)
         return
-    console.print(f"{rep.address}/{rep.prefix_len} → {rep.owner} (gateway {rep.gateway or '-'}, "
+    console.print(f"{rep.address}/{rep.prefix_len} → {escape(rep.owner)} (gateway {rep.gateway or '-'}, "
                   f"allocated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rep.allocated_at))})")
 
 
@@ -161,7 +160,8 @@ def release_cmd(ctx: click.Context, network: str, owner: str, as_json: bool) -> 
     if as_json:
         print_json({"released": released})
         return
-    console.print(f"released {', '.join(released)}" if released else f"{owner} held nothing in {network}")
+    console.print(f"released {', '.join(released)}" if released
+                  else f"{escape(owner)} held nothing in {escape(network)}")
 
 
 @ipam.command("gc")
@@ -181,18 +181,15 @@ def gc_cmd(ctx: click.Context, grace_s: float | None, network: str | None, as_js
                   f"allocations, deleted {len(rep.pools_deleted)} orphan pools, repaired {rep.index_repaired} "
                   "index entries")
     if rep.released:
-        table = Table(title="released")
-        for col in ("network", "address", "owner", "allocated"):
-            table.add_column(col)
-        for a in rep.released:
-            table.add_row(a.network_id, a.address, a.owner, time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                          time.localtime(a.allocated_at)))
-        console.print(table)
+        output.table(("network", "address", "owner", "allocated"),
+                     [[a.network_id, a.address, a.owner, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                       time.localtime(a.allocated_at))]
+                      for a in rep.released], empty="", title="released")
     for p in rep.pools_deleted:
-        console.print(f"deleted the IPv{p.family} pool {p.cidr} of {p.network_id} (network gone; {p.released} "
-                      "allocations dropped)")
+        console.print(f"deleted the IPv{p.family} pool {p.cidr} of {escape(p.network_id)} (network gone; "
+                      f"{p.released} allocations dropped)")
     for s in rep.skipped:
-        console.print(f"[yellow]skipped[/yellow] {s}")
+        console.print(f"[yellow]skipped[/yellow] {escape(s)}")
 
 
 @ipam.command("check")
@@ -216,27 +213,18 @@ def _print_check(rep: CheckReply) -> None:
     verdict = "[green]clean[/green]" if rep.clean else "[red]problems found[/red]"
     console.print(f"checked {rep.pools_checked} pools, {rep.allocations} allocations: {verdict}")
     if rep.leaks:
-        table = Table(title="leaks (owner not in the endpoint index)")
-        for col in ("network", "family", "address", "owner", "age", "next GC"):
-            table.add_column(col, justify="right" if col == "age" else "left")
-        for lk in rep.leaks:
-            table.add_row(lk.network_id, f"IPv{lk.family}", lk.address, lk.owner, f"{lk.age_s:.0f}s",
-                          "releases it" if lk.collectable else "waits (grace)")
-        console.print(table)
+        output.table(("network", "family", "address", "owner", "age", "next GC"),
+                     [[lk.network_id, f"IPv{lk.family}", lk.address, lk.owner, f"{lk.age_s:.0f}s",
+                       "releases it" if lk.collectable else "waits (grace)"] for lk in rep.leaks],
+                     empty="", title="leaks (owner not in the endpoint index)", right=("age",))
     if rep.inconsistencies:
-        table = Table(title="inconsistencies")
-        for col in ("network", "family", "kind", "detail"):
-            table.add_column(col)
-        for i in rep.inconsistencies:
-            table.add_row(i.network_id, f"IPv{i.family}", i.kind, i.message)
-        console.print(table)
+        output.table(("network", "family", "kind", "detail"),
+                     [[i.network_id, f"IPv{i.family}", i.kind, i.message] for i in rep.inconsistencies],
+                     empty="", title="inconsistencies", fold=("detail",))
     if rep.orphan_pools:
-        table = Table(title="orphan pools (network not in the network index)")
-        for col in ("network", "family", "cidr", "used", "age", "next GC"):
-            table.add_column(col)
-        for o in rep.orphan_pools:
-            table.add_row(o.network_id, f"IPv{o.family}", o.cidr, str(o.used), f"{o.age_s:.0f}s",
-                          "deletes it" if o.collectable else "waits (grace)")
-        console.print(table)
+        output.table(("network", "family", "cidr", "used", "age", "next GC"),
+                     [[o.network_id, f"IPv{o.family}", o.cidr, str(o.used), f"{o.age_s:.0f}s",
+                       "deletes it" if o.collectable else "waits (grace)"] for o in rep.orphan_pools],
+                     empty="", title="orphan pools (network not in the network index)")
     for n in rep.notes:
-        console.print(f"[dim]note: {n}[/dim]")
+        console.print(f"[dim]note: {escape(n)}[/dim]")

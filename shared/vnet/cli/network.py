@@ -3,16 +3,16 @@ mesh ..., topology, hostroutes. Every verb takes ``--json`` for machine-readable
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
-from rich.markup import escape
-from rich.table import Table
 from rich.tree import Tree
 
-from vnet.cli.main import cli, console, load_config, print_json, run_async
+from vnet.cli import output
+from vnet.cli.main import cli, console, each, escape, load_config, print_json, report_batch, run_async
 from vnet.client import VNetManager
-from vnet.contracts.network import MeshGroup
+from vnet.contracts.network import MeshGroup, NetworkDeleted
 from vnet.core import topology
 from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
 
@@ -38,13 +38,8 @@ def _names(ids: list[str], by_id: dict[str, VirtualNetwork]) -> str:
     return ", ".join(by_id[i].name if i in by_id else i for i in ids)
 
 
-def _network_table(nets: list[VirtualNetwork], title: str | None = None) -> Table:
-    table = Table(title=title)
-    for col in ("name", "id", "cidr", "gateway", "driver", "isolation"):
-        table.add_column(col, no_wrap=True)
-    for col in ("parent", "relations", "labels"):
-        table.add_column(col, overflow="fold")
-    by_id = {n.id: n for n in nets}
+def _network_rows(nets: list[VirtualNetwork], by_id: dict[str, VirtualNetwork]) -> list[list[output.Cell]]:
+    rows: list[list[output.Cell]] = []
     for n in nets:
         cidr = n.cidr + (f"\n{n.cidr_v6}" if n.cidr_v6 else "")
         gw = n.gateway + (f"\n{n.gateway_v6}" if n.gateway_v6 else "")
@@ -56,15 +51,15 @@ def _network_table(nets: list[VirtualNetwork], title: str | None = None) -> Tabl
         if n.mesh_groups:
             rel.append(f"mesh {', '.join(n.mesh_groups)}")
         parent = by_id[n.parent].name if n.parent in by_id else (n.parent or "")
-        table.add_row(escape(n.name), n.id, cidr, gw, n.driver_type.value, n.isolation_mode.value, escape(parent),
-                      escape("; ".join(rel)), escape(_kv(n.labels)))
-    return table
+        rows.append([n.name, n.id, cidr, gw, n.driver_type.value, n.isolation_mode.value, parent, "; ".join(rel),
+                     _kv(n.labels)])
+    return rows
+
+
+NETWORK_COLUMNS = ("name", "id", "cidr", "gateway", "driver", "isolation", "parent", "relations", "labels")
 
 
 def _show_network(n: VirtualNetwork) -> None:
-    table = Table(show_header=False, title=f"network {escape(n.name)}")
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
     rows: list[tuple[str, Any]] = [
         ("id", n.id), ("name", n.name), ("cidr", n.cidr), ("gateway", n.gateway),
         ("cidr_v6", n.cidr_v6 or "-"), ("gateway_v6", n.gateway_v6 or "-"),
@@ -74,9 +69,7 @@ def _show_network(n: VirtualNetwork) -> None:
         ("connected", ", ".join(n.connected) or "-"), ("mesh groups", ", ".join(n.mesh_groups) or "-"),
         ("created", n.created_at), ("updated", n.updated_at),
     ]
-    for k, v in rows:
-        table.add_row(k, escape(str(v)))
-    console.print(table)
+    output.fields([(k, str(v)) for k, v in rows], title=f"network {n.name}")
 
 
 @cli.group()
@@ -143,11 +136,12 @@ def ls_cmd(ctx: click.Context, labels: tuple[str, ...], parent: str | None, limi
 
     nets, nxt = run_async(go, cfg)
     if as_json:
-        print_json({"networks": nets, "next_cursor": nxt})
+        output.emit_items(nets, next_cursor=nxt)
         return
-    console.print(_network_table(nets))
+    output.table(NETWORK_COLUMNS, _network_rows(nets, {n.id: n for n in nets}),
+                 empty="no networks" + (" match" if sel or parent or cursor else ""), fold=("relations", "labels"))
     if nxt:
-        console.print(f"[dim]more: vnetctl network ls --cursor {escape(nxt)}[/dim]")
+        output.err_console.print(f"[dim]more: vnetctl network ls --cursor {escape(nxt)}[/dim]")
 
 
 @network.command("inspect")
@@ -158,15 +152,15 @@ def inspect_cmd(ctx: click.Context, networks: tuple[str, ...], as_json: bool) ->
     """Show networks (by id or name) with their relations."""
     cfg = load_config(ctx)
 
-    async def go(m: VNetManager) -> list[VirtualNetwork]:
-        return [await m.get_network(n) for n in networks]
-
-    nets = run_async(go, cfg)
-    if as_json:
-        print_json(nets if len(nets) > 1 else nets[0])
-        return
-    for n in nets:
-        _show_network(n)
+    results = run_async(lambda m: each(networks, m.get_network), cfg)
+    errors = report_batch(networks, results, VirtualNetwork, as_json=as_json)
+    if not as_json:
+        for i, n in enumerate(r for r in results if isinstance(r, VirtualNetwork)):
+            if i and not output.stdout_is_terminal():
+                click.echo()
+            _show_network(n)
+    if errors:
+        sys.exit(output.EXIT_ERROR)
 
 
 @network.command("update")
@@ -200,20 +194,19 @@ def rm_cmd(ctx: click.Context, networks: tuple[str, ...], force: bool, as_json: 
     """Delete networks (refused while they have endpoints, unless --force)."""
     cfg = load_config(ctx)
 
-    async def go(m: VNetManager) -> list[Any]:
-        return [await m.delete_network(n, force=force) for n in networks]
-
-    done = run_async(go, cfg)
-    if as_json:
-        print_json(done)
-        return
-    for d in done:
+    results = run_async(lambda m: each(networks, lambda n: m.delete_network(n, force=force)), cfg)
+    errors = report_batch(networks, results, NetworkDeleted, as_json=as_json)
+    for d in results if not as_json else ():
+        if not isinstance(d, NetworkDeleted):
+            continue
         extra = f", {len(d.endpoints_deleted)} endpoint(s) deleted" if d.endpoints_deleted else ""
         if d.children_detached:
             extra += f", {len(d.children_detached)} child network(s) now top-level"
         console.print(f"deleted network [bold]{escape(d.network.name)}[/bold] {d.network.id}{extra}")
         for w in d.warnings:
-            console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+            output.warn(w)
+    if errors:
+        sys.exit(output.EXIT_ERROR)
 
 
 @network.command("connect")
@@ -249,15 +242,6 @@ def disconnect_cmd(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
 @network.group("mesh")
 def mesh() -> None:
     """Mesh groups: every member network is related to every other."""
-
-
-def _mesh_table(groups: list[MeshGroup], by_id: dict[str, VirtualNetwork]) -> Table:
-    table = Table()
-    for col in ("mesh", "members", "created"):
-        table.add_column(col, overflow="fold")
-    for g in groups:
-        table.add_row(escape(g.name), escape(_names(g.members, by_id)) or "-", g.created_at)
-    return table
 
 
 @mesh.command("create")
@@ -328,9 +312,11 @@ def mesh_ls_cmd(ctx: click.Context, as_json: bool) -> None:
 
     groups, nets = run_async(go, load_config(ctx))
     if as_json:
-        print_json(groups)
+        output.emit_items(groups)
         return
-    console.print(_mesh_table(groups, {n.id: n for n in nets}))
+    by_id = {n.id: n for n in nets}
+    output.table(("mesh", "members", "created"), [[g.name, _names(g.members, by_id) or "-", g.created_at]
+                                                  for g in groups], empty="no mesh groups", fold=("members",))
 
 
 def _label(n: VirtualNetwork, by_id: dict[str, VirtualNetwork]) -> str:
@@ -393,9 +379,6 @@ def hostroutes_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(info)
         return
-    table = Table()
-    for col in ("node", "prefixes", "expires in"):
-        table.add_column(col, overflow="fold")
-    for n in info.nodes:
-        table.add_row(escape(n.node), ", ".join(n.prefixes) or "-", f"{n.expires_in_s:.0f}s")
-    console.print(table)
+    output.table(("node", "prefixes", "expires in"),
+                 [[n.node, ", ".join(n.prefixes) or "-", f"{n.expires_in_s:.0f}s"] for n in info.nodes],
+                 empty="no node reported host routes", fold=("prefixes",))

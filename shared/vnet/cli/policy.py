@@ -1,4 +1,9 @@
-"""``vnetctl policy ...`` verbs: explain, ls, get, set, rm, ruleset."""
+"""``vnetctl policy ...`` verbs: explain, ls, get, set, rm, ruleset.
+
+``explain SRC DST`` takes endpoint ids, container names or addresses. Its first line is
+``ALLOWED``, ``DENIED`` or ``NOT GOVERNED`` (neither side is an endpoint: VNet neither
+allows nor blocks the flow), then the reasons.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,12 @@ from typing import Literal, cast
 
 import click
 import msgspec
-from rich.markup import escape
-from rich.table import Table
 
-from vnet.cli.main import cli, console, load_config, print_json, run_async
+from vnet.cli import output
+from vnet.cli.main import cli, console, escape, load_config, run_async
 from vnet.client import VNetManager
 from vnet.contracts.policy import AllowRule, RuleDeleted, RulesetReply, Verdict
+from vnet.core.policy import Party
 
 PROTOCOLS = ["tcp", "udp", "sctp", "icmp"]
 
@@ -19,6 +24,22 @@ PROTOCOLS = ["tcp", "udp", "sctp", "icmp"]
 @cli.group()
 def policy() -> None:
     """Allow rules and explain (isolation modes: `vnetctl network update --isolation`)."""
+
+
+def _party(p: Party) -> str:
+    if p.kind == "endpoint":
+        return f"{p.address} (endpoint {p.endpoint} in {p.network})"
+    if p.kind == "external":
+        return f"{p.address} (external)"
+    return f"{p.address} ({'a host address' if p.kind == 'host' else 'unassigned'} in {p.network})"
+
+
+def _by(v: Verdict) -> str:
+    if v.by == "rule":
+        return f"allowed by rule{'s' if len(v.rules) > 1 else ''} {', '.join(v.rules)}"
+    if v.by == "mode":
+        return "allowed by the isolation modes" if v.allowed else "blocked by the isolation modes"
+    return "no isolation mode or allow rule allows it"
 
 
 @policy.command("explain")
@@ -29,7 +50,8 @@ def policy() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def explain_cmd(ctx: click.Context, src: str, dst: str, protocol: str, port: int | None, as_json: bool) -> None:
-    """Can SRC open a connection to DST (endpoint ids or addresses), and why."""
+    """Can SRC open a connection to DST, and why. Each is an endpoint id, a container name or an
+    address; a container on several networks is explained over the endpoint pair the flow would use."""
     cfg = load_config(ctx)
     proto = cast(Literal["tcp", "udp", "sctp", "icmp"], protocol)
 
@@ -38,13 +60,28 @@ def explain_cmd(ctx: click.Context, src: str, dst: str, protocol: str, port: int
 
     v = run_async(go, cfg)
     if as_json:
-        print_json(v)
+        output.emit(v)
         return
-    word = "[green]ALLOWED[/green]" if v.allowed else "[red]DENIED[/red]"
-    flow = f"{protocol}/{port}" if port else protocol
-    console.print(f"{word} {escape(v.src.address)} -> {escape(v.dst.address)} {flow} (by {v.by})")
+    flow = f"{protocol}/{v.port}" if v.port else protocol
+    parties = f"{escape(_party(v.src))} -> {escape(_party(v.dst))} {flow}"
+    if v.by == "ungoverned":
+        # Not DENIED: nothing of VNet's is on this path, so it neither allows nor blocks it.
+        console.print(f"[yellow]NOT GOVERNED[/yellow] {parties}: neither side is an endpoint, so VNet neither "
+                      "allows nor blocks this flow", highlight=False)
+    else:
+        word = "[green]ALLOWED[/green]" if v.allowed else "[red]DENIED[/red]"
+        console.print(f"{word} {parties} ({escape(_by(v))})", highlight=False)
     for r in v.reasons:
-        console.print(f"  - {escape(r)}")
+        console.print(f"  - {escape(r)}", highlight=False)
+
+
+def _rules_rows(rules: list[AllowRule]) -> list[list[output.Cell]]:
+    enc = msgspec.json.encode
+    return [[r.id, enc(r.from_).decode(), enc(r.to).decode(), enc(r.ports).decode() if r.ports else "all"]
+            for r in rules]
+
+
+RULE_COLUMNS = ("id", "from", "to", "ports")
 
 
 @policy.command("ls")
@@ -55,47 +92,68 @@ def ls_cmd(ctx: click.Context, as_json: bool) -> None:
     cfg = load_config(ctx)
     rules = run_async(lambda m: m.list_rules(), cfg)
     if as_json:
-        print_json(rules)
+        output.emit_items(rules)
         return
-    table = Table()
-    for col in ("id", "from", "to", "ports"):
-        table.add_column(col, overflow="fold")
-    for r in rules:
-        enc = msgspec.json.encode
-        table.add_row(escape(r.id), escape(enc(r.from_).decode()), escape(enc(r.to).decode()),
-                      escape(enc(r.ports).decode() if r.ports else "all"))
-    console.print(table)
+    output.table(RULE_COLUMNS, _rules_rows(rules), empty="no allow rules", fold=("from", "to", "ports"))
+
+
+@policy.command("get")
+@click.argument("rule_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def get_cmd(ctx: click.Context, rule_id: str, as_json: bool) -> None:
+    """Show one allow rule."""
+    rule = run_async(lambda m: m.get_rule(rule_id), load_config(ctx))
+    if as_json:
+        output.emit(rule)
+        return
+    output.table(RULE_COLUMNS, _rules_rows([rule]), empty="", fold=("from", "to", "ports"))
 
 
 @policy.command("set")
 @click.argument("rule_json")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def set_cmd(ctx: click.Context, rule_json: str) -> None:
+def set_cmd(ctx: click.Context, rule_json: str, as_json: bool) -> None:
     """Create or replace a rule given as JSON: '{"id":"r","from":[...],"to":[...],"ports":[...]}'."""
-    cfg = load_config(ctx)
     try:
         rule = msgspec.json.decode(rule_json, type=AllowRule)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise click.BadParameter(str(exc), param_hint="RULE_JSON") from None
-    print_json(run_async(lambda m: m.put_rule(rule), cfg))
+    cfg = load_config(ctx)
+    out = run_async(lambda m: m.put_rule(rule), cfg)
+    if as_json:
+        output.emit(out)
+        return
+    console.print(f"rule [bold]{escape(out.id)}[/bold] set", highlight=False)
+    output.table(RULE_COLUMNS, _rules_rows([out]), empty="", fold=("from", "to", "ports"))
 
 
 @policy.command("rm")
 @click.argument("rule_id")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def rm_cmd(ctx: click.Context, rule_id: str) -> None:
-    """Delete a rule."""
+def rm_cmd(ctx: click.Context, rule_id: str, as_json: bool) -> None:
+    """Delete a rule (deleting one that does not exist is not an error: it says so)."""
     cfg = load_config(ctx)
     out: RuleDeleted = run_async(lambda m: m.delete_rule(rule_id), cfg)
-    print_json(out)
+    if as_json:
+        output.emit(out)
+        return
+    console.print(f"deleted rule {escape(out.id)}" if out.deleted else f"no rule {escape(out.id)} (nothing deleted)",
+                  highlight=False)
 
 
 @policy.command("ruleset")
 @click.argument("node")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def ruleset_cmd(ctx: click.Context, node: str) -> None:
+def ruleset_cmd(ctx: click.Context, node: str, as_json: bool) -> None:
     """Print node NODE's compiled nft script."""
     cfg = load_config(ctx)
     out: RulesetReply = run_async(lambda m: m.node_ruleset(node), cfg)
+    if as_json:
+        output.emit(out)
+        return
     click.echo(f"# version {out.version}: {out.endpoints} endpoint(s), {out.rules} rule(s)")
     click.echo(out.script, nl=False)

@@ -11,9 +11,10 @@ from typing import NoReturn
 
 import click
 import msgspec
-from rich.markup import escape
 
-from vnet.cli.main import cli, err_console
+from vnet.cli import output
+from vnet.cli.main import cli
+from vnet.core import errors as E
 from vnet.core.errors import VNetError
 from vnet.runtime import stack
 from vnet.runtime.config import VNetConfig
@@ -22,18 +23,18 @@ PORT = click.IntRange(1, 65535)
 
 
 def _echo(msg: str) -> None:
-    click.echo(msg)
+    # Under --json stdout holds only the JSON document: progress goes to stderr.
+    click.echo(msg, err=output.MODE.json)
 
 
 def _event(msg: str) -> None:
     # Timestamped: in a detached stack these lines are all supervisor.log has.
-    click.echo(f"{dt.datetime.now():%H:%M:%S} {msg}")
+    click.echo(f"{dt.datetime.now():%H:%M:%S} {msg}", err=output.MODE.json)
 
 
 def _fail(err: stack.StackError) -> NoReturn:
-    # Messages quote logs and paths: no rich markup or highlighting inside them.
-    err_console.print(f"[red]error[/red]: {escape(err.message)}", highlight=False, soft_wrap=True)
-    sys.exit(err.exit_code)
+    # Messages quote logs and paths: output.fail never reads them as markup.
+    output.fail(E.UNPROCESSABLE.code, err.message, exit_code=err.exit_code)
 
 
 def _state_dir(given: Path | None) -> Path:
@@ -77,15 +78,20 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
               help="Seconds a process gets after SIGTERM before SIGKILL.")
 @click.option("--foreground-supervisor", is_flag=True, hidden=True,
               help="Internal: the background supervisor that --detach starts.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --detach: print the stack (addresses, pids, state dir) as JSON once it is ready.")
 @click.pass_context
 def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_url: str | None,
        nats_port: int | None, redis_port: int | None, metrics_port: int | None, node_id: str | None,
        host_root_netns: bool, detach: bool, demo: bool, ready_timeout: float, stop_timeout: float,
-       foreground_supervisor: bool) -> None:
+       foreground_supervisor: bool, as_json: bool) -> None:
     """Start NATS, Redis, the five services and a node worker, and supervise them.
 
     Runs in the foreground until Ctrl-C (or `vnetctl down`), unless --detach.
     """
+    if as_json and (not detach or demo):
+        raise click.UsageError("--json goes with --detach (without --demo): a foreground stack prints a log, not "
+                               "one document")
     if nats_url and nats_port:
         raise click.UsageError("--nats-port is for the stack's own nats-server; it has no effect with --nats-url")
     if redis_url and redis_port:
@@ -102,8 +108,7 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
         # Not load_config(): that would point at a running stack; `up` makes its own.
         config = VNetConfig.load(config_path)
     except VNetError as err:
-        err_console.print(f"[red]error[/red]: {err.message}")
-        sys.exit(2)
+        output.fail_with(err, output.EXIT_USAGE)
 
     try:
         if detach and not foreground_supervisor:
@@ -115,11 +120,14 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
             t0 = time.monotonic()
             st = stack.start_detached(_supervisor_argv(config_path, opts), opts.state_dir,
                                       timeout=ready_timeout + 30, say=_event)
+            if as_json:
+                output.emit(st)
+                return
             _echo(stack.format_summary(st, elapsed=time.monotonic() - t0))
             if demo:
                 from vnet.runtime.demo import run_demo
 
-                cfg = msgspec.structs.replace(config, nats_url=st.nats_url, redis_url=st.redis_url)
+                cfg = msgspec.structs.replace(config, **st.connection_settings())  # URLs and credentials
                 sys.exit(asyncio.run(run_demo(cfg, say=_echo)))
             return
         sup = stack.Supervisor(opts, config, say=_event, show=_echo)
@@ -138,7 +146,8 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
               help="State directory of the stack (default $VNET_STATE_DIR or ~/.local/state/vnet).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds to wait for the supervisor before killing it.")
-def down(state_dir: Path | None, timeout: float) -> None:
+@click.option("--json", "as_json", is_flag=True, help='Print {"stopped": bool, "state_dir": ...}.')
+def down(state_dir: Path | None, timeout: float, as_json: bool) -> None:
     """Stop the local stack: every process, the sandbox namespace, the state file.
 
     Data (NATS JetStream, Redis) and logs stay in the state directory.
@@ -148,7 +157,9 @@ def down(state_dir: Path | None, timeout: float) -> None:
         stopped = stack.stop_stack(sd, say=_event, timeout=timeout)
     except stack.StackError as err:
         _fail(err)
-    if stopped:
+    if as_json:
+        output.emit({"stopped": stopped, "state_dir": str(sd)})
+    elif stopped:
         _event("stopped; nothing of the stack is left running")
     else:
         _echo(f"no local stack runs from {sd} (no {stack.STACK_FILE}); nothing to stop")

@@ -200,3 +200,7 @@ ENDPOINT_GONE = _code("endpoint_gone", 409, "the request id created an endpoint 
 
 # Policy (appended by the policy service)
 RULE_NOT_FOUND = _code("rule_not_found", 404, "no allow rule has that id")
+
+# The command line (vnetctl): reported under --json like any other error
+USAGE = _code("usage", 400, "the command line is wrong (an unknown verb or option, a missing argument, a bad "
+              "value); `vnetctl VERB --help` shows the usage")
