@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +42,8 @@ pytestmark = [pytest.mark.netns, requires_root]
 
 FULL, PEER, MESH, NONE = IsolationMode.FULL, IsolationMode.PEER_ONLY, IsolationMode.MESH_ONLY, IsolationMode.NONE
 T = 1.0  # probe timeout (s); a dropped probe costs this much, probes run in parallel
+T_RETRY = 3.0  # the timeout of the second try of a probe that failed
+K = TypeVar("K")
 
 AGENT = r'''
 import json, os, random, socket, struct, sys, threading, time
@@ -131,6 +134,16 @@ sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     threading.Thread(target=handle, args=(json.loads(line),), daemon=True).start()
 '''
+
+
+def reached(sends: dict[K, Callable[[float], Future[Any]]]) -> set[K]:
+    """The keys whose probe succeeded. ``sends[k](t)`` starts probe ``k`` with timeout ``t``.
+    All run in parallel; whatever failed runs once more, all together, with a longer timeout:
+    a loaded machine must not turn "allowed" into "denied" (a denied probe fails both times)."""
+    futs = {k: send(T) for k, send in sends.items()}
+    ok = {k for k, f in futs.items() if f.result(timeout=60)}
+    again = {k: sends[k](T_RETRY) for k in futs if k not in ok}
+    return ok | {k for k, f in again.items() if f.result(timeout=60)}
 
 
 class Agent:
@@ -254,24 +267,15 @@ class Lab:
         """``{"tcp/80": {"a>b", ...}, ...}``: the pairs whose probe succeeded."""
         if pairs is None:
             pairs = [(a, b) for a in self.eps for b in self.eps if a != b]
-        futs: list[tuple[str, str, Future[Any]]] = []
-        for a, b in pairs:
-            for proto, port in checks:
-                key = f"{proto}/{port}" if port else proto
-                futs.append((key, f"{a}>{b}", self.agents[a].send(op=proto, dst=self.eps[b].addr, port=port, t=T)))
+
+        def send(a: str, b: str, proto: str, port: int | None) -> Callable[[float], Future[Any]]:
+            return lambda t: self.agents[a].send(op=proto, dst=self.eps[b].addr, port=port, t=t)
+
+        sends = {(f"{proto}/{port}" if port else proto, f"{a}>{b}"): send(a, b, proto, port)
+                 for a, b in pairs for proto, port in checks}
         out: dict[str, set[str]] = {f"{p}/{q}" if q else p: set() for p, q in checks}
-        failed: list[tuple[str, str, str, int | None]] = []
-        for (key, pair, fut), (proto, port) in zip(futs, itertools.cycle(checks), strict=False):
-            if fut.result(timeout=30):
-                out[key].add(pair)
-            else:
-                failed.append((key, pair, proto, port))
-        # one more try for what failed: a loaded machine must not turn "allowed" into "denied"
-        again = [(key, pair, self.agents[pair.split(">")[0]].send(
-            op=proto, dst=self.eps[pair.split(">")[1]].addr, port=port, t=T)) for key, pair, proto, port in failed]
-        for key, pair, fut in again:
-            if fut.result(timeout=30):
-                out[key].add(pair)
+        for key, pair in reached(sends):
+            out[key].add(pair)
         return out
 
     def close(self) -> None:
@@ -451,25 +455,34 @@ def test_anti_spoofing(lab: Callable[[list[Net], list[Ep]], Lab], mode: Isolatio
     a, v = lb.eps["att"], lb.eps["vic"]
 
     def udp_from(token: str, smac: str, sip: str) -> None:
-        assert att.send(op="raw_udp", args=["eth0", smac, v.mac, sip, v.addr, 7000, token]).result(5)
+        assert att.send(op="raw_udp", args=["eth0", smac, v.mac, sip, v.addr, 7000, token]).result(30)
 
-    udp_from("own", a.mac, a.addr)
+    def eventually(cond: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    # The forged frames first, the genuine one last, on the same path into the victim's one
+    # UDP socket: once the genuine one is logged, a forged one that got through would be too
+    # (no sleep that a slow machine could outlast).
     udp_from("peer-ip", a.mac, peer.addr)
     udp_from("foreign-ip", a.mac, "10.99.0.99")
     udp_from("forged-mac", "02:de:ad:be:ef:01", a.addr)
     udp_from("forged-mac-and-peer", peer.mac, peer.addr)
-    time.sleep(0.3)
+    udp_from("own", a.mac, a.addr)
+    eventually(lambda: bool(vic.send(op="seen", token="own").result(30)), "the genuine frame never arrived")
     got = {t for t in ("own", "peer-ip", "foreign-ip", "forged-mac", "forged-mac-and-peer")
-           if vic.send(op="seen", token=t).result(5)}
+           if vic.send(op="seen", token=t).result(30)}
     assert got == {"own"}
 
-    # ARP: a request claiming the peer's address is dropped; one with our own passes
+    # ARP: a request claiming the peer's address is dropped; one with our own passes (sent
+    # second, so once it is learnt the forged one has been dealt with too)
     subprocess.run(["ip", "-n", lb.ns["vic"], "neigh", "flush", "all"], check=True)
-    assert att.send(op="raw_arp", args=["eth0", a.mac, a.mac, peer.addr, v.addr]).result(5)
-    assert att.send(op="raw_arp", args=["eth0", a.mac, a.mac, a.addr, v.addr]).result(5)
-    time.sleep(0.3)
+    assert att.send(op="raw_arp", args=["eth0", a.mac, a.mac, peer.addr, v.addr]).result(30)
+    assert att.send(op="raw_arp", args=["eth0", a.mac, a.mac, a.addr, v.addr]).result(30)
+    eventually(lambda: neigh_mac(lb.ns["vic"], a.addr) == a.mac, "the genuine ARP request was not learnt")
     assert neigh_mac(lb.ns["vic"], peer.addr) is None
-    assert neigh_mac(lb.ns["vic"], a.addr) == a.mac
     # and the attacker's own traffic still passes through the kernel's stack
     assert lb.probe(ALL3, [("att", "vic")]) == {"tcp/80": {"att>vic"}, "udp/80": {"att>vic"}, "icmp": {"att>vic"}}
 
@@ -496,12 +509,50 @@ def test_deleted_or_altered_table_is_restored_and_workers_exit_leaves_rules(
     subprocess.run(["ip", "netns", "exec", lb.host, "nft", "-f", "-"], check=True, text=True,
                    input="table inet foreign {\n chain f {\n type filter hook forward priority -500; policy accept;\n"
                          " counter accept\n }\n}\n")
-    assert lb.probe(ALL3, [("r1", "r2")]) == {"tcp/80": set(), "udp/80": set(), "icmp": set()}
-    # fail static: dropping the enforcer object (a worker exiting) removes nothing
-    del lb.enf
-    out = subprocess.run(["ip", "netns", "exec", lb.host, "nft", "list", "tables"], check=True, capture_output=True,
+    blocked: dict[str, set[str]] = {"tcp/80": set(), "udp/80": set(), "icmp": set()}
+    assert lb.probe(ALL3, [("r1", "r2")]) == blocked
+    # Fail static: a worker process that applied this ruleset and then exits (stopped the way a
+    # service manager stops it, or killed) removes nothing: the tables stay, and keep enforcing.
+    script = nft.render(lb.policy().compile("h1"))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        worker = subprocess.Popen([sys.executable, "-c", WORKER, lb.host], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert worker.stdin is not None and worker.stdout is not None
+            worker.stdin.write(script)
+            worker.stdin.close()
+            line = worker.stdout.readline()
+            assert line.startswith("applied"), f"the worker did not apply the ruleset: {line!r}"
+            worker.send_signal(sig)
+            rc = worker.wait(timeout=60)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        assert rc == -sig, (sig, rc)
+        assert our_tables(lb.host) == {"table inet vnet", "table bridge vnet"}, sig
+        assert lb.probe(ALL3, [("r1", "r2")]) == blocked, f"not enforced after the worker got {sig!r}"
+    # Control: without our tables the same probes pass, so the checks above can fail.
+    subprocess.run(["ip", "netns", "exec", lb.host, "nft", "-f", "-"], check=True, text=True,
+                   input="delete table inet vnet\ndelete table bridge vnet\n")
+    assert lb.probe(ALL3, [("r1", "r2")]) == {"tcp/80": {"r1>r2"}, "udp/80": {"r1>r2"}, "icmp": {"r1>r2"}}
+
+
+# A node worker's enforcer in a process of its own: it applies the ruleset it reads on stdin,
+# says so, and waits to be stopped.
+WORKER = r'''
+import signal, sys
+from vnet.adapters.nftables import NftEnforcer
+res = NftEnforcer(sys.argv[1]).sync(sys.stdin.read())
+print("applied", res.wrote, res.reason, flush=True)
+signal.pause()
+'''
+
+
+def our_tables(ns: str) -> set[str]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], check=True, capture_output=True,
                          text=True).stdout
-    assert "table inet vnet" in out and "table bridge vnet" in out
+    return {line.strip() for line in out.splitlines() if line.strip().endswith(" vnet")}
 
 
 # --------------------------------------------------------------------------- property
@@ -594,13 +645,18 @@ def test_time_to_enforce(lab: Callable[[list[Net], list[Ep]], Lab]) -> None:
         grant = i % 2 == 0
         t0 = time.perf_counter()
         lb.set_rules([rule] if grant else [])
-        while agent.send(op="tcp", dst=dst, port=80, t=0.05).result(5) is not grant:
-            assert time.perf_counter() - t0 < 2.0, "not enforced within 2 s"
+        while agent.send(op="tcp", dst=dst, port=80, t=0.05).result(30) is not grant:
+            assert time.perf_counter() - t0 < ENFORCE_LIMIT_S, f"not enforced within {ENFORCE_LIMIT_S} s"
         times.append(time.perf_counter() - t0)
     times.sort()
     p50, p99 = times[len(times) // 2], times[-1]
+    # The figure is the benchmark's (printed here, measured in tests/bench); the assertion only
+    # says a change takes effect at all, with room for a machine busy with other work.
     print(f"\ntime-to-enforce over {len(times)} changes: p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
-    assert p99 < 2.0
+    assert p99 < ENFORCE_LIMIT_S
+
+
+ENFORCE_LIMIT_S = 15.0  # quiet machine: tens of ms
 
 
 # --------------------------------------------------------------------------- external
@@ -630,36 +686,41 @@ def test_external_peer(lab: Callable[[list[Net], list[Ep]], Lab], netns: Callabl
                                 ports=[PortSpec(protocol="tcp", port=80)])])
 
         def out(checks: list[tuple[str, int | None]]) -> dict[str, set[str]]:
-            futs = [(f"{p}/{q}" if q else p, e, lb.agents[e].send(op=p, dst="192.0.2.2", port=q, t=T))
-                    for e in lb.eps for p, q in checks]
+            def send(e: str, p: str, q: int | None) -> Callable[[float], Future[Any]]:
+                return lambda t: lb.agents[e].send(op=p, dst="192.0.2.2", port=q, t=t)
+
             res: dict[str, set[str]] = {f"{p}/{q}" if q else p: set() for p, q in checks}
-            for key, e, fut in futs:
-                if fut.result(30):
-                    res[key].add(e)
+            for key, e in reached({(f"{p}/{q}" if q else p, e): send(e, p, q) for e in lb.eps for p, q in checks}):
+                res[key].add(e)
             return res
+
+        def from_each(op: str, dst: Callable[[str], str], port: int | None = None) -> set[str]:
+            """The endpoints whose probe to ``dst(endpoint)`` succeeded."""
+            def send(e: str) -> Callable[[float], Future[Any]]:
+                return lambda t: lb.agents[e].send(op=op, dst=dst(e), port=port, t=t)
+            return reached({e: send(e) for e in lb.eps})
+
+        def from_ext(targets: dict[K, tuple[str, int]]) -> set[K]:
+            """The external peer's TCP connects that succeeded."""
+            def send(dst: str, port: int) -> Callable[[float], Future[Any]]:
+                return lambda t: agent.send(op="tcp", dst=dst, port=port, t=t)
+            return reached({k: send(*v) for k, v in targets.items()})
 
         assert out([("tcp", 80), ("tcp", 443), ("udp", 80), ("icmp", None)]) == {
             "tcp/80": {"n", "f", "n2"}, "tcp/443": {"n", "n2"}, "udp/80": {"n", "n2"}, "icmp": {"n", "n2"}}
         # the host's own address on a network's bridge is external too
         gw = {e: lb.nets[lb.eps[e].net].cidr.split("/")[0] for e in lb.eps}
-        futs = {e: lb.agents[e].send(op="icmp", dst=gw[e], t=T) for e in lb.eps}
-        assert {e for e, f in futs.items() if f.result(30)} == {"n", "n2"}
+        assert from_each("icmp", gw.__getitem__) == {"n", "n2"}
         # published ports (DNAT, no proxy): p's tcp/85 as host port 8080 (PeerOnly), n2's tcp/80 as 8081 (None)
-        pub = [("tcp", 8080), ("tcp", 8081), ("tcp", 8082)]
-        futs2 = {(hp, via): agent.send(op="tcp", dst=via, port=hp, t=T) for _, hp in pub
-                 for via in ("192.0.2.1",)}
-        assert {k for k, f in futs2.items() if f.result(30)} == {(8080, "192.0.2.1"), (8081, "192.0.2.1")}
+        assert from_ext({hp: ("192.0.2.1", hp) for hp in (8080, 8081, 8082)}) == {8080, 8081}
         # hairpin: containers toward a published port on a host address; that is egress (external), so
         # only None networks may (n toward its peer n2 on the same bridge, masqueraded)
-        futs = {e: lb.agents[e].send(op="tcp", dst="192.0.2.1", port=8080, t=T) for e in lb.eps}
-        assert {e for e, f in futs.items() if f.result(30)} == {"n", "n2"}
-        assert lb.agents["n"].send(op="tcp", dst="10.86.1.1", port=8081, t=T).result(30)
+        assert from_each("tcp", lambda e: "192.0.2.1", 8080) == {"n", "n2"}
+        assert reached({"n": lambda t: lb.agents["n"].send(op="tcp", dst="10.86.1.1", port=8081, t=t)}) == {"n"}
         # inbound: with a route toward the containers, the external peer reaches only the None network
         subprocess.run(["ip", "-n", ext, "route", "add", "10.86.0.0/16", "via", "192.0.2.1"], check=True)
-        futs = {e: agent.send(op="tcp", dst=lb.eps[e].addr, port=80, t=T) for e in lb.eps}
-        assert {e for e, f in futs.items() if f.result(30)} == {"n", "n2"}
+        assert from_ext({e: (lb.eps[e].addr, 80) for e in lb.eps}) == {"n", "n2"}
         # a published container port is reachable routed too (Docker's behaviour); others are not
-        futs = {e: agent.send(op="tcp", dst=lb.eps[e].addr, port=85, t=T) for e in lb.eps}
-        assert {e for e, f in futs.items() if f.result(30)} == {"n", "n2", "p"}
+        assert from_ext({e: (lb.eps[e].addr, 85) for e in lb.eps}) == {"n", "n2", "p"}
     finally:
         agent.close()

@@ -34,7 +34,10 @@ from vnet.runtime.service import Runtime
 pytestmark = [pytest.mark.netns, requires_root]
 
 T = 0.5  # probe timeout (s)
-ENFORCE_S = 2.0  # a rule change must show within this
+T_RETRY = 3.0  # the timeout of the second try of a probe that failed
+# A rule change must show within this. The quiet-machine figure (printed) is tens of ms; the
+# bound only says "it takes effect", with room for a machine busy with other work.
+ENFORCE_S = 20.0
 
 
 @dataclass
@@ -70,11 +73,17 @@ def agents() -> Iterator[list[Agent]]:
 
 
 def tcp(a: Agent, dst: EndpointInfo, port: int, t: float = T) -> bool:
-    return bool(a.send(op="tcp", dst=dst.ip_address, port=port, t=t).result(timeout=t + 5))
+    return bool(a.send(op="tcp", dst=dst.ip_address, port=port, t=t).result(timeout=t + 30))
 
 
-def icmp(a: Agent, dst: EndpointInfo) -> bool:
-    return bool(a.send(op="icmp", dst=dst.ip_address, t=T).result(timeout=T + 5))
+def icmp(a: Agent, dst: EndpointInfo, t: float = T) -> bool:
+    return bool(a.send(op="icmp", dst=dst.ip_address, t=t).result(timeout=t + 30))
+
+
+def tcp_retried(a: Agent, dst: EndpointInfo, port: int) -> bool:
+    """A connect that gets a second, longer try: a loaded machine must not turn "allowed" into
+    "denied" (a denied one fails both times)."""
+    return tcp(a, dst, port) or tcp(a, dst, port, T_RETRY)
 
 
 Probe = tuple[str, Agent, EndpointInfo, EndpointInfo, int | None, bool]  # what, from, src, dst, tcp port, expected
@@ -84,7 +93,9 @@ async def observe(m: VNetManager, probes: list[Probe]) -> None:
     """Probe in parallel; each result must be the expected one AND what explain says."""
     def run(p: Probe) -> bool:
         _, a, _, dst, port, _ = p
-        return tcp(a, dst, port) if port is not None else icmp(a, dst)
+        if port is not None:
+            return tcp_retried(a, dst, port)
+        return icmp(a, dst) or icmp(a, dst, T_RETRY)
 
     got = await asyncio.gather(*(asyncio.to_thread(run, p) for p in probes))
     verdicts = await asyncio.gather(*(m.explain(src.id, dst.id, protocol="tcp" if port is not None else "icmp",
@@ -165,8 +176,9 @@ async def test_deleted_table_is_restored_by_the_resync(env: Env, agents: list[Ag
     agents += ags
     await asyncio.to_thread(subprocess.run, ["ip", "netns", "exec", env.host, "nft", "delete", "table", "inet", "vnet"],
                             check=True)
-    back = await until(lambda: "table inet vnet" in our_tables(env.host), 2.0 + 2.0)
-    assert tcp(ags[0], e2, 80)
+    # the feature's figure is one resync period (2 s here); the bound leaves room for a busy machine
+    back = await until(lambda: "table inet vnet" in our_tables(env.host), 30.0)
+    assert await asyncio.to_thread(tcp_retried, ags[0], e2, 80)
     print(f"\ndeleted table restored after {back:.2f}s (resync every 2 s)")
 
 
@@ -196,7 +208,7 @@ async def test_published_port_reachable_from_an_external_peer(env: Env, agents: 
     agents += [a, b, x]
 
     def ext_tcp(port: int, t: float = T) -> bool:
-        return bool(x.send(op="tcp", dst=UPLINK, port=port, t=t).result(timeout=t + 5))
+        return bool(x.send(op="tcp", dst=UPLINK, port=port, t=t).result(timeout=t + 30))
 
     # The external peer reaches host:8080 -> A:80 (DNAT); not an unpublished port; A's peer B still cannot reach A.
     reach = await until(lambda: ext_tcp(8080, 0.3), ENFORCE_S)
