@@ -137,8 +137,11 @@ async def test_idempotent_create(env: Env) -> None:
     net = await env.network()
     c1, c2 = env.netns("c1"), env.netns("c2")
     a = await m.create_endpoint(c1, net.id)
-    b = await m.create_endpoint(c1, "web", "10.201.0.99", None)  # same (container, network): the first result
+    b = await m.create_endpoint(c1, "web")  # same (container, network): the first result
     assert b.id == a.id and b.ip_address == a.ip_address
+    # ... but a repeat asking for something else is a conflict naming what differs
+    e = await env.err(m.create_endpoint(c1, "web", "10.201.0.99", None))
+    assert e.code == "conflict" and e.details["fields"] == ["ip"] and a.id in e.message
     r1 = await m.create_endpoint(c2, net.id, request_id="req-1")
     r2 = await m.create_endpoint(c2, net.id, request_id="req-1")
     assert r1.id == r2.id

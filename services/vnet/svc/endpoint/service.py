@@ -509,18 +509,61 @@ async def _apply_status(store: EndpointStore, ev: EndpointStatusEvent) -> str:
                                   _iso_us(ev.version) if ev.version else _now())
 
 
+def _repeat_differences(req: EndpointCreate, info: EndpointInfo) -> dict[str, dict[str, Any]]:
+    """What a repeated create asks for that the existing endpoint does not have, by field
+    (``{"ip": {"existing": ..., "requested": ...}}``). A field the repeat leaves out (None,
+    no labels, no ports) means "whatever you pick", so only the fields it names count."""
+    diff: dict[str, dict[str, Any]] = {}
+
+    def differs(field: str, existing: Any, requested: Any) -> None:
+        if existing != requested:
+            diff[field] = {"existing": existing, "requested": requested}
+
+    if req.container_id != info.container_id:  # only a repeated request_id can get here with another one
+        differs("container", info.container_id, req.container_id)
+    if req.ip is not None:
+        a = _parse_ip(req.ip, "ip")
+        differs("ip", info.ip_address if a.version == 4 else info.ipv6_address, str(a))
+    if req.ipv6 is not None:
+        differs("ipv6", info.ipv6_address, str(_parse_ip(req.ipv6, "ipv6")))
+    if req.mac is not None:
+        differs("mac", naming.normalize_mac(info.mac_address) if info.mac_address else info.mac_address,
+                _check_mac(req.mac))
+    if req.ifname is not None:
+        differs("ifname", info.interface_name, _check_ifname(req.ifname))
+    if req.netns is not None and info.driver != DriverType.HOST:
+        differs("netns", info.netns, check_netns(req.netns))
+    if req.node is not None:
+        differs("node", info.node, req.node)
+    if req.labels:
+        differs("labels", dict(info.labels), dict(req.labels))
+    if req.ports:
+        key = (lambda p: (p.protocol, p.host_port, p.container_port))  # noqa: E731
+        if sorted(map(key, info.ports)) != sorted(map(key, req.ports)):
+            diff["ports"] = {"existing": [msgspec.to_builtins(p) for p in info.ports],
+                             "requested": [msgspec.to_builtins(p) for p in req.ports]}
+    return diff
+
+
 async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> EndpointInfo:
-    """The first result of a repeated create (waiting for its status if asked)."""
+    """The first result of a repeated create (waiting for its status if asked); a repeat that
+    asks for something else is a conflict naming the fields that differ."""
     store = _store(ctx)
-    if req.wait:
-        waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
-        await waiter.start()
-        try:
-            info = await _wait_status(ctx, await store.get(ident), waiter, req.wait_timeout_s)
-        finally:
-            await waiter.close()
-    else:
-        info = await store.get(ident)
+    info = await store.get(ident)
+    if info is not None:
+        diff = _repeat_differences(req, info)
+        if diff:
+            said = "; ".join(f"{f} is {v['existing']!r}, asked {v['requested']!r}" for f, v in diff.items())
+            raise E.make(E.CONFLICT, f"{how} already created endpoint {ident} with other parameters ({said}); repeat "
+                         f"the request as it was, or detach it first (`vnetctl endpoint rm {ident}`) and attach "
+                         "again", endpoint=ident, fields=sorted(diff), differences=diff)
+        if req.wait:
+            waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
+            await waiter.start()
+            try:
+                info = await _wait_status(ctx, await store.get(ident), waiter, req.wait_timeout_s)
+            finally:
+                await waiter.close()
     if info is None:
         raise E.make(E.ENDPOINT_GONE, f"{how} already created endpoint {ident}, which has since been deleted; use a "
                      "new request_id to attach again", endpoint=ident)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -325,10 +326,25 @@ def _overlap_error(res: CreateResult, wants: dict[int, addr.IPNet], child: bool)
         return E.make(E.SUBNET_OVERLAP, f"{mine} overlaps an existing network ({res.conflict_member})")
     theirs = other.cidr if res.family == 4 else (other.cidr_v6 or "?")
     kind = "sibling network" if child else "network"
-    hint = ("pick another part of the parent" if child else
-            f"pick a free range (or omit the cidr to get one), or create it as a child with parent {other.name!r}")
+    hint = "pick another part of the parent" if child else _overlap_hint(mine, theirs, other.name)
     return E.make(E.SUBNET_OVERLAP, f"{mine} overlaps {kind} {other.name!r} (id {other.id}, {theirs}); {hint}",
                   cidr=str(mine), conflict_id=other.id, conflict_name=other.name, conflict_cidr=theirs)
+
+
+def _overlap_hint(mine: addr.IPNet, theirs: str, other: str) -> str:
+    """What to do about a top-level overlap; nesting is suggested only in the direction that
+    works: a smaller new network can be a child of the existing one, never its parent."""
+    free = "pick a free range (or omit the cidr to get one)"
+    try:
+        existing = ipaddress.ip_network(theirs)
+    except ValueError:
+        return free
+    if existing.version != mine.version or mine == existing:
+        return f"{free}; {theirs} is {other!r}'s"
+    if mine.subnet_of(existing):  # type: ignore[arg-type]  # same family, checked above
+        return f"{free}, or create it as a child with parent {other!r} (`--parent {other}`)"
+    return (f"{free}; it would contain {other!r} ({theirs}), and an existing network cannot become a child: to "
+            f"nest it, create this network first and {other!r} again with this one as its parent")
 
 
 async def _precheck_overlap(st: NetworkStore, scope: str, net: addr.IPNet, parent: VirtualNetwork | None) -> None:
