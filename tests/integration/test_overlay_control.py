@@ -42,7 +42,8 @@ class Fake:
     async def register(self, node: str, k: int, key: str | None = None, heartbeat_s: float = 10.0) -> NodeRegistered:
         req = NodeRegister(node=node, instance="i1", underlay=f"10.250.0.{k}", underlay_ifname="ul0",
                            drivers=OVERLAY, heartbeat_s=heartbeat_s, wg_public_key=key)
-        rep, _ = await nats_adapter.request(self.nc, subjects.NODE_REGISTER, req, NodeRegistered)
+        rep, _ = await nats_adapter.request(self.nc, subjects.NODE_REGISTER, req, NodeRegistered,
+                                            params={"node": node})
         return rep
 
 

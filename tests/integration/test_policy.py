@@ -86,7 +86,8 @@ async def test_rules_crud_explain_and_ruleset(m: VNetManager) -> None:
 
 async def test_explain_and_ruleset_over_recorded_endpoints(m: VNetManager) -> None:
     await m.call(subjects.NODE_REGISTER, NodeRegister(node="pn1", instance="i", heartbeat_s=60,
-                                                      drivers={"bridge": Support(available=True)}), NodeRegistered)
+                                                      drivers={"bridge": Support(available=True)}), NodeRegistered,
+                 params={"node": "pn1"})
     nc = await nats_adapter.connect(m.config, "test-policy-fake-node")  # a node that only answers netns checks
 
     async def answer(msg: Any) -> None:

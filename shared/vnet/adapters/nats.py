@@ -20,6 +20,7 @@ from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from vnet.adapters import natsauth
 from vnet.contracts import codec, subjects
 from vnet.contracts import headers as H
 from vnet.contracts.subjects import Subject
@@ -78,6 +79,7 @@ async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0
         opts["token"] = config.nats_token
     if config.nats_creds:
         opts["user_credentials"] = config.nats_creds
+    opts.update(natsauth.security_options(config))  # private inbox prefix, TLS
     limit = config.connect_timeout_s if give_up_after is None else give_up_after
     nc = Client()
     try:

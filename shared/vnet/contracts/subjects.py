@@ -79,7 +79,9 @@ METRICS_SUMMARY = Subject("vnet.metrics.summary")
 
 # --- node worker --------------------------------------------------------------------
 NODE_HEALTH = Subject("vnet.node.{node}.health")
-NODE_REGISTER = Subject("vnet.node.register")
+# A node registers (and heartbeats) on its own subject: the bus lets each node identity publish
+# only its own (vnet.contracts.permissions), and the endpoint service checks the body agrees.
+NODE_REGISTER = Subject("vnet.node.{node}.register")
 
 # --- events -------------------------------------------------------------------------
 EVT = Subject("vnet.evt.{domain}.{event}.{id}")
@@ -123,9 +125,10 @@ NODE_NETNS_CHECK = Subject("vnet.node.{node}.netns.check")
 NODE_STATS = Subject("vnet.node.{node}.stats")
 NODE_RESYNC = Subject("vnet.node.{node}.resync")
 # The node reports each endpoint's state here; the endpoint service folds it into the record.
-EVT_ENDPOINT_STATUS = Subject("vnet.evt.endpoint.status.{id}")
+# The node id is in the subject so the bus can hold a node to its own endpoints (see permissions).
+EVT_ENDPOINT_STATUS = Subject("vnet.evt.endpoint.status.{node}.{id}")
 # A node worker leaving on a graceful stop (fire and forget; a crash is caught by the heartbeat timeout).
-NODE_DEREGISTER = Subject("vnet.node.deregister")
+NODE_DEREGISTER = Subject("vnet.node.{node}.deregister")
 # The endpoint service: a node left (deregistered, or silent past its timeout) or (re)joined;
 # every worker with an overlay re-fetches its desired state at once (remotes, peers).
 EVT_NODE_LEFT = Subject("vnet.evt.node.left.{node}")

@@ -59,6 +59,15 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_username: str | None = None
     redis_password: str | None = None
+    # Replies to this process arrive below this prefix (nats-py ``inbox_prefix``); None: the
+    # default ``_INBOX``, or ``_INBOX.<nats_user>`` when a user is set — the permission matrix
+    # (vnet.contracts.permissions) lets each user subscribe only below its own.
+    nats_inbox_prefix: str | None = None
+    # TLS to NATS (nodes on other machines): the CA that signed the server's certificate, and
+    # this process's own certificate and key when the server asks for one (verify on).
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
     # How long a client (VNetManager, vnetctl, a service starting) tries to reach NATS before
     # it gives up with `unavailable` naming the URL; it used to retry forever.
     connect_timeout_s: float = 5.0

@@ -96,16 +96,25 @@ class ServerProc:
                 self.proc.wait()
 
 
-def nats_args(port: int, data_dir: Path, *, host: str = "127.0.0.1", monitor_port: int | None = None) -> list[str]:
+def nats_args(port: int, data_dir: Path, *, host: str = "127.0.0.1", monitor_port: int | None = None,
+              config_file: Path | None = None) -> list[str]:
+    """``config_file``: users and permissions (vnet.contracts.permissions); secrets stay in that
+    0600 file, never on the command line, which every local user can read in /proc."""
     args = [nats_server_binary(), "-a", host, "-p", str(port), "-js", "-sd", str(data_dir / "jetstream"),
             "-n", f"vnet-{port}"]
+    if config_file is not None:
+        args += ["-c", str(config_file)]
     if monitor_port:
         args += ["-m", str(monitor_port)]
     return args
 
 
-def valkey_args(port: int, data_dir: Path, *, host: str = "127.0.0.1", password: str | None = None) -> list[str]:
-    args = [valkey_server_binary(), "--bind", host, "--port", str(port), "--dir", str(data_dir),
+def valkey_args(port: int, data_dir: Path, *, host: str = "127.0.0.1", password: str | None = None,
+                config_file: Path | None = None) -> list[str]:
+    """``config_file`` (first, as valkey-server wants it): ACL users and passwords, kept off the
+    command line; ``password`` puts ``--requirepass`` there instead (tests only)."""
+    args = [valkey_server_binary()] + ([str(config_file)] if config_file is not None else [])
+    args += ["--bind", host, "--port", str(port), "--dir", str(data_dir),
             "--appendonly", "yes", "--save", "60 1", "--daemonize", "no", "--protected-mode", "yes",
             "--enable-debug-command", "no"]
     if password:
@@ -114,11 +123,11 @@ def valkey_args(port: int, data_dir: Path, *, host: str = "127.0.0.1", password:
 
 
 def start_nats(data_dir: Path, port: int | None = None, *, monitor_port: int | None = None,
-               log_dir: Path | None = None) -> ServerProc:
+               log_dir: Path | None = None, config_file: Path | None = None) -> ServerProc:
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (log_dir or data_dir) / "nats-server.log"
-    args = nats_args(port, data_dir, monitor_port=monitor_port)
+    args = nats_args(port, data_dir, monitor_port=monitor_port, config_file=config_file)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent)
@@ -127,11 +136,11 @@ def start_nats(data_dir: Path, port: int | None = None, *, monitor_port: int | N
 
 
 def start_valkey(data_dir: Path, port: int | None = None, *, password: str | None = None,
-                 log_dir: Path | None = None) -> ServerProc:
+                 log_dir: Path | None = None, config_file: Path | None = None) -> ServerProc:
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (log_dir or data_dir) / "valkey-server.log"
-    args = valkey_args(port, data_dir, password=password)
+    args = valkey_args(port, data_dir, password=password, config_file=config_file)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ}, preexec_fn=_die_with_parent)

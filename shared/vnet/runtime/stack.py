@@ -11,9 +11,17 @@ A state directory holds::
 
     stack.json        what runs: URLs, ports, pids, namespace (only while the stack is up)
     stack.lock        flock held by the supervisor for its whole life (one stack per dir)
+    credentials.json  NATS and Valkey passwords, one per identity (vnet.runtime.credentials)
+    nats.conf         nats-server users and permissions, generated from vnet.contracts.permissions
+    valkey.conf       Valkey ACL users (services only; the default user is off)
     nats/jetstream/   JetStream data (kept across up/down)
     valkey/           Redis data, AOF + RDB (kept across up/down)
     logs/<name>.log   one per process; supervisor.log when detached
+
+Security: the directory is 0700 and every file in it 0600 (the supervisor runs with umask
+077 and repairs an older directory). NATS and Valkey accept no connection without a
+password; each service, the node worker and the local user's vnetctl (admin) get their own
+identity, so a process of another local user gets nothing.
 
 Safety: the stack never configures the machine's root network namespace. As root it
 creates a sandbox namespace (``ip netns add``, loopback up inside it) for the node
@@ -47,8 +55,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from vnet.contracts import subjects
-from vnet.runtime import servers
+from vnet.contracts import permissions, subjects
+from vnet.runtime import credentials, servers
 from vnet.runtime.config import ENV_PREFIX, VNetConfig, with_local_stack
 
 STACK_FILE = "stack.json"
@@ -113,11 +121,13 @@ class StackFile(msgspec.Struct, kw_only=True):
     privileged: bool
     logs_dir: str
     processes: dict[str, ProcEntry] = {}
+    auth: bool = False  # NATS and Valkey of this stack require the credentials in the state dir
+    nats_tls_ca: str | None = None  # the CA a client verifies the stack's NATS with (TLS on)
 
     def connection_settings(self) -> dict[str, Any]:
         """What a client needs to reach this stack, as VNetConfig fields (credentials belong
         here too): ``VNetConfig.load()`` and vnetctl apply it (``config.with_local_stack``)."""
-        return {"nats_url": self.nats_url, "redis_url": self.redis_url}
+        return {"nats_url": self.nats_url, "redis_url": self.redis_url, **stack_credentials(self)}
 
 
 def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -145,11 +155,20 @@ def read_stack_file(state_dir: Path) -> StackFile | None:
 
 
 def write_stack_file(state_dir: Path, stack: StackFile) -> None:
-    path = state_dir / STACK_FILE
-    tmp = path.with_name(f".{STACK_FILE}.{os.getpid()}.tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(stack)))
-    # A reader (vnetctl status, down) must never see a half-written file.
-    os.replace(tmp, path)
+    # Atomic (a reader, vnetctl status or down, never sees a half-written file) and 0600.
+    credentials.private_write(state_dir / STACK_FILE, msgspec.json.format(msgspec.json.encode(stack)))
+
+
+def stack_credentials(stack: StackFile, role: str = permissions.ADMIN) -> dict[str, Any]:
+    """VNetConfig fields that log a caller into ``stack``'s own NATS as ``role`` (the stack's
+    owner is its admin); empty for a NATS the stack does not manage, or when the
+    credentials cannot be read (another user's stack: that is the point)."""
+    if stack.nats_port is None:
+        return {}
+    settings = credentials.client_settings(Path(stack.state_dir), role)
+    if settings and stack.nats_tls_ca:
+        settings["nats_tls_ca"] = stack.nats_tls_ca
+    return settings
 
 
 def running_stack(state_dir: Path) -> StackFile | None:
@@ -452,6 +471,37 @@ def child_env(config: VNetConfig, base: Mapping[str, str] | None = None) -> dict
     return env
 
 
+@dataclass
+class _Identities:
+    """The config each process of the stack runs with: its own NATS user (when the stack
+    runs NATS) and, for services only, its own Valkey user (when the stack runs Valkey)."""
+
+    shared: VNetConfig
+    nats: credentials.Credentials | None
+    redis: credentials.Credentials | None
+
+    def _nats(self, cfg: VNetConfig, user: permissions.User) -> VNetConfig:
+        if self.nats is None:
+            return cfg
+        return msgspec.structs.replace(cfg, nats_user=user.name, nats_password=self.nats.nats[user.name],
+                                       nats_token=None, nats_creds=None, nats_inbox_prefix=None)
+
+    def admin(self) -> VNetConfig:
+        return self._nats(self.shared, permissions.admin_user())
+
+    def service(self, name: str) -> VNetConfig:
+        cfg = self._nats(self.shared, permissions.service_user(name))
+        if self.redis is None:
+            return cfg
+        user = credentials.service_redis_user(name)
+        return msgspec.structs.replace(cfg, redis_username=user, redis_password=self.redis.redis[user])
+
+    def node(self, node_id: str) -> VNetConfig:
+        # Node workers hold no Valkey credentials (design rule): none are passed down.
+        cfg = self._nats(self.shared, permissions.node_user(node_id))
+        return msgspec.structs.replace(cfg, redis_username=None, redis_password=None)
+
+
 # --- the supervisor ---------------------------------------------------------------------
 
 @dataclass
@@ -498,12 +548,17 @@ class Supervisor:
         # namespace made here is deleted again.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _raise_interrupt)
+        # This process is the stack: everything it and its children create (logs, the data
+        # files of the servers, JetStream's store) is private to the owner from the start.
+        os.umask(0o077)
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=credentials.DIR_MODE)
+            self.logs_dir.mkdir(parents=True, exist_ok=True, mode=credentials.DIR_MODE)
         except OSError as exc:
             raise StackError(f"cannot create the state directory {self.state_dir}: {exc.strerror}; "
                              "choose another with --state-dir or $VNET_STATE_DIR") from None
+        for problem in credentials.secure_tree(self.state_dir):  # one made by an older version was 755/644
+            self.say(f"warning: {problem}")
         self._lock()
         try:
             self._clean_stale()
@@ -513,7 +568,7 @@ class Supervisor:
             raise
 
     def _lock(self) -> None:
-        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -562,10 +617,14 @@ class Supervisor:
         redis_port = None if o.redis_url else _pick_port(o.redis_port, "--redis-port", "valkey-server", taken)
         metrics_port = _pick_port(o.metrics_port, "--metrics-port", "the metrics service", taken)
         nats_url = o.nats_url or f"nats://127.0.0.1:{nats_port}"
-        redis_pw = self.base_config.redis_password
-        redis_url = o.redis_url or (f"redis://:{redis_pw}@127.0.0.1:{redis_port}/0" if redis_pw
-                                    else f"redis://127.0.0.1:{redis_port}/0")
+        # No password in the URL: stack.json and `ps` would show it; credentials travel apart.
+        redis_url = o.redis_url or f"redis://127.0.0.1:{redis_port}/0"
         node_id = o.node_id or default_node_id()
+        try:
+            # Servers of our own get generated users; existing ones keep the user's settings.
+            creds = credentials.ensure(self.state_dir, [node_id]) if (nats_bin or valkey_bin) else None
+        except (OSError, credentials.CredentialsError) as exc:
+            raise StackError(f"cannot prepare the stack's credentials in {self.state_dir}: {exc}") from None
 
         privileged = os.geteuid() == 0
         netns: str | None = None
@@ -582,24 +641,31 @@ class Supervisor:
             elif o.host_root_netns:
                 self.say("warning: --host-root-netns: the node worker manages THIS MACHINE's own network "
                          "namespace (bridges, veths, nftables there)")
-            self.config = msgspec.structs.replace(
+            shared = msgspec.structs.replace(
                 self.base_config, nats_url=nats_url, redis_url=redis_url, metrics_http_host="127.0.0.1",
                 metrics_http_port=metrics_port, node_id=node_id, host_netns=host_netns)
+            roles = _Identities(shared, creds if nats_bin else None, creds if valkey_bin else None)
+            # The supervisor's own probes (health, discovery, the demo) run as the admin.
+            self.config = roles.admin()
             env = child_env(self.config)
             logs = self.logs_dir
             children: list[ChildSpec] = []
-            if nats_bin is not None and nats_port is not None:
-                args = servers.nats_args(nats_port, self.state_dir / "nats")
-                (self.state_dir / "nats").mkdir(exist_ok=True)
+            if nats_bin is not None and nats_port is not None and creds is not None:
+                (self.state_dir / "nats").mkdir(exist_ok=True, mode=credentials.DIR_MODE)
+                conf = credentials.write_nats_conf(self.state_dir, creds, [node_id])
+                args = servers.nats_args(nats_port, self.state_dir / "nats", config_file=conf)
                 children.append(ChildSpec(NATS, args, env, logs / f"{NATS}.log", nats_port))
-            if valkey_bin is not None and redis_port is not None:
-                args = servers.valkey_args(redis_port, self.state_dir / "valkey", password=redis_pw)
-                (self.state_dir / "valkey").mkdir(exist_ok=True)
+            if valkey_bin is not None and redis_port is not None and creds is not None:
+                (self.state_dir / "valkey").mkdir(exist_ok=True, mode=credentials.DIR_MODE)
+                conf = credentials.write_valkey_conf(self.state_dir, creds)
+                args = servers.valkey_args(redis_port, self.state_dir / "valkey", config_file=conf)
                 children.append(ChildSpec(VALKEY, args, env, logs / f"{VALKEY}.log", redis_port))
             for name in subjects.SERVICES:
-                children.append(ChildSpec(name, _launcher_argv("vnet-service", [name]), env, logs / f"{name}.log"))
+                children.append(ChildSpec(name, _launcher_argv("vnet-service", [name]),
+                                          child_env(roles.service(name)), logs / f"{name}.log"))
             node_args = ["--node-id", node_id] + (["--host-netns", host_netns] if host_netns else [])
-            children.append(ChildSpec(NODE, _launcher_argv("vnet-node", node_args), env, logs / f"{NODE}.log"))
+            children.append(ChildSpec(NODE, _launcher_argv("vnet-node", node_args),
+                                      child_env(roles.node(node_id)), logs / f"{NODE}.log"))
         except BaseException:
             if netns:
                 delete_netns(netns)
@@ -619,7 +685,7 @@ class Supervisor:
             nats_url=p.nats_url, redis_url=p.redis_url, nats_port=p.nats_port, redis_port=p.redis_port,
             metrics_port=p.metrics_port, metrics_url=f"http://127.0.0.1:{p.metrics_port}/metrics",
             node_id=p.node_id, netns=p.netns, host_netns=p.host_netns, privileged=p.privileged,
-            logs_dir=str(self.logs_dir),
+            logs_dir=str(self.logs_dir), auth=p.nats_port is not None,
             processes={name: ProcEntry(pid=c.pid, start_time=c.start_time, log=str(c.spec.log),
                                        restarts=c.restarts, argv=c.spec.argv)
                        for name, c in self.children.items() if c.proc is not None})
@@ -1007,11 +1073,13 @@ def start_detached(argv: list[str], state_dir: Path, *, timeout: float, say: Say
     state_dir = state_dir.expanduser().absolute()
     logs = state_dir / "logs"
     try:
-        logs.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=credentials.DIR_MODE)
+        logs.mkdir(parents=True, exist_ok=True, mode=credentials.DIR_MODE)
     except OSError as exc:
         raise StackError(f"cannot create {logs}: {exc.strerror}; choose another --state-dir") from None
     log = logs / "supervisor.log"
-    with open(log, "ab") as fh:
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, credentials.FILE_MODE)
+    with open(fd, "ab") as fh:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     say(f"starting the stack in the background (supervisor pid {proc.pid}, log {log})")
@@ -1067,7 +1135,8 @@ def format_summary(stack: StackFile, *, elapsed: float | None = None, degraded: 
     if state_dir == default_state_dir(env).expanduser().absolute():
         client, down = "vnetctl", "vnetctl down"
     else:
-        client = f"vnetctl --nats {stack.nats_url}"
+        # The state directory, not --nats: the credentials are found there too.
+        client = f"VNET_STATE_DIR={shlex.quote(str(state_dir))} vnetctl"
         down = f"vnetctl down --state-dir {shlex.quote(str(state_dir))}"
     stop = (f"{down}   (or Ctrl-C here)" if not stack.detached else down)
     lines += [

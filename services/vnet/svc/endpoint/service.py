@@ -2,7 +2,7 @@
 
 Operations (subjects in ``contracts/subjects.py``, types in ``contracts/endpoint.py``):
 create, get, list, delete; ``desired.get`` (a node's desired state) and ``node.list``.
-Node workers register on ``vnet.node.register`` (request/reply, repeated as a
+Node workers register on ``vnet.node.<node>.register`` (request/reply, repeated as a
 heartbeat); that subject is served by a plain queue subscription rather than an
 operation because clients may not publish on it (ops/nats/nats.conf), and every
 operation must be callable by a client.
@@ -21,7 +21,7 @@ No partial state: anything failing after the allocation releases it; a crash in
 between leaves an allocation whose owner is not in the endpoint index, which the
 IPAM garbage collector releases after its grace period.
 
-Statuses: the node worker publishes ``vnet.evt.endpoint.status.<id>`` (ready, failed
+Statuses: the node worker publishes ``vnet.evt.endpoint.status.<node>.<id>`` (ready, failed
 with a reason, or deleted); a durable JetStream consumer shared by the replicas folds
 them into the records (later versions win). A request with ``wait`` also listens on
 that subject itself, so it answers as soon as the node has.
@@ -93,7 +93,9 @@ HEARTBEAT_MISSES = 3  # a node is gone after this many missed heartbeats
 NODE_WATCH_S = 0.25  # how often expired node registrations are looked for
 NODE_CALL_TIMEOUT_S = 2.0
 WAIT_POLL_S = 1.0  # a waiting request also re-reads the record this often
-STATUS_DURABLE = "vnet-endpoint-status"
+# v2: the status subject gained the node id (vnet.evt.endpoint.status.<node>.<id>); a durable
+# made for the old filter would keep it, so the new one has a new name.
+STATUS_DURABLE = "vnet-endpoint-status-v2"
 NETDEL_DURABLE = "vnet-endpoint-netdel"
 HOST_NETNS_DEFAULT = "/proc/1/ns/net"
 
@@ -143,9 +145,9 @@ async def _start(rt: Runtime) -> None:
     ]
     rt.state["consumers"] = consumers
     try:
-        rt.state["register_sub"] = await rt.nc.subscribe(subjects.NODE_REGISTER.template,
+        rt.state["register_sub"] = await rt.nc.subscribe(subjects.NODE_REGISTER.wildcard(),
                                                          queue=f"vnet-{SERVICE.name}", cb=on_register)
-        rt.state["deregister_sub"] = await rt.nc.subscribe(subjects.NODE_DEREGISTER.template,
+        rt.state["deregister_sub"] = await rt.nc.subscribe(subjects.NODE_DEREGISTER.wildcard(),
                                                            queue=f"vnet-{SERVICE.name}", cb=on_deregister)
         await consumers[0].start(on_status)
         await consumers[1].start(on_network_deleted)
@@ -220,13 +222,26 @@ def _parse_ip(value: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Ad
 
 # --- node registry --------------------------------------------------------------------------
 
+def subject_node(subject: str, position: int = 2) -> str:
+    """The node id token of a node-scoped subject (``vnet.node.<node>.register``)."""
+    parts = subject.split(".")
+    return parts[position] if len(parts) > position else ""
+
+
 async def _on_register(rt: Runtime, msg: Msg) -> None:
-    """``vnet.node.register``: request/reply by hand (see the module docstring)."""
+    """``vnet.node.<node>.register``: request/reply by hand (see the module docstring).
+
+    The bus lets a node identity publish only on its own subject; a body naming another
+    node is refused, so one node cannot register (or re-address) another."""
     tmpl = subjects.NODE_REGISTER.template
     with tracing.process_span(tmpl, msg.subject, msg.headers) as span:
         headers: dict[str, str] = {}
         try:
             req = codec.decode(msg.data, NodeRegister)
+            if req.node != subject_node(msg.subject):
+                raise E.make(E.INVALID_REQUEST, f"node {req.node!r} must register on its own subject "
+                             f"{subjects.NODE_REGISTER.template.replace('{node}', req.node)}, not {msg.subject}",
+                             node=req.node)
             body = codec.encode(await register_node(rt, req))
         except E.VNetError as err:
             tracing.mark_error(span, err.code, err.message)
@@ -284,11 +299,14 @@ async def _membership(rt: Runtime, event: str, body: NodeMembership) -> None:
 
 
 async def _on_deregister(rt: Runtime, msg: Msg) -> None:
-    """``vnet.node.deregister`` (fire and forget): a graceful stop removes the node now."""
+    """``vnet.node.<node>.deregister`` (fire and forget): a graceful stop removes the node now."""
     try:
         req = codec.decode(msg.data, NodeDeregister)
     except E.VNetError as err:
         log.info("ignoring a malformed node deregistration: %s", err.message)
+        return
+    if req.node != subject_node(msg.subject):  # only a node's own identity may take it out
+        log.warning("ignoring a deregistration of node %s sent on %s", req.node, msg.subject)
         return
     info = await _store(rt).deregister_node(req.node, req.instance)
     if info is not None:
@@ -447,8 +465,29 @@ async def _check_netns_on_node(ctx: Ctx, node: str, netns: str) -> None:
 
 # --- create ---------------------------------------------------------------------------------------
 
+def status_event(msg: Msg) -> EndpointStatusEvent | None:
+    """The status report in ``msg`` if it may be believed, else None (logged).
+
+    ``vnet.evt.endpoint.status.<node>.<id>``: the bus lets only node ``<node>`` publish there
+    (vnet.contracts.permissions), so the body must name that node and that endpoint; the
+    store then folds it in only if the endpoint lives on that node and the version is newer.
+    """
+    try:
+        ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("ignoring a malformed status event on %s: %s", msg.subject, exc)
+        return None
+    parts = msg.subject.split(".")
+    if len(parts) != 6 or parts[4] != ev.node or parts[5] != ev.endpoint_id:
+        log.warning("ignoring a status event for endpoint %s from node %s sent on %s", ev.endpoint_id, ev.node,
+                    msg.subject)
+        return None
+    return ev
+
+
 class _StatusWaiter:
-    """Listens on ``vnet.evt.endpoint.status.<id>`` (core NATS sees JetStream publishes too)."""
+    """Listens on ``vnet.evt.endpoint.status.<node>.<id>`` of the endpoint's own node (core
+    NATS sees JetStream publishes too)."""
 
     def __init__(self, rt: Runtime, ident: str, wanted: frozenset[str]) -> None:
         self.rt = rt
@@ -456,14 +495,19 @@ class _StatusWaiter:
         self.wanted = wanted
         self.got: asyncio.Future[EndpointStatusEvent] = asyncio.get_running_loop().create_future()
         self.sub: Subscription | None = None
+        self.node: str | None = None
 
     async def start(self) -> None:
-        self.sub = await self.rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.format(id=self.ident), cb=self._cb)
+        info = await _store(self.rt).get(self.ident)
+        if info is None:  # nothing to wait for: the caller's poll of the record sees that
+            return
+        self.node = info.node
+        self.sub = await self.rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.format(node=info.node, id=self.ident),
+                                              cb=self._cb)
 
     async def _cb(self, msg: Msg) -> None:
-        try:
-            ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        ev = status_event(msg)
+        if ev is None or ev.node != self.node:
             return
         if ev.status in self.wanted and not self.got.done():
             self.got.set_result(ev)
@@ -929,10 +973,8 @@ async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:
 # --- events ---------------------------------------------------------------------------------------
 
 async def _on_status(rt: Runtime, msg: Msg) -> None:
-    try:
-        ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("ignoring a malformed status event on %s: %s", msg.subject, exc)
+    ev = status_event(msg)
+    if ev is None:
         return
     res = await _apply_status(_store(rt), ev)
     if res not in ("ok", "ignored", "stale", "missing"):

@@ -2,7 +2,7 @@
 
 ::
 
-    start:   probe the kernel (which drivers really work) -> register (vnet.node.register,
+    start:   probe the kernel (which drivers really work) -> register (vnet.node.<node>.register,
              repeated as a heartbeat) -> fetch the desired state (vnet.endpoint.desired.get)
              -> full reconcile
     events:  vnet.evt.endpoint.{created,deleted}.<id> of this node, vnet.evt.network.deleted.<id>
@@ -11,7 +11,7 @@
     timer:   every ``resync_s`` (default 10 s) fetch the desired state again and reconcile the
              whole host: drift (an interface or address removed by hand) is repaired, a
              missed event is caught up, and a converged host costs zero kernel writes
-    report:  vnet.evt.endpoint.status.<id> {node, status ready|failed|deleted, reason}, only
+    report:  vnet.evt.endpoint.status.<node>.<id> {node, status ready|failed|deleted, reason}, only
              when an endpoint's status differs from what the endpoint service has recorded
     policy:  the PolicyAgent (vnet.adapters.nftables) fetches this node's ruleset
              (vnet.policy.ruleset.get) and applies it in one ``nft -f``: before the first
@@ -268,7 +268,7 @@ class NodeWorker:
         if not self.registered:
             return
         try:
-            await self.rt.nc.publish(subjects.NODE_DEREGISTER.template,
+            await self.rt.nc.publish(subjects.NODE_DEREGISTER.format(node=self.node),
                                      codec.encode(NodeDeregister(node=self.node, instance=self.rt.instance)))
             await self.rt.nc.flush(timeout=2)
         except Exception as exc:  # the heartbeat timeout covers it
@@ -436,7 +436,7 @@ class NodeWorker:
                            heartbeat_s=self.heartbeat_s, version=self.rt.defn.version, isolation=self.isolation,
                            wg_public_key=self.wg_public_key, wg_port=self.wg_port)
         reply, _ = await nats_adapter.request(self.rt.nc, subjects.NODE_REGISTER, req, NodeRegistered,
-                                              timeout=self.rt.config.request_timeout_s)
+                                              timeout=self.rt.config.request_timeout_s, params={"node": self.node})
         if reply.wg_address is not None:
             self.wg_address = reply.wg_address
         return reply
@@ -695,7 +695,10 @@ class NodeWorker:
             ev = EndpointStatusEvent(endpoint_id=eid, node=self.node, status=state,  # type: ignore[arg-type]
                                      reason=reason, code=code, version=v)
             try:
-                await self.rt.publish_event("endpoint", "status", eid, ev, msg_id=f"endpoint.status.{eid}.{v}")
+                # On this node's own subject: the bus lets this node publish nowhere else.
+                await nats_adapter.publish_event(
+                    self.rt.js, subjects.EVT_ENDPOINT_STATUS.format(node=self.node, id=eid), ev,
+                    msg_id=f"endpoint.status.{eid}.{v}", template=subjects.EVT_ENDPOINT_STATUS.template)
             except Exception as exc:  # not recorded as reported: the next reconcile tries again
                 log.info("node %s: could not report the status of %s: %s", self.node, eid, exc)
                 return
