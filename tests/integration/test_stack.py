@@ -3,6 +3,11 @@
 Each stack lives in a state directory under the run's temp root and (as root) gets a
 sandbox namespace named ``<run prefix>-vnet-<id>-host``; whatever a test leaves, pass
 or fail, is killed and deleted by :class:`Leftovers`.
+
+The tests run in any order, or alone: the ones that only look share one detached stack,
+found whole (every component listed) before each of them; the one that takes a stack down
+brings up its own. Deadlines count from the step they wait for, and are generous: a
+busy machine starts Python processes slowly.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ import pytest
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.stack import StackFile, apply_running_stack, pid_alive, read_stack_file
 
-pytestmark = [pytest.mark.stack, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
 
 VNETCTL = str(Path(sys.executable).parent / "vnetctl")
 COMPONENTS = {"ipam", "network", "endpoint", "policy", "metrics", "node"}
 IS_ROOT = os.geteuid() == 0
 # The metrics service can need a while to drain; the tests need not wait 10 s for it.
 STOP_TIMEOUT = "5"
+WAIT_S = 90.0  # for processes to start, restart or stop: seconds on a quiet machine
 
 
 def _env(state_dir: Path | None = None) -> dict[str, str]:
@@ -40,7 +46,7 @@ def _env(state_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-def _ctl(*args: str | Path, state_dir: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def _ctl(*args: str | Path, state_dir: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([VNETCTL, *map(str, args)], env=_env(state_dir), capture_output=True, text=True,
                           timeout=timeout, check=False)
 
@@ -145,28 +151,50 @@ class Leftovers:
         (self.state_dir / "stack.json").unlink(missing_ok=True)
 
 
-# --- a detached stack, shared by the tests of this module (down is the last one) ---------
+# --- a detached stack, shared by the tests that only look at it -----------------------------
 
 class Detached:
-    def __init__(self, state_dir: Path, leftovers: Leftovers, started: float, stack: StackFile, out: str) -> None:
+    def __init__(self, state_dir: Path, leftovers: Leftovers, stack: StackFile, out: str) -> None:
         self.state_dir = state_dir
         self.leftovers = leftovers
-        self.started = started
         self.stack = stack
         self.out = out
 
 
+def _up_detached(state_dir: Path, left: Leftovers) -> Detached:
+    res = _ctl("up", "--detach", "--state-dir", state_dir, "--stop-timeout", STOP_TIMEOUT, timeout=WAIT_S * 2)
+    st = left.remember()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert st is not None and st.status == "ready"
+    return Detached(state_dir, left, st, res.stdout)
+
+
 @pytest.fixture(scope="module")
-def detached(tmp_root: Path, run_prefix: str) -> Iterator[Detached]:
+def shared_stack(tmp_root: Path, run_prefix: str) -> Iterator[Detached]:
     state_dir = tmp_root / "stack-detached"
     left = Leftovers(state_dir, run_prefix)
     try:
-        t0 = time.monotonic()
-        res = _ctl("up", "--detach", "--state-dir", state_dir, "--stop-timeout", STOP_TIMEOUT, timeout=90)
-        st = left.remember()
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert st is not None and st.status == "ready"
-        yield Detached(state_dir, left, t0, st, res.stdout)
+        yield _up_detached(state_dir, left)
+    finally:
+        left.cleanup()
+
+
+@pytest.fixture
+def detached(shared_stack: Detached) -> Detached:
+    """The shared stack, whole: every component listed (a service killed by an earlier test is
+    back), and its stack file as it is now."""
+    _wait_status(shared_stack.state_dir, time.monotonic() + WAIT_S)
+    shared_stack.stack = _stack(shared_stack.state_dir)
+    return shared_stack
+
+
+@pytest.fixture
+def own_stack(tmp_root: Path, run_prefix: str) -> Iterator[Detached]:
+    """A detached stack of this test's own, for one that takes it down."""
+    state_dir = tmp_root / "stack-own"
+    left = Leftovers(state_dir, run_prefix)
+    try:
+        yield _up_detached(state_dir, left)
     finally:
         left.cleanup()
 
@@ -176,13 +204,13 @@ def test_up_detached_lists_every_service_and_one_node(detached: Detached) -> Non
     for what in (str(detached.state_dir), detached.stack.nats_url, detached.stack.redis_url,
                  detached.stack.metrics_url, "logs", "status", "health network", "vnetctl down"):
         assert what in detached.out, f"`up` did not print {what!r}:\n{detached.out}"
-    rows = _wait_status(detached.state_dir, detached.started + 30)
+    rows = _wait_status(detached.state_dir, time.monotonic() + WAIT_S)
     nodes = [r for r in rows if r["name"] == "node"]
     assert len(nodes) == 1 and nodes[0]["metadata"]["vnet.node"] == detached.stack.node_id
     assert set(detached.stack.processes) == COMPONENTS | {"nats-server", "valkey-server"}
     for name in detached.stack.processes:
         assert (detached.state_dir / "logs" / f"{name}.log").exists()
-    with urllib.request.urlopen(detached.stack.metrics_url, timeout=5) as resp:
+    with urllib.request.urlopen(detached.stack.metrics_url, timeout=30) as resp:
         assert b"vnet_networks_total" in resp.read()
     if IS_ROOT:
         assert detached.stack.netns and detached.stack.netns in _netns_list()
@@ -195,17 +223,16 @@ def test_killed_service_is_restarted(detached: Detached) -> None:
     before = _stack(detached.state_dir)
     old = before.processes["network"]
     os.kill(old.pid, signal.SIGKILL)
-    t0 = time.monotonic()
-    deadline = t0 + 10
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         st = detached.leftovers.remember()
         if st is not None and st.processes["network"].pid != old.pid:
             break
         time.sleep(0.1)
     else:
-        pytest.fail("the supervisor did not restart the network service within 10 s")
+        pytest.fail(f"the supervisor did not restart the network service within {WAIT_S} s")
     assert st.processes["network"].restarts == old.restarts + 1
-    _wait_status(detached.state_dir, deadline)
+    _wait_status(detached.state_dir, time.monotonic() + WAIT_S)
     assert not pid_alive(old.pid, old.start_time)
     # Everything else kept running untouched.
     for name, p in before.processes.items():
@@ -243,7 +270,7 @@ def test_port_in_use_is_named(detached: Detached, tmp_root: Path) -> None:
 def test_demo_does_the_main_job(detached: Detached, run_prefix: str) -> None:
     """`vnetctl demo`: networks, containers, reachability that matches explain, all removed after."""
     before = _netns_list()
-    res = _ctl("demo", state_dir=detached.state_dir, timeout=120)
+    res = _ctl("demo", state_dir=detached.state_dir, timeout=WAIT_S * 2)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     for src, dst, seen in (("a", "b", "reaches"), ("b", "a", "reaches"), ("a", "c", "blocked"),
@@ -254,13 +281,14 @@ def test_demo_does_the_main_job(detached: Detached, run_prefix: str) -> None:
     assert not [n for n in _netns_list() if n.startswith(f"{run_prefix}-demo")]
 
 
-def test_down_leaves_nothing(detached: Detached) -> None:
-    st = detached.leftovers.remember()
+def test_down_leaves_nothing(own_stack: Detached) -> None:
+    st = own_stack.leftovers.remember()
     assert st is not None
-    res = _ctl("down", "--state-dir", detached.state_dir, timeout=60)
+    _wait_status(own_stack.state_dir, time.monotonic() + WAIT_S)
+    res = _ctl("down", "--state-dir", own_stack.state_dir, timeout=WAIT_S)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert_nothing_left(detached.state_dir, detached.leftovers.seen)
-    again = _ctl("down", "--state-dir", detached.state_dir)
+    assert_nothing_left(own_stack.state_dir, own_stack.leftovers.seen)
+    again = _ctl("down", "--state-dir", own_stack.state_dir)
     assert again.returncode == 0 and "nothing to stop" in again.stdout
 
 
@@ -273,7 +301,7 @@ def test_foreground_ctrl_c_leaves_nothing(tmp_root: Path, run_prefix: str) -> No
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + WAIT_S
         st = None
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"`vnetctl up` exited early:\n{proc.communicate()[0]}"
@@ -282,12 +310,12 @@ def test_foreground_ctrl_c_leaves_nothing(tmp_root: Path, run_prefix: str) -> No
                 break
             time.sleep(0.1)
         else:
-            pytest.fail("the foreground stack was not ready within 30 s")
+            pytest.fail(f"the foreground stack was not ready within {WAIT_S} s")
         assert st is not None
         assert st.supervisor_pid == proc.pid
-        _wait_status(state_dir, time.monotonic() + 10)
+        _wait_status(state_dir, time.monotonic() + WAIT_S)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=WAIT_S)
         assert proc.returncode == 0, out
         assert "ready" in out and "stopped" in out, out
         assert_nothing_left(state_dir, left.seen)
