@@ -68,8 +68,9 @@ class RulePage(msgspec.Struct, kw_only=True):
 
 
 class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Why can (or cannot) ``src`` open a connection to ``dst``? Each is an endpoint id
-    or an IP address (an address no network holds is external)."""
+    """Why can (or cannot) ``src`` open a connection to ``dst``? Each is an endpoint id, a
+    container name (of a container attached to several networks, the endpoint pair the flow
+    takes) or an IP address (an address no network holds is external)."""
 
     src: Ref
     dst: Ref
