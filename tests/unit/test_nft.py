@@ -1,10 +1,24 @@
-"""Rendering a ruleset to one nft script (pure; the kernel tests apply it for real)."""
+"""Rendering a ruleset to one nft script, and element deltas between rulesets (pure; the
+kernel tests apply them for real)."""
 
 from __future__ import annotations
 
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from vnet.core import naming, nft
 from vnet.core.model import IsolationMode
-from vnet.core.policy import AllowRule, Policy, PolicyEndpoint, PolicyNetwork, PortSpec, Selector
+from vnet.core.policy import (
+    AllowRule,
+    Policy,
+    PolicyEndpoint,
+    PolicyNetwork,
+    PortSpec,
+    Published,
+    Ruleset,
+    Selector,
+)
 
 
 def policy() -> Policy:
@@ -47,7 +61,7 @@ def test_bindings_and_elements() -> None:
     assert f'"{v1}" . 02:00:00:00:00:01 . 10.1.0.5' in s
     assert f'"{v1}" . 02:00:00:00:00:01 . 0.0.0.0' in s  # ARP probes with the right MAC
     assert f'"{naming.veth_name("e3")}" . 02:00:00:00:00:03 . fd00:2::5' in s
-    assert "10.1.0.5 . 10.1.0.6 . tcp . 80-90" in s
+    assert "meta l4proto tcp th dport 80-90 accept" in s and "iifname . oifname @rel_pairs ip saddr @e4_" in s
     assert "masquerade" in s and f'"{naming.bridge_name("b")}"' in s
     fp = s[s.index("chain from_port {"):]
     # anti-spoofing first, nothing in it accepts
@@ -57,3 +71,122 @@ def test_bindings_and_elements() -> None:
 def test_delete_script() -> None:
     assert nft.render_delete() == ("table inet vnet\ndelete table inet vnet\n"
                                    "table bridge vnet\ndelete table bridge vnet\n")
+
+
+def test_delta_of_an_attach_is_a_few_elements_whatever_the_size() -> None:
+    """One more endpoint in a Full network with a network-wide rule: the same handful of
+    element lines with 2 or 200 endpoints already there, and no rule or set declared."""
+    def world(n: int) -> Policy:
+        nets = [PolicyNetwork(id="a", mode=IsolationMode.FULL, cidrs=("10.1.0.0/16",))]
+        eps = [PolicyEndpoint(id=f"e{i:04d}", network="a", ips=(f"10.1.{i // 250}.{2 + i % 250}",),
+                              mac=f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", node="h", labels={"app": "web"})
+               for i in range(n)]
+        rules = [AllowRule(id="r", from_=[Selector(network="a")], to=[Selector(labels={"app": "web"})],
+                           ports=[PortSpec(protocol="tcp", port=80)])]
+        return Policy(nets, eps, rules)
+
+    for n in (2, 200):
+        before = world(n).compile("h")
+        after = world(n + 1).compile("h")
+        assert nft.structure(before) == nft.structure(after)
+        script, count = nft.delta(nft.elements(before), after)
+        # mac/ip4/arp(2)/full_ports bindings + the two sets that select it
+        assert count == 7, script
+        # one line per set touched (ARP: the address and the 0.0.0.0 probe in one line)
+        assert "delete element" not in script and script.count("add element") == 6
+        back, count = nft.delta(nft.elements(after), before)
+        assert count == 7 and back.count("delete element") == 6 and "add element" not in back
+        assert nft.delta(nft.elements(after), after) == ("", 0)
+
+
+def test_a_map_value_change_is_delete_then_add() -> None:
+    rs = policy().compile("h")
+    one = msgspec.structs.replace(rs, published4=[("tcp", 8080, "10.1.0.5", 80)])
+    two = msgspec.structs.replace(rs, published4=[("tcp", 8080, "10.1.0.6", 80)])
+    script, n = nft.delta(nft.elements(one), two)
+    lines = script.splitlines()
+    assert lines[0] == "delete element inet vnet published4 { tcp . 8080 }"  # by key, first
+    assert "add element inet vnet published4 { tcp . 8080 : 10.1.0.6 . 80 }" in lines
+    assert n == 4  # the map entry and the ingress element, each out and in
+
+
+def test_listing_parses_back_to_the_elements() -> None:
+    """parse_listing on the JSON nft prints (shapes: concat, prefix, range, map, verdict)."""
+    doc = {"nftables": [
+        {"metainfo": {"json_schema_version": 1}},
+        {"table": {"family": "inet", "name": "vnet", "handle": 3}},
+        {"set": {"family": "inet", "name": "c4_x", "table": "vnet", "type": "ipv4_addr", "handle": 4,
+                 "flags": ["interval"], "elem": [{"prefix": {"addr": "8.8.0.0", "len": 16}},
+                                                 {"range": ["10.0.0.1", "10.0.0.9"]}, "1.2.3.4"]}},
+        {"map": {"family": "inet", "name": "net_pairs", "table": "vnet", "type": ["ifname", "ifname"],
+                 "map": "verdict", "handle": 5,
+                 "elem": [[{"concat": ["vnb-a", "vnb-a"]}, {"accept": None}]]}},
+        {"map": {"family": "inet", "name": "published4", "table": "vnet", "handle": 6,
+                 "type": ["inet_proto", "inet_service"], "map": ["ipv4_addr", "inet_service"],
+                 "elem": [[{"concat": ["tcp", 8080]}, {"concat": ["10.1.0.5", 80]}]]}},
+    ]}
+    st1, el = nft.parse_listing([("inet", doc)])
+    assert el[("inet", "c4_x")] == {"8.8.0.0/16", "10.0.0.1-10.0.0.9", "1.2.3.4"}
+    assert el[("inet", "net_pairs")] == {"vnb-a . vnb-a : accept"}
+    assert el[("inet", "published4")] == {"tcp . 8080 : 10.1.0.5 . 80"}
+    doc["nftables"][2]["set"]["elem"] = []
+    doc["nftables"][2]["set"]["handle"] = 99
+    st2, _ = nft.parse_listing([("inet", doc)])
+    assert st1 == st2  # elements and handles are not structure
+
+
+# --------------------------------------------------------------------------- property: deltas = scratch
+
+NETS = [PolicyNetwork(id="a", mode=IsolationMode.FULL, cidrs=("10.5.1.0/24", "fd00:5:1::/64")),
+        PolicyNetwork(id="b", mode=IsolationMode.PEER_ONLY, cidrs=("10.5.2.0/24",), connected=("c",)),
+        PolicyNetwork(id="c", mode=IsolationMode.MESH_ONLY, cidrs=("10.5.3.0/24",), connected=("b",))]
+RULES = [AllowRule(id="r1", from_=[Selector(network="a")], to=[Selector(labels={"tier": "db"})],
+                   ports=[PortSpec(protocol="tcp", port=5432)]),
+         AllowRule(id="r2", from_=[Selector(labels={"tier": "web"}), Selector(cidr="192.0.2.0/24")],
+                   to=[Selector(network="b"), Selector(cidr="10.5.3.0/25")]),
+         AllowRule(id="r3", from_=[Selector(endpoint="x3")], to=[Selector(cidr="8.8.8.0/24")])]
+
+
+def _ep(i: int, net: str, tier: str, node: str, pub: bool) -> PolicyEndpoint:
+    k = "abc".index(net) + 1
+    ips = (f"10.5.{k}.{10 + i}",) + ((f"fd00:5:1::{10 + i:x}",) if net == "a" else ())
+    return PolicyEndpoint(id=f"x{i}", network=net, ips=ips, mac=f"02:00:00:00:05:{i:02x}", node=node,
+                          labels={"tier": tier},
+                          published=(Published(protocol="tcp", host_port=9000 + i, port=80),) if pub else ())
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 11), st.sampled_from("abc"), st.sampled_from(["web", "db"]),
+                              st.sampled_from(["h", "h", "o"]), st.booleans(), st.booleans()),
+                    min_size=1, max_size=25))
+def test_node_side_deltas_equal_the_engine(ops: list[tuple[int, str, str, str, bool, bool]]) -> None:
+    """Attaches and detaches applied to a ruleset on the node (Ruleset.with_endpoint /
+    without_endpoint) give the ruleset the engine compiles from scratch, or say they
+    cannot (then the node fetches the engine's)."""
+    live: dict[str, PolicyEndpoint] = {}
+    # every network in play here from the start (one endpoint each that stays)
+    for i, n in enumerate("abc"):
+        live[f"s{i}"] = PolicyEndpoint(id=f"s{i}", network=n, ips=(f"10.5.{i + 1}.250",),
+                                       mac=f"02:00:00:00:06:{i:02x}", node="h")
+    rs: Ruleset | None = Policy(NETS, live.values(), RULES).compile("h")
+    for i, net, tier, node, pub, attach in ops:
+        eid = f"x{i}"
+        if attach and eid not in live:
+            e = _ep(i, net, tier, node, pub)
+            live[eid] = e
+            assert rs is not None
+            nxt = rs.with_endpoint(e, local=node == "h", bridge=naming.bridge_name(net))
+        elif not attach and eid in live:
+            e = live.pop(eid)
+            assert rs is not None
+            nxt = rs.without_endpoint(e, local=e.node == "h")
+        else:
+            continue
+        scratch = Policy(NETS, live.values(), RULES).compile("h")
+        if nxt is None:  # the node fetches the engine's ruleset
+            rs = scratch
+            continue
+        assert nft.structure(nxt) == nft.structure(scratch)
+        assert nft.elements(nxt) == nft.elements(scratch)
+        assert nxt.version() == scratch.version()
+        rs = nxt

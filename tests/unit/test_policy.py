@@ -17,7 +17,6 @@ from vnet.core import naming
 from vnet.core.model import IsolationMode
 from vnet.core.policy import (
     AllowRule,
-    FamilySets,
     Policy,
     PolicyEndpoint,
     PolicyNetwork,
@@ -158,13 +157,26 @@ def test_compile_layout() -> None:
     br = naming.bridge_name
     assert (br("n"), br("n")) in rs.net_pairs and (br("m"), br("n")) in rs.net_pairs
     assert (br("f"), br("f")) not in rs.net_pairs and (br("p"), br("m")) not in rs.net_pairs
+    assert (br("f"), br("f")) in rs.rel_pairs and (br("f"), br("m")) in rs.rel_pairs
+    assert (br("f"), br("p")) not in rs.rel_pairs  # siblings of m are not related
     assert rs.none_bridges == sorted([br("n"), br("u")])
-    assert rs.internal4.port == [("10.9.1.10", "10.9.1.11", "tcp", 80, 90)]  # adjacent ranges merged
-    assert rs.egress4.all == [("10.9.1.10", "8.8.0.0/16"), ("10.9.1.11", "8.8.0.0/16")]  # covered cidr folded
+    sets = {x.name: x for x in rs.sets}
+    ports = [(ln.chain, sets[ln.src].elements, sets[ln.dst].elements, ln.proto, ln.lo, ln.hi)
+             for ln in rs.lines if ln.proto == "tcp" and ln.family == 4]
+    assert sorted(ports) == [("int", ["10.9.1.10"], ["10.9.1.11"], "tcp", 80, 80),
+                             ("int", ["10.9.1.10"], ["10.9.1.11"], "tcp", 81, 90)]
+    out = [ln for ln in rs.lines if ln.chain == "out" and ln.family == 4]
+    assert len(out) == 1 and sets[out[0].src].elements == ["10.9.1.10", "10.9.1.11"]
+    assert sets[out[0].dst].elements == ["8.8.0.0/16"]  # covered cidr folded
     f1 = next(p for p in rs.ports if p.endpoint == "f1")
     assert f1.ifname == naming.veth_name("f1") and f1.full and f1.ipv4 == ("10.9.1.10",)
     assert world(rules).compile("other").ports == []
     assert rs.version() == world(rules).compile("h1").version()
+    # the structure grows with the rules, never with the endpoints
+    more = Policy(list(world().networks.values()),
+                  [*world().endpoints.values(), ep("f3", "f", "10.9.1.12"), ep("f4", "f", "10.9.1.13")], rules)
+    rs2 = more.compile("h1")
+    assert rs2.lines == rs.lines and [x.name for x in rs2.sets] == [x.name for x in rs.sets]
 
 
 # --------------------------------------------------------------------------- property
@@ -178,13 +190,16 @@ def _in(addr: str, spec: str) -> bool:
     return a in ipaddress.ip_network(spec)
 
 
-def _sets_match(fs: FamilySets, s: str, d: str, proto: str, port: int | None) -> bool:
-    if any(_in(s, x) and _in(d, y) for x, y in fs.all):
-        return True
-    if any(_in(s, x) and _in(d, y) and p == proto for x, y, p in fs.proto):
-        return True
-    return port is not None and any(_in(s, x) and _in(d, y) and p == proto and lo <= port <= hi
-                                    for x, y, p, lo, hi in fs.port)
+def _lines_match(rs: Ruleset, chain: str, s: str, d: str, proto: str, port: int | None) -> bool:
+    sets = {x.name: x for x in rs.sets}
+    for ln in rs.lines:
+        if ln.chain != chain or ln.family != 4:
+            continue
+        if not any(_in(s, x) for x in sets[ln.src].elements) or not any(_in(d, x) for x in sets[ln.dst].elements):
+            continue
+        if not ln.proto or (ln.proto == proto and (not ln.lo or (port is not None and ln.lo <= port <= ln.hi))):
+            return True
+    return False
 
 
 def simulate(rs: Ruleset, src_br: str | None, dst_br: str | None, s: str, d: str, proto: str,
@@ -193,11 +208,13 @@ def simulate(rs: Ruleset, src_br: str | None, dst_br: str | None, s: str, d: str
     if src_br is not None and dst_br is not None:
         if (src_br, dst_br) in rs.net_pairs:
             return True
-        return _sets_match(rs.internal4, s, d, proto, port)
+        return (src_br, dst_br) in rs.rel_pairs and _lines_match(rs, "int", s, d, proto, port)
     if src_br is not None:
-        return src_br in rs.none_bridges or _sets_match(rs.egress4, s, d, proto, port)
+        return src_br in rs.none_bridges or _lines_match(rs, "out", s, d, proto, port)
     assert dst_br is not None
-    return dst_br in rs.none_bridges or _sets_match(rs.ingress4, s, d, proto, port)
+    if dst_br in rs.none_bridges or any(a == d and p == proto and cp == port for p, _, a, cp in rs.published4):
+        return True
+    return _lines_match(rs, "in", s, d, proto, port)
 
 
 @st.composite
@@ -281,5 +298,7 @@ def test_published_ports() -> None:
     assert not p.verdict("198.51.100.1", "a", "udp", 80).allowed
     rs = p.compile("h")
     assert rs.published4 == [("tcp", 8080, "10.9.1.10", 80), ("udp", 53, "10.9.4.10", 5353)]
-    assert rs.ingress4.port == [("0.0.0.0/0", "10.9.1.10", "tcp", 80, 80)]
+    br = p.networks["f"].bridge_name()
+    assert simulate(rs, None, br, "198.51.100.1", "10.9.1.10", "tcp", 80)
+    assert not simulate(rs, None, br, "198.51.100.1", "10.9.1.10", "tcp", 8080)
     assert not p.verdict("198.51.100.1", "b", "tcp", 80).allowed  # b lost host port 8080 to a

@@ -1,21 +1,30 @@
-"""Apply the rendered policy to one host namespace with ``nft -f -`` (one transaction).
+"""Apply the policy to one host namespace: element deltas, whole rulesets only when the
+structure changes (one transaction either way).
 
 ::
 
     enf = NftEnforcer(host_netns="vt1-h1")     # None: the namespace this process runs in
     enf.support()                              # br_netfilter present and on? nft there?
-    res = enf.sync(script)                     # applies when new, or when our tables drifted
-    res.wrote, res.reason                      # False, "unchanged" on a converged host
+    res = enf.sync_ruleset(rs)                 # a delta of set elements (or the whole ruleset
+                                               # when its structure changed): one transaction
+    res = enf.sync_ruleset(rs, check=True)     # + read the kernel back: drift repaired
+    res.wrote, res.reason, res.elements        # False, "unchanged", 0 on a converged host
+    res = enf.sync(script)                     # a whole rendered script (tests, tools)
 
 Rules of the road:
 
-* one ``nft -f -`` per change: the script replaces ``table inet vnet`` and ``table
-  bridge vnet`` (``table X; delete table X; table X {...}``) atomically — never one
-  call per rule, and nobody else's table is touched;
-* the namespace is entered by the child process (``nsenter --net=<path>``), never by
-  this process or one of its threads;
-* :meth:`sync` reads our tables back (``nft -j list table ...``) and compares them
-  with what the last apply left; a table deleted or altered by hand is restored;
+* one transaction per change: a delta (``delete element`` / ``add element`` lines of
+  :func:`vnet.core.nft.delta`) when the structure is the one in the kernel, else the
+  whole script replacing ``table inet vnet`` and ``table bridge vnet`` (``table X;
+  delete table X; table X {...}``) atomically — never one call per rule, and nobody
+  else's table is touched;
+* the mechanism, chosen by measurement (``docs/dataplane.md``): libnftables loaded
+  in-process (:mod:`vnet.adapters.libnft`, ~0.1 ms per delta), run on a thread that
+  enters the host namespace for the call; ``nft -f -`` in a child that enters it
+  (``nsenter --net=<path>``, ~3 ms) where the library is missing;
+* ``check=True`` (the periodic resync) reads our tables back and compares their
+  structure with what the last whole apply left and their elements with the ruleset:
+  a table deleted or altered by hand is restored, a converged host costs no write;
 * fail static: nothing here removes our tables except an explicit :meth:`delete`;
   a stopping worker leaves the last ruleset enforcing.
 
@@ -34,6 +43,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +51,16 @@ from typing import Any
 import msgspec
 
 from vnet.adapters import nats as nats_adapter
+from vnet.adapters.libnft import LibNft, NftCmdError
+from vnet.adapters.libnft import available as libnft_available
 from vnet.adapters.netlink.nsctx import ns_path
 from vnet.contracts import subjects
 from vnet.contracts.policy import RulesetReply, RulesetRequest
 from vnet.core import errors as E
+from vnet.core import nft as nftr
 from vnet.core.dataplane_model import Support
 from vnet.core.nft import FAMILIES, TABLE, render, render_delete
-from vnet.core.policy import FamilySets, Ruleset
+from vnet.core.policy import PolicyEndpoint, Ruleset
 
 BR_NF = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
 
@@ -58,9 +71,11 @@ class NftError(E.VNetError):
 
 class SyncResult(msgspec.Struct, kw_only=True):
     wrote: bool
-    reason: str  # "unchanged", "new ruleset", "table missing", "table altered", "first apply"
+    reason: str  # "unchanged", "delta", "new ruleset", "new structure", "table missing", "table altered", ...
     duration: float
     version: str = ""
+    elements: int = 0  # set/map elements a delta added or deleted
+    whole: bool = False  # the whole ruleset was written (structure changed, first apply, drift)
 
 
 def _canonical(doc: Any) -> str:
@@ -79,10 +94,22 @@ class NftEnforcer:
     """Our nftables tables in one host namespace (``None``: this process's namespace)."""
 
     def __init__(self, host_netns: str | None = None, *, nft: str = "nft", timeout: float = 20.0,
-                 state_file: str | Path | None = None) -> None:
+                 state_file: str | Path | None = None, mechanism: str | None = None) -> None:
+        """``mechanism``: "libnftables" (default where the library loads) or "subprocess"."""
         self.host_netns = host_netns
         self.nft = nft
         self.timeout = timeout
+        if mechanism is None:
+            mechanism = "libnftables" if libnft_available() else "subprocess"
+        self.mechanism = mechanism
+        self._lib: LibNft | None = None
+        self._lock = threading.RLock()  # one transaction at a time, whichever thread asks
+        # the element path (sync_ruleset): the structure in the kernel and its elements
+        self._struct: str | None = None  # nft.structure() of the last whole apply
+        self._struct_readback: str | None = None  # its kernel listing without elements
+        self._have: nftr.Elements | None = None  # the elements our tables hold
+        self.deltas = 0
+        self.wholes = 0
         # What the last apply wrote (script digest + canonical readback), kept across worker
         # restarts so a restarted worker adopts an intact ruleset instead of rewriting it.
         self.state_file = Path(state_file) if state_file is not None else None
@@ -130,16 +157,46 @@ class NftEnforcer:
                 raise NftError(f"cannot set {p}: {r.stderr.strip() or r.stdout.strip()}")
 
     # -- apply / read ------------------------------------------------------------------
+    def _libnft(self) -> LibNft:
+        if self._lib is None:
+            self._lib = LibNft(self.host_netns)
+        return self._lib
+
+    def execute(self, script: str) -> None:
+        """One transaction through the chosen mechanism; :class:`NftError` with nft's
+        message when refused (nothing changed then)."""
+        with self._lock:
+            if self.mechanism == "libnftables":
+                try:
+                    self._libnft().run(script)
+                except NftCmdError as exc:
+                    raise NftError(exc.message) from None
+                return
+            r = self._run([self.nft, "-f", "-"], stdin=script)
+            if r.returncode != 0:
+                msg = (r.stderr or r.stdout).strip()
+                raise NftError(f"nft refused the ruleset (nothing was changed): {msg[:2000]}")
+
+    def _list(self, fam: str) -> Any | None:
+        if self.mechanism == "libnftables":
+            return self._libnft().run_json(f"list table {fam} {TABLE}")
+        r = self._run([self.nft, "-j", "list", "table", fam, TABLE])
+        if r.returncode != 0:
+            return None
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return None
+
     def apply(self, script: str) -> None:
         """One transaction; raises :class:`NftError` with nft's message (nothing changed then)."""
-        r = self._run([self.nft, "-f", "-"], stdin=script)
-        if r.returncode != 0:
-            msg = (r.stderr or r.stdout).strip()
-            raise NftError(f"nft refused the ruleset (nothing was changed): {msg[:2000]}")
-        self.applies += 1
-        self._applied = script
-        self._readback = self.read()
-        self._save_state(script)
+        with self._lock:
+            self.execute(script)
+            self.applies += 1
+            self._applied = script
+            self._readback = self.read()
+            self._struct = self._struct_readback = self._have = None  # the element path starts over
+            self._save_state(script)
 
     @staticmethod
     def _digest(script: str) -> str:
@@ -177,14 +234,100 @@ class NftEnforcer:
         """Canonical listing of our tables; ``None`` when one of them is missing."""
         parts: list[str] = []
         for fam in FAMILIES:
-            r = self._run([self.nft, "-j", "list", "table", fam, TABLE])
-            if r.returncode != 0:
+            doc = self._list(fam)
+            if doc is None:
                 return None
-            try:
-                parts.append(_canonical(json.loads(r.stdout)))
-            except ValueError:
-                return None
+            parts.append(_canonical(doc))
         return "\n".join(parts)
+
+    def listing(self) -> tuple[str, nftr.Elements] | None:
+        """Our tables as (structure without elements, elements); ``None`` when one is missing."""
+        docs = []
+        for fam in FAMILIES:
+            doc = self._list(fam)
+            if doc is None:
+                return None
+            docs.append((fam, doc))
+        return nftr.parse_listing(docs)
+
+    # -- the element path ----------------------------------------------------------------
+    def sync_ruleset(self, rs: Ruleset, *, check: bool = False) -> SyncResult:
+        """Make our tables hold ``rs``: a delta of elements when the structure in the kernel
+        is ``rs``'s, else the whole ruleset. ``check``: read the kernel back first (drift)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            struct = nftr.structure(rs)
+            reason = ""
+            if self._struct != struct:
+                if self._struct is None and self._adopt_structure(struct):
+                    reason = "adopted from the previous worker"
+                else:
+                    why = "first apply" if self._struct is None else "new structure"
+                    return self._whole(rs, struct, why, t0)
+            elif check:
+                got = self.listing()
+                if got is None:
+                    return self._whole(rs, struct, "table missing", t0)
+                if got[0] != self._struct_readback:
+                    return self._whole(rs, struct, "table altered", t0)
+                if self._have is not None and got[1] != self._have:
+                    reason = "table altered"
+                self._have = got[1]
+            script, n = nftr.delta(self._have or {}, rs)
+            if n == 0:
+                return SyncResult(wrote=False, reason=f"unchanged ({reason})" if reason else "unchanged",
+                                  duration=time.perf_counter() - t0, version=rs.version())
+            try:
+                self.execute(script)
+            except NftError as exc:  # our idea of the kernel was wrong: rewrite it whole
+                return self._whole(rs, struct, f"delta refused ({exc.message[:200]})", t0)
+            self._have = nftr.elements(rs)
+            self.deltas += 1
+            return SyncResult(wrote=True, reason=reason or "delta", duration=time.perf_counter() - t0,
+                              version=rs.version(), elements=n)
+
+    def _whole(self, rs: Ruleset, struct: str, reason: str, t0: float) -> SyncResult:
+        self.execute(render(rs))
+        self.applies += 1
+        self.wholes += 1
+        got = self.listing()
+        self._struct = struct
+        self._struct_readback = got[0] if got is not None else None
+        self._have = nftr.elements(rs)
+        self._applied = self._readback = None  # the script path starts over
+        self._save_structure(struct)
+        return SyncResult(wrote=True, reason=reason, duration=time.perf_counter() - t0, version=rs.version(),
+                          whole=True, elements=sum(len(v) for v in self._have.values()))
+
+    def _save_structure(self, struct: str) -> None:
+        if self.state_file is None or self._struct_readback is None:
+            return
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"structure_sha256": self._digest(struct),
+                                       "structure_readback": self._struct_readback}))
+            os.replace(tmp, self.state_file)
+        except OSError:  # only costs a rewrite after the next restart
+            pass
+
+    def _adopt_structure(self, struct: str) -> bool:
+        """After a restart: the kernel holds the structure the previous worker applied for
+        this very ruleset shape: take it over (its elements become what we have, so only
+        a difference is written)."""
+        if self.state_file is None:
+            return False
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(saved, dict) or saved.get("structure_sha256") != self._digest(struct):
+            return False
+        got = self.listing()
+        if got is None or got[0] != saved.get("structure_readback"):
+            return False
+        self._struct, self._struct_readback, self._have = struct, got[0], got[1]
+        return True
 
     def sync(self, script: str, version: str = "") -> SyncResult:
         """Apply ``script`` unless it is what we applied last and our tables are intact."""
@@ -224,27 +367,46 @@ class NftEnforcer:
 
     def delete(self) -> None:
         """Remove our tables (explicit teardown only; never on worker exit)."""
-        r = self._run([self.nft, "-f", "-"], stdin=render_delete())
-        if r.returncode != 0:
-            raise NftError(f"cannot delete our tables: {(r.stderr or r.stdout).strip()}")
-        self._applied = self._readback = None
+        with self._lock:
+            try:
+                self.execute(render_delete())
+            except NftError as exc:
+                raise NftError(f"cannot delete our tables: {exc.message}") from None
+            self._applied = self._readback = None
+            self._struct = self._struct_readback = self._have = None
+
+    def close(self) -> None:
+        """Release the libnftables context and its thread (the tables stay: fail static)."""
+        with self._lock:
+            lib, self._lib = self._lib, None
+        if lib is not None:
+            lib.close()
 
 
 def empty_ruleset(node: str) -> Ruleset:
     """No endpoint, no network, no rule: our traffic is dropped (fail closed)."""
-    return Ruleset(node=node, bridges=[], none_bridges=[], net_pairs=[], ports=[],
-                   internal4=FamilySets(), internal6=FamilySets(), egress4=FamilySets(), egress6=FamilySets(),
-                   ingress4=FamilySets(), ingress6=FamilySets())
+    return Ruleset(node=node, bridges=[], none_bridges=[], net_pairs=[], ports=[])
 
 
 class PolicyAgent:
-    """The node worker's side of policy: fetch this node's ruleset, apply it, keep it.
+    """The node worker's side of policy: this node's ruleset, kept in the kernel by deltas.
 
     ::
 
         agent = PolicyAgent(nc, node="n1", host_netns=None)
-        agent.start()                 # support check (+ br_netfilter on in a named test namespace)
-        res = await agent.sync()      # on start, on policy/endpoint/network events, every resync
+        agent.start()                          # support check (+ br_netfilter on in a named test namespace)
+        res = await agent.sync()               # fetch the whole ruleset from the policy service, check the
+                                               # kernel, write the difference (start, rule/network events, resync)
+        agent.note_added(ep, local=True, bridge=b)   # an attach, computed here (no round trip) ...
+        agent.push()                           # ... and written as one element delta (in the worker's thread)
+
+    :meth:`note_added` / :meth:`note_removed` change the target ruleset the way the
+    engine would (:meth:`Ruleset.with_endpoint`); when they cannot (a network new to
+    this host, a host port taken), they answer False and the caller fetches. A fetch
+    that was under way while endpoints were noted is rebased on them, so a reply
+    computed before an attach never takes its binding away. :meth:`push` writes the
+    latest target whichever thread calls it, so two pushes never write an older
+    state last.
 
     When the policy service cannot be reached, the last ruleset stays and is still
     checked against the kernel (a deleted or altered table of ours is restored): fail
@@ -252,19 +414,23 @@ class PolicyAgent:
     """
 
     def __init__(self, nc: Any, node: str, host_netns: str | None = None, *, timeout: float = 5.0,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, mechanism: str | None = None) -> None:
         self.nc = nc
         self.node = node
-        self.enforcer = NftEnforcer(host_netns,
+        self.enforcer = NftEnforcer(host_netns, mechanism=mechanism,
                                     state_file=Path(state_dir) / "nft-applied.json" if state_dir else None)
         self.timeout = timeout
-        self.last_script: str | None = None
+        self.target: Ruleset | None = None  # what the kernel must hold (latest known)
         self.version = ""
         self.support_: Support | None = None
         self.syncs = 0
         self.wrote = 0
+        self.deltas = 0
+        self.fetches = 0
         self.last: SyncResult | None = None
         self.last_error = ""
+        self._seq = 0
+        self._ops: list[tuple[int, bool, PolicyEndpoint, bool, str]] = []  # (seq, added, ep, local, bridge)
 
     def start(self, *, enable: bool | None = None) -> Support:
         """Check support; turn br_netfilter on when it is off and ``enable`` (default: only
@@ -286,28 +452,87 @@ class PolicyAgent:
         """:meth:`NftEnforcer.ensure_tables` off the event loop (before the first reconcile)."""
         return await asyncio.to_thread(self.enforcer.ensure_tables, self.node)
 
-    async def sync(self) -> SyncResult:
+    # -- local deltas (event loop) -----------------------------------------------------------
+    @staticmethod
+    def _apply_op(rs: Ruleset, added: bool, ep: PolicyEndpoint, local: bool, bridge: str) -> Ruleset | None:
+        return rs.with_endpoint(ep, local=local, bridge=bridge) if added else rs.without_endpoint(ep, local=local)
+
+    def _note(self, added: bool, ep: PolicyEndpoint, local: bool, bridge: str) -> bool:
+        if self.target is None:
+            return False
+        rs = self._apply_op(self.target, added, ep, local, bridge)
+        if rs is None:
+            return False
+        self._seq += 1
+        self._ops.append((self._seq, added, ep, local, bridge))
+        self.target = rs
+        return True
+
+    def note_added(self, ep: PolicyEndpoint, *, local: bool, bridge: str = "") -> bool:
+        """Add ``ep`` to the target (no kernel write yet); False: fetch the whole ruleset instead."""
+        return self._note(True, ep, local, bridge)
+
+    def note_removed(self, ep: PolicyEndpoint, *, local: bool) -> bool:
+        """Remove ``ep`` from the target; False: fetch the whole ruleset instead."""
+        return self._note(False, ep, local, "")
+
+    def push(self) -> SyncResult | None:
+        """Write the latest target as a delta (blocking: call it from a worker thread)."""
+        rs = self.target
+        if rs is None:
+            return None
+        with self.enforcer._lock:
+            rs = self.target  # the latest, under the lock: never an older state written last
+            assert rs is not None
+            res = self.enforcer.sync_ruleset(rs)
+        self.syncs += 1
+        self.wrote += int(res.wrote)
+        self.deltas += int(res.wrote and not res.whole)
+        self.last = res
+        return res
+
+    # -- whole-ruleset fetch -------------------------------------------------------------------
+    async def sync(self, *, check: bool = True) -> SyncResult:
         """Fetch and apply; counted, and the error kept for the worker's stats."""
         try:
-            res = await self._sync()
+            res = await self._sync(check)
         except Exception as exc:
             self.last_error = str(exc)[:500]
             raise
         self.syncs += 1
         self.wrote += int(res.wrote)
+        self.deltas += int(res.wrote and not res.whole)
         self.last, self.last_error = res, ""
         return res
 
-    async def _sync(self) -> SyncResult:
+    async def _sync(self, check: bool) -> SyncResult:
+        seq0 = self._seq
         try:
-            rep, _ = await nats_adapter.request(self.nc, subjects.POLICY_RULESET, RulesetRequest(node=self.node),
+            rep, _ = await nats_adapter.request(self.nc, subjects.POLICY_RULESET,
+                                                RulesetRequest(node=self.node, structured=True),
                                                 RulesetReply, timeout=self.timeout)
         except E.VNetError as exc:
-            if self.last_script is None:
+            if self.target is None:
                 raise
-            res = await self.enforcer.async_sync(self.last_script, self.version)
+            res = await asyncio.to_thread(self._apply_target, check)
             res.reason = f"{res.reason}; policy service unavailable ({exc.code}): kept the last ruleset"
             return res
-        res = await self.enforcer.async_sync(rep.script, rep.version)
-        self.last_script, self.version = rep.script, rep.version
-        return res
+        self.fetches += 1
+        if rep.ruleset is None:  # a policy service from before rulesets travelled structured
+            return await self.enforcer.async_sync(rep.script, rep.version)
+        rs = rep.ruleset
+        # rebase: what was noted while the reply was on its way stays (idempotent on a reply
+        # that already has it)
+        for _, added, ep, local, bridge in [o for o in self._ops if o[0] > seq0]:
+            nxt = self._apply_op(rs, added, ep, local, bridge)
+            if nxt is not None:
+                rs = nxt
+        self._ops = [o for o in self._ops if o[0] > seq0]
+        self.target, self.version = rs, rep.version
+        return await asyncio.to_thread(self._apply_target, check)
+
+    def _apply_target(self, check: bool) -> SyncResult:
+        with self.enforcer._lock:
+            rs = self.target
+            assert rs is not None
+            return self.enforcer.sync_ruleset(rs, check=check)

@@ -25,6 +25,7 @@ from vnet.core.policy import (
     Protocol,
     Published,
     RuleId,
+    Ruleset,
     Selector,
     Verdict,
 )
@@ -82,14 +83,18 @@ class RulesetRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The compiled ruleset of node ``node`` (the node worker's fetch)."""
 
     node: NodeId
+    # True (the node worker): the ruleset as a structure (``ruleset``), to write deltas of
+    # its elements, instead of the rendered script (people, tools)
+    structured: bool = False
 
 
 class RulesetReply(msgspec.Struct, kw_only=True):
     node: str
-    version: str  # hash of the script: unchanged version -> nothing to apply
-    script: str  # one nft transaction (vnet.core.nft.render)
+    version: str  # hash of the ruleset: unchanged version -> nothing to apply
+    script: str  # one nft transaction (vnet.core.nft.render); "" when ``structured`` was asked
     endpoints: int
     rules: int
+    ruleset: Ruleset | None = None  # when ``structured`` was asked
 
 
 def policy_network(n: VirtualNetwork) -> PolicyNetwork:

@@ -1,9 +1,14 @@
-"""Render a :class:`~vnet.core.policy.Ruleset` as ONE nftables script (pure).
+"""Render a :class:`~vnet.core.policy.Ruleset` as ONE nftables script, or as the element
+delta from one ruleset to another (pure).
 
-The script replaces our two tables — ``table inet vnet`` and ``table bridge vnet`` —
-in one transaction (``table X; delete table X; table X {...}``: the first line makes
-the delete valid when the table does not exist yet), so a packet sees either the old
-ruleset or the new one, never a mix, and nothing of anybody else's is touched.
+Two kinds of transaction:
+
+* :func:`render` — the whole ruleset, only when the *structure* changed (a rule added,
+  removed or changed; the first apply; drift of a chain). It replaces our two tables
+  — ``table inet vnet`` and ``table bridge vnet`` — in one transaction (``table X;
+  delete table X; table X {...}``: the first line makes the delete valid when the
+  table does not exist yet), so a packet sees either the old ruleset or the new one,
+  never a mix, and nothing of anybody else's is touched.
 
 Layout (``docs/policy.md`` has the reasoning):
 
@@ -19,18 +24,32 @@ passes the inet ``forward`` hook, where conntrack works)
     ``forward`` (policy accept) dispatches only traffic entering or leaving one of our
     bridges (``vnb-*``) to ``governed``: established/related accepted first, then one
     verdict-map lookup on (in bridge . out bridge) for what the modes allow, then the
-    rule sets (``saddr . daddr``, ``. l4proto``, ``. l4proto . dport``), then drop.
+    rule lines (one per rule, port spec and family: ``iifname . oifname @rel_pairs ip
+    saddr @<from set> ip daddr @<to set> [meta l4proto P [th dport A-B]] accept``),
+    then drop.
     ``input`` treats traffic from our bridges to the host as external.
     ``postrouting`` (nat) masquerades what may leave through the uplink: egress of None
     networks and the flows an egress rule allows.
+
+* :func:`delta` — everything that changes with endpoints and networks is an element
+  of a named set or map (port bindings, set members, bridges and bridge pairs,
+  published ports), so an attach or a detach is ``delete element`` / ``add element``
+  lines in one transaction; its size does not depend on how many endpoints exist.
+
+:func:`decls` lists every set and map with its elements; :func:`structure` is the
+script without elements (equal structures -> a delta suffices); :func:`parse_listing`
+splits a kernel listing (``nft -j list table``) into structure and elements, so a
+resync compares the kernel with the ruleset without writing anything.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 from vnet.core.naming import BRIDGE_PREFIX, VETH_PREFIX
-from vnet.core.policy import FamilySets, Ruleset
+from vnet.core.policy import RuleLine, Ruleset
 
 TABLE = "vnet"
 FAMILIES = ("inet", "bridge")
@@ -42,53 +61,85 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', "") + '"'
 
 
-def _elements(items: Iterable[str]) -> str:
-    lst = list(items)
-    if not lst:
-        return ""
-    body = ",\n\t\t\t".join(lst)
-    return f"\n\t\telements = {{\n\t\t\t{body}\n\t\t}}"
+class SetDecl(NamedTuple):
+    """One named set or map of our tables, with its elements (nft syntax)."""
+
+    family: str  # "inet" | "bridge"
+    name: str
+    key: tuple[str, ...]  # key type components
+    value: tuple[str, ...] | None  # map value type components; None: a set
+    interval: bool
+    elements: list[str]
+
+    def type_(self) -> str:
+        k = " . ".join(self.key)
+        return f"type {k}" + (f" : {' . '.join(self.value)}" if self.value is not None else "")
 
 
-def _set(name: str, typ: str, items: Iterable[str], *, interval: bool = False) -> str:
-    flags = "\n\t\tflags interval" if interval else ""
-    return f"\tset {name} {{\n\t\ttype {typ}{flags}{_elements(items)}\n\t}}\n"
-
-
-def _fam_sets(prefix: str, fam: int, fs: FamilySets) -> str:
-    a = "ipv4_addr" if fam == 4 else "ipv6_addr"
-    return (_set(f"{prefix}{fam}_all", f"{a} . {a}", (f"{s} . {d}" for s, d in fs.all), interval=True)
-            + _set(f"{prefix}{fam}_proto", f"{a} . {a} . inet_proto", (f"{s} . {d} . {p}" for s, d, p in fs.proto),
-                   interval=True)
-            + _set(f"{prefix}{fam}_port", f"{a} . {a} . inet_proto . inet_service",
-                   (f"{s} . {d} . {p} . {lo}" + (f"-{hi}" if hi != lo else "") for s, d, p, lo, hi in fs.port),
-                   interval=True))
-
-
-def _fam_rules(prefix: str) -> str:
-    out = ""
-    for fam, k in ((4, "ip"), (6, "ip6")):
-        out += (f"\t\t{k} saddr . {k} daddr @{prefix}{fam}_all accept\n"
-                f"\t\t{k} saddr . {k} daddr . meta l4proto @{prefix}{fam}_proto accept\n"
-                f"\t\t{k} saddr . {k} daddr . meta l4proto . th dport @{prefix}{fam}_port accept\n")
+def decls(rs: Ruleset) -> list[SetDecl]:
+    """Every set and map of both tables, elements included (the order of the script)."""
+    out = [
+        SetDecl("inet", "bridges", ("ifname",), None, False, [_q(b) for b in rs.bridges]),
+        SetDecl("inet", "none_bridges", ("ifname",), None, False, [_q(b) for b in rs.none_bridges]),
+        SetDecl("inet", "net_pairs", ("ifname", "ifname"), ("verdict",), False,
+                [f"{_q(a)} . {_q(b)} : accept" for a, b in rs.net_pairs]),
+        SetDecl("inet", "rel_pairs", ("ifname", "ifname"), None, False,
+                [f"{_q(a)} . {_q(b)}" for a, b in rs.rel_pairs]),
+        SetDecl("inet", "published4", ("inet_proto", "inet_service"), ("ipv4_addr", "inet_service"), False,
+                [f"{p} . {hp} : {a} . {cp}" for p, hp, a, cp in rs.published4]),
+        SetDecl("inet", "pub4_in", ("ipv4_addr", "inet_proto", "inet_service"), None, False,
+                sorted({f"{a} . {p} . {cp}" for p, _, a, cp in rs.published4})),
+    ]
+    for s in rs.sets:
+        out.append(SetDecl("inet", s.name, ("ipv4_addr" if s.family == 4 else "ipv6_addr",), None, s.interval(),
+                           list(s.elements)))
+    ports = rs.ports
+    ip4 = [f"{_q(p.ifname)} . {p.mac} . {a}" for p in ports for a in p.ipv4]
+    out += [
+        SetDecl("bridge", "mac_bind", ("ifname", "ether_addr"), None, False,
+                [f"{_q(p.ifname)} . {p.mac}" for p in ports]),
+        SetDecl("bridge", "ip4_bind", ("ifname", "ether_addr", "ipv4_addr"), None, False, ip4),
+        SetDecl("bridge", "arp_bind", ("ifname", "ether_addr", "ipv4_addr"), None, False,
+                ip4 + [f"{_q(p.ifname)} . {p.mac} . 0.0.0.0" for p in ports]),
+        SetDecl("bridge", "ip6_bind", ("ifname", "ether_addr", "ipv6_addr"), None, False,
+                [f"{_q(p.ifname)} . {p.mac} . {a}" for p in ports for a in p.ipv6]),
+        SetDecl("bridge", "full_ports", ("ifname",), None, False, [_q(p.ifname) for p in ports if p.full]),
+    ]
     return out
+
+
+def _decl_text(d: SetDecl, with_elements: bool) -> str:
+    kind = "map" if d.value is not None else "set"
+    flags = "\n\t\tflags interval" if d.interval else ""
+    elems = ""
+    if with_elements and d.elements:
+        body = ",\n\t\t\t".join(d.elements)
+        elems = f"\n\t\telements = {{\n\t\t\t{body}\n\t\t}}"
+    return f"\t{kind} {d.name} {{\n\t\t{d.type_()}{flags}{elems}\n\t}}\n"
+
+
+def _match(ln: RuleLine) -> str:
+    k = "ip" if ln.family == 4 else "ip6"
+    m = f"{k} saddr @{ln.src} {k} daddr @{ln.dst}"
+    if ln.proto:
+        m += f" meta l4proto {ln.proto}"
+        if ln.lo:
+            m += f" th dport {ln.lo}" + (f"-{ln.hi}" if ln.hi != ln.lo else "")
+    return m
+
+
+def _lines(rs: Ruleset, chain: str, verdict: str = "accept") -> str:
+    pre = "iifname . oifname @rel_pairs " if chain == "int" else ""
+    return "".join(f"\t\t{pre}{_match(ln)} {verdict}\n" for ln in rs.lines if ln.chain == chain)
 
 
 ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
 
 
-def render_inet(rs: Ruleset) -> str:
+def render_inet(rs: Ruleset, *, with_elements: bool = True) -> str:
     s = f"table inet {TABLE} {{\n"
-    s += f"\tcomment \"VNet isolation (node {rs.node or '-'}); replaced whole by the node worker\"\n"
-    s += _set("bridges", "ifname", (_q(b) for b in rs.bridges))
-    s += _set("none_bridges", "ifname", (_q(b) for b in rs.none_bridges))
-    s += ("\tmap net_pairs {\n\t\ttype ifname . ifname : verdict"
-          + _elements(f"{_q(a)} . {_q(b)} : accept" for a, b in rs.net_pairs) + "\n\t}\n")
-    s += ("\tmap published4 {\n\t\ttype inet_proto . inet_service : ipv4_addr . inet_service"
-          + _elements(f"{p} . {hp} : {a} . {cp}" for p, hp, a, cp in rs.published4) + "\n\t}\n")
-    for prefix, f4, f6 in (("int", rs.internal4, rs.internal6), ("out", rs.egress4, rs.egress6),
-                           ("in", rs.ingress4, rs.ingress6)):
-        s += _fam_sets(prefix, 4, f4) + _fam_sets(prefix, 6, f6)
+    s += f"\tcomment \"VNet isolation (node {rs.node or '-'}); owned by the node worker\"\n"
+    s += "".join(_decl_text(d, with_elements) for d in decls(rs) if d.family == "inet")
     s += ("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n"
           f"\t\tiifname {BRIDGE_MATCH} jump governed\n"
           f"\t\toifname {BRIDGE_MATCH} jump governed\n\t}}\n")
@@ -103,15 +154,19 @@ def render_inet(rs: Ruleset) -> str:
           f"\t\tiifname {BRIDGE_MATCH} goto to_external\n"
           "\t\tgoto from_external\n\t}\n")
     s += "\tchain hairpin {\n\t\tiifname @none_bridges accept\n\t\tdrop\n\t}\n"
-    s += "\tchain between_endpoints {\n" + _fam_rules("int") + "\t\tdrop\n\t}\n"
-    s += "\tchain to_external {\n\t\tiifname @none_bridges accept\n" + _fam_rules("out") + "\t\tdrop\n\t}\n"
-    s += "\tchain from_external {\n\t\toifname @none_bridges accept\n" + _fam_rules("in") + "\t\tdrop\n\t}\n"
+    s += "\tchain between_endpoints {\n" + _lines(rs, "int") + "\t\tdrop\n\t}\n"
+    s += "\tchain to_external {\n\t\tiifname @none_bridges accept\n" + _lines(rs, "out") + "\t\tdrop\n\t}\n"
+    s += ("\tchain from_external {\n\t\toifname @none_bridges accept\n"
+          "\t\tip daddr . meta l4proto . th dport @pub4_in accept\n" + _lines(rs, "in") + "\t\tdrop\n\t}\n")
     s += ("\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n"
           f"\t\tiifname {BRIDGE_MATCH} jump from_endpoint\n\t}}\n")
+    # DNS to the node's resolver on the gateway of the bridge the query came in on (and on
+    # no other host address) is always allowed, like ARP/NDP: explain says the same
     s += ("\tchain from_endpoint {\n"
           "\t\tct state established,related accept\n"
           "\t\tct state invalid drop\n"
           f"\t\t{ND}\n"
+          f"\t\t{RESOLVER}\n"
           "\t\tgoto to_external\n\t}\n")
     # masquerade what may leave through the uplink: None networks, and the flows an
     # egress rule allows (an external host has no route back to a container subnet)
@@ -122,27 +177,14 @@ def render_inet(rs: Ruleset) -> str:
     for chain, hook in (("publish", "prerouting"), ("publish_local", "output")):
         s += (f"\tchain {chain} {{\n\t\ttype nat hook {hook} priority -100; policy accept;\n"
               "\t\tfib daddr type local dnat ip to meta l4proto . th dport map @published4\n\t}\n")
-    s += "\tchain masq {\n\t\tiifname @none_bridges masquerade\n"
-    for fam, k in ((4, "ip"), (6, "ip6")):
-        s += (f"\t\t{k} saddr . {k} daddr @out{fam}_all masquerade\n"
-              f"\t\t{k} saddr . {k} daddr . meta l4proto @out{fam}_proto masquerade\n"
-              f"\t\t{k} saddr . {k} daddr . meta l4proto . th dport @out{fam}_port masquerade\n")
-    s += "\t}\n"
+    s += "\tchain masq {\n\t\tiifname @none_bridges masquerade\n" + _lines(rs, "out", "masquerade") + "\t}\n"
     return s + "}\n"
 
 
-def render_bridge(rs: Ruleset) -> str:
-    mac = [f"{_q(p.ifname)} . {p.mac}" for p in rs.ports]
-    ip4 = [f"{_q(p.ifname)} . {p.mac} . {a}" for p in rs.ports for a in p.ipv4]
-    arp = ip4 + [f"{_q(p.ifname)} . {p.mac} . 0.0.0.0" for p in rs.ports]
-    ip6 = [f"{_q(p.ifname)} . {p.mac} . {a}" for p in rs.ports for a in p.ipv6]
+def render_bridge(rs: Ruleset, *, with_elements: bool = True) -> str:
     s = f"table bridge {TABLE} {{\n"
-    s += f"\tcomment \"VNet anti-spoofing (node {rs.node or '-'}); replaced whole by the node worker\"\n"
-    s += _set("mac_bind", "ifname . ether_addr", mac)
-    s += _set("ip4_bind", "ifname . ether_addr . ipv4_addr", ip4)
-    s += _set("arp_bind", "ifname . ether_addr . ipv4_addr", arp)
-    s += _set("ip6_bind", "ifname . ether_addr . ipv6_addr", ip6)
-    s += _set("full_ports", "ifname", (_q(p.ifname) for p in rs.ports if p.full))
+    s += f"\tcomment \"VNet anti-spoofing (node {rs.node or '-'}); owned by the node worker\"\n"
+    s += "".join(_decl_text(d, with_elements) for d in decls(rs) if d.family == "bridge")
     s += ("\tchain prerouting {\n\t\ttype filter hook prerouting priority -300; policy accept;\n"
           f"\t\tiifname {PORT_MATCH} jump from_port\n\t}}\n")
     s += ("\tchain from_port {\n"
@@ -161,6 +203,107 @@ def render(rs: Ruleset) -> str:
     return head + render_inet(rs) + render_bridge(rs)
 
 
+def structure(rs: Ruleset) -> str:
+    """The script without any element: two rulesets with the same structure differ by a delta."""
+    return render_inet(rs, with_elements=False) + render_bridge(rs, with_elements=False)
+
+
 def render_delete() -> str:
     """Remove our tables (explicit teardown only; a stopping worker leaves them: fail static)."""
     return "".join(f"table {fam} {TABLE}\ndelete table {fam} {TABLE}\n" for fam in FAMILIES)
+
+
+# ----------------------------------------------------------------------------- elements and deltas
+
+Elements = dict[tuple[str, str], frozenset[str]]  # (family, set name) -> canonical elements
+
+
+def canon(elem: str) -> str:
+    """An element in the form :func:`parse_listing` gives the kernel's (names unquoted)."""
+    return elem.replace('"', "")
+
+
+def elements(rs: Ruleset) -> Elements:
+    return {(d.family, d.name): frozenset(canon(x) for x in d.elements) for d in decls(rs)}
+
+
+def _script_elem(d: SetDecl, c: str, *, key_only: bool = False) -> str:
+    """Canonical element -> nft syntax (ifname components quoted)."""
+    key, _, val = c.partition(" : ")
+    parts = key.split(" . ")
+    k = " . ".join(_q(p) if t == "ifname" else p for p, t in zip(parts, d.key, strict=False))
+    if d.value is None or key_only:
+        return k
+    return f"{k} : {val}"
+
+
+def delta(have: Elements, rs: Ruleset) -> tuple[str, int]:
+    """The transaction taking our sets from ``have`` to ``rs`` (same structure), and how
+    many elements it changes ("" and 0 when there is nothing to do). Deletions come
+    first, so an element whose value changes (a map) is replaced in the same transaction."""
+    dels: list[str] = []
+    adds: list[str] = []
+    n = 0
+    for d in decls(rs):
+        want = frozenset(canon(x) for x in d.elements)
+        old = have.get((d.family, d.name), frozenset())
+        gone = sorted(old - want)
+        new = sorted(want - old)
+        if gone:
+            n += len(gone)
+            items = ", ".join(_script_elem(d, c, key_only=True) for c in gone)
+            dels.append(f"delete element {d.family} {TABLE} {d.name} {{ {items} }}\n")
+        if new:
+            n += len(new)
+            items = ", ".join(_script_elem(d, c) for c in new)
+            adds.append(f"add element {d.family} {TABLE} {d.name} {{ {items} }}\n")
+    return "".join(dels + adds), n
+
+
+def _canon_json(x: Any) -> str:
+    if isinstance(x, dict):
+        if "concat" in x:
+            return " . ".join(_canon_json(i) for i in x["concat"])
+        if "prefix" in x:
+            return f"{_canon_json(x['prefix']['addr'])}/{x['prefix']['len']}"
+        if "range" in x:
+            lo, hi = x["range"]
+            return f"{_canon_json(lo)}-{_canon_json(hi)}"
+        if "elem" in x:
+            return _canon_json(x["elem"].get("val"))
+        if len(x) == 1 and next(iter(x.values())) is None:  # a verdict: {"accept": null}
+            return str(next(iter(x)))
+        return json.dumps(x, sort_keys=True)
+    if isinstance(x, list) and len(x) == 2:  # a map element: [key, value]
+        return f"{_canon_json(x[0])} : {_canon_json(x[1])}"
+    return str(x)
+
+
+def parse_listing(docs: Iterable[tuple[str, Any]]) -> tuple[str, Elements]:
+    """``(family, nft -j list table <family> vnet)`` documents -> (structure digest text,
+    elements). The structure text leaves out handles and elements, so it is equal for
+    any two listings of the same structure whatever their elements."""
+    elems: dict[tuple[str, str], frozenset[str]] = {}
+    parts: list[str] = []
+
+    def strip(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "handle"}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    for fam, doc in docs:
+        items = []
+        for item in doc.get("nftables", []):
+            if "metainfo" in item:
+                continue
+            kind = "set" if "set" in item else "map" if "map" in item else None
+            if kind is not None:
+                body = dict(item[kind])
+                el = body.pop("elem", [])
+                elems[(fam, str(body.get("name")))] = frozenset(_canon_json(e) for e in el)
+                item = {kind: body}
+            items.append(strip(item))
+        parts.append(json.dumps(items, sort_keys=True))
+    return "\n".join(parts), elems

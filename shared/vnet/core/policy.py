@@ -206,37 +206,148 @@ class PortBinding(msgspec.Struct, frozen=True, kw_only=True):
     ipv6: tuple[str, ...]
     full: bool  # non-IP frames are dropped (Full network)
     endpoint: str
+    bridge: str = ""  # the bridge of the endpoint's network
 
 
-class FamilySets(msgspec.Struct, kw_only=True):
-    """Rule elements for one family and direction; no two elements overlap."""
+class AddrSet(msgspec.Struct, frozen=True, kw_only=True):
+    """A named address set the rule lines refer to.
 
-    all: list[tuple[Addr, Addr]] = []
-    proto: list[tuple[Addr, Addr, str]] = []
-    port: list[tuple[Addr, Addr, str, int, int]] = []
+    ``selectors`` (endpoint selectors): the addresses of the endpoints they select,
+    one element per address (membership changes with endpoints: an attach adds its
+    addresses to the sets whose selectors select it). ``cidrs``: the address ranges
+    of ``{cidr}``-only selectors (an interval set that changes only with the rules).
+    """
 
-    def size(self) -> int:
-        return len(self.all) + len(self.proto) + len(self.port)
+    name: str
+    family: int  # 4 | 6
+    selectors: tuple[Selector, ...] = ()
+    cidrs: tuple[str, ...] = ()
+    elements: list[Addr] = []
+
+    def interval(self) -> bool:
+        return bool(self.cidrs)
+
+
+class RuleLine(msgspec.Struct, frozen=True, kw_only=True, order=True):
+    """One accept rule: ``src`` set -> ``dst`` set [protocol [port range]].
+
+    ``int``: between endpoints, only across bridges whose networks are related
+    (``Ruleset.rel_pairs``); ``out``: endpoint -> external (masqueraded too);
+    ``in``: external -> endpoint."""
+
+    chain: Literal["int", "out", "in"]
+    family: int
+    src: str
+    dst: str
+    proto: str = ""  # "" = every protocol
+    lo: int = 0  # 0 = no port match
+    hi: int = 0
 
 
 class Ruleset(msgspec.Struct, kw_only=True):
-    """Everything one host's nftables tables hold (rendered by :mod:`vnet.core.nft`)."""
+    """Everything one host's nftables tables hold (rendered by :mod:`vnet.core.nft`).
+
+    The *structure* (chains, rule lines, set declarations) depends only on the rules;
+    everything that changes with endpoints and networks is an element of a set or map:
+    port bindings, bridge sets and pairs, set members, published ports. So an attach or
+    a detach is a small element delta (:func:`vnet.core.nft.delta`).
+    """
 
     node: str
     bridges: list[str]  # every bridge of a network in play
     none_bridges: list[str]  # bridges whose networks may use the uplink (egress masquerade)
     net_pairs: list[tuple[str, str]]  # (in bridge, out bridge) the modes allow
     ports: list[PortBinding]
-    internal4: FamilySets
-    internal6: FamilySets
-    egress4: FamilySets  # endpoint -> external (incl. host addresses)
-    egress6: FamilySets
-    ingress4: FamilySets  # external -> endpoint
-    ingress6: FamilySets
+    rel_pairs: list[tuple[str, str]] = []  # (in bridge, out bridge) whose networks have a path (rules)
+    sets: list[AddrSet] = []
+    lines: list[RuleLine] = []
     published4: list[tuple[str, int, str, int]] = []  # (protocol, host port, endpoint address, port): DNAT
 
     def version(self) -> str:
         return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
+
+    # -- deltas computed on the node (no round trip) -----------------------------------
+    def with_endpoint(self, e: PolicyEndpoint, *, local: bool, bridge: str = "") -> Ruleset | None:
+        """This ruleset with endpoint ``e`` added, or ``None`` when that needs the whole
+        picture (:meth:`Policy.compile`): a local endpoint whose network is not in play
+        here yet (bridges, pairs and relations change), or a host port already taken.
+        Idempotent: a local endpoint already bound is left as it is."""
+        ports = self.ports
+        published = self.published4
+        if local and e.host_ifname == "-":
+            return None  # host driver: no port; the engine decides its published ports
+        if local:
+            if any(p.endpoint == e.id for p in ports):
+                return self
+            if not bridge or bridge not in self.bridges:
+                return None
+            v4 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 4), key=_addr_key))
+            v6 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 6), key=_addr_key))
+            pb = PortBinding(ifname=e.port_name(), mac=naming.normalize_mac(e.mac), ipv4=v4, ipv6=v6,
+                             full=(bridge, bridge) not in self.net_pairs, endpoint=e.id, bridge=bridge)
+            ports = sorted([*ports, pb], key=lambda x: x.endpoint)
+            if e.published:
+                a4 = [a for a in e.ips if ipaddress.ip_address(a).version == 4]
+                taken = {(p, hp) for p, hp, _, _ in published}
+                new = []
+                for x in e.published:
+                    if (x.protocol, x.host_port) in taken:
+                        return None  # the first endpoint by id keeps a host port: the engine decides
+                    if a4:
+                        new.append((x.protocol, x.host_port, a4[0], x.port))
+                        taken.add((x.protocol, x.host_port))
+                published = sorted([*published, *new])
+        sets = [_with_member(s, e) for s in self.sets]
+        return msgspec.structs.replace(self, ports=ports, published4=published, sets=sets)
+
+    def without_endpoint(self, e: PolicyEndpoint, *, local: bool) -> Ruleset | None:
+        """This ruleset with endpoint ``e`` removed, or ``None`` when that needs the whole
+        picture: its network may leave play here, or a host port it held may pass to another."""
+        ports = self.ports
+        published = self.published4
+        if local:
+            mine = [p for p in ports if p.endpoint == e.id]
+            if mine:
+                if not mine[0].bridge or not any(p.bridge == mine[0].bridge and p.endpoint != e.id for p in ports):
+                    return None
+                ports = [p for p in ports if p.endpoint != e.id]
+            mine_ips = set(e.ips)
+            if any(a in mine_ips for _, _, a, _ in published):
+                return None
+        gone = {str(ipaddress.ip_address(a)) for a in e.ips}
+        sets = [s if not s.selectors or not gone & set(s.elements) else
+                msgspec.structs.replace(s, elements=[x for x in s.elements if x not in gone]) for s in self.sets]
+        return msgspec.structs.replace(self, ports=ports, published4=published, sets=sets)
+
+
+def _addr_key(a: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(a)
+    return ip.version, int(ip)
+
+
+def selects(s: Selector, e: PolicyEndpoint, ip: IPAddr) -> bool:
+    """Does selector ``s`` select endpoint ``e`` speaking from/to address ``ip``? (pure, no index)"""
+    if s.endpoint is not None and s.endpoint != e.id:
+        return False
+    if s.network is not None and s.network != e.network:
+        return False
+    if s.labels and any(e.labels.get(k) != v for k, v in s.labels.items()):
+        return False
+    return s.cidr is None or ip in ipaddress.ip_network(s.cidr, strict=False)
+
+
+def _with_member(s: AddrSet, e: PolicyEndpoint) -> AddrSet:
+    if not s.selectors:
+        return s
+    add = []
+    for a in e.ips:
+        ip = ipaddress.ip_address(a)
+        if ip.version == s.family and any(selects(x, e, ip) for x in s.selectors):
+            add.append(str(ip))
+    add = [a for a in add if a not in s.elements]
+    if not add:
+        return s
+    return msgspec.structs.replace(s, elements=sorted([*s.elements, *add], key=_addr_key))
 
 
 # ----------------------------------------------------------------------------- engine
@@ -462,8 +573,6 @@ class Policy:
                        [f"source {sp.address} is in network {sp.network} but {what}"
                         + ("; anti-spoofing drops it" if sp.kind == "unassigned"
                            else "; traffic the host starts is always allowed")])
-        if sp.kind == "external" and dp.kind != "endpoint":
-            return out(False, [], "denied", [], ["neither side is an endpoint: VNet does not govern this flow"])
 
         # -- the path and the modes
         path: list[str]
@@ -543,9 +652,12 @@ class Policy:
 
     # -- compile -------------------------------------------------------------------
     def compile(self, node: str | None = None) -> Ruleset:
-        """The ruleset of host ``node`` (``None``: every endpoint is local)."""
+        """The ruleset of host ``node`` (``None``: every endpoint is local).
+
+        Rules become rule lines over named address sets (one per distinct selector list
+        and family), so the structure grows with the rules, never with the endpoints;
+        endpoints are set members (:meth:`Ruleset.with_endpoint` adds one the same way)."""
         local = [e for e in self.endpoints.values() if node is None or e.node == node]
-        local_ids = {e.id for e in local}
         nets_in_play = {e.network for e in local if e.network in self.networks}
         for nid in list(nets_in_play):
             nets_in_play |= {o for o in self.networks if self.relations(nid, o)}
@@ -553,85 +665,85 @@ class Policy:
         bridges = sorted({n.bridge_name() for n in nets})
         none_bridges = sorted({n.bridge_name() for n in nets if n.mode == IsolationMode.NONE})
         pairs: set[tuple[str, str]] = set()
+        rel: set[tuple[str, str]] = set()
         for a in nets:
             for b in nets:
-                if _mode_allows(a, b, self.relations(a.id, b.id)):
+                how = self.relations(a.id, b.id)
+                if how:
+                    rel.add((a.bridge_name(), b.bridge_name()))
+                if _mode_allows(a, b, how):
                     pairs.add((a.bridge_name(), b.bridge_name()))
         ports: list[PortBinding] = []
         for e in sorted(local, key=lambda x: x.id):
             if e.host_ifname == "-" or e.network not in self.networks:
                 continue
-            v4 = tuple(sorted(a for a in e.ips if ipaddress.ip_address(a).version == 4))
-            v6 = tuple(sorted(a for a in e.ips if ipaddress.ip_address(a).version == 6))
+            v4 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 4), key=_addr_key))
+            v6 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 6), key=_addr_key))
+            n = self.networks[e.network]
             ports.append(PortBinding(ifname=e.port_name(), mac=naming.normalize_mac(e.mac), ipv4=v4, ipv6=v6,
-                                     full=self.networks[e.network].mode == IsolationMode.FULL, endpoint=e.id))
+                                     full=n.mode == IsolationMode.FULL, endpoint=e.id, bridge=n.bridge_name()))
 
-        acc = _Acc()
+        sets: dict[str, AddrSet] = {}
+        lines: set[RuleLine] = set()
+
+        def ep_set(sels: list[Selector], fam: int) -> str | None:
+            if not sels:
+                return None
+            key = msgspec.json.encode(sorted(msgspec.json.encode(x) for x in sels))
+            name = f"e{fam}_{hashlib.sha256(key).hexdigest()[:12]}"
+            if name not in sets:
+                members = [str(ip) for x in self.select(sels) if x.network in self.networks
+                           for ip in self._ips[x.id] if ip.version == fam and any(selects(s, x, ip) for s in sels)]
+                sets[name] = AddrSet(name=name, family=fam, selectors=tuple(sels),
+                                     elements=sorted(set(members), key=_addr_key))
+            return name
+
+        def cidr_set(cidrs: list[str], fam: int) -> str | None:
+            mine = sorted({c for c in cidrs if self._cidr(c).version == fam})
+            if not mine:
+                return None
+            name = f"c{fam}_{hashlib.sha256(' '.join(mine).encode()).hexdigest()[:12]}"
+            if name not in sets:
+                ivs = _merge((int(self._cidr(c).network_address), int(self._cidr(c).broadcast_address))
+                             for c in mine)
+                sets[name] = AddrSet(name=name, family=fam, cidrs=tuple(mine),
+                                     elements=[_fmt_addr(fam, lo, hi) for lo, hi in ivs])
+            return name
+
         for r in self.rules:
             specs = self._specs(r)
-            src_eps = self.select(r.from_)
-            dst_eps = self.select(r.to)
-            ext_from = [self._cidr(s.cidr) for s in r.from_ if s.only_cidr() and s.cidr is not None]
-            ext_to = [self._cidr(s.cidr) for s in r.to if s.only_cidr() and s.cidr is not None]
-            for s in src_eps:
-                sn = self.networks.get(s.network)
-                if sn is None:
-                    continue
-                s_local = s.id in local_ids
-                for d in dst_eps:
-                    if d.id == s.id or (not s_local and d.id not in local_ids):
-                        continue
-                    dn = self.networks.get(d.network)
-                    if dn is None:
-                        continue
-                    rel = self.relations(sn.id, dn.id)
-                    if not rel or _mode_allows(sn, dn, rel):
-                        continue
-                    for sa in s.ips:
-                        sip = ipaddress.ip_address(sa)
-                        if not any(self._sel_ep_ip(x, s, sip) for x in r.from_):
-                            continue
-                        for da in d.ips:
-                            dip = ipaddress.ip_address(da)
-                            if dip.version != sip.version or not any(self._sel_ep_ip(x, d, dip) for x in r.to):
-                                continue
-                            acc.add("int", sip.version, int(sip), int(sip), int(dip), int(dip), specs)
-                if s_local and sn.mode != IsolationMode.NONE:
-                    for sa in s.ips:
-                        sip = ipaddress.ip_address(sa)
-                        if not any(self._sel_ep_ip(x, s, sip) for x in r.from_):
-                            continue
-                        for c in ext_to:
-                            if c.version == sip.version:
-                                acc.add("out", sip.version, int(sip), int(sip), int(c.network_address),
-                                        int(c.broadcast_address), specs)
-            for d in dst_eps:
-                dn = self.networks.get(d.network)
-                if d.id not in local_ids or dn is None or dn.mode == IsolationMode.NONE:
-                    continue
-                for da in d.ips:
-                    dip = ipaddress.ip_address(da)
-                    if not any(self._sel_ep_ip(x, d, dip) for x in r.to):
-                        continue
-                    for c in ext_from:
-                        if c.version == dip.version:
-                            acc.add("in", dip.version, int(c.network_address), int(c.broadcast_address),
-                                    int(dip), int(dip), specs)
+            f_eps = [x for x in r.from_ if not x.only_cidr()]
+            t_eps = [x for x in r.to if not x.only_cidr()]
+            f_cidr = [x.cidr for x in r.from_ if x.only_cidr() and x.cidr is not None]
+            t_cidr = [x.cidr for x in r.to if x.only_cidr() and x.cidr is not None]
+            for fam in (4, 6):
+                fe, fc = ep_set(f_eps, fam), cidr_set(f_cidr, fam)
+                te, tc = ep_set(t_eps, fam), cidr_set(t_cidr, fam)
+                for spec in specs:
+                    if spec is None:
+                        proto, lo, hi = "", 0, 0
+                    else:
+                        proto, lo, hi = _l4(spec[0], fam), max(spec[1], 0), max(spec[2], 0)
+
+                    todo: list[tuple[Literal["int", "out", "in"], str | None, str | None]] = []
+                    # a {cidr} selector selects every address inside it, endpoints included
+                    # (between endpoints only where a path exists: rel_pairs), and external ones
+                    for src in (fe, fc):
+                        todo += [("int", src, te), ("int", src, tc), ("out", src, tc)]
+                    todo += [("in", fc, te), ("in", fc, tc)]
+                    for chain, src_, dst_ in todo:
+                        if src_ is not None and dst_ is not None:
+                            lines.add(RuleLine(chain=chain, family=fam, src=src_, dst=dst_, proto=proto, lo=lo, hi=hi))
         published4: list[tuple[str, int, str, int]] = []
         for e in sorted(local, key=lambda x: x.id):
             a4 = [a for a in self._ips.get(e.id, ()) if a.version == 4]
-            en = self.networks.get(e.network)
+            if not a4 or e.network not in self.networks:
+                continue
             for pb in self.published(e):
-                if not a4 or en is None:
-                    continue
                 published4.append((pb.protocol, pb.host_port, str(a4[0]), pb.port))
-                if en.mode != IsolationMode.NONE:
-                    acc.add("in", 4, 0, (1 << 32) - 1, int(a4[0]), int(a4[0]), [(pb.protocol, pb.port, pb.port)])
         return Ruleset(node=node or "", bridges=bridges, none_bridges=none_bridges, net_pairs=sorted(pairs),
-                       published4=sorted(published4),
-                       ports=ports, internal4=acc.sets("int", 4), internal6=acc.sets("int", 6),
-                       egress4=acc.sets("out", 4), egress6=acc.sets("out", 6),
-                       ingress4=acc.sets("in", 4), ingress6=acc.sets("in", 6))
+                       rel_pairs=sorted(rel), ports=ports, sets=[sets[k] for k in sorted(sets)],
+                       lines=sorted(lines), published4=sorted(published4))
 
     @staticmethod
     def _specs(r: AllowRule) -> list[tuple[str, int, int] | None]:
@@ -646,48 +758,6 @@ class Policy:
 
 
 # ----------------------------------------------------------------------------- element normalisation
-
-class _Acc:
-    """Collects (exact address, address interval, protocol, port interval) and emits
-    non-overlapping set elements (the kernel refuses overlapping interval elements)."""
-
-    def __init__(self) -> None:
-        # key (dir, fam, exact, exact_is_src, proto) -> list of (lo, hi, plo, phi)
-        self.items: dict[tuple[str, int, int, bool, str], list[tuple[int, int, int, int]]] = {}
-
-    def add(self, direction: str, fam: int, slo: int, shi: int, dlo: int, dhi: int,
-            specs: list[tuple[str, int, int] | None]) -> None:
-        exact_is_src = direction != "in"
-        exact, lo, hi = (slo, dlo, dhi) if exact_is_src else (dlo, slo, shi)
-        for spec in specs:
-            if spec is None:
-                proto, plo, phi = _PROTO_ALL, 0, 0
-            else:
-                proto, plo, phi = spec
-                proto = _l4(proto, fam)
-            self.items.setdefault((direction, fam, exact, exact_is_src, proto), []).append((lo, hi, plo, phi))
-
-    def sets(self, direction: str, fam: int) -> FamilySets:
-        fs = FamilySets(all=[], proto=[], port=[])
-        for (d, f, exact, exact_is_src, proto), items in sorted(self.items.items()):
-            if d != direction or f != fam:
-                continue
-            ex = _fmt_addr(fam, exact, exact)
-            if proto == _PROTO_ALL:
-                for lo, hi in _merge((lo, hi) for lo, hi, _, _ in items):
-                    other = _fmt_addr(fam, lo, hi)
-                    fs.all.append((ex, other) if exact_is_src else (other, ex))
-                continue
-            whole = [(lo, hi) for lo, hi, plo, _ in items if plo < 0]
-            for lo, hi in _merge(whole):
-                other = _fmt_addr(fam, lo, hi)
-                fs.proto.append((ex, other, proto) if exact_is_src else (other, ex, proto))
-            ranged = [(lo, hi, plo, phi) for lo, hi, plo, phi in items if plo >= 0]
-            for lo, hi, plo, phi in _disjoint(ranged):
-                other = _fmt_addr(fam, lo, hi)
-                fs.port.append((ex, other, proto, plo, phi) if exact_is_src else (other, ex, proto, plo, phi))
-        return fs
-
 
 def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []

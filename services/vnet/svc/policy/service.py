@@ -200,6 +200,9 @@ async def explain(ctx: Ctx, req: ExplainRequest) -> Verdict:
 async def ruleset(ctx: Ctx, req: RulesetRequest) -> RulesetReply:
     pol = await _policy(ctx, req.node)
     rs = pol.compile(req.node)
+    if req.structured:  # the node worker writes element deltas of it
+        return RulesetReply(node=req.node, version=rs.version(), script="", endpoints=len(rs.ports),
+                            rules=len(pol.rules), ruleset=rs)
     script = nft.render(rs)
     version = hashlib.sha256(script.encode()).hexdigest()[:16]
     return RulesetReply(node=req.node, version=version, script=script, endpoints=len(rs.ports),
