@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 
-want_apt="nftables iproute2 iputils-ping wireguard-tools wireguard-go tcpdump"
+want_apt="nftables iproute2 iputils-ping wireguard-tools wireguard-go tcpdump dnsutils"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
   for p in $want_apt; do

@@ -134,6 +134,7 @@ def _lines(rs: Ruleset, chain: str, verdict: str = "accept") -> str:
 
 
 ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
+RESOLVER = "meta l4proto { tcp, udp } th dport 53 fib daddr . iif type local accept"
 
 
 def render_inet(rs: Ruleset, *, with_elements: bool = True) -> str:

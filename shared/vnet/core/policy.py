@@ -604,6 +604,11 @@ class Policy:
             mode_ok = a.mode == IsolationMode.NONE
             where = "a host address" if dp.kind == "host" else "an external address"
             reasons.append(f"path: external ({dp.address} is {where}, reached through the host)")
+            if (dp.kind == "host" and dp.network == sp.network and protocol in ("tcp", "udp") and port == 53
+                    and not mode_ok):
+                reasons.append(f"{protocol}/53 to its own network's gateway is the node's resolver: "
+                               "always allowed (names follow isolation there)")
+                return out(True, path, "mode", [], reasons)
             reasons.append(f"source network {a.id} is {a.mode.value}: external traffic "
                            + ("allowed" if mode_ok else "blocked"))
         else:  # external -> endpoint

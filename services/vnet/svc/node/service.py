@@ -205,3 +205,22 @@ async def stats(ctx: Ctx, req: Empty) -> NodeStats:
 async def resync(ctx: Ctx, req: ResyncRequest) -> NodeStats:
     """Run a full resync now (fetch the desired state, reconcile the whole host); the stats after it."""
     return await _worker(ctx).request_resync(fetch=req.fetch)
+
+
+# --- the node's resolver (dns.py): names that follow isolation, opt-in (`dns=on`) -------------
+
+@SERVICE.starting
+async def _start_dns(rt: Runtime) -> None:
+    from vnet.svc.node.dns import NodeDns, enabled
+
+    if enabled(rt):
+        resolver = NodeDns(rt)
+        rt.state["dns"] = resolver
+        await resolver.start()
+
+
+@SERVICE.stopping
+async def _stop_dns(rt: Runtime) -> None:
+    resolver = rt.state.pop("dns", None)
+    if resolver is not None:
+        await resolver.stop()

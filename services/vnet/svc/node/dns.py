@@ -1,0 +1,184 @@
+"""The node's resolver: names of endpoints, answered inside the host namespace on the
+gateway address of every network with an endpoint on this host (``docs/dns.md``).
+
+It runs in the node worker's process (``dns=on`` in the node's params; ``vnet-node
+--dns``) and, like the worker, holds no Redis credentials: it reads networks, endpoints
+and allow rules from their services over NATS and builds the same policy engine the
+policy service builds, so a name resolves exactly where ``explain`` allows a flow.
+
+Freshness is event-driven: every network, endpoint and policy event marks the table
+stale and a rebuild follows within milliseconds (events arriving meanwhile are
+coalesced into that one rebuild); a query that would be answered NXDOMAIN while a
+rebuild is pending waits for it (bounded), so a name is there by the time its
+endpoint reports ready. A periodic rebuild is the safety net for missed events. The
+sockets stay open across rebuilds: an update never drops a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from vnet.adapters import nats as nats_adapter
+from vnet.adapters.dns_server import DnsServer
+from vnet.contracts import subjects
+from vnet.contracts.endpoint import EndpointInfo, EndpointList, EndpointPage
+from vnet.contracts.network import NetworkList, NetworkPage
+from vnet.contracts.policy import RuleList, RulePage, policy_endpoint, policy_network
+from vnet.core import errors as E
+from vnet.core.dns import Answer, DnsEndpoint, NameTable, parse_resolv_conf
+from vnet.core.model import DriverType, VirtualNetwork
+from vnet.core.policy import Policy
+from vnet.runtime.service import Runtime
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+# drivers whose gateway address lives on a bridge of this host (macvlan/ipvlan use the LAN's)
+_SERVED_DRIVERS = {DriverType.BRIDGE, DriverType.OVERLAY}
+STALE_WAIT_S = 0.5
+
+
+def host_resolv_conf(host_netns: str | None) -> str:
+    """The host namespace's resolv.conf, as ``ip netns exec`` would show it."""
+    for path in ([f"/etc/netns/{host_netns}/resolv.conf"] if host_netns else []) + ["/etc/resolv.conf"]:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            continue
+    return ""
+
+
+class NodeDns:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.node = rt.params["node"]
+        self.domain = rt.params.get("dns_domain", "vnet")
+        self.period_s = float(rt.params.get("dns_resync_s", "30"))
+        ups = rt.params.get("dns_upstream")
+        if ups is not None:
+            self.upstreams = [u for u in ups.split(",") if u]
+            self.search: list[str] = []
+            self.options: list[str] = []
+        else:
+            self.upstreams, self.search, self.options = parse_resolv_conf(host_resolv_conf(rt.config.host_netns))
+            # a loopback resolver of the host is not reachable from the host namespace's view
+            # of a container's query path; it is still the host's own choice, so keep it
+            self.upstreams = [u for u in self.upstreams if u]
+        self.server = DnsServer(self._answer, upstreams=self.upstreams, host_netns=rt.config.host_netns,
+                                ttl=int(rt.params.get("dns_ttl_s", "5")), observe=rt.metrics.observe,
+                                port=int(rt.params.get("dns_port", "53")))
+        self.table: NameTable | None = None
+        self.version = 0
+        self.rebuilds = 0
+        self.listen_errors: list[str] = []
+        self._stale = asyncio.Event()
+        self._fresh = asyncio.Event()
+        self._subs: list[Any] = []
+
+    # -- life ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        for subj in (subjects.EVT_NETWORK, subjects.EVT_ENDPOINT, subjects.EVT_POLICY):
+            self._subs.append(await self.rt.nc.subscribe(str(subj), cb=self._on_event))
+        self._stale.set()
+        self.rt.spawn(self._loop(), "dns-rebuild")
+
+    async def stop(self) -> None:
+        for s in self._subs:
+            try:
+                await s.unsubscribe()
+            except Exception:  # the connection may be gone already
+                pass
+        await self.server.close()
+
+    async def _on_event(self, msg: Msg) -> None:
+        if ".status." in msg.subject:  # a status change renames nothing
+            return
+        self._fresh.clear()
+        self._stale.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._stale.wait(), self.period_s)
+            except TimeoutError:
+                pass
+            await asyncio.sleep(0.002)  # let a burst of events land in this one rebuild
+            self._stale.clear()
+            try:
+                await self.rebuild()
+            except E.VNetError as err:
+                log.info("node %s: dns: could not read the control plane (%s); keeping the last table",
+                         self.node, err.message)
+                await asyncio.sleep(0.5)
+                self._stale.set()
+            except Exception:
+                log.exception("node %s: dns: rebuild failed", self.node)
+                await asyncio.sleep(0.5)
+                self._stale.set()
+            else:
+                if not self._stale.is_set():
+                    self._fresh.set()
+
+    # -- the table -----------------------------------------------------------------------
+    async def _pages(self, subject: Any, req: Any, reply_type: Any, attr: str) -> list[Any]:
+        out: list[Any] = []
+        cursor: str | None = None
+        while True:
+            req.cursor = cursor
+            page, _ = await nats_adapter.request(self.rt.nc, subject, req, reply_type,
+                                                 timeout=self.rt.config.request_timeout_s)
+            out += getattr(page, attr)
+            cursor = page.next_cursor
+            if cursor is None:
+                return out
+
+    async def rebuild(self) -> None:
+        t0 = time.perf_counter()
+        nets: list[VirtualNetwork] = await self._pages(subjects.NETWORK_LIST, NetworkList(limit=PAGE),
+                                                        NetworkPage, "networks")
+        eps: list[EndpointInfo] = await self._pages(subjects.ENDPOINT_LIST, EndpointList(limit=PAGE),
+                                                     EndpointPage, "endpoints")
+        rules, _ = await nats_adapter.request(self.rt.nc, subjects.POLICY_RULE_LIST, RuleList(), RulePage,
+                                              timeout=self.rt.config.request_timeout_s)
+        pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules.rules)
+        names = {n.id: n.name for n in nets}
+        dns = [DnsEndpoint(id=e.id, name=e.container_id, network=e.network_id,
+                           ips=tuple(a for a in (e.ip_address, e.ipv6_address) if a)) for e in eps]
+        self.table = NameTable(pol, dns, names, domain=self.domain)
+        local_nets = {e.network_id for e in eps if e.node == self.node}
+        want = {g.split("/")[0] for n in nets if n.id in local_nets and n.driver_type in _SERVED_DRIVERS
+                for g in (n.gateway, n.gateway_v6) if g}
+        gone = [a for a in self.server.listening() if a not in want]
+        errors = await self.server.listen(sorted(want))
+        await self.server.unlisten(gone)
+        if errors != self.listen_errors:
+            for e in errors:
+                log.warning("node %s: dns: cannot serve %s", self.node, e)
+        self.listen_errors = errors
+        self.version += 1
+        self.rebuilds += 1
+        log.debug("node %s: dns table %d: %d names, %d addresses served, %.1f ms", self.node, self.version,
+                  len(dns), len(want), (time.perf_counter() - t0) * 1e3)
+
+    async def _answer(self, src: str, qname: str, qtype: str) -> Answer:
+        upstream = self.upstreams[0] if self.upstreams else None
+        if self.table is None or not self._fresh.is_set():
+            # a rebuild is pending: a name created a moment ago must not be denied for it
+            try:
+                await asyncio.wait_for(self._fresh.wait(), STALE_WAIT_S)
+            except TimeoutError:
+                pass
+        if self.table is None:
+            return Answer("REFUSED", why="the resolver has no table yet")
+        return self.table.lookup(src, qname, qtype, upstream=upstream)  # type: ignore[arg-type]
+
+
+def enabled(rt: Runtime) -> bool:
+    return rt.params.get("dns", os.environ.get("VNET_NODE_DNS", "off")).lower() in ("on", "1", "true", "yes")

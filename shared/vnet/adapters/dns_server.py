@@ -1,0 +1,291 @@
+"""The DNS wire and sockets around :mod:`vnet.core.dns` (dnslib for the format, asyncio
+for the serving).
+
+::
+
+    srv = DnsServer(answer=lambda src, qname, qtype: table.lookup(src, qname, qtype, upstream=up),
+                    upstreams=["192.0.2.53"], host_netns="vt1-h1", ttl=5)
+    await srv.listen(["10.1.0.1", "10.2.0.1"])   # UDP and TCP port 53 on each, inside the host namespace
+    await srv.listen(["10.3.0.1"])                # adds; addresses already served are kept (never a gap)
+    await srv.unlisten(["10.2.0.1"])
+    await srv.close()
+
+Sockets are created inside the host namespace by a namespace-bound thread (the
+``nsctx`` worker) and then served from this event loop: a socket keeps the namespace
+it was created in. ``IP_FREEBIND`` lets a socket bind a gateway address before the
+node worker has put it on its bridge, so the resolver never waits for the data plane.
+Forwarded queries leave from the host namespace too (a fresh socket per query: a
+random source port each, no shared state to poison).
+
+Bad input never raises out of here: a packet that does not parse as a DNS query is
+answered FORMERR when its header can be read and dropped otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord
+from dnslib.dns import DNSBuffer
+
+from vnet.adapters.netlink.nsctx import Netns, NsWorker
+from vnet.core.dns import Answer
+
+log = logging.getLogger(__name__)
+
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
+_QTYPES = {QTYPE.A: "A", QTYPE.AAAA: "AAAA", QTYPE.PTR: "PTR", QTYPE.ANY: "ANY"}
+AnswerFn = Callable[[str, str, str], Answer | Awaitable[Answer]]
+
+
+def _listen_socket(addr: str, port: int, kind: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, kind)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        else:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((addr, port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(128)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@dataclass
+class DnsCounters:
+    queries: dict[str, int] = field(default_factory=dict)  # by rcode
+    forwarded: int = 0
+    forward_failures: int = 0
+    malformed: int = 0
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport by construction
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.server._spawn(self._answer(data, addr))
+
+    async def _answer(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        reply = await self.server.handle(data, str(addr[0]))
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
+            if len(reply) > 512:  # classic UDP limit without EDNS: truncate, the client retries on TCP
+                reply = _truncated(data, reply)
+            self.transport.sendto(reply, addr)
+
+
+def _truncated(query: bytes, reply: bytes) -> bytes:
+    try:
+        q = DNSRecord.parse(query)
+        r = q.reply()
+        r.header.tc = 1
+        return bytes(r.pack())
+    except DNSError:
+        return reply[:512]
+
+
+class DnsServer:
+    def __init__(self, answer: AnswerFn, *, upstreams: Iterable[str] = (), host_netns: str | None = None,
+                 ttl: int = 5, forward_timeout: float = 2.0, port: int = 53,
+                 observe: Callable[[str, float, str | None], None] | None = None) -> None:
+        self.answer = answer
+        self.upstreams = list(upstreams)
+        self.host_netns = host_netns
+        self.ttl = ttl
+        self.forward_timeout = forward_timeout
+        self.port = port
+        self.observe = observe
+        self.counters = DnsCounters()
+        self._ns: Netns | None = None
+        self._worker: NsWorker | None = None
+        self._listeners: dict[str, tuple[asyncio.DatagramTransport, asyncio.Server]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- sockets -------------------------------------------------------------------------
+    def _in_host(self, fn: Callable[[], Any]) -> Any:
+        if self._worker is None:
+            self._worker = NsWorker()
+            self._ns = Netns.open(self.host_netns)
+        assert self._ns is not None
+        return self._worker.run(self._ns, fn)
+
+    async def listen(self, addresses: Iterable[str]) -> list[str]:
+        """Serve these addresses too (UDP and TCP); the errors of those that failed, each named."""
+        loop = asyncio.get_running_loop()
+        errors = []
+        for addr in addresses:
+            if addr in self._listeners:
+                continue
+            def make(a: str = addr) -> tuple[socket.socket, socket.socket]:
+                udp = _listen_socket(a, self.port, socket.SOCK_DGRAM)
+                try:
+                    return udp, _listen_socket(a, self.port, socket.SOCK_STREAM)
+                except BaseException:
+                    udp.close()
+                    raise
+
+            try:
+                udp, tcp = await asyncio.to_thread(self._in_host, make)
+            except OSError as exc:
+                errors.append(f"{addr}:{self.port}: {exc.strerror or exc}")
+                continue
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+            server = await asyncio.start_server(self._tcp_client, sock=tcp)
+            self._listeners[addr] = (transport, server)
+        return errors
+
+    async def unlisten(self, addresses: Iterable[str]) -> None:
+        for addr in addresses:
+            pair = self._listeners.pop(addr, None)
+            if pair is not None:
+                pair[0].close()
+                pair[1].close()
+
+    def listening(self) -> list[str]:
+        return sorted(self._listeners)
+
+    async def close(self) -> None:
+        await self.unlisten(list(self._listeners))
+        for t in list(self._tasks):
+            t.cancel()
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        if self._ns is not None:
+            self._ns.close()
+            self._ns = None
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        t: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), 10)
+                data = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", head)[0]), 10)
+                reply = await self.handle(data, str(peer[0]))
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    # -- answers -------------------------------------------------------------------------
+    async def handle(self, data: bytes, src: str) -> bytes | None:
+        """The reply to one query from ``src`` (None: drop it)."""
+        t0 = time.perf_counter()
+        rcode = "FORMERR"
+        try:
+            try:
+                q = DNSRecord.parse(data)
+            except (DNSError, struct.error, IndexError, ValueError, UnicodeError):
+                self.counters.malformed += 1
+                return _formerr(data)
+            if q.header.qr or len(q.questions) != 1:
+                self.counters.malformed += 1
+                return _formerr(data)
+            question = q.questions[0]
+            qname = str(question.qname)
+            qtype = _QTYPES.get(question.qtype, "OTHER")
+            ans = self.answer(src, qname, qtype if qtype != "OTHER" else "ANY")
+            if not isinstance(ans, Answer):
+                ans = await ans
+            if ans.rcode == "FORWARD":
+                fwd = await self._forward(data)
+                rcode = "FORWARDED" if fwd is not None else "SERVFAIL"
+                return fwd if fwd is not None else _reply(q, RCODE.SERVFAIL)
+            rcode = ans.rcode
+            r = q.reply()
+            r.header.ra = 1
+            if ans.rcode == "NXDOMAIN":
+                r.header.rcode = RCODE.NXDOMAIN
+            elif ans.rcode == "REFUSED":
+                r.header.rcode = RCODE.REFUSED
+            elif qtype != "OTHER":
+                for a in ans.addresses:
+                    rd = AAAA(a) if ":" in a else A(a)
+                    r.add_answer(RR(question.qname, QTYPE.AAAA if ":" in a else QTYPE.A, rdata=rd, ttl=self.ttl))
+                for n in ans.names:
+                    r.add_answer(RR(question.qname, QTYPE.PTR, rdata=PTR(n + "."), ttl=self.ttl))
+            return bytes(r.pack())
+        except Exception:  # one bad query never takes the resolver down
+            log.exception("dns: answering a query from %s failed", src)
+            rcode = "SERVFAIL"
+            try:
+                return _reply(DNSRecord.parse(data), RCODE.SERVFAIL)
+            except Exception:
+                return None
+        finally:
+            self.counters.queries[rcode] = self.counters.queries.get(rcode, 0) + 1
+            if self.observe is not None:
+                self.observe("dns.query", time.perf_counter() - t0,
+                             None if rcode in ("NOERROR", "FORWARDED") else rcode.lower())
+
+    async def _forward(self, data: bytes) -> bytes | None:
+        """Ask the upstreams in turn (UDP from the host namespace); the first answer wins."""
+        loop = asyncio.get_running_loop()
+        for up in self.upstreams:
+            fam = socket.AF_INET6 if ":" in up else socket.AF_INET
+            def make(f: int = fam) -> socket.socket:
+                return socket.socket(f, socket.SOCK_DGRAM)
+
+            try:
+                s = await asyncio.to_thread(self._in_host, make)
+            except OSError:
+                continue
+            try:
+                s.setblocking(False)
+                await loop.sock_sendto(s, data, (up, 53))
+                reply, _ = await asyncio.wait_for(loop.sock_recvfrom(s, 65535), self.forward_timeout)
+                if reply[:2] == data[:2]:
+                    self.counters.forwarded += 1
+                    return reply
+            except (OSError, TimeoutError):
+                continue
+            finally:
+                s.close()
+        self.counters.forward_failures += 1
+        return None
+
+
+def _reply(q: DNSRecord, rcode: int) -> bytes:
+    r = q.reply()
+    r.header.rcode = rcode
+    return bytes(r.pack())
+
+
+def _formerr(data: bytes) -> bytes | None:
+    """FORMERR with the query's id when 12 header bytes are there; otherwise nothing."""
+    if len(data) < 12:
+        return None
+    try:
+        h = DNSHeader.parse(DNSBuffer(data))
+    except Exception:
+        return None
+    out = DNSRecord(DNSHeader(id=h.id, qr=1, ra=1, rcode=RCODE.FORMERR))
+    return bytes(out.pack())
