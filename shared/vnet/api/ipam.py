@@ -82,7 +82,30 @@ class IpamAPI(ClientBase):
         return await self.call(subjects.IPAM_GC, GcRequest(grace_s=grace_s, network_id=network_id), GcReply,
                                timeout=max(self.config.request_timeout_s, 60.0))
 
-    async def ipam_check(self, *, network_id: str | None = None, grace_s: float | None = None) -> CheckReply:
-        """Leaks and inconsistencies, without changing anything."""
-        return await self.call(subjects.IPAM_CHECK, CheckRequest(network_id=network_id, grace_s=grace_s), CheckReply,
-                               timeout=max(self.config.request_timeout_s, 60.0))
+    async def ipam_check_page(self, *, network_id: str | None = None, grace_s: float | None = None,
+                              limit: int = 1000, cursor: str | None = None) -> CheckReply:
+        """One page of the check (at most ``limit`` findings); ``next_cursor`` fetches the next."""
+        req = CheckRequest(network_id=network_id, grace_s=grace_s, limit=limit, cursor=cursor)
+        return await self.call(subjects.IPAM_CHECK, req, CheckReply, timeout=max(self.config.request_timeout_s, 60.0))
+
+    async def ipam_check(self, *, network_id: str | None = None, grace_s: float | None = None,
+                         page_size: int = 1000) -> CheckReply:
+        """Leaks and inconsistencies, without changing anything: every page, merged into one."""
+        out: CheckReply | None = None
+        cursor: str | None = None
+        while True:
+            page = await self.ipam_check_page(network_id=network_id, grace_s=grace_s, limit=page_size, cursor=cursor)
+            if out is None:
+                out = page
+            else:
+                out.clean = out.clean and page.clean
+                out.pools_checked += page.pools_checked
+                out.allocations += page.allocations
+                out.leaks += page.leaks
+                out.inconsistencies += page.inconsistencies
+                out.orphan_pools += page.orphan_pools
+                out.notes += [n for n in page.notes if n not in out.notes]
+            if page.next_cursor is None:
+                out.next_cursor = None
+                return out
+            cursor = page.next_cursor

@@ -12,6 +12,8 @@ from vnet.contracts.messages import RequestId
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 Cidr = Annotated[str, msgspec.Meta(min_length=3, max_length=64)]
 Addr = Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
+CheckLimit = Annotated[int, msgspec.Meta(ge=1, le=2000)]
+CheckCursor = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
 class PoolCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -151,8 +153,15 @@ class GcReply(msgspec.Struct, kw_only=True):
 
 
 class CheckRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One page of the check. Pools are checked in (network_id, family) order; a page ends
+    after ``limit`` findings (leaks, inconsistencies, orphan pools together) and its
+    ``next_cursor`` resumes right there, inside a pool if need be: one reply stays far
+    below the bus's message limit however many allocations leak."""
+
     network_id: Id | None = None
     grace_s: GraceS | None = None  # a leak older than this is marked collectable
+    limit: CheckLimit = 1000
+    cursor: CheckCursor | None = None
 
 
 class Leak(msgspec.Struct, kw_only=True):
@@ -193,6 +202,9 @@ class CheckReply(msgspec.Struct, kw_only=True):
     inconsistencies: list[Inconsistency]
     orphan_pools: list[OrphanPool]
     notes: list[str] = []
+    # Set when more findings follow: pass it as ``cursor``. ``clean`` and the counts are this
+    # page's; the whole check is clean when every page is (the client's ipam_check merges).
+    next_cursor: str | None = None
 
 
 class PoolEvent(msgspec.Struct, kw_only=True):

@@ -276,67 +276,131 @@ async def collect(store: IpamStore, grace_s: float, network_id: str | None = Non
                    index_repaired=repaired, skipped=skipped)
 
 
-async def inspect(store: IpamStore, grace_s: float, network_id: str | None = None) -> CheckReply:
-    """Leaks, inconsistencies and orphan pools — read only."""
+Finding = Leak | Inconsistency | OrphanPool
+CHECK_PAGE = 1000  # findings per check reply by default: ~250 KB, a quarter of the bus limit
+
+
+def _cursor(network_id: str, family: int, skip: int) -> str:
+    return f"{network_id}/{family}/{skip}"
+
+
+def _parse_cursor(cursor: str) -> tuple[tuple[str, int], int]:
+    try:
+        nid, fam, skip = cursor.rsplit("/", 2)
+        key, n = (nid, int(fam)), int(skip)
+    except ValueError:
+        raise E.make(E.INVALID_REQUEST, f"cursor {cursor!r} is not one a check reply gave; pass next_cursor "
+                     "unchanged (or no cursor to start over)", cursor=cursor) from None
+    if not nid or n < 0:
+        raise E.make(E.INVALID_REQUEST, f"cursor {cursor!r} is not one a check reply gave", cursor=cursor)
+    return key, n
+
+
+async def inspect(store: IpamStore, grace_s: float, network_id: str | None = None, *,
+                  limit: int | None = None, cursor: str | None = None) -> CheckReply:
+    """Leaks, inconsistencies and orphan pools — read only — one page of at most ``limit``.
+
+    Pools (and pool-index entries without a pool) are visited in (network_id, family)
+    order; each one's findings in a fixed order, so ``next_cursor`` (the pool and how
+    many of its findings were returned) resumes exactly where the page ended. Without
+    ``limit`` everything comes in one reply (for callers inside this process).
+    """
     now = await store.now()
     pools, dangling = await _pools_with_index(store, network_id)
     notes: list[str] = []
-    issues: list[Inconsistency] = []
-    for nid, fam, added in dangling:
-        issues.append(Inconsistency(network_id=nid, family=fam, kind="index_without_pool",
-                                    message=f"the pool index lists {nid}/{fam} (added {now - added:.0f}s ago) but "
-                                    "the pool does not exist; GC removes the entry"))
     has_endpoints = await store.set_exists(st.ENDPOINTS_INDEX)
     if not has_endpoints:
         notes.append(f"the endpoint index {st.ENDPOINTS_INDEX} does not exist: leaks not looked for")
     has_networks = await store.set_exists(st.NETWORKS_INDEX)
     if not has_networks:
         notes.append(f"the network index {st.NETWORKS_INDEX} does not exist: orphan pools not looked for")
-    leaks: list[Leak] = []
-    orphans: list[OrphanPool] = []
-    allocations = 0
-    checked = 0
+    orphans: dict[tuple[str, int], OrphanPool] = {}
     if has_networks and pools:
         exists = await store.members(st.NETWORKS_INDEX, [m.network_id for m in pools])
         for m, ok in zip(pools, exists, strict=True):
             if not ok:
                 age = now - m.created_at
-                orphans.append(OrphanPool(network_id=m.network_id, family=m.family, cidr=m.layout.cidr, used=m.used,
-                                          age_s=round(age, 3), collectable=age > grace_s))
-    for m in pools:
-        snap = await store.snapshot(m.network_id, m.family)
-        if snap is None:  # deleted meanwhile
+                orphans[(m.network_id, m.family)] = OrphanPool(
+                    network_id=m.network_id, family=m.family, cidr=m.layout.cidr, used=m.used, age_s=round(age, 3),
+                    collectable=age > grace_s)
+    by_key = {(m.network_id, m.family): m for m in pools}
+    lost = {(nid, fam): added for nid, fam, added in dangling}
+    keys = sorted(set(by_key) | set(lost))
+    start: tuple[str, int] | None = None
+    skip = 0
+    if cursor:
+        start, skip = _parse_cursor(cursor)
+    page: list[Finding] = []
+    checked = 0
+    allocations = 0
+    next_cursor: str | None = None
+    for k in keys:
+        if start is not None and k < start:
             continue
-        checked += 1
-        lay = snap.meta.layout
-        allocations += len(snap.owners)
-        if network_id is not None and not await _indexed(store, m):
-            issues.append(Inconsistency(network_id=m.network_id, family=m.family, kind="pool_not_indexed",
-                                        message="the pool exists but is missing from the pool index "
-                                        f"{st.POOLS_INDEX}: `vnetctl ipam pools` does not list it"))
-        for text in snap.bad_records:
-            issues.append(Inconsistency(network_id=m.network_id, family=m.family, kind="bad_record", message=text))
-        found = core.check_pool(lay, snap.bits, snap.summary, {o: v[0] for o, v in snap.owners.items()},
-                                snap.holders, snap.meta.used)
-        for p in found:
-            address = str(lay.address_at(p.offset)) if p.offset is not None and 0 <= p.offset < lay.window else None
-            issues.append(Inconsistency(network_id=m.network_id, family=m.family, kind=p.kind,
-                                        message=f"{lay.describe()}: {p.message}", address=address, owner=p.owner))
-        if has_endpoints and snap.owners:
-            owners = list(snap.owners)
-            for i in range(0, len(owners), 1000):
-                part = owners[i:i + 1000]
-                for owner, ok in zip(part, await store.members(st.ENDPOINTS_INDEX, part), strict=True):
-                    if ok:
-                        continue
-                    off, ts = snap.owners[owner]
-                    age = now - ts
-                    leaks.append(Leak(network_id=m.network_id, family=m.family,
-                                      address=str(lay.address_at(off)) if 0 <= off < lay.window else f"offset {off}",
-                                      owner=owner, allocated_at=ts, age_s=round(age, 3), collectable=age > grace_s))
-    clean = not leaks and not issues and not orphans
-    return CheckReply(clean=clean, pools_checked=checked, allocations=allocations, leaks=leaks,
-                      inconsistencies=issues, orphan_pools=orphans, notes=notes)
+        first = skip if k == start else 0
+        if limit is not None and len(page) >= limit:
+            next_cursor = _cursor(k[0], k[1], first)
+            break
+        found: list[Finding] = []
+        if k in lost:
+            found.append(Inconsistency(network_id=k[0], family=k[1], kind="index_without_pool",
+                                       message=f"the pool index lists {k[0]}/{k[1]} (added {now - lost[k]:.0f}s ago) "
+                                       "but the pool does not exist; GC removes the entry"))
+        if k in orphans:
+            found.append(orphans[k])
+        meta = by_key.get(k)
+        if meta is not None:
+            n = await _pool_findings(store, meta, now, grace_s, network_id is not None, has_endpoints, found)
+            if n is not None and first == 0:  # a pool split over pages counts on its first
+                checked += 1
+                allocations += n
+        rest = found[first:]
+        if limit is not None and len(rest) > limit - len(page):
+            room = limit - len(page)
+            page.extend(rest[:room])
+            next_cursor = _cursor(k[0], k[1], first + room)
+            break
+        page.extend(rest)
+    leaks = [f for f in page if isinstance(f, Leak)]
+    issues = [f for f in page if isinstance(f, Inconsistency)]
+    orphan_list = [f for f in page if isinstance(f, OrphanPool)]
+    return CheckReply(clean=not page, pools_checked=checked, allocations=allocations, leaks=leaks,
+                      inconsistencies=issues, orphan_pools=orphan_list, notes=notes, next_cursor=next_cursor)
+
+
+async def _pool_findings(store: IpamStore, m: PoolMeta, now: float, grace_s: float, look_at_index: bool,
+                         has_endpoints: bool, found: list[Finding]) -> int | None:
+    """Append one pool's inconsistencies, then its leaks, to ``found``; returns its number of
+    allocations (None: the pool was deleted meanwhile)."""
+    snap = await store.snapshot(m.network_id, m.family)
+    if snap is None:
+        return None
+    lay = snap.meta.layout
+    if look_at_index and not await _indexed(store, m):
+        found.append(Inconsistency(network_id=m.network_id, family=m.family, kind="pool_not_indexed",
+                                   message="the pool exists but is missing from the pool index "
+                                   f"{st.POOLS_INDEX}: `vnetctl ipam pools` does not list it"))
+    for text in snap.bad_records:
+        found.append(Inconsistency(network_id=m.network_id, family=m.family, kind="bad_record", message=text))
+    problems = core.check_pool(lay, snap.bits, snap.summary, {o: v[0] for o, v in snap.owners.items()},
+                               snap.holders, snap.meta.used)
+    for p in problems:
+        address = str(lay.address_at(p.offset)) if p.offset is not None and 0 <= p.offset < lay.window else None
+        found.append(Inconsistency(network_id=m.network_id, family=m.family, kind=p.kind,
+                                   message=f"{lay.describe()}: {p.message}", address=address, owner=p.owner))
+    if has_endpoints and snap.owners:
+        owners = sorted(snap.owners)  # a fixed order: a cursor inside this pool resumes exactly
+        for i in range(0, len(owners), 1000):
+            part = owners[i:i + 1000]
+            for owner, ok in zip(part, await store.members(st.ENDPOINTS_INDEX, part), strict=True):
+                if ok:
+                    continue
+                off, ts = snap.owners[owner]
+                age = now - ts
+                found.append(Leak(network_id=m.network_id, family=m.family,
+                                  address=str(lay.address_at(off)) if 0 <= off < lay.window else f"offset {off}",
+                                  owner=owner, allocated_at=ts, age_s=round(age, 3), collectable=age > grace_s))
+    return len(snap.owners)
 
 
 async def _indexed(store: IpamStore, m: PoolMeta) -> bool:
@@ -350,10 +414,13 @@ async def gc(ctx: Ctx, req: GcRequest) -> GcReply:
     return await collect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id)
 
 
-@SERVICE.op("check", subjects.IPAM_CHECK, CheckRequest)
+@SERVICE.op("check", subjects.IPAM_CHECK, CheckRequest,
+            page_hint="ask for fewer findings per page with `limit` and follow `next_cursor`, or check one "
+            "network (`network_id`)")
 async def check(ctx: Ctx, req: CheckRequest) -> CheckReply:
     _, grace = gc_settings(ctx.rt)
-    return await inspect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id)
+    return await inspect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id,
+                         limit=req.limit, cursor=req.cursor)
 
 
 async def _pools_check(rt: Runtime) -> tuple[str, str]:
