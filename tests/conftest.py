@@ -176,7 +176,7 @@ async def control_plane(config: VNetConfig, start_service: Callable[..., Awaitab
     m = VNetManager(cfg)
     await m.__aenter__()
     try:
-        for _ in range(200):
+        for _ in range(1200):  # 60 s: a busy machine is slow to start a worker, never wrong to wait
             if any(n.node == node for n in await m.nodes()):
                 break
             await asyncio.sleep(0.05)

@@ -73,12 +73,13 @@ class Sockets:
             srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             srv.bind(("0.0.0.0", port))
             srv.listen(1)
-            srv.settimeout(3)
-            cli.settimeout(3)
+            # generous: a connect that merely waits for a busy machine must not read as "no path"
+            srv.settimeout(15)
+            cli.settimeout(15)
             cli.connect((dst_ip, port))
             conn, _ = srv.accept()
             with conn:
-                conn.settimeout(3)
+                conn.settimeout(15)
                 cli.sendall(payload)
                 got = b""
                 while len(got) < len(payload):
@@ -101,8 +102,8 @@ class Sockets:
         cli = self.make(src, socket.SOCK_DGRAM)
         try:
             srv.bind(("0.0.0.0", port))
-            srv.settimeout(1)
-            cli.settimeout(1)
+            srv.settimeout(3)
+            cli.settimeout(3)
             for _ in range(tries):
                 try:
                     cli.sendto(payload, (dst_ip, port))

@@ -127,7 +127,7 @@ class Capture:
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "--immediate-mode", "-i", ifname, "-n",
                                       "-U", "-s", "0", "-w", str(path)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not (path.exists() and path.stat().st_size >= 24):
             time.sleep(0.02)
         time.sleep(0.1)
@@ -136,10 +136,10 @@ class Capture:
         time.sleep(0.3)
         self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.wait(5)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait(5)
+            self.proc.wait(30)
         err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
         frames = pcap_packets(self.path.read_bytes())
         assert "captured" in err, err
@@ -187,7 +187,7 @@ def test_encrypted_overlay_reachable_nothing_in_clear_and_fails_closed(
         assert data["link"] == h.wg_if and data["local"] == wg_addr(h.k)
     pairs = [(a.netns, ip_of(b)) for a in h1.eps for b in h2.eps] + [(b.netns, ip_of(a)) for a in h1.eps
                                                                       for b in h2.eps]
-    deadline = time.monotonic() + 5  # the first handshake
+    deadline = time.monotonic() + 30  # the first handshake (a busy machine may take a while)
     while ping_all(pairs[:1]) and time.monotonic() < deadline:
         pass
     assert ping_all(pairs) == []
@@ -213,7 +213,7 @@ def test_encrypted_overlay_reachable_nothing_in_clear_and_fails_closed(
         # tunnel down (wireguard-go of host 1 killed): the kernel removes the VXLAN device
         # bound to it; nothing of the network crosses in clear
         h1.rec.wireguard.stop(h1.wg_if)
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 30
         while VXLAN in links(h1.ns) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert VXLAN not in links(h1.ns)
@@ -227,7 +227,7 @@ def test_encrypted_overlay_reachable_nothing_in_clear_and_fails_closed(
 
         # the next reconcile restarts the tunnel and the network comes back
         ok(h1.rec.reconcile(desired_for(h1, hosts)))
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 30
         while ping_all(pairs[:1]) and time.monotonic() < deadline:
             pass
         assert ping_all(pairs) == []
@@ -266,7 +266,7 @@ def test_sigkilled_worker_fails_static_and_a_new_one_changes_nothing(
         child.stdin.close()
         assert child.stdout.readline().strip() == b"ready"
         pairs = [(h1.eps[0].netns, ip_of(h2.eps[0])), (h2.eps[1].netns, ip_of(h1.eps[1]))]
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while ping_all(pairs[:1]) and time.monotonic() < deadline:
             pass
         socks = Sockets()
@@ -276,14 +276,14 @@ def test_sigkilled_worker_fails_static_and_a_new_one_changes_nothing(
             cli = socks.make(h1.eps[0].netns, socket.SOCK_STREAM)
             srv.bind(("0.0.0.0", 7100))
             srv.listen(1)
-            cli.settimeout(3)
+            cli.settimeout(30)
             cli.connect((ip_of(h2.eps[0]), 7100))
             conn, _ = srv.accept()
-            conn.settimeout(3)
+            conn.settimeout(30)
             cli.sendall(b"before")
             assert conn.recv(6) == b"before"
             child.kill()
-            child.wait(5)
+            child.wait(30)
             cli.sendall(b"after!")  # fail static: the kernel and wireguard-go keep going
             assert conn.recv(6) == b"after!"
             conn.close()
@@ -300,7 +300,7 @@ def test_sigkilled_worker_fails_static_and_a_new_one_changes_nothing(
     finally:
         if child.poll() is None:
             child.kill()
-            child.wait(5)
+            child.wait(30)
         for pid in subprocess.run(["ip", "netns", "pids", h1.ns], capture_output=True, text=True).stdout.split():
             with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
                 if f.read().strip() == "wireguard-go":
