@@ -106,7 +106,16 @@ async def test_desired_state_remotes_peers_and_gone_nodes(fake: Fake) -> None:
     ka, kb, kc = _key(), _key(), _key()
     await fake.register("a", 1, ka)
     await fake.register("b", 2, kb)
-    await fake.register("c", 3, kc, heartbeat_s=0.2)  # gone 0.6 s after its last heartbeat
+    # c: gone 3 s after its last heartbeat; it beats ten times as often until the test stops it,
+    # so it is alive through the steps below however slowly a busy machine runs them
+    await fake.register("c", 3, kc, heartbeat_s=1.0)
+
+    async def c_beats() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            await fake.register("c", 3, kc, heartbeat_s=1.0)
+
+    beating = asyncio.create_task(c_beats())
     net = await m.create_network("ov", "10.140.0.0/24", None, "overlay", "none", {"encrypted": "true"})
     eps = {n: await m.create_endpoint(f"ctr-{n}", net.id, node=n, netns=f"ctr-{n}") for n in "abc"}
     d = (await m.node_desired("a")).desired
@@ -120,10 +129,16 @@ async def test_desired_state_remotes_peers_and_gone_nodes(fake: Fake) -> None:
         for n, k, key in (("b", 2, kb), ("c", 3, kc))]
     assert d.underlay is None  # the node knows its own
     # c stops sending heartbeats: past its timeout it is neither a peer nor a remote's host
-    await asyncio.sleep(0.8)
-    d = (await m.node_desired("a")).desired
+    assert not beating.done(), beating  # (a failed heartbeat would have ended it)
+    beating.cancel()
+    await asyncio.gather(beating, return_exceptions=True)
+    for _ in range(600):  # 30 s, for a timeout of 3 s
+        d = (await m.node_desired("a")).desired
+        if [p.name for p in d.peers] == ["b"]:
+            break
+        await asyncio.sleep(0.05)
     assert [p.name for p in d.peers] == ["b"] and [r.host for r in d.networks[0].remotes] == ["b"]
     # and c comes back: again
-    await fake.register("c", 3, kc, heartbeat_s=0.2)
+    await fake.register("c", 3, kc, heartbeat_s=1.0)
     d = (await m.node_desired("a")).desired
     assert [p.name for p in d.peers] == ["b", "c"]
