@@ -5,7 +5,26 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import click
+
 from tests.cli.conftest import Ctl
+from vnet.cli import main as cli_main
+
+
+def _verbs(group: click.Group, path: tuple[str, ...] = ()) -> dict[str, click.Command]:
+    out: dict[str, click.Command] = {}
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            out |= _verbs(cmd, (*path, name))
+        else:
+            out[" ".join((*path, name))] = cmd
+    return out
+
+
+def test_every_verb_takes_json() -> None:
+    verbs = _verbs(cli_main.cli)
+    assert {"status", "network ls", "policy explain", "container rm", "down"} <= set(verbs)
+    assert [v for v, cmd in verbs.items() if "--json" not in {o for p in cmd.params for o in p.opts}] == []
 
 
 async def test_version(ctl: Ctl) -> None:
@@ -103,11 +122,11 @@ async def test_server_text_is_not_markup(ctl: Ctl) -> None:
     assert "[a-zA-Z0-9]" in err["message"]
     # Labels and names the user gave come back verbatim, in tables, inspect and messages.
     await ctl.ok("network", "create", "jmark", "--cidr", "10.230.3.0/24", "-l", "note=[bold]x[/bold]",
-                 "-l", "w=[red]")
+                 "-l", "w=[red]:thumbs_up:")
     r = await ctl.ok("network", "ls")
-    assert "note=[bold]x[/bold],w=[red]" in r.stdout
+    assert "note=[bold]x[/bold],w=[red]:thumbs_up:" in r.stdout
     r = await ctl.ok("network", "inspect", "jmark")
-    assert "note=[bold]x[/bold],w=[red]" in r.stdout
+    assert "note=[bold]x[/bold],w=[red]:thumbs_up:" in r.stdout
     c = ctl.netns("jm")
     r = await ctl.ok("endpoint", "create", c, "--network", "jmark", "-l", "tag=[/]")
     assert f"{c} → jmark" in r.stdout

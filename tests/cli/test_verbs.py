@@ -133,7 +133,7 @@ async def _invoke(cfg: VNetConfig, *args: str) -> Result:
 
 
 async def _failing(rt: Runtime) -> tuple[str, str]:
-    return "probe", "failing: the test says so"
+    return "probe", "failing: the test says so [b]:warning:[/b]"  # neither markup nor an emoji code
 
 
 async def test_status_and_health_exit_codes(ctl: Ctl) -> None:
@@ -168,7 +168,8 @@ async def test_status_3_and_health_4(config: VNetConfig, start_service: Callable
     assert {s["name"] for s in doc["items"]} == {"ipam", "network"}
     assert (await _invoke(cfg, "status", "--json")).exit_code == 3
     r = await _invoke(cfg, "health", "network")
-    assert r.exit_code == 4 and "degraded" in r.stdout and "probe: failing: the test says so" in r.stdout
+    assert r.exit_code == 4 and "degraded" in r.stdout
+    assert "probe: failing: the test says so [b]:warning:[/b]" in r.stdout
     r = await _invoke(cfg, "health", "network", "--json")
     assert r.exit_code == 4 and json.loads(r.stdout)["status"] == "degraded"
     assert (await _invoke(cfg, "health", "ipam")).exit_code == 0

@@ -32,8 +32,9 @@ from vnet.core.errors import VNetError
 
 __all__ = ["Cell", "console", "err_console", "escape", "styled"]
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: ":name:" in a server's text stays as it is (escape() does not cover emoji codes).
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 # Wide enough that nothing a server sends is wrapped or cut when stdout is a pipe or a file.
 PIPE_WIDTH = 1_000_000
