@@ -123,3 +123,23 @@ async def test_bad_cursor_is_a_clear_400(cfg: VNetConfig, start_service: Callabl
         with pytest.raises(E.VNetError) as ei:
             await m.call(subjects.IPAM_CHECK, CheckRequest(cursor="nonsense"), CheckReply)
     assert ei.value.code == E.INVALID_REQUEST.code and "next_cursor" in ei.value.message
+
+
+async def test_pool_list_pages(cfg: VNetConfig, start_service: Callable[..., Awaitable[Any]]) -> None:
+    from vnet.contracts.ipam import PoolList, PoolsReply
+
+    await start_service("ipam", cfg=cfg)
+    async with VNetManager(cfg) as m:
+        sem = asyncio.Semaphore(100)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await m.create_pool(f"pl-{i:03d}", f"10.{120 + i // 256}.{i % 256}.0/24")
+
+        await asyncio.gather(*(one(i) for i in range(450)))
+        first = await m.call(subjects.IPAM_POOL_LIST, PoolList(), PoolsReply)
+        assert len(first.pools) == 200 and first.next_cursor is not None
+        every = await m.pools(page_size=75)
+        assert [p.network_id for p in every] == [f"pl-{i:03d}" for i in range(450)]
+        last = await m.call(subjects.IPAM_POOL_LIST, PoolList(limit=1000), PoolsReply)
+        assert len(last.pools) == 450 and last.next_cursor is None

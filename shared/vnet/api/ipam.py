@@ -60,10 +60,18 @@ class IpamAPI(ClientBase):
         rep = await self.call(subjects.IPAM_POOL_GET, PoolRef(network_id=network_id, family=family), PoolsReply)
         return rep.pools
 
-    async def pools(self, network_id: str | None = None, family: int | None = None) -> list[PoolInfo]:
-        """Every pool (or those of one network): capacity, used, free, cursor."""
-        rep = await self.call(subjects.IPAM_POOL_LIST, PoolList(network_id=network_id, family=family), PoolsReply)
-        return rep.pools
+    async def pools(self, network_id: str | None = None, family: int | None = None, *,
+                    page_size: int = 200) -> list[PoolInfo]:
+        """Every pool (or those of one network): capacity, used, free, cursor (every page)."""
+        out: list[PoolInfo] = []
+        cursor: str | None = None
+        while True:
+            rep = await self.call(subjects.IPAM_POOL_LIST, PoolList(network_id=network_id, family=family,
+                                                                    limit=page_size, cursor=cursor), PoolsReply)
+            out += rep.pools
+            if rep.next_cursor is None:
+                return out
+            cursor = rep.next_cursor
 
     async def request_address(self, network_id: str, owner: str, *, family: int = 4, address: str | None = None,
                               request_id: str | None = None) -> AddrReply:

@@ -13,6 +13,7 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z
 Cidr = Annotated[str, msgspec.Meta(min_length=3, max_length=64)]
 Addr = Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
 CheckLimit = Annotated[int, msgspec.Meta(ge=1, le=2000)]
+PoolLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 CheckCursor = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -52,6 +53,7 @@ class PoolInfo(msgspec.Struct, kw_only=True):
 
 class PoolsReply(msgspec.Struct, kw_only=True):
     pools: list[PoolInfo]
+    next_cursor: str | None = None  # pool.list: more pools follow; pass it as ``cursor``
 
 
 class AddrRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -111,10 +113,13 @@ class PoolDeleteReply(msgspec.Struct, kw_only=True):
 
 
 class PoolList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Every pool, or those of one network."""
+    """Every pool, or those of one network, in (network_id, family) order, ``limit`` per
+    reply; the reply's ``next_cursor`` (given as ``cursor``) fetches the next page."""
 
     network_id: Id | None = None
     family: Family | None = None
+    limit: PoolLimit = 200
+    cursor: CheckCursor | None = None
 
 
 class Allocation(msgspec.Struct, kw_only=True):

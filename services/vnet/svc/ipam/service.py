@@ -181,10 +181,18 @@ async def pool_get(ctx: Ctx, req: PoolRef) -> PoolsReply:
     return PoolsReply(pools=[pool_info(m) for m in pools])
 
 
-@SERVICE.op("pool.list", subjects.IPAM_POOL_LIST, PoolList)
+@SERVICE.op("pool.list", subjects.IPAM_POOL_LIST, PoolList,
+            page_hint="ask for fewer pools per page with `limit` and follow `next_cursor`")
 async def pool_list(ctx: Ctx, req: PoolList) -> PoolsReply:
-    pools = await _store(ctx).pools(req.network_id, req.family)
-    return PoolsReply(pools=[pool_info(m) for m in pools])
+    pools = sorted(await _store(ctx).pools(req.network_id, req.family), key=lambda m: (m.network_id, m.family))
+    if req.cursor:
+        after, _ = _parse_cursor(req.cursor)
+        pools = [m for m in pools if (m.network_id, m.family) > after]
+    page = pools[:req.limit]
+    more = len(pools) > req.limit
+    last = page[-1] if more else None
+    return PoolsReply(pools=[pool_info(m) for m in page],
+                      next_cursor=_cursor(last.network_id, last.family, 0) if last is not None else None)
 
 
 # --- addresses --------------------------------------------------------------------------
