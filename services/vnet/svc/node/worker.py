@@ -13,13 +13,18 @@
              missed event is caught up, and a converged host costs zero kernel writes
     report:  vnet.evt.endpoint.status.<node>.<id> {node, status ready|failed|deleted, reason}, only
              when an endpoint's status differs from what the endpoint service has recorded
-    policy:  the PolicyAgent (vnet.adapters.nftables) fetches this node's ruleset
-             (vnet.policy.ruleset.get) and applies it in one ``nft -f``: before the first
-             reconcile our tables are made to exist (empty: our traffic dropped), then after
-             every full resync (a deleted or altered table is restored), after every
-             reconcile that created or removed endpoints (before their status is reported,
-             so "ready" means "enforced"), and on vnet.evt.{policy,network,endpoint}.> events
-             (coalesced in one task). Stopping the worker leaves the rules (fail static).
+    policy:  the PolicyAgent (vnet.adapters.nftables) keeps this node's ruleset in the kernel
+             by element deltas (docs/dataplane.md). Before the first reconcile our tables are
+             made to exist (empty: our traffic dropped). An attach or detach of this node is
+             computed HERE (Ruleset.with_endpoint, no round trip) and written as ONE element
+             transaction in the same thread step as its netlink work, before it (the binding is
+             in before the link is up; "ready" means "enforced"); endpoints of other nodes
+             change set members the same way (coalesced in one task). The whole ruleset is
+             fetched (vnet.policy.ruleset.get) on rule and network events, when a delta cannot
+             be computed here (a network new to this host, a host port already taken), and at
+             every full resync, which also reads the kernel back (a deleted or altered table
+             is restored; a converged host costs zero writes). Stopping the worker leaves the
+             rules (fail static).
 
 It holds no Redis credentials: everything comes over NATS. One task owns the local
 desired state and runs every reconcile, so reconciles never overlap; the kernel work
@@ -201,6 +206,7 @@ class NodeWorker:
         self.policy: PolicyAgent | None = None
         self.isolation: Support = Support(available=False, reason="not checked yet")
         self._policy_dirty = asyncio.Event()
+        self._policy_fetch = False  # the next policy task run fetches the whole ruleset (else: push)
         self._policy_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -296,7 +302,7 @@ class NodeWorker:
             self.isolation = Support(available=False, reason=f"nftables: {exc}")
         self.policy = agent
 
-    async def _policy_sync(self, why: str) -> None:
+    async def _policy_sync(self, why: str, *, check: bool = True) -> None:
         """Fetch and apply this node's ruleset now (serialised); errors are logged and kept in
         the stats (the last ruleset, or the empty one, keeps enforcing)."""
         agent = self.policy
@@ -304,7 +310,7 @@ class NodeWorker:
             return
         async with self._policy_lock:
             try:
-                res = await agent.sync()
+                res = await agent.sync(check=check)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -315,15 +321,52 @@ class NodeWorker:
                      res.reason, res.duration * 1000)
 
     def _policy_changed(self) -> None:
+        """Something only the policy service sees whole changed (rules, modes, relations)."""
         if self.policy is not None:
+            self._policy_fetch = True
             self._policy_dirty.set()
+
+    def _policy_note(self, event: str, info: Any, *, local: bool) -> bool:
+        """An endpoint added or removed: change the target ruleset here; False when that
+        needs the whole ruleset (then fetched)."""
+        agent = self.policy
+        if agent is None:
+            return True
+        from vnet.contracts.policy import policy_endpoint
+
+        pe = policy_endpoint(info)
+        if event == "created":
+            net = self.nets.get(info.network_id)
+            bridge = net.bridge_name() if net is not None else naming.bridge_name(info.network_id)
+            return agent.note_added(pe, local=local, bridge=bridge)
+        return agent.note_removed(pe, local=local)
+
+    def _push_policy(self) -> None:
+        """In the kernel thread: the target ruleset's delta, one transaction (before the netlink work)."""
+        agent = self.policy
+        if agent is None:
+            return
+        try:
+            res = agent.push()
+        except Exception as exc:  # the next resync rewrites; the old bindings keep failing closed
+            agent.last_error = str(exc)[:500]
+            log.info("node %s: policy delta failed; the next sync repairs: %s", self.node, exc)
+            self._policy_fetch = True
+            return
+        if res is not None and res.whole:
+            log.info("node %s: nftables ruleset written whole (%s) in %.1f ms", self.node, res.reason,
+                     res.duration * 1000)
 
     async def _policy_loop(self) -> None:
         """Event-driven syncs, coalesced: events arriving during a sync cause one more."""
         while True:
             await self._policy_dirty.wait()
             self._policy_dirty.clear()
-            await self._policy_sync("event")
+            if self._policy_fetch:
+                self._policy_fetch = False
+                await self._policy_sync("event", check=False)
+            elif self.policy is not None:
+                await asyncio.to_thread(self._push_policy)
 
     async def _on_policy_event(self, msg: Msg) -> None:
         self._policy_changed()
@@ -334,7 +377,7 @@ class NodeWorker:
         ctx = contextvars.copy_context()  # the trace context follows into the thread
         return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
 
-    async def _reconcile(self, scope: Scope | None) -> ReconcileResult:
+    async def _reconcile(self, scope: Scope | None, *, policy_first: bool = False) -> ReconcileResult:
         underlay = (Underlay(address=self.underlay, ifname=self.underlay_ifname, wg_address=self.wg_address,
                              wg_ifname=self.wg_ifname, wg_port=self.wg_port)
                     if self.underlay and self.underlay_ifname else None)
@@ -343,7 +386,13 @@ class NodeWorker:
         self.counters.reconciles += 1
         if self.rec is None:
             return self._without_dataplane(desired, scope)
-        result: ReconcileResult = await self._in_thread(self.rec.reconcile, desired, scope)
+        if policy_first:  # one step in the kernel thread: the policy delta, then the netlink work
+            def step() -> ReconcileResult:
+                self._push_policy()
+                return self.rec.reconcile(desired, scope)  # type: ignore[no-any-return]
+            result: ReconcileResult = await self._in_thread(step)
+            return result
+        result = await self._in_thread(self.rec.reconcile, desired, scope)
         return result
 
     def _without_dataplane(self, desired: NodeDesired, scope: Scope | None) -> ReconcileResult:
@@ -485,13 +534,18 @@ class NodeWorker:
         parts = msg.subject.split(".")
         if len(parts) < 5 or parts[3] not in ("created", "deleted"):
             return  # status reports (ours and other nodes') and anything newer
-        self._policy_changed()  # rules and modes may involve any endpoint (labels, addresses)
         try:
             ev = msgspec.json.decode(msg.data, type=EndpointEvent)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("node %s: ignoring a malformed event on %s: %s", self.node, msg.subject, exc)
+            self._policy_changed()
             return
         if ev.endpoint.node != self.node:
+            # rules may select it (labels, network, address): set members change here, coalesced
+            if self.policy is not None:
+                if not self._policy_note(parts[3], ev.endpoint, local=False):
+                    self._policy_fetch = True
+                self._policy_dirty.set()
             net = self.nets.get(ev.endpoint.network_id)
             if net is not None and net.driver == DriverType.OVERLAY:  # a remote of one of our overlays
                 self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id))
@@ -661,9 +715,22 @@ class NodeWorker:
                 self.nets.pop(nid)
                 scope_nets.add(nid)
             self.counters.batches += 1
-            result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)))
-            if scope_eps:  # endpoints created or removed: their bindings before "ready"
-                await self._policy_sync("endpoints")
+            # Endpoints created or removed: their policy delta computed here, then written in
+            # the same kernel step as the netlink work and before it (bindings before the
+            # link is up, "ready" means "enforced"): one transaction for the whole batch.
+            policy = False
+            if self.policy is not None:
+                fetch = False
+                for it in items:
+                    if it.kind == "endpoint" and it.endpoint is not None:
+                        fetch = not self._policy_note(it.event, it.endpoint, local=True) or fetch
+                    elif it.kind == "network":
+                        fetch = True
+                if fetch:  # the whole ruleset (the service has these endpoints: events follow commits)
+                    await self._policy_sync("endpoints", check=False)
+                policy = True
+            result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)),
+                                           policy_first=policy)
             await self._report(result, gone)
 
     # -- status reports -------------------------------------------------------------------------
