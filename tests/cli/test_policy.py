@@ -39,7 +39,7 @@ async def test_explain_takes_container_names_ids_and_addresses(ctl: Ctl) -> None
     assert first.startswith("DENIED ") and "tcp/80" in first and "by denied" not in first
     assert "no isolation mode or allow rule allows it" in first
     r = await ctl.ok("policy", "explain", a, b, "--proto", "icmp")
-    assert r.stdout.startswith(f"ALLOWED {by_name['src']['address']} (endpoint {ea} in ")
+    assert r.stdout.startswith(f"ALLOWED {by_name['src']['address']} (endpoint {ea} in pfree) -> ")  # by name
     err = await ctl.error("policy", "explain", "no-such-container", b)
     assert err["code"] == "endpoint_not_found" and "no-such-container" in err["message"]
     assert "container" in err["message"]

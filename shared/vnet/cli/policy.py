@@ -26,12 +26,13 @@ def policy() -> None:
     """Allow rules and explain (isolation modes: `vnetctl network update --isolation`)."""
 
 
-def _party(p: Party) -> str:
+def _party(p: Party, names: dict[str, str]) -> str:
+    net = names.get(p.network or "", p.network)  # people know networks by name
     if p.kind == "endpoint":
-        return f"{p.address} (endpoint {p.endpoint} in {p.network})"
+        return f"{p.address} (endpoint {p.endpoint} in {net})"
     if p.kind == "external":
         return f"{p.address} (external)"
-    return f"{p.address} ({'a host address' if p.kind == 'host' else 'unassigned'} in {p.network})"
+    return f"{p.address} ({'a host address' if p.kind == 'host' else 'unassigned'} in {net})"
 
 
 def _by(v: Verdict) -> str:
@@ -55,15 +56,18 @@ def explain_cmd(ctx: click.Context, src: str, dst: str, protocol: str, port: int
     cfg = load_config(ctx)
     proto = cast(Literal["tcp", "udp", "sctp", "icmp"], protocol)
 
-    async def go(m: VNetManager) -> Verdict:
-        return await m.explain(src, dst, protocol=proto, port=port)
+    async def go(m: VNetManager) -> tuple[Verdict, dict[str, str]]:
+        v = await m.explain(src, dst, protocol=proto, port=port)
+        names = {n.id: n.name for n in await m.all_networks()} if not as_json and (v.src.network or v.dst.network) \
+            else {}
+        return v, names
 
-    v = run_async(go, cfg)
+    v, names = run_async(go, cfg)
     if as_json:
         output.emit(v)
         return
     flow = f"{protocol}/{v.port}" if v.port else protocol
-    parties = f"{escape(_party(v.src))} -> {escape(_party(v.dst))} {flow}"
+    parties = f"{escape(_party(v.src, names))} -> {escape(_party(v.dst, names))} {flow}"
     if v.by == "ungoverned":
         # Not DENIED: nothing of VNet's is on this path, so it neither allows nor blocks it.
         console.print(f"[yellow]NOT GOVERNED[/yellow] {parties}: neither side is an endpoint, so VNet neither "
