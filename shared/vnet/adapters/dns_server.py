@@ -70,6 +70,7 @@ def _listen_socket(addr: str, port: int, kind: int) -> socket.socket:
 class DnsCounters:
     queries: dict[str, int] = field(default_factory=dict)  # by rcode
     forwarded: int = 0
+    cache_hits: int = 0
     forward_failures: int = 0
     malformed: int = 0
 
@@ -83,6 +84,11 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]  # a datagram transport by construction
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        hit = self.server.cached(data, str(addr[0]))
+        if hit is not None:
+            if self.transport is not None:
+                self.transport.sendto(hit, addr)
+            return
         self.server._spawn(self._answer(data, addr))
 
     async def _answer(self, data: bytes, addr: tuple[str | Any, int]) -> None:
@@ -119,6 +125,33 @@ class DnsServer:
         self._worker: NsWorker | None = None
         self._listeners: dict[str, tuple[asyncio.DatagramTransport, asyncio.Server]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # (querier, query without its id) -> reply without its id; cleared whenever the
+        # table may have changed (clear_cache), so a hit is never older than the table
+        self._cache: dict[tuple[str, bytes], bytes] = {}
+        self.cache_limit = 65536
+
+    # -- the answer cache ----------------------------------------------------------------
+    def cached(self, data: bytes, src: str) -> bytes | None:
+        """The reply to a query answered before for this querier, under this table (or None)."""
+        hit = self._cache.get((src, data[2:]))
+        if hit is None or len(data) < 12:
+            return None
+        self.counters.cache_hits += 1
+        rcode = self._cache_rcode.get(hit[1] & 0x0F, "NOERROR")
+        self.counters.queries[rcode] = self.counters.queries.get(rcode, 0) + 1
+        if self.observe is not None:
+            self.observe("dns.query", 0.0, None if rcode == "NOERROR" else rcode.lower())
+        return data[:2] + hit
+
+    _cache_rcode = {0: "NOERROR", 3: "NXDOMAIN", 5: "REFUSED"}
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _remember(self, data: bytes, src: str, reply: bytes) -> None:
+        if len(self._cache) >= self.cache_limit:
+            self._cache.clear()
+        self._cache[(src, data[2:])] = reply[2:]
 
     # -- sockets -------------------------------------------------------------------------
     def _in_host(self, fn: Callable[[], Any]) -> Any:
@@ -198,6 +231,9 @@ class DnsServer:
     # -- answers -------------------------------------------------------------------------
     async def handle(self, data: bytes, src: str) -> bytes | None:
         """The reply to one query from ``src`` (None: drop it)."""
+        hit = self.cached(data, src)
+        if hit is not None:
+            return hit
         t0 = time.perf_counter()
         rcode = "FORMERR"
         try:
@@ -232,7 +268,10 @@ class DnsServer:
                     r.add_answer(RR(question.qname, QTYPE.AAAA if ":" in a else QTYPE.A, rdata=rd, ttl=self.ttl))
                 for n in ans.names:
                     r.add_answer(RR(question.qname, QTYPE.PTR, rdata=PTR(n + "."), ttl=self.ttl))
-            return bytes(r.pack())
+            out = bytes(r.pack())
+            if ans.cacheable:
+                self._remember(data, src, out)
+            return out
         except Exception:  # one bad query never takes the resolver down
             log.exception("dns: answering a query from %s failed", src)
             rcode = "SERVFAIL"

@@ -54,6 +54,7 @@ class Answer:
     addresses: tuple[str, ...] = ()  # A/AAAA answers
     names: tuple[str, ...] = ()  # PTR answers (fully qualified, no trailing dot)
     why: str = ""
+    cacheable: bool = True  # the same table gives the same answer (not so while the table is being built)
 
 
 def _norm(name: str) -> str:

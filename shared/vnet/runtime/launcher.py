@@ -53,6 +53,11 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         p.add_argument("--underlay", help="this host's underlay address for overlays (default: found from routes)")
         p.add_argument("--underlay-ifname", help="the underlay interface (default: the one holding --underlay)")
         p.add_argument("--resync", type=float, help="full resync period in seconds (default 10)")
+        p.add_argument("--dns", action="store_true",
+                       help="answer names on the gateway of every local network (docs/dns.md)")
+        p.add_argument("--dns-domain", help="the domain of endpoint names (default vnet)")
+        p.add_argument("--dns-upstream", help="comma-separated resolvers for other names "
+                       "(default: the host namespace's resolv.conf)")
     args = p.parse_args(argv)
     try:
         overrides = {}
@@ -76,6 +81,12 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
     params: dict[str, str] = {}
     if node:
         params["node"] = config.node_id or socket.gethostname().split(".")[0]
+        if args.dns:
+            params["dns"] = "on"
+        if args.dns_domain:
+            params["dns_domain"] = args.dns_domain
+        if args.dns_upstream is not None:
+            params["dns_upstream"] = args.dns_upstream
     try:
         asyncio.run(run(svc, config, params))
     except VNetError as err:

@@ -102,6 +102,7 @@ class NodeDns:
             return
         self._fresh.clear()
         self._stale.set()
+        self.server.clear_cache()
 
     async def _loop(self) -> None:
         while True:
@@ -152,6 +153,7 @@ class NodeDns:
         dns = [DnsEndpoint(id=e.id, name=e.container_id, network=e.network_id,
                            ips=tuple(a for a in (e.ip_address, e.ipv6_address) if a)) for e in eps]
         self.table = NameTable(pol, dns, names, domain=self.domain)
+        self.server.clear_cache()
         local_nets = {e.network_id for e in eps if e.node == self.node}
         want = {g.split("/")[0] for n in nets if n.id in local_nets and n.driver_type in _SERVED_DRIVERS
                 for g in (n.gateway, n.gateway_v6) if g}
@@ -176,8 +178,11 @@ class NodeDns:
             except TimeoutError:
                 pass
         if self.table is None:
-            return Answer("REFUSED", why="the resolver has no table yet")
-        return self.table.lookup(src, qname, qtype, upstream=upstream)  # type: ignore[arg-type]
+            return Answer("REFUSED", why="the resolver has no table yet", cacheable=False)
+        ans = self.table.lookup(src, qname, qtype, upstream=upstream)  # type: ignore[arg-type]
+        if not self._fresh.is_set():  # answered from the last table while a newer one is coming
+            ans = Answer(ans.rcode, ans.addresses, ans.names, ans.why, cacheable=False)
+        return ans
 
 
 def enabled(rt: Runtime) -> bool:

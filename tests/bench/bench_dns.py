@@ -1,0 +1,195 @@
+"""Names per second: the node's resolver against aardvark-dns (podman's), same names,
+same client, same run.
+
+Run as root (a script, not a pytest module)::
+
+    .venv/bin/python tests/bench/bench_dns.py              # 50 containers, 4,000 queries per row
+    .venv/bin/python tests/bench/bench_dns.py --n 200 --queries 10000
+
+The whole control plane runs in this process (ipam, network, endpoint, policy services
+and one node worker with ``dns=on``) against a private nats-server and valkey; the host
+and the containers are namespaces this script makes (``<prefix>-...``), removed at the
+end, on error and on Ctrl-C. One ``peer_only`` network (10.89.20.0/24) holds the
+containers; the VNet resolver answers on its gateway 10.89.20.1, aardvark-dns on
+10.89.20.254 (an extra address on the same bridge, its config listing the same names).
+The client runs in one container: asyncio UDP, a random name per query, 1 and 16 in
+flight. Addresses exist only inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from vnet import VNetManager
+from vnet.core import naming
+from vnet.runtime import launcher, servers, service
+from vnet.runtime.config import VNetConfig
+
+PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-d"
+AARDVARK = next((p for p in ("/usr/lib/podman/aardvark-dns", "/usr/libexec/podman/aardvark-dns")
+                 if os.path.exists(p)), shutil.which("aardvark-dns"))
+_made: list[str] = []
+_procs: list[subprocess.Popen[bytes]] = []
+
+CLIENT = r"""
+import asyncio, json, random, socket, sys, time
+from dnslib import DNSRecord
+server, inflight, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+names = sys.argv[4].split(",")
+
+async def main():
+    loop = asyncio.get_running_loop()
+    lat, bad = [], 0
+    left = [total]
+    async def worker():
+        nonlocal bad
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
+        await loop.sock_connect(s, (server, 53))
+        while left[0] > 0:
+            left[0] -= 1
+            q = DNSRecord.question(random.choice(names)).pack()
+            t0 = time.perf_counter()
+            await loop.sock_sendall(s, q)
+            try:
+                r = await asyncio.wait_for(loop.sock_recv(s, 4096), 2)
+                lat.append(time.perf_counter() - t0)
+                if DNSRecord.parse(r).header.rcode != 0 or not DNSRecord.parse(r).rr:
+                    bad += 1
+            except TimeoutError:
+                bad += 1
+        s.close()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    wall = time.perf_counter() - t0
+    lat.sort()
+    print(json.dumps({"qps": len(lat) / wall, "p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99)],
+                      "bad": bad}))
+asyncio.run(main())
+"""
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(list(cmd), check=True, capture_output=True)
+
+
+def netns(name: str) -> str:
+    full = f"{PREFIX}-{name}"
+    sh("ip", "netns", "add", full)
+    _made.append(full)
+    sh("ip", "-n", full, "link", "set", "lo", "up")
+    return full
+
+
+def cleanup() -> None:
+    for p in _procs:
+        p.kill()
+    _procs.clear()
+    for ns in reversed(_made):
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    _made.clear()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    cleanup()
+    sys.exit(128 + signum)
+
+
+def load(ns: str, server: str, inflight: int, total: int, names: list[str]) -> dict[str, float]:
+    import json
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, server, str(inflight), str(total),
+                          ",".join(names)], check=True, capture_output=True, text=True, timeout=600).stdout
+    res: dict[str, float] = json.loads(out)
+    return res
+
+
+async def main(n: int, queries: int) -> None:
+    if AARDVARK is None:
+        raise SystemExit("aardvark-dns is not installed (apt-get install aardvark-dns)")
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    valkey = servers.start_valkey(work / "valkey")
+    nats = servers.start_nats(work / "nats")
+    rts: list[service.Runtime] = []
+    try:
+        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
+                              log_level="WARNING")
+        for name in ("ipam", "network", "endpoint", "policy"):
+            rts.append(await service.start(launcher.load_service(name), cfg))
+        host = netns("h")
+        node = f"{PREFIX}-n"
+        rts.append(await service.start(
+            launcher.load_service("node"), VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url,
+                                                           metrics_http_port=0, log_level="WARNING",
+                                                           host_netns=host),
+            params={"node": node, "resync_s": "600", "dns": "on", "dns_upstream": ""}))
+        async with VNetManager(cfg) as m:
+            for _ in range(200):
+                if any(x.node == node for x in await m.nodes()):
+                    break
+                await asyncio.sleep(0.05)
+            net = await m.create_network(f"{PREFIX}-net", "10.89.20.0/24", "10.89.20.1", "bridge", "peer_only")
+            conts = [netns(f"c{i}") for i in range(n)]
+            eps = []
+            for c in conts:
+                eps.append(await m.create_endpoint(c, net.id, wait=True, wait_timeout=60))
+            assert all(e.status == "ready" for e in eps), [e.status for e in eps]
+            names = [e.container_id for e in eps]
+            # aardvark-dns on the same bridge, with the same names
+            sh("ip", "-n", host, "addr", "add", "10.89.20.254/24", "dev", naming.bridge_name(net.id))
+            conf = work / "aardvark"
+            conf.mkdir()
+            (conf / "bench").write_text("10.89.20.254\n" + "".join(
+                f"{e.id} {e.ip_address}  {e.container_id}\n" for e in eps))
+            _procs.append(await asyncio.to_thread(
+                subprocess.Popen, ["ip", "netns", "exec", host, AARDVARK, "--config", str(conf), "-p", "53", "run"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            await asyncio.sleep(0.5)
+            rows = []
+            for label, server in (("VNet resolver", "10.89.20.1"), ("aardvark-dns", "10.89.20.254")):
+                await asyncio.to_thread(load, conts[0], server, 4, 200, names)  # warm-up
+                one = await asyncio.to_thread(load, conts[0], server, 1, queries // 4, names)
+                many = await asyncio.to_thread(load, conts[0], server, 16, queries, names)
+                rows.append((label, one, many))
+            print(f"\nDNS: {n} names in one peer_only network, client in a container, one run\n")
+            print("| server | median, 1 in flight | p99, 1 in flight | queries/s, 16 in flight | "
+                  "median, 16 in flight | failed |")
+            print("|---|---|---|---|---|---|")
+            base = rows[1][2]["qps"]
+            for label, one, many in rows:
+                print(f"| {label} | {one['p50'] * 1e3:.2f} ms | {one['p99'] * 1e3:.2f} ms | {many['qps']:,.0f} "
+                      f"({many['qps'] / base:.2f}x) | {many['p50'] * 1e3:.2f} ms | {int(one['bad'] + many['bad'])} |")
+            for e in eps:
+                await m.delete_endpoint(e.id, wait=True)
+            await m.delete_network(net.id)
+    finally:
+        for rt in reversed(rts):
+            await rt.stop(drain_timeout=2.0)
+        cleanup()
+        nats.stop()
+        valkey.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=50, help="containers (names)")
+    p.add_argument("--queries", type=int, default=4000, help="queries per row at 16 in flight")
+    a = p.parse_args()
+    atexit.register(cleanup)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    asyncio.run(main(a.n, a.queries))
