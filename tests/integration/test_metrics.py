@@ -58,7 +58,7 @@ async def scrape(port: int) -> Samples:
     return parse(await asyncio.to_thread(get))
 
 
-async def scrape_until(port: int, pred: Callable[[Samples], bool], timeout: float = 15.0) -> Samples:
+async def scrape_until(port: int, pred: Callable[[Samples], bool], timeout: float = 30.0) -> Samples:
     s = await scrape(port)
     for _ in range(int(timeout / 0.1)):
         if pred(s):
