@@ -65,3 +65,23 @@ def test_ipvlan() -> None:
 
 def test_every_driver_has_a_schema() -> None:
     assert set(drivers.SCHEMAS) == set(DriverType)
+
+
+def test_a_kernel_without_the_driver_is_driver_unavailable_naming_node_and_feature() -> None:
+    """How the node words the kernel's EOPNOTSUPP for a sub-interface: this runs on every
+    kernel (the real refusal, in tests/netns/test_ipvlan.py, only where ipvlan is missing)."""
+    import errno
+
+    from vnet.adapters.netlink.apply import classify
+    from vnet.adapters.netlink.nsctx import NetlinkError
+    from vnet.core.plan import CreateSubIf
+
+    for kind, feature in (("ipvlan", "CONFIG_IPVLAN"), ("macvlan", "CONFIG_MACVLAN")):
+        op = CreateSubIf(owner="ep-1", kind=kind, parent="eth0", mode="l2", peer_ns="c1", ifname="eth0", mac=None,
+                         mtu=1500)
+        code, message, num = classify(op, NetlinkError(errno.EOPNOTSUPP, "Unknown device type"), node="node-7")
+        assert (code, num) == ("driver_unavailable", errno.EOPNOTSUPP)
+        assert kind in message and "node-7" in message and feature in message and "Unknown device type" in message
+        # any other refusal of the same op is not a missing driver
+        code, _, _ = classify(op, NetlinkError(errno.EEXIST), node="node-7")
+        assert code != "driver_unavailable"
