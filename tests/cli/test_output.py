@@ -132,3 +132,16 @@ async def test_server_text_is_not_markup(ctl: Ctl) -> None:
     assert f"{c} → jmark" in r.stdout
     r = await ctl.ok("endpoint", "ls")
     assert "tag=[/]" in r.stdout and c in r.stdout
+
+
+async def test_json_of_the_stack_and_demo_verbs(ctl: Ctl) -> None:
+    # No stack runs from this state dir: said as JSON, exit 0.
+    assert await ctl.json("down") == {"stopped": False, "state_dir": str(ctl.state_dir.absolute())}
+    # A foreground stack prints a log, not one document.
+    err = await ctl.error("up", code=2)
+    assert err["code"] == "usage" and "--detach" in err["message"]
+    # The demo against this control plane: its narration in the document, nothing else on stdout.
+    doc = await ctl.json("demo")
+    assert doc["ok"] is True and doc["exit_code"] == 0, doc
+    assert doc["lines"][0].startswith("1. two networks") and any("explain" in ln for ln in doc["lines"])
+    assert (await ctl.json("network", "ls"))["items"] == []  # the demo removed what it made
