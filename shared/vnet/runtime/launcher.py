@@ -1,4 +1,11 @@
-"""Entry points ``vnet-service <name>`` and ``vnet-node``: run one service until SIGTERM."""
+"""Entry points ``vnet-service <name>`` and ``vnet-node``: run one service until SIGTERM.
+
+Every stop is logged with its cause: which signal, the pid, uid and command line of the
+process that sent it, or that the parent died (the supervisor's children get SIGTERM
+from the kernel then, via PR_SET_PDEATHSIG); a crash is logged with its traceback. Plain
+signal handlers cannot tell who sent a signal, so the stop signals are blocked in every
+thread and one thread takes them with ``sigwaitinfo``, which returns the sender.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,14 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from vnet.contracts import subjects
 from vnet.core.errors import VNetError
@@ -28,18 +40,103 @@ def load_service(name: str) -> svc_runtime.ServiceDef:
     return defn
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+_SI_CODES = {0: "kill()", -1: "sigqueue()", -6: "tgkill()", 0x80: "the kernel"}
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why this process is asked to stop."""
+
+    signal: str
+    pid: int  # the sender (0: the kernel)
+    uid: int
+    how: str  # kill(), tgkill(), the kernel, ...
+    sender: str  # the sender's command line, if it could still be read
+    parent_died: bool  # our parent is gone: the signal is the parent-death signal (or its last act)
+    parent: int  # the parent pid we started with
+
+    def describe(self) -> str:
+        if self.parent_died:
+            return (f"{self.signal}: the parent process (pid {self.parent}) died; this is the parent-death "
+                    f"signal (sent by pid {self.pid} via {self.how})")
+        who = f"pid {self.pid} (uid {self.uid}"
+        who += f": {self.sender})" if self.sender else ", already gone)"
+        return f"{self.signal} from {who} via {self.how}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:300]
+
+
+def stop_reason(info: signal.struct_siginfo, parent: int) -> StopReason:
+    try:
+        name = signal.Signals(info.si_signo).name
+    except ValueError:
+        name = f"signal {info.si_signo}"
+    return StopReason(signal=name, pid=info.si_pid, uid=info.si_uid,
+                      how=_SI_CODES.get(info.si_code, f"si_code {info.si_code}"), sender=_cmdline(info.si_pid),
+                      parent_died=os.getppid() != parent, parent=parent)
+
+
+def block_stop_signals() -> None:
+    """Block SIGTERM/SIGINT/SIGHUP in this thread and every thread started after it, so only
+    :class:`StopSignals` takes them (with the sender). Call it first thing, before any thread
+    exists. Children inherit the mask across exec: tools that exit by themselves do not care,
+    and Go programs (wireguard-go) unblock these signals at start; anything else long-lived
+    that must obey SIGTERM should be started with ``preexec_fn=unblock_stop_signals``."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class StopSignals:
+    """A daemon thread that takes the (blocked) stop signals with ``sigwaitinfo`` and
+    hands each one, with its sender, to ``on_signal``."""
+
+    def __init__(self, on_signal: Callable[[StopReason], None]) -> None:
+        self._on_signal = on_signal
+        self.parent = os.getppid()
+        self._thread = threading.Thread(target=self._wait, name="stop-signals", daemon=True)
+
+    def start(self) -> None:
+        block_stop_signals()  # no-op when already done; the waiter must not take them another way
+        self._thread.start()
+
+    def _wait(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            self._on_signal(stop_reason(info, self.parent))
+
+
 async def run(name: str, config: VNetConfig, params: dict[str, str]) -> None:
     defn = load_service(name)
-    rt = await svc_runtime.start(defn, config, params=params)
-    log.info("%s %s up as instance %s on %s", defn.name, defn.version, rt.instance, config.nats_url)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = asyncio.Event()
+    reasons: list[StopReason] = []
+
+    def on_stop(reason: StopReason) -> None:
+        reasons.append(reason)
+        if len(reasons) == 1:
+            loop.call_soon_threadsafe(stop.set)
+        # Logged from the waiter thread at once: even a process stuck in its drain says why.
+        log.warning("%s: %s%s", defn.name, reason.describe(),
+                    "; stopping" if len(reasons) == 1 else "; already stopping")
+
+    StopSignals(on_stop).start()
+    rt = await svc_runtime.start(defn, config, params=params)
+    log.info("%s %s up as instance %s on %s (pid %d, parent %d)", defn.name, defn.version, rt.instance,
+             config.nats_url, os.getpid(), os.getppid())
     await stop.wait()
-    log.info("draining %s", defn.name)
+    log.info("draining %s (%s)", defn.name, reasons[0].describe())
     await rt.stop()
-    log.info("%s stopped", defn.name)
+    log.info("%s stopped (%s)", defn.name, reasons[0].describe())
 
 
 def _main(name: str, argv: list[str] | None, node: bool) -> int:
@@ -59,6 +156,8 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         p.add_argument("--dns-upstream", help="comma-separated resolvers for other names "
                        "(default: the host namespace's resolv.conf)")
     args = p.parse_args(argv)
+    # Before anything starts a thread (tracing exporters, the loop's executor): see StopSignals.
+    block_stop_signals()
     try:
         overrides = {}
         if node and args.node_id:
@@ -90,10 +189,14 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
     try:
         asyncio.run(run(svc, config, params))
     except VNetError as err:
+        log.error("%s did not start or stopped on an error: %s", svc, err.message)
         print(f"vnet-{svc}: {err.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        pass
+        log.warning("%s: interrupted", svc)
+    except BaseException:
+        log.exception("%s crashed", svc)  # the supervisor sees the exit code; the log says why
+        raise
     return 0
 
 
