@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -516,3 +517,74 @@ def test_identities_of_the_stack(tmp_path: Path) -> None:
     plain = _Identities(VNetConfig.load(env={}, nats_user="mine"), None, None)
     assert plain.node("h1").nats_user == "mine"
     assert msgspec.structs.asdict(plain.admin())["nats_user"] == "mine"
+
+
+# --- TLS: a node worker on another machine ----------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
+async def test_node_worker_connects_over_tls_and_is_refused_without_it(tmp_path: Path) -> None:
+    """NATS with the stack's TLS (its own CA): the real node worker connects with the CA and
+    its node credentials; without the CA it cannot (the certificate is not trusted), and a
+    plain-text client is refused by the server."""
+    from vnet.client import VNetManager
+    from vnet.runtime import launcher, tls
+    from vnet.runtime import service as svc_runtime
+
+    creds = credentials.ensure(tmp_path, ["tn1"])
+    block = tls.nats_tls_block(tmp_path)
+    conf = credentials.write_nats_conf(tmp_path, creds, ["tn1"], tls=block)
+    assert "tls {" in conf.read_text()
+    srv = servers.start_nats(tmp_path / "nats", config_file=conf)
+    try:
+        def cfg(user: permissions.User, **kw: Any) -> VNetConfig:
+            return VNetConfig.load(env={}, nats_url=srv.url, nats_user=user.name,
+                                   nats_password=creds.nats[user.name], connect_timeout_s=5.0, **kw)
+
+        node = permissions.node_user("tn1")
+        rt = await svc_runtime.start(launcher.load_service("node"), cfg(node, nats_tls_ca=block["ca_file"]),
+                                     params={"node": "tn1"})
+        try:
+            async with VNetManager(cfg(permissions.admin_user(), nats_tls_ca=block["ca_file"])) as m:
+                # It answers over TLS (degraded: no endpoint service here to register with).
+                assert (await m.health("node", node="tn1")).status in ("ok", "degraded")
+        finally:
+            await rt.stop(drain_timeout=2.0)
+        with pytest.raises(E.VNetError) as ei:  # no CA: the server's certificate is not trusted
+            await svc_runtime.start(launcher.load_service("node"), cfg(node), params={"node": "tn1"})
+        assert ei.value.code == "unavailable" and "certificate" in ei.value.message.lower()
+        # Plain text, right credentials: the server wants TLS first.
+        import socket as _socket
+
+        with _socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            info = s.recv(4096)
+            assert b'"tls_required":true' in info
+            s.sendall(b'CONNECT {"verbose":false,"user":"vnet-node-tn1","pass":"%s"}\r\nPING\r\n'
+                      % creds.nats["vnet-node-tn1"].encode())
+            assert b"PONG" not in s.recv(4096)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.stack
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
+def test_embedded_stack_with_tls(tmp_path: Path, run_prefix: str) -> None:
+    """``VNET_STACK_TLS=true vnetctl up``: NATS wants TLS with the stack's own CA; every process
+    of the stack and the owner's vnetctl use it by themselves; the CA key stays 0600."""
+    state = tmp_path / f"{run_prefix}-tlsstack"
+    env = {**_env(state), "VNET_STACK_TLS": "true"}
+    up = subprocess.run([VNETCTL, "up", "--detach", "--state-dir", str(state), "--stop-timeout", "5"], env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        st = json.loads((state / "stack.json").read_text())
+        assert st["nats_tls_ca"] == str(state / "tls" / "ca.pem") and "TLS" in up.stdout
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (state / "tls").iterdir())
+        status = subprocess.run([VNETCTL, "status"], env=_env(state), capture_output=True, text=True, timeout=60,
+                                check=False)
+        assert status.returncode == 0 and "node" in status.stdout, status.stdout + status.stderr
+        assert "Violation" not in (state / "logs" / "nats-server.log").read_text()
+    finally:
+        down = subprocess.run([VNETCTL, "down", "--state-dir", str(state)], env=_env(state), capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert down.returncode == 0, down.stdout + down.stderr

@@ -68,6 +68,9 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_tls_ca: str | None = None
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
+    # `vnetctl up`: run its NATS with TLS, certificates from a CA of its own in the state dir
+    # (vnet.runtime.tls); for node workers on other machines.
+    stack_tls: bool = False
     # How long a client (VNetManager, vnetctl, a service starting) tries to reach NATS before
     # it gives up with `unavailable` naming the URL; it used to retry forever.
     connect_timeout_s: float = 5.0

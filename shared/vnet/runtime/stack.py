@@ -56,7 +56,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from vnet.contracts import permissions, subjects
-from vnet.runtime import credentials, servers
+from vnet.runtime import credentials, servers, tls
 from vnet.runtime.config import ENV_PREFIX, VNetConfig, with_local_stack
 
 STACK_FILE = "stack.json"
@@ -516,6 +516,7 @@ class _Plan:
     host_netns: str | None
     privileged: bool
     children: list[ChildSpec] = field(default_factory=list)
+    nats_tls_ca: str | None = None  # TLS on: the CA of the stack's own certificates
 
 
 class Supervisor:
@@ -641,9 +642,17 @@ class Supervisor:
             elif o.host_root_netns:
                 self.say("warning: --host-root-netns: the node worker manages THIS MACHINE's own network "
                          "namespace (bridges, veths, nftables there)")
+            tls_block: dict[str, str] | None = None
+            if nats_bin is not None and self.base_config.stack_tls:
+                try:
+                    tls_block = tls.nats_tls_block(self.state_dir)
+                except (OSError, tls.TLSError) as exc:
+                    raise StackError(f"cannot make the TLS certificates in {self.state_dir / tls.TLS_DIR}: "
+                                     f"{exc}") from None
             shared = msgspec.structs.replace(
                 self.base_config, nats_url=nats_url, redis_url=redis_url, metrics_http_host="127.0.0.1",
-                metrics_http_port=metrics_port, node_id=node_id, host_netns=host_netns)
+                metrics_http_port=metrics_port, node_id=node_id, host_netns=host_netns,
+                nats_tls_ca=tls_block["ca_file"] if tls_block else self.base_config.nats_tls_ca)
             roles = _Identities(shared, creds if nats_bin else None, creds if valkey_bin else None)
             # The supervisor's own probes (health, discovery, the demo) run as the admin.
             self.config = roles.admin()
@@ -652,7 +661,7 @@ class Supervisor:
             children: list[ChildSpec] = []
             if nats_bin is not None and nats_port is not None and creds is not None:
                 (self.state_dir / "nats").mkdir(exist_ok=True, mode=credentials.DIR_MODE)
-                conf = credentials.write_nats_conf(self.state_dir, creds, [node_id])
+                conf = credentials.write_nats_conf(self.state_dir, creds, [node_id], tls=tls_block)
                 args = servers.nats_args(nats_port, self.state_dir / "nats", config_file=conf)
                 children.append(ChildSpec(NATS, args, env, logs / f"{NATS}.log", nats_port))
             if valkey_bin is not None and redis_port is not None and creds is not None:
@@ -673,7 +682,7 @@ class Supervisor:
         for spec in children:
             self.children[spec.name] = Child(spec)
         return _Plan(nats_url, redis_url, nats_port, redis_port, metrics_port, node_id, netns, host_netns,
-                     privileged, children)
+                     privileged, children, tls_block["ca_file"] if tls_block else None)
 
     # -- the state file -------------------------------------------------------------------
     def stack_file(self) -> StackFile:
@@ -685,7 +694,7 @@ class Supervisor:
             nats_url=p.nats_url, redis_url=p.redis_url, nats_port=p.nats_port, redis_port=p.redis_port,
             metrics_port=p.metrics_port, metrics_url=f"http://127.0.0.1:{p.metrics_port}/metrics",
             node_id=p.node_id, netns=p.netns, host_netns=p.host_netns, privileged=p.privileged,
-            logs_dir=str(self.logs_dir), auth=p.nats_port is not None,
+            logs_dir=str(self.logs_dir), auth=p.nats_port is not None, nats_tls_ca=p.nats_tls_ca,
             processes={name: ProcEntry(pid=c.pid, start_time=c.start_time, log=str(c.spec.log),
                                        restarts=c.restarts, argv=c.spec.argv)
                        for name, c in self.children.items() if c.proc is not None})
@@ -1107,6 +1116,8 @@ def format_summary(stack: StackFile, *, elapsed: float | None = None, degraded: 
     state_dir = Path(stack.state_dir)
     took = f" in {elapsed:.1f}s" if elapsed is not None else ""
     managed_nats = "" if stack.nats_port else "  (existing server)"
+    if stack.nats_tls_ca:
+        managed_nats += f"  (TLS; CA {stack.nats_tls_ca})"
     managed_redis = "" if stack.redis_port else "  (existing server)"
     notes: list[str] = []
     if stack.netns:
