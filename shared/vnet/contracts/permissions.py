@@ -29,6 +29,8 @@ Templates in the grants: ``{user}`` (the user name), ``{service}``, ``{node}``.
   that the endpoint lives on that node (the bus cannot know that).
 * **Nodes** register and deregister on ``vnet.node.<node>.register|deregister`` and
   serve only ``vnet.node.<node>.>``; they cannot touch policy, networks or endpoints.
+  They may read them (the list operations and the network, endpoint and policy events):
+  the node's resolver answers names from them (``docs/dns.md``).
 
 This module does no I/O: it renders text; callers write it.
 """
@@ -154,9 +156,12 @@ ROLES: dict[str, Grant] = {
             subjects.NODE_HEALTH.template,  # the container healthcheck asks with these credentials
             subjects.ENDPOINT_DESIRED.template, subjects.POLICY_RULESET.template,
             subjects.NETWORK_HOSTROUTES_REPORT.template,
+            # read-only, for the node's resolver (svc/node/dns.py)
+            subjects.NETWORK_LIST.template, subjects.ENDPOINT_LIST.template, subjects.POLICY_RULE_LIST.template,
             "vnet.evt.endpoint.status.{node}.*", "vnet.evt.node.registered.{node}",
             "vnet.metrics.report.node.*", *_SRV_ASK, *_node_js()),
-        subscribe=("vnet.node.{node}.>", "$SRV.*", "$SRV.*.vnet-node", "$SRV.*.vnet-node.*", *_OWN_INBOX),
+        subscribe=("vnet.node.{node}.>", "$SRV.*", "$SRV.*.vnet-node", "$SRV.*.vnet-node.*", *_OWN_INBOX,
+                   subjects.EVT_NETWORK.template, subjects.EVT_ENDPOINT.template, subjects.EVT_POLICY.template),
         deny_publish=("vnet.node.{node}.resync",),
         allow_responses=True,
         summary="one node worker, speaking only for itself; no Valkey credentials"),
@@ -371,6 +376,21 @@ def matrix_markdown(nodes: Sequence[str] = ("n1",), probes: Sequence[tuple[str, 
     return "\n".join(rows) + "\n"
 
 
+def roles_markdown() -> str:
+    """Each role's grants as written in :data:`ROLES` (templates), as a Markdown table."""
+    rows = ["| role | publish (allow) | publish (deny) | subscribe | replies | Valkey |", "|---|---|---|---|---|---|"]
+
+    def cell(items: Sequence[str]) -> str:
+        return "<br>".join(f"`{i}`" for i in items) or "·"
+
+    grants = [(name, g) for name, g in ROLES.items()] + [
+        (f"service ({s})", service_grant(s)) for s in subjects.SERVICES]
+    for name, g in grants:
+        rows.append(f"| {name} | {cell(g.publish)} | {cell(g.deny_publish)} | {cell(g.subscribe)} | "
+                    f"{'allow_responses' if g.allow_responses else '·'} | {'yes' if g.redis else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
 # Subject families probed by the matrix test and shown in docs/security.md: (what, pub|sub,
 # subject); {node} is the user's own node id (n1 for users that are not nodes), {other} another
 # node, {user} the user's own name.
@@ -421,8 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(compose_nats_config())
     elif what == "table":
         sys.stdout.write(matrix_markdown())
+    elif what == "roles":
+        sys.stdout.write(roles_markdown())
     else:
-        sys.stderr.write("usage: python -m vnet.contracts.permissions [compose|table]\n")
+        sys.stderr.write("usage: python -m vnet.contracts.permissions [compose|table|roles]\n")
         return 2
     return 0
 
