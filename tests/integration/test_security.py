@@ -588,3 +588,32 @@ def test_embedded_stack_with_tls(tmp_path: Path, run_prefix: str) -> None:
         down = subprocess.run([VNETCTL, "down", "--state-dir", str(state)], env=_env(state), capture_output=True,
                               text=True, timeout=60, check=False)
         assert down.returncode == 0, down.stdout + down.stderr
+
+
+# --- bad input on this path --------------------------------------------------------------------------
+
+async def test_bad_input_answers_400_not_500(services: Secured, run_prefix: str) -> None:
+    """A NUL byte in a namespace name, an IPv6 zone id in a CIDR, gateway or address."""
+    from vnet.client import VNetManager
+
+    n1 = await connect_as(services, permissions.node_user("n1"))
+    m = VNetManager(services.cfg(permissions.admin_user()))
+    try:
+        await _register(n1, "n1")
+        for kw in ({"cidr": "fd00::%eth0/64"}, {"cidr": "10.232.0.0/24", "cidr_v6": "fd00:232::%lo/64"}):
+            with pytest.raises(E.VNetError) as ei:
+                await m.create_network(f"{run_prefix}-bad", **kw)  # type: ignore[arg-type]
+            assert (ei.value.status, ei.value.code) == (400, "invalid_cidr"), ei.value
+        net = await m.create_network(f"{run_prefix}-bad6", "10.232.0.0/24", ipv6=True, cidr_v6="fd00:232::/64")
+        for kw2 in ({"netns": "web\x00x"}, {"netns": "/run/netns/a\x00b"}, {"netns": "a\nb"}):
+            with pytest.raises(E.VNetError) as ei:
+                await m.create_endpoint(f"{run_prefix}-bad-c", net.id, node="n1", **kw2)
+            assert (ei.value.status, ei.value.code) == (400, "invalid_netns"), ei.value
+        with pytest.raises(E.VNetError) as ei:
+            await m.create_endpoint(f"{run_prefix}-bad-c", net.id, node="n1", netns=f"{run_prefix}-bad-c",
+                                    ipv6="fd00:232::5%eth0")
+        assert ei.value.status == 400, ei.value
+        await m.delete_network(net.id)
+    finally:
+        await m.close()
+        await n1.nc.close()

@@ -71,6 +71,9 @@ def parse_cidr(text: str, *, field: str = "cidr", family: int | None = None) -> 
     if "/" not in s:
         raise E.make(E.INVALID_CIDR, f"{field} {text!r} has no prefix length; write {_example(family)}",
                      field=field, value=text)
+    if "%" in s:  # Python accepts an IPv6 zone id (fd00::%eth0/64); a network has none
+        raise E.make(E.INVALID_CIDR, f"{field} {text!r} has a zone id (%...): a network is the same on every "
+                     f"interface; write {_example(family)}", field=field, value=text)
     try:
         net: IPNet = ipaddress.ip_network(s, strict=True)
     except ValueError as exc:
@@ -131,6 +134,9 @@ def parse_gateway(text: str, net: IPNet, *, field: str = "gateway") -> IPAddr:
     if "/" in s:
         raise E.make(E.INVALID_GATEWAY, f"{field} {text!r} is a prefix; give a plain address {usable} "
                      f"(e.g. {default_gateway(net)})", field=field, value=text)
+    if "%" in s:  # an IPv6 zone id: Python accepts it, the kernel's address has none
+        raise E.make(E.INVALID_GATEWAY, f"{field} {text!r} has a zone id (%...); give a plain address {usable}",
+                     field=field, value=text)
     try:
         gw: IPAddr = ipaddress.ip_address(s)
     except ValueError:

@@ -200,6 +200,9 @@ def _check_ifname(name: str) -> str:
 
 def check_netns(ref: str) -> str:
     """A name under /run/netns, or an absolute path without ``..``."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in ref):  # a NUL would reach open() and fail there (500)
+        raise E.make(E.INVALID_NETNS, f"namespace {ref!r} contains a control character (NUL, newline, ...); "
+                     "give a name under /run/netns or an absolute path", netns=ref)
     if ref.startswith("/"):
         parts = ref.split("/")
         if ".." in parts or "." in parts or "" in parts[1:]:
@@ -214,6 +217,8 @@ def check_netns(ref: str) -> str:
 
 def _parse_ip(value: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
+        if "%" in value:  # an IPv6 zone id: Python accepts it, an endpoint's address has none
+            raise ValueError(value)
         return ipaddress.ip_address(value.strip())
     except ValueError:
         raise E.make(E.INVALID_REQUEST, f"{what} {value!r} is not an IP address (give one without a prefix, "
