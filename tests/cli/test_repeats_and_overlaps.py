@@ -53,6 +53,14 @@ async def test_repeated_request_id_with_other_parameters_is_a_conflict(ctl: Ctl)
         await ctl.m.create_endpoint(c3, net.id, request_id="req-7")
     assert ei.value.details["fields"] == ["container"]
     assert ei.value.details["differences"]["container"] == {"existing": c2, "requested": c3}
+    # The network by name is the same network; another network is not.
+    assert (await ctl.m.create_endpoint(c2, "rid", request_id="req-7")).id == a.id
+    other = await ctl.m.create_network("rid2", "10.233.2.0/24")
+    with pytest.raises(E.Conflict) as ei:
+        await ctl.m.create_endpoint(c2, "rid2", request_id="req-7")
+    assert ei.value.details["fields"] == ["network"]
+    assert ei.value.details["differences"]["network"] == {"existing": net.id, "requested": "rid2"}
+    assert [e.network_id for e in await ctl.m.list_endpoints()] == [net.id] and other.id != net.id
 
 
 async def test_subnet_overlap_hint_points_the_right_way(ctl: Ctl) -> None:
