@@ -454,14 +454,49 @@ def _valkey_problems(data: Mapping[str, Any], host_env: Mapping[str, str]) -> li
         problems.append("services.valkey: persistence (--appendonly yes) is off")
     if not any(tgt == "/data" for _, tgt in binds(valkey)):
         problems.append("services.valkey: /data is not on a volume")
+    users = valkey_users(cmd)
     password = cmd[cmd.index("--requirepass") + 1] if "--requirepass" in cmd else None
-    if not password:
-        problems.append("services.valkey: no password (--requirepass)")
+    default = users.get("default")
+    if default is not None and (default["password"] is None or not {"-@all", "+ping"} <= set(default["rules"])
+                                or any(r.startswith("+") and r != "+ping" for r in default["rules"])):
+        problems.append("services.valkey: the default user must be off or limited to -@all +ping (the healthcheck)")
+    if not password and not users:
+        problems.append("services.valkey: no password (--requirepass or --user ACLs)")
     for name, svc in data["services"].items():
         env = environment(svc, host_env)
-        if "VNET_REDIS_URL" in env and env.get("VNET_REDIS_PASSWORD") != password:
+        if "VNET_REDIS_URL" not in env:
+            continue
+        user = env.get("VNET_REDIS_USERNAME")
+        if users:
+            cmd_ = argv(svc.get("command"))
+            want = f"vnet-svc-{cmd_[-1]}" if cmd_[:1] == ["vnet-service"] else None
+            if user not in users or user == "default":
+                problems.append(f"services.{name}: VNET_REDIS_USERNAME={user!r} is not an ACL user of valkey")
+            elif want is not None and user != want:
+                problems.append(f"services.{name}: uses the Valkey user {user}, not its own {want}")
+            elif env.get("VNET_REDIS_PASSWORD") != users[user]["password"]:
+                problems.append(f"services.{name}: VNET_REDIS_PASSWORD differs from valkey's password for {user}")
+        elif env.get("VNET_REDIS_PASSWORD") != password:
             problems.append(f"services.{name}: VNET_REDIS_PASSWORD differs from valkey's --requirepass")
     return problems
+
+
+def valkey_users(cmd: list[str]) -> dict[str, dict[str, Any]]:
+    """``--user NAME on >password rules...`` entries of a valkey-server command line."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(cmd):
+        if cmd[i] != "--user" or i + 1 >= len(cmd):
+            i += 1
+            continue
+        j = i + 2
+        while j < len(cmd) and not cmd[j].startswith("--"):
+            j += 1
+        rules = cmd[i + 2:j]
+        pw = next((r[1:] for r in rules if r.startswith(">")), None)
+        out[cmd[i + 1]] = {"password": pw, "rules": [r for r in rules if not r.startswith(">")]}
+        i = j
+    return out
 
 
 def _prometheus_problems(data: Mapping[str, Any]) -> list[str]:
@@ -668,6 +703,16 @@ def test_checker_flags_mismatched_passwords() -> None:
     assert _flags(probs, "services.policy", "VNET_NATS_PASSWORD differs")
     probs = _broken(lambda s, d: s["policy"]["environment"].update({"VNET_REDIS_PASSWORD": "other"}))
     assert _flags(probs, "services.policy", "VNET_REDIS_PASSWORD differs")
+    probs = _broken(lambda s, d: s["policy"]["environment"].update({"VNET_REDIS_USERNAME": "vnet-svc-ipam"}))
+    assert _flags(probs, "services.policy", "not its own vnet-svc-policy")
+    probs = _broken(lambda s, d: s["policy"]["environment"].update({"VNET_REDIS_USERNAME": "default"}))
+    assert _flags(probs, "services.policy", "not an ACL user")
+
+    def open_default(s: Any, d: Any) -> None:
+        cmd = s["valkey"]["command"]
+        cmd[cmd.index("+ping")] = "+@all"
+
+    assert _flags(_broken(open_default), "services.valkey", "default user")
 
 
 def test_interpolation_follows_compose() -> None:
@@ -912,3 +957,53 @@ def test_checker_flags_a_process_running_as_another_identity() -> None:
     assert _flags(probs, "services.policy", "not as vnet-svc-policy")
     probs = _broken(lambda s, d: s["node1"].update(command=["vnet-node", "--node-id", "node2"]))
     assert _flags(probs, "services.node1", "not as vnet-node-node2")
+
+
+def test_valkey_acl_of_the_compose_file_for_real(tmp_path: Path) -> None:
+    """valkey-server started with the compose file's command line (defaults interpolated):
+    nothing without a password, the default user may only PING, each service user works on
+    VNet's keys and is refused @dangerous commands and other keys."""
+    import redis
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+    from vnet.runtime import servers
+
+    try:
+        binary = servers.valkey_server_binary()
+    except FileNotFoundError:
+        pytest.skip("valkey-server not installed")
+    valkey = load_compose()["services"]["valkey"]
+    cmd = [interpolate(c, {}) for c in argv(valkey.get("command"))]
+    users = valkey_users(cmd)
+    port = servers.free_port()
+    log = tmp_path / "valkey.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([binary, *cmd[1:], "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                                 str(tmp_path), "--daemonize", "no"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        servers._wait_port("127.0.0.1", port, proc, "valkey-server", log)
+        anon = redis.Redis(port=port)
+        with pytest.raises((AuthenticationError, ResponseError)):
+            anon.get("vnet:x")
+        health = redis.Redis(port=port, password=users["default"]["password"])
+        assert health.ping()
+        with pytest.raises(NoPermissionError):
+            health.get("vnet:x")
+        for svc in subjects.SERVICES:
+            name = f"vnet-svc-{svc}"
+            r = redis.Redis(port=port, username=name, password=users[name]["password"])
+            r.set("vnet:{t}:k", b"1")
+            with pytest.raises(NoPermissionError):
+                r.set("elsewhere", b"1")
+            with pytest.raises(NoPermissionError):
+                r.execute_command("CONFIG", "GET", "*")
+            r.close()
+        anon.close()
+        health.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

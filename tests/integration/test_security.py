@@ -159,10 +159,38 @@ async def test_valkey_refuses_without_a_password_and_holds_services_to_their_key
 
 # --- the matrix, exactly ------------------------------------------------------------------------
 
-async def test_every_identity_gets_exactly_what_the_matrix_says(secured: Secured) -> None:
+@pytest.fixture(params=["embedded", "compose"])
+def matrix_server(request: pytest.FixtureRequest, secured: Secured, tmp_path: Path) -> Iterator[Secured]:
+    """The embedded stack's generated config (passwords inline), or the compose one
+    (ops/nats/nats.conf's rendering, passwords from the environment)."""
+    if request.param == "embedded":
+        yield secured
+        return
+    conf = tmp_path / "compose-nats.conf"
+    conf.write_text(permissions.compose_nats_config(list(NODES)))
+    env = {permissions.password_env(u): secured.creds.nats[u.name] for u in permissions.users(NODES)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # nats-server reads $NATS_PASSWORD_* from its environment
+    try:
+        srv = servers.start_nats(tmp_path / "nats", config_file=conf)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield Secured(secured.dir, secured.creds, srv, secured.valkey)
+    finally:
+        srv.stop()
+
+
+async def test_every_identity_gets_exactly_what_the_matrix_says(matrix_server: Secured) -> None:
     """For every identity and every probed subject family, publish and subscribe: the server
-    refuses exactly what the matrix denies (the config is generated from it, so this checks
-    the rendering and the matcher used for docs/security.md against nats-server)."""
+    refuses exactly what the matrix denies (the configs are generated from it, so this checks
+    the rendering and the matcher used for docs/security.md against nats-server), with the
+    embedded stack's config and with the compose stack's."""
+    secured = matrix_server
     checked = 0
     for user in permissions.users(NODES):
         c = await connect_as(secured, user)
