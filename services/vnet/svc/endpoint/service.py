@@ -601,8 +601,6 @@ async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> Endp
     info = await store.get(ident)
     if info is not None:
         diff = _repeat_differences(req, info)
-        if diff:
-            said = "; ".join(f"{f} is {v['existing']!r}, asked {v['requested']!r}" for f, v in diff.items())
         if req.network_id != info.network_id:  # a name, or (a repeated request_id) another network
             try:
                 asked = (await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network_id),
@@ -611,6 +609,8 @@ async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> Endp
                 asked = req.network_id
             if asked != info.network_id:
                 diff["network"] = {"existing": info.network_id, "requested": req.network_id}
+        if diff:
+            said = "; ".join(f"{f} is {v['existing']!r}, asked {v['requested']!r}" for f, v in diff.items())
             raise E.make(E.CONFLICT, f"{how} already created endpoint {ident} with other parameters ({said}); repeat "
                          f"the request as it was, or detach it first (`vnetctl endpoint rm {ident}`) and attach "
                          "again", endpoint=ident, fields=sorted(diff), differences=diff)
