@@ -189,4 +189,12 @@ def test_node_side_deltas_equal_the_engine(ops: list[tuple[int, str, str, str, b
         assert nft.structure(nxt) == nft.structure(scratch)
         assert nft.elements(nxt) == nft.elements(scratch)
         assert nxt.version() == scratch.version()
+        # the fast delta (only what differs) = the delta from every element
+        assert rs is not None
+        script, n, changes = nft.delta_between(rs, nxt)
+        assert (script, n) == nft.delta(nft.elements(rs), nxt)
+        have = {k: set(v) for k, v in nft.elements(rs).items()}
+        for key, (gone, new) in changes.items():
+            have[key] = (have.get(key, set()) - gone) | new
+        assert have == {k: set(v) for k, v in nft.elements(nxt).items()}
         rs = nxt

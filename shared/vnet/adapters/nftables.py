@@ -107,7 +107,8 @@ class NftEnforcer:
         # the element path (sync_ruleset): the structure in the kernel and its elements
         self._struct: str | None = None  # nft.structure() of the last whole apply
         self._struct_readback: str | None = None  # its kernel listing without elements
-        self._have: nftr.Elements | None = None  # the elements our tables hold
+        self._have: dict[tuple[str, str], set[str]] | None = None  # the elements our tables hold
+        self._have_rs: Ruleset | None = None  # the ruleset they are exactly (fast deltas from it)
         self.deltas = 0
         self.wholes = 0
         # What the last apply wrote (script digest + canonical readback), kept across worker
@@ -195,7 +196,7 @@ class NftEnforcer:
             self.applies += 1
             self._applied = script
             self._readback = self.read()
-            self._struct = self._struct_readback = self._have = None  # the element path starts over
+            self._struct = self._struct_readback = self._have = self._have_rs = None  # the element path starts over
             self._save_state(script)
 
     @staticmethod
@@ -272,19 +273,32 @@ class NftEnforcer:
                     return self._whole(rs, struct, "table altered", t0)
                 if self._have is not None and got[1] != self._have:
                     reason = "table altered"
-                self._have = got[1]
-            script, n = nftr.delta(self._have or {}, rs)
+                self._have = {k: set(v) for k, v in got[1].items()}
+                self._have_rs = None
+            if self._have_rs is not None and self._have is not None:
+                # the fast path: only what differs from the last ruleset written is looked at
+                script, n, changes = nftr.delta_between(self._have_rs, rs)
+            else:
+                script, n = nftr.delta(self._have or {}, rs)
+                changes = None
             if n == 0:
+                self._have_rs = rs
                 return SyncResult(wrote=False, reason=f"unchanged ({reason})" if reason else "unchanged",
-                                  duration=time.perf_counter() - t0, version=rs.version())
+                                  duration=time.perf_counter() - t0)
             try:
                 self.execute(script)
             except NftError as exc:  # our idea of the kernel was wrong: rewrite it whole
                 return self._whole(rs, struct, f"delta refused ({exc.message[:200]})", t0)
-            self._have = nftr.elements(rs)
+            if changes is not None and self._have is not None:
+                for key, (gone, new) in changes.items():
+                    cur = self._have.setdefault(key, set())
+                    cur -= gone
+                    cur |= new
+            else:
+                self._have = {k: set(v) for k, v in nftr.elements(rs).items()}
+            self._have_rs = rs
             self.deltas += 1
-            return SyncResult(wrote=True, reason=reason or "delta", duration=time.perf_counter() - t0,
-                              version=rs.version(), elements=n)
+            return SyncResult(wrote=True, reason=reason or "delta", duration=time.perf_counter() - t0, elements=n)
 
     def _whole(self, rs: Ruleset, struct: str, reason: str, t0: float) -> SyncResult:
         self.execute(render(rs))
@@ -293,7 +307,8 @@ class NftEnforcer:
         got = self.listing()
         self._struct = struct
         self._struct_readback = got[0] if got is not None else None
-        self._have = nftr.elements(rs)
+        self._have = {k: set(v) for k, v in nftr.elements(rs).items()}
+        self._have_rs = rs
         self._applied = self._readback = None  # the script path starts over
         self._save_structure(struct)
         return SyncResult(wrote=True, reason=reason, duration=time.perf_counter() - t0, version=rs.version(),
@@ -326,7 +341,8 @@ class NftEnforcer:
         got = self.listing()
         if got is None or got[0] != saved.get("structure_readback"):
             return False
-        self._struct, self._struct_readback, self._have = struct, got[0], got[1]
+        self._struct, self._struct_readback = struct, got[0]
+        self._have, self._have_rs = {k: set(v) for k, v in got[1].items()}, None
         return True
 
     def sync(self, script: str, version: str = "") -> SyncResult:
@@ -373,7 +389,7 @@ class NftEnforcer:
             except NftError as exc:
                 raise NftError(f"cannot delete our tables: {exc.message}") from None
             self._applied = self._readback = None
-            self._struct = self._struct_readback = self._have = None
+            self._struct = self._struct_readback = self._have = self._have_rs = None
 
     def close(self) -> None:
         """Release the libnftables context and its thread (the tables stay: fail static)."""
@@ -430,7 +446,9 @@ class PolicyAgent:
         self.last: SyncResult | None = None
         self.last_error = ""
         self._seq = 0
-        self._ops: list[tuple[int, bool, PolicyEndpoint, bool, str]] = []  # (seq, added, ep, local, bridge)
+        # (seq, added, ep, local, bridge) noted while a fetch is on its way (to rebase its reply on)
+        self._ops: list[tuple[int, bool, PolicyEndpoint, bool, str]] = []
+        self._fetching = 0
 
     def start(self, *, enable: bool | None = None) -> Support:
         """Check support; turn br_netfilter on when it is off and ``enable`` (default: only
@@ -464,7 +482,8 @@ class PolicyAgent:
         if rs is None:
             return False
         self._seq += 1
-        self._ops.append((self._seq, added, ep, local, bridge))
+        if self._fetching:
+            self._ops.append((self._seq, added, ep, local, bridge))
         self.target = rs
         return True
 
@@ -507,16 +526,26 @@ class PolicyAgent:
 
     async def _sync(self, check: bool) -> SyncResult:
         seq0 = self._seq
+        self._fetching += 1
         try:
             rep, _ = await nats_adapter.request(self.nc, subjects.POLICY_RULESET,
                                                 RulesetRequest(node=self.node, structured=True),
                                                 RulesetReply, timeout=self.timeout)
         except E.VNetError as exc:
+            self._fetching -= 1
+            if not self._fetching:
+                self._ops.clear()
             if self.target is None:
                 raise
             res = await asyncio.to_thread(self._apply_target, check)
             res.reason = f"{res.reason}; policy service unavailable ({exc.code}): kept the last ruleset"
             return res
+        except BaseException:
+            self._fetching -= 1
+            if not self._fetching:
+                self._ops.clear()
+            raise
+        self._fetching -= 1
         self.fetches += 1
         if rep.ruleset is None:  # a policy service from before rulesets travelled structured
             return await self.enforcer.async_sync(rep.script, rep.version)
@@ -527,7 +556,7 @@ class PolicyAgent:
             nxt = self._apply_op(rs, added, ep, local, bridge)
             if nxt is not None:
                 rs = nxt
-        self._ops = [o for o in self._ops if o[0] > seq0]
+        self._ops = [o for o in self._ops if o[0] > seq0] if self._fetching else []
         self.target, self.version = rs, rep.version
         return await asyncio.to_thread(self._apply_target, check)
 

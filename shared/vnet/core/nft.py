@@ -45,11 +45,12 @@ resync compares the kernel with the ruleset without writing anything.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any, NamedTuple
 
 from vnet.core.naming import BRIDGE_PREFIX, VETH_PREFIX
-from vnet.core.policy import RuleLine, Ruleset
+from vnet.core.policy import AddrSet, PortBinding, RuleLine, Ruleset
 
 TABLE = "vnet"
 FAMILIES = ("inet", "bridge")
@@ -76,9 +77,9 @@ class SetDecl(NamedTuple):
         return f"type {k}" + (f" : {' . '.join(self.value)}" if self.value is not None else "")
 
 
-def decls(rs: Ruleset) -> list[SetDecl]:
-    """Every set and map of both tables, elements included (the order of the script)."""
-    out = [
+def _small_decls(rs: Ruleset) -> list[SetDecl]:
+    """The inet sets and maps that change with networks and published ports (a few elements)."""
+    return [
         SetDecl("inet", "bridges", ("ifname",), None, False, [_q(b) for b in rs.bridges]),
         SetDecl("inet", "none_bridges", ("ifname",), None, False, [_q(b) for b in rs.none_bridges]),
         SetDecl("inet", "net_pairs", ("ifname", "ifname"), ("verdict",), False,
@@ -90,12 +91,18 @@ def decls(rs: Ruleset) -> list[SetDecl]:
         SetDecl("inet", "pub4_in", ("ipv4_addr", "inet_proto", "inet_service"), None, False,
                 sorted({f"{a} . {p} . {cp}" for p, _, a, cp in rs.published4})),
     ]
-    for s in rs.sets:
-        out.append(SetDecl("inet", s.name, ("ipv4_addr" if s.family == 4 else "ipv6_addr",), None, s.interval(),
-                           list(s.elements)))
-    ports = rs.ports
+
+
+def _addr_decl(s: AddrSet, with_elements: bool = True) -> SetDecl:
+    return SetDecl("inet", s.name, ("ipv4_addr" if s.family == 4 else "ipv6_addr",), None, s.interval(),
+                   list(s.elements) if with_elements else [])
+
+
+def _port_decls(ports: Iterable[PortBinding]) -> list[SetDecl]:
+    """The anti-spoofing sets of the bridge table for these port bindings."""
+    ports = list(ports)
     ip4 = [f"{_q(p.ifname)} . {p.mac} . {a}" for p in ports for a in p.ipv4]
-    out += [
+    return [
         SetDecl("bridge", "mac_bind", ("ifname", "ether_addr"), None, False,
                 [f"{_q(p.ifname)} . {p.mac}" for p in ports]),
         SetDecl("bridge", "ip4_bind", ("ifname", "ether_addr", "ipv4_addr"), None, False, ip4),
@@ -105,7 +112,14 @@ def decls(rs: Ruleset) -> list[SetDecl]:
                 [f"{_q(p.ifname)} . {p.mac} . {a}" for p in ports for a in p.ipv6]),
         SetDecl("bridge", "full_ports", ("ifname",), None, False, [_q(p.ifname) for p in ports if p.full]),
     ]
-    return out
+
+
+def decls(rs: Ruleset, *, with_elements: bool = True) -> list[SetDecl]:
+    """Every set and map of both tables, elements included (the order of the script)."""
+    if not with_elements:  # the structure: no element is even formatted (cost independent of endpoints)
+        empty = Ruleset(node=rs.node, bridges=[], none_bridges=[], net_pairs=[], ports=[])
+        return (_small_decls(empty) + [_addr_decl(s, False) for s in rs.sets] + _port_decls(()))
+    return _small_decls(rs) + [_addr_decl(s) for s in rs.sets] + _port_decls(rs.ports)
 
 
 def _decl_text(d: SetDecl, with_elements: bool) -> str:
@@ -140,7 +154,8 @@ RESOLVER = "meta l4proto { tcp, udp } th dport 53 fib daddr . iif type local acc
 def render_inet(rs: Ruleset, *, with_elements: bool = True) -> str:
     s = f"table inet {TABLE} {{\n"
     s += f"\tcomment \"VNet isolation (node {rs.node or '-'}); owned by the node worker\"\n"
-    s += "".join(_decl_text(d, with_elements) for d in decls(rs) if d.family == "inet")
+    s += "".join(_decl_text(d, with_elements) for d in decls(rs, with_elements=with_elements)
+                 if d.family == "inet")
     s += ("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n"
           f"\t\tiifname {BRIDGE_MATCH} jump governed\n"
           f"\t\toifname {BRIDGE_MATCH} jump governed\n\t}}\n")
@@ -185,7 +200,8 @@ def render_inet(rs: Ruleset, *, with_elements: bool = True) -> str:
 def render_bridge(rs: Ruleset, *, with_elements: bool = True) -> str:
     s = f"table bridge {TABLE} {{\n"
     s += f"\tcomment \"VNet anti-spoofing (node {rs.node or '-'}); owned by the node worker\"\n"
-    s += "".join(_decl_text(d, with_elements) for d in decls(rs) if d.family == "bridge")
+    s += "".join(_decl_text(d, with_elements) for d in decls(rs, with_elements=with_elements)
+                 if d.family == "bridge")
     s += ("\tchain prerouting {\n\t\ttype filter hook prerouting priority -300; policy accept;\n"
           f"\t\tiifname {PORT_MATCH} jump from_port\n\t}}\n")
     s += ("\tchain from_port {\n"
@@ -238,7 +254,7 @@ def _script_elem(d: SetDecl, c: str, *, key_only: bool = False) -> str:
     return f"{k} : {val}"
 
 
-def delta(have: Elements, rs: Ruleset) -> tuple[str, int]:
+def delta(have: Mapping[tuple[str, str], AbstractSet[str]], rs: Ruleset) -> tuple[str, int]:
     """The transaction taking our sets from ``have`` to ``rs`` (same structure), and how
     many elements it changes ("" and 0 when there is nothing to do). Deletions come
     first, so an element whose value changes (a map) is replaced in the same transaction."""
@@ -259,6 +275,70 @@ def delta(have: Elements, rs: Ruleset) -> tuple[str, int]:
             items = ", ".join(_script_elem(d, c) for c in new)
             adds.append(f"add element {d.family} {TABLE} {d.name} {{ {items} }}\n")
     return "".join(dels + adds), n
+
+
+Changes = dict[tuple[str, str], tuple[frozenset[str], frozenset[str]]]  # key -> (removed, added), canonical
+
+
+def _script(changes: Changes, meta: dict[tuple[str, str], SetDecl]) -> tuple[str, int]:
+    dels: list[str] = []
+    adds: list[str] = []
+    n = 0
+    for key in meta:
+        if key not in changes:
+            continue
+        gone, new = changes[key]
+        d = meta[key]
+        if gone:
+            n += len(gone)
+            items = ", ".join(_script_elem(d, c, key_only=True) for c in sorted(gone))
+            dels.append(f"delete element {d.family} {TABLE} {d.name} {{ {items} }}\n")
+        if new:
+            n += len(new)
+            items = ", ".join(_script_elem(d, c) for c in sorted(new))
+            adds.append(f"add element {d.family} {TABLE} {d.name} {{ {items} }}\n")
+    return "".join(dels + adds), n
+
+
+def delta_between(old: Ruleset, new: Ruleset) -> tuple[str, int, Changes]:
+    """:func:`delta` from ruleset ``old`` (what the kernel holds) to ``new`` (same structure),
+    looking only at what differs: lists the node left untouched (the same objects) are
+    skipped, changed port bindings are formatted alone — the cost of an attach does not
+    grow with the endpoints already there. Also returns the canonical changes per set."""
+    changes: Changes = {}
+    meta: dict[tuple[str, str], SetDecl] = {}
+
+    def diff(d_old: list[str], d_new: SetDecl) -> None:
+        meta[(d_new.family, d_new.name)] = d_new
+        a = {canon(x) for x in d_old}
+        b = {canon(x) for x in d_new.elements}
+        if a != b:
+            changes[(d_new.family, d_new.name)] = (frozenset(a - b), frozenset(b - a))
+
+    for d_o, d_n in zip(_small_decls(old), _small_decls(new), strict=True):
+        diff(d_o.elements, d_n)
+    olds = {s.name: s for s in old.sets}
+    for s in new.sets:
+        o = olds.get(s.name)
+        d = _addr_decl(s, False)
+        meta[(d.family, d.name)] = d
+        if o is s or (o is not None and o.elements is s.elements):
+            continue
+        a, b = set(o.elements if o is not None else ()), set(s.elements)
+        if a != b:
+            changes[(d.family, d.name)] = (frozenset(a - b), frozenset(b - a))
+    if old.ports is not new.ports:
+        po, pn = set(old.ports), set(new.ports)
+        for d_gone, d_new in zip(_port_decls(sorted(po - pn, key=lambda p: p.endpoint)),
+                                 _port_decls(sorted(pn - po, key=lambda p: p.endpoint)), strict=True):
+            a = {canon(x) for x in d_gone.elements}
+            b = {canon(x) for x in d_new.elements}
+            if a != b:
+                changes[(d_new.family, d_new.name)] = (frozenset(a - b), frozenset(b - a))
+    for d in _port_decls(()):
+        meta[(d.family, d.name)] = d
+    script, n = _script(changes, meta)
+    return script, n, changes
 
 
 def _canon_json(x: Any) -> str:

@@ -285,7 +285,8 @@ class Ruleset(msgspec.Struct, kw_only=True):
             v6 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 6), key=_addr_key))
             pb = PortBinding(ifname=e.port_name(), mac=naming.normalize_mac(e.mac), ipv4=v4, ipv6=v6,
                              full=(bridge, bridge) not in self.net_pairs, endpoint=e.id, bridge=bridge)
-            ports = sorted([*ports, pb], key=lambda x: x.endpoint)
+            ports = list(ports)  # sorted by endpoint id: insert in place (O(log n) comparisons)
+            bisect.insort(ports, pb, key=_ep_key)
             if e.published:
                 a4 = [a for a in e.ips if ipaddress.ip_address(a).version == 4]
                 taken = {(p, hp) for p, hp, _, _ in published}
@@ -320,6 +321,10 @@ class Ruleset(msgspec.Struct, kw_only=True):
         return msgspec.structs.replace(self, ports=ports, published4=published, sets=sets)
 
 
+def _ep_key(p: PortBinding) -> str:
+    return p.endpoint
+
+
 def _addr_key(a: str) -> tuple[int, int]:
     ip = ipaddress.ip_address(a)
     return ip.version, int(ip)
@@ -344,10 +349,17 @@ def _with_member(s: AddrSet, e: PolicyEndpoint) -> AddrSet:
         ip = ipaddress.ip_address(a)
         if ip.version == s.family and any(selects(x, e, ip) for x in s.selectors):
             add.append(str(ip))
-    add = [a for a in add if a not in s.elements]
-    if not add:
+    elements = s.elements
+    for a in add:  # kept sorted by address: insert in place (O(log n) comparisons), not re-sorted
+        i = bisect.bisect_left(elements, _addr_key(a), key=_addr_key)
+        if i < len(elements) and elements[i] == a:
+            continue
+        if elements is s.elements:
+            elements = list(elements)
+        elements.insert(i, a)
+    if elements is s.elements:
         return s
-    return msgspec.structs.replace(s, elements=sorted([*s.elements, *add], key=_addr_key))
+    return msgspec.structs.replace(s, elements=elements)
 
 
 # ----------------------------------------------------------------------------- engine
