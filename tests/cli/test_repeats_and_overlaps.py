@@ -24,6 +24,9 @@ async def test_repeated_endpoint_create_with_other_parameters_is_a_conflict(ctl:
         ("--mac", "02:42:0a:e9:00:0b"): ["mac"],
         ("--ifname", "eth5"): ["ifname"],
         ("-l", "app=db"): ["labels"],
+        ("--node", "ghost"): ["node"],
+        ("--netns", "/proc/1/ns/net"): ["netns"],
+        ("-p", "8080:80"): ["ports"],
         ("--ip", "10.233.0.12", "--ifname", "lan1", "-l", "app=web", "-l", "x=y"): ["ifname", "ip", "labels"],
     }
     for extra, fields in cases.items():
