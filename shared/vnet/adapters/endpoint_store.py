@@ -286,6 +286,9 @@ class EndpointStore:
         ids = sorted(_s(x) for x in await self.r.smembers(node_set(node)))
         return [e for e in await self.get_many(ids) if e is not None]
 
+    async def network_size(self, network_id: str) -> int:
+        return int(await self.r.scard(net_set(network_id)))
+
     async def count_on(self, node: str) -> int:
         return int(await self.r.scard(node_set(node)))
 

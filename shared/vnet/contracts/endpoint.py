@@ -181,6 +181,23 @@ class EndpointDeleted(msgspec.Struct, kw_only=True):
     warnings: list[str] = []
 
 
+class RuntimeDetach(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A container runtime's DEL, by the node the container runs on: detach ``container_id``
+    from ``network_id`` (an id or a name) on that node. Nothing attached is not an error
+    (``found`` is false): a runtime may repeat a DEL."""
+
+    container_id: ContainerId
+    network_id: NetRef
+    ifname: IfName | None = None  # when given, only the endpoint with that interface
+    wait: bool = True
+    wait_timeout_s: WaitS = DEFAULT_WAIT_S
+
+
+class RuntimeDetached(msgspec.Struct, kw_only=True):
+    found: bool
+    deleted: EndpointDeleted | None = None
+
+
 class EndpointList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Endpoints ordered by id; filters AND together (``labels``: exact matches).
     Pass the reply's ``next_cursor`` as ``cursor`` for the next page."""

@@ -30,7 +30,9 @@ Templates in the grants: ``{user}`` (the user name), ``{service}``, ``{node}``.
 * **Nodes** register and deregister on ``vnet.node.<node>.register|deregister`` and
   serve only ``vnet.node.<node>.>``; they cannot touch policy, networks or endpoints.
   They may read them (the list operations and the network, endpoint and policy events):
-  the node's resolver answers names from them (``docs/dns.md``).
+  the node's resolver answers names from them (``docs/dns.md``); and they attach and
+  detach containers on themselves for a container runtime
+  (``vnet.endpoint.runtime.<node>.attach|detach|list``, ``docs/cni.md``).
 
 This module does no I/O: it renders text; callers write it.
 """
@@ -158,6 +160,9 @@ ROLES: dict[str, Grant] = {
             subjects.NETWORK_HOSTROUTES_REPORT.template,
             # read-only, for the node's resolver (svc/node/dns.py)
             subjects.NETWORK_LIST.template, subjects.ENDPOINT_LIST.template, subjects.POLICY_RULE_LIST.template,
+            # a container runtime's calls through the node's CNI socket, on itself only
+            subjects.ENDPOINT_RUNTIME_ATTACH.template, subjects.ENDPOINT_RUNTIME_DETACH.template,
+            subjects.ENDPOINT_RUNTIME_LIST.template,
             "vnet.evt.endpoint.status.{node}.*", "vnet.evt.node.registered.{node}",
             "vnet.metrics.report.node.*", *_SRV_ASK, *_node_js()),
         subscribe=("vnet.node.{node}.>", "$SRV.*", "$SRV.*.vnet-node", "$SRV.*.vnet-node.*", *_OWN_INBOX,

@@ -120,6 +120,12 @@ NETWORK_HOSTROUTES_LIST = Subject("vnet.network.hostroutes.list")
 # A node worker reads its desired state here (node credentials may call *.*.get).
 ENDPOINT_DESIRED = Subject("vnet.endpoint.desired.get")
 ENDPOINT_NODE_LIST = Subject("vnet.endpoint.node.list")
+# A node acting for a container runtime on itself (the CNI plugin, through the node worker):
+# the node id comes from the subject, which the bus lets only that node publish, so a node
+# attaches, detaches and lists containers on itself and nowhere else.
+ENDPOINT_RUNTIME_ATTACH = Subject("vnet.endpoint.runtime.{node}.attach")
+ENDPOINT_RUNTIME_DETACH = Subject("vnet.endpoint.runtime.{node}.detach")
+ENDPOINT_RUNTIME_LIST = Subject("vnet.endpoint.runtime.{node}.list")
 # Node worker operations (served by the worker of that node).
 NODE_NETNS_CHECK = Subject("vnet.node.{node}.netns.check")
 NODE_STATS = Subject("vnet.node.{node}.stats")

@@ -155,6 +155,9 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         p.add_argument("--dns-domain", help="the domain of endpoint names (default vnet)")
         p.add_argument("--dns-upstream", help="comma-separated resolvers for other names "
                        "(default: the host namespace's resolv.conf)")
+        p.add_argument("--cni", action="store_true",
+                       help="serve the vnet-cni plugin on a unix socket (docs/cni.md)")
+        p.add_argument("--cni-socket", help="the CNI socket (default /run/vnet/cni.sock)")
     args = p.parse_args(argv)
     # Before anything starts a thread (tracing exporters, the loop's executor): see StopSignals.
     block_stop_signals()
@@ -186,6 +189,10 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
             params["dns_domain"] = args.dns_domain
         if args.dns_upstream is not None:
             params["dns_upstream"] = args.dns_upstream
+        if args.cni:
+            params["cni"] = "on"
+        if args.cni_socket:
+            params["cni_socket"] = args.cni_socket
     try:
         asyncio.run(run(svc, config, params))
     except VNetError as err:

@@ -72,6 +72,8 @@ from vnet.contracts.endpoint import (
     NodeRegister,
     NodeRegistered,
     PortMapping,
+    RuntimeDetach,
+    RuntimeDetached,
     node_desired,
     remote_of,
     to_desired,
@@ -882,16 +884,14 @@ async def list_endpoints(ctx: Ctx, req: EndpointList) -> EndpointPage:
     """Endpoints filtered by network, node, container, labels and status; paged by id."""
     store = _store(ctx)
     network_id = req.network
-    ids = await store.ids(node=req.node, network_id=network_id, container=req.container)
-    if req.network is not None and req.node is None and not ids:  # maybe a name rather than an id
+    if req.network is not None and not await store.network_size(req.network):  # maybe a name, not an id
         try:
             network_id = (await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network),
                                             VirtualNetwork)).id
         except E.VNetError as err:
             if err.code != E.NETWORK_NOT_FOUND.code:
                 raise
-        else:
-            ids = await store.ids(network_id=network_id)
+    ids = await store.ids(node=req.node, network_id=network_id, container=req.container)
     if req.cursor:
         ids = [i for i in ids if i > req.cursor]
     out: list[EndpointInfo] = []
@@ -981,6 +981,49 @@ async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:
     if req.request_id:
         await store.put_delete_reply(req.request_id, msgspec.json.encode(rep))
     return rep
+
+
+# --- a node acting for a container runtime on itself (the CNI plugin) ---------------------------
+# The node comes from the subject (vnet.endpoint.runtime.<node>.*), which the bus lets only that
+# node publish: a node attaches, detaches and lists containers on itself and nowhere else.
+
+@SERVICE.op("runtime.attach", subjects.ENDPOINT_RUNTIME_ATTACH, EndpointCreate)
+async def runtime_attach(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
+    """A runtime's ADD on node ``{node}``: ``create`` with the node fixed to the caller's own."""
+    node = ctx.params["node"]
+    if req.node is not None and req.node != node:
+        raise E.make(E.INVALID_REQUEST, f"node {node} may attach containers only on itself, not on {req.node}",
+                     node=req.node)
+    info: EndpointInfo = await create(ctx, msgspec.structs.replace(req, node=node))
+    return info
+
+
+async def _runtime_find(ctx: Ctx, node: str, container: str, network: str, ifname: str | None) -> list[EndpointInfo]:
+    page: EndpointPage = await list_endpoints(ctx, EndpointList(node=node, container=container, network=network,
+                                                                 limit=1000))
+    return [e for e in page.endpoints if ifname is None or e.interface_name == ifname]
+
+
+@SERVICE.op("runtime.detach", subjects.ENDPOINT_RUNTIME_DETACH, RuntimeDetach)
+async def runtime_detach(ctx: Ctx, req: RuntimeDetach) -> RuntimeDetached:
+    """A runtime's DEL on node ``{node}``: detach the container from the network; nothing there is success."""
+    found = await _runtime_find(ctx, ctx.params["node"], req.container_id, req.network_id, req.ifname)
+    if not found:
+        return RuntimeDetached(found=False)
+    try:
+        rep = await remove(ctx, found[0].id, wait=req.wait, timeout=req.wait_timeout_s)
+    except E.VNetError as err:
+        if err.code == E.ENDPOINT_NOT_FOUND.code:  # a concurrent DEL won
+            return RuntimeDetached(found=False)
+        raise
+    return RuntimeDetached(found=True, deleted=rep)
+
+
+@SERVICE.op("runtime.list", subjects.ENDPOINT_RUNTIME_LIST, EndpointList)
+async def runtime_list(ctx: Ctx, req: EndpointList) -> EndpointPage:
+    """``list`` limited to the endpoints of node ``{node}``."""
+    page: EndpointPage = await list_endpoints(ctx, msgspec.structs.replace(req, node=ctx.params["node"]))
+    return page
 
 
 # --- events ---------------------------------------------------------------------------------------

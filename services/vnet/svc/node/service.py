@@ -224,3 +224,22 @@ async def _stop_dns(rt: Runtime) -> None:
     resolver = rt.state.pop("dns", None)
     if resolver is not None:
         await resolver.stop()
+
+
+# --- the CNI plugin's socket (cni.py): a container runtime's calls, opt-in (`cni=on`) ----------
+
+@SERVICE.starting
+async def _start_cni(rt: Runtime) -> None:
+    from vnet.svc.node.cni import CniServer, enabled
+
+    if enabled(rt):
+        server = CniServer(rt)
+        await server.start()
+        rt.state["cni"] = server
+
+
+@SERVICE.stopping
+async def _stop_cni(rt: Runtime) -> None:
+    server = rt.state.pop("cni", None)
+    if server is not None:
+        await server.stop()

@@ -1,0 +1,267 @@
+"""The node worker's side of the CNI plugin: a unix socket (root only) where the
+``vnet-cni`` shim hands over each call, answered through the control plane.
+
+One JSON line in, one JSON line out::
+
+    {"command": "ADD", "container_id": "...", "netns": "/proc/42/ns/net", "ifname": "eth0",
+     "args": {"K8S_POD_NAME": "web-1"}, "config": {...the network configuration...}}
+    -> {"result": {...CNI result...}}  |  {"result": null}  |  {"error": {"code", "msg", "details"}}
+
+The node asks the endpoint service on its own node-scoped subjects
+(``vnet.endpoint.runtime.<node>.attach|detach|list``): the bus lets a node publish only
+its own, so a node attaches containers on itself and nowhere else. Enabled with the node
+parameter ``cni=on`` (``vnet-node --cni``); the socket is ``cni_socket`` (default
+``/run/vnet/cni.sock``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+from typing import Any
+
+from vnet.adapters import nats as nats_adapter
+from vnet.contracts import subjects
+from vnet.contracts.endpoint import (
+    EndpointCreate,
+    EndpointInfo,
+    EndpointList,
+    EndpointPage,
+    PortMapping,
+    RuntimeDetach,
+    RuntimeDetached,
+)
+from vnet.core import cni, naming
+from vnet.core import errors as E
+from vnet.core.model import DriverType
+from vnet.runtime.service import Runtime
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/vnet/cni.sock"
+ATTACH_WAIT_S = 60.0
+MAX_REQUEST = 1 << 20
+_VETH_DRIVERS = (DriverType.BRIDGE, DriverType.OVERLAY)
+
+
+def enabled(rt: Runtime) -> bool:
+    return rt.params.get("cni", "off").lower() in ("on", "1", "true", "yes") or "cni_socket" in rt.params
+
+
+def _ip_json(netns: str, *args: str) -> Any:
+    out = subprocess.run(["nsenter", f"--net={netns}", "ip", "-j", *args], capture_output=True, text=True,
+                         timeout=10, check=False)
+    if out.returncode != 0:
+        raise cni.CniError(cni.VNET_FAILED, f"cannot read {netns}: {out.stderr.strip() or out.returncode}")
+    return json.loads(out.stdout or "[]")
+
+
+class CniServer:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.node = rt.params["node"]
+        self.path = rt.params.get("cni_socket", DEFAULT_SOCKET)
+        self.server: asyncio.Server | None = None
+        self.calls: dict[str, int] = {}
+
+    async def start(self) -> None:
+        d = os.path.dirname(self.path) or "."
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        try:
+            os.unlink(self.path)  # a socket left by a killed worker
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)  # the socket is born 0600: only root may hand over calls
+        try:
+            self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        log.info("node %s: CNI socket %s", self.node, self.path)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                req = json.loads(line)
+            except ValueError:
+                resp: dict[str, Any] = {"error": cni.CniError(cni.DECODING_FAILURE, "not a JSON request").result("")}
+            else:
+                resp = await self.handle(req)
+            writer.write(json.dumps(resp).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.info("node %s: CNI client: %s", self.node, exc)
+        finally:
+            writer.close()
+
+    # -- calls ---------------------------------------------------------------------------
+    async def handle(self, req: Any) -> dict[str, Any]:
+        cmd = str(req.get("command", "")) if isinstance(req, dict) else ""
+        self.calls[cmd] = self.calls.get(cmd, 0) + 1
+        version = "1.1.0"
+        t0 = asyncio.get_running_loop().time()
+        code: str | None = None
+        try:
+            if not isinstance(req, dict):
+                raise cni.CniError(cni.DECODING_FAILURE, "the request is not a JSON object")
+            if cmd == "STATUS":
+                conf_v = (req.get("config") or {}).get("cniVersion", version)
+                version = conf_v if isinstance(conf_v, str) else version
+                await self._status()
+                return {"result": None}
+            conf = cni.parse_conf(req.get("config"))
+            version = conf.version
+            if cmd == "ADD":
+                return {"result": await self._add(req, conf)}
+            if cmd == "DEL":
+                await self._del(req, conf)
+                return {"result": None}
+            if cmd == "CHECK":
+                await self._check(req, conf)
+                return {"result": None}
+            if cmd == "GC":
+                await self._gc(conf)
+                return {"result": None}
+            raise cni.CniError(cni.INVALID_ENV, f"CNI_COMMAND {cmd!r} is not one of ADD, DEL, CHECK, STATUS, GC, "
+                               "VERSION")
+        except cni.CniError as err:
+            code = f"cni_{err.code}"
+            return {"error": err.result(version)}
+        except E.VNetError as err:
+            code = err.code
+            return {"error": cni.from_vnet(err).result(version)}
+        except Exception as exc:
+            log.exception("node %s: CNI %s failed", self.node, cmd)
+            code = "internal"
+            return {"error": cni.CniError(cni.VNET_INTERNAL, f"vnet-cni {cmd} failed: {exc}").result(version)}
+        finally:
+            self.rt.metrics.observe(f"cni.{cmd.lower() or 'unknown'}", asyncio.get_running_loop().time() - t0, code)
+
+    async def _req(self, subject: subjects.Subject, payload: Any, reply: type[Any],
+                   timeout: float | None = None) -> Any:
+        rep, _ = await nats_adapter.request(self.rt.nc, subject, payload, reply, params={"node": self.node},
+                                            timeout=timeout or self.rt.config.request_timeout_s)
+        return rep
+
+    @staticmethod
+    def _env(req: dict[str, Any], *names: str) -> list[str]:
+        out = []
+        for n in names:
+            v = req.get(n)
+            if not isinstance(v, str) or not v:
+                raise cni.CniError(cni.INVALID_ENV, f"CNI_{n.upper()} is missing or empty")
+            out.append(v)
+        return out
+
+    async def _find(self, container: str, network: str, ifname: str | None) -> list[EndpointInfo]:
+        page: EndpointPage = await self._req(subjects.ENDPOINT_RUNTIME_LIST,
+                                             EndpointList(container=container, network=network, limit=1000),
+                                             EndpointPage)
+        return [e for e in page.endpoints if ifname is None or e.interface_name == ifname]
+
+    def _attached(self, e: EndpointInfo) -> cni.Attached:
+        v4 = f"{e.ip_address}/{e.prefix_len}" if e.ip_address and e.prefix_len else None
+        v6 = f"{e.ipv6_address}/{e.prefix_len_v6}" if e.ipv6_address and e.prefix_len_v6 else None
+        dns = self.rt.state.get("dns")
+        servers = [g for g in (e.gateway, e.gateway_v6) if g] if dns is not None else []
+        search = [f"{e.network_id}.{dns.domain}", dns.domain] if dns is not None else []
+        return cni.Attached(ifname=e.interface_name, mac=e.mac_address, sandbox=e.netns, ipv4=v4,
+                            gateway4=e.gateway, ipv6=v6, gateway6=e.gateway_v6, dns_servers=servers,
+                            dns_search=search,
+                            host_ifname=naming.veth_name(e.id) if e.driver in _VETH_DRIVERS else None)
+
+    async def _add(self, req: dict[str, Any], conf: cni.CniConf) -> dict[str, Any]:
+        container, netns, ifname = self._env(req, "container_id", "netns", "ifname")
+        if not await asyncio.to_thread(os.path.exists, netns):
+            raise cni.CniError(cni.INVALID_ENV, f"CNI_NETNS {netns} does not exist")
+        if await self._find(container, conf.network, None):
+            raise cni.CniError(cni.VNET_CONFLICT, f"container {container} is already attached to network "
+                               f"{conf.network}: DEL it first", "vnet: conflict")
+        create = EndpointCreate(container_id=container, network_id=conf.network, netns=netns, ifname=ifname,
+                                labels=conf.labels, wait=True, wait_timeout_s=ATTACH_WAIT_S,
+                                ports=[PortMapping(host_port=p.host_port, container_port=p.container_port,
+                                                   protocol=p.protocol) for p in conf.ports])  # type: ignore[arg-type]
+        ep: EndpointInfo = await self._req(subjects.ENDPOINT_RUNTIME_ATTACH, create, EndpointInfo,
+                                           timeout=ATTACH_WAIT_S + 5)
+        if ep.status != "ready":
+            # nothing half-made: the record, the address and whatever the node wired go again
+            await self._detach(container, conf.network, ifname)
+            why = ep.reason or f"still {ep.status} after {ATTACH_WAIT_S:.0f} s"
+            raise cni.CniError(cni.VNET_FAILED, f"node {self.node} could not attach {container}: {why}",
+                               f"vnet: {ep.status_code or ep.status}")
+        return cni.add_result(conf.version, self._attached(ep), conf.prev_result)
+
+    async def _detach(self, container: str, network: str, ifname: str | None) -> None:
+        rep: RuntimeDetached = await self._req(subjects.ENDPOINT_RUNTIME_DETACH,
+                                               RuntimeDetach(container_id=container, network_id=network, ifname=ifname),
+                                               RuntimeDetached, timeout=ATTACH_WAIT_S + 5)
+        if rep.deleted is not None and rep.deleted.warnings:
+            log.info("node %s: CNI DEL %s: %s", self.node, container, "; ".join(rep.deleted.warnings))
+
+    async def _del(self, req: dict[str, Any], conf: cni.CniConf) -> None:
+        container, ifname = self._env(req, "container_id", "ifname")
+        try:
+            await self._detach(container, conf.network, ifname)
+        except E.VNetError as err:
+            if err.code != E.NETWORK_NOT_FOUND.code:  # the network went first: nothing of ours is left
+                raise
+
+    async def _check(self, req: dict[str, Any], conf: cni.CniConf) -> None:
+        container, netns, ifname = self._env(req, "container_id", "netns", "ifname")
+        found = await self._find(container, conf.network, ifname)
+        if not found:
+            raise cni.CniError(cni.UNKNOWN_CONTAINER, f"container {container} has no {ifname} in network "
+                               f"{conf.network}")
+        ep = found[0]
+        if ep.status != "ready":
+            raise cni.CniError(cni.VNET_FAILED, f"endpoint {ep.id} is {ep.status}: {ep.reason}")
+        a = self._attached(ep)
+        cni.check_prev(conf.prev_result, a)
+        links = await asyncio.to_thread(_ip_json, netns, "addr", "show")
+        dev = next((x for x in links if x.get("ifname") == ifname), None)
+        if dev is None:
+            raise cni.CniError(cni.VNET_FAILED, f"{netns} has no interface {ifname}")
+        if str(dev.get("address", "")).lower() != ep.mac_address.lower():
+            raise cni.CniError(cni.VNET_FAILED, f"{ifname} in {netns} has mac {dev.get('address')}, "
+                               f"VNet has {ep.mac_address}")
+        have = {f"{x['local']}/{x['prefixlen']}" for x in dev.get("addr_info", [])}
+        for want in (a.ipv4, a.ipv6):
+            if want and want not in have:
+                raise cni.CniError(cni.VNET_FAILED, f"{ifname} in {netns} lacks {want}")
+
+    async def _gc(self, conf: cni.CniConf) -> None:
+        valid = set(conf.valid_attachments)
+        page: EndpointPage = await self._req(subjects.ENDPOINT_RUNTIME_LIST,
+                                             EndpointList(labels={cni.LABEL_NETWORK: conf.name}, limit=1000),
+                                             EndpointPage)
+        errors = []
+        for e in page.endpoints:
+            if (e.container_id, e.interface_name) in valid:
+                continue
+            try:
+                await self._detach(e.container_id, e.network_id, e.interface_name)
+                log.info("node %s: CNI GC removed %s (%s %s)", self.node, e.id, e.container_id, e.interface_name)
+            except E.VNetError as err:
+                errors.append(f"{e.container_id}/{e.interface_name}: {err.message}")
+        if errors:
+            raise cni.CniError(cni.VNET_INTERNAL, "GC could not remove: " + "; ".join(errors))
+
+    async def _status(self) -> None:
+        try:
+            await self._req(subjects.ENDPOINT_RUNTIME_LIST, EndpointList(limit=1), EndpointPage, timeout=2.0)
+        except E.VNetError as err:
+            raise cni.CniError(cni.NOT_AVAILABLE, f"the VNet control plane does not answer node {self.node}: "
+                               f"{err.message}", f"vnet: {err.code}") from None
