@@ -29,6 +29,8 @@ order, in one session.
     accounts, so ``--user``/``--password`` are dropped); the reply must carry
     ``Vnet-Trace-Id`` and no error.
   - ``a && b``: both, in order. ``{1..N}`` in an argument expands as in bash.
+  - ``vnetctl ... | cut -f1 | ...``: through ``bash -o pipefail``, the filters after a pipe
+    limited to ``PIPE_FILTERS`` (text filters that touch nothing).
   - Skipped by an explicit rule (``SKIP_RULES``), counted and printed: the lines that start
     or stop a stack or run the test suite (``bash ops/scripts/up.sh|test.sh``,
     ``vnetctl up|down``); tests/install and tests/integration/test_stack.py run those.
@@ -111,6 +113,8 @@ ID_RE = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{16}\b")
 BOX_CHARS = set("┏┃┓┡╇┩│└┘┴┬├─━┗┛╋")
 ERROR_CODE_RE = re.compile(r"(?:\(([a-z][a-z0-9_]*)\)|\[([a-z][a-z0-9_]*)\])\s*$")
 BRACES_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+# Text filters a doc may pipe vnetctl's output through (they read stdin, touch nothing).
+PIPE_FILTERS = {"cat", "cut", "tail", "head", "wc", "grep", "sort"}
 EXIT_COMMENT_RE = re.compile(r"\s#\s*exits?\s+(\d+)\b")
 
 
@@ -177,6 +181,7 @@ class Cmd:
     kind: str  # vnetctl | ping | nats | skip
     skip_reason: str = ""
     exit_code: int = 0  # what the doc says it exits with (`# exit N` after the command)
+    pipe: list[list[str]] = field(default_factory=list)  # filters its output goes through
 
     @property
     def text(self) -> str:
@@ -266,6 +271,16 @@ def classify(argv: list[str]) -> tuple[str, str]:
                      "to run it, or mark the block `<!-- example: not run (why) -->`)")
 
 
+def _split(words: list[str], sep: str) -> list[list[str]]:
+    out: list[list[str]] = [[]]
+    for w in words:
+        if w == sep:
+            out.append([])
+        else:
+            out[-1].append(w)
+    return [x for x in out if x]
+
+
 def shell_commands(block: Block) -> list[Cmd]:
     """The commands of a console/sh block with their documented output."""
     cmds: list[Cmd] = []
@@ -289,20 +304,18 @@ def shell_commands(block: Block) -> list[Cmd]:
             k += 1
         words = shlex.split(line, comments=True)
         said = EXIT_COMMENT_RE.search(line)
-        part: list[str] = []
-        parts: list[list[str]] = []
-        for w in [*words, "&&"]:
-            if w == "&&":
-                if part:
-                    parts.append(part)
-                part = []
-            else:
-                part.append(w)
+        parts = _split(words, "&&")
         for p in parts:
             if p[0] == "sudo":
                 p = p[1:]
-            kind, why = classify(p)
-            cmds.append(Cmd(p, [], block, kind, why))
+            stages = _split(p, "|")
+            for st in stages[1:]:
+                if st[0] not in PIPE_FILTERS:
+                    raise ValueError(f"{block.where}: `{st[0]}` after a pipe is not one of {sorted(PIPE_FILTERS)}")
+            kind, why = classify(stages[0])
+            if stages[1:] and kind != "vnetctl":
+                raise ValueError(f"{block.where}: only vnetctl output is piped here: {shlex.join(p)!r}")
+            cmds.append(Cmd(stages[0], [], block, kind, why, pipe=stages[1:]))
         if said:
             cmds[-1].exit_code = int(said[1])
     # Documented output belongs to the last command of its line.
@@ -551,7 +564,7 @@ def _check_output(cmd: Cmd, argv: list[str], res: subprocess.CompletedProcess[st
     if documented and not (_boxed(documented[0]) or (len(documented) > 1 and _boxed(documented[1]))):
         lead = leading_words(documented[0], set(subst.map.values()))
         if lead:
-            real = [x.strip() for x in (res.stdout + "\n" + res.stderr).splitlines()]
+            real = [" ".join(x.split()) for x in (res.stdout + "\n" + res.stderr).splitlines()]
             assert any(x.startswith(lead) for x in real), \
                 f"{cmd.block.where}: the doc shows {documented[0]!r}; no output line starts with {lead!r}:\n{shown}"
     subst.learn_ids(cmd.output, res.stdout)
@@ -570,7 +583,11 @@ async def _run_commands(cmds: list[Cmd], cp: ControlPlane | None, env: dict[str,
         assert not stray, f"{cmd.block.where}: not running {argv}: names without the run prefix {stray}"
         if cmd.kind == "vnetctl":
             argv[0] = VNETCTL
-            res = await asyncio.to_thread(_run, argv, env)
+            if cmd.pipe:
+                script = " | ".join(shlex.join(st) for st in [argv, *cmd.pipe])
+                res = await asyncio.to_thread(_run, ["bash", "-o", "pipefail", "-c", script], env)
+            else:
+                res = await asyncio.to_thread(_run, argv, env)
             if argv[1:3] == ["container", "create"]:
                 made |= {a for a in argv[3:] if not a.startswith("-")}
         elif cmd.kind == "ping":
@@ -582,7 +599,7 @@ async def _run_commands(cmds: list[Cmd], cp: ControlPlane | None, env: dict[str,
             assert cp is not None
             data = await _nats_req(argv, cp.cfg)
             res = subprocess.CompletedProcess(argv, 0, data, "")
-        log.append(f"{cmd.block.where}: ran `{shlex.join(argv)}` -> exit {res.returncode}: {res.stdout[:200]!r}")
+        log.append(f"{cmd.block.where}: ran `{shlex.join(argv)}` -> exit {res.returncode}: {res.stdout[:900]!r}")
         _check_output(cmd, argv, res, subst)
 
 
