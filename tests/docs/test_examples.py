@@ -83,15 +83,17 @@ import sys
 import tokenize
 import types
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from tests.conftest import ControlPlane, control_plane
 from vnet.runtime.config import VNetConfig
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 VNETCTL = str(Path(sys.executable).parent / "vnetctl")
@@ -457,6 +459,19 @@ def test_substitutions_are_whole_words_and_ids_follow_positions() -> None:
     assert leading_words("… Vnet-Trace-Id: x", set()) is None
 
 
+async def test_commands_outside_the_tests_namespaces_are_refused_before_they_run() -> None:
+    """NETWORK SAFETY of the runner itself: a ping from a namespace the test did not make, and a
+    container name the substitution missed, fail before any process starts."""
+    block = Block("probe.md", 1, "console", "", None)
+    pn = PageNamespaces("vtx", Path("/nonexistent"))
+    ping = Cmd(["ip", "netns", "exec", "web-1", "ping", "-c1", "10.1.0.50"], [], block, "ping")
+    with pytest.raises(AssertionError, match="not a namespace this test made"):
+        await _run_commands([ping], None, {}, Subst({"web-1"}, "vtx", "vtx-myhost"), pn, set(), [])
+    create = Cmd(["vnetctl", "container", "create", "web-1"], [], block, "vnetctl")
+    with pytest.raises(AssertionError, match="without the run prefix"):
+        await _run_commands([create], None, {}, Subst(set(), "vtx", "vtx-myhost"), pn, set(), [])
+
+
 # --- running a page -------------------------------------------------------------------------
 
 def _netns_list() -> set[str]:
@@ -509,7 +524,16 @@ def _cli_env(cfg: VNetConfig, state_dir: Path) -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+# The commands wait for the services, which run on this process's event loop: they block a
+# thread of their own, never one of the default executor the node worker reconciles in.
+_COMMANDS = ThreadPoolExecutor(2, thread_name_prefix="doc-example")
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_COMMANDS, fn, *args)
+
+
+def _run(argv: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -585,16 +609,16 @@ async def _run_commands(cmds: list[Cmd], cp: ControlPlane | None, env: dict[str,
             argv[0] = VNETCTL
             if cmd.pipe:
                 script = " | ".join(shlex.join(st) for st in [argv, *cmd.pipe])
-                res = await asyncio.to_thread(_run, ["bash", "-o", "pipefail", "-c", script], env)
+                res = await _off_loop(_run, ["bash", "-o", "pipefail", "-c", script], env)
             else:
-                res = await asyncio.to_thread(_run, argv, env)
+                res = await _off_loop(_run, argv, env)
             if argv[1:3] == ["container", "create"]:
                 made |= {a for a in argv[3:] if not a.startswith("-")}
         elif cmd.kind == "ping":
             ns = argv[3]
             # NETWORK SAFETY: probes only from a namespace this test made, to an address there.
             assert ns in made, f"{cmd.block.where}: {ns} is not a namespace this test made: not running {argv}"
-            res = await asyncio.to_thread(_ping, argv)
+            res = await _off_loop(_ping, argv)
         else:
             assert cp is not None
             data = await _nats_req(argv, cp.cfg)
@@ -611,7 +635,7 @@ def _make_container(name: str) -> None:
 async def _run_python(block: Block, src: str, mod: types.ModuleType, cp: ControlPlane, env: dict[str, str],
                       made: set[str], start_service: Callable[..., Awaitable[Any]]) -> None:
     if "asyncio.run(" in src:
-        res = await asyncio.to_thread(_run, [sys.executable, "-c", src], env, 120)
+        res = await _off_loop(_run, [sys.executable, "-c", src], env, 120)
         assert res.returncode == 0, \
             f"{block.where}: the program exited {res.returncode}:\n{_cut(res.stdout)}\n{_cut(res.stderr)}"
         return
@@ -619,7 +643,7 @@ async def _run_python(block: Block, src: str, mod: types.ModuleType, cp: Control
     for rx in PY_NAME_RES[:1]:
         for name in rx.findall(src):
             if name not in made and name not in _netns_list():
-                await asyncio.to_thread(_make_container, name)
+                await _off_loop(_make_container, name)
                 made.add(name)
     mod.__dict__.update(cfg=cp.cfg, vnet=cp.m)
     # Padded so that a traceback names the page and its line (pytest shows the Markdown).
@@ -673,6 +697,7 @@ def _page_ids() -> list[Any]:
 
 
 @pytest.mark.netns
+@pytest.mark.timeout(240)  # a hung command fails the page (teardown still removes its namespaces)
 @pytest.mark.parametrize("page", _page_ids())
 async def test_page_examples_run(page: Path, config: VNetConfig, netns: Callable[[str], str],
                                  page_namespaces: PageNamespaces, start_service: Callable[..., Awaitable[Any]],
