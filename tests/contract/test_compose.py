@@ -918,7 +918,7 @@ async def test_nats_roles_can_do_their_job_and_no_more(secured_nats: tuple[str, 
     from vnet.contracts import docgen
 
     every_op = {_concrete(op.subject, node="permnode") for s in docgen.discover_services() for op in s.ops}
-    node_only = {subjects.NETWORK_HOSTROUTES_REPORT.template}
+    node_only = {_concrete(subjects.NETWORK_HOSTROUTES_REPORT.template, node="permnode")}
     admin_only = {subjects.IPAM_GC.template, subjects.IPAM_CHECK.template,
                   *(_concrete(s.template, node="permnode") for s in
                     (subjects.NODE_STATS, subjects.NODE_RESYNC, subjects.NODE_NETNS_CHECK))}
@@ -930,7 +930,7 @@ async def test_nats_roles_can_do_their_job_and_no_more(secured_nats: tuple[str, 
     # What each role must not do (the holes of issue 10 among them).
     denied = await _violations(url, "vnet-client", pw["vnet-client"],
                                ["vnet.evt.network.created.x", "vnet.metrics.report.ipam.x",
-                                "vnet.node.permnode.register", subjects.NETWORK_HOSTROUTES_REPORT.template,
+                                "vnet.node.permnode.register", "vnet.network.hostroutes.report.permnode",
                                 "vnet.node.permnode.resync", "vnet.ipam.gc"],
                                ["vnet.network.create", "_INBOX.>", "_INBOX.vnet-admin.>", ">"], expect=10)
     assert len(denied) == 10, denied
@@ -939,9 +939,10 @@ async def test_nats_roles_can_do_their_job_and_no_more(secured_nats: tuple[str, 
                                 "$JS.API.STREAM.DELETE.VNET_EVENTS", subjects.POLICY_RULE_PUT.template,
                                 subjects.POLICY_RULE_DELETE.template, "vnet.evt.endpoint.status.node1.e1",
                                 "vnet.node.node1.register", "vnet.evt.node.left.node1",
+                                "vnet.network.hostroutes.report.node1",
                                 "$JS.API.CONSUMER.DELETE.VNET_EVENTS.vnet-endpoint-status-v2"],
-                               ["vnet.network.create", "vnet.node.node1.health", "_INBOX.>"], expect=12)
-    assert len(denied) == 12, denied
+                               ["vnet.network.create", "vnet.node.node1.health", "_INBOX.>"], expect=13)
+    assert len(denied) == 13, denied
 
 
 def test_checked_in_nats_config_is_generated_from_the_matrix() -> None:

@@ -346,7 +346,8 @@ async def test_idempotent_create(env: Env) -> None:
 
 async def _report(env: Env, node: str, prefixes: list[str], interval: float = 60.0) -> HostRoutesReply:
     return await env.m.call(subjects.NETWORK_HOSTROUTES_REPORT,
-                            HostRoutesReport(node=node, prefixes=prefixes, interval_s=interval), HostRoutesReply)
+                            HostRoutesReport(node=node, prefixes=prefixes, interval_s=interval), HostRoutesReply,
+                            params={"node": node})
 
 
 async def test_carving_skips_networks_and_host_routes(env_factory: Callable[..., Awaitable[Env]]) -> None:

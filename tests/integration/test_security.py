@@ -221,7 +221,7 @@ def test_the_matrix_denies_the_attacks_of_issue_10() -> None:
     client, node, other = P.client_user(), P.node_user("n1"), P.node_user("n2")
     assert not client.may_subscribe("_INBOX.>") and not client.may_subscribe(">")
     assert not client.may_subscribe("_INBOX.vnet-admin.>") and client.may_subscribe("_INBOX.vnet-client.>")
-    for subj in ("vnet.network.hostroutes.report", "vnet.node.n1.resync", "vnet.evt.network.created.x",
+    for subj in ("vnet.network.hostroutes.report.n1", "vnet.node.n1.resync", "vnet.evt.network.created.x",
                  "vnet.evt.endpoint.status.n1.e1", "vnet.node.n1.register", "vnet.metrics.report.ipam.i"):
         assert not client.may_publish(subj), subj
     for subj in ("vnet.policy.rule.put", "vnet.policy.rule.delete", "vnet.network.create",
@@ -236,7 +236,9 @@ def test_the_matrix_denies_the_attacks_of_issue_10() -> None:
         u = P.service_user(svc)
         assert not u.may_publish("vnet.evt.endpoint.status.n1.e1"), svc
         assert not u.may_subscribe("_INBOX.>"), svc
-    assert P.service_user("network").may_subscribe("vnet.network.hostroutes.report")
+    assert P.service_user("network").may_subscribe("vnet.network.hostroutes.report.*")
+    assert node.may_publish("vnet.network.hostroutes.report.n1")
+    assert not node.may_publish("vnet.network.hostroutes.report.n2")
     assert not P.service_user("ipam").may_publish("vnet.evt.network.created.x")
 
 
@@ -382,6 +384,20 @@ async def test_forged_status_and_fake_nodes_are_rejected(services: Secured, run_
         assert ("pub", "vnet.node.n1.register") in await n2.violations()
         assert ("pub", "vnet.node.n3.register") in await client.violations()
         assert {n.node for n in await m.nodes()} == {"n1", "n2"}
+        # Host routes: n2 may report only its own (the network service checks the body).
+        from vnet.contracts.network import HostRoutesReply, HostRoutesReport
+
+        rep, _ = await nats_adapter.request(n2.nc, subjects.NETWORK_HOSTROUTES_REPORT,
+                                            HostRoutesReport(node="n2", prefixes=["10.233.0.0/24"], interval_s=60.0),
+                                            HostRoutesReply, params={"node": "n2"}, timeout=WAIT_S)
+        assert rep.accepted == 1
+        with pytest.raises(E.VNetError) as ei:
+            await nats_adapter.request(n2.nc, subjects.NETWORK_HOSTROUTES_REPORT,
+                                       HostRoutesReport(node="n1", prefixes=["10.234.0.0/24"], interval_s=60.0),
+                                       HostRoutesReply, params={"node": "n2"}, timeout=WAIT_S)
+        assert ei.value.code == "invalid_request"
+        await n2.nc.publish(subjects.NETWORK_HOSTROUTES_REPORT.format(node="n1"), b"{}")
+        assert ("pub", "vnet.network.hostroutes.report.n1") in await n2.violations()
         # n2 deregistering n1 is ignored; its own deregistration (after it, same subscription) is not.
         await n2.nc.publish(subjects.NODE_DEREGISTER.format(node="n2"),
                             codec.encode(NodeDeregister(node="n1", instance="i-n1")))

@@ -31,7 +31,7 @@ def test_covers_like_nats_server(pattern: str, subject: str, ok: bool) -> None:
 def test_deny_wins_over_allow() -> None:
     admin = P.admin_user()
     assert admin.may_publish("vnet.network.create")
-    assert not admin.may_publish(subjects.NETWORK_HOSTROUTES_REPORT.template)  # allowed by vnet.network.>
+    assert not admin.may_publish("vnet.network.hostroutes.report.n1")  # allowed by vnet.network.>
 
 
 def test_identities() -> None:

@@ -94,7 +94,7 @@ _API = tuple(f"vnet.{s}.>" for s in ("ipam", "network", "endpoint", "policy"))
 # Never published by a caller: only nodes report host routes; only services and nodes
 # speak for the system (events, metrics reports, registrations).
 _NOT_FOR_CALLERS = (
-    subjects.NETWORK_HOSTROUTES_REPORT.template,
+    subjects.NETWORK_HOSTROUTES_REPORT.wildcard(),
     subjects.EVENTS_WILDCARD,
     "vnet.metrics.report.>",
     subjects.NODE_REGISTER.wildcard(),
@@ -125,7 +125,7 @@ def _service_grant(service: str) -> Grant:
     publish = [*_API, "vnet.metrics.summary", "vnet.*.health", subjects.NODE_NETNS_CHECK.wildcard(),
                f"vnet.metrics.report.{service}.*", *_SRV_ASK, *_JS_CONSUME, f"$JS.API.STREAM.CREATE.{STREAM}"]
     subscribe = [f"vnet.{service}.>", *_SRV_SERVE, *_OWN_INBOX]
-    deny = [subjects.NETWORK_HOSTROUTES_REPORT.template]
+    deny = [subjects.NETWORK_HOSTROUTES_REPORT.wildcard()]
     if service == "network":
         deny = []  # it serves hostroutes.report; it never calls it
     events = {"endpoint": ["vnet.evt.endpoint.>", subjects.EVT_NODE_LEFT.wildcard(),
@@ -407,7 +407,8 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("desired state", "pub", "vnet.endpoint.desired.get"),
     ("node ruleset", "pub", "vnet.policy.ruleset.get"),
     ("IPAM maintenance", "pub", "vnet.ipam.gc"),
-    ("host routes report", "pub", "vnet.network.hostroutes.report"),
+    ("host routes report, own", "pub", "vnet.network.hostroutes.report.{node}"),
+    ("host routes report, other", "pub", "vnet.network.hostroutes.report.{other}"),
     ("health", "pub", "vnet.network.health"),
     ("metrics summary", "pub", "vnet.metrics.summary"),
     ("node health", "pub", "vnet.node.{node}.health"),

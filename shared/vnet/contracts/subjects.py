@@ -113,7 +113,8 @@ NETWORK_MESH_DELETE = Subject("vnet.network.mesh.delete")
 NETWORK_MESH_GET = Subject("vnet.network.mesh.get")
 NETWORK_MESH_LIST = Subject("vnet.network.mesh.list")
 # Node workers report their host's routes and addresses; carving skips them.
-NETWORK_HOSTROUTES_REPORT = Subject("vnet.network.hostroutes.report")
+# The node id is in the subject: the bus lets a node report only its own (vnet.contracts.permissions).
+NETWORK_HOSTROUTES_REPORT = Subject("vnet.network.hostroutes.report.{node}")
 NETWORK_HOSTROUTES_LIST = Subject("vnet.network.hostroutes.list")
 
 # --- endpoints and the node registry (appended by the endpoint service) ---------------

@@ -902,6 +902,9 @@ async def mesh_list(ctx: Ctx, req: Empty) -> MeshList:
 
 @SERVICE.op("hostroutes.report", subjects.NETWORK_HOSTROUTES_REPORT, HostRoutesReport, max_bytes=1024 * 1024)
 async def hostroutes_report(ctx: Ctx, req: HostRoutesReport) -> HostRoutesReply:
+    if req.node != ctx.params.get("node"):  # the bus lets a node publish only on its own subject
+        raise E.make(E.INVALID_REQUEST, f"node {req.node!r} must report its host routes on its own subject "
+                     f"vnet.network.hostroutes.report.{req.node}, not {ctx.subject}", node=req.node)
     kept = [str(n) for n in addr.host_prefixes(req.prefixes)]
     ttl = max(HOSTROUTES_MIN_TTL_S, 3 * req.interval_s)
     await _store(ctx).put_host_routes(req.node, kept, ttl)

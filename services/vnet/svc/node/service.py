@@ -122,6 +122,7 @@ async def report_host_routes(rt: Runtime) -> HostRoutesReply:
     prefixes = await asyncio.to_thread(read_host_prefixes, rt.config.host_netns)
     report = HostRoutesReport(node=rt.params["node"], prefixes=prefixes, interval_s=HOST_ROUTES_INTERVAL_S)
     reply, _ = await nats_adapter.request(rt.nc, subjects.NETWORK_HOSTROUTES_REPORT, report, HostRoutesReply,
+                                          params={"node": rt.params["node"]},
                                           timeout=rt.config.request_timeout_s)
     return reply
 
