@@ -3,9 +3,9 @@
 An *endpoint* is one container attached to one network on one node. The endpoint
 service records it (status ``pending``), the node worker realises it in its kernel
 and reports ``ready`` or ``failed`` with a reason (event
-``vnet.evt.endpoint.status.<id>``), which the endpoint service folds into the record.
+``vnet.evt.endpoint.status.<node>.<id>``), which the endpoint service folds into the record.
 
-The node worker holds no Redis credentials: it registers itself (``vnet.node.register``,
+The node worker holds no Redis credentials: it registers itself (``vnet.node.<node>.register``,
 request/reply, repeated as a heartbeat), reads its desired state with
 ``vnet.endpoint.desired.get`` and follows the endpoint and network events. The
 translation from a stored endpoint to the data plane's :class:`EpDesired` /
@@ -219,7 +219,7 @@ class EndpointPage(msgspec.Struct, kw_only=True):
 # --- node registry --------------------------------------------------------------------------
 
 class NodeRegister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A node worker announcing itself on ``vnet.node.register`` (request/reply),
+    """A node worker announcing itself on ``vnet.node.<node>.register`` (request/reply),
     again every ``heartbeat_s``; it counts as gone after ``3 * heartbeat_s``."""
 
     node: NodeId
@@ -270,7 +270,7 @@ class NodeRegistered(msgspec.Struct, kw_only=True):
 
 
 class NodeDeregister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """``vnet.node.deregister``: a node worker stopping gracefully (fire and forget). Only the
+    """``vnet.node.<node>.deregister``: a node worker stopping gracefully (fire and forget). Only the
     registration of that ``instance`` is removed (a restarted worker's is kept)."""
 
     node: str
