@@ -109,6 +109,14 @@ _NATS_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
+def _bus_error(nc: Client, exc: BaseException) -> E.VNetError:
+    srv = nc._current_server  # the server it is connected or reconnecting to
+    url = srv.uri.geturl() if srv is not None else "the NATS server"
+    err = dependency_error(exc, url)
+    assert err is not None
+    return err
+
+
 def dependency_error(exc: BaseException, url: str) -> E.VNetError | None:
     """The ``unavailable`` error for a NATS / JetStream failure; None for anything else."""
     if not isinstance(exc, _NATS_DOWN):
@@ -168,6 +176,8 @@ async def request(
                          "(`vnetctl status` lists what runs)", subject=concrete) from None
         except NatsTimeout:
             raise E.make(E.TIMEOUT, f"no reply on {concrete} within {timeout}s", subject=concrete) from None
+        except _NATS_DOWN as exc:  # closed, reconnecting, buffer full: the bus, not the service
+            raise _bus_error(nc, exc) from None
     h = msg.headers or {}
     trace_id = h.get(H.TRACE_ID)
     if H.ERROR_CODE in h:
