@@ -459,6 +459,45 @@ def test_substitutions_are_whole_words_and_ids_follow_positions() -> None:
     assert leading_words("… Vnet-Trace-Id: x", set()) is None
 
 
+PY_CIDR_RES = [re.compile(r"create_(?:network|pool)\(\s*\"[^\"]*\",\s*\"([^\"]+)\""),
+               re.compile(r"\"cidr\"\s*:\s*\"([^\"]+)\"")]
+
+
+def explicit_ranges(plan: Plan) -> list[tuple[str, str]]:
+    """(where, cidr) of every IPv4 range a page's examples give a network or a pool explicitly."""
+    out: list[tuple[str, str]] = []
+    for block, cmds in plan.steps:
+        if cmds is None:
+            out += [(block.where, c) for rx in PY_CIDR_RES for c in rx.findall(block.text)]
+            continue
+        for c in cmds:
+            a = c.argv
+            out += [(block.where, a[k + 1]) for k in range(len(a) - 1) if a[k] == "--cidr"]
+            if a[1:3] == ["ipam", "pool-create"] and len(a) > 4:
+                out.append((block.where, a[4]))
+            out += [(block.where, x) for arg in a for rx in PY_CIDR_RES[1:] for x in rx.findall(arg)]
+    return [(w, c) for w, c in out if ":" not in c]
+
+
+def test_example_ranges_collide_neither_with_each_other_nor_with_automatic_carving() -> None:
+    """A reader who runs a page's examples one after the other (and `vnetctl network create
+    NAME`, which carves from default_subnet) never meets subnet_overlap."""
+    import ipaddress
+
+    pool = ipaddress.ip_network(VNetConfig.load(env={}).default_subnet)  # the default, what a newcomer has
+    problems: list[str] = []
+    for page in PAGES:
+        seen: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
+        for where, cidr in explicit_ranges(plan_page(page)):
+            net = ipaddress.ip_network(cidr, strict=False)
+            if net.overlaps(pool):
+                problems.append(f"{where}: {cidr} is in the automatic carving pool {pool}")
+            problems += [f"{where}: {cidr} overlaps {other} ({w2})" for w2, other in seen if net.overlaps(other)]
+            seen.append((where, net))
+    assert not problems, "\n".join(problems)
+    assert len(explicit_ranges(plan_page(ROOT / "README.md"))) >= 2  # the README's two examples are seen
+
+
 async def test_commands_outside_the_tests_namespaces_are_refused_before_they_run() -> None:
     """NETWORK SAFETY of the runner itself: a ping from a namespace the test did not make, and a
     container name the substitution missed, fail before any process starts."""
