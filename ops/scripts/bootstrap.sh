@@ -6,7 +6,10 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 
-want_apt="nftables iproute2 iputils-ping wireguard-tools wireguard-go tcpdump dnsutils"
+# dnsutils: dig for the resolver tests; containernetworking-plugins, iptables: the CNI peers and
+# chaining tests; podman, runc, busybox-static: a real runtime (runc: crun refuses hybrid cgroups)
+# running a busybox rootfs through vnet-cni
+want_apt="nftables iproute2 iputils-ping wireguard-tools wireguard-go tcpdump dnsutils containernetworking-plugins iptables podman runc busybox-static"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
   for p in $want_apt; do

@@ -33,8 +33,8 @@ def plugin_source(interpreter: str | None = None) -> str:
     return f"#!{interpreter or _interpreter()} -IS\n# {MARK}\n{body}"
 
 
-def conflist(name: str, network: str, socket_path: str) -> dict[str, object]:
-    return {"cniVersion": "1.1.0", "name": name,
+def conflist(name: str, network: str, socket_path: str, version: str = "1.0.0") -> dict[str, object]:
+    return {"cniVersion": version, "name": name,
             "plugins": [{"type": PLUGIN, "network": network, "socket": socket_path,
                          "capabilities": {"portMappings": True}}]}
 
@@ -53,8 +53,13 @@ def cni() -> None:
               help="Where the runtime reads network configurations.")
 @click.option("--socket", "socket_path", default="/run/vnet/cni.sock", show_default=True,
               help="The node worker's CNI socket (vnet-node --cni --cni-socket ...).")
+@click.option("--cni-version", default="1.0.0", show_default=True,
+              type=click.Choice(["0.4.0", "1.0.0", "1.1.0"]),
+              help="The conflist's cniVersion: 1.1.0 adds STATUS and GC, but podman 4 and containerd 1.6 "
+                   "read results up to 1.0.0.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-def install(network: str, name: str | None, bin_dir: str, conf_dir: str, socket_path: str, as_json: bool) -> None:
+def install(network: str, name: str | None, bin_dir: str, conf_dir: str, socket_path: str, cni_version: str,
+            as_json: bool) -> None:
     """Write the vnet-cni executable and a conflist for one VNet network."""
     name = name or network
     b, c = Path(bin_dir), Path(conf_dir)
@@ -66,7 +71,7 @@ def install(network: str, name: str | None, bin_dir: str, conf_dir: str, socket_
     tmp.chmod(0o755)
     tmp.replace(exe)  # atomic: a runtime exec'ing it meanwhile sees the old or the new file
     conf = c / f"50-vnet-{name}.conflist"
-    conf.write_text(json.dumps(conflist(name, network, socket_path), indent=2) + "\n")
+    conf.write_text(json.dumps(conflist(name, network, socket_path, cni_version), indent=2) + "\n")
     if as_json:
         output.emit({"plugin": str(exe), "conflist": str(conf), "network": network, "name": name})
     else:
