@@ -167,7 +167,6 @@ ROLES: dict[str, Grant] = {
             "vnet.metrics.report.node.*", *_SRV_ASK, *_node_js()),
         subscribe=("vnet.node.{node}.>", "$SRV.*", "$SRV.*.vnet-node", "$SRV.*.vnet-node.*", *_OWN_INBOX,
                    subjects.EVT_NETWORK.template, subjects.EVT_ENDPOINT.template, subjects.EVT_POLICY.template),
-        deny_publish=("vnet.node.{node}.resync",),
         allow_responses=True,
         summary="one node worker, speaking only for itself; no Valkey credentials"),
     MONITOR: Grant(
