@@ -7,7 +7,10 @@
              -> full reconcile
     events:  vnet.evt.endpoint.{created,deleted}.<id> of this node, vnet.evt.network.deleted.<id>
              -> the local copy of the desired state changes -> scoped reconcile of those ids
-             (events that arrive while a reconcile runs are handled together in the next one)
+             (events that arrive while a reconcile runs are handled together in the next one);
+             an endpoint of another host in one of our overlays changes that network's remotes
+             here (its FDB/neighbour entries, a delta) when its host is a known peer, and
+             refetches the desired state only for a host not known yet
     timer:   every ``resync_s`` (default 10 s) fetch the desired state again and reconcile the
              whole host: drift (an interface or address removed by hand) is repaired, a
              missed event is caught up, and a converged host costs zero kernel writes
@@ -79,6 +82,7 @@ from vnet.contracts.endpoint import (
     NodeRegistered,
     NodeStats,
     PolicyStats,
+    remote_of,
     to_desired,
 )
 from vnet.core import errors as E
@@ -548,7 +552,8 @@ class NodeWorker:
                 self._policy_dirty.set()
             net = self.nets.get(ev.endpoint.network_id)
             if net is not None and net.driver == DriverType.OVERLAY:  # a remote of one of our overlays
-                self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id))
+                self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id,
+                                                 endpoint=ev.endpoint))
             return
         self.queue.put_nowait(self._item(kind="endpoint", event=parts[3], ident=ev.endpoint.id, endpoint=ev.endpoint))
 
@@ -705,7 +710,9 @@ class NodeWorker:
                         gone.add(eid)
                     scope_nets.add(it.ident)
                 elif it.kind == "remote":
-                    refetch = True
+                    # an endpoint of another host in one of our overlays: its FDB/neighbour entries
+                    # as a delta when its host is a known peer, else the whole state (a new peer)
+                    refetch = refetch or not self._remote_delta(it)
                     scope_nets.add(it.ident)
             if refetch:
                 await self._fetch()  # the state after every event of this batch (they were committed first)
@@ -732,6 +739,18 @@ class NodeWorker:
             result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)),
                                            policy_first=policy)
             await self._report(result, gone)
+
+    def _remote_delta(self, it: WorkItem) -> bool:
+        """Apply a remote endpoint's event to the local desired state; False: refetch instead."""
+        info = it.endpoint
+        net = self.nets.get(it.ident)
+        if info is None or net is None or info.node not in {p.name for p in self.peers}:
+            return False
+        rem = remote_of(info)
+        others = tuple(r for r in net.remotes if r.mac != rem.mac)
+        remotes = tuple(sorted((*others, rem), key=lambda r: r.mac)) if it.event == "created" else others
+        self.nets[net.id] = msgspec.structs.replace(net, remotes=remotes)
+        return True
 
     # -- status reports -------------------------------------------------------------------------
     def _next_version(self) -> int:

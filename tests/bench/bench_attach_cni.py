@@ -1,0 +1,369 @@
+"""Attach and detach through the whole stack with isolation on, against the CNI reference
+plugins — ONE table from one run.
+
+Run as root (it is a script, not a pytest module)::
+
+    .venv/bin/python tests/bench/bench_attach_cni.py                 # 100 per row, growth to 1,000
+    .venv/bin/python tests/bench/bench_attach_cni.py --n 40 --big 300
+
+VNet: the processes ``vnetctl up`` starts (ipam, network, endpoint, policy services and a
+node worker), here in this process against a private nats-server and valkey in a temporary
+directory; every attach is ``create_endpoint(wait=True)`` (client -> endpoint service ->
+IPAM -> event -> node worker -> kernel (one nft element transaction + netlink) -> status
+-> client), every detach ``delete_endpoint(wait=True)``. CNI: the plugins of the
+``containernetworking-plugins`` package (``/usr/lib/cni``) executed as a runtime executes
+them — one process per plugin, started in the host namespace, config on stdin, a chain
+run in order with ``prevResult`` (and in reverse for DEL) — ``bridge`` + ``host-local``,
+and ``bridge`` + ``host-local`` + ``portmap`` + ``firewall`` for the row with a published
+port. Each CNI ADD/DEL runs right after the VNet attach/detach of the same index, so
+both see the same load on a shared machine, and each row's ratio is to its own CNI runs.
+Runtime overhead of a real container engine (result cache, locks) is not counted for
+CNI: the peer is flattered, not handicapped. The growth row also times the kernel's
+share alone (veth + bridge port with ``ip``, interleaved) on a bridge of its own.
+
+Everything runs in namespaces this script makes (``<prefix>-...``; a VNet host, a CNI
+host, one namespace per container), removed at the end, on error and on Ctrl-C;
+addresses 10.141-10.147.x.x exist only inside them. Nothing touches the root namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import ctypes
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from vnet import VNetManager
+from vnet.contracts.endpoint import PortMapping
+from vnet.core.policy import AllowRule, PortSpec, Selector
+from vnet.runtime import launcher, servers, service
+from vnet.runtime.config import VNetConfig
+
+PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-c"
+CNI_PATH = "/usr/lib/cni"
+_made: list[str] = []
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _batch(lines: list[str]) -> None:
+    subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True, capture_output=True)
+
+
+def namespaces(tag: str, n: int) -> list[str]:
+    names = [f"{PREFIX}-{tag}{i}" for i in range(n)]
+    _made.extend(names)
+    for k in range(0, n, 200):
+        _batch([f"netns add {x}" for x in names[k:k + 200]])
+    return names
+
+
+def cleanup() -> None:
+    names = list(reversed(_made))
+    _made.clear()
+    for ns in names:
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+    for k in range(0, len(names), 200):
+        subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {x}\n" for x in names[k:k + 200]),
+                       text=True, capture_output=True)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    cleanup()
+    sys.exit(128 + signum)
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+# ----------------------------------------------------------------------------- CNI, as a runtime runs it
+
+
+class Cni:
+    """A plugin chain run the way libcni runs a conflist (no result cache, no locks)."""
+
+    def __init__(self, host_ns: str, name: str, plugins: list[dict[str, Any]], data_dir: Path) -> None:
+        self.host_fd = os.open(f"/run/netns/{host_ns}", os.O_RDONLY | os.O_CLOEXEC)
+        self.name = name
+        self.plugins = plugins
+        self.data_dir = data_dir
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def _enter(self) -> None:  # in the child, before exec: the plugin starts in the host namespace
+        if _libc.setns(self.host_fd, 0x40000000) != 0:
+            os._exit(99)
+
+    def _run(self, plugin: dict[str, Any], cmd: str, cid: str, netns: str, prev: dict[str, Any] | None,
+             runtime: dict[str, Any] | None) -> dict[str, Any]:
+        conf: dict[str, Any] = {"cniVersion": "1.0.0", "name": self.name, **plugin}
+        if prev is not None:
+            conf["prevResult"] = prev
+        if runtime is not None and plugin.get("capabilities"):
+            conf["runtimeConfig"] = runtime
+        env = {"CNI_COMMAND": cmd, "CNI_CONTAINERID": cid, "CNI_NETNS": f"/run/netns/{netns}", "CNI_IFNAME": "eth0",
+               "CNI_PATH": CNI_PATH, "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+        r = subprocess.run([f"{CNI_PATH}/{plugin['type']}"], input=json.dumps(conf), env=env, capture_output=True,
+                           text=True, preexec_fn=self._enter)
+        if r.returncode != 0:
+            raise RuntimeError(f"CNI {plugin['type']} {cmd}: {r.stdout.strip()} {r.stderr.strip()}")
+        return json.loads(r.stdout) if r.stdout.strip() else {}
+
+    def add(self, cid: str, netns: str, runtime: dict[str, Any] | None = None) -> None:
+        prev: dict[str, Any] | None = None
+        for p in self.plugins:
+            prev = self._run(p, "ADD", cid, netns, prev, runtime)
+        assert prev is not None
+        self.results[cid] = prev
+
+    def delete(self, cid: str, netns: str, runtime: dict[str, Any] | None = None) -> None:
+        prev = self.results.pop(cid)
+        for p in reversed(self.plugins):
+            self._run(p, "DEL", cid, netns, prev, runtime)
+
+
+def cni_host(work: Path) -> tuple[Cni, Cni]:
+    """The CNI host namespace and its two chains (each with its own bridge and pool)."""
+    host = namespaces("cnih", 1)[0]
+    subprocess.run(["ip", "-n", host, "link", "set", "lo", "up"], check=True)
+    plain = Cni(host, "bench-a", [
+        {"type": "bridge", "bridge": "cnibr0", "isGateway": True, "ipMasq": False,
+         "ipam": {"type": "host-local", "subnet": "10.145.0.0/16", "dataDir": str(work / "cni-a")}}], work)
+    chain = Cni(host, "bench-b", [
+        {"type": "bridge", "bridge": "cnibr1", "isGateway": True, "ipMasq": False,
+         "ipam": {"type": "host-local", "subnet": "10.146.0.0/16", "dataDir": str(work / "cni-b")}},
+        {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+        {"type": "firewall"}], work)
+    return plain, chain
+
+
+class IpRef:
+    """The kernel's share: the same host-side wiring (veth, bridge port, up) with one ``ip -batch``
+    per container on a bridge of its own, to tell kernel growth from ours."""
+
+    def __init__(self) -> None:
+        self.ns = namespaces("ipref", 1)[0]
+        subprocess.run(["ip", "-n", self.ns, "-batch", "-"], check=True, text=True, capture_output=True,
+                       input="link add br0 type bridge\nlink set br0 up\n")
+        self.k = 0
+
+    def add(self) -> float:
+        self.k += 1
+        k = self.k
+        t = time.perf_counter()
+        subprocess.run(["ip", "-n", self.ns, "-batch", "-"], check=True, text=True, capture_output=True,
+                       input=f"link add v{k} type veth peer name p{k}\nlink set v{k} master br0\nlink set v{k} up\n")
+        return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------- VNet through the stack
+
+
+async def vnet_rows(n: int, big: int, parallel: int, work: Path) -> dict[str, Any]:
+    """Every VNet row, with the CNI peer interleaved container by container (the same load
+    for both on a shared machine)."""
+    plain, chain = await asyncio.to_thread(cni_host, work)
+    valkey = servers.start_valkey(work / "valkey")
+    nats = servers.start_nats(work / "nats")
+    rts: list[service.Runtime] = []
+    res: dict[str, Any] = {}
+    try:
+        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
+                              log_level="WARNING")
+        for name in ("ipam", "network", "endpoint", "policy"):
+            rts.append(await service.start(launcher.load_service(name), cfg))
+        host = (await asyncio.to_thread(namespaces, "h", 1))[0]
+        node = f"{PREFIX}-n1"
+        rts.append(await service.start(launcher.load_service("node"), msgspec.structs.replace(cfg, host_netns=host),
+                                       params={"node": node, "resync_s": "60"}))
+        async with VNetManager(cfg) as m:
+            for _ in range(1200):
+                if any(x.node == node for x in await m.nodes()):
+                    break
+                await asyncio.sleep(0.05)
+            await m.put_rule(AllowRule(id="web", from_=[Selector(labels={"app": "web"})],
+                                       to=[Selector(labels={"app": "web"})], ports=[PortSpec(protocol="tcp", port=80)]))
+            nets = {"none": await m.create_network("b-none", "10.141.0.0/22", None, "bridge", "none"),
+                    "full": await m.create_network("b-full", "10.142.0.0/22", None, "bridge", "full"),
+                    "pub": await m.create_network("b-pub", "10.143.0.0/22", None, "bridge", "full")}
+            # every network in play on the node first (a network's first endpoint writes its bridge
+            # pairs: counted once, not in the rows)
+            warm = await asyncio.to_thread(namespaces, "w", len(nets))
+            warm_eps = [await m.create_endpoint(c, nt.id, wait=True, wait_timeout=60)
+                        for c, nt in zip(warm, nets.values(), strict=True)]
+            assert all(e.status == "ready" for e in warm_eps), warm_eps
+
+            async def applies() -> int:
+                st = await m.node_stats(node)
+                return st.policy.applies if st.policy else -1
+
+            async def timed(fn: Callable[[], None]) -> float:
+                t = time.perf_counter()
+                await asyncio.to_thread(fn)
+                return time.perf_counter() - t
+
+            async def row(key: str, tag: str, labels: dict[str, str], ports: Callable[[int], list[PortMapping]],
+                          cni: Cni) -> None:
+                cs = await asyncio.to_thread(namespaces, tag, n)
+                ccs = await asyncio.to_thread(namespaces, f"{tag}-cni", n)
+                pub = bool(ports(0))
+
+                def rt(i: int) -> dict[str, Any] | None:
+                    return ({"portMappings": [{"hostPort": 21000 + i, "containerPort": 80, "protocol": "tcp"}]}
+                            if pub else None)
+
+                a0 = await applies()
+                lat: list[float] = []
+                cadd: list[float] = []
+                eps = []
+                for i, c in enumerate(cs):
+                    t = time.perf_counter()
+                    ep = await m.create_endpoint(c, nets[key].id, labels=labels, ports=ports(i), wait=True,
+                                                 wait_timeout=60)
+                    lat.append(time.perf_counter() - t)
+                    assert ep.status == "ready", ep
+                    eps.append(ep)
+                    cadd.append(await timed(lambda i=i: cni.add(f"{tag}{i}", ccs[i], rt(i))))
+                a1 = await applies()
+                dl: list[float] = []
+                cdel: list[float] = []
+                for i, ep in enumerate(eps):
+                    t = time.perf_counter()
+                    await m.delete_endpoint(ep.id, wait=True)
+                    dl.append(time.perf_counter() - t)
+                    cdel.append(await timed(lambda i=i: cni.delete(f"{tag}{i}", ccs[i], rt(i))))
+                a2 = await applies()
+                res[tag] = (lat, dl, (a1 - a0) / n, (a2 - a1) / n, cadd, cdel)
+
+            await row("none", "none", {}, lambda i: [], plain)
+            await row("full", "full", {"app": "web"}, lambda i: [], plain)
+            await row("pub", "pub", {"app": "web"},
+                      lambda i: [PortMapping(host_port=20000 + i, container_port=80, protocol="tcp")], chain)
+
+            # throughput, 16 in flight, full network with the rule
+            cs = await asyncio.to_thread(namespaces, "par", n)
+            sem = asyncio.Semaphore(parallel)
+            a0 = await applies()
+
+            async def one(c: str) -> None:
+                async with sem:
+                    ep = await m.create_endpoint(c, nets["full"].id, labels={"app": "web"}, wait=True, wait_timeout=60)
+                    assert ep.status == "ready", ep
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(c) for c in cs))
+            res["par"] = (n / (time.perf_counter() - t0), (await applies() - a0))
+
+            # growth: the 1,000th attach vs the 10th on one node (full network + the rule)
+            if big:
+                bnet = await m.create_network("b-big", "10.144.0.0/20", None, "bridge", "full")
+                cs = await asyncio.to_thread(namespaces, "big", big)
+                ref = await asyncio.to_thread(IpRef)
+                glat: list[float] = []
+                gref: list[float] = []
+                for c in cs:
+                    t = time.perf_counter()
+                    ep = await m.create_endpoint(c, bnet.id, labels={"app": "web"}, wait=True, wait_timeout=60)
+                    glat.append(time.perf_counter() - t)
+                    assert ep.status == "ready", ep
+                    gref.append(await asyncio.to_thread(ref.add))
+                res["big"] = (glat, gref)
+                # a resync of everything unchanged: zero writes
+                st0 = await m.node_stats(node)
+                st = await m.node_resync(node, timeout=120)
+                assert st.policy is not None and st0.policy is not None
+                res["resync"] = (st.last_full_writes, st.last_full_duration_s, st.policy.applies - st0.policy.applies,
+                                 st.endpoints, st.policy.last_reason)
+    finally:
+        for rt in reversed(rts):
+            await rt.stop(drain_timeout=2.0)
+        nats.stop()
+        valkey.stop()
+    return res
+
+
+def main(n: int, big: int, parallel: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    try:
+        v = asyncio.run(vnet_rows(n, big, parallel, work))
+    finally:
+        cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    ms = 1e3
+    cadd = v["none"][4] + v["full"][4]
+    cdel = v["none"][5] + v["full"][5]
+    padd, pdel = v["pub"][4], v["pub"][5]
+    cni_rate = len(cadd) / sum(cadd)
+    print(f"\nAttach/detach through the whole stack vs CNI, {n} containers per row, one node, "
+          f"{os.cpu_count()} cores, one run\n")
+    hdr = (f"{'row':<44}{'attach med':>11}{'p99':>8}{'detach med':>11}{'p99':>8}"
+           f"{'att/CNI':>9}{'det/CNI':>9}{'nft tx/att':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+
+    def line(label: str, a: list[float], d: list[float], ra: list[float], rd: list[float], tx: str) -> None:
+        print(f"{label:<44}{statistics.median(a) * ms:>9.1f}ms{pct(a, .99) * ms:>6.1f}ms"
+              f"{statistics.median(d) * ms:>9.1f}ms{pct(d, .99) * ms:>6.1f}ms"
+              f"{statistics.median(a) / statistics.median(ra):>8.2f}x"
+              f"{statistics.median(d) / statistics.median(rd):>8.2f}x"
+              f"{tx:>11}")
+
+    for tag, label in (("none", "VNet bridge, None network"),
+                       ("full", "VNet bridge, Full network + 1 allow rule"),
+                       ("pub", "VNet bridge, Full + 1 published port each")):
+        lat, dl, tx_a, tx_d, ra, rd = v[tag]  # ratios to the CNI runs interleaved with this row
+        line(label, lat, dl, ra, rd, f"{tx_a:.2f}/{tx_d:.2f}")
+    line("CNI bridge + host-local", cadd, cdel, cadd, cdel, "-")
+    line("CNI bridge + host-local + portmap + firewall", padd, pdel, padd, pdel, "-")
+    rate, tx = v["par"]
+    print(f"\nattach throughput, {parallel} in flight (Full + rule): {rate:.1f}/s = {rate / cni_rate:.2f}x CNI "
+          f"bridge+host-local sequential ({cni_rate:.1f}/s); {tx} nft transactions for {n} attaches (coalesced)")
+    if "big" in v:
+        g, gr = v["big"]
+        w = max(5, min(20, len(g) // 10))
+        first, last = statistics.median(g[:w]), statistics.median(g[-w:])
+        rf, rl = statistics.median(gr[:w]), statistics.median(gr[-w:])
+        print(f"growth (Full + rule, one network, one bridge): attaches 1-{w} median {first * ms:.1f} ms, attaches "
+              f"{len(g) - w + 1}-{len(g)} median {last * ms:.1f} ms: {last / first:.2f}x; the kernel alone (veth + "
+              f"bridge port with ip, interleaved): {rf * ms:.1f} -> {rl * ms:.1f} ms: {rl / rf:.2f}x")
+        writes, dur, tx, eps, reason = v["resync"]
+        print(f"resync of {eps} unchanged endpoints: {writes} netlink writes, {tx} nft transactions "
+              f"({reason}), {dur * ms:.0f} ms")
+    print("\nattach/detach: create_endpoint(wait=True) / delete_endpoint(wait=True) to 'ready'/'deleted'; CNI: ADD/DEL "
+          "of the chain, run right after each VNet attach/detach (same load); att/CNI, det/CNI: ratios of the medians "
+          "to the CNI runs interleaved with that row; nft tx/att: policy transactions per attach/detach on the node")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100, help="containers per row (default 100)")
+    ap.add_argument("--big", type=int, default=1000, help="attaches for the growth row (0: skip)")
+    ap.add_argument("--parallel", type=int, default=16, help="attaches in flight for the throughput row")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: it makes network namespaces")
+    if not os.path.exists(f"{CNI_PATH}/bridge"):
+        sys.exit(f"the CNI reference plugins are not in {CNI_PATH}: apt-get install containernetworking-plugins")
+    atexit.register(cleanup)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    main(args.n, args.big, args.parallel)
