@@ -80,6 +80,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import tokenize
 import types
 from collections.abc import Awaitable, Callable, Iterator
@@ -103,7 +104,6 @@ FENCE_RE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[^`\s]
 MARKER_RE = re.compile(r"^\s*<!--\s*example:\s*not run\s*\((?P<why>.+)\)\s*-->\s*$")
 MARKER_START_RE = re.compile(r"^\s*<!--\s*example:")
 RUNNABLE = {"python", "console", "sh", "bash", "shell"}
-SHELL_LANGS = {"sh", "bash", "shell"}
 
 SKIP_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^bash ops/scripts/(up|test)\.sh\b"),
@@ -639,6 +639,7 @@ async def _run_commands(cmds: list[Cmd], cp: ControlPlane | None, env: dict[str,
         if cmd.kind == "skip":
             log.append(f"{cmd.block.where}: skipped `{cmd.text}`: {cmd.skip_reason}")
             continue
+        t0 = time.perf_counter()
         # Braces first: `batch-{1..3}` names batch-1 .. batch-3, each substituted.
         argv = [subst.text(x) for a in cmd.argv for x in expand_braces(a)]
         # NETWORK SAFETY: every container (namespace) a command names carries the run prefix.
@@ -662,7 +663,8 @@ async def _run_commands(cmds: list[Cmd], cp: ControlPlane | None, env: dict[str,
             assert cp is not None
             data = await _nats_req(argv, cp.cfg)
             res = subprocess.CompletedProcess(argv, 0, data, "")
-        log.append(f"{cmd.block.where}: ran `{shlex.join(argv)}` -> exit {res.returncode}: {res.stdout[:900]!r}")
+        log.append(f"{cmd.block.where}: ran `{shlex.join(argv)}` -> exit {res.returncode} in "
+                   f"{time.perf_counter() - t0:.2f}s: {res.stdout[:300]!r}")
         _check_output(cmd, argv, res, subst)
 
 
@@ -681,6 +683,8 @@ async def _run_python(block: Block, src: str, mod: types.ModuleType, cp: Control
     # A fragment: the containers it attaches exist first (a runtime would have made them).
     for rx in PY_NAME_RES[:1]:
         for name in rx.findall(src):
+            # NETWORK SAFETY: the substitution gave it the run prefix, or it is not made.
+            assert name.startswith(f"{os.environ['VNET_RUN_PREFIX']}-"), f"{block.where}: {name} lacks the run prefix"
             if name not in made and name not in _netns_list():
                 await _off_loop(_make_container, name)
                 made.add(name)
@@ -760,9 +764,11 @@ async def test_page_examples_run(page: Path, config: VNetConfig, netns: Callable
     mod = types.ModuleType(f"vnet_doc_example_{slug}")
     sys.modules[mod.__name__] = mod
     try:
+        t0 = time.perf_counter()
         async with control_plane(config, start_service, netns, host="docs-host", node=node, resync_s=5.0,
                                  services=("ipam", "network", "endpoint", "policy", "metrics")) as cp:
             env = page_env(cp.cfg, page_namespaces.state_dir)
+            log.append(f"{plan.page}: control plane up in {time.perf_counter() - t0:.2f}s")
             for block, cmds in plan.steps:
                 if cmds is None:
                     src = subst.python(block.text)
