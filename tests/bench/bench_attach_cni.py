@@ -175,10 +175,74 @@ class IpRef:
         return time.perf_counter() - t
 
 
+def underlay(hosts: int) -> list[str]:
+    """``hosts`` host namespaces joined by a switch namespace (10.250.0.k/24 on ul0)."""
+    ul = namespaces("ul", 1)[0]
+    cmds = ["link add br0 type bridge mcast_snooping 0", "link set br0 up"]
+    subprocess.run(["ip", "-n", ul, "-batch", "-"], input="\n".join(cmds) + "\n", text=True, check=True,
+                   capture_output=True)
+    hs = namespaces("xh", hosts)
+    for k, h in enumerate(hs, 1):
+        subprocess.run(["ip", "-n", ul, "link", "add", f"u{k}", "type", "veth", "peer", "name", "ul0", "netns", h],
+                       check=True, capture_output=True)
+        subprocess.run(["ip", "-n", ul, "link", "set", f"u{k}", "master", "br0", "up"], check=True, capture_output=True)
+        subprocess.run(["ip", "-n", h, "-batch", "-"], text=True, check=True, capture_output=True,
+                       input=f"link set lo up\naddr add 10.250.0.{k}/24 dev ul0\nlink set ul0 up\n")
+    return hs
+
+
+async def cross_host(m: VNetManager, cfg: VNetConfig, rts: list[service.Runtime], n: int) -> dict[str, Any]:
+    """Overlay attaches on one host vs spread over three (every other host learns each one)."""
+    hs = await asyncio.to_thread(underlay, 3)
+    nodes = [f"{PREFIX}-x{k}" for k in range(1, 4)]
+    for k, (h, node) in enumerate(zip(hs, nodes, strict=True), 1):
+        rts.append(await service.start(launcher.load_service("node"), msgspec.structs.replace(cfg, host_netns=h),
+                                       params={"node": node, "underlay": f"10.250.0.{k}", "underlay_ifname": "ul0",
+                                               "resync_s": "60"}))
+    for _ in range(1200):
+        if set(nodes) <= {x.node for x in await m.nodes()}:
+            break
+        await asyncio.sleep(0.05)
+    one = await m.create_network("b-ov1", "10.148.0.0/22", None, "overlay", "full")
+    three = await m.create_network("b-ov3", "10.149.0.0/22", None, "overlay", "full")
+    warm = await asyncio.to_thread(namespaces, "xw", 4)  # each network in play on its hosts first
+    for c, (net, node) in zip(warm, [(one, nodes[0]), (three, nodes[0]), (three, nodes[1]), (three, nodes[2])],
+                              strict=True):
+        ep = await m.create_endpoint(c, net.id, node=node, labels={"app": "web"}, wait=True, wait_timeout=60)
+        assert ep.status == "ready", ep
+    out: dict[str, Any] = {}
+    for key, net, spread in (("single", one, False), ("cross", three, True)):
+        cs = await asyncio.to_thread(namespaces, f"x{key}", n)
+        lat: list[float] = []
+        for i, c in enumerate(cs):
+            t = time.perf_counter()
+            ep = await m.create_endpoint(c, net.id, node=nodes[i % 3] if spread else nodes[0], labels={"app": "web"},
+                                         wait=True, wait_timeout=60)
+            lat.append(time.perf_counter() - t)
+            assert ep.status == "ready", ep
+        out[key] = lat
+    # every host has the others' entries (FDB) and the others' addresses in its rule's set
+    t0 = time.perf_counter()
+    want = n + 3  # the cross row's containers and the three warm ones
+    while True:
+        counts = [await asyncio.to_thread(fdb_count, h) for h in hs]
+        expect = [want - (n // 3 + (1 if k < n % 3 else 0)) - 1 for k in range(3)]
+        if counts == expect or time.perf_counter() - t0 > 30:
+            break
+        await asyncio.sleep(0.05)
+    out["fdb"] = (counts, expect, time.perf_counter() - t0)
+    return out
+
+
+def fdb_count(ns: str) -> int:
+    r = subprocess.run(["bridge", "-j", "-n", ns, "fdb", "show"], check=True, capture_output=True, text=True)
+    return sum(1 for e in json.loads(r.stdout or "[]") if e.get("dst") and "permanent" in e.get("state", ""))
+
+
 # ----------------------------------------------------------------------------- VNet through the stack
 
 
-async def vnet_rows(n: int, big: int, parallel: int, work: Path) -> dict[str, Any]:
+async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> dict[str, Any]:
     """Every VNet row, with the CNI peer interleaved container by container (the same load
     for both on a shared machine)."""
     plain, chain = await asyncio.to_thread(cni_host, work)
@@ -273,6 +337,9 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path) -> dict[str, An
             await asyncio.gather(*(one(c) for c in cs))
             res["par"] = (n / (time.perf_counter() - t0), (await applies() - a0))
 
+            if cross:
+                res["x"] = await cross_host(m, cfg, rts, cross)
+
             # growth: the 1,000th attach vs the 10th on one node (full network + the rule)
             if big:
                 bnet = await m.create_network("b-big", "10.144.0.0/20", None, "bridge", "full")
@@ -301,10 +368,10 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path) -> dict[str, An
     return res
 
 
-def main(n: int, big: int, parallel: int) -> None:
+def main(n: int, big: int, parallel: int, cross: int) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
     try:
-        v = asyncio.run(vnet_rows(n, big, parallel, work))
+        v = asyncio.run(vnet_rows(n, big, parallel, work, cross))
     finally:
         cleanup()
         shutil.rmtree(work, ignore_errors=True)
@@ -337,6 +404,14 @@ def main(n: int, big: int, parallel: int) -> None:
     rate, tx = v["par"]
     print(f"\nattach throughput, {parallel} in flight (Full + rule): {rate:.1f}/s = {rate / cni_rate:.2f}x CNI "
           f"bridge+host-local sequential ({cni_rate:.1f}/s); {tx} nft transactions for {n} attaches (coalesced)")
+    if "x" in v:
+        x = v["x"]
+        sm, cm = statistics.median(x["single"]), statistics.median(x["cross"])
+        counts, expect, dt = x["fdb"]
+        print(f"overlay (Full), {len(x['cross'])} attaches: all on one host median {sm * ms:.1f} ms "
+              f"(p99 {pct(x['single'], .99) * ms:.1f}), spread over 3 hosts median {cm * ms:.1f} ms "
+              f"(p99 {pct(x['cross'], .99) * ms:.1f}): {cm / sm:.2f}x; remote FDB entries per host {counts} "
+              f"(expected {expect}) {dt * ms:.0f} ms after the last ready")
     if "big" in v:
         g, gr = v["big"]
         w = max(5, min(20, len(g) // 10))
@@ -358,6 +433,7 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=100, help="containers per row (default 100)")
     ap.add_argument("--big", type=int, default=1000, help="attaches for the growth row (0: skip)")
     ap.add_argument("--parallel", type=int, default=16, help="attaches in flight for the throughput row")
+    ap.add_argument("--cross", type=int, default=60, help="attaches for the cross-host row (0: skip)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: it makes network namespaces")
@@ -366,4 +442,4 @@ if __name__ == "__main__":
     atexit.register(cleanup)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    main(args.n, args.big, args.parallel)
+    main(args.n, args.big, args.parallel, args.cross)
