@@ -18,9 +18,7 @@ Exceptions raised by the client (all in :mod:`vnet.errors`)::
 # install both are on sys.path, so extend the package path to see the other half.
 from pkgutil import extend_path
 
-# In place, so `vnet.__spec__.submodule_search_locations` (what grimp and import-linter
-# read) lists both halves too.
-__path__[:] = extend_path(__path__, __name__)
+__path__ = extend_path(__path__, __name__)
 
 from vnet.client import VNetManager
 from vnet.core.model import DriverType, Endpoint, IsolationMode, VirtualNetwork
