@@ -664,7 +664,7 @@ async def _run_commands(cmds: list[Cmd], cp: ControlPlane | None, env: dict[str,
             data = await _nats_req(argv, cp.cfg)
             res = subprocess.CompletedProcess(argv, 0, data, "")
         log.append(f"{cmd.block.where}: ran `{shlex.join(argv)}` -> exit {res.returncode} in "
-                   f"{time.perf_counter() - t0:.2f}s: {res.stdout[:300]!r}")
+                   f"{time.perf_counter() - t0:.2f}s: {res.stdout[:1200]!r}")
         _check_output(cmd, argv, res, subst)
 
 
