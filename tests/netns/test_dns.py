@@ -213,3 +213,43 @@ async def test_garbage_never_stops_the_resolver(env: Env, run_prefix: str) -> No
     assert await dig(a, net.gateway, b) == ("NOERROR", [eb.ip_address])
     counters = env.node_rt.state["dns"].server.counters
     assert counters.malformed >= 100, counters  # they did arrive, and were answered FORMERR or dropped
+
+
+async def test_endpoints_carry_their_resolver_and_vnetctl_writes_it_for_containers(
+        env: Env, run_prefix: str, tmp_root: Path) -> None:
+    from click.testing import CliRunner
+
+    from vnet.cli import main as cli_main
+
+    cli_main.register()
+    m = env.m
+    net = await m.create_network(f"{run_prefix}-r", "10.89.14.0/24", "10.89.14.1", "bridge", "peer_only")
+    peer = await m.create_endpoint(await asyncio.to_thread(env.netns, "rp"), net.id, wait=True, wait_timeout=30)
+    assert peer.dns is not None
+    assert peer.dns.nameservers == ["10.89.14.1"] and peer.dns.search == [f"{net.name}.vnet".lower(), "vnet"]
+    name = f"{run_prefix}-rc"
+    state = tmp_root / f"{run_prefix}-rstate"
+
+    def ctl(*args: str) -> str:
+        r = CliRunner().invoke(cli_main.cli, ["--nats", m.config.nats_url, *args],
+                               env={"VNET_STATE_DIR": str(state)}, catch_exceptions=False)
+        assert r.exit_code == 0, (args, r.output)
+        return r.output
+
+    resolv = Path("/etc/netns") / name / "resolv.conf"
+    try:
+        await asyncio.to_thread(ctl, "container", "create", name)
+        await asyncio.to_thread(ctl, "endpoint", "create", name, "--network", net.name)
+        text = resolv.read_text()
+        assert "nameserver 10.89.14.1" in text and f"search {net.name}.vnet".lower() in text
+        # `ip netns exec` shows it as /etc/resolv.conf: plain getent finds the peer by name
+        out = (await asyncio.to_thread(subprocess.run, ["ip", "netns", "exec", name, "getent", "hosts",
+                                                        peer.container_id], capture_output=True, text=True,
+                                       timeout=20)).stdout
+        assert out.split()[:1] == [peer.ip_address], out
+        await asyncio.to_thread(ctl, "endpoint", "rm", *[e.id for e in await m.list_endpoints(container=name)])
+        await asyncio.to_thread(ctl, "container", "rm", name)
+        assert not resolv.exists() and not resolv.parent.exists()
+    finally:
+        await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", name], capture_output=True)
+        await asyncio.to_thread(shutil.rmtree, resolv.parent, True)

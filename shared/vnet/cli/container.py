@@ -5,6 +5,11 @@ containers in demos and tests (a real runtime passes its own namespace instead).
 file ``<state dir>/containers/NAME`` (state dir: ``$VNET_STATE_DIR``, else
 ``~/.local/state/vnet``) so that ``rm`` deletes only namespaces vnetctl made — anything
 else needs ``--force``. Nothing outside the new namespace is touched. Needs root.
+
+When a container gets an endpoint whose node runs the resolver (``vnet-node --dns``),
+``vnetctl endpoint create`` writes ``/etc/netns/NAME/resolv.conf`` pointing at it (the
+iproute2 convention: ``ip netns exec NAME`` sees it as ``/etc/resolv.conf``), and ``rm``
+removes it again.
 """
 
 from __future__ import annotations
@@ -27,6 +32,36 @@ from vnet.core import errors as E
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NETNS_DIR = Path("/run/netns")
+ETC_NETNS = Path("/etc/netns")  # `ip netns exec NAME` bind-mounts /etc/netns/NAME/* over /etc
+RESOLV_MARK = "# written by vnetctl: the node's resolver of the container's network (docs/dns.md)"
+
+
+def write_resolv_conf(name: str, nameservers: list[str], search: list[str], options: list[str]) -> bool:
+    """Point a container made by `vnetctl container create` at its resolver, the iproute2
+    way; never over a resolv.conf somebody else wrote. True when written."""
+    if not NAME_RE.match(name) or not (marker_dir() / name).exists():
+        return False
+    f = ETC_NETNS / name / "resolv.conf"
+    if f.exists() and RESOLV_MARK not in f.read_text(errors="replace"):
+        return False
+    f.parent.mkdir(parents=True, exist_ok=True)
+    lines = [RESOLV_MARK, *(f"nameserver {n}" for n in nameservers)]
+    if search:
+        lines.append("search " + " ".join(search))
+    if options:
+        lines.append("options " + " ".join(options))
+    f.write_text("\n".join(lines) + "\n")
+    return True
+
+
+def _forget_resolv_conf(name: str) -> None:
+    f = ETC_NETNS / name / "resolv.conf"
+    if f.exists() and RESOLV_MARK in f.read_text(errors="replace"):
+        f.unlink()
+        try:
+            f.parent.rmdir()  # only when nothing else is in it
+        except OSError:
+            pass
 
 
 def marker_dir() -> Path:
@@ -151,6 +186,7 @@ def rm_cmd(names: tuple[str, ...], force: bool, as_json: bool) -> None:
         if res.returncode != 0:
             errors.add(n, E.INTERNAL, f"cannot delete {n}: {res.stderr.strip()}")
             continue
+        _forget_resolv_conf(n)
         if mark.exists():
             mark.unlink()
         done.append({"name": n, "deleted": True, "forgotten": False})

@@ -8,6 +8,7 @@ Every verb takes ``--json`` for machine-readable output.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -164,6 +165,7 @@ def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: s
     results, nets = run_async(go, cfg)
     elapsed = time.perf_counter() - t0
     eps = [r for r in results if isinstance(r, EndpointInfo)]
+    _point_at_resolvers(eps)
     errors = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, VNetError)]
     report_batch(names, results, EndpointInfo, as_json=as_json)
     if not as_json:
@@ -179,6 +181,17 @@ def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: s
                     console.print(_line(e, nets.get(e.network_id)))
     if errors or any(e.status == "failed" for e in eps):
         sys.exit(output.EXIT_ERROR)
+
+
+def _point_at_resolvers(eps: list[EndpointInfo]) -> None:
+    """Containers of `vnetctl container create` learn their resolver (docs/dns.md)."""
+    if os.geteuid() != 0:
+        return
+    from vnet.cli.container import write_resolv_conf
+
+    for e in eps:
+        if e.dns is not None and e.status == "ready" and "/" not in e.netns:
+            write_resolv_conf(e.netns, e.dns.nameservers, e.dns.search, e.dns.options)
 
 
 @endpoint.command("create")

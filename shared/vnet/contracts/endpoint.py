@@ -58,6 +58,15 @@ class PortMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 Ports = Annotated[list[PortMapping], msgspec.Meta(max_length=64)]
 
 
+class EndpointDns(msgspec.Struct, kw_only=True):
+    """The resolver a container should use (a CNI result's ``dns``): the node's resolver on
+    the network's gateway, with the network's and the domain's search list (``docs/dns.md``)."""
+
+    nameservers: list[str] = []
+    search: list[str] = []
+    options: list[str] = []
+
+
 class EndpointInfo(Endpoint, kw_only=True):
     """An endpoint as stored and returned: the module description's ``Endpoint`` fields
     (``id``, ``container_id``, ``network_id``, ``ip_address``, ``mac_address``,
@@ -80,6 +89,7 @@ class EndpointInfo(Endpoint, kw_only=True):
     network_options: dict[str, str] = {}  # the network's driver options (vni, parent, mode, ...) at attach time
     request_id: str | None = None
     ports: list[PortMapping] = []  # published ports (host port -> container port)
+    dns: EndpointDns | None = None  # set when its node runs the resolver (vnet-node --dns)
 
 
 def _int_or_none(v: str | None) -> int | None:
@@ -238,6 +248,8 @@ class NodeRegister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # registry answers with the node's mesh address (NodeRegistered.wg_address).
     wg_public_key: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")] | None = None
     wg_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 51820
+    # the domain of endpoint names when the node runs its resolver (vnet-node --dns); None: no resolver
+    dns_domain: Annotated[str, msgspec.Meta(max_length=253)] | None = None
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
@@ -260,6 +272,7 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     wg_public_key: str | None = None  # its WireGuard public key (encrypted overlays)
     wg_address: str | None = None  # its address in the WireGuard mesh ("10.255.3.7/16"), unique per node
     wg_port: int = 51820
+    dns_domain: str | None = None  # it runs the resolver for names under this domain
 
 
 class NodeRegistered(msgspec.Struct, kw_only=True):

@@ -56,6 +56,7 @@ from vnet.contracts.endpoint import (
     EndpointCreate,
     EndpointDelete,
     EndpointDeleted,
+    EndpointDns,
     EndpointEvent,
     EndpointInfo,
     EndpointList,
@@ -277,7 +278,8 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
                     host_netns=req.host_netns,
                     privileged=req.privileged, dataplane=req.dataplane, drivers=dict(req.drivers),
                     kinds=dict(req.kinds), heartbeat_s=req.heartbeat_s, version=req.version,
-                    registered_at=_now(), last_seen=time.time(), alive=True, isolation=req.isolation)
+                    registered_at=_now(), last_seen=time.time(), alive=True, isolation=req.isolation,
+                    dns_domain=req.dns_domain)
     wg_address = None
     if req.wg_public_key is not None:  # its place in the WireGuard mesh of encrypted overlays
         try:
@@ -760,6 +762,7 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
                 a6r = cast(AddrReply, results[2])
                 info = msgspec.structs.replace(info, ipv6_address=a6r.address, prefix_len_v6=a6r.prefix_len,
                                                gateway_v6=a6r.gateway)
+        info = msgspec.structs.replace(info, dns=_dns_for(node, net, info))
         info = await _commit(ctx, store, info, net, auto_ifname=not host and ifname is None,
                              auto_mac=not host and mac is None, request_id=req.request_id)
     except BaseException as exc:
@@ -788,6 +791,17 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         if waiter is not None:
             await waiter.close()
     return info
+
+
+def _dns_for(node: NodeInfo, net: VirtualNetwork, info: EndpointInfo) -> EndpointDns | None:
+    """The node's resolver on the gateway, when the node runs one and the driver puts the
+    gateway on the host (bridge, overlay; macvlan and ipvlan use the LAN's)."""
+    if node.dns_domain is None or net.driver_type not in (DriverType.BRIDGE, DriverType.OVERLAY):
+        return None
+    servers = [g for g in (info.gateway, info.gateway_v6) if g]
+    if not servers:
+        return None
+    return EndpointDns(nameservers=servers, search=[f"{net.name}.{node.dns_domain}".lower(), node.dns_domain])
 
 
 class _Duplicate(Exception):

@@ -102,6 +102,7 @@ from vnet.core.dataplane_model import (
 from vnet.core.model import DriverType
 from vnet.core.plan import ep_owner
 from vnet.runtime.service import Runtime
+from vnet.svc.node.dns import enabled as dns_enabled
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -487,7 +488,8 @@ class NodeWorker:
                            privileged=os.geteuid() == 0, dataplane=self.dataplane,
                            drivers=dict(pr.drivers) if pr else {}, kinds=dict(pr.kinds) if pr else {},
                            heartbeat_s=self.heartbeat_s, version=self.rt.defn.version, isolation=self.isolation,
-                           wg_public_key=self.wg_public_key, wg_port=self.wg_port)
+                           wg_public_key=self.wg_public_key, wg_port=self.wg_port,
+                           dns_domain=self.rt.params.get("dns_domain", "vnet") if dns_enabled(self.rt) else None)
         reply, _ = await nats_adapter.request(self.rt.nc, subjects.NODE_REGISTER, req, NodeRegistered,
                                               timeout=self.rt.config.request_timeout_s, params={"node": self.node})
         if reply.wg_address is not None:
