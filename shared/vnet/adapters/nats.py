@@ -54,6 +54,8 @@ async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0
         log.warning("nats error: %s", e)
 
     async def _disc() -> None:
+        if not connected:  # a failed first attempt: reported once, by the error raised below
+            return
         if client and client[0].is_closed:  # a deliberate close, not an outage
             return
         log.warning("disconnected from NATS; reconnecting")
