@@ -673,6 +673,9 @@ class Supervisor:
                 children.append(ChildSpec(name, _launcher_argv("vnet-service", [name]),
                                           child_env(roles.service(name)), logs / f"{name}.log"))
             node_args = ["--node-id", node_id] + (["--host-netns", host_netns] if host_netns else [])
+            # names that follow isolation on every gateway, and the CNI socket a runtime's
+            # vnet-cni talks to (`vnetctl cni install --socket <state dir>/cni.sock`)
+            node_args += ["--dns", "--cni", "--cni-socket", str(self.state_dir / "cni.sock")]
             children.append(ChildSpec(NODE, _launcher_argv("vnet-node", node_args),
                                       child_env(roles.node(node_id)), logs / f"{NODE}.log"))
         except BaseException:
