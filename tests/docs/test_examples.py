@@ -78,6 +78,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -526,6 +527,8 @@ def _delete_netns(names: set[str]) -> None:
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        # `vnetctl endpoint create` may have given it a resolv.conf (a node with DNS); names are ours.
+        shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
 @dataclass
