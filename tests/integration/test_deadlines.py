@@ -80,26 +80,41 @@ async def test_expired_deadline_header_is_refused_and_nothing_is_created(
         assert net.name == "in-time"
 
 
-async def test_deadline_is_passed_on_to_nested_calls(config: VNetConfig, start_service: StartService) -> None:
-    svc = ServiceDef("deadhop", "echoes the deadline it got, and calls itself", uses_redis=False)
-    s_echo = subjects.Subject("vnet.test.deadhop.echo")
+async def test_a_started_handler_finishes_its_calls_after_the_callers_deadline(
+        config: VNetConfig, start_service: StartService) -> None:
+    """The caller's deadline stops work from starting, never a handler halfway: the calls a
+    started handler makes carry their own deadline, so they run even once its caller is gone."""
+    svc = ServiceDef("deadhop", "a slow handler that calls a mutation", uses_redis=False)
+    s_mut = subjects.Subject("vnet.test.deadhop.mutate")
     s_hop = subjects.Subject("vnet.test.deadhop.hop")
+    done = Count()
+    seen: dict[str, float | None] = {}
 
-    @svc.op("echo", s_echo, Empty)
-    async def echo(ctx: Ctx, req: Empty) -> dict[str, Any]:
-        return {"deadline": ctx.deadline}
+    @svc.op("mutate", s_mut, Empty)
+    async def mutate(ctx: Ctx, req: Empty) -> Count:
+        seen["inner"] = ctx.deadline
+        done.n += 1
+        return done
 
     @svc.op("hop", s_hop, Empty)
-    async def hop(ctx: Ctx, req: Empty) -> dict[str, Any]:
-        inner: dict[str, Any] = await ctx.request(s_echo, Empty(), dict)
-        return {"outer": ctx.deadline, "inner": inner["deadline"]}
+    async def hop(ctx: Ctx, req: Empty) -> Count:
+        assert ctx.deadline is not None
+        seen["outer"] = ctx.deadline
+        await asyncio.sleep(max(0.0, ctx.deadline - time.time()) + 0.2)  # the caller is gone now
+        return await ctx.request(s_mut, Empty(), Count, timeout=30.0)
 
     await start_service(svc, cfg=config)
     async with VNetManager(config) as m:
-        t0 = time.time()
-        got = await m.call(s_hop, Empty(), dict, timeout=42.0)
-    assert got["outer"] == got["inner"]  # the hop kept the caller's deadline, not a fresh one
-    assert t0 + 41 < got["outer"] < time.time() + 42.5
+        with pytest.raises(E.VNetError) as ei:
+            await m.call(s_hop, Empty(), Count, timeout=0.3)
+        assert ei.value.code == E.TIMEOUT.code
+        for _ in range(600):
+            if done.n:
+                break
+            await asyncio.sleep(0.05)
+    assert done.n == 1  # the second half of the started work was done
+    outer, inner = seen["outer"], seen["inner"]
+    assert outer is not None and inner is not None and inner > outer + 20  # the hop's own 30 s
 
 
 async def test_reply_over_the_bus_limit_is_a_clear_error(config: VNetConfig, start_service: StartService) -> None:

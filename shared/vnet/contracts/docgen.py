@@ -256,8 +256,8 @@ _TRACE_HEADERS = {
     H.TRACEPARENT: "W3C trace context of the sender's span (optional; a new trace starts without it).",
     H.TRACESTATE: "W3C trace state (optional).",
     H.DEADLINE: "The caller's deadline, Unix time in milliseconds (optional; VNet clients always send it). "
-                "A service does not start work whose deadline has passed (504 `deadline_exceeded`) and passes it "
-                "on to the calls it makes.",
+                "A service does not start work whose deadline has passed (504 `deadline_exceeded`); work it "
+                "started, it finishes.",
 }
 _REPLY_HEADERS = {
     H.TRACE_ID: "Id of the trace this request belongs to (when tracing is on); find it in Jaeger.",

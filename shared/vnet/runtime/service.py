@@ -94,7 +94,13 @@ class Ctx:
 
     async def request(self, subject: Subject, payload: Any, reply_type: type[Rep], *,
                       params: dict[str, str] | None = None, timeout: float | None = None) -> Rep:
-        """Call another service; the trace and the caller's deadline continue across the hop.
+        """Call another service; the trace continues across the hop.
+
+        The call carries a deadline of its own (now + the time we wait for it), not our
+        caller's: a handler that started finishes even when its caller has given up (half
+        a mutation, a pool made and its network not, is worse than a late one), so what it
+        asks of others must be done too. ``self.deadline`` is there for a handler that wants
+        to skip optional work for a caller that is gone.
 
         A dependency that does not answer in time is ``unavailable`` for our caller (503,
         retry), not a timeout of ours: the caller's request did reach us and got an answer.
@@ -102,7 +108,7 @@ class Ctx:
         try:
             reply, _ = await nats_adapter.request(
                 self.rt.nc, subject, payload, reply_type, params=params,
-                timeout=timeout or self.rt.config.request_timeout_s, deadline=self.deadline)
+                timeout=timeout or self.rt.config.request_timeout_s)
         except E.VNetError as err:
             if err.code != E.TIMEOUT.code:
                 raise
