@@ -288,7 +288,10 @@ async def test_concurrent_overlapping_creates_across_two_replicas(env: Env) -> N
 
 
 async def test_many_concurrent_random_creates_leave_no_overlap(env_factory: Callable[..., Awaitable[Env]]) -> None:
-    env = await env_factory(replicas=2, default_subnet="10.64.0.0/16", default_prefix_len=24)
+    # 120 creates, 48 at a time: on a busy machine one can wait in line past the default 5 s,
+    # and a create the client gave up on would still land unseen by the checks below
+    env = await env_factory(replicas=2, default_subnet="10.64.0.0/16", default_prefix_len=24,
+                            request_timeout_s=120.0)
     rnd = random.Random(1234)
     reqs: list[tuple[str, str | None]] = []
     for i in range(120):

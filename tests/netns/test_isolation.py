@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.netns, requires_root]
 
 FULL, PEER, MESH, NONE = IsolationMode.FULL, IsolationMode.PEER_ONLY, IsolationMode.MESH_ONLY, IsolationMode.NONE
 T = 1.0  # probe timeout (s); a dropped probe costs this much, probes run in parallel
-T_RETRY = 3.0  # the timeout of the second try of a probe that failed
+T_RETRY = 2.0  # the timeout of the second try of a probe that failed
 K = TypeVar("K")
 
 AGENT = r'''
