@@ -349,7 +349,8 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> 
                 gref: list[float] = []
                 for c in cs:
                     t = time.perf_counter()
-                    ep = await m.create_endpoint(c, bnet.id, labels={"app": "web"}, wait=True, wait_timeout=60)
+                    ep = await m.create_endpoint(c, bnet.id, node=node, labels={"app": "web"}, wait=True,
+                                                 wait_timeout=60)
                     glat.append(time.perf_counter() - t)
                     assert ep.status == "ready", ep
                     gref.append(await asyncio.to_thread(ref.add))

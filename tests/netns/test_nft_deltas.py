@@ -30,6 +30,11 @@ RULESETS: list[list[AllowRule]] = [
     [],
     [AllowRule(id="web-db", from_=[Selector(labels={"tier": "web"})], to=[Selector(labels={"tier": "db"})],
                ports=[PortSpec(protocol="tcp", port=5432)])],
+    # many port rules: dispatched by (protocol . port) to chains of their own (nft.DISPATCH_MIN)
+    [AllowRule(id=f"p{k}", from_=[Selector(labels={"tier": "web"})], to=[Selector(network="abc"[k % 3])],
+               ports=[PortSpec(protocol="tcp" if k % 4 else "udp", port=1000 + 7 * k, end_port=1010 + 9 * k)])
+     for k in range(12)] + [AllowRule(id="out", from_=[Selector(network="b")], to=[Selector(cidr="192.0.2.0/24")],
+                                      ports=[PortSpec(protocol="tcp", port=p) for p in range(20, 30)])],
     [AllowRule(id="net", from_=[Selector(network="a")], to=[Selector(network="b")]),
      AllowRule(id="ext", from_=[Selector(network="a"), Selector(cidr="10.6.2.0/25")],
                to=[Selector(cidr="192.0.2.0/24"), Selector(cidr="2001:db8::/32")],

@@ -198,3 +198,37 @@ def test_node_side_deltas_equal_the_engine(ops: list[tuple[int, str, str, str, b
             have[key] = (have.get(key, set()) - gone) | new
         assert have == {k: set(v) for k, v in nft.elements(nxt).items()}
         rs = nxt
+
+
+def test_many_port_rules_are_dispatched_by_port() -> None:
+    """From DISPATCH_MIN port lines on, one verdict-map lookup on (protocol . port) jumps to
+    the chain of exactly the lines that can match that port (checked port by port)."""
+    nets = [PolicyNetwork(id="a", mode=IsolationMode.FULL, cidrs=("10.1.0.0/24",))]
+    eps = [PolicyEndpoint(id=f"e{i}", network="a", ips=(f"10.1.0.{10 + i}",), mac=f"02:00:00:00:00:{i:02x}",
+                          node="h") for i in range(4)]
+    ranges = [(80, 80), (80, 90), (85, 443), (443, 443), (1000, 2000), (1500, 1500), (3000, 3010), (53, 53)]
+    rules = [AllowRule(id=f"r{k}", from_=[Selector(endpoint=f"e{k % 4}")], to=[Selector(endpoint=f"e{(k + 1) % 4}")],
+                       ports=[PortSpec(protocol="tcp", port=lo, end_port=hi if hi != lo else None)])
+             for k, (lo, hi) in enumerate(ranges)]
+    rules.append(AllowRule(id="all-udp", from_=[Selector(network="a")], to=[Selector(network="a")],
+                           ports=[PortSpec(protocol="udp")]))
+    rules.append(AllowRule(id="icmp", from_=[Selector(network="a")], to=[Selector(network="a")],
+                           ports=[PortSpec(protocol="icmp")]))
+    rs = Policy(nets, eps, rules).compile("h")
+    s = nft.render(rs)
+    body = s[s.index("chain between_endpoints {"):]
+    body = body[:body.index("}")]
+    assert "meta l4proto icmp" in body  # not a port protocol: checked line by line
+    assert [x.strip() for x in body.splitlines() if "th dport" in x] == ["meta l4proto . th dport vmap @int_ports"]
+    _, segs = nft._dispatched(rs, "int")
+    lines = [ln for ln in rs.lines if ln.chain == "int" and ln.proto in nft.PORT_PROTOS]
+    for proto in ("tcp", "udp"):
+        for port in [0, 1, 52, 53, 54, 79, 80, 81, 84, 85, 90, 91, 442, 443, 444, 999, 1000, 1499, 1500, 1501,
+                     2000, 2001, 2999, 3000, 3010, 3011, 65535]:
+            want = {ln for ln in lines if ln.proto == proto and (not ln.lo or ln.lo <= port <= ln.hi)}
+            hit = [g for g in segs if g.proto == proto and g.lo <= port <= g.hi]
+            assert len(hit) <= 1 and set(hit[0].lines if hit else ()) == want, (proto, port)
+            if hit:
+                assert f"chain {nft._seg_chain('int', hit[0])} {{" in s
+    # the map is structure: equal structures have equal maps, and it is compared like any set
+    assert ("inet", "int_ports") in nft.elements(rs)

@@ -44,6 +44,8 @@ resync compares the kernel with the ruleset without writing anything.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
@@ -118,8 +120,9 @@ def decls(rs: Ruleset, *, with_elements: bool = True) -> list[SetDecl]:
     """Every set and map of both tables, elements included (the order of the script)."""
     if not with_elements:  # the structure: no element is even formatted (cost independent of endpoints)
         empty = Ruleset(node=rs.node, bridges=[], none_bridges=[], net_pairs=[], ports=[])
-        return (_small_decls(empty) + [_addr_decl(s, False) for s in rs.sets] + _port_decls(()))
-    return _small_decls(rs) + [_addr_decl(s) for s in rs.sets] + _port_decls(rs.ports)
+        return (_small_decls(empty) + [d._replace(elements=[]) for d in _dispatch_decls(rs)]
+                + [_addr_decl(s, False) for s in rs.sets] + _port_decls(()))
+    return _small_decls(rs) + _dispatch_decls(rs) + [_addr_decl(s) for s in rs.sets] + _port_decls(rs.ports)
 
 
 def _decl_text(d: SetDecl, with_elements: bool) -> str:
@@ -142,9 +145,94 @@ def _match(ln: RuleLine) -> str:
     return m
 
 
-def _lines(rs: Ruleset, chain: str, verdict: str = "accept") -> str:
+PORT_PROTOS = ("tcp", "udp", "sctp")
+DISPATCH_MIN = 8  # port-protocol lines in one chain from which they are dispatched by port
+
+
+class _Segment(NamedTuple):
+    proto: str
+    lo: int
+    hi: int
+    lines: tuple[RuleLine, ...]
+
+
+@functools.lru_cache(maxsize=16)
+def _segments(lines: tuple[RuleLine, ...]) -> tuple[_Segment, ...]:
+    """Disjoint (protocol, port range) segments, each with the lines that cover it (a
+    line without ports covers every port of its protocol); adjacent segments with the
+    same lines are merged. A sweep over the range boundaries: the cost grows with the
+    rules, and it is computed once per structure."""
+    out: list[_Segment] = []
+    for proto in PORT_PROTOS:
+        mine = [ln for ln in lines if ln.proto == proto]
+        if not mine:
+            continue
+        always = [ln for ln in mine if not ln.lo]
+        starts: dict[int, list[RuleLine]] = {}
+        ends: dict[int, list[RuleLine]] = {}
+        for ln in mine:
+            if ln.lo:
+                starts.setdefault(ln.lo, []).append(ln)
+                ends.setdefault(ln.hi + 1, []).append(ln)
+        cuts = sorted({0, 65536} | set(starts) | set(ends))
+        active: set[RuleLine] = set()
+        prev: _Segment | None = None
+        for a, b in itertools.pairwise(cuts):
+            active -= set(ends.get(a, ()))
+            active |= set(starts.get(a, ()))
+            cov = tuple(sorted(always + list(active)))
+            if prev is not None and prev.lines == cov:
+                prev = prev._replace(hi=b - 1)
+                continue
+            if prev is not None and prev.lines:
+                out.append(prev)
+            prev = _Segment(proto, a, b - 1, cov)
+        if prev is not None and prev.lines:
+            out.append(prev)
+    return tuple(out)
+
+
+def _dispatched(rs: Ruleset, kind: str) -> tuple[list[RuleLine], tuple[_Segment, ...]]:
+    """(lines checked one by one, port segments looked up in one map) of chain ``kind``.
+    Many rules would otherwise be many lines for every new flow (per-packet cost growing
+    with the rules): from DISPATCH_MIN port-protocol lines on, one ``meta l4proto . th
+    dport`` verdict-map lookup jumps to the chain of the lines that can match."""
+    lines = [ln for ln in rs.lines if ln.chain == kind]
+    if sum(1 for ln in lines if ln.proto in PORT_PROTOS) < DISPATCH_MIN:
+        return lines, ()
+    return [ln for ln in lines if ln.proto not in PORT_PROTOS], _segments(tuple(ln for ln in lines
+                                                                               if ln.proto in PORT_PROTOS))
+
+
+def _seg_chain(prefix: str, g: _Segment) -> str:
+    return f"{prefix}_{g.proto}_{g.lo}_{g.hi}"
+
+
+def _dispatch_decls(rs: Ruleset) -> list[SetDecl]:
+    out = []
+    for kind, prefix in (("int", "int"), ("out", "out"), ("in", "in"), ("out", "masq")):
+        _, segs = _dispatched(rs, kind)
+        if segs:
+            out.append(SetDecl("inet", f"{prefix}_ports", ("inet_proto", "inet_service"), ("verdict",), True,
+                               [f"{g.proto} . {g.lo}" + (f"-{g.hi}" if g.hi != g.lo else "")
+                                + f" : jump {_seg_chain(prefix, g)}" for g in segs]))
+    return out
+
+
+def _lines(rs: Ruleset, chain: str, verdict: str = "accept", prefix: str = "") -> str:
     pre = "iifname . oifname @rel_pairs " if chain == "int" else ""
-    return "".join(f"\t\t{pre}{_match(ln)} {verdict}\n" for ln in rs.lines if ln.chain == chain)
+    direct, segs = _dispatched(rs, chain)
+    out = "".join(f"\t\t{pre}{_match(ln)} {verdict}\n" for ln in direct)
+    if segs:
+        out += f"\t\tmeta l4proto . th dport vmap @{prefix or chain}_ports\n"
+    return out
+
+
+def _seg_chains(rs: Ruleset, chain: str, verdict: str = "accept", prefix: str = "") -> str:
+    pre = "iifname . oifname @rel_pairs " if chain == "int" else ""
+    _, segs = _dispatched(rs, chain)
+    return "".join(f"\tchain {_seg_chain(prefix or chain, g)} {{\n"
+                   + "".join(f"\t\t{pre}{_match(ln)} {verdict}\n" for ln in g.lines) + "\t}\n" for g in segs)
 
 
 ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
@@ -193,7 +281,10 @@ def render_inet(rs: Ruleset, *, with_elements: bool = True) -> str:
     for chain, hook in (("publish", "prerouting"), ("publish_local", "output")):
         s += (f"\tchain {chain} {{\n\t\ttype nat hook {hook} priority -100; policy accept;\n"
               "\t\tfib daddr type local dnat ip to meta l4proto . th dport map @published4\n\t}\n")
-    s += "\tchain masq {\n\t\tiifname @none_bridges masquerade\n" + _lines(rs, "out", "masquerade") + "\t}\n"
+    s += ("\tchain masq {\n\t\tiifname @none_bridges masquerade\n" + _lines(rs, "out", "masquerade", "masq")
+          + "\t}\n")
+    s += (_seg_chains(rs, "int") + _seg_chains(rs, "out") + _seg_chains(rs, "in")
+          + _seg_chains(rs, "out", "masquerade", "masq"))
     return s + "}\n"
 
 
@@ -354,6 +445,9 @@ def _canon_json(x: Any) -> str:
             return _canon_json(x["elem"].get("val"))
         if len(x) == 1 and next(iter(x.values())) is None:  # a verdict: {"accept": null}
             return str(next(iter(x)))
+        for v in ("jump", "goto"):  # {"jump": {"target": "chain"}}
+            if v in x and isinstance(x[v], dict):
+                return f"{v} {x[v].get('target')}"
         return json.dumps(x, sort_keys=True)
     if isinstance(x, list) and len(x) == 2:  # a map element: [key, value]
         return f"{_canon_json(x[0])} : {_canon_json(x[1])}"
