@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,7 +270,6 @@ def test_port_in_use_is_named(detached: Detached, tmp_root: Path) -> None:
 @pytest.mark.skipif(not IS_ROOT, reason="the demo's containers are network namespaces: needs root")
 def test_demo_does_the_main_job(detached: Detached, run_prefix: str) -> None:
     """`vnetctl demo`: networks, containers, reachability that matches explain, all removed after."""
-    before = _netns_list()
     res = _ctl("demo", state_dir=detached.state_dir, timeout=WAIT_S * 2)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
@@ -277,7 +277,10 @@ def test_demo_does_the_main_job(detached: Detached, run_prefix: str) -> None:
                            ("c", "a", "blocked")):
         assert f"{src} -> {dst}: {seen}" in out, out
     assert "MISMATCH" not in out and "cleaned up" in out, out
-    assert _netns_list() == before, "the demo left namespaces behind"
+    # the demo's namespaces carry the run prefix and "-demo-" (other tests' come and go meanwhile)
+    made = re.findall(r" mac \S+ in (\S+) -> ", out)
+    assert len(made) == 3 and all(n.startswith(f"{run_prefix}-demo-") for n in made), out
+    assert not [n for n in _netns_list() if n.startswith(f"{run_prefix}-demo-")], "the demo left namespaces behind"
     assert not [n for n in _netns_list() if n.startswith(f"{run_prefix}-demo")]
 
 
