@@ -143,3 +143,22 @@ async def test_pool_list_pages(cfg: VNetConfig, start_service: Callable[..., Awa
         assert [p.network_id for p in every] == [f"pl-{i:03d}" for i in range(450)]
         last = await m.call(subjects.IPAM_POOL_LIST, PoolList(limit=1000), PoolsReply)
         assert len(last.pools) == 450 and last.next_cursor is None
+
+
+async def test_check_finds_a_network_without_its_pool(cfg: VNetConfig,
+                                                      start_service: Callable[..., Awaitable[Any]]) -> None:
+    """What an interrupted create can leave (see test_chaos.py): a registered network with no pool.
+    GC cannot repair it, so the check must say so."""
+    await start_service("ipam", cfg=cfg)
+    r = aioredis.Redis.from_url(cfg.redis_url)
+    await r.sadd(ipam_store.NETWORKS_INDEX, "has-pool", "no-pool")
+    await r.aclose()
+    async with VNetManager(cfg) as m:
+        await m.create_pool("has-pool", "10.92.0.0/24")
+        for rep in (await m.ipam_check(), await m.ipam_check(network_id="no-pool")):
+            assert [(i.network_id, i.kind) for i in rep.inconsistencies] == [("no-pool", "network_without_pool")]
+            assert not rep.clean and "no IPAM pool" in rep.inconsistencies[0].message
+        assert (await m.ipam_check(network_id="has-pool")).clean
+        assert not (await m.ipam_gc(grace_s=0)).pools_deleted  # nothing for GC to do about it
+        await m.create_pool("no-pool", "10.92.1.0/24")
+        assert (await m.ipam_check()).clean

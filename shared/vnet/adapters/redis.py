@@ -62,9 +62,12 @@ def connect(config: VNetConfig, *, max_connections: int | None = None) -> aiored
     ``max_inflight`` (256) handlers at once, so a burst turned into 500s. This pool holds
     ``redis_max_connections`` (default: ``max_inflight``) and a handler waits for a free
     connection at most ``redis_timeout_s``. Every command has the same socket timeout, so a
-    frozen server (SIGSTOP) fails a request within that time instead of holding it; only a
-    connection error is retried, once and at once (a pooled connection a restarted server
-    dropped), never a timeout, which could run a command twice.
+    frozen server (SIGSTOP) fails a request within that time instead of holding it. Nothing
+    is retried here: a command whose connection broke after it was sent may have run, and
+    sending it again could run a script twice (a network create's script sent twice answers
+    "duplicate", and the network service then rolls back the pools of the network it did
+    create). The caller gets 503 and retries the whole request with its request_id; a
+    pooled connection a restarted server dropped costs one such 503.
     """
     size = max_connections or config.redis_max_connections or config.max_inflight
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -77,7 +80,7 @@ def connect(config: VNetConfig, *, max_connections: int | None = None) -> aiored
         socket_connect_timeout=min(config.redis_timeout_s, 2.0),
         socket_timeout=config.redis_timeout_s,
         health_check_interval=10,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis.from_pool(pool)
 

@@ -333,7 +333,15 @@ async def inspect(store: IpamStore, grace_s: float, network_id: str | None = Non
                     collectable=age > grace_s)
     by_key = {(m.network_id, m.family): m for m in pools}
     lost = {(nid, fam): added for nid, fam, added in dangling}
-    keys = sorted(set(by_key) | set(lost))
+    no_pool: dict[tuple[str, int], Inconsistency] = {}
+    if has_networks:
+        for nid in await _networks_without_pool(store, network_id, {m.network_id for m in pools}):
+            no_pool[(nid, 4)] = Inconsistency(
+                network_id=nid, family=4, kind="network_without_pool",
+                message=f"network {nid} is registered ({st.NETWORKS_INDEX}) but has no IPAM pool, so its endpoints "
+                "get no address; GC cannot repair this: delete and recreate the network (or its pool with "
+                "`ipam.pool.create`); seen right after a network create was interrupted by a store failure")
+    keys = sorted(set(by_key) | set(lost) | set(no_pool))
     start: tuple[str, int] | None = None
     skip = 0
     if cursor:
@@ -350,6 +358,8 @@ async def inspect(store: IpamStore, grace_s: float, network_id: str | None = Non
             next_cursor = _cursor(k[0], k[1], first)
             break
         found: list[Finding] = []
+        if k in no_pool:
+            found.append(no_pool[k])
         if k in lost:
             found.append(Inconsistency(network_id=k[0], family=k[1], kind="index_without_pool",
                                        message=f"the pool index lists {k[0]}/{k[1]} (added {now - lost[k]:.0f}s ago) "
@@ -374,6 +384,21 @@ async def inspect(store: IpamStore, grace_s: float, network_id: str | None = Non
     orphan_list = [f for f in page if isinstance(f, OrphanPool)]
     return CheckReply(clean=not page, pools_checked=checked, allocations=allocations, leaks=leaks,
                       inconsistencies=issues, orphan_pools=orphan_list, notes=notes, next_cursor=next_cursor)
+
+
+async def _networks_without_pool(store: IpamStore, network_id: str | None, have: set[str]) -> list[str]:
+    """Registered networks (one, or all) without any pool, checked pool by pool (a pool that
+    exists but is missing from the pool index is another finding, not this one)."""
+    if network_id is not None:
+        registered = [network_id] if (await store.members(st.NETWORKS_INDEX, [network_id]))[0] else []
+    else:
+        raw: Any = await store.r.smembers(st.NETWORKS_INDEX)
+        registered = sorted(x.decode() if isinstance(x, bytes) else str(x) for x in raw)
+    out = []
+    for nid in registered:
+        if nid not in have and not await store.pools(nid):
+            out.append(nid)
+    return out
 
 
 async def _pool_findings(store: IpamStore, m: PoolMeta, now: float, grace_s: float, look_at_index: bool,
