@@ -59,6 +59,21 @@ def _ip_json(netns: str, *args: str) -> Any:
     return json.loads(out.stdout or "[]")
 
 
+def parse_request(data: bytes) -> dict[str, Any] | None:
+    """The shim's request (``VNETCNI1``, command, container id, netns, ifname, CNI_ARGS, one
+    per line, then the configuration as the runtime wrote it); None when it is not one."""
+    parts = data.split(b"\n", 6)
+    if len(parts) != 7 or parts[0] != b"VNETCNI1" or len(data) > MAX_REQUEST:
+        return None
+    cmd, cid, netns, ifname, args = (p.decode(errors="replace") for p in parts[1:6])
+    try:
+        conf: Any = json.loads(parts[6]) if parts[6].strip() else None
+    except ValueError as exc:
+        conf = cni.CniError(cni.DECODING_FAILURE, f"the network configuration on stdin is not JSON: {exc}")
+    return {"command": cmd, "container_id": cid, "netns": netns, "ifname": ifname,
+            "args": dict(kv.split("=", 1) for kv in args.split(";") if "=" in kv), "config": conf}
+
+
 class CniServer:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -93,16 +108,22 @@ class CniServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await reader.readline()
-            try:
-                req = json.loads(line)
-            except ValueError:
-                resp: dict[str, Any] = {"error": cni.CniError(cni.DECODING_FAILURE, "not a JSON request").result("")}
+            data = await reader.read(MAX_REQUEST + 1)
+            while len(data) <= MAX_REQUEST:
+                more = await reader.read(MAX_REQUEST + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            resp = await self.handle(parse_request(data))
+            if resp.get("error"):
+                out = f"1\n{json.dumps(resp['error'])}\n"
+            elif resp.get("result") is not None:
+                out = f"0\n{json.dumps(resp['result'])}\n"
             else:
-                resp = await self.handle(req)
-            writer.write(json.dumps(resp).encode() + b"\n")
+                out = "0\n"
+            writer.write(out.encode())
             await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (ConnectionError, ValueError) as exc:
             log.info("node %s: CNI client: %s", self.node, exc)
         finally:
             writer.close()
@@ -116,7 +137,9 @@ class CniServer:
         code: str | None = None
         try:
             if not isinstance(req, dict):
-                raise cni.CniError(cni.DECODING_FAILURE, "the request is not a JSON object")
+                raise cni.CniError(cni.DECODING_FAILURE, "the request is not one vnet-cni sends (VNETCNI1)")
+            if isinstance(req.get("config"), cni.CniError):
+                raise req["config"]
             if cmd == "STATUS":
                 conf_v = (req.get("config") or {}).get("cniVersion", version)
                 version = conf_v if isinstance(conf_v, str) else version
