@@ -1,11 +1,10 @@
 """The node worker's side of the CNI plugin: a unix socket (root only) where the
 ``vnet-cni`` shim hands over each call, answered through the control plane.
 
-One JSON line in, one JSON line out::
-
-    {"command": "ADD", "container_id": "...", "netns": "/proc/42/ns/net", "ifname": "eth0",
-     "args": {"K8S_POD_NAME": "web-1"}, "config": {...the network configuration...}}
-    -> {"result": {...CNI result...}}  |  {"result": null}  |  {"error": {"code", "msg", "details"}}
+The shim writes ``VNETCNI1`` and CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME and
+CNI_ARGS one per line, then the configuration exactly as the runtime gave it, and closes
+its side; the node answers the plugin's exit code on one line and then its stdout (a
+result, nothing, or a CNI error). The shim parses nothing, so it starts like bare Python.
 
 The node asks the endpoint service on its own node-scoped subjects
 (``vnet.endpoint.runtime.<node>.attach|detach|list``): the bus lets a node publish only
