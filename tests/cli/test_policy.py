@@ -75,7 +75,9 @@ async def test_rule_verbs(ctl: Ctl) -> None:
     assert r.stdout.splitlines()[1].startswith(f'web-in\t[{{"network":"{nid}"}}]')
     # A rule replaced whole, through --json.
     rule2 = {**rule, "ports": [{"protocol": "tcp", "port": 9090}]}
-    assert await ctl.json("policy", "set", json.dumps(rule2)) == rule2
+    got = await ctl.json("policy", "set", json.dumps(rule2))
+    reach = got.pop("reach")  # the reply carries the paths the change opened and closed
+    assert got == rule2 and reach["opens"] == reach["closes"] > 0  # 8080 closed, 9090 opened
     # The node's compiled script; the same as JSON.
     r = await ctl.ok("policy", "ruleset", ctl.node)
     assert r.stdout.startswith("# version ") and "rule(s)" in r.stdout.splitlines()[0]
@@ -88,7 +90,8 @@ async def test_rule_verbs(ctl: Ctl) -> None:
     # Delete: said so; again: nothing to delete (not an error); then get is rule_not_found.
     r = await ctl.ok("policy", "rm", "web-in")
     assert r.stdout.strip() == "deleted rule web-in"
-    assert await ctl.json("policy", "rm", "web-in") == {"id": "web-in", "deleted": False}
+    assert await ctl.json("policy", "rm", "web-in") == {"id": "web-in", "deleted": False, "dry_run": False,
+                                                         "reach": None}
     err = await ctl.error("policy", "get", "web-in")
     assert err["code"] == "rule_not_found"
     # A rule the engine refuses: the server's message, as the JSON error.

@@ -594,7 +594,7 @@ async def test_delete_cleans_relations(env: Env) -> None:
     assert await env.r.exists(global_key("net", x.id)) == 0
     assert len(await ev.wait_for("disconnected", 2)) == 2
     removed = await ev.wait_for("mesh_member_removed")
-    assert removed[0] == {"mesh": "g", "members": [y.id], "network": x.id}
+    assert removed[0] == {"mesh": "g", "members": [y.id], "network": x.id, "reach": None}
     assert topology.inconsistencies(await m.all_networks(), {g.name: g.members for g in await m.list_meshes()}) == []
 
 

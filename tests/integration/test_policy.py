@@ -54,8 +54,8 @@ async def test_rules_crud_explain_and_ruleset(m: VNetManager) -> None:
     b = await m.create_network("pb", "10.201.2.0/24", isolation="full")
     rule = AllowRule(id="to-dns", from_=[Selector(network=b.id)], to=[Selector(cidr="192.0.2.53/32")],
                      ports=[PortSpec(protocol="udp", port=53)])
-    assert await m.put_rule(rule, request_id="req-1") == rule
-    assert await m.put_rule(rule, request_id="req-1") == rule  # idempotent
+    assert (await m.put_rule(rule, request_id="req-1")).as_rule() == rule
+    assert (await m.put_rule(rule, request_id="req-1")).as_rule() == rule  # idempotent
     assert await m.get_rule("to-dns") == rule
     # an update replaces the whole rule
     rule2 = AllowRule(id="to-dns", from_=[Selector(network=b.id)], to=[Selector(cidr="192.0.2.53/32")])

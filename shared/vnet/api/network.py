@@ -9,6 +9,15 @@ The module description's example works as written::
 ``cidr`` / ``gateway`` may be ``None`` (the service carves the next free subnet and
 takes its first usable address); ``driver`` / ``isolation`` ``None`` mean the
 *service's* configured defaults. Networks are named by id or name everywhere.
+
+The operations that can change reachability (``update_network`` with ``isolation``,
+``connect_networks`` / ``disconnect_networks``, the mesh operations) take ``dry_run=True``:
+nothing changes, and the reply is the record(s) as they would be with ``reply.reach``, the
+paths the change would open and close (:class:`vnet.core.reach.ReachDiff`). A real call's
+reply carries the same diff (``None`` when it could not be computed)::
+
+    would = await m.update_network("web", isolation="none", dry_run=True)
+    would.reach.summary()   # "opens 6 paths, closes 0"
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from vnet.contracts.network import (
     MeshMember,
     MeshMemberReply,
     MeshRef,
+    MeshReply,
     NetworkCreate,
     NetworkDelete,
     NetworkDeleted,
@@ -34,6 +44,7 @@ from vnet.contracts.network import (
     NetworkPage,
     NetworkPair,
     NetworkRef,
+    NetworkReply,
     NetworkUpdate,
 )
 from vnet.core import topology
@@ -123,12 +134,14 @@ class NetworkAPI(ClientBase):
     async def update_network(self, network: str, *, labels: Mapping[str, str] | None = None,
                              set_labels: Mapping[str, str] | None = None, remove_labels: Iterable[str] = (),
                              isolation: IsolationMode | str | None = None,
-                             request_id: str | None = None) -> VirtualNetwork:
-        """``labels`` replaces the map; ``set_labels`` / ``remove_labels`` change single keys."""
+                             request_id: str | None = None, dry_run: bool = False) -> NetworkReply:
+        """``labels`` replaces the map; ``set_labels`` / ``remove_labels`` change single keys.
+        The reply is the network (a :class:`VirtualNetwork`) with ``reach`` for an isolation change."""
         req = NetworkUpdate(network=network, labels=None if labels is None else dict(labels),
                             set_labels=dict(set_labels or {}), remove_labels=list(remove_labels),
-                            isolation=None if isolation is None else str(isolation), request_id=request_id)
-        return await self.call(subjects.NETWORK_UPDATE, req, VirtualNetwork)
+                            isolation=None if isolation is None else str(isolation), request_id=request_id,
+                            dry_run=dry_run)
+        return await self.call(subjects.NETWORK_UPDATE, req, NetworkReply)
 
     async def delete_network(self, network: str, *, force: bool = False,
                              request_id: str | None = None) -> NetworkDeleted:
@@ -138,29 +151,39 @@ class NetworkAPI(ClientBase):
                                timeout=max(self.config.request_timeout_s, 30.0) if force else None)
 
     # -- topology ----------------------------------------------------------------------------
-    async def connect_networks(self, a: str, b: str, *, request_id: str | None = None) -> ConnectReply:
-        return await self.call(subjects.NETWORK_CONNECT, NetworkPair(network_a=a, network_b=b, request_id=request_id),
+    async def connect_networks(self, a: str, b: str, *, request_id: str | None = None,
+                               dry_run: bool = False) -> ConnectReply:
+        return await self.call(subjects.NETWORK_CONNECT,
+                               NetworkPair(network_a=a, network_b=b, request_id=request_id, dry_run=dry_run),
                                ConnectReply)
 
-    async def disconnect_networks(self, a: str, b: str, *, request_id: str | None = None) -> ConnectReply:
+    async def disconnect_networks(self, a: str, b: str, *, request_id: str | None = None,
+                                  dry_run: bool = False) -> ConnectReply:
         return await self.call(subjects.NETWORK_DISCONNECT,
-                               NetworkPair(network_a=a, network_b=b, request_id=request_id), ConnectReply)
+                               NetworkPair(network_a=a, network_b=b, request_id=request_id, dry_run=dry_run),
+                               ConnectReply)
 
     async def create_mesh(self, name: str, members: Iterable[str] = (), *,
-                          request_id: str | None = None) -> MeshGroup:
+                          request_id: str | None = None, dry_run: bool = False) -> MeshReply:
         return await self.call(subjects.NETWORK_MESH_CREATE,
-                               MeshCreate(name=name, members=list(members), request_id=request_id), MeshGroup)
+                               MeshCreate(name=name, members=list(members), request_id=request_id, dry_run=dry_run),
+                               MeshReply)
 
-    async def add_to_mesh(self, mesh: str, network: str, *, request_id: str | None = None) -> MeshMemberReply:
+    async def add_to_mesh(self, mesh: str, network: str, *, request_id: str | None = None,
+                          dry_run: bool = False) -> MeshMemberReply:
         return await self.call(subjects.NETWORK_MESH_ADD, MeshMember(mesh=mesh, network=network,
-                                                                     request_id=request_id), MeshMemberReply)
+                                                                     request_id=request_id, dry_run=dry_run),
+                               MeshMemberReply)
 
-    async def remove_from_mesh(self, mesh: str, network: str, *, request_id: str | None = None) -> MeshMemberReply:
+    async def remove_from_mesh(self, mesh: str, network: str, *, request_id: str | None = None,
+                               dry_run: bool = False) -> MeshMemberReply:
         return await self.call(subjects.NETWORK_MESH_REMOVE, MeshMember(mesh=mesh, network=network,
-                                                                        request_id=request_id), MeshMemberReply)
+                                                                        request_id=request_id, dry_run=dry_run),
+                               MeshMemberReply)
 
-    async def delete_mesh(self, mesh: str, *, request_id: str | None = None) -> MeshGroup:
-        return await self.call(subjects.NETWORK_MESH_DELETE, MeshRef(mesh=mesh, request_id=request_id), MeshGroup)
+    async def delete_mesh(self, mesh: str, *, request_id: str | None = None, dry_run: bool = False) -> MeshReply:
+        return await self.call(subjects.NETWORK_MESH_DELETE, MeshRef(mesh=mesh, request_id=request_id,
+                                                                     dry_run=dry_run), MeshReply)
 
     async def get_mesh(self, mesh: str) -> MeshGroup:
         return await self.call(subjects.NETWORK_MESH_GET, MeshRef(mesh=mesh), MeshGroup)

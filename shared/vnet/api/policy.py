@@ -9,6 +9,13 @@
     v.allowed, v.path, v.rules, v.reasons
 
 Isolation modes change through :meth:`update_network` (``isolation=...``).
+
+``put_rule`` / ``delete_rule`` take ``dry_run=True``: nothing changes, and ``reply.reach``
+says which paths the change would open and close (a real call's reply carries the same)::
+
+    (await m.put_rule(rule, dry_run=True)).reach.summary()   # "opens 4 paths, closes 0"
+
+:meth:`exposure` lists what is reachable from outside the fabric, broadest first.
 """
 
 from __future__ import annotations
@@ -18,12 +25,15 @@ from vnet.contracts import subjects
 from vnet.contracts.policy import (
     AllowRule,
     ExplainRequest,
+    ExposureReply,
+    ExposureRequest,
     RuleDelete,
     RuleDeleted,
     RuleGet,
     RuleList,
     RulePage,
     RulePut,
+    RuleReply,
     RulesetReply,
     RulesetRequest,
     Verdict,
@@ -32,9 +42,11 @@ from vnet.core.policy import Protocol
 
 
 class PolicyAPI(ClientBase):
-    async def put_rule(self, rule: AllowRule, *, request_id: str | None = None) -> AllowRule:
-        """Create or replace (whole) the allow rule ``rule.id``."""
-        return await self.call(subjects.POLICY_RULE_PUT, RulePut(rule=rule, request_id=request_id), AllowRule)
+    async def put_rule(self, rule: AllowRule, *, request_id: str | None = None, dry_run: bool = False) -> RuleReply:
+        """Create or replace (whole) the allow rule ``rule.id``; the reply is the rule (an
+        :class:`AllowRule`) with ``reach``, the paths it opened and closed."""
+        return await self.call(subjects.POLICY_RULE_PUT, RulePut(rule=rule, request_id=request_id, dry_run=dry_run),
+                               RuleReply)
 
     async def get_rule(self, rule_id: str) -> AllowRule:
         return await self.call(subjects.POLICY_RULE_GET, RuleGet(id=rule_id), AllowRule)
@@ -42,9 +54,14 @@ class PolicyAPI(ClientBase):
     async def list_rules(self) -> list[AllowRule]:
         return (await self.call(subjects.POLICY_RULE_LIST, RuleList(), RulePage)).rules
 
-    async def delete_rule(self, rule_id: str, *, request_id: str | None = None) -> RuleDeleted:
-        return await self.call(subjects.POLICY_RULE_DELETE, RuleDelete(id=rule_id, request_id=request_id),
-                               RuleDeleted)
+    async def delete_rule(self, rule_id: str, *, request_id: str | None = None, dry_run: bool = False) -> RuleDeleted:
+        return await self.call(subjects.POLICY_RULE_DELETE,
+                               RuleDelete(id=rule_id, request_id=request_id, dry_run=dry_run), RuleDeleted)
+
+    async def exposure(self) -> ExposureReply:
+        """Everything reachable from outside the fabric (published ports, ``none`` networks,
+        allow rules from CIDRs) with the endpoints each exposes, broadest first."""
+        return await self.call(subjects.POLICY_EXPOSURE, ExposureRequest(), ExposureReply)
 
     async def explain(self, src: str, dst: str, *, protocol: Protocol = "tcp", port: int | None = None) -> Verdict:
         """Why ``src`` can or cannot open a connection to ``dst`` (endpoint ids or addresses)."""

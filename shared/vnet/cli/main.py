@@ -201,7 +201,7 @@ def main() -> None:
 
 def register() -> None:
     """Import the verb modules (each adds its verbs to ``cli``); tests call this before invoking."""
-    from vnet.cli import cni, container, demo, endpoint, ipam, network, policy, stack  # noqa: F401
+    from vnet.cli import cni, container, demo, endpoint, ipam, network, policy, reach, stack  # noqa: F401
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@ mesh ..., topology, hostroutes. Every verb takes ``--json`` for machine-readable
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
 import click
 from rich.tree import Tree
 
 from vnet.cli import output
 from vnet.cli.main import cli, console, each, escape, load_config, print_json, report_batch, run_async
+from vnet.cli.reach import dry_run_option, network_names, show_reach
 from vnet.client import VNetManager
-from vnet.contracts.network import MeshGroup, NetworkDeleted
+from vnet.contracts.network import MeshGroup, NetworkDeleted, NetworkReply
 from vnet.core import topology
 from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
+from vnet.core.reach import ReachDiff
 
 DRIVERS = [d.value for d in DriverType]
 ISOLATIONS = [m.value for m in IsolationMode]
@@ -170,19 +173,28 @@ def inspect_cmd(ctx: click.Context, networks: tuple[str, ...], as_json: bool) ->
 @click.option("--replace-labels", is_flag=True, help="The --label values replace all labels.")
 @click.option("--isolation", type=click.Choice(ISOLATIONS, case_sensitive=False), default=None)
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
 def update_cmd(ctx: click.Context, network_ref: str, labels: tuple[str, ...], unlabel: tuple[str, ...],
-               replace_labels: bool, isolation: str | None, as_json: bool) -> None:
-    """Change a network's labels or isolation mode."""
+               replace_labels: bool, isolation: str | None, as_json: bool, dry_run: bool) -> None:
+    """Change a network's labels or isolation mode (--dry-run: print the paths an isolation
+    change would open and close; nothing changes)."""
     lbls = _pairs(labels, "--label")
     cfg = load_config(ctx)
-    net = run_async(lambda m: m.update_network(
-        network_ref, labels=lbls if replace_labels else None, set_labels=None if replace_labels else lbls,
-        remove_labels=unlabel, isolation=isolation), cfg)
+
+    async def go(m: VNetManager) -> tuple[NetworkReply, dict[str, str]]:
+        net = await m.update_network(
+            network_ref, labels=lbls if replace_labels else None, set_labels=None if replace_labels else lbls,
+            remove_labels=unlabel, isolation=isolation, dry_run=dry_run)
+        return net, {} if as_json else await network_names(m, net.reach)
+
+    net, names = run_async(go, cfg)
     if as_json:
         print_json(net)
         return
-    _show_network(net)
+    if not dry_run:
+        _show_network(net)
+    show_reach(net.reach, dry_run=dry_run, names=names)
 
 
 @network.command("rm")
@@ -213,30 +225,42 @@ def rm_cmd(ctx: click.Context, networks: tuple[str, ...], force: bool, as_json: 
 @click.argument("a")
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def connect_cmd(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
+def connect_cmd(ctx: click.Context, a: str, b: str, as_json: bool, dry_run: bool) -> None:
     """Connect networks A and B (symmetric, not transitive)."""
-    rep = run_async(lambda m: m.connect_networks(a, b), load_config(ctx))
+    rep, names = run_async(lambda m: _with_names(m, m.connect_networks(a, b, dry_run=dry_run), as_json),
+                           load_config(ctx))
     if as_json:
         print_json(rep)
         return
-    state = "connected" if rep.changed else "already connected"
-    console.print(f"{escape(rep.network_a.name)} ↔ {escape(rep.network_b.name)}: {state}")
+    if not dry_run:
+        state = "connected" if rep.changed else "already connected"
+        console.print(f"{escape(rep.network_a.name)} ↔ {escape(rep.network_b.name)}: {state}")
+    elif not rep.changed:
+        console.print(f"{escape(rep.network_a.name)} ↔ {escape(rep.network_b.name)}: already connected")
+    show_reach(rep.reach, dry_run=dry_run, names=names)
 
 
 @network.command("disconnect")
 @click.argument("a")
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def disconnect_cmd(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
+def disconnect_cmd(ctx: click.Context, a: str, b: str, as_json: bool, dry_run: bool) -> None:
     """Remove the connection between networks A and B."""
-    rep = run_async(lambda m: m.disconnect_networks(a, b), load_config(ctx))
+    rep, names = run_async(lambda m: _with_names(m, m.disconnect_networks(a, b, dry_run=dry_run), as_json),
+                           load_config(ctx))
     if as_json:
         print_json(rep)
         return
-    state = "disconnected" if rep.changed else "were not connected"
-    console.print(f"{escape(rep.network_a.name)} / {escape(rep.network_b.name)}: {state}")
+    if not dry_run:
+        state = "disconnected" if rep.changed else "were not connected"
+        console.print(f"{escape(rep.network_a.name)} / {escape(rep.network_b.name)}: {state}")
+    elif not rep.changed:
+        console.print(f"{escape(rep.network_a.name)} / {escape(rep.network_b.name)}: were not connected")
+    show_reach(rep.reach, dry_run=dry_run, names=names)
 
 
 @network.group("mesh")
@@ -248,57 +272,87 @@ def mesh() -> None:
 @click.argument("name")
 @click.argument("members", nargs=-1)
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def mesh_create_cmd(ctx: click.Context, name: str, members: tuple[str, ...], as_json: bool) -> None:
+def mesh_create_cmd(ctx: click.Context, name: str, members: tuple[str, ...], as_json: bool, dry_run: bool) -> None:
     """Create mesh group NAME with MEMBERS (ids or names)."""
-    g = run_async(lambda m: m.create_mesh(name, members), load_config(ctx))
+    g, names = run_async(lambda m: _with_names(m, m.create_mesh(name, members, dry_run=dry_run), as_json),
+                         load_config(ctx))
     if as_json:
         print_json(g)
         return
-    console.print(f"created mesh group [bold]{escape(g.name)}[/bold] with {len(g.members)} member(s)")
+    if not dry_run:
+        console.print(f"created mesh group [bold]{escape(g.name)}[/bold] with {len(g.members)} member(s)")
+    show_reach(g.reach, dry_run=dry_run, names=names)
 
 
 @mesh.command("add")
 @click.argument("mesh_name", metavar="MESH")
 @click.argument("network_ref", metavar="NETWORK")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def mesh_add_cmd(ctx: click.Context, mesh_name: str, network_ref: str, as_json: bool) -> None:
+def mesh_add_cmd(ctx: click.Context, mesh_name: str, network_ref: str, as_json: bool, dry_run: bool) -> None:
     """Add NETWORK to mesh group MESH."""
-    rep = run_async(lambda m: m.add_to_mesh(mesh_name, network_ref), load_config(ctx))
+    rep, names = run_async(lambda m: _with_names(m, m.add_to_mesh(mesh_name, network_ref, dry_run=dry_run),
+                                                 as_json), load_config(ctx))
     if as_json:
         print_json(rep)
         return
-    state = "added to" if rep.changed else "already in"
-    console.print(f"{escape(network_ref)} {state} mesh {escape(mesh_name)} ({len(rep.mesh.members)} member(s))")
+    if not dry_run or not rep.changed:
+        state = "added to" if rep.changed else "already in"
+        console.print(f"{escape(network_ref)} {state} mesh {escape(mesh_name)} ({len(rep.mesh.members)} member(s))")
+    show_reach(rep.reach, dry_run=dry_run, names=names)
 
 
 @mesh.command("remove")
 @click.argument("mesh_name", metavar="MESH")
 @click.argument("network_ref", metavar="NETWORK")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def mesh_remove_cmd(ctx: click.Context, mesh_name: str, network_ref: str, as_json: bool) -> None:
+def mesh_remove_cmd(ctx: click.Context, mesh_name: str, network_ref: str, as_json: bool, dry_run: bool) -> None:
     """Remove NETWORK from mesh group MESH."""
-    rep = run_async(lambda m: m.remove_from_mesh(mesh_name, network_ref), load_config(ctx))
+    rep, names = run_async(lambda m: _with_names(m, m.remove_from_mesh(mesh_name, network_ref, dry_run=dry_run),
+                                                 as_json), load_config(ctx))
     if as_json:
         print_json(rep)
         return
-    state = "removed from" if rep.changed else "was not in"
-    console.print(f"{escape(network_ref)} {state} mesh {escape(mesh_name)} ({len(rep.mesh.members)} member(s))")
+    if not dry_run or not rep.changed:
+        state = "removed from" if rep.changed else "was not in"
+        console.print(f"{escape(network_ref)} {state} mesh {escape(mesh_name)} ({len(rep.mesh.members)} member(s))")
+    show_reach(rep.reach, dry_run=dry_run, names=names)
 
 
 @mesh.command("delete")
 @click.argument("mesh_name", metavar="MESH")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def mesh_delete_cmd(ctx: click.Context, mesh_name: str, as_json: bool) -> None:
+def mesh_delete_cmd(ctx: click.Context, mesh_name: str, as_json: bool, dry_run: bool) -> None:
     """Delete mesh group MESH (its networks stay)."""
-    g = run_async(lambda m: m.delete_mesh(mesh_name), load_config(ctx))
+    g, names = run_async(lambda m: _with_names(m, m.delete_mesh(mesh_name, dry_run=dry_run), as_json),
+                         load_config(ctx))
     if as_json:
         print_json(g)
         return
-    console.print(f"deleted mesh group [bold]{escape(g.name)}[/bold]")
+    if not dry_run:
+        console.print(f"deleted mesh group [bold]{escape(g.name)}[/bold]")
+    show_reach(g.reach, dry_run=dry_run, names=names)
+
+
+class _HasReach(Protocol):
+    @property
+    def reach(self) -> ReachDiff | None: ...
+
+
+R = TypeVar("R", bound=_HasReach)
+
+
+async def _with_names(m: VNetManager, call: Awaitable[R], as_json: bool) -> tuple[R, dict[str, str]]:
+    """The reply, and the network names its diff shows (none for --json)."""
+    rep = await call
+    return rep, {} if as_json else await network_names(m, rep.reach)
 
 
 @mesh.command("ls")

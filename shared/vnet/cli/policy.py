@@ -14,8 +14,9 @@ import msgspec
 
 from vnet.cli import output
 from vnet.cli.main import cli, console, escape, load_config, run_async
+from vnet.cli.reach import dry_run_option, network_names, show_reach
 from vnet.client import VNetManager
-from vnet.contracts.policy import AllowRule, RuleDeleted, RulesetReply, Verdict
+from vnet.contracts.policy import AllowRule, RuleDeleted, RuleReply, RulesetReply, Verdict
 from vnet.core.policy import Party
 
 PROTOCOLS = ["tcp", "udp", "sctp", "icmp"]
@@ -117,35 +118,53 @@ def get_cmd(ctx: click.Context, rule_id: str, as_json: bool) -> None:
 @policy.command("set")
 @click.argument("rule_json")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def set_cmd(ctx: click.Context, rule_json: str, as_json: bool) -> None:
-    """Create or replace a rule given as JSON: '{"id":"r","from":[...],"to":[...],"ports":[...]}'."""
+def set_cmd(ctx: click.Context, rule_json: str, as_json: bool, dry_run: bool) -> None:
+    """Create or replace a rule given as JSON: '{"id":"r","from":[...],"to":[...],"ports":[...]}'.
+    Prints the paths it opened and closed (--dry-run: would open and close, nothing changes)."""
     try:
         rule = msgspec.json.decode(rule_json, type=AllowRule)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise click.BadParameter(str(exc), param_hint="RULE_JSON") from None
     cfg = load_config(ctx)
-    out = run_async(lambda m: m.put_rule(rule), cfg)
+
+    async def go(m: VNetManager) -> tuple[RuleReply, dict[str, str]]:
+        out = await m.put_rule(rule, dry_run=dry_run)
+        return out, {} if as_json else await network_names(m, out.reach)
+
+    out, names = run_async(go, cfg)
     if as_json:
         output.emit(out)
         return
-    console.print(f"rule [bold]{escape(out.id)}[/bold] set", highlight=False)
-    output.table(RULE_COLUMNS, _rules_rows([out]), empty="", fold=("from", "to", "ports"))
+    if not dry_run:
+        console.print(f"rule [bold]{escape(out.id)}[/bold] set", highlight=False)
+        output.table(RULE_COLUMNS, _rules_rows([out]), empty="", fold=("from", "to", "ports"))
+    show_reach(out.reach, dry_run=dry_run, names=names)
 
 
 @policy.command("rm")
 @click.argument("rule_id")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def rm_cmd(ctx: click.Context, rule_id: str, as_json: bool) -> None:
+def rm_cmd(ctx: click.Context, rule_id: str, as_json: bool, dry_run: bool) -> None:
     """Delete a rule (deleting one that does not exist is not an error: it says so)."""
     cfg = load_config(ctx)
-    out: RuleDeleted = run_async(lambda m: m.delete_rule(rule_id), cfg)
+
+    async def go(m: VNetManager) -> tuple[RuleDeleted, dict[str, str]]:
+        out = await m.delete_rule(rule_id, dry_run=dry_run)
+        return out, {} if as_json else await network_names(m, out.reach)
+
+    out, names = run_async(go, cfg)
     if as_json:
         output.emit(out)
         return
-    console.print(f"deleted rule {escape(out.id)}" if out.deleted else f"no rule {escape(out.id)} (nothing deleted)",
-                  highlight=False)
+    if not out.deleted:
+        console.print(f"no rule {escape(out.id)} (nothing {'would be ' if dry_run else ''}deleted)", highlight=False)
+    elif not dry_run:
+        console.print(f"deleted rule {escape(out.id)}", highlight=False)
+    show_reach(out.reach, dry_run=dry_run and out.deleted, names=names)
 
 
 @policy.command("ruleset")

@@ -15,6 +15,7 @@ import msgspec
 
 from vnet.contracts.messages import RequestId
 from vnet.core.model import LabelKey, Labels, Name, Options, VirtualNetwork
+from vnet.core.reach import ReachDiff
 
 # An id or a name (names and ids share this alphabet).
 NetRef = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")]
@@ -82,6 +83,16 @@ class NetworkUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     remove_labels: Annotated[list[LabelKey], msgspec.Meta(max_length=64)] = []
     isolation: Word | None = None
     request_id: RequestId | None = None
+    dry_run: bool = False  # change nothing; answer the network as it would be and ``reach``
+
+
+class NetworkReply(VirtualNetwork, kw_only=True):
+    """The network after an update (on a dry run: as it would be) and the paths the change
+    opens and closes (``reach``: an isolation change; ``null`` when nothing reachability-related
+    changed or the fabric could not be read). The ``updated`` event carries the same diff."""
+
+    dry_run: bool = False
+    reach: ReachDiff | None = None
 
 
 class NetworkDelete(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -106,29 +117,35 @@ class NetworkPair(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     network_a: NetRef
     network_b: NetRef
     request_id: RequestId | None = None
+    dry_run: bool = False  # change nothing; answer what (dis)connecting would open or close
 
 
 class ConnectReply(msgspec.Struct, kw_only=True):
     network_a: VirtualNetwork
     network_b: VirtualNetwork
-    changed: bool  # False: they already were (dis)connected
+    changed: bool  # False: they already were (dis)connected (dry run: would be changed)
+    dry_run: bool = False
+    reach: ReachDiff | None = None  # paths opened / closed (the event carries the same)
 
 
 class MeshCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: MeshName
     members: Annotated[list[NetRef], msgspec.Meta(max_length=1000)] = []
     request_id: RequestId | None = None
+    dry_run: bool = False
 
 
 class MeshMember(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mesh: MeshName
     network: NetRef
     request_id: RequestId | None = None
+    dry_run: bool = False
 
 
 class MeshRef(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mesh: MeshName
     request_id: RequestId | None = None
+    dry_run: bool = False  # mesh.delete: change nothing, answer what deleting would close
 
 
 class MeshGroup(msgspec.Struct, kw_only=True):
@@ -137,9 +154,19 @@ class MeshGroup(msgspec.Struct, kw_only=True):
     created_at: str = ""
 
 
+class MeshReply(MeshGroup, kw_only=True):
+    """A mesh group created or deleted (dry run: as it would be) and the paths that opens or
+    closes (``reach``; the event carries the same)."""
+
+    dry_run: bool = False
+    reach: ReachDiff | None = None
+
+
 class MeshMemberReply(msgspec.Struct, kw_only=True):
     mesh: MeshGroup
     changed: bool  # False: the network already was (or was not) a member
+    dry_run: bool = False
+    reach: ReachDiff | None = None
 
 
 class MeshList(msgspec.Struct, kw_only=True):
@@ -180,6 +207,7 @@ class NetworkEvent(msgspec.Struct, kw_only=True):
 
     network: VirtualNetwork
     changes: list[str] = []  # for ``updated``: labels, isolation, parent, ...
+    reach: ReachDiff | None = None  # an isolation change: the paths it opened and closed
 
 
 class ConnectionEvent(msgspec.Struct, kw_only=True):
@@ -187,6 +215,7 @@ class ConnectionEvent(msgspec.Struct, kw_only=True):
 
     network_a: str
     network_b: str
+    reach: ReachDiff | None = None  # the paths the change opened or closed
 
 
 class MeshEvent(msgspec.Struct, kw_only=True):
@@ -196,3 +225,4 @@ class MeshEvent(msgspec.Struct, kw_only=True):
     mesh: str
     members: list[str]
     network: str | None = None  # the member added or removed
+    reach: ReachDiff | None = None  # the paths the change opened or closed

@@ -29,10 +29,12 @@ from vnet.core.policy import (
     Selector,
     Verdict,
 )
+from vnet.core.reach import Exposure, PathGroup, ReachDiff
 
 __all__ = [
-    "AllowRule", "ExplainRequest", "Party", "PortSpec", "RuleDelete", "RuleDeleted", "RuleGet", "RuleList",
-    "RulePut", "RulesetReply", "RulesetRequest", "Selector", "Verdict", "policy_endpoint", "policy_network",
+    "AllowRule", "ExplainRequest", "Exposure", "ExposureReply", "ExposureRequest", "Party", "PathGroup", "PortSpec",
+    "ReachDiff", "RuleDelete", "RuleDeleted", "RuleGet", "RuleList", "RulePut", "RuleReply", "RulesetReply",
+    "RulesetRequest", "Selector", "Verdict", "policy_endpoint", "policy_network",
 ]
 
 Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -40,10 +42,26 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class RulePut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Create or replace (an update replaces the whole rule) the allow rule ``rule.id``."""
+    """Create or replace (an update replaces the whole rule) the allow rule ``rule.id``.
+
+    ``dry_run``: change nothing; answer what the rule would open and close (``reach``)."""
 
     rule: AllowRule
     request_id: RequestId | None = None
+    dry_run: bool = False
+
+
+class RuleReply(AllowRule, frozen=True, kw_only=True):
+    """The rule as stored (or, on a dry run, as it would be), and the paths the change opens
+    and closes (``reach``; ``null`` when the fabric could not be read to compute it). The
+    ``vnet.evt.policy.rules.<id>`` event of a put carries the same."""
+
+    dry_run: bool = False
+    reach: ReachDiff | None = None
+
+    def as_rule(self) -> AllowRule:
+        """The rule alone (an :class:`AllowRule` compares equal only to an ``AllowRule``)."""
+        return AllowRule(**{f: getattr(self, f) for f in AllowRule.__struct_fields__})
 
 
 class RuleGet(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -53,11 +71,23 @@ class RuleGet(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class RuleDelete(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: RuleId
     request_id: RequestId | None = None
+    dry_run: bool = False  # change nothing; answer what deleting would close (``reach``)
 
 
 class RuleDeleted(msgspec.Struct, kw_only=True):
     id: str
-    deleted: bool
+    deleted: bool  # on a dry run: whether it would be
+    dry_run: bool = False
+    reach: ReachDiff | None = None  # the paths the deletion closes (the event carries the same)
+
+
+class ExposureRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Everything reachable from outside the fabric (``vnet.policy.exposure``)."""
+
+
+class ExposureReply(msgspec.Struct, kw_only=True):
+    exposures: list[Exposure]  # broadest first
+    endpoints: int  # distinct endpoints exposed in any way
 
 
 class RuleList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

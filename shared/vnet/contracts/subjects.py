@@ -70,6 +70,8 @@ ENDPOINT_DELETE = Subject("vnet.endpoint.delete")
 
 # --- policy -------------------------------------------------------------------------
 POLICY_EXPLAIN = Subject("vnet.policy.explain")
+# Everything reachable from outside the fabric (published ports, none networks, CIDR rules).
+POLICY_EXPOSURE = Subject("vnet.policy.exposure")
 
 # --- metrics ------------------------------------------------------------------------
 # Services report cumulative operation counters here (core NATS, not JetStream:

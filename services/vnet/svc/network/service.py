@@ -21,6 +21,13 @@ Decisions worth knowing (details in ``docs/networks.md``):
   network's subnet is not handed out again while other space is free. It skips existing
   networks and the prefixes node workers report from their hosts; a concurrent winner
   is seen on the retry.
+* **Reachability** — update (isolation), connect / disconnect and the mesh operations take
+  ``dry_run``: nothing changes and the reply is the record(s) as they would be with
+  ``reach``, the paths the change would open and close (:func:`vnet.core.reach.diff` over
+  the fabric: networks from this store, endpoints and rules from their services). A real
+  call computes the same diff before it commits — best effort: if the endpoint or policy
+  service does not answer, the change goes ahead with ``reach: null`` — and puts it in its
+  reply and its event.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from vnet.adapters.ipam_store import registry_marker
 from vnet.adapters.network_store import CreateResult, NetworkDoc, NetworkStore, new_id
 from vnet.adapters.redis import global_key
 from vnet.contracts import subjects
+from vnet.contracts.endpoint import EndpointList, EndpointPage
 from vnet.contracts.ipam import (
     PoolCreate,
     PoolDelete,
@@ -63,6 +71,7 @@ from vnet.contracts.network import (
     MeshMember,
     MeshMemberReply,
     MeshRef,
+    MeshReply,
     NetworkCreate,
     NetworkDelete,
     NetworkDeleted,
@@ -71,12 +80,15 @@ from vnet.contracts.network import (
     NetworkPage,
     NetworkPair,
     NetworkRef,
+    NetworkReply,
     NetworkUpdate,
     NodeRoutes,
 )
-from vnet.core import addr, drivers, topology
+from vnet.contracts.policy import RuleList, RulePage, policy_endpoint, policy_network
+from vnet.core import addr, drivers, reach, topology
 from vnet.core import errors as E
 from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
+from vnet.core.policy import Policy, PolicyNetwork
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 
 log = logging.getLogger(__name__)
@@ -144,6 +156,67 @@ async def _idempotent(ctx: Ctx, op: str, request_id: str | None, reply_type: typ
     result = await fn()
     await st.idem_put(rid, msgspec.json.encode(result))
     return result
+
+
+# --- reachability diffs (dry runs, and the diff a real change carries) -------------------
+
+REACH_PAGE = 1000
+
+
+async def _fabric(ctx: Ctx) -> Policy:
+    """The policy engine over the whole fabric as it is now."""
+    st = _store(ctx)
+    nets: list[VirtualNetwork] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await st.list_page(labels={}, parent=None, limit=REACH_PAGE, cursor=cursor)
+        nets += page
+        if cursor is None:
+            break
+    eps = []
+    cursor = None
+    while True:
+        ep_page = await ctx.request(subjects.ENDPOINT_LIST, EndpointList(limit=REACH_PAGE, cursor=cursor),
+                                    EndpointPage)
+        eps += ep_page.endpoints
+        cursor = ep_page.next_cursor
+        if cursor is None:
+            break
+    rules = (await ctx.request(subjects.POLICY_RULE_LIST, RuleList(), RulePage)).rules
+    return Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules)
+
+
+async def _reach(ctx: Ctx, changed: list[VirtualNetwork], *, must: bool) -> reach.ReachDiff | None:
+    """What replacing these networks' records with ``changed`` opens and closes. ``must``
+    (a dry run): a failure is the caller's error; otherwise the change goes on without it."""
+    try:
+        before = await _fabric(ctx)
+        after = reach.with_networks(before, [PolicyNetwork.from_record(n) for n in changed])
+        # CPU work bounded by the endpoints of the touched networks: off the event loop
+        return await asyncio.to_thread(reach.diff, before, after)
+    except Exception as exc:
+        if must:
+            raise
+        log.warning("no reachability diff for %s: %s", ", ".join(n.id for n in changed), exc)
+        return None
+
+
+def _net_reply(net: VirtualNetwork, *, dry_run: bool = False, diff: reach.ReachDiff | None = None) -> NetworkReply:
+    return NetworkReply(**msgspec.structs.asdict(net), dry_run=dry_run, reach=diff)
+
+
+def _mesh_reply(m: MeshGroup, *, dry_run: bool = False, diff: reach.ReachDiff | None = None) -> MeshReply:
+    return MeshReply(name=m.name, members=list(m.members), created_at=m.created_at, dry_run=dry_run, reach=diff)
+
+
+def _with_mesh(n: VirtualNetwork, mesh: str, member: bool) -> VirtualNetwork:
+    rest = [g for g in n.mesh_groups if g != mesh]
+    return msgspec.structs.replace(n, mesh_groups=sorted([*rest, mesh]) if member else rest)
+
+
+def _with_connection(n: VirtualNetwork, other: str, on: bool) -> VirtualNetwork:
+    rest = [c for c in n.connected if c != other]
+    return msgspec.structs.replace(n, connected=sorted([*rest, other]) if on else rest)
 
 
 # --- create -------------------------------------------------------------------------------
@@ -664,12 +737,34 @@ async def list_networks(ctx: Ctx, req: NetworkList) -> NetworkPage:
 
 # --- update -------------------------------------------------------------------------------
 
+def _labels_after(before: VirtualNetwork, req: NetworkUpdate) -> dict[str, str]:
+    labels = dict(before.labels) if req.labels is None else dict(req.labels)
+    labels.update(req.set_labels)
+    for k in req.remove_labels:
+        labels.pop(k, None)
+    return labels
+
+
 @SERVICE.op("update", subjects.NETWORK_UPDATE, NetworkUpdate)
-async def update(ctx: Ctx, req: NetworkUpdate) -> VirtualNetwork:
-    async def go() -> VirtualNetwork:
+async def update(ctx: Ctx, req: NetworkUpdate) -> NetworkReply:
+    if req.dry_run:
         st = _store(ctx)
         isolation = topology.parse_isolation(req.isolation).value if req.isolation is not None else None
         before = await _must_get(st, req.network)
+        would = msgspec.structs.replace(before, labels=_labels_after(before, req),
+                                        isolation_mode=IsolationMode(isolation or before.isolation_mode))
+        diff = (await _reach(ctx, [would], must=True) if would.isolation_mode != before.isolation_mode
+                else reach.ReachDiff())
+        return _net_reply(would, dry_run=True, diff=diff)
+
+    async def go() -> NetworkReply:
+        st = _store(ctx)
+        isolation = topology.parse_isolation(req.isolation).value if req.isolation is not None else None
+        before = await _must_get(st, req.network)
+        diff = None
+        if isolation is not None and isolation != before.isolation_mode.value:
+            diff = await _reach(ctx, [msgspec.structs.replace(before, isolation_mode=IsolationMode(isolation))],
+                                must=False)
         status, net = await st.update(before.id, labels=None if req.labels is None else dict(req.labels),
                                       set_labels=dict(req.set_labels), remove_labels=list(req.remove_labels),
                                       isolation=isolation, now=_now())
@@ -682,11 +777,13 @@ async def update(ctx: Ctx, req: NetworkUpdate) -> VirtualNetwork:
             changes.append("labels")
         if net.isolation_mode != before.isolation_mode:
             changes.append("isolation")
+        else:
+            diff = None  # a concurrent update set the same mode first: this one changed nothing
         if changes:
-            await _event(ctx, "updated", net.id, NetworkEvent(network=net, changes=changes))
-        return net
+            await _event(ctx, "updated", net.id, NetworkEvent(network=net, changes=changes, reach=diff))
+        return _net_reply(net, diff=diff)
 
-    return await _idempotent(ctx, "update", req.request_id, VirtualNetwork, go)
+    return await _idempotent(ctx, "update", req.request_id, NetworkReply, go)
 
 
 # --- delete -------------------------------------------------------------------------------
@@ -792,22 +889,33 @@ async def _pair(st: NetworkStore, req: NetworkPair) -> tuple[VirtualNetwork, Vir
 async def _connect(ctx: Ctx, req: NetworkPair, on: bool) -> ConnectReply:
     st = _store(ctx)
     a, b = await _pair(st, req)
+    would = (b.id in a.connected) != on
+    wa, wb = _with_connection(a, b.id, on), _with_connection(b, a.id, on)
+    if req.dry_run:
+        diff = await _reach(ctx, [wa, wb], must=True) if would else reach.ReachDiff()
+        return ConnectReply(network_a=wa, network_b=wb, changed=would, dry_run=True, reach=diff)
+    diff = await _reach(ctx, [wa, wb], must=False) if would else None
     missing, changed, na, nb = await st.connect(a.id, b.id, on=on)
     if na is None or nb is None:
         raise _not_found(missing)
+    diff = diff if changed else None
     if changed:
         await _event(ctx, "connected" if on else "disconnected", na.id,
-                     ConnectionEvent(network_a=na.id, network_b=nb.id))
-    return ConnectReply(network_a=na, network_b=nb, changed=changed)
+                     ConnectionEvent(network_a=na.id, network_b=nb.id, reach=diff))
+    return ConnectReply(network_a=na, network_b=nb, changed=changed, reach=diff)
 
 
 @SERVICE.op("connect", subjects.NETWORK_CONNECT, NetworkPair)
 async def connect(ctx: Ctx, req: NetworkPair) -> ConnectReply:
+    if req.dry_run:
+        return await _connect(ctx, req, True)
     return await _idempotent(ctx, "connect", req.request_id, ConnectReply, lambda: _connect(ctx, req, True))
 
 
 @SERVICE.op("disconnect", subjects.NETWORK_DISCONNECT, NetworkPair)
 async def disconnect(ctx: Ctx, req: NetworkPair) -> ConnectReply:
+    if req.dry_run:
+        return await _connect(ctx, req, False)
     return await _idempotent(ctx, "disconnect", req.request_id, ConnectReply, lambda: _connect(ctx, req, False))
 
 
@@ -822,67 +930,118 @@ def _mesh_not_found(name: str) -> E.VNetError:
                   mesh=name)
 
 
+def _mesh_exists(name: str, members: int) -> E.VNetError:
+    return E.make(E.NAME_TAKEN, f"a mesh group named {name!r} already exists ({members} "
+                  "member(s)); add networks to it or pick another name", mesh=name)
+
+
 @SERVICE.op("mesh.create", subjects.NETWORK_MESH_CREATE, MeshCreate)
-async def mesh_create(ctx: Ctx, req: MeshCreate) -> MeshGroup:
-    async def go() -> MeshGroup:
+async def mesh_create(ctx: Ctx, req: MeshCreate) -> MeshReply:
+    async def go() -> MeshReply:
         st = _store(ctx)
         nets = await st.get_many(list(req.members))
         for ref, n in zip(req.members, nets, strict=True):
             if n is None:
                 raise _not_found(ref)
         ids = sorted({n.id for n in nets if n is not None})
+        members = {n.id: n for n in nets if n is not None}
+        would = [_with_mesh(n, req.name, True) for n in members.values()]
+        if req.dry_run:
+            got = await st.meshes([req.name])
+            if got:
+                raise _mesh_exists(req.name, len(got[0].members))
+            return _mesh_reply(MeshGroup(name=req.name, members=ids), dry_run=True,
+                               diff=await _reach(ctx, would, must=True))
+        diff = await _reach(ctx, would, must=False) if len(ids) > 1 else reach.ReachDiff()
         status, m = await st.mesh_create(req.name, ids, _now())
         if status == "exists":
             assert not isinstance(m, str) and m is not None
-            raise E.make(E.NAME_TAKEN, f"a mesh group named {req.name!r} already exists ({len(m.members)} "
-                         "member(s)); add networks to it or pick another name", mesh=req.name)
+            raise _mesh_exists(req.name, len(m.members))
         if status == "missing":
             raise _not_found(str(m))
         assert m is not None and not isinstance(m, str)
         group = _mesh_group(m)
-        await _event(ctx, "mesh_created", req.name, MeshEvent(mesh=req.name, members=group.members))
-        return group
+        await _event(ctx, "mesh_created", req.name, MeshEvent(mesh=req.name, members=group.members, reach=diff))
+        return _mesh_reply(group, diff=diff)
 
-    return await _idempotent(ctx, "mesh.create", req.request_id, MeshGroup, go)
+    if req.dry_run:
+        return await go()
+    return await _idempotent(ctx, "mesh.create", req.request_id, MeshReply, go)
 
 
 async def _mesh_member(ctx: Ctx, req: MeshMember, add: bool) -> MeshMemberReply:
     st = _store(ctx)
     net = await _must_get(st, req.network)
+    would = (req.mesh in net.mesh_groups) != add
+    diff: reach.ReachDiff | None = None
+    if req.dry_run:
+        got = await st.meshes([req.mesh])
+        if not got:
+            raise _mesh_not_found(req.mesh)
+        others = sorted(set(got[0].members) - {net.id})
+        members = sorted([*others, net.id]) if add else others
+        diff = await _reach(ctx, [_with_mesh(net, req.mesh, add)], must=True) if would else reach.ReachDiff()
+        return MeshMemberReply(mesh=MeshGroup(name=req.mesh, members=members, created_at=got[0].created_at),
+                               changed=would, dry_run=True, reach=diff)
+    if would:
+        diff = await _reach(ctx, [_with_mesh(net, req.mesh, add)], must=False)
     status, changed, m = await st.mesh_member(req.mesh, net.id, add=add)
     if status == "no_mesh":
         raise _mesh_not_found(req.mesh)
     if status == "missing" or m is None:
         raise _not_found(req.network)
     group = _mesh_group(m)
+    diff = diff if changed else None
     if changed:
         await _event(ctx, "mesh_member_added" if add else "mesh_member_removed", req.mesh,
-                     MeshEvent(mesh=req.mesh, members=group.members, network=net.id))
-    return MeshMemberReply(mesh=group, changed=changed)
+                     MeshEvent(mesh=req.mesh, members=group.members, network=net.id, reach=diff))
+    return MeshMemberReply(mesh=group, changed=changed, reach=diff)
 
 
 @SERVICE.op("mesh.add", subjects.NETWORK_MESH_ADD, MeshMember)
 async def mesh_add(ctx: Ctx, req: MeshMember) -> MeshMemberReply:
+    if req.dry_run:
+        return await _mesh_member(ctx, req, True)
     return await _idempotent(ctx, "mesh.add", req.request_id, MeshMemberReply, lambda: _mesh_member(ctx, req, True))
 
 
 @SERVICE.op("mesh.remove", subjects.NETWORK_MESH_REMOVE, MeshMember)
 async def mesh_remove(ctx: Ctx, req: MeshMember) -> MeshMemberReply:
+    if req.dry_run:
+        return await _mesh_member(ctx, req, False)
     return await _idempotent(ctx, "mesh.remove", req.request_id, MeshMemberReply,
                              lambda: _mesh_member(ctx, req, False))
 
 
 @SERVICE.op("mesh.delete", subjects.NETWORK_MESH_DELETE, MeshRef)
-async def mesh_delete(ctx: Ctx, req: MeshRef) -> MeshGroup:
-    async def go() -> MeshGroup:
+async def mesh_delete(ctx: Ctx, req: MeshRef) -> MeshReply:
+    async def members_without() -> tuple[MeshGroup, list[VirtualNetwork]]:
+        st = _store(ctx)
+        got = await st.meshes([req.mesh])
+        if not got:
+            raise _mesh_not_found(req.mesh)
+        nets = [n for n in await st.get_many(list(got[0].members)) if n is not None]
+        return _mesh_group(got[0]), [_with_mesh(n, req.mesh, False) for n in nets]
+
+    if req.dry_run:
+        group, would = await members_without()
+        return _mesh_reply(group, dry_run=True, diff=await _reach(ctx, would, must=True))
+
+    async def go() -> MeshReply:
+        diff: reach.ReachDiff | None = None
+        try:
+            _, would = await members_without()
+            diff = await _reach(ctx, would, must=False)
+        except E.VNetError:
+            pass  # not found: the delete below says so
         m = await _store(ctx).mesh_delete(req.mesh)
         if m is None:
             raise _mesh_not_found(req.mesh)
         group = _mesh_group(m)
-        await _event(ctx, "mesh_deleted", req.mesh, MeshEvent(mesh=req.mesh, members=group.members))
-        return group
+        await _event(ctx, "mesh_deleted", req.mesh, MeshEvent(mesh=req.mesh, members=group.members, reach=diff))
+        return _mesh_reply(group, diff=diff)
 
-    return await _idempotent(ctx, "mesh.delete", req.request_id, MeshGroup, go)
+    return await _idempotent(ctx, "mesh.delete", req.request_id, MeshReply, go)
 
 
 @SERVICE.op("mesh.get", subjects.NETWORK_MESH_GET, MeshRef)

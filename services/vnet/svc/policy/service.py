@@ -7,7 +7,14 @@ Operations (subjects in ``contracts/subjects.py``, types in ``contracts/policy.p
 * ``explain`` — the verdict for a flow with its reason chain (:meth:`Policy.verdict`); each
   side is an endpoint id, a container name or an address (:func:`_explain_refs`);
 * ``ruleset.get`` — node ``node``'s ruleset, rendered to one nft script, with a
-  version hash (the node worker applies it when the version changed).
+  version hash (the node worker applies it when the version changed);
+* ``exposure`` — everything reachable from outside the fabric (:func:`vnet.core.reach.exposure`).
+
+``rule.put`` / ``rule.delete`` take ``dry_run``: nothing changes and the reply says what
+the change would open and close (``reach``, :func:`vnet.core.reach.diff` over the current
+fabric). A real put or delete computes the same diff first (best effort: when the network
+or endpoint service does not answer, the rule still changes and ``reach`` is ``null``) and
+carries it in its reply and its event.
 
 Isolation modes are changed through the network service (``vnet.network.update``
 ``isolation``): the mode lives in the network's record, one way only. Networks and
@@ -19,6 +26,7 @@ node workers refetch their ruleset on it and on network / endpoint events.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
@@ -32,19 +40,22 @@ from vnet.contracts.endpoint import EndpointInfo, EndpointList, EndpointPage
 from vnet.contracts.network import NetworkList, NetworkPage
 from vnet.contracts.policy import (
     ExplainRequest,
+    ExposureReply,
+    ExposureRequest,
     RuleDelete,
     RuleDeleted,
     RuleGet,
     RuleList,
     RulePage,
     RulePut,
+    RuleReply,
     RulesetReply,
     RulesetRequest,
     policy_endpoint,
     policy_network,
 )
 from vnet.core import errors as E
-from vnet.core import nft
+from vnet.core import nft, reach
 from vnet.core.policy import AllowRule, Policy, Verdict, validate_rule
 from vnet.runtime.service import Ctx, ServiceDef
 
@@ -86,17 +97,43 @@ async def _idem_put(ctx: Ctx, op: str, request_id: str | None, value: bytes) -> 
         await _redis(ctx).set(f"{IDEM_PREFIX}{op}:{request_id}", value, ex=IDEM_TTL_S)
 
 
+def _rule_reply(rule: AllowRule, *, dry_run: bool, diff: reach.ReachDiff | None) -> RuleReply:
+    fields = {f: getattr(rule, f) for f in rule.__struct_fields__}
+    return RuleReply(**fields, dry_run=dry_run, reach=diff)
+
+
+async def _rule_diff(ctx: Ctx, put: AllowRule | None, delete: str | None, *,
+                     must: bool) -> reach.ReachDiff | None:
+    """What putting ``put`` / deleting ``delete`` opens and closes over the current fabric.
+    ``must`` (a dry run): the caller asked for exactly this, so a failure is its error;
+    otherwise the change goes ahead without a diff."""
+    try:
+        pol, _ = await _load(ctx)
+        after = reach.with_rule(pol, put, delete=delete)
+        # CPU work that grows with the endpoints the rule selects: off the event loop
+        return await asyncio.to_thread(reach.diff, pol, after)
+    except Exception as exc:
+        if must:
+            raise
+        log.warning("no reachability diff for rule %s: %s", (put.id if put else delete), exc)
+        return None
+
+
 @SERVICE.op("rule.put", subjects.POLICY_RULE_PUT, RulePut)
-async def rule_put(ctx: Ctx, req: RulePut) -> AllowRule:
+async def rule_put(ctx: Ctx, req: RulePut) -> RuleReply:
+    if req.dry_run:  # no idempotency record: a dry run changes nothing, repeating it is free
+        validate_rule(req.rule)
+        return _rule_reply(req.rule, dry_run=True, diff=await _rule_diff(ctx, req.rule, None, must=True))
     prev = await _idem(ctx, "put", req.request_id)
     if prev is not None:
-        return msgspec.json.decode(prev, type=AllowRule)
+        return msgspec.json.decode(prev, type=RuleReply)
     validate_rule(req.rule)
-    body = msgspec.json.encode(req.rule)
-    await _redis(ctx).hset(RULES_KEY, req.rule.id.encode(), body)
-    await _idem_put(ctx, "put", req.request_id, body)
-    await _event(ctx, req.rule.id, req.rule)
-    return req.rule
+    diff = await _rule_diff(ctx, req.rule, None, must=False)
+    await _redis(ctx).hset(RULES_KEY, req.rule.id.encode(), msgspec.json.encode(req.rule))
+    reply = _rule_reply(req.rule, dry_run=False, diff=diff)
+    await _idem_put(ctx, "put", req.request_id, msgspec.json.encode(reply))
+    await _event(ctx, req.rule.id, reply)
+    return reply
 
 
 @SERVICE.op("rule.get", subjects.POLICY_RULE_GET, RuleGet)
@@ -114,11 +151,17 @@ async def rule_list(ctx: Ctx, req: RuleList) -> RulePage:
 
 @SERVICE.op("rule.delete", subjects.POLICY_RULE_DELETE, RuleDelete)
 async def rule_delete(ctx: Ctx, req: RuleDelete) -> RuleDeleted:
+    if req.dry_run:
+        there = bool(await _redis(ctx).hexists(RULES_KEY, req.id.encode()))
+        diff = await _rule_diff(ctx, None, req.id, must=True) if there else reach.ReachDiff()
+        return RuleDeleted(id=req.id, deleted=there, dry_run=True, reach=diff)
     prev = await _idem(ctx, "delete", req.request_id)
     if prev is not None:
         return msgspec.json.decode(prev, type=RuleDeleted)
+    there = bool(await _redis(ctx).hexists(RULES_KEY, req.id.encode()))
+    diff = await _rule_diff(ctx, None, req.id, must=False) if there else None
     n = await _redis(ctx).hdel(RULES_KEY, req.id.encode())
-    out = RuleDeleted(id=req.id, deleted=bool(n))
+    out = RuleDeleted(id=req.id, deleted=bool(n), reach=diff if n else None)
     await _idem_put(ctx, "delete", req.request_id, msgspec.json.encode(out))
     if n:
         await _event(ctx, req.id, out)
@@ -194,6 +237,13 @@ async def explain(ctx: Ctx, req: ExplainRequest) -> Verdict:
     if notes:
         best = msgspec.structs.replace(best, reasons=notes + best.reasons)
     return best
+
+
+@SERVICE.op("exposure", subjects.POLICY_EXPOSURE, ExposureRequest)
+async def exposure(ctx: Ctx, req: ExposureRequest) -> ExposureReply:
+    pol, _ = await _load(ctx)
+    got = await asyncio.to_thread(reach.exposure, pol)
+    return ExposureReply(exposures=got, endpoints=len({e for x in got for e in x.endpoints}))
 
 
 @SERVICE.op("ruleset.get", subjects.POLICY_RULESET, RulesetRequest)
