@@ -161,11 +161,15 @@ def _label(pol: Policy, party: str, externals: dict[str, str]) -> str:
 
 # ----------------------------------------------------------------------------- scope
 
-def _related(pol: Policy, net: str) -> set[str]:
-    return {o for o in pol.networks if pol.relations(net, o)} | {net}
+def _related(pol: Policy, net: str, memo: dict[tuple[int, str], set[str]]) -> set[str]:
+    key = (id(pol), net)
+    got = memo.get(key)
+    if got is None:
+        got = memo[key] = {o for o in pol.networks if pol.relations(net, o)} | {net}
+    return got
 
 
-def _eps_in(pol: Policy, nets: set[str]) -> set[str]:
+def _eps_in(pol: Policy, nets: Iterable[str]) -> set[str]:
     return {e.id for n in nets for e in pol._by_net.get(n, []) if e.ips}
 
 
@@ -182,57 +186,88 @@ def _changed_rules(before: Policy, after: Policy) -> list[AllowRule]:
 def affected_pairs(before: Policy, after: Policy, externals: dict[str, str]) -> set[tuple[str, str]]:
     """The (source, destination) parties whose verdicts the change can alter."""
     pairs: set[tuple[str, str]] = set()
-    ext = list(externals)
+    ext = set(externals)
+    memo: dict[tuple[int, str], set[str]] = {}
     changed_nets = {n for n in set(before.networks) | set(after.networks)
                     if before.networks.get(n) != after.networks.get(n)}
     changed_eps = {e for e in set(before.endpoints) | set(after.endpoints)
                    if before.endpoints.get(e) != after.endpoints.get(e)}
     centre = _eps_in(before, changed_nets) | _eps_in(after, changed_nets) | changed_eps
-    for x in sorted(centre):
-        others: set[str] = set()
+    by_net: dict[str, set[str]] = {}  # the centre's networks: their endpoints share the same others
+    for x in centre:
         for pol in (before, after):
             e = pol.endpoints.get(x)
             if e is not None:
-                others |= _eps_in(before, _related(pol, e.network)) | _eps_in(after, _related(pol, e.network))
-        for y in others | set(ext):
-            if y != x:
-                pairs.add((x, y))
-                pairs.add((y, x))
+                by_net.setdefault(e.network, set()).add(x)
+    for net, xs in by_net.items():
+        nets: set[str] = set()
+        for pol in (before, after):
+            nets |= _related(pol, net, memo)
+        others = _eps_in(before, nets) | _eps_in(after, nets) | ext
+        for x in xs:
+            for y in others:
+                if y != x:
+                    pairs.add((x, y))
+                    pairs.add((y, x))
     for r in _changed_rules(before, after):
         srcs: set[str] = set()
         dsts: set[str] = set()
         for pol in (before, after):
-            srcs |= {e.id for e in pol.select([s for s in r.from_ if not s.only_cidr()]) if e.ips}
-            dsts |= {e.id for e in pol.select([s for s in r.to if not s.only_cidr()]) if e.ips}
             # a {cidr} selector selects endpoints inside it too (Policy.select reads it that way)
-            srcs |= {e.id for e in pol.select([s for s in r.from_ if s.only_cidr()]) if e.ips}
-            dsts |= {e.id for e in pol.select([s for s in r.to if s.only_cidr()]) if e.ips}
+            srcs |= {e.id for e in pol.select(r.from_) if e.ips}
+            dsts |= {e.id for e in pol.select(r.to) if e.ips}
         if any(s.only_cidr() for s in r.from_):
-            srcs |= set(ext)
+            srcs |= ext
         if any(s.only_cidr() for s in r.to):
-            dsts |= set(ext)
+            dsts |= ext
         pairs |= {(s, d) for s in srcs for d in dsts if s != d}
     # external -> external is never governed by VNet
-    return {(s, d) for s, d in pairs if s in before.endpoints or s in after.endpoints
-            or d in before.endpoints or d in after.endpoints}
+    return {(s, d) for s, d in pairs if s not in ext or d not in ext}
 
 
 # ----------------------------------------------------------------------------- verdicts per pair
 
-def _cuts(pol: Policy, src: str, dst: str, protocol: str) -> set[int]:
-    """Port bounds where the verdict of ``src -> dst`` may change (rules, published ports)."""
-    out: set[int] = set()
-    for r in pol.rules:
-        for p in r.ports or []:
-            if p.protocol == protocol and p.port is not None:
-                out.add(p.port)
-                out.add((p.end_port or p.port) + 1)
-    de = pol.endpoints.get(dst)
-    if de is not None and src not in pol.endpoints:
-        for pb in pol.published(de):
-            if pb.protocol == protocol:
-                out |= {pb.port, pb.port + 1}
-    return out
+class _Snap:
+    """One snapshot and, per rule, whom it can select on each side (a superset: the verdict
+    decides), so a pair's port bounds come only from the rules that can match it."""
+
+    def __init__(self, pol: Policy) -> None:
+        self.pol = pol
+        self.rules: list[tuple[AllowRule, set[str], set[str], bool, bool]] = [
+            (r, {e.id for e in pol.select(r.from_)}, {e.id for e in pol.select(r.to)},
+             any(x.only_cidr() for x in r.from_), any(x.only_cidr() for x in r.to)) for r in pol.rules]
+
+    def candidates(self, src: str, dst: str) -> list[AllowRule]:
+        s_ext, d_ext = src not in self.pol.endpoints, dst not in self.pol.endpoints
+        return [r for r, f, t, fx, tx in self.rules if (fx if s_ext else src in f) and (tx if d_ext else dst in t)]
+
+    def shape(self, src: str, dst: str) -> tuple[bool | None, dict[str, set[int]]]:
+        """``(allowed, {})`` when every protocol and port has the same verdict, else
+        ``(None, cuts)``: the port bounds between which the verdict is constant."""
+        pol = self.pol
+        if not (_present(pol, src) and _present(pol, dst)):
+            return False, {}
+        es, ed = pol.endpoints.get(src), pol.endpoints.get(dst)
+        if es is not None and ed is not None and not pol.relations(es.network, ed.network):
+            return False, {}  # unrelated networks: no path, whatever the rules (most pairs of a rule)
+        v = pol.verdict(src, dst, "icmp")
+        if not v.path:
+            return v.allowed, {}  # no path (or mixed families): no rule can help
+        if v.allowed and v.by == "mode":
+            return True, {}  # the modes allow it: every protocol, every port
+        cands = self.candidates(src, dst)
+        de = pol.endpoints.get(dst)
+        published = pol.published(de) if de is not None and src not in pol.endpoints else []
+        if not cands and not published:
+            return False, {}
+        cuts: dict[str, set[int]] = {p: set() for p in PORT_PROTOCOLS}
+        for r in cands:
+            for ps in r.ports or []:
+                if ps.protocol in cuts and ps.port is not None:
+                    cuts[ps.protocol] |= {ps.port, (ps.end_port or ps.port) + 1}
+        for pb in published:
+            cuts[pb.protocol] |= {pb.port, pb.port + 1}
+        return None, cuts
 
 
 def pair_verdicts(pol: Policy, src: str, dst: str, cuts: dict[str, set[int]]) -> list[tuple[str, int, int, bool]]:
@@ -242,10 +277,14 @@ def pair_verdicts(pol: Policy, src: str, dst: str, cuts: dict[str, set[int]]) ->
         if proto not in PORT_PROTOCOLS:
             out.append((proto, 0, 0, _allowed(pol, src, dst, proto)))
             continue
-        bounds = sorted({1, MAX_PORT + 1} | {c for c in cuts.get(proto, set()) if 1 <= c <= MAX_PORT + 1})
-        for lo, nxt in itertools.pairwise(bounds):
-            out.append((proto, lo, nxt - 1, _allowed(pol, src, dst, proto, lo)))
+        for lo, hi in _intervals(cuts.get(proto, set())):
+            out.append((proto, lo, hi, _allowed(pol, src, dst, proto, lo)))
     return out
+
+
+def _intervals(cuts: set[int]) -> list[tuple[int, int]]:
+    bounds = sorted({1, MAX_PORT + 1} | {c for c in cuts if 1 <= c <= MAX_PORT + 1})
+    return [(lo, nxt - 1) for lo, nxt in itertools.pairwise(bounds)]
 
 
 def _present(pol: Policy, party: str) -> bool:
@@ -266,21 +305,24 @@ def _allowed(pol: Policy, src: str, dst: str, protocol: str, port: int | None = 
     return pol.verdict(src, dst, protocol, port).allowed
 
 
-def _no_path(pol: Policy, src: str, dst: str) -> bool:
-    if not (_present(pol, src) and _present(pol, dst)):
-        return True
-    v = pol.verdict(src, dst, "icmp")
-    return not v.allowed and not v.path
+def _const(allowed: bool, cuts: dict[str, set[int]]) -> list[tuple[str, int, int, bool]]:
+    out: list[tuple[str, int, int, bool]] = []
+    for proto in PROTOCOLS:
+        if proto not in PORT_PROTOCOLS:
+            out.append((proto, 0, 0, allowed))
+        else:
+            out += [(proto, lo, hi, allowed) for lo, hi in _intervals(cuts.get(proto, set()))]
+    return out
 
 
-def pair_paths(before: Policy, after: Policy, src: str, dst: str) -> list[Path]:
-    """The paths of ``src -> dst`` the change opens or closes (merged port ranges; ``any``
-    when every protocol and port changed the same way)."""
-    if _no_path(before, src, dst) and _no_path(after, src, dst):
-        return []  # neither snapshot has a path: no port can differ (cheap exit for most pairs)
-    cuts = {p: _cuts(before, src, dst, p) | _cuts(after, src, dst, p) for p in PORT_PROTOCOLS}
-    vb = pair_verdicts(before, src, dst, cuts)
-    va = pair_verdicts(after, src, dst, cuts)
+def _pair(sb: _Snap, sa: _Snap, src: str, dst: str) -> list[Path]:
+    cb, cuts_b = sb.shape(src, dst)
+    ca, cuts_a = sa.shape(src, dst)
+    if cb is not None and ca is not None:  # constant on both sides: one verdict each said it all
+        return [] if cb == ca else [Path(src, dst, "any", 0, 0, ca)]
+    cuts = {p: cuts_b.get(p, set()) | cuts_a.get(p, set()) for p in PORT_PROTOCOLS}
+    vb = _const(cb, cuts) if cb is not None else pair_verdicts(sb.pol, src, dst, cuts)
+    va = _const(ca, cuts) if ca is not None else pair_verdicts(sa.pol, src, dst, cuts)
     changed: list[Path] = []
     for (proto, lo, hi, b), (_, _, _, a) in zip(vb, va, strict=True):
         if a == b:
@@ -296,13 +338,20 @@ def pair_paths(before: Policy, after: Policy, src: str, dst: str) -> list[Path]:
     return changed
 
 
+def pair_paths(before: Policy, after: Policy, src: str, dst: str) -> list[Path]:
+    """The paths of ``src -> dst`` the change opens or closes (merged port ranges; ``any``
+    when every protocol and port changed the same way)."""
+    return _pair(_Snap(before), _Snap(after), src, dst)
+
+
 def paths(before: Policy, after: Policy, pairs: Iterable[tuple[str, str]] | None = None) -> list[Path]:
     """Every opened or closed path over ``pairs`` (default: :func:`affected_pairs`)."""
     ext = external_parties(before, after)
     todo = affected_pairs(before, after, ext) if pairs is None else set(pairs)
+    sb, sa = _Snap(before), _Snap(after)
     out: list[Path] = []
     for s, d in sorted(todo):
-        out += pair_paths(before, after, s, d)
+        out += _pair(sb, sa, s, d)
     return out
 
 
@@ -310,9 +359,10 @@ def diff(before: Policy, after: Policy) -> ReachDiff:
     """What changing ``before`` into ``after`` opens and closes, grouped."""
     ext = external_parties(before, after)
     todo = affected_pairs(before, after, ext)
+    sb, sa = _Snap(before), _Snap(after)
     found: list[Path] = []
     for s, d in sorted(todo):
-        found += pair_paths(before, after, s, d)
+        found += _pair(sb, sa, s, d)
     groups: dict[tuple[bool, str, str, str], list[Path]] = {}
     for p in found:
         pol = after if (p.src in after.endpoints or p.dst in after.endpoints) else before
