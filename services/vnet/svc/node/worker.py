@@ -56,6 +56,7 @@ import contextvars
 import ipaddress
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,20 @@ def dataplane_mode(host_netns: str | None) -> tuple[bool, str]:
     return True, ""
 
 
+def _socket_cache_size() -> int:
+    """Namespaces whose netlink socket the reconciler keeps open (2 descriptors each). A full
+    resync visits every container in turn, so a cache smaller than the number of containers
+    misses on every one of them (LRU under a cyclic scan): as large as a quarter of the
+    descriptor limit allows, at least 1,024."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 1024
+    if soft == resource.RLIM_INFINITY:
+        return 16384
+    return max(1024, min(16384, soft // 4))
+
+
 def _float_param(params: dict[str, str], name: str, default: float) -> float:
     raw = params.get(name)
     if raw is None:
@@ -220,7 +235,8 @@ class NodeWorker:
             from vnet.svc.node.reconcile import Reconciler
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vnet-node-{self.node}")
-            self.rec = Reconciler(self.host_netns, node_name=self.node, state_dir=self.rt.config.node_state_dir)
+            self.rec = Reconciler(self.host_netns, node_name=self.node, state_dir=self.rt.config.node_state_dir,
+                                  max_namespaces=_socket_cache_size())
             log.info("node %s: managing %s (full resync every %.1fs)", self.node,
                      f"namespace {self.host_netns}" if self.host_netns else "the namespace it runs in", self.resync_s)
         else:
