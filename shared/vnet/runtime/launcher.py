@@ -139,6 +139,21 @@ async def run(name: str, config: VNetConfig, params: dict[str, str]) -> None:
     log.info("%s stopped (%s)", defn.name, reasons[0].describe())
 
 
+async def run_simulated(config: VNetConfig, base: str, n: int) -> None:
+    """``vnet-node --simulate N``: N simulated node workers on one connection until a stop signal."""
+    from vnet.svc.node.simulate import node_names, run_fleet
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_stop(reason: StopReason) -> None:
+        loop.call_soon_threadsafe(stop.set)
+        log.warning("simulated nodes: %s; stopping", reason.describe())
+
+    StopSignals(on_stop).start()
+    await run_fleet(config, node_names(base, n), stop)
+
+
 def _main(name: str, argv: list[str] | None, node: bool) -> int:
     p = argparse.ArgumentParser(prog="vnet-node" if node else "vnet-service")
     if not node:
@@ -158,6 +173,9 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         p.add_argument("--cni", action="store_true",
                        help="serve the vnet-cni plugin on a unix socket (docs/cni.md)")
         p.add_argument("--cni-socket", help="the CNI socket (default /run/vnet/cni.sock)")
+        p.add_argument("--simulate", type=int, metavar="N", default=0,
+                       help="run N simulated nodes in this process (no kernel, no root: a recording data "
+                       "plane; names <node-id>-0000... when N > 1); see vnet.svc.node.simulate")
     args = p.parse_args(argv)
     # Before anything starts a thread (tracing exporters, the loop's executor): see StopSignals.
     block_stop_signals()
@@ -194,6 +212,12 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         if args.cni_socket:
             params["cni_socket"] = args.cni_socket
     try:
+        if node and args.simulate:
+            if args.simulate < 1:
+                print("vnet-node: --simulate needs N >= 1", file=sys.stderr)
+                return 2
+            asyncio.run(run_simulated(config, params["node"], args.simulate))
+            return 0
         asyncio.run(run(svc, config, params))
     except VNetError as err:
         log.error("%s did not start or stopped on an error: %s", svc, err.message)
