@@ -192,6 +192,13 @@ def exported_metrics() -> dict[str, set[str]]:
         service="network", instance="i1", started=0.0, buckets=[0.01, 0.1],
         ops=[OpCounter(op="create", count=3, errors={"subnet_overlap": 1}, bucket_counts=[1, 3], sum_s=0.1)])
     st.events[("network", "created")] = 1
+    from vnet.contracts.ipam import PoolInfo
+    from vnet.core.forecast import PoolForecast
+
+    st.pools = [PoolInfo(network_id="n1", family=4, cidr="10.0.0.0/24", gateway="10.0.0.1", capacity=253, used=10,
+                         free=243, cursor=None,
+                         forecast=PoolForecast(alloc_per_h=4.0, release_per_h=1.0, net_per_h=3.0, exhaustion_s=291600.0,
+                                               fullness=0.04, window_s=900.0))]
     out: dict[str, set[str]] = {}
     for fam in metrics_service.VNetCollector(st).collect():
         for sample in fam.samples:

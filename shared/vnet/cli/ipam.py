@@ -2,7 +2,7 @@
 
 ::
 
-    vnetctl ipam pools                      # every pool: capacity, used, free, cursor
+    vnetctl ipam pools                      # every pool: capacity, used, free, cursor, rates, time to full
     vnetctl ipam pools web --json
     vnetctl ipam request web ep-1 [--address 10.1.0.9] [--family 6]
     vnetctl ipam release web ep-1
@@ -21,6 +21,7 @@ from rich.text import Text
 from vnet.cli import output
 from vnet.cli.main import cli, console, escape, load_config, print_json, run_async
 from vnet.contracts.ipam import CheckReply, GcReply, PoolInfo
+from vnet.core.forecast import human_duration
 
 
 @cli.group()
@@ -32,7 +33,18 @@ def _pct(used: int, capacity: int) -> str:
     return f"{100.0 * used / capacity:.1f}%" if capacity else "-"
 
 
-POOL_COLUMNS = ("network", "family", "cidr", "gateway", "capacity", "used", "free", "use", "cursor")
+POOL_COLUMNS = ("network", "family", "cidr", "gateway", "capacity", "used", "free", "use", "cursor", "alloc/h",
+                "release/h", "full in")
+
+
+def _forecast_cells(p: PoolInfo) -> list[output.Cell]:
+    """Rates over the last 15 minutes and the time to exhaustion at that rate ("never": not filling)."""
+    f = p.forecast
+    if f is None:
+        return ["-", "-", "-"]
+    eta = f.exhaustion_s
+    style = "red" if eta is not None and eta < 3600 else ("yellow" if eta is not None and eta < 86400 else "")
+    return [f"{f.alloc_per_h:g}", f"{f.release_per_h:g}", Text(human_duration(eta), style=style)]
 
 
 def _pools_table(pools: list[PoolInfo], title: str, empty: str = "no IPAM pools") -> None:
@@ -43,8 +55,10 @@ def _pools_table(pools: list[PoolInfo], title: str, empty: str = "no IPAM pools"
             cidr.append(f" (first {p.window:,})", style="dim")
         color = "red" if p.free == 0 else ("yellow" if p.capacity and p.free / p.capacity < 0.1 else "")
         rows.append([p.network_id, f"IPv{p.family}", cidr, p.gateway or "-", f"{p.capacity:,}", f"{p.used:,}",
-                     Text(f"{p.free:,}", style=color), _pct(p.used, p.capacity), p.cursor or "-"])
-    output.table(POOL_COLUMNS, rows, empty=empty, title=title, right=("capacity", "used", "free", "use"))
+                     Text(f"{p.free:,}", style=color), _pct(p.used, p.capacity), p.cursor or "-",
+                     *_forecast_cells(p)])
+    output.table(POOL_COLUMNS, rows, empty=empty, title=title,
+                 right=("capacity", "used", "free", "use", "alloc/h", "release/h", "full in"))
 
 
 def _size(cidr: str) -> int:
@@ -59,7 +73,8 @@ def _size(cidr: str) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def pools_cmd(ctx: click.Context, network: str | None, family: str | None, as_json: bool) -> None:
-    """Pools (of NETWORK, or all): capacity, used, free and the serial cursor."""
+    """Pools (of NETWORK, or all): capacity, used, free, the serial cursor, allocations and
+    releases per hour (last 15 minutes) and the time until full at that rate."""
     cfg = load_config(ctx)
     fam = int(family) if family else None
     rows = run_async(lambda m: m.pools(network, fam), cfg)

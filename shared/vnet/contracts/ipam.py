@@ -8,6 +8,7 @@ from typing import Annotated
 import msgspec
 
 from vnet.contracts.messages import RequestId
+from vnet.core.forecast import PoolForecast
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 Cidr = Annotated[str, msgspec.Meta(min_length=3, max_length=64)]
@@ -49,6 +50,8 @@ class PoolInfo(msgspec.Struct, kw_only=True):
     reserved: list[str] = []
     excluded: list[str] = []
     created_at: float = 0.0
+    # pool.get / pool.list: allocation and release rates and the time to exhaustion
+    forecast: PoolForecast | None = None
 
 
 class PoolsReply(msgspec.Struct, kw_only=True):
@@ -220,6 +223,19 @@ class PoolEvent(msgspec.Struct, kw_only=True):
     cidr: str
     capacity: int
     released: int = 0
+
+
+class PoolFullness(msgspec.Struct, kw_only=True):
+    """Payload of ``vnet.evt.ipam.pool_fullness.<id>``: the pool reached ``level`` (0.8, 0.95)
+    of its capacity (once per crossing; again only after it fell below and rose again)."""
+
+    network_id: str
+    family: int
+    cidr: str
+    level: float
+    used: int
+    capacity: int
+    forecast: PoolForecast | None = None
 
 
 class PoolExclude(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

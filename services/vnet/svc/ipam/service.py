@@ -12,6 +12,12 @@ one replica at a time) releases allocations whose owner is not in the endpoint i
 (``ipam_gc_grace_s``, default 60 s), so an endpoint or network being created right now
 is not collected. A missing index (no endpoint / network ever registered) disables that
 half of the collection instead of treating everything as orphaned.
+
+Forecasts (``docs/operations.md``): allocations and releases are counted per pool in
+one-minute buckets (``vnet.adapters.ipam_rates``); ``pool.get`` / ``pool.list`` answer
+each pool's ``forecast`` (rates over the last 15 minutes and the time to exhaustion,
+:func:`vnet.core.forecast.forecast`), and an allocation that takes a pool to 80 % or
+95 % publishes ``vnet.evt.ipam.pool_fullness.<id>`` once per crossing.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import asyncio
 import logging
 import random
 import re
+import time
 from typing import Any
 
 from vnet.adapters import ipam_store as st
+from vnet.adapters.ipam_rates import IpamRates
 from vnet.adapters.ipam_store import IpamStore, PoolMeta
 from vnet.adapters.redis import load_scripts
 from vnet.contracts import subjects
@@ -44,6 +52,7 @@ from vnet.contracts.ipam import (
     PoolDeleteReply,
     PoolEvent,
     PoolExclude,
+    PoolFullness,
     PoolInfo,
     PoolList,
     PoolRef,
@@ -51,6 +60,7 @@ from vnet.contracts.ipam import (
     ReleaseReply,
 )
 from vnet.core import errors as E
+from vnet.core import forecast as fc
 from vnet.core import ipam as core
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 
@@ -80,6 +90,7 @@ def _store(ctx: Ctx | Runtime) -> IpamStore:
 @SERVICE.starting
 async def _start(rt: Runtime) -> None:
     rt.state["ipam_store"] = IpamStore(rt.redis)
+    rt.state["ipam_rates"] = IpamRates(rt.redis)
     await load_scripts(rt.redis, *st.SCRIPTS)
     interval, _ = gc_settings(rt)
     if interval > 0:
@@ -122,6 +133,47 @@ async def _event(ctx: Ctx, name: str, m: PoolMeta, released: int = 0) -> None:
         await ctx.publish_event("ipam", name, ident, payload, msg_id=f"ipam.{name}.{ident}.{m.gen}")
     except Exception as exc:  # the pool change is done; a lost event must not undo or fail it
         log.warning("could not publish ipam %s event for %s: %s", name, m.network_id, exc)
+
+
+def _rates(ctx: Ctx | Runtime) -> IpamRates:
+    rt = ctx.rt if isinstance(ctx, Ctx) else ctx
+    rates: IpamRates = rt.state["ipam_rates"]
+    return rates
+
+
+async def _with_forecasts(ctx: Ctx, metas: list[PoolMeta]) -> list[PoolInfo]:
+    """Pool infos with their forecasts (one pipelined read for the page)."""
+    now = time.time()
+    infos = [pool_info(m) for m in metas]
+    try:
+        got = await _rates(ctx).buckets([(m.network_id, m.family) for m in metas], now)
+    except Exception as exc:  # a forecast is an extra: the pools are still the answer
+        log.warning("no forecasts: %s", exc)
+        return infos
+    for info, m, b in zip(infos, metas, got, strict=True):
+        info.forecast = fc.forecast(b, now=now, used=m.used, capacity=m.layout.capacity, created_at=m.created_at)
+    return infos
+
+
+async def _count(ctx: Ctx, network_id: str, family: int, layout: core.PoolLayout, *, allocs: int = 0,
+                 releases: int = 0) -> None:
+    """Count for the forecast; announce a fullness level the pool reached (best effort)."""
+    try:
+        rates = _rates(ctx)
+        now = time.time()
+        used = await rates.note(network_id, family, now=now, allocs=allocs, releases=releases)
+        levels = await rates.crossings(network_id, family, used, layout.capacity)
+        if not levels:
+            return
+        got = (await rates.buckets([(network_id, family)], now))[0]
+        f = fc.forecast(got, now=now, used=used, capacity=layout.capacity)
+        ident = f"{_EVENT_TOKEN_BAD.sub('_', network_id)}_{family}"
+        for lv in levels:
+            await ctx.publish_event("ipam", "pool_fullness", ident,
+                                    PoolFullness(network_id=network_id, family=family, cidr=layout.cidr, level=lv,
+                                                 used=used, capacity=layout.capacity, forecast=f))
+    except Exception as exc:  # the allocation is done: a lost count must not fail it
+        log.warning("could not count or announce for pool %s/%d: %s", network_id, family, exc)
 
 
 # --- pools ------------------------------------------------------------------------------
@@ -178,7 +230,7 @@ async def pool_get(ctx: Ctx, req: PoolRef) -> PoolsReply:
             raise st.pool_not_found(req.network_id, req.family)
         raise E.make(E.POOL_NOT_FOUND, f"network {req.network_id} has no IPAM pool; the network service creates "
                      "them with the network (`vnetctl ipam pools` lists every pool)", network_id=req.network_id)
-    return PoolsReply(pools=[pool_info(m) for m in pools])
+    return PoolsReply(pools=await _with_forecasts(ctx, pools))
 
 
 @SERVICE.op("pool.list", subjects.IPAM_POOL_LIST, PoolList,
@@ -191,7 +243,7 @@ async def pool_list(ctx: Ctx, req: PoolList) -> PoolsReply:
     page = pools[:req.limit]
     more = len(pools) > req.limit
     last = page[-1] if more else None
-    return PoolsReply(pools=[pool_info(m) for m in page],
+    return PoolsReply(pools=await _with_forecasts(ctx, page),
                       next_cursor=_cursor(last.network_id, last.family, 0) if last is not None else None)
 
 
@@ -208,6 +260,8 @@ async def addr_request(ctx: Ctx, req: AddrRequest) -> AddrReply:
         family = addr.version  # the family follows a static address
     got = await _store(ctx).allocate(req.network_id, family, req.owner, req.address, req.request_id)
     lay = got.layout
+    if not got.existing:  # a retry allocated nothing new
+        await _count(ctx, req.network_id, family, lay, allocs=1)
     return AddrReply(network_id=req.network_id, family=family, address=got.address, prefix_len=lay.prefix_len,
                      gateway=str(lay.gateway) if lay.gateway is not None else None, owner=req.owner,
                      allocated_at=got.allocated_at)
@@ -217,6 +271,14 @@ async def addr_request(ctx: Ctx, req: AddrRequest) -> AddrReply:
 async def addr_release(ctx: Ctx, req: AddrRelease) -> ReleaseReply:
     store = _store(ctx)
     results = await asyncio.gather(*(store.release(req.network_id, fam, req.owner) for fam in (4, 6)))
+    for r in results:
+        if r is None:
+            continue
+        try:
+            _, layout = await store.layout(req.network_id, r.family)  # cached: no round trip as a rule
+        except E.VNetError:
+            continue  # the pool went away meanwhile: nothing left to forecast
+        await _count(ctx, req.network_id, r.family, layout, releases=1)
     return ReleaseReply(released=[r.address for r in results if r is not None])
 
 

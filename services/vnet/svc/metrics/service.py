@@ -6,7 +6,12 @@
 * ``vnet_operations_total{service,op}``, ``vnet_operation_errors_total{service,op,code}``,
   ``vnet_operation_duration_seconds{service,op}``: summed over the cumulative reports
   every service instance publishes on ``vnet.metrics.report.<service>.<instance>``;
-* ``vnet_events_total{domain,event}``: events seen on the stream.
+* ``vnet_events_total{domain,event}``: events seen on the stream;
+* per IPAM pool (``network_id``, ``family``), from ``vnet.ipam.pool.list`` every
+  ``POOLS_REFRESH_S``: ``vnet_ipam_pool_capacity``, ``vnet_ipam_pool_used``,
+  ``vnet_ipam_pool_fullness_ratio``, ``vnet_ipam_pool_alloc_per_hour``,
+  ``vnet_ipam_pool_release_per_hour`` and ``vnet_ipam_pool_exhaustion_seconds`` (the time
+  to exhaustion at the current rate; absent for a pool that is not filling).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from nats.aio.subscription import Subscription
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from vnet.adapters import nats as nats_adapter
 from vnet.adapters import redis as redis_adapter
 from vnet.adapters.nats import DurableConsumer
 from vnet.contracts import subjects
+from vnet.contracts.ipam import PoolInfo, PoolList, PoolsReply
 from vnet.contracts.messages import Empty, MetricsReport, MetricsSummary
 from vnet.core import errors as E
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
@@ -37,6 +44,15 @@ SERVICE = ServiceDef("metrics", "Metrics: Prometheus /metrics for networks, endp
 NETWORKS_INDEX = redis_adapter.global_key("networks")
 ENDPOINTS_INDEX = redis_adapter.global_key("endpoints")
 REFRESH_S = 2.0
+POOLS_REFRESH_S = 10.0
+POOL_GAUGES: tuple[tuple[str, str], ...] = (
+    ("vnet_ipam_pool_capacity", "Assignable addresses of an IPAM pool"),
+    ("vnet_ipam_pool_used", "Addresses allocated in an IPAM pool"),
+    ("vnet_ipam_pool_fullness_ratio", "Used / capacity of an IPAM pool (0..1)"),
+    ("vnet_ipam_pool_alloc_per_hour", "Allocations per hour in an IPAM pool (last 15 minutes)"),
+    ("vnet_ipam_pool_release_per_hour", "Releases per hour in an IPAM pool (last 15 minutes)"),
+    ("vnet_ipam_pool_exhaustion_seconds", "Time until an IPAM pool is full at the current net allocation rate"),
+)
 
 
 class State:
@@ -47,6 +63,7 @@ class State:
         self.endpoints = 0
         self.events: dict[tuple[str, str], int] = {}
         self.http_port = 0
+        self.pools: list[PoolInfo] = []
 
 
 class VNetCollector(Collector):
@@ -59,6 +76,7 @@ class VNetCollector(Collector):
             reports = list(st.reports.values())
             networks, endpoints = st.networks, st.endpoints
             events = dict(st.events)
+            pools = list(st.pools)
         yield GaugeMetricFamily("vnet_networks_total", "Virtual networks that exist", value=networks)
         yield GaugeMetricFamily("vnet_endpoints_total", "Endpoints that exist", value=endpoints)
         ops = CounterMetricFamily("vnet_operations", "Operations handled, by service and op",
@@ -95,6 +113,44 @@ class VNetCollector(Collector):
         for (d, e), n in sorted(events.items()):
             ev.add_metric([d, e], n)
         yield ev
+        yield from _pool_gauges(pools)
+
+
+def _pool_gauges(pools: list[PoolInfo]) -> Iterable[GaugeMetricFamily]:
+    fams = {name: GaugeMetricFamily(name, doc, labels=["network_id", "family"]) for name, doc in POOL_GAUGES}
+    for p in pools:
+        lbl = [p.network_id, str(p.family)]
+        fams["vnet_ipam_pool_capacity"].add_metric(lbl, p.capacity)
+        fams["vnet_ipam_pool_used"].add_metric(lbl, p.used)
+        f = p.forecast
+        fams["vnet_ipam_pool_fullness_ratio"].add_metric(lbl, f.fullness if f else
+                                                         (p.used / p.capacity if p.capacity else 1.0))
+        if f is None:
+            continue
+        fams["vnet_ipam_pool_alloc_per_hour"].add_metric(lbl, f.alloc_per_h)
+        fams["vnet_ipam_pool_release_per_hour"].add_metric(lbl, f.release_per_h)
+        if f.exhaustion_s is not None:
+            fams["vnet_ipam_pool_exhaustion_seconds"].add_metric(lbl, f.exhaustion_s)
+    yield from fams.values()
+
+
+async def _refresh_pools(rt: Runtime, st: State) -> None:
+    """Every pool with its forecast, from the IPAM service (a page at a time)."""
+    pools: list[PoolInfo] = []
+    cursor: str | None = None
+    try:
+        while True:
+            page, _ = await nats_adapter.request(rt.nc, subjects.IPAM_POOL_LIST, PoolList(limit=1000, cursor=cursor),
+                                                 PoolsReply, timeout=rt.config.request_timeout_s)
+            pools += page.pools
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+    except Exception as exc:  # IPAM down or slow: keep the last picture
+        log.debug("cannot list IPAM pools: %s", exc)
+        return
+    with st.lock:
+        st.pools = pools
 
 
 async def _refresh(rt: Runtime, st: State) -> None:
@@ -163,7 +219,13 @@ async def _start(rt: Runtime) -> None:
             await _refresh(rt, st)
             await asyncio.sleep(REFRESH_S)
 
+    async def pool_refresher() -> None:
+        while True:
+            await _refresh_pools(rt, st)
+            await asyncio.sleep(POOLS_REFRESH_S)
+
     rt.spawn(refresher(), "refresh")
+    rt.spawn(pool_refresher(), "pools")
     log.info("serving /metrics on http://%s:%d/metrics", host, st.http_port)
 
 

@@ -1,0 +1,103 @@
+"""Address forecasts against the real IPAM and metrics services: rates and time to
+exhaustion in ``pool.get``, the 80 % / 95 % fullness events (once per crossing), and the
+``vnet_ipam_pool_*`` gauges on ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from tests.integration.test_metrics import scrape_until, value
+from vnet import VNetManager
+from vnet.adapters import nats as nats_adapter
+from vnet.runtime.config import VNetConfig
+from vnet.runtime.service import Runtime
+
+_dbs = itertools.cycle(range(13, 0, -1))
+
+
+@pytest.fixture
+async def env(config: VNetConfig, start_service: Callable[..., Awaitable[Runtime]]
+              ) -> AsyncIterator[tuple[VNetManager, Runtime]]:
+    base = config.redis_url.rsplit("/", 1)[0]
+    cfg = msgspec.structs.replace(config, redis_url=f"{base}/{next(_dbs)}", metrics_http_port=0)
+    r = aioredis.Redis.from_url(cfg.redis_url)
+    await r.flushdb()
+    await start_service("ipam", cfg=cfg)
+    metrics = await start_service("metrics", cfg=cfg)
+    mgr = VNetManager(cfg)
+    await mgr.__aenter__()
+    try:
+        yield mgr, metrics
+    finally:
+        await mgr.close()
+        await r.flushdb()
+        await r.aclose()
+
+
+async def test_rates_exhaustion_fullness_events_and_gauges(env: tuple[VNetManager, Runtime]) -> None:
+    m, metrics = env
+    nc = await nats_adapter.connect(m.config, "test-forecast-events")
+    got: list[dict[str, Any]] = []
+
+    async def on(msg: Any) -> None:
+        got.append(msgspec.json.decode(msg.data))
+
+    await nc.subscribe("vnet.evt.ipam.pool_fullness.>", cb=on)
+    try:
+        await m.create_pool("fc1", "10.205.0.0/28", "10.205.0.1")  # 13 assignable addresses
+        before = (await m.pool("fc1", 4))[0]
+        assert before.forecast is not None and before.forecast.exhaustion_s is None  # nothing allocated
+        for k in range(10):
+            await m.request_address("fc1", f"o{k}")
+        p = (await m.pool("fc1", 4))[0]
+        f = p.forecast
+        assert f is not None and p.used == 10
+        # the rate is over the time the window covers (the pool's age, one bucket at least; the
+        # reply says which), so the arithmetic is checked without depending on the clock
+        assert 60.0 <= f.window_s <= 900.0 and f.release_per_h == 0.0
+        assert f.alloc_per_h == pytest.approx(10 * 3600 / f.window_s, abs=0.01)
+        assert f.exhaustion_s == pytest.approx(3 / f.alloc_per_h * 3600, abs=0.5)  # 3 free at that rate
+        assert got == []  # 10 of 13 is below 80 % (ceil(10.4) = 11)
+        await m.request_address("fc1", "o10")  # 11: 80 %
+        await m.request_address("fc1", "o10")  # a repeat allocates nothing and counts nothing
+        await m.request_address("fc1", "o11")  # 12
+        await m.request_address("fc1", "o12")  # 13: 95 % (ceil(12.35) = 13) and full
+        await _until(lambda: len(got) >= 2)
+        assert [(e["level"], e["used"], e["capacity"]) for e in got] == [(0.8, 11, 13), (0.95, 13, 13)]
+        assert got[1]["forecast"]["exhaustion_s"] == 0.0
+        p = (await m.pool("fc1", 4))[0]
+        f = p.forecast
+        assert f is not None  # 13 allocations, not 14: the repeat did not count
+        assert f.alloc_per_h == pytest.approx(13 * 3600 / f.window_s, abs=0.01)
+        # falling below 95 % re-arms it; rising again announces it again (80 % stays announced)
+        await m.release_address("fc1", "o12")
+        await m.request_address("fc1", "o13")
+        await _until(lambda: len(got) >= 3)
+        await asyncio.sleep(0.5)
+        assert [e["level"] for e in got] == [0.8, 0.95, 0.95]
+        p = (await m.pool("fc1", 4))[0]
+        f = p.forecast
+        assert f is not None and f.release_per_h == pytest.approx(3600 / f.window_s, abs=0.01)
+    finally:
+        await nc.drain()
+    port = metrics.state["metrics"].http_port
+    lbl = {"network_id": "fc1", "family": "4"}
+    s = await scrape_until(port, lambda s: value(s, "vnet_ipam_pool_used", **lbl) == 13)
+    assert value(s, "vnet_ipam_pool_capacity", **lbl) == 13 and value(s, "vnet_ipam_pool_fullness_ratio", **lbl) == 1
+    assert value(s, "vnet_ipam_pool_alloc_per_hour", **lbl) > value(s, "vnet_ipam_pool_release_per_hour", **lbl) > 0
+    assert value(s, "vnet_ipam_pool_exhaustion_seconds", **lbl) == 0.0
+
+
+async def _until(pred: Callable[[], bool], deadline_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not pred():
+        assert loop.time() < end, "not within the deadline"
+        await asyncio.sleep(0.05)
