@@ -13,9 +13,10 @@ Decisions worth knowing (details in ``docs/networks.md``):
   write are one Lua script (``adapters/network_store.py``), so two replicas racing on
   overlapping subnets cannot both win; overlap costs one O(log n) index lookup.
 * **No partial state** — the IPAM pools are created *before* the commit with the new
-  network's id; if the commit fails they are deleted again; if this process dies in
-  between, the pools belong to a network that does not exist and the IPAM garbage
-  collector removes them after its grace period. Delete commits first and deletes the
+  network's id; if the commit says no they are deleted again; if its outcome is unknown
+  (a store timeout: the script may still run) or this process dies in between, they stay,
+  and if the network never lands they belong to a network that does not exist, which the
+  IPAM garbage collector removes after its grace period. Delete commits first and deletes the
   pools after, for the same reason.
 * **Carving** is next-fit from a cursor (like serial address allocation): a deleted
   network's subnet is not handed out again while other space is free. It skips existing
@@ -651,7 +652,13 @@ async def _create_locked(ctx: Ctx, st: NetworkStore, req: NetworkCreate, wants: 
                                   vni=options.get("vni", "auto") if driver == DriverType.OVERLAY else "",
                                   vni_range=(cfg.overlay_vni_min, cfg.overlay_vni_max))
         except BaseException:
-            await _delete_pools(ctx, ident)
+            # An error here does not say the script did not run: a timeout or a lost connection
+            # may come after Redis ran it, or Redis may run it once it thaws — and a retry with
+            # the same request_id then answers that network. Deleting the pools now would leave
+            # it without addresses for good, so they stay: if the network never lands, they are
+            # pools of a network that does not exist, which the IPAM GC collects.
+            log.warning("network %s (%s): the commit's outcome is unknown; its pools are kept for it or for the "
+                        "IPAM GC", req.name, ident)
             if parent is not None:
                 await _resync_parent(ctx, st, parent.id)
             raise
@@ -663,6 +670,10 @@ async def _create_locked(ctx: Ctx, st: NetworkStore, req: NetworkCreate, wants: 
             got = await st.get(ident)
             assert got is not None
             return got
+        if res.status == "dup" and res.id == ident:  # this very script ran before (a resent command)
+            got = await st.get(ident)
+            if got is not None:
+                return got
         await _delete_pools(ctx, ident)
         if parent is not None:  # the exclusion made for this attempt goes again
             await _resync_parent(ctx, st, parent.id)
