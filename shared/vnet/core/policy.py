@@ -572,6 +572,9 @@ class Policy:
                            rules=rules, reasons=reasons)
 
         reasons: list[str] = []
+        if sp.kind == "external" and dp.kind == "unassigned":
+            return out(False, [], "denied", [],
+                       [f"no endpoint owns {dp.address} (network {dp.network}): there is nothing there to reach"])
         if sp.kind == "external" and dp.kind != "endpoint":
             # Checked first: whatever else is true of the pair, VNet is not in the way.
             return out(True, [], "ungoverned", [],
