@@ -804,10 +804,13 @@ async def test_thousand_automatic_networks(env_factory: Callable[..., Awaitable[
     def med(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]
 
-    early, late = med(lat[5:15]), med(lat[990:1000])
+    # Medians over the first and the last ~200 creates (seconds of wall clock each), not over ten:
+    # a burst of other work on a shared machine then moves a window's median little. The bound
+    # is generous; the benchmark's figure is what this prints.
+    early, late = med(lat[10:200]), med(lat[800:1000])
     per_net = (mem1 - mem0) / 1000
-    print(f"\ncreate latency: 10th {early * 1e3:.2f} ms, 1000th {late * 1e3:.2f} ms (ratio {late / early:.2f}); "
-          f"Redis memory per network (registry + IPAM pool): {per_net:.0f} B")
+    print(f"\ncreate latency (median): creates 10-200 {early * 1e3:.2f} ms, 800-1000 {late * 1e3:.2f} ms "
+          f"(ratio {late / early:.2f}); Redis memory per network (registry + IPAM pool): {per_net:.0f} B")
     assert late <= 4 * early, "create cost grows with the number of networks"
 
 
