@@ -64,8 +64,11 @@ def redis_server(tmp_root: Path) -> Iterator[servers.ServerProc]:
 
 @pytest.fixture(scope="session")
 def config(nats_server: servers.ServerProc, redis_server: servers.ServerProc) -> VNetConfig:
+    # redis_timeout_s: valkey shares the machine with everything else a test run does; a command
+    # that waits its turn for seconds is slowness, not a dead store (the tests of dependency
+    # faults set their own short timeout).
     return VNetConfig.load(env={}, nats_url=nats_server.url, redis_url=redis_server.url,
-                           metrics_http_port=0, metrics_report_interval_s=0.2)
+                           metrics_http_port=0, metrics_report_interval_s=0.2, redis_timeout_s=15.0)
 
 
 @pytest.fixture
