@@ -52,6 +52,8 @@ class ClientBase:
         self._own_nc = nc is None
         self._lock = asyncio.Lock()
         self.last_trace_id: str | None = None
+        # (subject template, trace id) of every call, in order (vnetctl prints a mutation's)
+        self.trace_ids: list[tuple[str, str | None]] = []
 
     async def __aenter__(self) -> Self:
         await self._client()
@@ -78,6 +80,8 @@ class ClientBase:
         nc = await self._client()
         reply, self.last_trace_id = await nats_adapter.request(
             nc, subject, payload, reply_type, params=params, timeout=timeout or self.config.request_timeout_s)
+        if len(self.trace_ids) < 1000:  # a long-lived client keeps the first ones only
+            self.trace_ids.append((subject.template, self.last_trace_id))
         return reply
 
     # -- discovery and health ----------------------------------------------------------------

@@ -54,15 +54,48 @@ class VNetCli(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+# The last word of a subject that changes something: its trace id is printed (stderr).
+MUTATING_VERBS = frozenset({"create", "update", "delete", "connect", "disconnect", "add", "remove", "put",
+                            "request", "release", "exclude", "gc", "attach", "detach", "resync"})
+
+
+def mutation_trace_ids(calls: Sequence[tuple[str, str | None]]) -> list[str]:
+    """The trace ids of the calls that change something, once each, in order."""
+    out: list[str] = []
+    for template, tid in calls:
+        if tid and template.rsplit(".", 1)[-1] in MUTATING_VERBS and tid not in out:
+            out.append(tid)
+    return out
+
+
 def run_async(fn: Callable[[VNetManager], Awaitable[T]], config: VNetConfig) -> T:
+    from vnet.telemetry import tracing
+
+    # Every request of vnetctl is sampled: the services record the whole trace (to the OTLP
+    # endpoint, else to the local trace files `vnetctl trace` reads).
+    provider = tracing.make_tracer_provider("vnetctl", config.otlp_endpoint, sample_all=True)
+    tracing.use_tracer_provider(provider)
+    calls: list[tuple[str, str | None]] = []
+
     async def go() -> T:
         async with VNetManager(config) as m:
-            return await fn(m)
+            try:
+                return await fn(m)
+            finally:
+                calls.extend(m.trace_ids)
 
     try:
-        return asyncio.run(go())
+        result = asyncio.run(go())
     except VNetError as err:
         output.fail_with(err)
+    finally:
+        tracing.use_tracer_provider(None)
+        shutdown = getattr(provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # flush the client's spans before the process ends
+    for tid in mutation_trace_ids(calls):
+        err_console.print(styled(f"trace id: {tid}", "dim"), highlight=False)
+    return result
 
 
 def print_json(obj: Any) -> None:
@@ -201,7 +234,7 @@ def main() -> None:
 
 def register() -> None:
     """Import the verb modules (each adds its verbs to ``cli``); tests call this before invoking."""
-    from vnet.cli import cni, container, demo, endpoint, ipam, network, policy, reach, stack  # noqa: F401
+    from vnet.cli import cni, container, demo, endpoint, ipam, network, policy, reach, stack, trace  # noqa: F401
 
 
 if __name__ == "__main__":

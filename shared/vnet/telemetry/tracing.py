@@ -42,15 +42,18 @@ _cached_provider: trace.TracerProvider | None = None
 _cached_tracer: trace.Tracer | None = None
 
 
-def make_tracer_provider(service_name: str, otlp_endpoint: str | None = None) -> trace.TracerProvider:
+def make_tracer_provider(service_name: str, otlp_endpoint: str | None = None, *,
+                         sample_all: bool = False) -> trace.TracerProvider:
     """The SDK tracer provider a VNet process runs with.
 
     With an OTLP endpoint (argument or ``OTEL_EXPORTER_OTLP_ENDPOINT``) every span is
-    recorded and exported in batches. Without one nothing could ever see a recorded
-    span, so spans are not recorded unless the caller's trace is sampled
-    (``ParentBased(ALWAYS_OFF)``): trace ids are still made, propagated, returned in
-    ``Vnet-Trace-Id`` and written into log lines, at a third of the cost per request.
-    ``OTEL_TRACES_SAMPLER`` set in the environment wins over both.
+    recorded and exported in batches. Without one, spans are not recorded unless the
+    caller's trace is sampled (``ParentBased(ALWAYS_OFF)``): trace ids are still made,
+    propagated, returned in ``Vnet-Trace-Id`` and written into log lines, at a third of
+    the cost per request; the spans of sampled traces go to this process's local trace
+    file (:mod:`vnet.telemetry.local_traces`), which ``vnetctl trace`` reads.
+    ``sample_all`` (``vnetctl``): record every trace this process starts, so the
+    services record the rest of it. ``OTEL_TRACES_SAMPLER`` set in the environment wins.
     """
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -70,14 +73,20 @@ def make_tracer_provider(service_name: str, otlp_endpoint: str | None = None) ->
         except ImportError:  # the exporter is an optional extra (vnet[otlp])
             log.warning("OTLP endpoint %s given but opentelemetry-exporter-otlp is not installed "
                         "(pip install 'vnet[otlp]'); spans are not exported", endpoint)
-    if exporter is None and not os.environ.get("OTEL_TRACES_SAMPLER"):
+    if exporter is None and not sample_all and not os.environ.get("OTEL_TRACES_SAMPLER"):
         provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
     else:
         provider = TracerProvider(resource=resource)
-    if exporter is not None:
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
+    else:
+        from vnet.telemetry import local_traces
+
+        local = local_traces.make_exporter(service_name, client=sample_all)
+        if local is not None:  # written by the processor's thread, a fifth of a second later at most
+            provider.add_span_processor(BatchSpanProcessor(local, schedule_delay_millis=200))
     return provider
 
 
