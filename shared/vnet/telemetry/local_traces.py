@@ -116,7 +116,7 @@ def make_exporter(service: str, directory: Path | None = None, *, client: bool =
     if found is None:
         return None
     if (client and directory is None and not os.environ.get("VNET_TRACE_DIR")
-            and not (found.parent / STACK_FILE).exists()):
+            and not os.environ.get("VNET_STATE_DIR") and not (found.parent / STACK_FILE).exists()):
         return None  # no stack has lived in the default state directory: nothing to add the client's spans to
     d: Path = found
     try:
