@@ -107,6 +107,7 @@ async def _gc_loop(rt: Runtime) -> None:
             if not await store.try_lock(st.GC_LOCK, rt.instance or "ipam", interval * 0.8):
                 continue
             rep = await collect(store, grace)
+            await _note_collected(rt, rep)
             if rep.released or rep.pools_deleted or rep.index_repaired:
                 log.info("IPAM GC released %d allocations, deleted %d orphan pools, repaired %d index entries",
                          len(rep.released), len(rep.pools_deleted), rep.index_repaired)
@@ -506,7 +507,22 @@ async def _indexed(store: IpamStore, m: PoolMeta) -> bool:
 @SERVICE.op("gc", subjects.IPAM_GC, GcRequest)
 async def gc(ctx: Ctx, req: GcRequest) -> GcReply:
     _, grace = gc_settings(ctx.rt)
-    return await collect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id)
+    rep = await collect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id)
+    await _note_collected(ctx.rt, rep)
+    return rep
+
+
+async def _note_collected(rt: Runtime, rep: GcReply) -> None:
+    """What the collector released counts as releases in the forecasts (best effort)."""
+    per_pool: dict[tuple[str, int], int] = {}
+    for a in rep.released:
+        per_pool[(a.network_id, a.family)] = per_pool.get((a.network_id, a.family), 0) + 1
+    now = time.time()
+    for (nid, fam), n in sorted(per_pool.items()):
+        try:
+            await _rates(rt).note(nid, fam, now=now, releases=n)
+        except Exception as exc:
+            log.warning("could not count %d collected release(s) of pool %s/%d: %s", n, nid, fam, exc)
 
 
 @SERVICE.op("check", subjects.IPAM_CHECK, CheckRequest,
