@@ -34,6 +34,15 @@ T = TypeVar("T")
 EVENTS_DUPLICATE_WINDOW_S = 120.0
 
 
+def server_urls(nats_url: str) -> list[str]:
+    """``nats_url`` may name every server of a cluster, comma-separated: the client starts
+    with one of them (in random order, nats-py's default, so clients spread) and, when its
+    server dies, reconnects to a survivor (it also learns the cluster's other servers from
+    the one it is connected to)."""
+    urls = [u.strip() for u in nats_url.split(",") if u.strip()]
+    return urls or [nats_url]
+
+
 async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0,
                   allow_reconnect: bool = True, give_up_after: float | None = None) -> Client:
     """Connect, giving up after ``give_up_after`` seconds (default ``config.connect_timeout_s``).
@@ -64,7 +73,7 @@ async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0
         log.info("reconnected to NATS")
 
     opts: dict[str, Any] = dict(
-        servers=[config.nats_url],
+        servers=server_urls(config.nats_url),
         name=name,
         connect_timeout=connect_timeout,
         allow_reconnect=allow_reconnect,
@@ -214,13 +223,45 @@ async def ensure_events_stream(js: JetStreamContext) -> None:
         await js.stream_info(subjects.EVENTS_STREAM)
 
 
+# How long a publish of an event is retried while the bus cannot take it (a server of the
+# cluster died: the client reconnects to another and the stream elects a new leader, which
+# takes a second or two). Callers publish after committing, so giving up loses the event.
+PUBLISH_RETRY_S = 10.0
+# One attempt waits this long for the stream's ack: a publish written to a connection that
+# was dying is lost with it and only a timeout says so; a second copy is harmless (dedup).
+PUBLISH_ATTEMPT_S = 2.0
+_PUBLISH_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.5)
+
+
 async def publish_event(js: JetStreamContext, subject: str, event: Any, *, msg_id: str,
-                        template: str = subjects.EVT.template) -> int:
-    """Publish a domain event with ``Nats-Msg-Id`` (dedup) and trace context; returns its seq."""
+                        template: str = subjects.EVT.template, retry_for_s: float = PUBLISH_RETRY_S) -> int:
+    """Publish a domain event with ``Nats-Msg-Id`` (dedup) and trace context; returns its seq.
+
+    A publish that fails because the bus is down or moving (no ack, reconnecting, no
+    responders while the stream elects a leader) is sent again, with the same message id,
+    for up to ``retry_for_s``: the stream's duplicate window drops the second copy when the
+    first did land (its ack carries the first one's sequence), so an event is stored once and
+    an event whose ack was lost with a killed server is not missing."""
+    data = codec.encode(event)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for_s
+    attempt = 0
     with tracing.publish_span(template, subject) as hdrs:
         hdrs[H.MSG_ID] = msg_id
-        ack = await js.publish(subject, codec.encode(event), headers=hdrs, stream=subjects.EVENTS_STREAM)
-    return int(ack.seq)
+        while True:
+            try:
+                left = max(0.1, deadline - loop.time())
+                ack = await js.publish(subject, data, headers=hdrs, stream=subjects.EVENTS_STREAM,
+                                       timeout=min(PUBLISH_ATTEMPT_S, left) if retry_for_s > 0 else None)
+                return int(ack.seq)
+            except ConnectionClosedError:  # closed for good (stopping): nothing to wait for
+                raise
+            except _NATS_DOWN as exc:
+                if loop.time() >= deadline:
+                    raise
+                log.debug("publish of %s failed (%s); again with the same message id", subject, exc)
+                await asyncio.sleep(_PUBLISH_BACKOFF_S[min(attempt, len(_PUBLISH_BACKOFF_S) - 1)])
+                attempt += 1
 
 
 class DurableConsumer:

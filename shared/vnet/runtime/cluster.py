@@ -1,0 +1,142 @@
+"""A NATS cluster on loopback: N nats-servers joined by routes, VNET_EVENTS replicated on them.
+
+What ``vnetctl up --cluster N`` and the cluster tests run, and the shape of a real multi-host
+deployment (docs/scale.md): every server has the same users (the permission matrix's
+generated per-identity users, vnet.contracts.permissions), its own JetStream store, a client
+port and a route port; routes authenticate with their own generated user, so a client
+identity cannot open a route and a route identity is not a client. Clients get every
+server's URL (``nats_url`` as a comma-separated list, see :func:`vnet.adapters.nats.server_urls`)
+and reconnect to a survivor when theirs dies; the stream's R3 raft group keeps every
+acknowledged event through the loss of one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.client import Client
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from vnet.adapters import nats as nats_adapter
+from vnet.contracts import subjects
+from vnet.runtime import credentials, servers
+
+CLUSTER_NAME = "vnet"
+ROUTE_USER = "vnet-route"
+
+
+def cluster_block(*, name: str, port: int, peers: list[int], user: str, password: str,
+                  host: str = "127.0.0.1") -> str:
+    """The ``cluster {}`` section of one server: listen on ``port``, route to every peer."""
+    routes = ",\n".join(f"    nats-route://{user}:{password}@{host}:{p}" for p in peers)
+    return (f"cluster {{\n  name: {name}\n  listen: {host}:{port}\n"
+            f"  authorization {{\n    user: {user}\n    password: \"{password}\"\n    timeout: 2\n  }}\n"
+            f"  routes: [\n{routes}\n  ]\n}}\n")
+
+
+@dataclass
+class NatsCluster:
+    """N running nats-servers; ``url`` is what clients are given (every server, comma-separated)."""
+
+    servers: list[servers.ServerProc]
+    route_ports: list[int]
+    confs: list[Path]
+    root: Path
+    stopped: set[int] = field(default_factory=set)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.urls)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL server ``i`` (no goodbye to clients or routes: a crash)."""
+        s = self.servers[i]
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+        self.stopped.add(i)
+
+    def restart(self, i: int) -> None:
+        """Start server ``i`` again on the same ports, config and store (it rejoins and catches up)."""
+        s = self.servers[i]
+        if s.proc.poll() is None:
+            return
+        with open(s.log, "ab") as fh:
+            proc = subprocess.Popen(s.args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, preexec_fn=servers._die_with_parent)
+        servers._wait_port("127.0.0.1", s.port, proc, f"nats-server {i}", s.log)
+        s.proc = proc
+        self.stopped.discard(i)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+
+def start_nats_cluster(root: Path, n: int = 3, *, base_conf: str = "", route_password: str | None = None,
+                       monitor: bool = False) -> NatsCluster:
+    """Start ``n`` clustered nats-servers under ``root`` (``root/nats-<i>``).
+
+    ``base_conf``: the single-server config text (users and permissions, TLS) every server
+    gets; the route credentials are generated unless given. Each config file is 0600.
+    """
+    if n < 1:
+        raise ValueError("a cluster needs at least one server")
+    ports = [servers.free_port() for _ in range(n)]
+    route_ports = [servers.free_port() for _ in range(n)]
+    mon = [servers.free_port() for _ in range(n)] if monitor else [None] * n
+    password = route_password or credentials.new_password()
+    started: list[servers.ServerProc] = []
+    confs: list[Path] = []
+    try:
+        for i in range(n):
+            d = root / f"nats-{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            conf = d / "nats.conf"
+            peers = [p for j, p in enumerate(route_ports) if j != i]
+            text = (base_conf.rstrip() + "\n\n" if base_conf else "") + cluster_block(
+                name=CLUSTER_NAME, port=route_ports[i], peers=peers, user=ROUTE_USER, password=password)
+            credentials.private_write(conf, text.encode())
+            confs.append(conf)
+            # Each server waits for its client port only: the routes form once the others are up.
+            started.append(servers.start_nats(d, ports[i], monitor_port=mon[i], config_file=conf))
+    except BaseException:
+        for s in started:
+            s.stop()
+        raise
+    return NatsCluster(started, route_ports, confs, root)
+
+
+async def ensure_replicated_stream(nc: Client, replicas: int, *, timeout: float = 60.0) -> int:
+    """Create VNET_EVENTS with ``replicas`` replicas (or raise an R1 stream to it); its replica
+    count. Retried until the cluster has a JetStream meta leader (a few seconds after start)."""
+    js = nc.jetstream()
+    cfg = StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_WILDCARD], storage=StorageType.FILE,
+                       duplicate_window=nats_adapter.EVENTS_DUPLICATE_WINDOW_S, max_age=7 * 24 * 3600.0,
+                       num_replicas=replicas)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: BaseException | None = None
+    while loop.time() < deadline:
+        try:
+            try:
+                info = await js.stream_info(subjects.EVENTS_STREAM)
+            except NotFoundError:
+                info = await js.add_stream(cfg)
+            if (info.config.num_replicas or 1) < replicas:
+                cfg_now = info.config
+                cfg_now.num_replicas = replicas
+                info = await js.update_stream(cfg_now)
+            return int(info.config.num_replicas or 1)
+        except Exception as exc:  # no meta leader yet, "insufficient resources" until every peer joined
+            last = exc
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"could not make {subjects.EVENTS_STREAM} with {replicas} replicas: {last}")

@@ -1,0 +1,184 @@
+"""A three-server NATS cluster on loopback (vnet.runtime.cluster) under load, one server SIGKILLed.
+
+The cluster runs with the stack's authentication: the permission matrix's generated users on
+every server (each service, the node and the test client with their own identity) and a route
+user of its own. VNET_EVENTS has three replicas. Every process is given every server's URL.
+
+Under load (endpoint creates, each retried with its request_id until it is answered), the
+server the endpoint service is connected to is SIGKILLed. Then:
+
+* every connection that was on it is connected to a survivor again, within a bound
+  (measured, printed; the deadline is generous because the machine is shared);
+* no acknowledged create is lost: every endpoint a create returned exists, with its address,
+  and no address is held twice;
+* no event is missing: the stream has an ``endpoint.created`` event for each of them;
+* the stream still has three replicas once the server is back (it rejoins and catches up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from tests.conftest import fresh_db_config
+from vnet.adapters import nats as nats_adapter
+from vnet.client import VNetManager
+from vnet.contracts import permissions, subjects
+from vnet.runtime import cluster, credentials
+from vnet.runtime.config import VNetConfig
+from vnet.svc.node.simulate import SimulatedFleet
+
+pytestmark = pytest.mark.chaos
+
+SERVICES = ("ipam", "network", "endpoint", "policy")
+CREATES = 300
+INFLIGHT = 64
+RECONNECT_DEADLINE_S = 30.0  # generous (shared machine); the figure is printed
+
+
+def test_server_urls() -> None:
+    assert nats_adapter.server_urls("nats://a:1, nats://b:2,,nats://c:3") == ["nats://a:1", "nats://b:2",
+                                                                              "nats://c:3"]
+    assert nats_adapter.server_urls("nats://a:1") == ["nats://a:1"]
+
+
+def test_cluster_block_routes_to_peers_only() -> None:
+    text = cluster.cluster_block(name="vnet", port=7001, peers=[7002, 7003], user="r", password="pw")
+    assert "listen: 127.0.0.1:7001" in text
+    assert "nats-route://r:pw@127.0.0.1:7002" in text and "nats-route://r:pw@127.0.0.1:7003" in text
+    assert "7001\n" not in text.split("routes")[1]
+
+
+def _identity(cfg: VNetConfig, creds: credentials.Credentials, user: permissions.User) -> VNetConfig:
+    return msgspec.structs.replace(cfg, nats_user=user.name, nats_password=creds.nats[user.name])
+
+
+async def test_kill_one_nats_server_under_load(config: VNetConfig, tmp_path: Path, run_prefix: str,
+                                               start_service: Callable[..., Awaitable[Any]]) -> None:
+    node = f"{run_prefix}-cl"
+    creds = credentials.ensure(tmp_path, [node])
+    base_conf = permissions.local_nats_config(dict(creds.nats), [node])
+    cl = cluster.start_nats_cluster(tmp_path / "cluster", 3, base_conf=base_conf)
+    r: aioredis.Redis | None = None
+    fleet: SimulatedFleet | None = None
+    m: VNetManager | None = None
+    rts: list[Any] = []
+    try:
+        shared = msgspec.structs.replace(fresh_db_config(config), nats_url=cl.url, request_timeout_s=5.0)
+        r = aioredis.Redis.from_url(shared.redis_url)
+        await r.flushdb()
+        admin = _identity(shared, creds, permissions.admin_user())
+        # what the stack does before starting the services: with a service identity (services may
+        # create the stream, nobody may delete it)
+        setup = await nats_adapter.connect(_identity(shared, creds, permissions.service_user("endpoint")),
+                                           "test-cluster-setup")
+        try:
+            assert await cluster.ensure_replicated_stream(setup, 3) == 3
+        finally:
+            await setup.close()
+        rts += [await start_service(s, cfg=_identity(shared, creds, permissions.service_user(s))) for s in SERVICES]
+        fleet = SimulatedFleet(_identity(shared, creds, permissions.node_user(node)), [node])
+        await fleet.start()
+        m = VNetManager(admin)
+        await m.__aenter__()
+        for _ in range(600):
+            if any(n.node == node for n in await m.nodes()):
+                break
+            await asyncio.sleep(0.1)
+        net = await m.create_network(f"{run_prefix}-clnet", "10.78.0.0/22", driver="bridge")
+
+        acked: dict[str, Any] = {}  # container -> EndpointInfo
+        errors: list[str] = []
+        todo = iter(range(CREATES))
+
+        async def worker() -> None:
+            for i in todo:
+                cid, rid = f"{run_prefix}-k{i}", f"req-{uuid.uuid4().hex}"
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 60.0
+                while True:  # a client that did not get an answer retries with the same request_id
+                    try:
+                        acked[cid] = await m.create_endpoint(cid, net.id, node=node, request_id=rid)
+                        break
+                    except Exception as exc:
+                        if loop.time() > deadline:
+                            errors.append(f"{cid}: {exc}")
+                            break
+                        await asyncio.sleep(0.2)
+
+        load = [asyncio.create_task(worker()) for _ in range(INFLIGHT)]
+        for _ in range(12000):  # a third of the creates answered (a generous 10 min)
+            if len(acked) >= CREATES // 3:
+                break
+            await asyncio.sleep(0.05)
+        # kill the server the endpoint service talks to
+        ep_rt = rts[SERVICES.index("endpoint")]
+        victim_port = ep_rt.nc.connected_url.port
+        victim = next(i for i, s in enumerate(cl.servers) if s.port == victim_port)
+        conns = {"client": m._nc, "node": fleet.nc, **{s: rt.nc for s, rt in zip(SERVICES, rts, strict=True)}}
+        on_victim = [k for k, nc in conns.items() if nc.connected_url and nc.connected_url.port == victim_port]
+        t_kill = time.monotonic()
+        cl.kill(victim)
+        reconnect_s: dict[str, float] = {}
+        while len(reconnect_s) < len(on_victim) and time.monotonic() - t_kill < RECONNECT_DEADLINE_S:
+            for k in on_victim:
+                nc = conns[k]
+                if k not in reconnect_s and nc.is_connected and nc.connected_url.port != victim_port:
+                    reconnect_s[k] = time.monotonic() - t_kill
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*load)
+        print(f"\nkilled nats-server {victim}; reconnect times (s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(reconnect_s.items())))
+        assert set(reconnect_s) == set(on_victim), f"not reconnected: {set(on_victim) - set(reconnect_s)}"
+        assert "endpoint" in on_victim
+        assert not errors, errors[:5]
+        assert len(acked) == CREATES
+
+        # 0 acknowledged creates lost; no address twice
+        ids = {e.id for e in acked.values()}
+        stored = await asyncio.gather(*(m.get_endpoint(i) for i in ids))
+        assert {e.id for e in stored} == ids
+        assert len({e.ip_address for e in stored}) == CREATES
+        assert {e.ip_address for e in stored} == {e.ip_address for e in acked.values()}
+
+        # no event missing: a created event for every acknowledged endpoint
+        seen: set[str] = set()
+        js = ep_rt.nc.jetstream()  # a service identity may make an ephemeral consumer (a client may not)
+        sub = await js.pull_subscribe(subjects.EVT_ENDPOINT.template.replace(">", "created.>"), durable=None,
+                                      stream=subjects.EVENTS_STREAM,
+                                      config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        while True:
+            try:
+                msgs = await sub.fetch(256, timeout=2.0)
+            except Exception:
+                break
+            for msg in msgs:
+                seen.add(msg.subject.rsplit(".", 1)[1])
+                await msg.ack()
+        await sub.unsubscribe()
+        assert ids <= seen, f"{len(ids - seen)} created event(s) missing"
+
+        # the killed server comes back, rejoins, and the stream is R3 again
+        cl.restart(victim)
+        info = await js.stream_info(subjects.EVENTS_STREAM)
+        assert info.config.num_replicas == 3
+    finally:
+        if m is not None:
+            await m.close()
+        if fleet is not None:
+            await fleet.stop()
+        for rt in rts:  # before the servers go: a service would keep reconnecting to nothing
+            await rt.stop(drain_timeout=2.0)
+        if r is not None:
+            await r.flushdb()
+            await r.aclose()
+        cl.stop()
