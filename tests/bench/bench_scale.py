@@ -1,0 +1,281 @@
+"""The control plane's cost curve with simulated nodes: 10, 100, 1,000 hosts.
+
+Run it as a script (pytest does not collect it)::
+
+    .venv/bin/python tests/bench/bench_scale.py                      # 10,100,1000 nodes x 50 endpoints
+    .venv/bin/python tests/bench/bench_scale.py --nodes 10,100 --eps 20 --inflight 32
+
+No root, no namespace. Every row starts from nothing in its own temporary directory: a
+nats-server (JetStream, monitoring on) and a valkey-server, the five services each in its own
+process (``vnet-service <name>``, so each one's RSS is its own), and ONE process running all the
+simulated node workers (``vnet-node --simulate N``: the real NodeWorker with a recording data
+plane, vnet.svc.node.simulate). Then ``N x eps`` endpoint creates, ``--inflight`` at a time, each
+``wait=True`` (the reply comes once the node worker has realised the endpoint and reported it
+``ready``), spread round-robin over the nodes, in bridge networks of ``--nodes-per-net`` nodes.
+
+Printed, one line per row: creates per second, median and p99 create latency, the RSS of every
+service, of the simulated-node process and of nats-server, Redis ``used_memory``, NATS messages
+sent by the server per create (the event fan-out: one create's events reach every subscriber
+of its subjects) and the idle message rate (heartbeats, resyncs, pull requests with nothing
+to deliver); then the growth ratios of the last row over the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repo importable as ``tests``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import redis.asyncio as aioredis
+
+from vnet.client import VNetManager
+from vnet.runtime import servers
+from vnet.runtime.config import VNetConfig
+
+SERVICES = ("ipam", "network", "endpoint", "policy", "metrics")
+
+
+@dataclass
+class Row:
+    nodes: int
+    eps: int
+    creates: int = 0
+    failed: int = 0
+    secs: float = 0.0
+    lat: list[float] = field(default_factory=list)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    redis_mb: float = 0.0
+    msgs_per_create: float = 0.0
+    idle_msgs_s: float = 0.0
+    start_s: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.creates / self.secs if self.secs else 0.0
+
+    def pct(self, q: float) -> float:
+        s = sorted(self.lat)
+        return s[min(len(s) - 1, round(q * (len(s) - 1)))] * 1e3 if s else 0.0
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def varz(monitor: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=5) as r:
+        data: dict[str, int] = json.load(r)
+    return data
+
+
+class Stack:
+    """Servers, services and the simulated nodes of one row; everything goes in :meth:`stop`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.servers: list[servers.ServerProc] = []
+        self.monitor = servers.free_port()
+        self.config: VNetConfig | None = None
+
+    def start_servers(self) -> VNetConfig:
+        n = servers.start_nats(self.root / "nats", monitor_port=self.monitor)
+        v = servers.start_valkey(self.root / "valkey")
+        self.servers = [n, v]
+        self.config = VNetConfig.load(env={}, nats_url=n.url, redis_url=v.url, metrics_http_port=0)
+        return self.config
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        assert self.config is not None
+        env = {**os.environ, **self.config.to_env()}
+        env.pop("VNET_CONFIG", None)
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process's end)
+        p = subprocess.Popen([sys.executable, "-m", "vnet.runtime.launcher", *argv], env=env, stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             preexec_fn=servers._die_with_parent)
+        self.procs[name] = p
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for s in self.servers:
+            s.stop()
+
+
+async def _wait(pred: object, what: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            if await pred():  # type: ignore[operator]
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_s: float, keep: bool) -> Row:
+    root = Path(tempfile.mkdtemp(prefix="vnet-bench-scale-"))
+    st = Stack(root)
+    row = Row(nodes=nodes, eps=eps)
+    try:
+        cfg = st.start_servers()
+        for name in SERVICES:
+            st.spawn(name, [name])
+        m = VNetManager(cfg)
+        await m.__aenter__()
+        try:
+            async def services_up() -> bool:
+                for name in SERVICES:
+                    await m.health(name)
+                return True
+
+            await _wait(services_up, "the services", 60)
+            t0 = time.perf_counter()
+            st.spawn("nodes", ["node", "--simulate", str(nodes), "--node-id", "sim"])
+
+            async def all_registered() -> bool:
+                return len(await m.nodes()) >= nodes
+
+            await _wait(all_registered, f"{nodes} simulated nodes to register", 120 + nodes * 0.5)
+            row.start_s = time.perf_counter() - t0
+            names = [f"sim-{i:04d}" for i in range(nodes)] if nodes > 1 else ["sim"]
+            n_nets = (nodes + nodes_per_net - 1) // nodes_per_net
+            # /20 per network (4,094 addresses): nodes_per_net x eps must fit
+            nets = [await m.create_network(f"bench{i}", f"10.{64 + i // 16}.{(i % 16) * 16}.0/20", driver="bridge")
+                    for i in range(n_nets)]
+            # idle cost: what the bus carries with the nodes up and nothing changing
+            v0, ti = varz(st.monitor), time.perf_counter()
+            await asyncio.sleep(idle_s)
+            v1 = varz(st.monitor)
+            row.idle_msgs_s = (v1["out_msgs"] - v0["out_msgs"]) / (time.perf_counter() - ti)
+            jobs = [(f"c{i}", names[i % nodes], nets[(i % nodes) // nodes_per_net].id) for i in range(nodes * eps)]
+            it = iter(jobs)
+
+            async def worker() -> None:
+                for cid, node, net in it:
+                    t = time.perf_counter()
+                    try:
+                        info = await m.create_endpoint(cid, net, node=node, wait=True, wait_timeout=60.0)
+                    except Exception as exc:
+                        row.failed += 1
+                        if row.failed <= 5:
+                            print(f"  create {cid} on {node} failed: {exc}", file=sys.stderr)
+                        continue
+                    if info.status != "ready":
+                        row.failed += 1
+                        if row.failed <= 5:
+                            print(f"  create {cid} on {node}: {info.status} {info.reason}", file=sys.stderr)
+                        continue
+                    row.lat.append(time.perf_counter() - t)
+                    row.creates += 1
+
+            v0 = varz(st.monitor)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(inflight)))
+            row.secs = time.perf_counter() - t0
+            v1 = varz(st.monitor)
+            # the idle traffic during the load is not the creates' fan-out
+            row.msgs_per_create = max(0.0, (v1["out_msgs"] - v0["out_msgs"] - row.idle_msgs_s * row.secs)
+                                      / max(1, row.creates + row.failed))
+            await asyncio.sleep(2)
+            for name in (*SERVICES, "nodes"):
+                row.rss_mb[name] = rss_mb(st.procs[name].pid)
+            row.rss_mb["nats"] = rss_mb(st.servers[0].proc.pid)
+            r = aioredis.Redis.from_url(cfg.redis_url)
+            try:
+                row.redis_mb = int((await r.info("memory"))["used_memory"]) / 2**20
+            finally:
+                await r.aclose()
+        finally:
+            await m.close()
+    finally:
+        st.stop()
+        if keep:
+            print(f"  logs kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return row
+
+
+COLS = ("ipam", "network", "endpoint", "policy", "metrics", "nodes", "nats")
+
+
+def table(rows: list[Row]) -> str:
+    head = (f"{'nodes':>6} {'eps/node':>8} {'creates':>8} {'fail':>5} {'create/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+            + " ".join(f"{c + ' MB':>11}" for c in COLS) + f" {'redis MB':>9} {'msgs/create':>11} {'idle msg/s':>10}"
+            + f" {'start s':>8}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r.nodes:>6} {r.eps:>8} {r.creates:>8} {r.failed:>5} {r.rate:>9.1f} {r.pct(0.5):>8.1f} "
+                   f"{r.pct(0.99):>8.1f} " + " ".join(f"{r.rss_mb.get(c, 0):>11.1f}" for c in COLS)
+                   + f" {r.redis_mb:>9.1f} {r.msgs_per_create:>11.1f} {r.idle_msgs_s:>10.1f} {r.start_s:>8.1f}")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+
+        def ratio(x: float, y: float) -> str:
+            return f"{y / x:.2f}x" if x else "-"
+
+        out.append("")
+        out.append(f"growth {a.nodes} -> {b.nodes} nodes ({b.nodes / a.nodes:.0f}x nodes, "
+                   f"{b.nodes * b.eps / (a.nodes * a.eps):.0f}x endpoints):")
+        out.append(f"  create/s {ratio(a.rate, b.rate)}, p50 {ratio(a.pct(0.5), b.pct(0.5))}, "
+                   f"p99 {ratio(a.pct(0.99), b.pct(0.99))} (target p99 <= 2x)")
+        out.append("  RSS " + ", ".join(f"{c} {ratio(a.rss_mb.get(c, 0), b.rss_mb.get(c, 0))}" for c in COLS)
+                   + f", redis {ratio(a.redis_mb, b.redis_mb)}")
+        out.append(f"  NATS msgs per create {ratio(a.msgs_per_create, b.msgs_per_create)}, "
+                   f"idle msgs/s {ratio(a.idle_msgs_s, b.idle_msgs_s)}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", default="10,100,1000", help="comma-separated node counts (default 10,100,1000)")
+    p.add_argument("--eps", type=int, default=50, help="endpoints per node (default 50)")
+    p.add_argument("--inflight", type=int, default=64, help="creates in flight (default 64)")
+    p.add_argument("--nodes-per-net", type=int, default=20, help="nodes sharing one bridge network (default 20)")
+    p.add_argument("--idle", type=float, default=12.0, help="seconds of idle traffic measured (default 12)")
+    p.add_argument("--keep", action="store_true", help="keep each row's logs")
+    args = p.parse_args(argv)
+    if args.nodes_per_net * args.eps > 4000:
+        p.error("--nodes-per-net x --eps must fit a /20 (4,000 endpoints)")
+    rows: list[Row] = []
+    for n in (int(x) for x in args.nodes.split(",")):
+        print(f"-- {n} nodes x {args.eps} endpoints ...", file=sys.stderr, flush=True)
+        row = asyncio.run(run_row(n, args.eps, args.inflight, args.nodes_per_net, args.idle, args.keep))
+        rows.append(row)
+        print(table(rows), file=sys.stderr, flush=True)
+    print(table(rows))
+    return 0 if all(r.creates for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
