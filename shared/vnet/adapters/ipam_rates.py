@@ -55,13 +55,16 @@ class IpamRates:
         return int(_s(res[-1])) if res[-1] is not None else 0
 
     async def crossings(self, network_id: str, family: int, used: int, capacity: int,
-                        levels: Sequence[float] = forecast.LEVELS) -> list[float]:
+                        levels: Sequence[float] = forecast.LEVELS, *, clear: bool = False) -> list[float]:
         """The levels the pool is at or above and had not announced yet (each flag set once);
-        the flags of the levels it is below again are cleared."""
+        ``clear`` (after a release): the flags of the levels it is below again are cleared.
+        An allocation below every level costs no round trip here."""
         if capacity <= 0:
             return []
         above = [lv for lv in levels if used >= math.ceil(lv * capacity)]
-        below = [lv for lv in levels if lv not in above]
+        below = [lv for lv in levels if lv not in above] if clear else []
+        if not above and not below:
+            return []
         pipe = self.r.pipeline(transaction=False)
         for lv in above:
             pipe.set(flag_key(network_id, family, lv), str(used), nx=True, ex=FLAG_TTL_S)

@@ -163,7 +163,7 @@ async def _count(ctx: Ctx, network_id: str, family: int, layout: core.PoolLayout
         rates = _rates(ctx)
         now = time.time()
         used = await rates.note(network_id, family, now=now, allocs=allocs, releases=releases)
-        levels = await rates.crossings(network_id, family, used, layout.capacity)
+        levels = await rates.crossings(network_id, family, used, layout.capacity, clear=releases > 0)
         if not levels:
             return
         got = (await rates.buckets([(network_id, family)], now))[0]
