@@ -14,6 +14,6 @@ trap cleanup EXIT
 
 echo "== ruff";          .venv/bin/ruff check shared services tests
 echo "== mypy";          .venv/bin/mypy shared/vnet services/vnet
-echo "== import-linter"; LINT_IMPORTS=.venv/bin/lint-imports bash ops/scripts/lint-imports.sh
+echo "== import-linter"; .venv/bin/lint-imports --no-cache
 echo "== pytest (run prefix $VNET_RUN_PREFIX)"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
