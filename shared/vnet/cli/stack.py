@@ -55,6 +55,8 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
             argv += [flag, str(value)]
     if opts.host_root_netns:
         argv.append("--host-root-netns")
+    if opts.cluster > 1:
+        argv += ["--cluster", str(opts.cluster)]
     return stack.entry_argv("vnetctl", "vnet.cli.main", "main", argv)
 
 
@@ -67,6 +69,9 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
 @click.option("--redis-port", type=PORT, default=None, help="Port for the stack's valkey-server (default: a free one).")
 @click.option("--metrics-port", type=PORT, default=None, help="Port for /metrics (default: a free one).")
 @click.option("--node-id", default=None, help="Node id of the node worker (default: the short hostname).")
+@click.option("--cluster", type=click.IntRange(min=1, max=9), default=1, show_default=True,
+              help="Run N nats-servers joined by routes on loopback, the event stream with min(3, N) replicas; "
+              "every process gets every server's URL (docs/scale.md).")
 @click.option("--host-root-netns", is_flag=True,
               help="Let the node worker manage THIS MACHINE's network namespace instead of a sandbox one (root).")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once everything answers health.")
@@ -83,7 +88,7 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
 @click.pass_context
 def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_url: str | None,
        nats_port: int | None, redis_port: int | None, metrics_port: int | None, node_id: str | None,
-       host_root_netns: bool, detach: bool, demo: bool, ready_timeout: float, stop_timeout: float,
+       host_root_netns: bool, cluster: int, detach: bool, demo: bool, ready_timeout: float, stop_timeout: float,
        foreground_supervisor: bool, as_json: bool) -> None:
     """Start NATS, Redis, the five services and a node worker, and supervise them.
 
@@ -92,6 +97,8 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
     if as_json and (not detach or demo):
         raise click.UsageError("--json goes with --detach (without --demo): a foreground stack prints a log, not "
                                "one document")
+    if nats_url and cluster > 1:
+        raise click.UsageError("--cluster starts the stack's own nats-servers; it has no effect with --nats-url")
     if nats_url and nats_port:
         raise click.UsageError("--nats-port is for the stack's own nats-server; it has no effect with --nats-url")
     if redis_url and redis_port:
@@ -102,7 +109,7 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
         state_dir=_state_dir(state_dir), nats_url=nats_url, redis_url=redis_url, nats_port=nats_port,
         redis_port=redis_port, metrics_port=metrics_port, node_id=node_id, host_root_netns=host_root_netns,
         ready_timeout=ready_timeout, stop_timeout=stop_timeout, detached=detach or foreground_supervisor,
-        demo=demo)
+        demo=demo, cluster=cluster)
     config_path = ctx.obj.get("config_path")
     try:
         # Not load_config(): that would point at a running stack; `up` makes its own.

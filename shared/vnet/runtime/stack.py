@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from vnet.contracts import permissions, subjects
+from vnet.core.errors import VNetError
 from vnet.runtime import credentials, servers, tls
 from vnet.runtime.config import ENV_PREFIX, VNetConfig, with_local_stack
 
@@ -362,6 +363,9 @@ class StackOptions:
     stop_timeout: float = 10.0
     detached: bool = False
     demo: bool = False  # after ready, run the demo (vnet.runtime.demo) once, then keep running
+    # nats-servers of the stack's own (routes on loopback, VNET_EVENTS with min(3, N) replicas):
+    # vnet.runtime.cluster, docs/scale.md. 1: one server, as before.
+    cluster: int = 1
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -541,6 +545,7 @@ class Supervisor:
         self._force_event: asyncio.Event | None = None
         self._signals = 0
         self._death_hook = _parent_death_hook(os.getpid())
+        self._stream_identity: VNetConfig | None = None  # --cluster: who makes the replicated stream
 
     # -- preparation (sync; raises StackError) --------------------------------------------
     def prepare(self) -> None:
@@ -659,7 +664,17 @@ class Supervisor:
             env = child_env(self.config)
             logs = self.logs_dir
             children: list[ChildSpec] = []
-            if nats_bin is not None and nats_port is not None and creds is not None:
+            if nats_bin is not None and nats_port is not None and creds is not None and o.cluster > 1:
+                children += self._cluster_children(creds, node_id, tls_block, nats_port, taken, env)
+                shared = msgspec.structs.replace(shared, nats_url=",".join(
+                    f"nats://127.0.0.1:{c.port}" for c in children if c.port is not None))
+                nats_url = shared.nats_url
+                roles = _Identities(shared, creds, creds if valkey_bin else None)
+                self.config = roles.admin()
+                env = child_env(self.config)
+                # VNET_EVENTS is made with its replicas before any service could make it with one
+                self._stream_identity = roles.service("endpoint")
+            elif nats_bin is not None and nats_port is not None and creds is not None:
                 (self.state_dir / "nats").mkdir(exist_ok=True, mode=credentials.DIR_MODE)
                 conf = credentials.write_nats_conf(self.state_dir, creds, [node_id], tls=tls_block)
                 args = servers.nats_args(nats_port, self.state_dir / "nats", config_file=conf)
@@ -686,6 +701,55 @@ class Supervisor:
             self.children[spec.name] = Child(spec)
         return _Plan(nats_url, redis_url, nats_port, redis_port, metrics_port, node_id, netns, host_netns,
                      privileged, children, tls_block["ca_file"] if tls_block else None)
+
+    def _cluster_children(self, creds: credentials.Credentials, node_id: str, tls_block: dict[str, str] | None,
+                          first_port: int, taken: set[int], env: dict[str, str]) -> list[ChildSpec]:
+        """``--cluster N``: N nats-servers joined by routes on loopback, each with the stack's
+        users (the same generated config) plus a route user of its own (vnet.runtime.cluster)."""
+        from vnet.runtime import cluster
+
+        n = self.opts.cluster
+        ports = [first_port] + [_pick_port(None, "--nats-port", f"nats-server {i}", taken) for i in range(1, n)]
+        route_ports = [_pick_port(None, "--nats-port", f"nats-server {i} routes", taken) for i in range(n)]
+        password = credentials.new_password()
+        base = permissions.local_nats_config(dict(creds.nats), [node_id], tls=tls_block)
+        out: list[ChildSpec] = []
+        for i in range(n):
+            name = NATS if i == 0 else f"{NATS}-{i}"
+            data = self.state_dir / ("nats" if i == 0 else f"nats-{i}")
+            data.mkdir(exist_ok=True, mode=credentials.DIR_MODE)
+            conf = self.state_dir / f"nats-{i}.conf"
+            text = base.rstrip() + "\n\n" + cluster.cluster_block(
+                name=cluster.CLUSTER_NAME, port=route_ports[i], peers=[p for j, p in enumerate(route_ports) if j != i],
+                user=cluster.ROUTE_USER, password=password)
+            credentials.private_write(conf, text.encode())
+            out.append(ChildSpec(name, servers.nats_args(ports[i], data, config_file=conf), env,
+                                 self.logs_dir / f"{name}.log", ports[i]))
+        return out
+
+    def _server_names(self) -> list[str]:
+        """The servers this stack runs: nats-server (and nats-server-<i> of a cluster), valkey-server."""
+        return [n for n in self.children if n in SERVERS or n.startswith(f"{NATS}-")]
+
+    async def _replicate_stream(self) -> None:
+        """A cluster: make VNET_EVENTS with min(3, N) replicas once the servers have formed one."""
+        from vnet.adapters import nats as nats_adapter
+        from vnet.runtime import cluster
+
+        if self._stream_identity is None:
+            return
+        want = min(3, self.opts.cluster)
+        try:
+            nc = await nats_adapter.connect(self._stream_identity, "vnet-supervisor-stream")
+        except VNetError as err:
+            raise StackError(f"cannot reach the NATS cluster to make the event stream: {err.message}") from None
+        try:
+            got = await cluster.ensure_replicated_stream(nc, want, timeout=SERVER_LISTEN_TIMEOUT_S * 2)
+        except RuntimeError as exc:
+            raise StackError(f"{exc}; see the logs in {self.logs_dir}") from None
+        finally:
+            await nc.close()
+        self.say(f"NATS cluster of {self.opts.cluster} servers; {subjects.EVENTS_STREAM} has {got} replicas")
 
     # -- the state file -------------------------------------------------------------------
     def stack_file(self) -> StackFile:
@@ -757,14 +821,13 @@ class Supervisor:
         supervise: asyncio.Task[None] | None = None
         try:
             self._save()
-            for name in SERVERS:
-                if name in self.children:
-                    self._spawn(self.children[name])
-            for name in SERVERS:
-                if name in self.children:
-                    await self._wait_listening(self.children[name])
+            for name in self._server_names():
+                self._spawn(self.children[name])
+            for name in self._server_names():
+                await self._wait_listening(self.children[name])
             if self._stop_event.is_set():
                 return code
+            await self._replicate_stream()
             before = await self._instances() if self.opts.nats_url else None
             for name in COMPONENTS:
                 self._spawn(self.children[name])
@@ -998,7 +1061,7 @@ class Supervisor:
             self._save()
         # Services first, while NATS and Redis are still there for them to drain against.
         await self._stop_children(COMPONENTS)
-        await self._stop_children(SERVERS)
+        await self._stop_children(self._server_names())
         problems: list[str] = []
         if self.plan.netns:
             problems += delete_netns(self.plan.netns)
