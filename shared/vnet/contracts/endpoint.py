@@ -250,6 +250,9 @@ class NodeRegister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     wg_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 51820
     # the domain of endpoint names when the node runs its resolver (vnet-node --dns); None: no resolver
     dns_domain: Annotated[str, msgspec.Meta(max_length=253)] | None = None
+    # the host's own search domains and options (its resolv.conf), passed on to containers
+    dns_search: Annotated[list[Annotated[str, msgspec.Meta(max_length=253)]], msgspec.Meta(max_length=6)] = []
+    dns_options: Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=16)] = []
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
@@ -273,6 +276,8 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     wg_address: str | None = None  # its address in the WireGuard mesh ("10.255.3.7/16"), unique per node
     wg_port: int = 51820
     dns_domain: str | None = None  # it runs the resolver for names under this domain
+    dns_search: list[str] = []  # the host's search domains, after the network's and the domain
+    dns_options: list[str] = []  # the host's resolv.conf options
 
 
 class NodeRegistered(msgspec.Struct, kw_only=True):

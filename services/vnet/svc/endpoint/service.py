@@ -84,6 +84,7 @@ from vnet.contracts.network import MeshGroup, MeshRef, NetworkRef
 from vnet.core import errors as E
 from vnet.core import naming
 from vnet.core.dataplane_model import NetDesired, NodeDesired, PeerHost
+from vnet.core.dns import search_domains
 from vnet.core.model import DriverType, VirtualNetwork
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 from vnet.telemetry import tracing
@@ -279,7 +280,7 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
                     privileged=req.privileged, dataplane=req.dataplane, drivers=dict(req.drivers),
                     kinds=dict(req.kinds), heartbeat_s=req.heartbeat_s, version=req.version,
                     registered_at=_now(), last_seen=time.time(), alive=True, isolation=req.isolation,
-                    dns_domain=req.dns_domain)
+                    dns_domain=req.dns_domain, dns_search=list(req.dns_search), dns_options=list(req.dns_options))
     wg_address = None
     if req.wg_public_key is not None:  # its place in the WireGuard mesh of encrypted overlays
         try:
@@ -801,7 +802,8 @@ def _dns_for(node: NodeInfo, net: VirtualNetwork, info: EndpointInfo) -> Endpoin
     servers = [g for g in (info.gateway, info.gateway_v6) if g]
     if not servers:
         return None
-    return EndpointDns(nameservers=servers, search=[f"{net.name}.{node.dns_domain}".lower(), node.dns_domain])
+    search = search_domains(net.name, node.dns_domain, node.dns_search)[:6]  # resolv.conf reads at most 6
+    return EndpointDns(nameservers=servers, search=search, options=list(node.dns_options))
 
 
 class _Duplicate(Exception):

@@ -497,6 +497,16 @@ class NodeWorker:
         except Exception as exc:  # the next heartbeat carries it
             log.info("node %s: could not re-register with the underlay: %s", self.node, exc)
 
+    def _dns_registration(self) -> dict[str, Any]:
+        """What the endpoints of this node learn about its resolver (vnet-node --dns)."""
+        resolver = self.rt.state.get("dns")
+        if not dns_enabled(self.rt):
+            return {}
+        out: dict[str, Any] = {"dns_domain": self.rt.params.get("dns_domain", "vnet")}
+        if resolver is not None:  # started after the worker: the host's list from the next heartbeat on
+            out.update(dns_search=resolver.search[:6], dns_options=resolver.options[:16])
+        return out
+
     async def register(self) -> NodeRegistered:
         pr = self.probe_result
         req = NodeRegister(node=self.node, instance=self.rt.instance, underlay=self.underlay,
@@ -505,7 +515,7 @@ class NodeWorker:
                            drivers=dict(pr.drivers) if pr else {}, kinds=dict(pr.kinds) if pr else {},
                            heartbeat_s=self.heartbeat_s, version=self.rt.defn.version, isolation=self.isolation,
                            wg_public_key=self.wg_public_key, wg_port=self.wg_port,
-                           dns_domain=self.rt.params.get("dns_domain", "vnet") if dns_enabled(self.rt) else None)
+                           **self._dns_registration())
         reply, _ = await nats_adapter.request(self.rt.nc, subjects.NODE_REGISTER, req, NodeRegistered,
                                               timeout=self.rt.config.request_timeout_s, params={"node": self.node})
         if reply.wg_address is not None:
