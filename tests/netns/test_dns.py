@@ -169,10 +169,14 @@ async def test_names_follow_isolation_and_forwarding_follows_external_access(
     assert await _status(names["a"], gw["a"], "example.test") == "REFUSED"
     assert await _status(names["a"], gw["a"], "nosuch.vnet") == "NXDOMAIN"  # our domain: never forwarded
 
-    # a new endpoint resolves when create(wait=True) returns; a deleted one stops within the bound
-    e = await m.create_endpoint(await asyncio.to_thread(env.netns, "e"), front.id, wait=True, wait_timeout=30)
-    assert e.status == "ready"
+    # a new endpoint resolves when create(wait=True) returns, aliases too; a deleted one stops within the bound
+    e = await m.create_endpoint(await asyncio.to_thread(env.netns, "e"), front.id, wait=True, wait_timeout=30,
+                                aliases=["Cache", "redis-1"])
+    assert e.status == "ready" and e.aliases == ["cache", "redis-1"]
     assert await dig(names["a"], gw["a"], e.container_id) == ("NOERROR", [e.ip_address])
+    assert await dig(names["a"], gw["a"], f"redis-1.{front.name}.vnet") == ("NOERROR", [e.ip_address])
+    assert await dig(names["a"], gw["a"], "CACHE") == ("NOERROR", [e.ip_address])
+    assert await _status(names["c"], gw["c"], f"cache.{front.name}.vnet") == "NXDOMAIN"  # isolated: no alias either
     await m.delete_endpoint(e.id, wait=True)
     e_full = f"{e.container_id}.{front.name}.vnet"
     took = await _eventually(lambda: _status(names["a"], gw["a"], e_full), "NXDOMAIN", within=10)

@@ -62,6 +62,7 @@ class EndpointAPI(ClientBase):
         wait: bool = False,
         wait_timeout: float = DEFAULT_WAIT_S,
         request_id: str | None = None,
+        aliases: Iterable[str] | None = None,
     ) -> EndpointInfo:
         """Attach ``container_id`` to ``network_id`` (id or name); idempotent per (container, network).
         ``ports``: publish container ports on the node's addresses (``PortMapping(host_port=8080,
@@ -69,7 +70,7 @@ class EndpointAPI(ClientBase):
         req = EndpointCreate(container_id=container_id, network_id=network_id, ip=ip, ipv6=ipv6, mac=mac, node=node,
                              netns=netns, ifname=ifname, labels=dict(labels or {}), ports=list(ports or ()),
                              wait=wait,
-                             wait_timeout_s=wait_timeout, request_id=request_id)
+                             wait_timeout_s=wait_timeout, request_id=request_id, aliases=list(aliases or ()))
         return await self.call(subjects.ENDPOINT_CREATE, req, EndpointInfo,
                                timeout=self._wait_budget(wait, wait_timeout))
 

@@ -117,6 +117,8 @@ def _create_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label (repeatable)."),
         click.option("-p", "--publish", "publish", multiple=True, metavar="HOST:CONTAINER[/tcp|udp]",
                      help="Publish a container port on the node's addresses (repeatable; tcp by default)."),
+        click.option("--alias", "aliases", multiple=True, metavar="NAME",
+                     help="Another name the container answers to in DNS (repeatable; docs/dns.md)."),
         click.option("--count", type=click.IntRange(1, 100000), default=None,
                      help="Attach N containers named CONTAINER-1 .. CONTAINER-N."),
         click.option("--wait/--no-wait", default=True, show_default=True,
@@ -136,7 +138,7 @@ def _create_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: str | None, ipv6: str | None,
             mac: str | None, node: str | None, netns: str | None, ifname: str | None, labels: tuple[str, ...],
             count: int | None, wait: bool, timeout: float, parallel: int, as_json: bool,
-            publish: tuple[str, ...] = ()) -> None:
+            publish: tuple[str, ...] = (), aliases: tuple[str, ...] = ()) -> None:
     lbls = _pairs(labels, "--label")
     ports = [parse_publish(p) for p in publish]
     names = list(containers)
@@ -144,15 +146,16 @@ def _create(ctx: click.Context, containers: tuple[str, ...], network: str, ip: s
         if len(names) != 1:
             raise click.UsageError("--count takes one CONTAINER name (the containers are NAME-1 .. NAME-N)")
         names = [f"{names[0]}-{i}" for i in range(1, count + 1)]
-    if len(names) > 1 and (any(v is not None for v in (ip, ipv6, mac, netns)) or ports):
-        raise click.UsageError("--ip, --ipv6, --mac, --netns and --publish apply to one container; attach them one "
-                               "by one")
+    if len(names) > 1 and (any(v is not None for v in (ip, ipv6, mac, netns)) or ports or aliases):
+        raise click.UsageError("--ip, --ipv6, --mac, --netns, --publish and --alias apply to one container; attach "
+                               "them one by one")
     cfg = load_config(ctx)
 
     async def go(m: VNetManager) -> tuple[list[Any], dict[str, str]]:
         async def one(name: str) -> EndpointInfo:
             return await m.create_endpoint(name, network, ip, mac, node=node, netns=netns, ifname=ifname, ipv6=ipv6,
-                                           labels=lbls, ports=ports, wait=wait, wait_timeout=timeout)
+                                           labels=lbls, ports=ports, wait=wait, wait_timeout=timeout,
+                                           aliases=aliases)
 
         if len(names) == 1:
             results: list[Any] = list(await each(names, one))  # a failure is reported, not raised

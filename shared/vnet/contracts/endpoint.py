@@ -32,6 +32,9 @@ NetnsRef = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 # Checked by the service (at most 15 bytes, the kernel's rule), with a specific error.
 IfName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Mac = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Aliases = Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=63,
+                                                       pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")]],
+                    msgspec.Meta(max_length=16)]
 Addr = Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
 WaitS = Annotated[float, msgspec.Meta(gt=0, le=600)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
@@ -90,6 +93,7 @@ class EndpointInfo(Endpoint, kw_only=True):
     request_id: str | None = None
     ports: list[PortMapping] = []  # published ports (host port -> container port)
     dns: EndpointDns | None = None  # set when its node runs the resolver (vnet-node --dns)
+    aliases: list[str] = []  # names in DNS besides container_id
 
 
 def _int_or_none(v: str | None) -> int | None:
@@ -162,6 +166,8 @@ class EndpointCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ifname: IfName | None = None
     labels: Labels = {}
     ports: Ports = []  # publish: [{host_port, container_port, protocol tcp|udp}], a host port once per node
+    # more names the endpoint answers to in DNS besides container_id (docs/dns.md): DNS labels
+    aliases: Aliases = []
     wait: bool = False
     wait_timeout_s: WaitS = DEFAULT_WAIT_S
     request_id: RequestId | None = None

@@ -591,6 +591,8 @@ def _repeat_differences(req: EndpointCreate, info: EndpointInfo) -> dict[str, di
         differs("node", info.node, req.node)
     if req.labels:
         differs("labels", dict(info.labels), dict(req.labels))
+    if req.aliases:
+        differs("aliases", sorted(info.aliases), sorted({a.lower() for a in req.aliases}))
     if req.ports:
         key = (lambda p: (p.protocol, p.host_port, p.container_port))  # noqa: E731
         if sorted(map(key, info.ports)) != sorted(map(key, req.ports)):
@@ -742,7 +744,8 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
                         mac_address="" if host else (mac or naming.local_mac(os.urandom(6))),
                         interface_name="" if host else (ifname or ""), created_at=_now(), node=node.node,
                         netns=netns, labels=dict(req.labels), driver=net.driver_type, mtu=_mtu(net),
-                        network_options=dict(net.options), request_id=req.request_id, ports=list(req.ports))
+                        network_options=dict(net.options), request_id=req.request_id, ports=list(req.ports),
+                        aliases=sorted({a.lower() for a in req.aliases}))
     allocated = False
     try:
         if not host:

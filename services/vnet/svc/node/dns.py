@@ -151,7 +151,8 @@ class NodeDns:
         pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules.rules)
         names = {n.id: n.name for n in nets}
         dns = [DnsEndpoint(id=e.id, name=e.container_id, network=e.network_id,
-                           ips=tuple(a for a in (e.ip_address, e.ipv6_address) if a)) for e in eps]
+                           ips=tuple(a for a in (e.ip_address, e.ipv6_address) if a), aliases=tuple(e.aliases))
+               for e in eps]
         self.table = NameTable(pol, dns, names, domain=self.domain)
         self.server.clear_cache()
         local_nets = {e.network_id for e in eps if e.node == self.node}
