@@ -182,3 +182,21 @@ async def test_kill_one_nats_server_under_load(config: VNetConfig, tmp_path: Pat
             await r.flushdb()
             await r.aclose()
         cl.stop()
+
+
+async def test_event_stream_lifts_the_consumer_cap(tmp_path: Path) -> None:
+    """nats-server 2.15 caps a stream without a limit at 1,000 consumers (~250 node workers)."""
+    from vnet.runtime import servers
+
+    s = servers.start_nats(tmp_path / "nats")
+    try:
+        cfg = VNetConfig.load(env={}, nats_url=s.url)
+        nc = await nats_adapter.connect(cfg, "test-consumer-cap")
+        try:
+            await nats_adapter.ensure_events_stream(nc.jetstream())
+            info = await nc.jetstream().stream_info(subjects.EVENTS_STREAM)
+            assert info.config.max_consumers == nats_adapter.EVENTS_MAX_CONSUMERS > 1000
+        finally:
+            await nc.close()
+    finally:
+        s.stop()

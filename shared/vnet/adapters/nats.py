@@ -203,6 +203,23 @@ async def request(
 
 # --- JetStream events -------------------------------------------------------------------
 
+# Every node worker holds up to four durable consumers on VNET_EVENTS (endpoint, network, node,
+# policy events) and every service a few. nats-server 2.15 caps a stream that sets no limit at
+# 1,000 consumers: about 250 nodes (tests/bench/bench_scale.py hit it at 333 simulated nodes).
+# An explicit limit lifts the cap: 16,384 nodes' worth.
+EVENTS_MAX_CONSUMERS = 65536
+_cap_warned = False
+
+
+def _warn_consumer_cap() -> None:
+    global _cap_warned
+    if not _cap_warned:
+        _cap_warned = True
+        log.warning("%s was made without a consumer limit, so nats-server applies its default (1,000 consumers in "
+                    "2.15: about 250 node workers); raise it with `nats stream edit %s --max-consumers %d` "
+                    "(docs/scale.md)", subjects.EVENTS_STREAM, subjects.EVENTS_STREAM, EVENTS_MAX_CONSUMERS)
+
+
 async def ensure_events_stream(js: JetStreamContext) -> None:
     """Create ``VNET_EVENTS`` if missing; concurrent callers are fine."""
     cfg = StreamConfig(
@@ -211,9 +228,12 @@ async def ensure_events_stream(js: JetStreamContext) -> None:
         storage=StorageType.FILE,
         duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
         max_age=7 * 24 * 3600.0,
+        max_consumers=EVENTS_MAX_CONSUMERS,
     )
     try:
-        await js.stream_info(subjects.EVENTS_STREAM)
+        info = await js.stream_info(subjects.EVENTS_STREAM)
+        if (info.config.max_consumers or 0) <= 0:
+            _warn_consumer_cap()
         return
     except NotFoundError:
         pass

@@ -121,7 +121,7 @@ async def ensure_replicated_stream(nc: Client, replicas: int, *, timeout: float 
     js = nc.jetstream()
     cfg = StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_WILDCARD], storage=StorageType.FILE,
                        duplicate_window=nats_adapter.EVENTS_DUPLICATE_WINDOW_S, max_age=7 * 24 * 3600.0,
-                       num_replicas=replicas)
+                       num_replicas=replicas, max_consumers=nats_adapter.EVENTS_MAX_CONSUMERS)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last: BaseException | None = None
