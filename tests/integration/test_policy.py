@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -113,7 +114,11 @@ async def _recorded(m: VNetManager) -> None:
     assert not (await m.explain(eb.id, ea.id, protocol="tcp", port=5432)).allowed  # directional
     rs = await m.node_ruleset("pn1")
     assert rs.endpoints == 2 and rs.rules == 1
-    assert f"{ea.ip_address} . {eb.ip_address} . tcp . 5432" in rs.script
+    # the rule is one line over two named address sets: web's (ea) to db's (eb), tcp/5432
+    sets = dict(re.findall(r"set (e4_\w+) \{\s*type ipv4_addr[^}]*?elements = \{\s*([^}]*?)\s*\}", rs.script))
+    src = next(n for n, els in sets.items() if ea.ip_address in [x.strip() for x in els.split(",")])
+    dst = next(n for n, els in sets.items() if eb.ip_address in [x.strip() for x in els.split(",")])
+    assert f"ip saddr @{src} ip daddr @{dst} meta l4proto tcp th dport 5432 accept" in rs.script, rs.script
     assert f'"{naming.veth_name(ea.id)}" . {ea.mac_address} . {ea.ip_address}' in rs.script
     assert (await m.node_ruleset("other")).endpoints == 0
 
