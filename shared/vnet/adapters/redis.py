@@ -70,6 +70,8 @@ def connect(config: VNetConfig, *, max_connections: int | None = None) -> aiored
     pooled connection a restarted server dropped costs one such 503.
     """
     size = max_connections or config.redis_max_connections or config.max_inflight
+    if config.redis_sentinels:
+        return _sentinel_client(config, size)
     pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
         max_connections=size,
@@ -83,6 +85,45 @@ def connect(config: VNetConfig, *, max_connections: int | None = None) -> aiored
         retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def sentinel_addresses(spec: str) -> list[tuple[str, int]]:
+    """``"h1:26379,h2:26380"`` -> ``[("h1", 26379), ("h2", 26380)]``."""
+    out: list[tuple[str, int]] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise E.make(E.INVALID_CONFIG, f"redis_sentinels entry {part!r} is not host:port")
+        out.append((host.strip("[]"), int(port)))
+    if not out:
+        raise E.make(E.INVALID_CONFIG, "redis_sentinels names no sentinel")
+    return out
+
+
+def _sentinel_client(config: VNetConfig, size: int) -> aioredis.Redis:
+    """A client of whichever server the Sentinels call the primary of ``redis_sentinel_service``.
+
+    redis-py's SentinelConnectionPool asks the Sentinels for the primary when it opens a
+    connection, so after a failover the next connection goes to the promoted replica; a
+    connection to the old primary that survived (a demoted server answers READONLY) is
+    dropped by the pool. Requests in flight at the failover fail with 503 (nothing is retried
+    here, as with one server) and the caller retries with its request_id. The pool does not
+    block when full; it holds ``size`` connections, one per concurrently running handler.
+    """
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+    db = urlsplit(config.redis_url).path.lstrip("/") or "0"
+    common: dict[str, Any] = dict(socket_connect_timeout=min(config.redis_timeout_s, 2.0),
+                                  socket_timeout=config.redis_timeout_s)
+    sentinel = Sentinel(sentinel_addresses(config.redis_sentinels or ""), sentinel_kwargs=dict(common),  # type: ignore[no-untyped-call]
+                        username=config.redis_username, password=config.redis_password,
+                        db=int(db) if db.isdigit() else 0, decode_responses=False,
+                        health_check_interval=10, retry=Retry(NoBackoff(), 0), **common)
+    client: aioredis.Redis = sentinel.master_for(config.redis_sentinel_service,
+                                                 connection_pool_class=SentinelConnectionPool, max_connections=size)
+    return client
 
 
 def safe_url(url: str) -> str:

@@ -140,3 +140,83 @@ async def ensure_replicated_stream(nc: Client, replicas: int, *, timeout: float 
             last = exc
             await asyncio.sleep(0.5)
     raise RuntimeError(f"could not make {subjects.EVENTS_STREAM} with {replicas} replicas: {last}")
+
+
+# --- Valkey: a primary, replicas and Sentinels --------------------------------------------------
+
+SENTINEL_SERVICE = "vnet"
+
+
+@dataclass
+class ValkeyGroup:
+    """A Valkey primary, its replicas and the Sentinels watching them (all on loopback)."""
+
+    primary: servers.ServerProc
+    replicas: list[servers.ServerProc]
+    sentinels: list[servers.ServerProc]
+    service: str = SENTINEL_SERVICE
+
+    @property
+    def sentinel_spec(self) -> str:
+        """What ``VNetConfig.redis_sentinels`` takes."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def data_servers(self) -> list[servers.ServerProc]:
+        return [self.primary, *self.replicas]
+
+    def stop(self) -> None:
+        for s in [*self.sentinels, *self.replicas, self.primary]:
+            s.stop()
+
+
+def sentinel_conf(*, port: int, primary_port: int, service: str = SENTINEL_SERVICE, quorum: int = 2,
+                  down_after_ms: int = 1000, failover_timeout_ms: int = 5000, host: str = "127.0.0.1") -> str:
+    """One Sentinel's config: watch ``service`` at ``host:primary_port``, call it down after
+    ``down_after_ms`` without an answer, fail over when ``quorum`` Sentinels agree. (A Sentinel
+    rewrites its file with what it learns: it must stay writable.)"""
+    return (f"port {port}\nbind {host}\nprotected-mode yes\ndaemonize no\n"
+            f"sentinel monitor {service} {host} {primary_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {service} 1\n")
+
+
+def start_valkey_sentinel(root: Path, *, replicas: int = 1, sentinels: int = 3,
+                          down_after_ms: int = 1000) -> ValkeyGroup:
+    """Start a primary, ``replicas`` replicas of it and ``sentinels`` Sentinels (quorum: a
+    majority) under ``root``. No ACL users: the stack's generated Valkey users would also need
+    ``masteruser``/``masterauth`` on the replicas and ``sentinel auth-user`` (docs/scale.md)."""
+    started: list[servers.ServerProc] = []
+    try:
+        primary = servers.start_valkey(root / "valkey-0")
+        started.append(primary)
+        reps: list[servers.ServerProc] = []
+        for i in range(replicas):
+            d = root / f"valkey-{i + 1}"
+            d.mkdir(parents=True, exist_ok=True)
+            conf = d / "replica.conf"
+            conf.write_text(f"replicaof 127.0.0.1 {primary.port}\nreplica-read-only yes\n")
+            reps.append(servers.start_valkey(d, config_file=conf))
+            started.append(reps[-1])
+        sents: list[servers.ServerProc] = []
+        binary = servers.valkey_server_binary()
+        for i in range(sentinels):
+            d = root / f"sentinel-{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            port = servers.free_port()
+            conf = d / "sentinel.conf"
+            conf.write_text(sentinel_conf(port=port, primary_port=primary.port, quorum=sentinels // 2 + 1,
+                                          down_after_ms=down_after_ms))
+            log = d / "sentinel.log"
+            args = [binary, str(conf), "--sentinel"]
+            with open(log, "ab") as fh:
+                proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd=d, preexec_fn=servers._die_with_parent)
+            servers._wait_port("127.0.0.1", port, proc, "valkey sentinel", log)
+            sents.append(servers.ServerProc("sentinel", f"redis://127.0.0.1:{port}", port, proc, log, args))
+            started.append(sents[-1])
+    except BaseException:
+        for s in started:
+            s.stop()
+        raise
+    return ValkeyGroup(primary, reps, sents)

@@ -79,6 +79,11 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_timeout_s: float = 2.0
     # Connections in a service's Redis pool; None: max_inflight (one per running handler).
     redis_max_connections: int | None = None
+    # Replicated Valkey (docs/scale.md): the Sentinels ("host:port,host:port,...") to ask where
+    # the primary of ``redis_sentinel_service`` is; set, they replace redis_url's host and port
+    # (its database number still counts) and a service follows a failover by asking them again.
+    redis_sentinels: str | None = None
+    redis_sentinel_service: str = "vnet"
 
     # Service runtime.
     max_inflight: int = 256
