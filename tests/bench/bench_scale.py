@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a file: make the repo importable as ``te
 
 import redis.asyncio as aioredis
 
+from vnet.adapters.endpoint_store import node_key
 from vnet.client import VNetManager
 from vnet.runtime import servers
 from vnet.runtime.config import VNetConfig
@@ -61,6 +62,7 @@ class Row:
     msgs_per_create: float = 0.0
     idle_msgs_s: float = 0.0
     start_s: float = 0.0
+    node_list: str = ""
 
     @property
     def rate(self) -> float:
@@ -142,7 +144,8 @@ async def _wait(pred: object, what: str, timeout: float) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_s: float, keep: bool) -> Row:
+async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_s: float, keep: bool,
+                  per_proc: int) -> Row:
     root = Path(tempfile.mkdtemp(prefix="vnet-bench-scale-"))
     st = Stack(root)
     row = Row(nodes=nodes, eps=eps)
@@ -160,14 +163,37 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
 
             await _wait(services_up, "the services", 60)
             t0 = time.perf_counter()
-            st.spawn("nodes", ["node", "--simulate", str(nodes), "--node-id", "sim"])
+            # One Python process runs up to --per-proc simulated nodes (one event loop: past a few
+            # hundred nodes their idle work alone saturates it and its JetStream calls time out).
+            procs = (nodes + per_proc - 1) // per_proc
+            for k in range(procs):
+                n_k = min(per_proc, nodes - k * per_proc)
+                argv = ["node", "--simulate", str(n_k), "--node-id", "sim"]
+                if nodes > 1:
+                    argv += ["--simulate-first", str(k * per_proc)]
+                    if n_k == 1:  # one node of a numbered fleet keeps its number
+                        argv = ["node", "--simulate", "1", "--node-id", f"sim-{k * per_proc:04d}"]
+                st.spawn(f"nodes{k}", argv)
+
+            rr = aioredis.Redis.from_url(cfg.redis_url)
 
             async def all_registered() -> bool:
-                return len(await m.nodes()) >= nodes
+                # Counted in Redis: node.list answers every node in one reply (no paging) and that
+                # reply outgrows a NATS message somewhere below 1,000 simulated nodes.
+                live = await rr.mget([node_key(n) for n in names])
+                return sum(v is not None for v in live) >= nodes
 
-            await _wait(all_registered, f"{nodes} simulated nodes to register", 120 + nodes * 0.5)
-            row.start_s = time.perf_counter() - t0
             names = [f"sim-{i:04d}" for i in range(nodes)] if nodes > 1 else ["sim"]
+            try:
+                await _wait(all_registered, f"{nodes} simulated nodes to register", 120 + nodes * 0.5)
+            finally:
+                await rr.aclose()
+            row.start_s = time.perf_counter() - t0
+            try:
+                listed = len(await m.nodes())
+                row.node_list = f"{listed} nodes"
+            except Exception as exc:
+                row.node_list = f"failed: {str(exc)[:100]}"
             n_nets = (nodes + nodes_per_net - 1) // nodes_per_net
             # /20 per network (4,094 addresses): nodes_per_net x eps must fit
             nets = [await m.create_network(f"bench{i}", f"10.{64 + i // 16}.{(i % 16) * 16}.0/20", driver="bridge")
@@ -207,8 +233,9 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
             row.msgs_per_create = max(0.0, (v1["out_msgs"] - v0["out_msgs"] - row.idle_msgs_s * row.secs)
                                       / max(1, row.creates + row.failed))
             await asyncio.sleep(2)
-            for name in (*SERVICES, "nodes"):
+            for name in SERVICES:
                 row.rss_mb[name] = rss_mb(st.procs[name].pid)
+            row.rss_mb["nodes"] = sum(rss_mb(p.pid) for n, p in st.procs.items() if n.startswith("nodes"))
             row.rss_mb["nats"] = rss_mb(st.servers[0].proc.pid)
             r = aioredis.Redis.from_url(cfg.redis_url)
             try:
@@ -238,6 +265,8 @@ def table(rows: list[Row]) -> str:
         out.append(f"{r.nodes:>6} {r.eps:>8} {r.creates:>8} {r.failed:>5} {r.rate:>9.1f} {r.pct(0.5):>8.1f} "
                    f"{r.pct(0.99):>8.1f} " + " ".join(f"{r.rss_mb.get(c, 0):>11.1f}" for c in COLS)
                    + f" {r.redis_mb:>9.1f} {r.msgs_per_create:>11.1f} {r.idle_msgs_s:>10.1f} {r.start_s:>8.1f}")
+    out.append("")
+    out.extend(f"node.list at {r.nodes} nodes: {r.node_list}" for r in rows)
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
 
@@ -264,13 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes-per-net", type=int, default=20, help="nodes sharing one bridge network (default 20)")
     p.add_argument("--idle", type=float, default=12.0, help="seconds of idle traffic measured (default 12)")
     p.add_argument("--keep", action="store_true", help="keep each row's logs")
+    p.add_argument("--per-proc", type=int, default=250, help="simulated nodes per process (default 250)")
     args = p.parse_args(argv)
     if args.nodes_per_net * args.eps > 4000:
         p.error("--nodes-per-net x --eps must fit a /20 (4,000 endpoints)")
     rows: list[Row] = []
     for n in (int(x) for x in args.nodes.split(",")):
         print(f"-- {n} nodes x {args.eps} endpoints ...", file=sys.stderr, flush=True)
-        row = asyncio.run(run_row(n, args.eps, args.inflight, args.nodes_per_net, args.idle, args.keep))
+        row = asyncio.run(run_row(n, args.eps, args.inflight, args.nodes_per_net, args.idle, args.keep,
+                                  args.per_proc))
         rows.append(row)
         print(table(rows), file=sys.stderr, flush=True)
     print(table(rows))

@@ -139,7 +139,7 @@ async def run(name: str, config: VNetConfig, params: dict[str, str]) -> None:
     log.info("%s stopped (%s)", defn.name, reasons[0].describe())
 
 
-async def run_simulated(config: VNetConfig, base: str, n: int) -> None:
+async def run_simulated(config: VNetConfig, base: str, n: int, first: int = 0) -> None:
     """``vnet-node --simulate N``: N simulated node workers on one connection until a stop signal."""
     from vnet.svc.node.simulate import node_names, run_fleet
 
@@ -151,7 +151,7 @@ async def run_simulated(config: VNetConfig, base: str, n: int) -> None:
         log.warning("simulated nodes: %s; stopping", reason.describe())
 
     StopSignals(on_stop).start()
-    await run_fleet(config, node_names(base, n), stop)
+    await run_fleet(config, node_names(base, n, first), stop)
 
 
 def _main(name: str, argv: list[str] | None, node: bool) -> int:
@@ -176,6 +176,8 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         p.add_argument("--simulate", type=int, metavar="N", default=0,
                        help="run N simulated nodes in this process (no kernel, no root: a recording data "
                        "plane; names <node-id>-0000... when N > 1); see vnet.svc.node.simulate")
+        p.add_argument("--simulate-first", type=int, metavar="I", default=0,
+                       help="with --simulate: number the nodes from I (several processes, one numbering)")
     args = p.parse_args(argv)
     # Before anything starts a thread (tracing exporters, the loop's executor): see StopSignals.
     block_stop_signals()
@@ -216,7 +218,7 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
             if args.simulate < 1:
                 print("vnet-node: --simulate needs N >= 1", file=sys.stderr)
                 return 2
-            asyncio.run(run_simulated(config, params["node"], args.simulate))
+            asyncio.run(run_simulated(config, params["node"], args.simulate, args.simulate_first))
             return 0
         asyncio.run(run(svc, config, params))
     except VNetError as err:

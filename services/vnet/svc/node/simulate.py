@@ -184,9 +184,13 @@ async def _stop_sim_worker(rt: svc_runtime.Runtime) -> None:
         await worker.stop()
 
 
-def node_names(base: str, n: int) -> list[str]:
-    """``base`` alone for one node, else ``base-0000`` ... (sortable, stable across runs)."""
-    return [base] if n == 1 else [f"{base}-{i:04d}" for i in range(n)]
+START_ATTEMPTS = 5  # per simulated node: its runtime's start makes ~6 JetStream API calls
+
+
+def node_names(base: str, n: int, first: int = 0) -> list[str]:
+    """``base`` alone for one node, else ``base-0000`` ... (sortable, stable across runs);
+    ``first``: the number of the first one (several fleet processes share the numbering)."""
+    return [base] if n == 1 and first == 0 else [f"{base}-{i:04d}" for i in range(first, first + n)]
 
 
 class SimulatedFleet:
@@ -207,7 +211,16 @@ class SimulatedFleet:
 
         async def one(i: int, name: str) -> None:
             async with sem:
-                started[i] = await svc_runtime.start(SIM_SERVICE, self.config, nc=self.nc, params={"node": name})
+                for attempt in range(START_ATTEMPTS):
+                    try:
+                        started[i] = await svc_runtime.start(SIM_SERVICE, self.config, nc=self.nc,
+                                                             params={"node": name})
+                        return
+                    except Exception as exc:  # a JetStream API call timed out on a busy machine: again
+                        if attempt == START_ATTEMPTS - 1:
+                            raise
+                        log.info("simulated node %s did not start (%s); again", name, exc)
+                        await asyncio.sleep(1.0 + attempt)
 
         try:
             await asyncio.gather(*(one(i, n) for i, n in enumerate(self.names)))
