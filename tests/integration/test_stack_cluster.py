@@ -83,8 +83,66 @@ def test_up_cluster_3_survives_a_killed_nats_server(tmp_root: Path, run_prefix: 
             time.sleep(0.3)
         else:
             pytest.fail("the supervisor did not restart the killed nats-server")
-        assert COMPONENTS <= {r["name"] for r in _wait_status(state_dir, time.monotonic() + WAIT_S)}
+        assert {r["name"] for r in _wait_status(state_dir, time.monotonic() + WAIT_S)} >= COMPONENTS
 
+        last = _stack(state_dir)
+        down = _ctl("down", "--state-dir", state_dir, timeout=WAIT_S)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert_nothing_left(state_dir, [st, last])
+    finally:
+        left.cleanup()
+
+
+async def _instances(state_dir: Path, url: str) -> dict[str, int]:
+    from vnet.client import VNetManager
+
+    creds = credentials.load(state_dir)
+    assert creds is not None
+    user = permissions.admin_user()
+    cfg = msgspec.structs.replace(VNetConfig.load(env={}), nats_url=url, nats_user=user.name,
+                                  nats_password=creds.nats[user.name])
+    async with VNetManager(cfg) as m:
+        out: dict[str, int] = {}
+        for s in await m.services(wait=0.5):
+            out[s.name] = out.get(s.name, 0) + 1
+        return out
+
+
+def test_up_replicas_3_carries_on_when_an_instance_is_killed(tmp_root: Path, run_prefix: str) -> None:
+    state_dir = tmp_root / "stack-replicas"
+    left = Leftovers(state_dir, run_prefix)
+    try:
+        res = _ctl("up", "--detach", "--replicas", "3", "--state-dir", state_dir, "--stop-timeout", STOP_TIMEOUT,
+                   timeout=WAIT_S * 2)
+        st = left.remember()
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert st is not None and st.status == "ready"
+        for svc in ("ipam", "network", "endpoint", "policy"):
+            assert {svc, f"{svc}-2", f"{svc}-3"} <= set(st.processes), sorted(st.processes)
+        assert "metrics-2" not in st.processes  # one /metrics port: one metrics service
+        deadline = time.monotonic() + WAIT_S
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            counts = asyncio.run(_instances(state_dir, st.nats_url))
+            if all(counts.get(s, 0) >= 3 for s in ("ipam", "network", "endpoint", "policy")):
+                break
+            time.sleep(0.5)
+        assert all(counts.get(s, 0) >= 3 for s in ("ipam", "network", "endpoint", "policy")), counts
+
+        # SIGKILL one network and one ipam instance: the others answer every request at once
+        for name in ("network-2", "ipam"):
+            os.kill(st.processes[name].pid, signal.SIGKILL)
+        for i in range(6):
+            made = _ctl("network", "create", f"{run_prefix}-rp{i}", "--cidr", f"10.81.{i}.0/24", state_dir=state_dir)
+            assert made.returncode == 0, made.stdout + made.stderr
+        while time.monotonic() < deadline:
+            now = _stack(state_dir).processes
+            if all(now[n].pid != st.processes[n].pid and pid_alive(now[n].pid, now[n].start_time)
+                   for n in ("network-2", "ipam")):
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the supervisor did not restart the killed instances")
         last = _stack(state_dir)
         down = _ctl("down", "--state-dir", state_dir, timeout=WAIT_S)
         assert down.returncode == 0, down.stdout + down.stderr

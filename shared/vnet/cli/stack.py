@@ -57,6 +57,8 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
         argv.append("--host-root-netns")
     if opts.cluster > 1:
         argv += ["--cluster", str(opts.cluster)]
+    if opts.replicas > 1:
+        argv += ["--replicas", str(opts.replicas)]
     return stack.entry_argv("vnetctl", "vnet.cli.main", "main", argv)
 
 
@@ -72,6 +74,8 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
 @click.option("--cluster", type=click.IntRange(min=1, max=9), default=1, show_default=True,
               help="Run N nats-servers joined by routes on loopback, the event stream with min(3, N) replicas; "
               "every process gets every server's URL (docs/scale.md).")
+@click.option("--replicas", type=click.IntRange(min=1, max=9), default=1, show_default=True,
+              help="Run N instances of each API service (ipam, network, endpoint, policy) in its queue group.")
 @click.option("--host-root-netns", is_flag=True,
               help="Let the node worker manage THIS MACHINE's network namespace instead of a sandbox one (root).")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once everything answers health.")
@@ -88,7 +92,8 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
 @click.pass_context
 def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_url: str | None,
        nats_port: int | None, redis_port: int | None, metrics_port: int | None, node_id: str | None,
-       host_root_netns: bool, cluster: int, detach: bool, demo: bool, ready_timeout: float, stop_timeout: float,
+       host_root_netns: bool, cluster: int, replicas: int, detach: bool, demo: bool, ready_timeout: float,
+       stop_timeout: float,
        foreground_supervisor: bool, as_json: bool) -> None:
     """Start NATS, Redis, the five services and a node worker, and supervise them.
 
@@ -109,7 +114,7 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
         state_dir=_state_dir(state_dir), nats_url=nats_url, redis_url=redis_url, nats_port=nats_port,
         redis_port=redis_port, metrics_port=metrics_port, node_id=node_id, host_root_netns=host_root_netns,
         ready_timeout=ready_timeout, stop_timeout=stop_timeout, detached=detach or foreground_supervisor,
-        demo=demo, cluster=cluster)
+        demo=demo, cluster=cluster, replicas=replicas)
     config_path = ctx.obj.get("config_path")
     try:
         # Not load_config(): that would point at a running stack; `up` makes its own.

@@ -68,6 +68,8 @@ SERVERS = (NATS, VALKEY)
 NODE = subjects.NODE_SERVICE
 # Everything that must answer health before the stack counts as ready.
 COMPONENTS = (*subjects.SERVICES, NODE)
+# Services `vnetctl up --replicas N` runs N of (metrics serves /metrics on one port: one).
+REPLICATED = tuple(s for s in subjects.SERVICES if s != "metrics")
 
 RESTART_BASE_S = 0.5
 RESTART_MAX_S = 30.0
@@ -366,6 +368,9 @@ class StackOptions:
     # nats-servers of the stack's own (routes on loopback, VNET_EVENTS with min(3, N) replicas):
     # vnet.runtime.cluster, docs/scale.md. 1: one server, as before.
     cluster: int = 1
+    # Instances of each API service (ipam, network, endpoint, policy) in their queue group:
+    # "ipam", "ipam-2", ... The metrics service stays one (it serves /metrics on one port).
+    replicas: int = 1
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -687,6 +692,9 @@ class Supervisor:
             for name in subjects.SERVICES:
                 children.append(ChildSpec(name, _launcher_argv("vnet-service", [name]),
                                           child_env(roles.service(name)), logs / f"{name}.log"))
+                for r in range(2, (o.replicas if name in REPLICATED else 1) + 1):
+                    children.append(ChildSpec(f"{name}-{r}", _launcher_argv("vnet-service", [name]),
+                                              child_env(roles.service(name)), logs / f"{name}-{r}.log"))
             node_args = ["--node-id", node_id] + (["--host-netns", host_netns] if host_netns else [])
             # names that follow isolation on every gateway, and the CNI socket a runtime's
             # vnet-cni talks to (`vnetctl cni install --socket <state dir>/cni.sock`)
@@ -726,6 +734,13 @@ class Supervisor:
             out.append(ChildSpec(name, servers.nats_args(ports[i], data, config_file=conf), env,
                                  self.logs_dir / f"{name}.log", ports[i]))
         return out
+
+    def _component_names(self) -> list[str]:
+        """The services (with their replicas ``<service>-<n>``) and the node worker."""
+        def ours(n: str) -> bool:
+            base, _, num = n.rpartition("-")
+            return n in COMPONENTS or (base in REPLICATED and num.isdigit())
+        return [n for n in self.children if ours(n)]
 
     def _server_names(self) -> list[str]:
         """The servers this stack runs: nats-server (and nats-server-<i> of a cluster), valkey-server."""
@@ -829,7 +844,7 @@ class Supervisor:
                 return code
             await self._replicate_stream()
             before = await self._instances() if self.opts.nats_url else None
-            for name in COMPONENTS:
+            for name in self._component_names():
                 self._spawn(self.children[name])
             self._save()
             supervise = asyncio.create_task(self._supervise())
@@ -1060,7 +1075,7 @@ class Supervisor:
         if any(c.proc is not None for c in self.children.values()):
             self._save()
         # Services first, while NATS and Redis are still there for them to drain against.
-        await self._stop_children(COMPONENTS)
+        await self._stop_children(self._component_names())
         await self._stop_children(self._server_names())
         problems: list[str] = []
         if self.plan.netns:
