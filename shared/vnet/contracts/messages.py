@@ -30,6 +30,9 @@ class OpCounter(msgspec.Struct, kw_only=True, array_like=True):
     # Histogram buckets (cumulative counts for the bucket bounds in MetricsReport.buckets).
     bucket_counts: list[int]
     sum_s: float
+    # The latest sampled request per bucket: [bucket index, trace id, seconds, unix time]
+    # (exemplars: a latency spike on a dashboard links to the trace behind it).
+    exemplars: list[tuple[int, str, float, float]] = []
 
 
 class MetricsReport(msgspec.Struct, kw_only=True):

@@ -478,7 +478,8 @@ class Runtime:
             tracing.deactivate(token)
         elapsed = time.perf_counter() - t0
         code = failure.code if failure is not None else None
-        self.metrics.observe(op.name, elapsed, code)
+        # a recorded (sampled) request becomes its latency bucket's exemplar
+        self.metrics.observe(op.name, elapsed, code, trace_id if trace_id and span.is_recording() else None)
         ep = b.micro
         if ep is not None:  # $SRV.STATS: the same truth as the metrics
             ep._processing_time += int(elapsed * 1e9)  # the average is computed when STATS asks

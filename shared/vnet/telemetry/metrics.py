@@ -26,6 +26,7 @@ class _Op:
     errors: dict[str, int] = field(default_factory=dict)
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     sum_s: float = 0.0
+    exemplars: dict[int, tuple[str, float, float]] = field(default_factory=dict)
 
 
 class OpMetrics:
@@ -35,13 +36,19 @@ class OpMetrics:
         self.started = time.time()
         self._ops: dict[str, _Op] = {}
 
-    def observe(self, op: str, duration_s: float, error_code: str | None = None) -> None:
+    def observe(self, op: str, duration_s: float, error_code: str | None = None,
+                trace_id: str | None = None) -> None:
+        """``trace_id``: the request's trace when it is recorded (sampled): kept as its
+        bucket's exemplar (the latest one per bucket)."""
         o = self._ops.get(op)
         if o is None:
             o = self._ops[op] = _Op()
         o.count += 1
         o.sum_s += duration_s
-        o.buckets[bisect.bisect_left(BUCKETS, duration_s)] += 1
+        i = bisect.bisect_left(BUCKETS, duration_s)
+        o.buckets[i] += 1
+        if trace_id is not None:
+            o.exemplars[i] = (trace_id, duration_s, time.time())
         if error_code is not None:
             o.errors[error_code] = o.errors.get(error_code, 0) + 1
 
@@ -56,6 +63,7 @@ class OpMetrics:
             for b in o.buckets:
                 acc += b
                 cum.append(acc)
-            ops.append(OpCounter(op=name, count=o.count, errors=dict(o.errors), bucket_counts=cum, sum_s=o.sum_s))
+            ops.append(OpCounter(op=name, count=o.count, errors=dict(o.errors), bucket_counts=cum, sum_s=o.sum_s,
+                                 exemplars=[(i, t, v, ts) for i, (t, v, ts) in sorted(o.exemplars.items())]))
         return MetricsReport(service=self.service, instance=self.instance, started=self.started,
                              buckets=list(BUCKETS), ops=ops)

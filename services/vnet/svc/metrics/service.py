@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
 
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters import redis as redis_adapter
@@ -89,6 +90,8 @@ class VNetCollector(Collector):
         count: dict[tuple[str, str], int] = {}
         ecount: dict[tuple[str, str, str], int] = {}
         hist: dict[tuple[str, str], tuple[list[float], list[int], float]] = {}
+        # per (service, op) and bucket: the latest sampled request of any instance
+        exemplars: dict[tuple[str, str], dict[int, tuple[str, float, float]]] = {}
         for r in reports:
             for o in r.ops:
                 k = (r.service, o.op)
@@ -99,13 +102,23 @@ class VNetCollector(Collector):
                 bounds, buckets, total = hist.get(k, (r.buckets, [0] * len(o.bucket_counts), 0.0))
                 hist[k] = (bounds, [a + b for a, b in zip(buckets, o.bucket_counts, strict=False)],
                            total + o.sum_s)
+                ex = exemplars.setdefault(k, {})
+                for i, tid, v, ts in o.exemplars:
+                    if i not in ex or ex[i][2] < ts:
+                        ex[i] = (tid, v, ts)
         for k, n in sorted(count.items()):
             ops.add_metric(list(k), n)
         for ek, n in sorted(ecount.items()):
             errs.add_metric(list(ek), n)
         for k, (bounds, buckets, total) in sorted(hist.items()):
             les = [*(str(b) for b in bounds), "+Inf"]
-            dur.add_metric(list(k), list(zip(les, buckets, strict=False)), total)
+            ex = exemplars.get(k, {})
+            rows: list[Any] = []
+            for i, (le, n) in enumerate(zip(les, buckets, strict=False)):
+                got = ex.get(i)
+                # exemplars appear in the OpenMetrics exposition (what Prometheus asks for)
+                rows.append((le, n, Exemplar({"trace_id": got[0]}, got[1], got[2])) if got else (le, n))
+            dur.add_metric(list(k), rows, total)
         yield ops
         yield errs
         yield dur
