@@ -184,7 +184,7 @@ async def _stop_sim_worker(rt: svc_runtime.Runtime) -> None:
         await worker.stop()
 
 
-START_ATTEMPTS = 5  # per simulated node: its runtime's start makes ~6 JetStream API calls
+START_ATTEMPTS = 10  # per simulated node: its runtime's start makes ~6 JetStream API calls
 
 
 def node_names(base: str, n: int, first: int = 0) -> list[str]:
@@ -202,8 +202,9 @@ class SimulatedFleet:
         self.nc = nc
         self._own_nc = nc is None
         self.runtimes: list[svc_runtime.Runtime] = []
+        self.failed: list[str] = []  # nodes that did not start
 
-    async def start(self, *, concurrency: int = 32) -> None:
+    async def start(self, *, concurrency: int = 8) -> None:
         if self.nc is None:
             self.nc = await nats_adapter.connect(self.config, f"vnet-node-sim-{len(self.names)}")
         sem = asyncio.Semaphore(concurrency)
@@ -218,9 +219,13 @@ class SimulatedFleet:
                         return
                     except Exception as exc:  # a JetStream API call timed out on a busy machine: again
                         if attempt == START_ATTEMPTS - 1:
-                            raise
+                            # the others run on: one node that never started is reported, not fatal
+                            self.failed.append(name)
+                            log.error("simulated node %s did not start after %d attempts: %s", name,
+                                      START_ATTEMPTS, exc)
+                            return
                         log.info("simulated node %s did not start (%s); again", name, exc)
-                        await asyncio.sleep(1.0 + attempt)
+                        await asyncio.sleep(min(1.0 + attempt, 5.0))
 
         try:
             await asyncio.gather(*(one(i, n) for i, n in enumerate(self.names)))
@@ -255,8 +260,9 @@ async def run_fleet(config: VNetConfig, names: list[str], stop: asyncio.Event) -
     fleet = SimulatedFleet(config, names)
     t0 = time.perf_counter()
     await fleet.start()
-    log.info("%d simulated node(s) up in %.1fs (%s ... %s), one NATS connection", len(names),
-             time.perf_counter() - t0, names[0], names[-1])
+    log.info("%d simulated node(s) up in %.1fs (%s ... %s), one NATS connection%s", len(fleet.runtimes),
+             time.perf_counter() - t0, names[0], names[-1],
+             f"; {len(fleet.failed)} did not start" if fleet.failed else "")
     try:
         await stop.wait()
     finally:
