@@ -289,10 +289,16 @@ async def test_node_worker_killed_during_100_creations(env: Env, run_prefix: str
     child_env = {**os.environ, "VNET_NATS_URL": env.cfg.nats_url, "VNET_LOG_LEVEL": "WARNING",
                  "VNET_METRICS_REPORT_INTERVAL_S": "1"}
 
+    import tempfile
+    from pathlib import Path
+
+    log = Path(tempfile.gettempdir()) / f"{run_prefix}-killnode.log"  # the worker's stderr, for a failure
+
     async def start_node() -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vnet.runtime.launcher", "node", "--node-id", node, "--host-netns", host,
-            env=child_env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        with log.open("ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "vnet.runtime.launcher", "node", "--node-id", node, "--host-netns", host,
+                env=child_env, stdout=asyncio.subprocess.DEVNULL, stderr=err)
         for _ in range(1200):  # a Python process starting on a busy machine
             got = {n.node: n for n in await env.m.nodes()}
             if node in got and got[node].instance not in seen_instances:
@@ -300,7 +306,11 @@ async def test_node_worker_killed_during_100_creations(env: Env, run_prefix: str
                 return proc
             await asyncio.sleep(0.05)
         proc.kill()
-        raise AssertionError("the node worker did not register")
+        await proc.wait()
+        text = log.read_text(errors="replace")[-3000:]
+        log.unlink(missing_ok=True)
+        raise AssertionError(f"the node worker did not register (start {len(seen_instances) + 1}, exit code "
+                             f"{proc.returncode}); its stderr ends with:\n{text}")
 
     seen_instances: set[str] = set()
     cs = await _containers(env, 100, "k")
@@ -353,6 +363,7 @@ async def test_node_worker_killed_during_100_creations(env: Env, run_prefix: str
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        log.unlink(missing_ok=True)
 
 
 async def test_the_1024th_port_of_a_bridge_fails_clearly_and_recovers(env: Env) -> None:

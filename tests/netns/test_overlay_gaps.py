@@ -144,7 +144,11 @@ async def test_sigkill_node_worker_fail_static_then_zero_write_reconcile(cluster
     procs = [_node_proc(c, n2, 2, log)]
     socks = Sockets()
     try:
-        await c.wait_nodes([n1, n2], timeout=90)
+        try:
+            await c.wait_nodes([n1, n2], timeout=90)
+        except AssertionError as exc:  # say why the process did not register
+            raise AssertionError(f"{exc}; exit code {procs[0].poll()}; its log ends with:\n"
+                                 f"{log.read_text()[-3000:] if log.exists() else '(no log)'}") from None
         net = await c.m.create_network("gapk", "10.135.0.0/24", None, "overlay", "none")
         (e1,) = await c.attach(n1, await c.containers(n1, 1, "gk1"), net.id)
         (e2,) = await c.attach(n2, await c.containers(n2, 1, "gk2"), net.id)
