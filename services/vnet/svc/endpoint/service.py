@@ -394,9 +394,38 @@ async def _routed_overlays(ctx: Ctx, store: EndpointStore, desired: NodeDesired)
     out: list[NetDesired] = []
     for nid in sorted(related - here):
         eps = [e for e in await store.get_many(await store.of_network(nid)) if e is not None]
-        if eps and eps[0].driver == DriverType.OVERLAY:
-            out.append(to_desired(eps[0])[0])
+        if eps:
+            if eps[0].driver == DriverType.OVERLAY:
+                out.append(to_desired(eps[0])[0])
+            continue
+        # No endpoint anywhere yet: this host still needs the network's bridge and VXLAN
+        # device, so that the create event of its first endpoint (on another host) is a
+        # remote of a network the worker already has, applied at once (not at the resync).
+        try:
+            rel = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=nid), VirtualNetwork)
+        except E.VNetError as err:
+            log.info("desired state: related network %s unknown: %s", nid, err.message)
+            continue
+        if rel.driver_type == DriverType.OVERLAY:
+            out.append(_net_desired(rel))
     return out
+
+
+def _net_desired(net: VirtualNetwork) -> NetDesired:
+    """A network's data-plane view from its record, the same as :func:`to_desired` makes
+    from one of its endpoints (gateway with the subnet's prefix, MTU, VNI, options)."""
+    def gw(gateway: str | None, cidr: str | None) -> str | None:
+        if not gateway or not cidr:
+            return None
+        return f"{gateway}/{ipaddress.ip_network(cidr, strict=False).prefixlen}"
+
+    opts = net.options
+    vni = opts.get("vni")
+    return NetDesired(id=net.id, driver=net.driver_type, gateway4=gw(net.gateway, net.cidr),
+                      gateway6=gw(net.gateway_v6, net.cidr_v6), mtu=_mtu(net),
+                      vni=int(vni) if vni is not None and vni.isdigit() else None,
+                      encrypted=opts.get("encrypted", "false") == "true", parent=opts.get("parent"),
+                      mode=opts.get("mode"))
 
 
 async def _with_remotes(store: EndpointStore, node: str, desired: NodeDesired) -> NodeDesired:

@@ -10,7 +10,11 @@
              (events that arrive while a reconcile runs are handled together in the next one);
              an endpoint of another host in one of our overlays changes that network's remotes
              here (its FDB/neighbour entries, a delta) when its host is a known peer, and
-             refetches the desired state only for a host not known yet
+             refetches the desired state only for a host not known yet; a relation change
+             (vnet.evt.network.{connected,disconnected,updated,mesh_*}) on a host with an
+             overlay refetches it (the related overlays this host routes to, with no local
+             endpoint, are part of it) and reconciles every network that changed; a network
+             new here also reconciles its parent (proxy ARP on the parent's bridge)
     timer:   every ``resync_s`` (default 10 s) fetch the desired state again and reconcile the
              whole host: drift (an interface or address removed by hand) is repaired, a
              missed event is caught up, and a converged host costs zero kernel writes
@@ -118,8 +122,13 @@ CONSUMER_INACTIVE_S = 3600.0  # the server drops a node's consumers after this l
 DRIVERS = ("bridge", "overlay", "macvlan", "ipvlan", "host")
 
 # endpoint: one of this node's endpoints; remote: another node's endpoint in one of this node's
-# overlay networks (its remotes change); network: a network was deleted; resync: a full resync.
-Kind = Literal["endpoint", "remote", "network", "resync"]
+# overlay networks (its remotes change); network: a network was deleted; relations: a relation
+# changed (connect, disconnect, mesh membership, parent/child, mode): the related overlays this
+# host routes to may change; resync: a full resync.
+Kind = Literal["endpoint", "remote", "network", "relations", "resync"]
+# Network events that change relations (the related overlays a host routes to, its parents).
+RELATION_EVENTS = frozenset({"updated", "connected", "disconnected", "mesh_created", "mesh_deleted",
+                             "mesh_member_added", "mesh_member_removed"})
 
 
 @dataclass
@@ -146,6 +155,15 @@ class Counters:
     last_full_at: float = 0.0
     last_errors: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+
+
+def _labels_only(data: bytes) -> bool:
+    """A network.updated event that changed only labels (unreadable: assume more)."""
+    try:
+        changes = msgspec.json.decode(data, type=dict[str, Any]).get("changes")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return isinstance(changes, list) and bool(changes) and set(changes) <= {"labels"}
 
 
 def dataplane_mode(host_netns: str | None) -> tuple[bool, str]:
@@ -588,8 +606,18 @@ class NodeWorker:
     async def _on_network_event(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
         self._policy_changed()  # isolation mode, relations
-        # Only a deletion changes this node's data plane today (isolation lands with the policy service).
-        if len(parts) < 5 or parts[3] != "deleted":
+        if len(parts) < 5:
+            return
+        if parts[3] in RELATION_EVENTS:
+            # Which overlays this host routes to (related ones without a local endpoint
+            # included) is the endpoint service's answer: refetch it now, not at the resync.
+            # Only hosts with an overlay can route to another network.
+            if parts[3] == "updated" and _labels_only(msg.data):
+                return  # labels change rules (the policy sync above), never the networks here
+            if any(n.driver == DriverType.OVERLAY for n in self.nets.values()):
+                self.queue.put_nowait(self._item(kind="relations", event=parts[3], ident=parts[4]))
+            return
+        if parts[3] != "deleted":
             return
         nid = parts[4]
         if nid in self.nets or any(e.network_id == nid for e in self.eps.values()):
@@ -713,6 +741,7 @@ class NodeWorker:
             scope_nets: set[str] = set()
             gone: set[str] = set()
             refetch = False  # overlay remotes changed: only the endpoint service knows them all
+            had = set(self.nets)
             for it in items:
                 self.counters.events += 1
                 if it.kind == "endpoint" and it.event == "created":
@@ -730,25 +759,41 @@ class NodeWorker:
                     scope_eps.add(it.ident)
                     scope_nets.add(it.endpoint.network_id)
                     gone.add(it.ident)
+                    # the last local endpoint of an overlay: the overlays routed for it may go
+                    nid = it.endpoint.network_id
+                    if (self.routed and it.endpoint.driver == DriverType.OVERLAY
+                            and not any(e.network_id == nid for e in self.eps.values())):
+                        refetch = True
                 elif it.kind == "network" and it.event == "deleted":
                     for eid in [e.id for e in self.eps.values() if e.network_id == it.ident]:
                         self.eps.pop(eid)
                         self.recorded.pop(eid, None)
                         scope_eps.add(eid)
                         gone.add(eid)
+                    self.routed.discard(it.ident)  # a routed network goes too (not kept as routed)
                     scope_nets.add(it.ident)
                 elif it.kind == "remote":
                     # an endpoint of another host in one of our overlays: its FDB/neighbour entries
                     # as a delta when its host is a known peer, else the whole state (a new peer)
                     refetch = refetch or not self._remote_delta(it)
                     scope_nets.add(it.ident)
+                elif it.kind == "relations":
+                    refetch = True
             if refetch:
-                await self._fetch()  # the state after every event of this batch (they were committed first)
+                before = dict(self.nets)
+                # the state after every event of this batch (they were committed first)
+                if await self._fetch():
+                    # every network the fetch added, removed or changed (related overlays with
+                    # their bridge, VXLAN device, FDB and neighbour entries) is reconciled now
+                    scope_nets |= {n for n in before.keys() | self.nets.keys() if before.get(n) != self.nets.get(n)}
             # A network none of this node's endpoints uses any more: its bridge goes.
             used = {e.network_id for e in self.eps.values()}
             for nid in [n for n in self.nets if n not in used and n not in self.routed]:
                 self.nets.pop(nid)
                 scope_nets.add(nid)
+            # A network new here may be the child of one already here: the parent's bridge
+            # needs proxy ARP for it now (the planner finds children from the desired networks).
+            scope_nets |= self._parents_of(set(self.nets) - had)
             self.counters.batches += 1
             # Endpoints created or removed: their policy delta computed here, then written in
             # the same kernel step as the netlink work and before it (bindings before the
@@ -767,6 +812,27 @@ class NodeWorker:
             result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)),
                                            policy_first=policy)
             await self._report(result, gone)
+
+    def _parents_of(self, nids: set[str]) -> set[str]:
+        """The networks here whose IPv4 subnet strictly contains one of ``nids``' subnets."""
+        def subnet(n: NetDesired) -> ipaddress.IPv4Network | None:
+            if n.gateway4 is None:
+                return None
+            try:
+                net = ipaddress.ip_interface(n.gateway4).network
+            except ValueError:
+                return None
+            return net if isinstance(net, ipaddress.IPv4Network) else None
+
+        subs = [s for s in (subnet(self.nets[i]) for i in nids if i in self.nets) if s is not None]
+        if not subs:
+            return set()
+        out: set[str] = set()
+        for n in self.nets.values():
+            p = subnet(n)
+            if p is not None and any(s != p and s.subnet_of(p) for s in subs):
+                out.add(n.id)
+        return out
 
     def _remote_delta(self, it: WorkItem) -> bool:
         """Apply a remote endpoint's event to the local desired state; False: refetch instead."""
