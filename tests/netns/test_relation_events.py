@@ -197,3 +197,24 @@ async def test_parent_child_on_one_host(config: VNetConfig, netns: Callable[[str
         await both_ways("parent/child, reachable after the last create", m,
                         [(ags[0], ep, ec), (ags[1], ec, ep)], t0, True)
         assert w.counters.full_resyncs == base, "a full resync ran: the bound was not met by events alone"
+
+
+def test_which_relation_events_concern_a_host() -> None:
+    """The worker refetches on a relation event only when one of the networks it names is on
+    its host; labels-only updates change no network, an unreadable payload refetches anyway."""
+    import msgspec
+
+    from vnet.contracts.network import ConnectionEvent, MeshEvent, NetworkEvent
+    from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
+    from vnet.svc.node.worker import _involved
+
+    enc = msgspec.json.encode
+    assert _involved(enc(ConnectionEvent(network_a="a", network_b="b"))) == {"a", "b"}
+    # a member removed is named apart from the members left
+    assert _involved(enc(MeshEvent(mesh="g", members=["a"], network="b"))) == {"a", "b"}
+    n = VirtualNetwork(id="x", name="x", cidr="10.9.0.0/24", gateway="10.9.0.1", driver_type=DriverType.OVERLAY,
+                       isolation_mode=IsolationMode.MESH_ONLY, parent="p", children=["c"])
+    assert _involved(enc(NetworkEvent(network=n, changes=["children"]))) == {"x", "p", "c"}
+    assert _involved(enc(NetworkEvent(network=n, changes=["isolation"]))) == {"x", "p", "c"}
+    assert _involved(enc(NetworkEvent(network=n, changes=["labels"]))) == set()
+    assert _involved(b"not json") is None

@@ -157,13 +157,25 @@ class Counters:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def _labels_only(data: bytes) -> bool:
-    """A network.updated event that changed only labels (unreadable: assume more)."""
+def _involved(data: bytes) -> set[str] | None:
+    """The networks a relation event (network.updated, connected, disconnected, mesh_*)
+    concerns; empty for a labels-only update; None when the payload cannot be read."""
     try:
-        changes = msgspec.json.decode(data, type=dict[str, Any]).get("changes")
+        body = msgspec.json.decode(data, type=dict[str, Any])
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return False
-    return isinstance(changes, list) and bool(changes) and set(changes) <= {"labels"}
+        return None
+    out: set[Any] = set()
+    net = body.get("network")
+    if isinstance(net, dict):  # NetworkEvent (updated): the network, its parent and children
+        changes = body.get("changes")
+        if isinstance(changes, list) and changes and set(changes) <= {"labels"}:
+            return set()  # labels change rules (the policy sync), never the networks here
+        out |= {net.get("id"), net.get("parent"), *(net.get("children") or [])}
+    elif isinstance(net, str):  # MeshEvent: the member added or removed
+        out.add(net)
+    out |= {body.get("network_a"), body.get("network_b"), *(body.get("members") or [])}  # connection, mesh
+    ids = {i for i in out if isinstance(i, str)}
+    return ids or None
 
 
 def dataplane_mode(host_netns: str | None) -> tuple[bool, str]:
@@ -612,9 +624,12 @@ class NodeWorker:
             # Which overlays this host routes to (related ones without a local endpoint
             # included) is the endpoint service's answer: refetch it now, not at the resync.
             # Only hosts with an overlay can route to another network.
-            if parts[3] == "updated" and _labels_only(msg.data):
-                return  # labels change rules (the policy sync above), never the networks here
-            if any(n.driver == DriverType.OVERLAY for n in self.nets.values()):
+            if not any(n.driver == DriverType.OVERLAY for n in self.nets.values()):
+                return
+            involved = _involved(msg.data)
+            # A relation X-Y changes what a host routes to only where X or Y is here (relations
+            # are not transitive); an event we cannot read refetches anyway.
+            if involved is None or involved & self.nets.keys():
                 self.queue.put_nowait(self._item(kind="relations", event=parts[3], ident=parts[4]))
             return
         if parts[3] != "deleted":
