@@ -49,7 +49,9 @@ async def _burst(n: int, call: Callable[[int], Awaitable[Any]]) -> tuple[collect
 async def cfg(config: VNetConfig) -> Any:
     # A caller that waits as long as it takes: the test is about the service's answers,
     # not about how fast two shared cores get through 1,000 requests.
-    c = msgspec.structs.replace(fresh_db_config(config), request_timeout_s=120.0)
+    # The same for Redis: a command (or a new connection) may wait long on a machine at load 12;
+    # backpressure is about waiting in line instead of failing, not about a deadline.
+    c = msgspec.structs.replace(fresh_db_config(config), request_timeout_s=120.0, redis_timeout_s=60.0)
     r = aioredis.Redis.from_url(c.redis_url)
     await r.flushdb()
     yield c

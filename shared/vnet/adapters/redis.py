@@ -79,7 +79,7 @@ def connect(config: VNetConfig, *, max_connections: int | None = None) -> aiored
         username=config.redis_username,
         password=config.redis_password,
         decode_responses=False,
-        socket_connect_timeout=min(config.redis_timeout_s, 2.0),
+        socket_connect_timeout=config.redis_timeout_s,
         socket_timeout=config.redis_timeout_s,
         health_check_interval=10,
         retry=Retry(NoBackoff(), 0),
@@ -115,7 +115,7 @@ def _sentinel_client(config: VNetConfig, size: int) -> aioredis.Redis:
     from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
     db = urlsplit(config.redis_url).path.lstrip("/") or "0"
-    common: dict[str, Any] = dict(socket_connect_timeout=min(config.redis_timeout_s, 2.0),
+    common: dict[str, Any] = dict(socket_connect_timeout=config.redis_timeout_s,
                                   socket_timeout=config.redis_timeout_s)
     sentinel = Sentinel(sentinel_addresses(config.redis_sentinels or ""), sentinel_kwargs=dict(common),  # type: ignore[no-untyped-call]
                         username=config.redis_username, password=config.redis_password,
