@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep each row's logs")
     p.add_argument("--per-proc", type=int, default=250, help="simulated nodes per process (default 250)")
     args = p.parse_args(argv)
+    # SIGTERM runs the cleanup (each row's finally) instead of leaving the children to their
+    # parent-death signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.nodes_per_net * args.eps > 4000:
         p.error("--nodes-per-net x --eps must fit a /20 (4,000 endpoints)")
     rows: list[Row] = []

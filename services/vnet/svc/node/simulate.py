@@ -184,6 +184,7 @@ async def _stop_sim_worker(rt: svc_runtime.Runtime) -> None:
         await worker.stop()
 
 
+STOP_TIMEOUT_S = 20.0  # the whole fleet's stop
 START_ATTEMPTS = 10  # per simulated node: its runtime's start makes ~6 JetStream API calls
 
 
@@ -266,4 +267,8 @@ async def run_fleet(config: VNetConfig, names: list[str], stop: asyncio.Event) -
     try:
         await stop.wait()
     finally:
-        await fleet.stop()
+        # Bounded: with the bus gone (the stack stopped first) every drain would wait its timeout.
+        try:
+            await asyncio.wait_for(fleet.stop(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("simulated nodes: not all stopped within %.0fs; exiting anyway", STOP_TIMEOUT_S)
