@@ -110,6 +110,12 @@ async def test_connected_mesh_only_overlays_across_hosts(cluster: Cluster, agent
     t0 = time.perf_counter()
     await m.connect_networks(na.id, nb.id)
     await both_ways("connected again, reachable", m, pairs, t0, True)
+
+    # The last endpoint of host 1 goes: its network's bridge and the one routed for it go too.
+    t0 = time.perf_counter()
+    await m.delete_endpoint(ea.id, wait=True)
+    for br in (naming.bridge_name(na.id), naming.bridge_name(nb.id)):
+        await until(f"{n1}: bridge {br} gone", lambda br=br: br not in links(c.hosts[n1]), t0)
     assert full_resyncs(rts) == base, "a full resync ran: the bound was not met by events alone"
 
 
@@ -170,6 +176,28 @@ async def test_mesh_group_overlays_across_hosts(cluster: Cluster, agents: list[A
     t0 = time.perf_counter()
     await m.add_to_mesh("relg", nb.id)
     await both_ways("back in the mesh group, reachable", m, pairs, t0, True)
+    assert full_resyncs(rts) == base, "a full resync ran: the bound was not met by events alone"
+
+
+async def test_overlay_parent_and_child_on_different_hosts(cluster: Cluster,  # noqa: F811
+                                                           agents: list[Agent]) -> None:
+    """A parent overlay's container on one host, a child overlay's on another: each host gets
+    the other network routed (bridge, gateway, remote entries) and the parent's bridge its
+    proxy ARP from the create events alone."""
+    c = cluster
+    m = c.m
+    n1, n2, rts = await two_hosts(c)
+    parent = await m.create_network("relop", "10.148.0.0/16", None, "overlay", "mesh_only")
+    child = await m.create_child_network(parent.id, "reloc", "10.148.1.0/24", None, "overlay", "mesh_only")
+    base = full_resyncs(rts)
+    cp_, cc = await c.containers(n1, 1, "rop") + await c.containers(n2, 1, "roc")
+    ags = await asyncio.to_thread(lambda: [Agent(cp_), Agent(cc)])  # listening before the attach
+    agents += ags
+    (ep,) = await c.attach(n1, [cp_], parent.id)
+    (ec,) = await c.attach(n2, [cc], child.id)
+    t0 = time.perf_counter()  # the last create
+    await both_ways("overlay parent/child across hosts, reachable after the last create", m,
+                    [(ags[0], ep, ec), (ags[1], ec, ep)], t0, True)
     assert full_resyncs(rts) == base, "a full resync ran: the bound was not met by events alone"
 
 
