@@ -4,8 +4,10 @@ an in-memory span exporter, a per-run prefix for everything a test creates."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -48,16 +50,26 @@ def tmp_root() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+# The session's servers require credentials, as every deployment does (docs/security.md):
+# one identity per server here (the per-role matrix has its own tests, test_security.py), in
+# the URLs every test and process of the run is given, so nothing connects anonymously.
+_SECRET = secrets.token_urlsafe(18)
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_root: Path) -> Iterator[servers.ServerProc]:
-    s = servers.start_nats(tmp_root / "nats")
+    conf = tmp_root / "nats-auth.conf"
+    conf.write_text(f'authorization {{\n  user: "vnet-test"\n  password: "{_SECRET}"\n}}\n')
+    conf.chmod(0o600)
+    s = servers.start_nats(tmp_root / "nats", config_file=conf)
+    s = dataclasses.replace(s, url=s.url.replace("nats://", f"nats://vnet-test:{_SECRET}@", 1))
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_root: Path) -> Iterator[servers.ServerProc]:
-    s = servers.start_valkey(tmp_root / "valkey")
+    s = servers.start_valkey(tmp_root / "valkey", password=_SECRET)
     yield s
     s.stop()
 
