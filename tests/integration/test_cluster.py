@@ -200,3 +200,32 @@ async def test_event_stream_lifts_the_consumer_cap(tmp_path: Path) -> None:
             await nc.close()
     finally:
         s.stop()
+
+
+async def test_durable_consumer_with_several_filters(config: VNetConfig, run_prefix: str) -> None:
+    """A consumer filtering created and deleted endpoint events gets no status report."""
+    nc = await nats_adapter.connect(config, "test-filters")
+    got: list[str] = []
+    c = nats_adapter.DurableConsumer(
+        nc.jetstream(), f"{run_prefix}-filters", subjects.EVT_ENDPOINT.template, deliver_all=False,
+        filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>"])
+    try:
+        await nats_adapter.ensure_events_stream(nc.jetstream())
+
+        async def on(msg: Any) -> None:
+            got.append(msg.subject)
+
+        await c.start(on)
+        ident = uuid.uuid4().hex[:16]
+        for subj in (f"vnet.evt.endpoint.status.n1.{ident}", f"vnet.evt.endpoint.created.{ident}",
+                     f"vnet.evt.endpoint.deleted.{ident}"):
+            await nats_adapter.publish_event(nc.jetstream(), subj, {"x": 1}, msg_id=f"{subj}.{run_prefix}")
+        for _ in range(200):
+            if len(got) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a status report would have arrived by now
+        assert got == [f"vnet.evt.endpoint.created.{ident}", f"vnet.evt.endpoint.deleted.{ident}"]
+    finally:
+        await c.stop(delete=True)
+        await nc.close()

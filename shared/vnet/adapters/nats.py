@@ -296,10 +296,14 @@ class DurableConsumer:
 
     def __init__(self, js: JetStreamContext, durable: str, filter_subject: str = subjects.EVENTS_WILDCARD,
                  *, deliver_all: bool = True, ack_wait_s: float = 30.0, max_deliver: int = 10,
-                 nak_delay_s: float = 1.0, inactive_threshold_s: float | None = None) -> None:
+                 nak_delay_s: float = 1.0, inactive_threshold_s: float | None = None,
+                 filter_subjects: list[str] | None = None) -> None:
         self.js = js
         self.durable = durable
         self.filter_subject = filter_subject
+        # Several filters on one consumer (JetStream >= 2.10): e.g. a node's endpoint consumer
+        # takes created and deleted events, not every node's status reports (docs/scale.md).
+        self.filter_subjects = list(filter_subjects) if filter_subjects else None
         self.deliver_all = deliver_all
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
@@ -320,6 +324,7 @@ class DurableConsumer:
                 ack_wait=self.ack_wait_s,
                 max_deliver=self.max_deliver,
                 inactive_threshold=self.inactive_threshold_s,
+                filter_subjects=self.filter_subjects,
             ),
         )
         self._sub = sub
