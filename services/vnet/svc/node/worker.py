@@ -275,8 +275,11 @@ class NodeWorker:
         js = self.rt.js
         safe = self.node.replace(".", "_")
         self._consumers = [
+            # created/deleted only: every node's status reports would reach every node (the
+            # fan-out grows with the cluster, docs/scale.md) and are dropped on arrival
             DurableConsumer(js, f"vnet-node-{safe}-ep", subjects.EVT_ENDPOINT.template, deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S),
+                            inactive_threshold_s=CONSUMER_INACTIVE_S,
+                            filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>"]),
             DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
                             inactive_threshold_s=CONSUMER_INACTIVE_S),
             DurableConsumer(js, f"vnet-node-{safe}-node", subjects.EVT_NODE.template, deliver_all=False,
