@@ -1,10 +1,10 @@
 """vnet-cni against the reference bridge + host-local, both exec'd as a runtime execs a
 plugin — ONE table from one run.
 
-Run as root (a script, not a pytest module)::
+Run as root from the repository root (a script, not a pytest module)::
 
-    .venv/bin/python tests/bench/bench_cni.py              # 100 containers per row
-    .venv/bin/python tests/bench/bench_cni.py --n 40
+    .venv/bin/python -m tests.bench.bench_cni              # 100 containers per row
+    .venv/bin/python -m tests.bench.bench_cni --n 40
 
 VNet: the control plane and a node worker serving its CNI socket (``vnet-node --cni``)
 run in this process against a private nats-server and valkey; the shim is the file
@@ -23,56 +23,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.bench.scratch_ns import Scratch
 from vnet import VNetManager
 from vnet.cli.cni import plugin_source
 from vnet.runtime import launcher, servers, service
 from vnet.runtime.config import VNetConfig
 
 PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-k"
+NS = Scratch(PREFIX)
 REF = Path("/usr/lib/cni")
-_made: list[str] = []
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(list(cmd), check=True, capture_output=True)
-
-
-def netns(name: str) -> str:
-    full = f"{PREFIX}-{name}"
-    sh("ip", "netns", "add", full)
-    _made.append(full)
-    sh("ip", "-n", full, "link", "set", "lo", "up")
-    return full
-
-
-def cleanup() -> None:
-    for ns in reversed(_made):
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    _made.clear()
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    cleanup()
-    sys.exit(128 + signum)
 
 
 def call(host: str, exe: str, cmd: str, conf: dict[str, Any], container: str, ns_path: str,
@@ -122,7 +92,7 @@ async def main(n: int) -> None:
                               log_level="WARNING")
         for name in ("ipam", "network", "endpoint", "policy"):
             rts.append(await service.start(launcher.load_service(name), cfg))
-        vhost, chost = netns("vh"), netns("ch")
+        vhost, chost = NS.make("vh"), NS.make("ch")
         node = f"{PREFIX}-n"
         sock = str(work / "cni.sock")
         rts.append(await service.start(
@@ -144,7 +114,7 @@ async def main(n: int) -> None:
                                                    "none"),
                     "full": await m.create_network(f"{PREFIX}-full", "10.89.64.0/22", "10.89.64.1", "bridge",
                                                    "full")}
-            conts = [netns(f"x{i}") for i in range(n)]
+            conts = [NS.make(f"x{i}") for i in range(n)]
             results: dict[str, tuple[list[float], list[float]]] = {}
             ref_conf = {"cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "cnibr0",
                         "isGateway": True, "ipMasq": False,
@@ -176,7 +146,7 @@ async def main(n: int) -> None:
     finally:
         for rt in reversed(rts):
             await rt.stop(drain_timeout=2.0)
-        cleanup()
+        NS.cleanup()
         nats.stop()
         valkey.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -186,7 +156,4 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=100, help="containers per row")
     a = p.parse_args()
-    atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     asyncio.run(main(a.n))

@@ -1,10 +1,10 @@
 """Names per second: the node's resolver against aardvark-dns (podman's), same names,
 same client, same run.
 
-Run as root (a script, not a pytest module)::
+Run as root from the repository root (a script, not a pytest module)::
 
-    .venv/bin/python tests/bench/bench_dns.py              # 50 containers, 4,000 queries per row
-    .venv/bin/python tests/bench/bench_dns.py --n 200 --queries 10000
+    .venv/bin/python -m tests.bench.bench_dns              # 50 containers, 4,000 queries per row
+    .venv/bin/python -m tests.bench.bench_dns --n 200 --queries 10000
 
 The whole control plane runs in this process (ipam, network, endpoint, policy services
 and one node worker with ``dns=on``) against a private nats-server and valkey; the host
@@ -20,26 +20,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
 
+from tests.bench.scratch_ns import Scratch, sh
 from vnet import VNetManager
 from vnet.core import naming
 from vnet.runtime import launcher, servers, service
 from vnet.runtime.config import VNetConfig
 
 PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-d"
+NS = Scratch(PREFIX)
 AARDVARK = next((p for p in ("/usr/lib/podman/aardvark-dns", "/usr/libexec/podman/aardvark-dns")
                  if os.path.exists(p)), shutil.which("aardvark-dns"))
-_made: list[str] = []
-_procs: list[subprocess.Popen[bytes]] = []
 
 CLIENT = r"""
 import asyncio, json, random, socket, sys, time
@@ -78,37 +76,6 @@ asyncio.run(main())
 """
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(list(cmd), check=True, capture_output=True)
-
-
-def netns(name: str) -> str:
-    full = f"{PREFIX}-{name}"
-    sh("ip", "netns", "add", full)
-    _made.append(full)
-    sh("ip", "-n", full, "link", "set", "lo", "up")
-    return full
-
-
-def cleanup() -> None:
-    for p in _procs:
-        p.kill()
-    _procs.clear()
-    for ns in reversed(_made):
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    _made.clear()
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    cleanup()
-    sys.exit(128 + signum)
-
-
 def load(ns: str, server: str, inflight: int, total: int, names: list[str]) -> dict[str, float]:
     import json
     out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, server, str(inflight), str(total),
@@ -129,7 +96,7 @@ async def main(n: int, queries: int) -> None:
                               log_level="WARNING")
         for name in ("ipam", "network", "endpoint", "policy"):
             rts.append(await service.start(launcher.load_service(name), cfg))
-        host = netns("h")
+        host = NS.make("h")
         node = f"{PREFIX}-n"
         rts.append(await service.start(
             launcher.load_service("node"), VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url,
@@ -142,7 +109,7 @@ async def main(n: int, queries: int) -> None:
                     break
                 await asyncio.sleep(0.05)
             net = await m.create_network(f"{PREFIX}-net", "10.89.20.0/24", "10.89.20.1", "bridge", "peer_only")
-            conts = [netns(f"c{i}") for i in range(n)]
+            conts = [NS.make(f"c{i}") for i in range(n)]
             eps = []
             for c in conts:
                 eps.append(await m.create_endpoint(c, net.id, wait=True, wait_timeout=60))
@@ -154,7 +121,7 @@ async def main(n: int, queries: int) -> None:
             conf.mkdir()
             (conf / "bench").write_text("10.89.20.254\n" + "".join(
                 f"{e.id} {e.ip_address}  {e.container_id}\n" for e in eps))
-            _procs.append(await asyncio.to_thread(
+            NS.procs.append(await asyncio.to_thread(
                 subprocess.Popen, ["ip", "netns", "exec", host, AARDVARK, "--config", str(conf), "-p", "53", "run"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             await asyncio.sleep(0.5)
@@ -178,7 +145,7 @@ async def main(n: int, queries: int) -> None:
     finally:
         for rt in reversed(rts):
             await rt.stop(drain_timeout=2.0)
-        cleanup()
+        NS.cleanup()
         nats.stop()
         valkey.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -189,7 +156,4 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=50, help="containers (names)")
     p.add_argument("--queries", type=int, default=4000, help="queries per row at 16 in flight")
     a = p.parse_args()
-    atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     asyncio.run(main(a.n, a.queries))
