@@ -214,16 +214,23 @@ class NftEnforcer:
         except OSError:  # only costs a rewrite after the next restart
             pass
 
-    def _adopt(self, script: str) -> bool:
-        """After a restart: the kernel holds exactly what the previous worker applied for this
-        very script (same digest, same canonical listing): take it over without writing."""
+    def _saved(self, key: str, text: str) -> dict[str, Any] | None:
+        """What the previous worker saved, if it was saved for exactly ``text`` (digest under ``key``)."""
         if self.state_file is None:
-            return False
+            return None
         try:
             saved = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
-            return False
-        if not isinstance(saved, dict) or saved.get("sha256") != self._digest(script):
+            return None
+        if not isinstance(saved, dict) or saved.get(key) != self._digest(text):
+            return None
+        return saved
+
+    def _adopt(self, script: str) -> bool:
+        """After a restart: the kernel holds exactly what the previous worker applied for this
+        very script (same digest, same canonical listing): take it over without writing."""
+        saved = self._saved("sha256", script)
+        if saved is None:
             return False
         now = self.read()
         if now is None or now != saved.get("readback"):
@@ -330,13 +337,8 @@ class NftEnforcer:
         """After a restart: the kernel holds the structure the previous worker applied for
         this very ruleset shape: take it over (its elements become what we have, so only
         a difference is written)."""
-        if self.state_file is None:
-            return False
-        try:
-            saved = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return False
-        if not isinstance(saved, dict) or saved.get("structure_sha256") != self._digest(struct):
+        saved = self._saved("structure_sha256", struct)
+        if saved is None:
             return False
         got = self.listing()
         if got is None or got[0] != saved.get("structure_readback"):
