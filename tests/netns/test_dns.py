@@ -257,3 +257,30 @@ async def test_endpoints_carry_their_resolver_and_vnetctl_writes_it_for_containe
     finally:
         await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", name], capture_output=True)
         await asyncio.to_thread(shutil.rmtree, resolv.parent, True)
+
+
+async def test_srv_lists_published_ports_as_isolation_says_and_answers_count_by_rcode(
+        env: Env, run_prefix: str) -> None:
+    from vnet.contracts.endpoint import PortMapping
+
+    m = env.m
+    net = await m.create_network(f"{run_prefix}-s", "10.89.15.0/24", "10.89.15.1", "bridge", "peer_only")
+    other = await m.create_network(f"{run_prefix}-s2", "10.89.16.0/24", "10.89.16.1", "bridge", "peer_only")
+    a, db, x = [await asyncio.to_thread(env.netns, k) for k in ("sa", "sdb", "sx")]
+    ea = await m.create_endpoint(a, net.id, wait=True, wait_timeout=30)
+    edb = await m.create_endpoint(db, net.id, wait=True, wait_timeout=30,
+                                  ports=[PortMapping(host_port=25432, container_port=5432)])
+    ex = await m.create_endpoint(x, other.id, wait=True, wait_timeout=30)
+    assert ea.status == edb.status == ex.status == "ready"
+    target = f"{db}.{net.name}.vnet.".lower()
+    assert await dig(a, net.gateway, f"_postgresql._tcp.{db}", "SRV") == ("NOERROR", [target])
+    assert await dig(a, net.gateway, f"_5432._tcp.{db}.{net.name}.vnet", "SRV", tcp=True) == ("NOERROR", [target])
+    status, _ = await dig(a, net.gateway, f"_5432._udp.{db}", "SRV")  # not published over udp
+    assert status == "NXDOMAIN"
+    status, _ = await dig(x, other.gateway, f"_5432._tcp.{db}.{net.name}.vnet", "SRV")  # isolated network
+    assert status == "NXDOMAIN"
+    counts = {tuple(sorted(c.labels.items())): c.value for c in env.node_rt.metrics.snapshot().counters
+              if c.name == "vnet_dns_queries"}
+    node = env.node_rt.params["node"]
+    assert counts.get((("node", node), ("rcode", "NOERROR")), 0) >= 2
+    assert counts.get((("node", node), ("rcode", "NXDOMAIN")), 0) >= 2

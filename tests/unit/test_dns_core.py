@@ -130,3 +130,43 @@ def test_the_resolver_on_the_own_gateway_is_always_reachable_and_nothing_else_of
     assert not pol.verdict("e-a", "10.1.0.1", "tcp", 80).allowed
     assert not pol.verdict("e-a", "10.2.0.1", "udp", 53).allowed
     assert "th dport 53 fib daddr . iif type local accept" in RESOLVER
+
+
+def _srv_table(rules: list[AllowRule] | None = None) -> NameTable:
+    nets = [_net("nb", IsolationMode.FULL, "10.2.0.0/24"), _net("nx", IsolationMode.PEER_ONLY, "10.7.0.0/24")]
+    pol = Policy(nets, [PolicyEndpoint(id="e-c", network="nb", ips=("10.2.0.2",), mac="02:00:00:00:00:01"),
+                        PolicyEndpoint(id="e-db", network="nb", ips=("10.2.0.3",), mac="02:00:00:00:00:02"),
+                        PolicyEndpoint(id="e-x", network="nx", ips=("10.7.0.2",), mac="02:00:00:00:00:03")],
+                 rules or [])
+    dns = [DnsEndpoint(id="e-c", name="c", network="nb", ips=("10.2.0.2",)),
+           DnsEndpoint(id="e-db", name="db", network="nb", ips=("10.2.0.3",),
+                       ports=(("tcp", 5432), ("tcp", 9187), ("udp", 5432))),
+           DnsEndpoint(id="e-x", name="x", network="nx", ips=("10.7.0.2",))]
+    return NameTable(pol, dns, {"nb": "back", "nx": "other"}, domain="vnet")
+
+
+def test_srv_names_a_published_port_only_where_its_flow_is_allowed() -> None:
+    rule = AllowRule(id="r1", from_=[Selector(endpoint="e-c")], to=[Selector(endpoint="e-db")],
+                     ports=[PortSpec(protocol="tcp", port=5432)])
+    t = _srv_table([rule])
+    by_service = t.lookup("10.2.0.2", "_postgresql._tcp.db", "SRV")
+    assert by_service.rcode == "NOERROR"
+    assert by_service.srv == ((5432, "db.back.vnet", ("10.2.0.3",)),)
+    assert t.lookup("10.2.0.2", "_5432._tcp.db.back.vnet.", "SRV").srv == by_service.srv
+    # the same endpoint publishes 9187 and udp/5432, but the rule opens tcp/5432 only
+    assert t.lookup("10.2.0.2", "_9187._tcp.db", "SRV").rcode == "NXDOMAIN"
+    assert t.lookup("10.2.0.2", "_5432._udp.db", "SRV").rcode == "NXDOMAIN"
+    # a port the endpoint does not publish, and a name of another (isolated) network
+    assert t.lookup("10.2.0.2", "_80._tcp.db", "SRV").rcode == "NXDOMAIN"
+    assert t.lookup("10.7.0.2", "_5432._tcp.db", "SRV").rcode == "NXDOMAIN"
+    # the host sees every published port
+    assert len(t.lookup("10.2.0.1", "_9187._tcp.db", "SRV").srv) == 1
+    # without the rule Full mode hides it
+    assert _srv_table().lookup("10.2.0.2", "_5432._tcp.db", "SRV").rcode == "NXDOMAIN"
+
+
+def test_srv_of_names_not_ours_is_forwarded_and_malformed_ones_do_not_exist() -> None:
+    t = _srv_table()
+    assert t.lookup("10.2.0.1", "_http._tcp.example.org", "SRV", upstream=UPSTREAM).rcode == "FORWARD"
+    assert t.lookup("10.2.0.1", "_http._sctp.db.back.vnet", "SRV").rcode == "NXDOMAIN"
+    assert t.lookup("10.2.0.1", "db.back.vnet", "SRV").rcode == "NXDOMAIN"

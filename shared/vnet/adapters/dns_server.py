@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import struct
 import time
@@ -32,18 +33,22 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord
+from dnslib import AAAA, PTR, QTYPE, RCODE, RR, SRV, A, DNSError, DNSHeader, DNSRecord
 from dnslib.dns import DNSBuffer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vnet.adapters.netlink.nsctx import Netns, NsWorker
 from vnet.core.dns import Answer
+from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
 IP_FREEBIND = 15
 IPV6_FREEBIND = 78
-_QTYPES = {QTYPE.A: "A", QTYPE.AAAA: "AAAA", QTYPE.PTR: "PTR", QTYPE.ANY: "ANY"}
+_QTYPES = {QTYPE.A: "A", QTYPE.AAAA: "AAAA", QTYPE.PTR: "PTR", QTYPE.SRV: "SRV", QTYPE.ANY: "ANY"}
 AnswerFn = Callable[[str, str, str], Answer | Awaitable[Answer]]
+# (rcode, seconds, trace id of the query's span when one was recorded)
+ObserveFn = Callable[[str, float, str | None], None]
 
 
 def _listen_socket(addr: str, port: int, kind: int) -> socket.socket:
@@ -112,7 +117,7 @@ def _truncated(query: bytes, reply: bytes) -> bytes:
 class DnsServer:
     def __init__(self, answer: AnswerFn, *, upstreams: Iterable[str] = (), host_netns: str | None = None,
                  ttl: int = 5, forward_timeout: float = 2.0, port: int = 53,
-                 observe: Callable[[str, float, str | None], None] | None = None) -> None:
+                 observe: ObserveFn | None = None, trace_ratio: float = 0.0) -> None:
         self.answer = answer
         self.upstreams = list(upstreams)
         self.host_netns = host_netns
@@ -120,6 +125,8 @@ class DnsServer:
         self.forward_timeout = forward_timeout
         self.port = port
         self.observe = observe
+        # a span per query costs as much as answering it: only 1 in 1/trace_ratio gets one
+        self.trace_ratio = trace_ratio
         self.counters = DnsCounters()
         self._ns: Netns | None = None
         self._worker: NsWorker | None = None
@@ -140,7 +147,7 @@ class DnsServer:
         rcode = self._cache_rcode.get(hit[1] & 0x0F, "NOERROR")
         self.counters.queries[rcode] = self.counters.queries.get(rcode, 0) + 1
         if self.observe is not None:
-            self.observe("dns.query", 0.0, None if rcode == "NOERROR" else rcode.lower())
+            self.observe(rcode, 0.0, None)
         return data[:2] + hit
 
     _cache_rcode = {0: "NOERROR", 3: "NXDOMAIN", 5: "REFUSED"}
@@ -234,6 +241,13 @@ class DnsServer:
         hit = self.cached(data, src)
         if hit is not None:
             return hit
+        if self.trace_ratio and random.random() < self.trace_ratio:
+            with tracing.tracer().start_as_current_span("dns.query", kind=SpanKind.SERVER,
+                                                        attributes={"dns.querier": src}) as span:
+                return await self._handle(data, src, span)
+        return await self._handle(data, src, None)
+
+    async def _handle(self, data: bytes, src: str, span: Span | None) -> bytes | None:
         t0 = time.perf_counter()
         rcode = "FORMERR"
         try:
@@ -248,6 +262,9 @@ class DnsServer:
             question = q.questions[0]
             qname = str(question.qname)
             qtype = _QTYPES.get(question.qtype, "OTHER")
+            if span is not None:
+                span.set_attribute("dns.question.name", qname)
+                span.set_attribute("dns.question.type", qtype)
             ans = self.answer(src, qname, qtype if qtype != "OTHER" else "ANY")
             if not isinstance(ans, Answer):
                 ans = await ans
@@ -268,6 +285,11 @@ class DnsServer:
                     r.add_answer(RR(question.qname, QTYPE.AAAA if ":" in a else QTYPE.A, rdata=rd, ttl=self.ttl))
                 for n in ans.names:
                     r.add_answer(RR(question.qname, QTYPE.PTR, rdata=PTR(n + "."), ttl=self.ttl))
+                for port, target, addrs in ans.srv:  # targets' addresses: the additional section
+                    r.add_answer(RR(question.qname, QTYPE.SRV, rdata=SRV(0, 0, port, target + "."), ttl=self.ttl))
+                    for a in addrs:
+                        r.add_ar(RR(target + ".", QTYPE.AAAA if ":" in a else QTYPE.A,
+                                    rdata=AAAA(a) if ":" in a else A(a), ttl=self.ttl))
             out = bytes(r.pack())
             if ans.cacheable:
                 self._remember(data, src, out)
@@ -281,9 +303,14 @@ class DnsServer:
                 return None
         finally:
             self.counters.queries[rcode] = self.counters.queries.get(rcode, 0) + 1
+            trace_id = None
+            if span is not None:
+                span.set_attribute("dns.response.rcode", rcode)
+                if rcode in ("SERVFAIL", "FORMERR"):
+                    span.set_status(Status(StatusCode.ERROR, rcode))
+                trace_id = tracing.trace_id_hex(span) if span.is_recording() else None
             if self.observe is not None:
-                self.observe("dns.query", time.perf_counter() - t0,
-                             None if rcode in ("NOERROR", "FORWARDED") else rcode.lower())
+                self.observe(rcode, time.perf_counter() - t0, trace_id)
 
     async def _forward(self, data: bytes) -> bytes | None:
         """Ask the upstreams in turn (UDP from the host namespace); the first answer wins."""

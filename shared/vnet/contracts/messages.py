@@ -35,6 +35,15 @@ class OpCounter(msgspec.Struct, kw_only=True, array_like=True):
     exemplars: list[tuple[int, str, float, float]] = []
 
 
+class LabeledCount(msgspec.Struct, kw_only=True, array_like=True):
+    """A cumulative counter with labels of its own, exposed as ``<name>_total{service,...labels}``
+    (for counts that are not operations, e.g. DNS answers by rcode)."""
+
+    name: str
+    labels: dict[str, str]
+    value: int
+
+
 class MetricsReport(msgspec.Struct, kw_only=True):
     """Cumulative counters of one service instance; a newer one replaces the older."""
 
@@ -43,6 +52,7 @@ class MetricsReport(msgspec.Struct, kw_only=True):
     started: float
     buckets: list[float]
     ops: list[OpCounter]
+    counters: list[LabeledCount] = []
 
 
 class MetricsSummary(msgspec.Struct, kw_only=True):

@@ -7,7 +7,9 @@ allows at least one NEW flow from the querier to that endpoint; otherwise the an
 is NXDOMAIN, exactly as if the name did not exist, so a name never leaks across
 isolation. Anything else is forwarded to the host's resolvers when the querier may
 reach them (the verdict for ``udp/53`` toward the upstream address), and REFUSED when
-it may not. The host itself (a query from a gateway address) sees every name.
+it may not. SRV names (``_<port or service>._<tcp|udp>.<name>``) list an endpoint's
+published ports, each only when the querier may open that very flow. The host itself
+(a query from a gateway address) sees every name.
 
 A querier that is neither an endpoint nor a host address is REFUSED: the resolver is
 not an open resolver.
@@ -30,7 +32,15 @@ from vnet.core import errors as E
 from vnet.core.policy import Policy
 
 Rcode = Literal["NOERROR", "NXDOMAIN", "REFUSED", "FORWARD"]
-QType = Literal["A", "AAAA", "PTR", "ANY"]
+QType = Literal["A", "AAAA", "PTR", "SRV", "ANY"]
+
+# Service labels an SRV query may use instead of the port number (RFC 6335 names of the
+# ports containers publish most); ``_8080._tcp.web`` works for every port.
+SERVICE_PORTS: Mapping[str, int] = {
+    "http": 80, "https": 443, "ssh": 22, "domain": 53, "dns": 53, "smtp": 25, "imap": 143,
+    "ldap": 389, "mysql": 3306, "postgresql": 5432, "postgres": 5432, "redis": 6379,
+    "amqp": 5672, "mongodb": 27017, "memcache": 11211, "nats": 4222, "http-alt": 8080,
+}
 
 # The flows tried to decide "may reach at least one way": any protocol the modes allow
 # shows with ICMP; a rule limited to ports shows with one of its own ports.
@@ -46,6 +56,7 @@ class DnsEndpoint:
     network: str  # network id
     ips: tuple[str, ...]
     aliases: tuple[str, ...] = ()
+    ports: tuple[tuple[str, int], ...] = ()  # published (protocol, container port): SRV records
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Answer:
     rcode: Rcode
     addresses: tuple[str, ...] = ()  # A/AAAA answers
     names: tuple[str, ...] = ()  # PTR answers (fully qualified, no trailing dot)
+    srv: tuple[tuple[int, str, tuple[str, ...]], ...] = ()  # SRV answers: (port, target name, its addresses)
     why: str = ""
     cacheable: bool = True  # the same table gives the same answer (not so while the table is being built)
 
@@ -164,6 +176,8 @@ class NameTable:
         if self._querier(querier_ip) is None:
             return Answer("REFUSED", why=f"{querier_ip} is neither an endpoint nor a host address")
         q = _norm(qname)
+        if qtype == "SRV":
+            return self._srv(querier_ip, q, upstream)
         if qtype == "PTR":
             ip = reverse_pointer_ip(q)
             if ip is not None and ip in self._by_ip:
@@ -193,6 +207,38 @@ class NameTable:
             str(ipaddress.ip_address(a.split("/")[0])) for t in chosen for a in t.ips
             if fam is None or ipaddress.ip_address(a.split("/")[0]).version == fam))
         return Answer("NOERROR", addresses=addrs)  # no address of that family: NOERROR, no data
+
+    def _srv(self, querier_ip: str, q: str, upstream: str | None) -> Answer:
+        """``_<service>._<proto>.<name>``: the published ports of the endpoints ``name`` means.
+
+        A record is given for a port only when the querier may open that very flow (the
+        verdict for proto/port), so an SRV answer never names a port isolation closes;
+        the target is the endpoint's full name, its addresses in the additional section.
+        """
+        labels = q.split(".", 2)
+        if len(labels) < 3 or not labels[0].startswith("_") or labels[1] not in ("_tcp", "_udp"):
+            return Answer("NXDOMAIN", why="not an SRV name") if self.is_ours(q) else self._forward(
+                querier_ip, upstream)
+        svc, proto, name = labels[0][1:], labels[1][1:], labels[2]
+        port = int(svc) if svc.isdigit() else SERVICE_PORTS.get(svc)
+        cands = self._by_name.get(name)
+        if cands is None:
+            return Answer("NXDOMAIN", why="no such endpoint") if self.is_ours(name) else self._forward(
+                querier_ip, upstream)
+        qe = self._querier(querier_ip)
+        records: list[tuple[int, str, tuple[str, ...]]] = []
+        for t in cands:
+            if (proto, port) not in t.ports or not self.may_see(querier_ip, t):
+                continue
+            if qe is not None and qe[0] == "endpoint" and qe[1] != t.id and port is not None and \
+                    not self.policy.verdict(qe[1], t.id, proto, port).allowed:
+                continue
+            net = self.network_names.get(t.network, t.network)
+            records.append((port or 0, f"{_norm(t.name)}.{_norm(net)}.{self.domain}",
+                            tuple(str(ipaddress.ip_address(a.split("/")[0])) for a in t.ips)))
+        if not records:
+            return Answer("NXDOMAIN", why="no published port the querier may reach under that name")
+        return Answer("NOERROR", srv=tuple(records))
 
     def _network_of(self, endpoint_id: str) -> str | None:
         e = self.policy.endpoints.get(endpoint_id)

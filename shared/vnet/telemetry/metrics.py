@@ -12,7 +12,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from vnet.contracts.messages import MetricsReport, OpCounter
+from vnet.contracts.messages import LabeledCount, MetricsReport, OpCounter
 
 # Buckets sized for a control plane whose floor is ~0.1 ms and whose attaches reach 100 ms.
 BUCKETS: tuple[float, ...] = (
@@ -35,6 +35,7 @@ class OpMetrics:
         self.instance = instance
         self.started = time.time()
         self._ops: dict[str, _Op] = {}
+        self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
 
     def observe(self, op: str, duration_s: float, error_code: str | None = None,
                 trace_id: str | None = None) -> None:
@@ -52,6 +53,11 @@ class OpMetrics:
         if error_code is not None:
             o.errors[error_code] = o.errors.get(error_code, 0) + 1
 
+    def count(self, name: str, n: int = 1, **labels: str) -> None:
+        """Add ``n`` to the counter ``name`` (``vnet_..._total`` without the suffix) with these labels."""
+        k = (name, tuple(sorted(labels.items())))
+        self._counts[k] = self._counts.get(k, 0) + n
+
     def totals(self) -> tuple[int, int]:
         return (sum(o.count for o in self._ops.values()),
                 sum(sum(o.errors.values()) for o in self._ops.values()))
@@ -65,5 +71,7 @@ class OpMetrics:
                 cum.append(acc)
             ops.append(OpCounter(op=name, count=o.count, errors=dict(o.errors), bucket_counts=cum, sum_s=o.sum_s,
                                  exemplars=[(i, t, v, ts) for i, (t, v, ts) in sorted(o.exemplars.items())]))
+        counters = [LabeledCount(name=name, labels=dict(lbl), value=v)
+                    for (name, lbl), v in sorted(self._counts.items())]
         return MetricsReport(service=self.service, instance=self.instance, started=self.started,
-                             buckets=list(BUCKETS), ops=ops)
+                             buckets=list(BUCKETS), ops=ops, counters=counters)

@@ -12,6 +12,8 @@
   ``vnet_ipam_pool_fullness_ratio``, ``vnet_ipam_pool_alloc_per_hour``,
   ``vnet_ipam_pool_release_per_hour`` and ``vnet_ipam_pool_exhaustion_seconds`` (the time
   to exhaustion at the current rate; absent for a pool that is not filling).
+* counters a report names itself (``MetricsReport.counters``), exposed only when listed
+  in ``LABELED_COUNTERS`` with exactly its labels: ``vnet_dns_queries_total{service,node,rcode}``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,31 @@ class VNetCollector(Collector):
             ev.add_metric([d, e], n)
         yield ev
         yield from _pool_gauges(pools)
+        yield from _labeled_counters(reports)
+
+
+# A report may name its own counters; only these names, with these labels, are exposed, so a
+# confused or hostile reporter cannot mint series (labels are a cardinality budget).
+LABELED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vnet_dns_queries": ("DNS queries answered by a node's resolver, by rcode", ("node", "rcode")),
+}
+
+
+def _labeled_counters(reports: Iterable[MetricsReport]) -> Iterable[CounterMetricFamily]:
+    sums: dict[str, dict[tuple[str, ...], int]] = {}
+    for r in reports:
+        for c in r.counters:
+            spec = LABELED_COUNTERS.get(c.name)
+            if spec is None or set(c.labels) != set(spec[1]):
+                continue
+            key = (r.service, *(c.labels[k] for k in spec[1]))
+            per = sums.setdefault(c.name, {})
+            per[key] = per.get(key, 0) + c.value
+    for name, (doc, labels) in LABELED_COUNTERS.items():
+        fam = CounterMetricFamily(name, doc, labels=["service", *labels])
+        for key, v in sorted(sums.get(name, {}).items()):
+            fam.add_metric(list(key), v)
+        yield fam
 
 
 def _pool_gauges(pools: list[PoolInfo]) -> Iterable[GaugeMetricFamily]:

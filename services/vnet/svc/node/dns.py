@@ -17,6 +17,7 @@ sockets stay open across rebuilds: an update never drops a query.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -72,8 +73,9 @@ class NodeDns:
             # of a container's query path; it is still the host's own choice, so keep it
             self.upstreams = [u for u in self.upstreams if u]
         self.server = DnsServer(self._answer, upstreams=self.upstreams, host_netns=rt.config.host_netns,
-                                ttl=int(rt.params.get("dns_ttl_s", "5")), observe=rt.metrics.observe,
-                                port=int(rt.params.get("dns_port", "53")))
+                                ttl=int(rt.params.get("dns_ttl_s", "5")), observe=self._observe,
+                                port=int(rt.params.get("dns_port", "53")),
+                                trace_ratio=float(rt.params.get("dns_trace_ratio", "0.01")))
         self.table: NameTable | None = None
         self.version = 0
         self.rebuilds = 0
@@ -81,6 +83,12 @@ class NodeDns:
         self._stale = asyncio.Event()
         self._fresh = asyncio.Event()
         self._subs: list[Any] = []
+
+    def _observe(self, rcode: str, seconds: float, trace_id: str | None) -> None:
+        # NXDOMAIN and REFUSED are answers isolation gives, not failures of the resolver
+        failed = rcode.lower() if rcode in ("SERVFAIL", "FORMERR") else None
+        self.rt.metrics.observe("dns.query", seconds, failed, trace_id)
+        self.rt.metrics.count("vnet_dns_queries", node=self.node, rcode=rcode)
 
     # -- life ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -151,7 +159,8 @@ class NodeDns:
         pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules.rules)
         names = {n.id: n.name for n in nets}
         dns = [DnsEndpoint(id=e.id, name=e.container_id, network=e.network_id,
-                           ips=tuple(a for a in (e.ip_address, e.ipv6_address) if a), aliases=tuple(e.aliases))
+                           ips=tuple(a for a in (e.ip_address, e.ipv6_address) if a), aliases=tuple(e.aliases),
+                           ports=tuple((p.protocol, p.container_port) for p in e.ports))
                for e in eps]
         self.table = NameTable(pol, dns, names, domain=self.domain)
         self.server.clear_cache()
@@ -182,7 +191,7 @@ class NodeDns:
             return Answer("REFUSED", why="the resolver has no table yet", cacheable=False)
         ans = self.table.lookup(src, qname, qtype, upstream=upstream)  # type: ignore[arg-type]
         if not self._fresh.is_set():  # answered from the last table while a newer one is coming
-            ans = Answer(ans.rcode, ans.addresses, ans.names, ans.why, cacheable=False)
+            ans = dataclasses.replace(ans, cacheable=False)
         return ans
 
 
