@@ -3,8 +3,10 @@
 worker over a unix socket (root only) and prints what it answers.
 
 A runtime execs a plugin once per call, so this file imports ``os``, ``sys`` and (past
-VERSION) ``socket`` only: no VNet package, no msgspec, no NATS, not even ``json`` (whose regular
-expressions cost a few ms of every start). The configuration goes to the node worker as
+VERSION) ``_socket`` only: no VNet package, no msgspec, no NATS, not even ``json`` (whose regular
+expressions cost a few ms of every start) or ``socket`` (its ``selectors``, ``enum`` and
+``array`` imports cost ~10 ms, two thirds of a bare interpreter's start; ``_socket`` is the C
+module under it and costs nothing measurable). The configuration goes to the node worker as
 the bytes the runtime wrote; the node parses it, does the work through the control plane
 (``services/vnet/svc/node/cni.py``) and answers with the exit code and the exact stdout
 of the call (results and errors as the spec says, ``vnet/core/cni.py``). It is installed
@@ -68,11 +70,11 @@ def main() -> int:
     if not (body.startswith("{") and body.endswith("}")):
         return _error(6, "the network configuration on stdin is not a JSON object")
     path = _socket_path(conf)
-    import socket  # not for VERSION: its imports (selectors, enum) cost more than the rest of a start
+    import _socket  # not socket: see above
 
     head = "\n".join(["VNETCNI1", cmd] + [os.environ.get("CNI_" + k, "").replace("\n", " ")
                                           for k in ("CONTAINERID", "NETNS", "IFNAME", "ARGS")])
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     s.settimeout(TIMEOUTS.get(cmd, 15.0))
     try:
         try:
@@ -82,7 +84,7 @@ def main() -> int:
                           f"the VNet node worker does not answer on {path} ({exc.strerror or exc}); is vnet-node "
                           "running with --cni?")
         s.sendall((head + "\n").encode() + conf.encode())
-        s.shutdown(socket.SHUT_WR)
+        s.shutdown(_socket.SHUT_WR)
         chunks = []
         while True:
             chunk = s.recv(65536)

@@ -11,6 +11,15 @@ The node asks the endpoint service on its own node-scoped subjects
 its own, so a node attaches containers on itself and nowhere else. Enabled with the node
 parameter ``cni=on`` (``vnet-node --cni``); the socket is ``cni_socket`` (default
 ``/run/vnet/cni.sock``).
+
+The fast path (``docs/cni.md`` "Where the time goes"): an ADD is one request (a create
+with a request id of its own and no wait: a repeated ADD comes back as an endpoint made by
+another request, which is the conflict), answered as soon as this node's worker reports
+the endpoint wired, seen on the node's own status subject, not after the endpoint
+service's status round trip. A DEL of a container this node attached answers from its own
+record: the detach names the network by id and does not wait in the service; the answer
+follows the worker's "deleted" report. The record is in memory only; after a restart a
+DEL goes the long way (the service finds the endpoint).
 """
 
 from __future__ import annotations
@@ -20,7 +29,12 @@ import json
 import logging
 import os
 import subprocess
+import uuid
+from collections import OrderedDict
 from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
 
 from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
@@ -29,6 +43,7 @@ from vnet.contracts.endpoint import (
     EndpointInfo,
     EndpointList,
     EndpointPage,
+    EndpointStatusEvent,
     PortMapping,
     RuntimeDetach,
     RuntimeDetached,
@@ -42,7 +57,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/vnet/cni.sock"
 ATTACH_WAIT_S = 60.0
+DETACH_WAIT_S = 30.0  # then DEL succeeds anyway: the worker's queue keeps a later ADD behind the teardown
+RECHECK_S = 2.0  # a status report not seen this long: the record is read (a report can be lost)
 MAX_REQUEST = 1 << 20
+SEEN_MAX = 1024  # status reports kept for an ADD whose reply comes after the report
 _VETH_DRIVERS = (DriverType.BRIDGE, DriverType.OVERLAY)
 
 
@@ -73,6 +91,43 @@ def parse_request(data: bytes) -> dict[str, Any] | None:
             "args": dict(kv.split("=", 1) for kv in args.split(";") if "=" in kv), "config": conf}
 
 
+class StatusWatch:
+    """This node's endpoint status reports (``vnet.evt.endpoint.status.<node>.*``), as the
+    bus carries them: the worker's "ready" after the kernel work is what an ADD answers on.
+    Reports that arrive before anyone waits (the worker can be faster than a reply) are kept,
+    the last ``SEEN_MAX`` of them."""
+
+    def __init__(self) -> None:
+        self.seen: OrderedDict[str, EndpointStatusEvent] = OrderedDict()
+        self.waiting: dict[str, tuple[frozenset[str], asyncio.Future[EndpointStatusEvent]]] = {}
+
+    def on_msg(self, msg: Msg) -> None:
+        try:
+            ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        w = self.waiting.get(ev.endpoint_id)
+        if w is not None and ev.status in w[0] and not w[1].done():
+            w[1].set_result(ev)
+        self.seen[ev.endpoint_id] = ev
+        self.seen.move_to_end(ev.endpoint_id)
+        while len(self.seen) > SEEN_MAX:
+            self.seen.popitem(last=False)
+
+    def expect(self, eid: str, wanted: frozenset[str]) -> asyncio.Future[EndpointStatusEvent]:
+        """A future for ``eid``'s next report in ``wanted`` (at once if one was seen already)."""
+        fut: asyncio.Future[EndpointStatusEvent] = asyncio.get_running_loop().create_future()
+        ev = self.seen.get(eid)
+        if ev is not None and ev.status in wanted:
+            fut.set_result(ev)
+        else:
+            self.waiting[eid] = (wanted, fut)
+        return fut
+
+    def done(self, eid: str) -> None:
+        self.waiting.pop(eid, None)
+
+
 class CniServer:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -80,6 +135,11 @@ class CniServer:
         self.path = rt.params.get("cni_socket", DEFAULT_SOCKET)
         self.server: asyncio.Server | None = None
         self.calls: dict[str, int] = {}
+        self.watch = StatusWatch()
+        self._sub: Any = None
+        # what this node attached for a runtime, by (container, conf network, ifname): a DEL
+        # finds the endpoint here without asking (in memory: a restart forgets, the service finds)
+        self.attached: dict[tuple[str, str, str], EndpointInfo] = {}
 
     async def start(self) -> None:
         d = os.path.dirname(self.path) or "."
@@ -88,6 +148,12 @@ class CniServer:
             os.unlink(self.path)  # a socket left by a killed worker
         except FileNotFoundError:
             pass
+        async def on_status(msg: Msg) -> None:
+            self.watch.on_msg(msg)
+
+        # vnet.evt.endpoint.status.<this node>.*: the node's own reports only
+        own = subjects.EVT_ENDPOINT_STATUS.format(node=self.node, id="x").rsplit(".", 1)[0] + ".*"
+        self._sub = await self.rt.nc.subscribe(own, cb=on_status)
         old = os.umask(0o177)  # the socket is born 0600: only root may hand over calls
         try:
             self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST)
@@ -100,6 +166,12 @@ class CniServer:
         if self.server is not None:
             self.server.close()
             self.server = None
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # the connection is going anyway
+                log.debug("node %s: CNI status subscription: %s", self.node, exc)
+            self._sub = None
         try:
             os.unlink(self.path)
         except OSError:
@@ -205,40 +277,109 @@ class CniServer:
                             dns_search=search,
                             host_ifname=naming.veth_name(e.id) if e.driver in _VETH_DRIVERS else None)
 
+    async def _wait_reported(self, eid: str, fut: asyncio.Future[EndpointStatusEvent], timeout: float,
+                             recheck: tuple[str, str, str] | None = None) -> str | None:
+        """The status the worker reported for ``eid`` (a state in the future's set); None past
+        ``timeout``. ``recheck`` (container, network id, ifname): when no report came for
+        ``RECHECK_S``, the record's status counts too (a report is an event and can be lost
+        while the record still changes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return None
+                try:
+                    ev = await asyncio.wait_for(asyncio.shield(fut), min(left, RECHECK_S))
+                    return ev.status
+                except TimeoutError:
+                    if recheck is None:
+                        continue
+                    found = [e for e in await self._find(*recheck) if e.id == eid]
+                    if not found:
+                        return "deleted"
+                    if found[0].status != "pending":
+                        return found[0].status
+        finally:
+            self.watch.done(eid)
+
     async def _add(self, req: dict[str, Any], conf: cni.CniConf) -> dict[str, Any]:
         container, netns, ifname = self._env(req, "container_id", "netns", "ifname")
         if not await asyncio.to_thread(os.path.exists, netns):
             raise cni.CniError(cni.INVALID_ENV, f"CNI_NETNS {netns} does not exist")
-        if await self._find(container, conf.network, None):
-            raise cni.CniError(cni.VNET_CONFLICT, f"container {container} is already attached to network "
-                               f"{conf.network}: DEL it first", "vnet: conflict")
+        # A request id of this ADD's own: the create is idempotent per (container, network), so a
+        # repeated ADD gets the first endpoint back, made by another request: that is the
+        # conflict, found without a list request before every ADD.
+        rid = f"cni-{uuid.uuid4().hex}"
         create = EndpointCreate(container_id=container, network_id=conf.network, netns=netns, ifname=ifname,
-                                labels=conf.labels, wait=True, wait_timeout_s=ATTACH_WAIT_S,
+                                labels=conf.labels, request_id=rid,
                                 ports=[PortMapping(host_port=p.host_port, container_port=p.container_port,
                                                    protocol=p.protocol) for p in conf.ports])  # type: ignore[arg-type]
-        ep: EndpointInfo = await self._req(subjects.ENDPOINT_RUNTIME_ATTACH, create, EndpointInfo,
-                                           timeout=ATTACH_WAIT_S + 5)
-        if ep.status != "ready":
+        ep: EndpointInfo = await self._req(subjects.ENDPOINT_RUNTIME_ATTACH, create, EndpointInfo)
+        if ep.request_id != rid:
+            raise cni.CniError(cni.VNET_CONFLICT, f"container {container} is already attached to network "
+                               f"{conf.network} (endpoint {ep.id}): DEL it first", "vnet: conflict")
+        # No wait in the service: this node's worker wires the endpoint from the created event
+        # and reports it on our own status subject, which answers the ADD.
+        fut = self.watch.expect(ep.id, frozenset({"ready", "failed"}))
+        status = await self._wait_reported(ep.id, fut, ATTACH_WAIT_S, (container, ep.network_id, ifname))
+        if status != "ready":
+            why = (self.watch.seen[ep.id].reason if status == "failed" and ep.id in self.watch.seen
+                   else f"still {status or 'pending'} after {ATTACH_WAIT_S:.0f} s")
             # nothing half-made: the record, the address and whatever the node wired go again
-            await self._detach(container, conf.network, ifname)
-            why = ep.reason or f"still {ep.status} after {ATTACH_WAIT_S:.0f} s"
+            await self._detach(container, ep.network_id, ifname, ep)
             raise cni.CniError(cni.VNET_FAILED, f"node {self.node} could not attach {container}: {why}",
-                               f"vnet: {ep.status_code or ep.status}")
+                               f"vnet: {status or 'pending'}")
+        ep = msgspec.structs.replace(ep, status="ready")
+        self.attached[(container, conf.network, ifname)] = ep
         return cni.add_result(conf.version, self._attached(ep), conf.prev_result)
 
-    async def _detach(self, container: str, network: str, ifname: str | None) -> None:
-        rep: RuntimeDetached = await self._req(subjects.ENDPOINT_RUNTIME_DETACH,
-                                               RuntimeDetach(container_id=container, network_id=network, ifname=ifname),
-                                               RuntimeDetached, timeout=ATTACH_WAIT_S + 5)
-        if rep.deleted is not None and rep.deleted.warnings:
+    async def _detach(self, container: str, network: str, ifname: str | None,
+                      known: EndpointInfo | None = None) -> None:
+        """Detach and wait for this node's worker to report the kernel side gone; ``known``: the
+        endpoint as this node recorded it (its network by id: the service resolves no name)."""
+        fut = None
+        if known is not None:  # asked before the detach is sent: any report from now on is about it
+            self.watch.seen.pop(known.id, None)
+            fut = self.watch.expect(known.id, frozenset({"deleted", "failed"}))
+        try:
+            rep: RuntimeDetached = await self._req(
+                subjects.ENDPOINT_RUNTIME_DETACH,
+                RuntimeDetach(container_id=container, network_id=known.network_id if known else network,
+                              ifname=ifname, wait=False),
+                RuntimeDetached)
+        except BaseException:
+            if known is not None:
+                self.watch.done(known.id)
+            raise
+        if rep.deleted is None:
+            if known is not None:
+                self.watch.done(known.id)
+            return
+        old = rep.deleted.endpoint
+        if rep.deleted.warnings:
             log.info("node %s: CNI DEL %s: %s", self.node, container, "; ".join(rep.deleted.warnings))
+        if known is None or known.id != old.id:
+            if known is not None:
+                self.watch.done(known.id)
+            fut = self.watch.expect(old.id, frozenset({"deleted", "failed"}))
+        assert fut is not None
+        # the record is gone already: only the worker's report says the kernel side is
+        status = await self._wait_reported(old.id, fut, DETACH_WAIT_S)
+        if status != "deleted":  # the record and the address are gone; the next resync retries the kernel
+            log.info("node %s: CNI DEL %s: endpoint %s not torn down yet (%s)", self.node, container, old.id,
+                     status or "no report")
 
     async def _del(self, req: dict[str, Any], conf: cni.CniConf) -> None:
         container, ifname = self._env(req, "container_id", "ifname")
+        known = self.attached.pop((container, conf.network, ifname), None)
         try:
-            await self._detach(container, conf.network, ifname)
+            await self._detach(container, conf.network, ifname, known)
         except E.VNetError as err:
             if err.code != E.NETWORK_NOT_FOUND.code:  # the network went first: nothing of ours is left
+                if known is not None:
+                    self.attached[(container, conf.network, ifname)] = known
                 raise
 
     async def _check(self, req: dict[str, Any], conf: cni.CniConf) -> None:
@@ -248,6 +389,11 @@ class CniServer:
             raise cni.CniError(cni.UNKNOWN_CONTAINER, f"container {container} has no {ifname} in network "
                                f"{conf.network}")
         ep = found[0]
+        if ep.status == "pending":
+            # ADD answers on the worker's report; the record follows it a moment later
+            status = await self._wait_reported(ep.id, self.watch.expect(ep.id, frozenset({"ready", "failed"})),
+                                               ATTACH_WAIT_S, (container, ep.network_id, ifname))
+            ep = msgspec.structs.replace(ep, status=status or "pending")
         if ep.status != "ready":
             raise cni.CniError(cni.VNET_FAILED, f"endpoint {ep.id} is {ep.status}: {ep.reason}")
         a = self._attached(ep)
