@@ -64,7 +64,8 @@ def test_ipvlan() -> None:
 
 
 def test_every_driver_has_a_schema() -> None:
-    assert set(drivers.SCHEMAS) == set(DriverType)
+    assert set(drivers.names()) == set(DriverType)
+    assert set(drivers.schemas()) == set(DriverType)
 
 
 def test_a_kernel_without_the_driver_is_driver_unavailable_naming_node_and_feature() -> None:
