@@ -282,8 +282,11 @@ class EndpointStore:
     async def of_network(self, network_id: str) -> list[str]:
         return sorted(_s(x) for x in await self.r.smembers(net_set(network_id)))
 
+    async def ids_of_node(self, node: str) -> list[str]:
+        return sorted(_s(x) for x in await self.r.smembers(node_set(node)))
+
     async def of_node(self, node: str) -> list[EndpointInfo]:
-        ids = sorted(_s(x) for x in await self.r.smembers(node_set(node)))
+        ids = await self.ids_of_node(node)
         return [e for e in await self.get_many(ids) if e is not None]
 
     async def network_size(self, network_id: str) -> int:

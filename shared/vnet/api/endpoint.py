@@ -37,6 +37,7 @@ from vnet.contracts.endpoint import (
     NodeStats,
     PortMapping,
     ResyncRequest,
+    merge_desired,
 )
 from vnet.contracts.messages import Empty
 
@@ -122,8 +123,20 @@ class EndpointAPI(ClientBase):
         return rep.nodes
 
     async def node_desired(self, node: str) -> DesiredReply:
-        """What the endpoint service wants node ``node`` to have (for debugging)."""
-        return await self.call(subjects.ENDPOINT_DESIRED, DesiredRequest(node=node), DesiredReply)
+        """What the endpoint service wants node ``node`` to have (for debugging): every page, merged."""
+        pages: list[DesiredReply] = []
+        cursor: str | None = None
+        while True:
+            page = await self.node_desired_page(node, cursor=cursor)
+            pages.append(page)
+            cursor = page.next_cursor
+            if cursor is None:
+                return merge_desired(pages)
+
+    async def node_desired_page(self, node: str, *, limit: int = 1000, cursor: str | None = None) -> DesiredReply:
+        """One page of ``limit`` endpoints (and their networks) after ``cursor``."""
+        return await self.call(subjects.ENDPOINT_DESIRED, DesiredRequest(node=node, limit=limit, cursor=cursor),
+                               DesiredReply)
 
     async def node_stats(self, node: str) -> NodeStats:
         """The node worker's counters: reconciles, kernel writes, the last full resync."""

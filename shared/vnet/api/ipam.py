@@ -85,10 +85,31 @@ class IpamAPI(ClientBase):
         rep = await self.call(subjects.IPAM_ADDR_RELEASE, req, ReleaseReply)
         return rep.released
 
-    async def ipam_gc(self, *, grace_s: float | None = None, network_id: str | None = None) -> GcReply:
-        """Release allocations whose endpoint is gone and pools whose network is gone (older than the grace)."""
-        return await self.call(subjects.IPAM_GC, GcRequest(grace_s=grace_s, network_id=network_id), GcReply,
-                               timeout=max(self.config.request_timeout_s, 60.0))
+    async def ipam_gc_page(self, *, grace_s: float | None = None, network_id: str | None = None,
+                           limit: int = 1000, cursor: str | None = None) -> GcReply:
+        """One page of the collection (at most ``limit`` releases and pool deletions)."""
+        req = GcRequest(grace_s=grace_s, network_id=network_id, limit=limit, cursor=cursor)
+        return await self.call(subjects.IPAM_GC, req, GcReply, timeout=max(self.config.request_timeout_s, 60.0))
+
+    async def ipam_gc(self, *, grace_s: float | None = None, network_id: str | None = None,
+                      page_size: int = 1000) -> GcReply:
+        """Release allocations whose endpoint is gone and pools whose network is gone (older than
+        the grace): every page, merged into one reply."""
+        out: GcReply | None = None
+        cursor: str | None = None
+        while True:
+            page = await self.ipam_gc_page(grace_s=grace_s, network_id=network_id, limit=page_size, cursor=cursor)
+            if out is None:
+                out = page
+            else:
+                out.released += page.released
+                out.pools_deleted += page.pools_deleted
+                out.index_repaired += page.index_repaired
+                out.skipped += [s for s in page.skipped if s not in out.skipped]
+            cursor = page.next_cursor
+            if cursor is None:
+                out.next_cursor = None
+                return out
 
     async def ipam_check_page(self, *, network_id: str | None = None, grace_s: float | None = None,
                               limit: int = 1000, cursor: str | None = None) -> CheckReply:

@@ -52,7 +52,15 @@ class PolicyAPI(ClientBase):
         return await self.call(subjects.POLICY_RULE_GET, RuleGet(id=rule_id), AllowRule)
 
     async def list_rules(self) -> list[AllowRule]:
-        return (await self.call(subjects.POLICY_RULE_LIST, RuleList(), RulePage)).rules
+        """Every allow rule (all pages), in id order."""
+        out: list[AllowRule] = []
+        cursor: str | None = None
+        while True:
+            page = await self.call(subjects.POLICY_RULE_LIST, RuleList(cursor=cursor), RulePage)
+            out += page.rules
+            cursor = page.next_cursor
+            if cursor is None:
+                return out
 
     async def delete_rule(self, rule_id: str, *, request_id: str | None = None, dry_run: bool = False) -> RuleDeleted:
         return await self.call(subjects.POLICY_RULE_DELETE,

@@ -20,7 +20,7 @@ import msgspec
 
 from vnet.contracts.messages import RequestId
 from vnet.contracts.network import NetRef, NodeId
-from vnet.core.dataplane_model import EpDesired, NetDesired, NodeDesired, RemoteEndpoint, Support
+from vnet.core.dataplane_model import EpDesired, NetDesired, NodeDesired, PeerHost, RemoteEndpoint, Support
 from vnet.core.model import DriverType, Endpoint, Labels
 
 # Container ids become a network namespace name by default and a key part in Redis:
@@ -317,20 +317,58 @@ class NodeList(msgspec.Struct, kw_only=True):
     nodes: list[NodeInfo]
 
 
+DesiredLimit = Annotated[int, msgspec.Meta(ge=1, le=2000)]
+
+
 class DesiredRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One page of node ``node``'s desired state: ``limit`` of its endpoints in id order,
+    after ``cursor`` (the previous reply's ``next_cursor``). Pages keep one reply far below
+    the bus's message limit however many endpoints a node holds (10,000 endpoints are about
+    1.8 MB of JSON; the default page about 180 KB)."""
+
     node: NodeId
+    limit: DesiredLimit = 1000
+    cursor: Cursor | None = None
 
 
 class DesiredReply(msgspec.Struct, kw_only=True):
     """What node ``node`` must realise, and the status recorded for each endpoint (so a
     restarted worker reports only what changed). Overlay networks carry their endpoints
     on other hosts (``remotes``) and ``desired.peers`` those hosts' underlay addresses;
-    ``desired.underlay`` is left to the node (it knows its own)."""
+    ``desired.underlay`` is left to the node (it knows its own).
+
+    A page holds its endpoints and their networks (and, on the first page, the overlays
+    routed here without an endpoint here); :func:`merge_desired` joins the pages."""
 
     node: str
     desired: NodeDesired
     statuses: dict[str, str] = {}  # endpoint id -> pending | ready | failed
     reasons: dict[str, str] = {}  # endpoint id -> recorded failure reason
+    next_cursor: str | None = None  # more endpoints follow: pass it as ``cursor``
+
+
+def merge_desired(pages: list[DesiredReply]) -> DesiredReply:
+    """The whole desired state from its pages: networks and peers once each (a network on
+    several pages is the same record), endpoints and their statuses all."""
+    if not pages:
+        raise ValueError("merge_desired needs at least one page")
+    nets: dict[str, NetDesired] = {}
+    peers: dict[str, PeerHost] = {}
+    eps: dict[str, EpDesired] = {}
+    statuses: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    for p in pages:
+        for n in p.desired.networks:
+            nets.setdefault(n.id, n)
+        for h in p.desired.peers:
+            peers.setdefault(h.name, h)
+        for e in p.desired.endpoints:
+            eps[e.id] = e
+        statuses.update(p.statuses)
+        reasons.update(p.reasons)
+    desired = NodeDesired(networks=[nets[k] for k in sorted(nets)], endpoints=[eps[k] for k in sorted(eps)],
+                          peers=[peers[k] for k in sorted(peers)], underlay=pages[0].desired.underlay)
+    return DesiredReply(node=pages[0].node, desired=desired, statuses=statuses, reasons=reasons)
 
 
 # --- node worker operations (vnet.node.<node>.*) ---------------------------------------------

@@ -142,6 +142,10 @@ class GcRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grace_s: GraceS | None = None
     network_id: Id | None = None  # None: every pool
     request_id: RequestId | None = None
+    # At most this many releases and pool deletions per reply; when the reply has
+    # ``next_cursor``, more may be left: call again with it as ``cursor``.
+    limit: CheckLimit = 1000
+    cursor: CheckCursor | None = None
 
 
 class GcPool(msgspec.Struct, kw_only=True):
@@ -158,6 +162,7 @@ class GcReply(msgspec.Struct, kw_only=True):
     pools_deleted: list[GcPool]
     index_repaired: int = 0  # pool index entries without a pool, removed
     skipped: list[str] = []  # why a part of the collection did not run
+    next_cursor: str | None = None  # the page's limit was reached: more may be collectable
 
 
 class CheckRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -90,12 +90,21 @@ class ExposureReply(msgspec.Struct, kw_only=True):
     endpoints: int  # distinct endpoints exposed in any way
 
 
+RuleLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+RuleCursor = Annotated[str, msgspec.Meta(max_length=256)]
+
+
 class RuleList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+    """Allow rules in id order, ``limit`` per reply; pass the reply's ``next_cursor`` as
+    ``cursor`` for the next page (a rule can be a few KB: a page stays far below the bus limit)."""
+
+    limit: RuleLimit = 500
+    cursor: RuleCursor | None = None
 
 
 class RulePage(msgspec.Struct, kw_only=True):
     rules: list[AllowRule]
+    next_cursor: str | None = None  # more rules follow: pass it as ``cursor``
 
 
 class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

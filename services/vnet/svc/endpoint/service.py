@@ -30,6 +30,7 @@ that subject itself, so it answers as soon as the node has.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import ipaddress
 import logging
@@ -356,18 +357,26 @@ async def node_list(ctx: Ctx, req: NodeListRequest) -> NodeList:
 
 @SERVICE.op("desired.get", subjects.ENDPOINT_DESIRED, DesiredRequest)
 async def desired_get(ctx: Ctx, req: DesiredRequest) -> DesiredReply:
-    """What a node must realise: its endpoints and their networks (the data plane's types)."""
+    """What a node must realise: its endpoints and their networks (the data plane's types),
+    one page of ``req.limit`` endpoints in id order (a page reads only its own records)."""
     store = _store(ctx)
-    eps = await store.of_node(req.node)
+    ids = await store.ids_of_node(req.node)
+    start = bisect.bisect_right(ids, req.cursor) if req.cursor else 0
+    page_ids = ids[start:start + req.limit]
+    more = start + req.limit < len(ids)
+    eps = [e for e in await store.get_many(page_ids) if e is not None]
     desired = node_desired(eps)
+    next_cursor = page_ids[-1] if more and page_ids else None
     if any(n.driver == DriverType.OVERLAY for n in desired.networks):
+        # Each page names the overlays related to its own networks; one that also has an
+        # endpoint here on another page is the same record there (merge_desired keeps one).
         routed = await _routed_overlays(ctx, store, desired)
         if routed:
             nets = sorted([*desired.networks, *routed], key=lambda n: n.id)
             desired = NodeDesired(networks=nets, endpoints=desired.endpoints, peers=desired.peers)
         desired = await _with_remotes(store, req.node, desired)
     return DesiredReply(node=req.node, desired=desired, statuses={e.id: e.status for e in eps},
-                        reasons={e.id: e.reason for e in eps if e.reason})
+                        reasons={e.id: e.reason for e in eps if e.reason}, next_cursor=next_cursor)
 
 
 async def _routed_overlays(ctx: Ctx, store: EndpointStore, desired: NodeDesired) -> list[NetDesired]:

@@ -297,11 +297,21 @@ async def _pools_with_index(store: IpamStore, network_id: str | None
     return pools, dangling
 
 
-async def collect(store: IpamStore, grace_s: float, network_id: str | None = None) -> GcReply:
-    """Release orphaned allocations and delete orphaned pools older than ``grace_s``."""
+async def collect(store: IpamStore, grace_s: float, network_id: str | None = None, *,
+                  limit: int | None = None, cursor: str | None = None) -> GcReply:
+    """Release orphaned allocations and delete orphaned pools older than ``grace_s``.
+
+    Pools go in (network_id, family) order. With ``limit``, the collection stops once it
+    released or deleted that many things and answers ``next_cursor`` (the pool it stopped
+    in): a call with it carries on there, so one reply stays below the bus's message limit
+    however much leaked. The periodic collection has no limit (its reply goes nowhere)."""
     now = await store.now()
     cutoff = now - grace_s
     pools, dangling = await _pools_with_index(store, network_id)
+    pools.sort(key=lambda m: (m.network_id, m.family))
+    if cursor:
+        start, _ = _parse_cursor(cursor)
+        pools = [m for m in pools if (m.network_id, m.family) >= start]
     skipped: list[str] = []
     repaired = 0
     for nid, fam, added in dangling:
@@ -309,6 +319,12 @@ async def collect(store: IpamStore, grace_s: float, network_id: str | None = Non
             await store.remove_index_entry(nid, fam)
             repaired += 1
     deleted: list[GcPool] = []
+    released: list[Allocation] = []
+    stop_at: PoolMeta | None = None  # the pool a limited page ended in
+
+    def full() -> bool:
+        return limit is not None and len(released) + len(deleted) >= limit
+
     live: list[PoolMeta] = pools
     if await store.set_exists(st.NETWORKS_INDEX):
         exists = await store.members(st.NETWORKS_INDEX, [m.network_id for m in pools])
@@ -317,6 +333,9 @@ async def collect(store: IpamStore, grace_s: float, network_id: str | None = Non
             if ok or m.created_at > cutoff:
                 live.append(m)
                 continue
+            if full():
+                stop_at = m
+                break
             res = await store.delete_pool(m.network_id, m.family, force=True, expect_gen=m.gen)
             if res is not None:
                 deleted.append(GcPool(network_id=m.network_id, family=m.family, cidr=m.layout.cidr, released=res[1]))
@@ -325,10 +344,16 @@ async def collect(store: IpamStore, grace_s: float, network_id: str | None = Non
     else:
         skipped.append(f"pools: the network index {st.NETWORKS_INDEX} does not exist (no network registered), "
                        "so no pool is treated as orphaned")
-    released: list[Allocation] = []
+    if stop_at is not None:  # the allocations of pools past the stop wait for the next page
+        live = [m for m in live if (m.network_id, m.family) < (stop_at.network_id, stop_at.family)]
     if await store.set_exists(st.ENDPOINTS_INDEX):
         for m in live:
+            if full():  # this pool's allocations (and every later pool) wait for the next page
+                stop_at = m
+                break
             async for chunk in store.owners(m.network_id, m.family):
+                if full():
+                    break
                 old = [row for row in chunk if row[2] <= cutoff]
                 if not old:
                     continue
@@ -336,15 +361,21 @@ async def collect(store: IpamStore, grace_s: float, network_id: str | None = Non
                 for (owner, off, _ts), ok in zip(old, exists, strict=True):
                     if ok:
                         continue
+                    if full():
+                        break
                     r = await store.release(m.network_id, m.family, owner, expect_offset=off, allocated_before=cutoff)
                     if r is not None:
                         released.append(Allocation(network_id=r.network_id, family=r.family, address=r.address,
                                                    owner=r.owner, allocated_at=r.allocated_at))
+            if full():  # stopped in (or at the end of) this pool: the next page starts here
+                stop_at = m
+                break
     else:
         skipped.append(f"allocations: the endpoint index {st.ENDPOINTS_INDEX} does not exist (no endpoint "
                        "registered), so no allocation is treated as orphaned")
     return GcReply(grace_s=grace_s, pools_scanned=len(pools), released=released, pools_deleted=deleted,
-                   index_repaired=repaired, skipped=skipped)
+                   index_repaired=repaired, skipped=skipped,
+                   next_cursor=_cursor(stop_at.network_id, stop_at.family, 0) if stop_at is not None else None)
 
 
 Finding = Leak | Inconsistency | OrphanPool
@@ -504,10 +535,12 @@ async def _indexed(store: IpamStore, m: PoolMeta) -> bool:
     return score is not None
 
 
-@SERVICE.op("gc", subjects.IPAM_GC, GcRequest)
+@SERVICE.op("gc", subjects.IPAM_GC, GcRequest,
+            page_hint="collect less per reply with `limit` and call again with `next_cursor`")
 async def gc(ctx: Ctx, req: GcRequest) -> GcReply:
     _, grace = gc_settings(ctx.rt)
-    rep = await collect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id)
+    rep = await collect(_store(ctx), grace if req.grace_s is None else req.grace_s, req.network_id,
+                        limit=req.limit, cursor=req.cursor)
     await _note_collected(ctx.rt, rep)
     return rep
 

@@ -89,7 +89,7 @@ from vnet.contracts.policy import RuleList, RulePage, policy_endpoint, policy_ne
 from vnet.core import addr, drivers, reach, topology
 from vnet.core import errors as E
 from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
-from vnet.core.policy import Policy, PolicyNetwork
+from vnet.core.policy import AllowRule, Policy, PolicyNetwork
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,14 @@ async def _fabric(ctx: Ctx) -> Policy:
         cursor = ep_page.next_cursor
         if cursor is None:
             break
-    rules = (await ctx.request(subjects.POLICY_RULE_LIST, RuleList(), RulePage)).rules
+    rules: list[AllowRule] = []
+    cursor = None
+    while True:
+        rule_page = await ctx.request(subjects.POLICY_RULE_LIST, RuleList(cursor=cursor), RulePage)
+        rules += rule_page.rules
+        cursor = rule_page.next_cursor
+        if cursor is None:
+            break
     return Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules)
 
 

@@ -34,7 +34,7 @@ from vnet.contracts.policy import RuleList, RulePage, policy_endpoint, policy_ne
 from vnet.core import errors as E
 from vnet.core.dns import Answer, DnsEndpoint, NameTable, parse_resolv_conf
 from vnet.core.model import DriverType, VirtualNetwork
-from vnet.core.policy import Policy
+from vnet.core.policy import AllowRule, Policy
 from vnet.runtime.service import Runtime
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,8 @@ class NodeDns:
                                                         NetworkPage, "networks")
         eps: list[EndpointInfo] = await self._pages(subjects.ENDPOINT_LIST, EndpointList(limit=PAGE),
                                                      EndpointPage, "endpoints")
-        rules, _ = await nats_adapter.request(self.rt.nc, subjects.POLICY_RULE_LIST, RuleList(), RulePage,
-                                              timeout=self.rt.config.request_timeout_s)
-        pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules.rules)
+        rules: list[AllowRule] = await self._pages(subjects.POLICY_RULE_LIST, RuleList(), RulePage, "rules")
+        pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules)
         names = {n.id: n.name for n in nets}
         dns = [DnsEndpoint(id=e.id, name=e.container_id, network=e.network_id,
                            ips=tuple(a for a in (e.ip_address, e.ipv6_address) if a), aliases=tuple(e.aliases),

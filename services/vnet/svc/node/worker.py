@@ -87,6 +87,7 @@ from vnet.contracts.endpoint import (
     NodeRegistered,
     NodeStats,
     PolicyStats,
+    merge_desired,
     remote_of,
     to_desired,
 )
@@ -701,8 +702,19 @@ class NodeWorker:
 
     async def _fetch(self) -> bool:
         try:
-            rep, _ = await nats_adapter.request(self.rt.nc, subjects.ENDPOINT_DESIRED, DesiredRequest(node=self.node),
-                                                DesiredReply, timeout=self.rt.config.request_timeout_s)
+            # Every page (a node may hold more endpoints than one bus message carries);
+            # a failed page keeps the last whole state rather than half of a new one.
+            pages: list[DesiredReply] = []
+            cursor: str | None = None
+            while True:
+                page, _ = await nats_adapter.request(self.rt.nc, subjects.ENDPOINT_DESIRED,
+                                                     DesiredRequest(node=self.node, cursor=cursor),
+                                                     DesiredReply, timeout=self.rt.config.request_timeout_s)
+                pages.append(page)
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+            rep = merge_desired(pages)
         except E.VNetError as err:
             (log.info if self.fetched else log.debug)(
                 "node %s: could not fetch the desired state (%s); %s", self.node, err.message,

@@ -144,9 +144,15 @@ async def rule_get(ctx: Ctx, req: RuleGet) -> AllowRule:
     return msgspec.json.decode(raw, type=AllowRule)
 
 
-@SERVICE.op("rule.list", subjects.POLICY_RULE_LIST, RuleList)
+@SERVICE.op("rule.list", subjects.POLICY_RULE_LIST, RuleList,
+            page_hint="ask for fewer rules per page with `limit` and follow `next_cursor`")
 async def rule_list(ctx: Ctx, req: RuleList) -> RulePage:
-    return RulePage(rules=await _rules(ctx))
+    rules = await _rules(ctx)  # sorted by id: the cursor is the last id of the page before
+    if req.cursor:
+        rules = [r for r in rules if r.id > req.cursor]
+    page = rules[:req.limit]
+    more = len(rules) > req.limit
+    return RulePage(rules=page, next_cursor=page[-1].id if more else None)
 
 
 @SERVICE.op("rule.delete", subjects.POLICY_RULE_DELETE, RuleDelete)
