@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,28 @@ asyncio.run(main())
 """
 
 
+DNSPERF = shutil.which("dnsperf")
+
+
+def perf(ns: str, server: str, inflight: int, seconds: float, names: list[str], work: Path) -> dict[str, float]:
+    """dnsperf (C; apt `dnsperf`) from inside ``ns``: the server, not the client, is the limit."""
+    qfile = work / "queries.txt"
+    qfile.write_text("".join(f"{n} A\n" for n in random.sample(names * 20, len(names) * 20)))
+    out = subprocess.run(["ip", "netns", "exec", ns, str(DNSPERF), "-s", server, "-d", str(qfile),
+                          "-q", str(inflight), "-l", str(seconds), "-t", "2"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    res: dict[str, float] = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Queries per second:"):
+            res["qps"] = float(line.split(":")[1])
+        elif line.startswith("Queries lost:"):
+            res["lost"] = float(line.split(":")[1].split()[0])
+        elif line.startswith("Average Latency (s):"):
+            res["avg"] = float(line.split(":")[1].split()[0])
+    return res
+
+
 def load(ns: str, server: str, inflight: int, total: int, names: list[str]) -> dict[str, float]:
     import json
     out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, server, str(inflight), str(total),
@@ -84,7 +107,7 @@ def load(ns: str, server: str, inflight: int, total: int, names: list[str]) -> d
     return res
 
 
-async def main(n: int, queries: int) -> None:
+async def main(n: int, queries: int, seconds: float) -> None:
     if AARDVARK is None:
         raise SystemExit("aardvark-dns is not installed (apt-get install aardvark-dns)")
     work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
@@ -126,11 +149,18 @@ async def main(n: int, queries: int) -> None:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             await asyncio.sleep(0.5)
             rows = []
-            for label, server in (("VNet resolver", "10.89.20.1"), ("aardvark-dns", "10.89.20.254")):
+            perfs: list[tuple[str, int, dict[str, float]]] = []
+            servers_ = (("VNet resolver", "10.89.20.1"), ("aardvark-dns", "10.89.20.254"))
+            for label, server in servers_:
                 await asyncio.to_thread(load, conts[0], server, 4, 200, names)  # warm-up
                 one = await asyncio.to_thread(load, conts[0], server, 1, queries // 4, names)
                 many = await asyncio.to_thread(load, conts[0], server, 16, queries, names)
                 rows.append((label, one, many))
+            if DNSPERF is not None:
+                for inflight in (16, 100):
+                    for label, server in servers_:  # interleaved, so both see the same machine
+                        perfs.append((label, inflight, await asyncio.to_thread(
+                            perf, conts[0], server, inflight, seconds, names, work)))
             print(f"\nDNS: {n} names in one peer_only network, client in a container, one run\n")
             print("| server | median, 1 in flight | p99, 1 in flight | queries/s, 16 in flight | "
                   "median, 16 in flight | failed |")
@@ -139,6 +169,16 @@ async def main(n: int, queries: int) -> None:
             for label, one, many in rows:
                 print(f"| {label} | {one['p50'] * 1e3:.2f} ms | {one['p99'] * 1e3:.2f} ms | {many['qps']:,.0f} "
                       f"({many['qps'] / base:.2f}x) | {many['p50'] * 1e3:.2f} ms | {int(one['bad'] + many['bad'])} |")
+            if perfs:
+                print(f"\ndnsperf (C client), {seconds:g} s per row, random order of the {n} names\n")
+                print("| server | in flight | queries/s | ratio | average latency | lost |")
+                print("|---|---|---|---|---|---|")
+                for label, inflight, r in perfs:
+                    peer = next(x[2] for x in perfs if x[1] == inflight and x[0] == "aardvark-dns")
+                    print(f"| {label} | {inflight} | {r.get('qps', 0):,.0f} | {r.get('qps', 0) / peer['qps']:.2f}x | "
+                          f"{r.get('avg', 0) * 1e3:.2f} ms | {int(r.get('lost', 0))} |")
+            else:
+                print("\n(dnsperf is not installed: apt-get install dnsperf for the server-bound rows)")
             for e in eps:
                 await m.delete_endpoint(e.id, wait=True)
             await m.delete_network(net.id)
@@ -155,5 +195,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=50, help="containers (names)")
     p.add_argument("--queries", type=int, default=4000, help="queries per row at 16 in flight")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per dnsperf row")
     a = p.parse_args()
-    asyncio.run(main(a.n, a.queries))
+    asyncio.run(main(a.n, a.queries, a.seconds))

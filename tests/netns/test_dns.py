@@ -284,3 +284,35 @@ async def test_srv_lists_published_ports_as_isolation_says_and_answers_count_by_
     node = env.node_rt.params["node"]
     assert counts.get((("node", node), ("rcode", "NOERROR")), 0) >= 2
     assert counts.get((("node", node), ("rcode", "NXDOMAIN")), 0) >= 2
+
+
+async def test_repeated_questions_are_answered_from_the_cache_by_the_udp_pump_and_counted(
+        env: Env, run_prefix: str) -> None:
+    m = env.m
+    net = await m.create_network(f"{run_prefix}-p", "10.89.17.0/24", "10.89.17.1", "bridge", "peer_only")
+    a, b = [await asyncio.to_thread(env.netns, k) for k in ("pa", "pb")]
+    await m.create_endpoint(a, net.id, wait=True, wait_timeout=30)
+    eb = await m.create_endpoint(b, net.id, wait=True, wait_timeout=30)
+    client = (
+        "import socket, sys\n"
+        "from dnslib import DNSRecord\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n"
+        f"q = DNSRecord.question('{b}')\n"
+        "for i in range(20):\n"
+        "    q.header.id = 1000 + i\n"
+        f"    s.sendto(q.pack(), ('{net.gateway}', 53))\n"
+        "    r = DNSRecord.parse(s.recv(4096))\n"
+        "    assert r.header.id == 1000 + i, r.header.id\n"
+        "    print(r.rr[0].rdata)\n"
+    )
+    server = env.node_rt.state["dns"].server
+    hits0, noerror0 = server.counters.cache_hits, server.counters.queries.get("NOERROR", 0)
+    out = (await asyncio.to_thread(subprocess.run, ["ip", "netns", "exec", a, sys.executable, "-c", client],
+                                   capture_output=True, text=True, timeout=30, check=True)).stdout
+    assert out.split() == [eb.ip_address] * 20  # each reply carries its own query's id
+
+    async def answered() -> int:  # the pump hands its counts to the loop every 0.1 s
+        return int(server.counters.queries.get("NOERROR", 0) - noerror0)
+
+    await _eventually(answered, 20, within=5)
+    assert server.counters.cache_hits - hits0 >= 19  # only the first one asked the table

@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import selectors
 import socket
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -80,28 +82,105 @@ class DnsCounters:
     malformed: int = 0
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer) -> None:
+class _UdpPump:
+    """One thread that serves every UDP socket: answer-cache hits are sent from here, the
+    rest go to the event loop (``DnsServer.handle``) and are sent from there.
+
+    Why a thread: almost every query is a cache hit, and asyncio's datagram path costs
+    more than the answer (22 k q/s against aardvark-dns's 29 k with dnsperf as the
+    client; with this pump the hit path is recvfrom, a dict lookup and sendto, and the
+    event loop of the node worker is not woken at all). Sockets are non-blocking and
+    drained until EAGAIN after each wake-up, a bounded batch per socket per round.
+    """
+
+    BATCH = 64
+
+    def __init__(self, server: DnsServer, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+        self.loop = loop
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ)
+        self._cmds: list[tuple[str, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._stop = False
+        self._hits: dict[str, int] = {}
+        self._flushed = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="dns-udp", daemon=True)
+        self.thread.start()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a datagram transport by construction
+    def _command(self, op: str, sock: socket.socket) -> None:
+        with self._lock:
+            self._cmds.append((op, sock))
+        self._wake_w.send(b"x")
 
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        hit = self.server.cached(data, str(addr[0]))
-        if hit is not None:
-            if self.transport is not None:
-                self.transport.sendto(hit, addr)
-            return
-        self.server._spawn(self._answer(data, addr))
+    def add(self, sock: socket.socket) -> None:
+        self._command("add", sock)
 
-    async def _answer(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        reply = await self.server.handle(data, str(addr[0]))
-        if reply is not None and self.transport is not None and not self.transport.is_closing():
-            if len(reply) > 512:  # classic UDP limit without EDNS: truncate, the client retries on TCP
-                reply = _truncated(data, reply)
-            self.transport.sendto(reply, addr)
+    def remove(self, sock: socket.socket) -> None:
+        """Stop serving ``sock`` and close it (in the pump's thread: never under a select)."""
+        self._command("remove", sock)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake_w.send(b"x")
+        self.thread.join(5)
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]  # sockets, registered by us
+        self.sel.close()
+        self._wake_w.close()
+
+    def _run(self) -> None:
+        cache = self.server._cache
+        rcodes = DnsServer._cache_rcode
+        while not self._stop:
+            for key, _ in self.sel.select(0.2):
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                if sock is self._wake_r:
+                    self._apply_commands()
+                    continue
+                for _ in range(self.BATCH):
+                    try:
+                        data, addr = sock.recvfrom(4096)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # e.g. ICMP unreachable of an earlier reply: nothing to read
+                        break
+                    hit = cache.get((str(addr[0]), data[2:])) if len(data) >= 12 else None
+                    if hit is None:
+                        self.loop.call_soon_threadsafe(self.server._udp_query, sock, data, addr)
+                        continue
+                    try:
+                        sock.sendto(data[:2] + hit, addr)
+                    except OSError:
+                        continue
+                    rc = rcodes.get(hit[1] & 0x0F, "NOERROR")
+                    self._hits[rc] = self._hits.get(rc, 0) + 1
+            if self._hits and time.monotonic() - self._flushed > 0.1:
+                hits, self._hits = self._hits, {}
+                self._flushed = time.monotonic()
+                self.loop.call_soon_threadsafe(self.server._account_hits, hits)
+        if self._hits:
+            self.loop.call_soon_threadsafe(self.server._account_hits, self._hits)
+
+    def _apply_commands(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._lock:
+            cmds, self._cmds = self._cmds, []
+        for op, sock in cmds:
+            if op == "add":
+                self.sel.register(sock, selectors.EVENT_READ)
+            else:
+                try:
+                    self.sel.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                sock.close()
 
 
 def _truncated(query: bytes, reply: bytes) -> bytes:
@@ -130,7 +209,8 @@ class DnsServer:
         self.counters = DnsCounters()
         self._ns: Netns | None = None
         self._worker: NsWorker | None = None
-        self._listeners: dict[str, tuple[asyncio.DatagramTransport, asyncio.Server]] = {}
+        self._listeners: dict[str, tuple[socket.socket, asyncio.Server]] = {}
+        self._pump: _UdpPump | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # (querier, query without its id) -> reply without its id; cleared whenever the
         # table may have changed (clear_cache), so a hit is never older than the table
@@ -188,16 +268,19 @@ class DnsServer:
             except OSError as exc:
                 errors.append(f"{addr}:{self.port}: {exc.strerror or exc}")
                 continue
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+            if self._pump is None:
+                self._pump = _UdpPump(self, loop)
+            self._pump.add(udp)
             server = await asyncio.start_server(self._tcp_client, sock=tcp)
-            self._listeners[addr] = (transport, server)
+            self._listeners[addr] = (udp, server)
         return errors
 
     async def unlisten(self, addresses: Iterable[str]) -> None:
         for addr in addresses:
             pair = self._listeners.pop(addr, None)
             if pair is not None:
-                pair[0].close()
+                if self._pump is not None:
+                    self._pump.remove(pair[0])
                 pair[1].close()
 
     def listening(self) -> list[str]:
@@ -205,6 +288,9 @@ class DnsServer:
 
     async def close(self) -> None:
         await self.unlisten(list(self._listeners))
+        if self._pump is not None:
+            await asyncio.to_thread(self._pump.stop)
+            self._pump = None
         for t in list(self._tasks):
             t.cancel()
         if self._worker is not None:
@@ -213,6 +299,29 @@ class DnsServer:
         if self._ns is not None:
             self._ns.close()
             self._ns = None
+
+    def _udp_query(self, sock: socket.socket, data: bytes, addr: Any) -> None:
+        self._spawn(self._udp_answer(sock, data, addr))
+
+    async def _udp_answer(self, sock: socket.socket, data: bytes, addr: Any) -> None:
+        reply = await self.handle(data, str(addr[0]))
+        if reply is None or sock.fileno() < 0:
+            return
+        if len(reply) > 512:  # classic UDP limit without EDNS: truncate, the client retries on TCP
+            reply = _truncated(data, reply)
+        try:
+            sock.sendto(reply, addr)
+        except OSError:  # a full send buffer or a closed socket: the client retries
+            pass
+
+    def _account_hits(self, hits: dict[str, int]) -> None:
+        """Cache hits the UDP pump answered (counted here, on the loop, with the rest)."""
+        self.counters.cache_hits += sum(hits.values())
+        for rcode, n in hits.items():
+            self.counters.queries[rcode] = self.counters.queries.get(rcode, 0) + n
+            if self.observe is not None:
+                for _ in range(n):
+                    self.observe(rcode, 0.0, None)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         t: asyncio.Task[None] = asyncio.ensure_future(coro)
