@@ -60,6 +60,7 @@ ATTACH_WAIT_S = 60.0
 DETACH_WAIT_S = 30.0  # then DEL succeeds anyway: the worker's queue keeps a later ADD behind the teardown
 RECHECK_S = 2.0  # a status report not seen this long: the record is read (a report can be lost)
 MAX_REQUEST = 1 << 20
+TEARDOWN_FIRST = True
 SEEN_MAX = 1024  # status reports kept for an ADD whose reply comes after the report
 _VETH_DRIVERS = (DriverType.BRIDGE, DriverType.OVERLAY)
 
@@ -343,6 +344,7 @@ class CniServer:
         if known is not None:  # asked before the detach is sent: any report from now on is about it
             self.watch.seen.pop(known.id, None)
             fut = self.watch.expect(known.id, frozenset({"deleted", "failed"}))
+            self._teardown_first(known)
         try:
             rep: RuntimeDetached = await self._req(
                 subjects.ENDPOINT_RUNTIME_DETACH,
@@ -370,6 +372,16 @@ class CniServer:
         if status != "deleted":  # the record and the address are gone; the next resync retries the kernel
             log.info("node %s: CNI DEL %s: endpoint %s not torn down yet (%s)", self.node, container, old.id,
                      status or "no report")
+
+    def _teardown_first(self, ep: EndpointInfo) -> None:
+        """The kernel side goes now, in parallel with the detach in the control plane: this
+        node's worker gets the "deleted" work its event would bring (~10 ms later: the service
+        resolves, deletes, publishes first). The event still comes and finds nothing left to
+        do; a detach that fails leaves the record, and the next full resync wires it again."""
+        worker: Any = self.rt.state.get("worker")
+        if not TEARDOWN_FIRST or worker is None:  # no worker here: the event does it
+            return
+        worker.queue.put_nowait(worker._item(kind="endpoint", event="deleted", ident=ep.id, endpoint=ep))
 
     async def _del(self, req: dict[str, Any], conf: cni.CniConf) -> None:
         container, ifname = self._env(req, "container_id", "ifname")
