@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
 
+from vnet.api.base import ClientBase
 from vnet.api.network import parse_label_selector
-from vnet.client import ClientBase
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DEFAULT_WAIT_S,
