@@ -40,6 +40,7 @@ from vnet.contracts.endpoint import (
     merge_desired,
 )
 from vnet.contracts.messages import Empty
+from vnet.contracts.node import DriftReply, DriftRequest
 
 
 class EndpointAPI(ClientBase):
@@ -146,3 +147,9 @@ class EndpointAPI(ClientBase):
         """Make the node run a full resync now; its counters afterwards."""
         return await self.call(subjects.NODE_RESYNC, ResyncRequest(fetch=fetch), NodeStats, params={"node": node},
                                timeout=timeout)
+
+    async def node_drift(self, node: str, *, limit: int = 100) -> DriftReply:
+        """The drift node ``node`` repaired after kernel notifications, newest first: what
+        changed, when, how long the repair took, and which process made the change when
+        the kernel names it (``vnetctl node drift``)."""
+        return await self.call(subjects.NODE_DRIFT, DriftRequest(limit=limit), DriftReply, params={"node": node})
