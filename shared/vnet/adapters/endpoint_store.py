@@ -16,6 +16,11 @@ endpoint service replicas, Redis Cluster included::
     vnet:{global:idx}:epmac:<network>            HASH   MAC -> id (a MAC is unique within a network)
     vnet:{global:idx}:epidem:<request_id>        STRING id created by that request (24 h)
     vnet:{global:idx}:epdel:<request_id>         STRING JSON reply of a delete with that request id (24 h)
+    vnet:{global:idx}:epupd:<request_id>         STRING JSON reply of an update with that request id (24 h)
+    vnet:{global:idx}:epports:<node>             HASH   "<proto>/<host ip>/<host port>" -> id: the host-port
+                                                        claims of a node, taken in the same script that records
+                                                        (or updates) the endpoint, so two racing creates cannot
+                                                        both publish one port (host ip ``*``: every address)
     vnet:{global:idx}:node:<node>                STRING JSON NodeInfo, expires 3 heartbeats after the last one
     vnet:{global:idx}:nodeinfo:<node>            STRING JSON NodeInfo, kept a day (for nodes that are gone)
     vnet:{global:idx}:nodes                      ZSET   node -> last heartbeat (seconds since the epoch)
@@ -92,6 +97,25 @@ def netep_key(network_id: str) -> str:
     return key("netep", network_id)
 
 
+def upd_idem_key(request_id: str) -> str:
+    return global_key("epupd", request_id)
+
+
+def ports_key(node: str) -> str:
+    return global_key("epports", node)
+
+
+def port_claims(ports: Iterable[Any]) -> list[str]:
+    """The claim fields of published ports (``PortMapping``-like: protocol, host_port):
+    ``tcp/*/8080`` — every host address, both families (DNAT matches any local address)."""
+    return sorted({f"{p.protocol}/*/{p.host_port}" for p in ports})
+
+
+def claim_port(field: str) -> tuple[str, int]:
+    proto, _, port = field.split("/")
+    return proto, int(port)
+
+
 def node_key(node: str) -> str:
     return global_key("node", node)
 
@@ -116,6 +140,12 @@ if mac ~= '' then
   local h = redis.call('HGET', KEYS[7], mac)
   if h then return {'mac_in_use', h} end
 end
+local claims = {}
+for f in string.gmatch(ARGV[9] or '', '%S+') do
+  local h = redis.call('HGET', KEYS[10], f)
+  if h and h ~= id then return {'port_in_use', h, f} end
+  claims[#claims + 1] = f
+end
 local ifname = ARGV[3]
 if ifname == '-' then
   ifname = ''
@@ -137,6 +167,7 @@ redis.call('SET', KEYS[5], id)
 if ifname ~= '' then redis.call('HSET', KEYS[6], ifname, id) end
 if mac ~= '' then redis.call('HSET', KEYS[7], mac, id) end
 if ARGV[7] == '1' then redis.call('SET', KEYS[9], id, 'PX', ARGV[8]) end
+for _, f in ipairs(claims) do redis.call('HSET', KEYS[10], f, id) end
 return {'ok', ifname}
 """)
 
@@ -151,7 +182,44 @@ redis.call('SREM', KEYS[4], id)
 if redis.call('GET', KEYS[5]) == id then redis.call('DEL', KEYS[5]) end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[6], ARGV[2]) == id then redis.call('HDEL', KEYS[6], ARGV[2]) end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[7], ARGV[3]) == id then redis.call('HDEL', KEYS[7], ARGV[3]) end
+-- the host ports it held (as its record says: the claims of the stored doc, passed in)
+for f in string.gmatch(ARGV[4] or '', '%S+') do
+  if redis.call('HGET', KEYS[8], f) == id then redis.call('HDEL', KEYS[8], f) end
+end
 return {r[1], r[2] or 'pending', r[3] or '', r[4] or '', r[5] or ''}
+""")
+
+# Labels / published ports of an existing endpoint. Optimistic: the caller read revision
+# ARGV[2] and computed the new doc from it; another writer in between -> 'stale' (re-read,
+# retry). The host-port claims move in the same step: new ones taken (a port another
+# endpoint holds -> 'port_in_use'), the ones it no longer publishes released.
+UPDATE = Script("""
+local id = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local rev = redis.call('HGET', KEYS[1], 'rev') or '0'
+if rev ~= ARGV[2] then return {'stale', rev} end
+local keep = {}
+for f in string.gmatch(ARGV[5] or '', '%S+') do
+  local h = redis.call('HGET', KEYS[2], f)
+  if h and h ~= id then return {'port_in_use', h, f} end
+  keep[f] = true
+end
+for f in string.gmatch(ARGV[4] or '', '%S+') do
+  if not keep[f] and redis.call('HGET', KEYS[2], f) == id then redis.call('HDEL', KEYS[2], f) end
+end
+for f, _ in pairs(keep) do redis.call('HSET', KEYS[2], f, id) end
+local nrev = tostring(tonumber(rev) + 1)
+redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'rev', nrev)
+return {'ok', nrev}
+""")
+
+# Repair (GC) of one host-port claim: drop it only if it is still held by the id the caller
+# read and that endpoint is gone or, at the revision read, does not publish it.
+UNCLAIM = Script("""
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 and (redis.call('HGET', KEYS[2], 'rev') or '0') ~= ARGV[3] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
 """)
 
 # Versions are microseconds (a Lua number holds them exactly up to 2**53).
@@ -164,7 +232,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2], 'reason', ARGV[3], 'code', ARGV[4
 return 'ok'
 """)
 
-SCRIPTS = (COMMIT, DELETE, STATUS)
+SCRIPTS = (COMMIT, DELETE, STATUS, UPDATE, UNCLAIM)
 
 
 def _s(v: Any) -> str:
@@ -184,12 +252,20 @@ def _from_hash(h: dict[Any, Any]) -> EndpointInfo | None:
     info = _info_decoder.decode(d["doc"])
     status = _s(d.get("status", b"pending")) or "pending"
     return msgspec.structs.replace(info, status=status, reason=_s(d.get("reason", b"")),
-                                   status_code=_s(d.get("code", b"")), status_at=_s(d.get("at", b"")))
+                                   status_code=_s(d.get("code", b"")), status_at=_s(d.get("at", b"")),
+                                   revision=int(_s(d.get("rev", b"0")) or 0))
 
 
 class CommitResult(msgspec.Struct):
-    status: str  # ok | dup_rid | dup_ctr | no_network | mac_in_use | ifname_in_use
+    status: str  # ok | dup_rid | dup_ctr | no_network | mac_in_use | ifname_in_use | port_in_use
     value: str = ""  # ok: the interface name; otherwise the id named
+    claim: str = ""  # port_in_use: the claim field ("tcp/*/8080")
+
+
+class UpdateResult(msgspec.Struct):
+    status: str  # ok | missing | stale | port_in_use
+    value: str = ""  # ok: the new revision; stale: the current one; port_in_use: the holder
+    claim: str = ""
 
 
 class EndpointStore:
@@ -240,22 +316,62 @@ class EndpointStore:
         doc = info if not auto_ifname else msgspec.structs.replace(info, interface_name=IFNAME_PLACEHOLDER)
         keys = [rec_key(info.id), ENDPOINTS, node_set(info.node), net_set(info.network_id),
                 ctr_key(info.container_id, info.network_id), ifnames_key(info.container_id),
-                macs_key(info.network_id), NETWORKS, idem_key(request_id) if request_id else rec_key(info.id)]
+                macs_key(info.network_id), NETWORKS, idem_key(request_id) if request_id else rec_key(info.id),
+                ports_key(info.node)]
         args = [info.id, msgspec.json.encode(doc), ifname_arg, info.mac_address, info.network_id, info.node,
-                "1" if request_id else "", int(IDEM_TTL_S * 1000)]
+                "1" if request_id else "", int(IDEM_TTL_S * 1000), " ".join(port_claims(info.ports))]
         res = await COMMIT(self.r, keys, args)
-        return CommitResult(_s(res[0]), _s(res[1]) if len(res) > 1 else "")
+        return CommitResult(_s(res[0]), _s(res[1]) if len(res) > 1 else "", _s(res[2]) if len(res) > 2 else "")
+
+    async def update(self, before: EndpointInfo, after: EndpointInfo) -> UpdateResult:
+        """Replace the stored doc of ``before`` (read at ``before.revision``) with ``after``,
+        moving its host-port claims; ``stale`` when another writer got there first."""
+        doc = msgspec.structs.replace(after, status="pending", reason="", status_code="", status_at="", revision=0)
+        res = await UPDATE(self.r, [rec_key(before.id), ports_key(before.node)],
+                           [before.id, str(before.revision), msgspec.json.encode(doc),
+                            " ".join(port_claims(before.ports)), " ".join(port_claims(after.ports))])
+        return UpdateResult(_s(res[0]), _s(res[1]) if len(res) > 1 else "", _s(res[2]) if len(res) > 2 else "")
+
+    async def port_holders(self, node: str) -> dict[str, str]:
+        """The host-port claims of ``node``: claim field -> endpoint id."""
+        raw: Any = await self.r.hgetall(ports_key(node))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def repair_port_claims(self, node: str) -> tuple[int, int]:
+        """GC of ``node``'s host-port claims against the records: a claim whose endpoint is
+        gone or no longer publishes the port is dropped; a port a record publishes with no
+        claim (a record from before claims existed) is claimed, the first endpoint by id
+        winning (the policy engine's rule). (dropped, added)."""
+        eps = await self.of_node(node)
+        held = await self.port_holders(node)
+        by_id = {e.id: e for e in eps}
+        dropped = added = 0
+        for f, holder in sorted(held.items()):
+            e = by_id.get(holder)
+            if e is not None and f in port_claims(e.ports):
+                continue
+            rev = str(e.revision) if e is not None else "0"
+            dropped += int(await UNCLAIM(self.r, [ports_key(node), rec_key(holder)], [f, holder, rev]))
+        for e in sorted(eps, key=lambda x: x.id):
+            for f in port_claims(e.ports):
+                if f not in held:
+                    added += int(bool(await self.r.hsetnx(ports_key(node), f, e.id)))
+        return dropped, added
 
     async def delete(self, info: EndpointInfo) -> EndpointInfo | None:
         """Remove the record and its indexes; the record as it was, or None if it was already gone."""
         keys = [rec_key(info.id), ENDPOINTS, node_set(info.node), net_set(info.network_id),
                 ctr_key(info.container_id, info.network_id), ifnames_key(info.container_id),
                 macs_key(info.network_id)]
-        res = await DELETE(self.r, keys, [info.id, info.interface_name, info.mac_address])
+        keys.append(ports_key(info.node))
+        res = await DELETE(self.r, keys, [info.id, info.interface_name, info.mac_address,
+                                          " ".join(port_claims(info.ports))])
         if not res:
             return None
         doc, status, reason, code, at = (_s(x) for x in res)
         old = _info_decoder.decode(doc)
+        if old.ports != info.ports:  # an update moved its ports after ``info`` was read: those claims too
+            await self._release_claims(old)
         return msgspec.structs.replace(old, status=status or "pending", reason=reason,
                                        status_code=code, status_at=at)
 
@@ -309,6 +425,18 @@ class EndpointStore:
 
     async def put_delete_reply(self, request_id: str, body: bytes) -> None:
         await self.r.set(del_idem_key(request_id), body, ex=IDEM_TTL_S)
+
+    async def update_reply(self, request_id: str) -> bytes | None:
+        v: Any = await self.r.get(upd_idem_key(request_id))
+        return None if v is None else bytes(v)
+
+    async def put_update_reply(self, request_id: str, body: bytes) -> None:
+        await self.r.set(upd_idem_key(request_id), body, ex=IDEM_TTL_S)
+
+    async def _release_claims(self, old: EndpointInfo) -> None:
+        # the record is gone, so any revision is "gone": UNCLAIM drops a claim still held by this id
+        for f in port_claims(old.ports):
+            await UNCLAIM(self.r, [ports_key(old.node), rec_key(old.id)], [f, old.id, "0"])
 
     # -- node registry ---------------------------------------------------------------------
     async def register_node(self, info: NodeInfo, ttl_s: float) -> NodeInfo:

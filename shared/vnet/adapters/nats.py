@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,11 +21,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import NotFoundError
 
 from vnet.adapters import natsauth
-from vnet.adapters.settings import NatsSettings
 from vnet.contracts import codec, subjects
 from vnet.contracts import headers as H
 from vnet.contracts.subjects import Subject
 from vnet.core import errors as E
+from vnet.runtime.config import VNetConfig
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ def server_urls(nats_url: str) -> list[str]:
     return urls or [nats_url]
 
 
-async def connect(config: NatsSettings, name: str, *, connect_timeout: float = 2.0,
+async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0,
                   allow_reconnect: bool = True, give_up_after: float | None = None) -> Client:
     """Connect, giving up after ``give_up_after`` seconds (default ``config.connect_timeout_s``).
 
@@ -212,35 +211,6 @@ EVENTS_MAX_CONSUMERS = 65536
 _cap_warned = False
 
 
-async def discover(nc: Client, *, wait: float = 0.5) -> list[dict[str, Any]]:
-    """The ``$SRV.STATS`` replies of every ``nats.micro`` service instance that answer within
-    ``wait`` seconds (scatter-gather: there is no way to know how many will answer)."""
-    inbox = nc.new_inbox()
-    replies: list[dict[str, Any]] = []
-    sub = await nc.subscribe(inbox)
-    try:
-        await nc.publish("$SRV.STATS", b"", reply=inbox)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except (TimeoutError, NatsTimeout):
-                break
-            try:
-                got = json.loads(msg.data)
-            except ValueError:
-                continue
-            if isinstance(got, dict):
-                replies.append(got)
-    finally:
-        await sub.unsubscribe()
-    return replies
-
-
 def _warn_consumer_cap() -> None:
     global _cap_warned
     if not _cap_warned:
@@ -344,6 +314,8 @@ class DurableConsumer:
         self._stop = asyncio.Event()
 
     async def start(self, handler: Callable[[Msg], Awaitable[None]], *, batch: int = 64) -> None:
+        if self.filter_subjects:
+            await self._drop_if_filters_changed()
         sub = await self.js.pull_subscribe(
             self.filter_subject,
             durable=self.durable,
@@ -402,6 +374,25 @@ class DurableConsumer:
                     await settle(m, ok)
 
         self._task = asyncio.create_task(loop(), name=f"consumer-{self.durable}")
+
+    async def _drop_if_filters_changed(self) -> None:
+        """A durable made by an older version with other filters would be bound as it is (the
+        client does not update an existing consumer): delete it so it is made with ours (a node
+        worker's endpoint consumer gained ``updated``). Only NEW messages are lost, which the
+        worker's full resync covers."""
+        try:
+            info = await self.js.consumer_info(subjects.EVENTS_STREAM, self.durable)
+        except Exception:  # not there (or not readable): pull_subscribe makes it
+            return
+        have = sorted(info.config.filter_subjects or ([info.config.filter_subject]
+                                                      if info.config.filter_subject else []))
+        if have != sorted(self.filter_subjects or []):
+            try:
+                await self.js.delete_consumer(subjects.EVENTS_STREAM, self.durable)
+                log.info("durable %s had filters %s: recreated with %s", self.durable, have, self.filter_subjects)
+            except Exception as exc:
+                log.warning("durable %s has filters %s, not %s, and could not be deleted: %s", self.durable, have,
+                            self.filter_subjects, exc)
 
     async def stop(self, *, delete: bool = False) -> None:
         """Stop pulling; ``delete`` also removes the consumer from the server."""

@@ -8,6 +8,14 @@ The module description's call works as written (``ip`` / ``mac`` ``None`` for au
     ep.status            # pending -> ready | failed (ep.reason says why)
     await vnet.delete_endpoint(ep.id, wait=True)
 
+Labels and published ports follow a running workload (every host re-evaluates the rules that
+select by label within seconds; established connections keep flowing)::
+
+    rep = await vnet.update_endpoint(ep.id, set_labels={"role": "db"}, dry_run=True)
+    rep.reach.summary()  # "opens 4 paths, closes 0": nothing changed yet
+    rep = await vnet.update_endpoint(ep.id, set_labels={"role": "db"})
+    rep = await vnet.update_endpoint(ep.id, ports=[PortMapping(host_port=8080, container_port=80)])
+
 With ``wait=True`` the call returns once the node worker has reported the endpoint
 ``ready`` or ``failed`` (or when ``wait_timeout`` passes: then it is still ``pending``).
 """
@@ -16,8 +24,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
 
-from vnet.api.base import ClientBase
 from vnet.api.network import parse_label_selector
+from vnet.client import ClientBase
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DEFAULT_WAIT_S,
@@ -31,6 +39,8 @@ from vnet.contracts.endpoint import (
     EndpointPage,
     EndpointRef,
     EndpointState,
+    EndpointUpdate,
+    EndpointUpdated,
     NodeInfo,
     NodeList,
     NodeListRequest,
@@ -40,7 +50,6 @@ from vnet.contracts.endpoint import (
     merge_desired,
 )
 from vnet.contracts.messages import Empty
-from vnet.contracts.node import DriftReply, DriftRequest
 
 
 class EndpointAPI(ClientBase):
@@ -117,6 +126,23 @@ class EndpointAPI(ClientBase):
         return await self.call(subjects.ENDPOINT_DELETE, req, EndpointDeleted,
                                timeout=self._wait_budget(wait and not force, wait_timeout))
 
+    async def update_endpoint(self, endpoint: str, *, labels: Mapping[str, str] | None = None,
+                              set_labels: Mapping[str, str] | None = None,
+                              remove_labels: Iterable[str] | None = None,
+                              published_ports: Iterable[PortMapping] | None = None,
+                              expected_revision: int | None = None, dry_run: bool = False,
+                              request_id: str | None = None) -> EndpointUpdated:
+        """Change a live endpoint's labels (``labels`` replaces them all; ``set_labels`` /
+        ``remove_labels`` change single keys) and/or its published ports (``published_ports``
+        replaces them; ``[]`` unpublishes all). ``dry_run``: nothing changes, ``reply.reach``
+        says which paths it would open and close. ``expected_revision``: only if the endpoint
+        is still at that revision (``stale_revision`` otherwise)."""
+        req = EndpointUpdate(endpoint_id=endpoint, labels=None if labels is None else dict(labels),
+                             set_labels=dict(set_labels or {}), remove_labels=list(remove_labels or ()),
+                             ports=None if published_ports is None else list(published_ports),
+                             expected_revision=expected_revision, dry_run=dry_run, request_id=request_id)
+        return await self.call(subjects.ENDPOINT_UPDATE, req, EndpointUpdated)
+
     # -- nodes --------------------------------------------------------------------------------
     async def nodes(self, *, include_gone: bool = False) -> list[NodeInfo]:
         """Registered node workers: drivers their kernel supports, last heartbeat, endpoint counts."""
@@ -147,9 +173,3 @@ class EndpointAPI(ClientBase):
         """Make the node run a full resync now; its counters afterwards."""
         return await self.call(subjects.NODE_RESYNC, ResyncRequest(fetch=fetch), NodeStats, params={"node": node},
                                timeout=timeout)
-
-    async def node_drift(self, node: str, *, limit: int = 100) -> DriftReply:
-        """The drift node ``node`` repaired after kernel notifications, newest first: what
-        changed, when, how long the repair took, and which process made the change when
-        the kernel names it (``vnetctl node drift``)."""
-        return await self.call(subjects.NODE_DRIFT, DriftRequest(limit=limit), DriftReply, params={"node": node})

@@ -1,4 +1,4 @@
-"""``vnetctl endpoint ...`` verbs: create (alias attach), ls, inspect, rm, nodes.
+"""``vnetctl endpoint ...`` verbs: create (alias attach), ls, inspect, label, ports, rm, nodes.
 
 ``create`` waits for the node to report (``--no-wait`` returns at once); with several
 containers or ``--count N`` it runs them concurrently behind a progress bar.
@@ -21,7 +21,14 @@ from rich.text import Text
 from vnet.cli import output
 from vnet.cli.main import cli, console, each, err_console, escape, load_config, report_batch, run_async
 from vnet.client import VNetManager
-from vnet.contracts.endpoint import DEFAULT_WAIT_S, EndpointDeleted, EndpointInfo, NodeInfo, PortMapping
+from vnet.contracts.endpoint import (
+    DEFAULT_WAIT_S,
+    EndpointDeleted,
+    EndpointInfo,
+    EndpointUpdated,
+    NodeInfo,
+    PortMapping,
+)
 from vnet.core.errors import VNetError
 
 T = TypeVar("T")
@@ -267,9 +274,109 @@ def inspect_cmd(ctx: click.Context, endpoint_id: str, as_json: bool) -> None:
         ("gateway v6", e.gateway_v6 or "-"), ("mac", e.mac_address or "-"), ("mtu", str(e.mtu)),
         ("status", e.status), ("reason", e.reason or "-"), ("status code", e.status_code or "-"),
         ("status at", e.status_at or "-"), ("labels", ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"),
-        ("created", e.created_at),
+        ("publishes", ", ".join(f"{p.host_port}->{p.container_port}/{p.protocol}" for p in e.ports) or "-"),
+        ("revision", str(e.revision)), ("created", e.created_at),
     ]
     output.fields(rows, title=f"endpoint {e.id}")
+
+
+def _label_args(items: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` sets a label, ``key-`` removes one (kubectl's shape)."""
+    sets: dict[str, str] = {}
+    removes: list[str] = []
+    for item in items:
+        k, sep, v = item.partition("=")
+        if sep and k:
+            sets[k] = v
+        elif not sep and item.endswith("-") and len(item) > 1:
+            removes.append(item[:-1])
+        else:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE (set) or KEY- (remove)", param_hint="LABELS")
+    return sets, removes
+
+
+def _show_update(rep: EndpointUpdated, dry_run: bool, names: dict[str, str], as_json: bool) -> None:
+    from vnet.cli.reach import show_reach
+
+    if as_json:
+        output.emit(rep)
+        return
+    e = rep.endpoint
+    what = ", ".join(rep.changes) or "nothing"
+    if not dry_run:
+        output.say(f"endpoint {escape(e.id)} ({escape(e.container_id)}): changed {what} (revision {e.revision})")
+    elif not rep.changes:
+        output.say(f"dry run: endpoint {escape(e.id)} would not change")
+    lbls = ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"
+    pubs = ", ".join(f"{p.host_port}->{p.container_port}/{p.protocol}" for p in e.ports) or "-"
+    output.fields([("labels", lbls), ("publishes", pubs)], title=f"endpoint {e.id}" + (" (would be)" if dry_run
+                                                                                          else ""))
+    show_reach(rep.reach, dry_run=dry_run, names=names)
+
+
+def _run_update(ctx: click.Context, as_json: bool, dry_run: bool, **kw: Any) -> None:
+    from vnet.cli.reach import network_names
+
+    cfg = load_config(ctx)
+
+    async def go(m: VNetManager) -> tuple[EndpointUpdated, dict[str, str]]:
+        rep = await m.update_endpoint(dry_run=dry_run, **kw)
+        return rep, {} if as_json else await network_names(m, rep.reach)
+
+    rep, names = run_async(go, cfg)
+    _show_update(rep, dry_run, names, as_json)
+
+
+def _update_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True)(fn)
+    fn = click.option("--dry-run", is_flag=True,
+                      help="Change nothing: print the paths the change would open and close.")(fn)
+    fn = click.option("--expect-revision", type=click.IntRange(0), default=None,
+                      help="Only if the endpoint is still at this revision (`inspect` shows it).")(fn)
+    return fn
+
+
+@endpoint.command("label")
+@click.argument("endpoint_id")
+@click.argument("labels", nargs=-1, required=True)
+@click.option("--replace", is_flag=True, help="The KEY=VALUE arguments replace all labels.")
+@_update_options
+@click.pass_context
+def label_cmd(ctx: click.Context, endpoint_id: str, labels: tuple[str, ...], replace: bool,
+              expect_revision: int | None, dry_run: bool, as_json: bool) -> None:
+    """Set (KEY=VALUE) or remove (KEY-) labels of a live endpoint. Every host re-evaluates the
+    allow rules that select by label within seconds; established connections keep flowing.
+
+    \b
+    vnetctl endpoint label EP role=db tier-     set role, remove tier
+    vnetctl endpoint label EP role=db --dry-run  the paths it would open and close"""
+    sets, removes = _label_args(labels)
+    if replace and removes:
+        raise click.BadParameter("--replace takes KEY=VALUE only (labels not named are removed)",
+                                 param_hint="LABELS")
+    _run_update(ctx, as_json, dry_run, endpoint=endpoint_id, labels=sets if replace else None,
+                set_labels=None if replace else sets, remove_labels=removes, expected_revision=expect_revision)
+
+
+@endpoint.command("ports")
+@click.argument("endpoint_id")
+@click.argument("publish", nargs=-1, metavar="[HOST:CONTAINER[/tcp|udp]]...")
+@click.option("--none", "clear", is_flag=True, help="Unpublish every port.")
+@_update_options
+@click.pass_context
+def ports_cmd(ctx: click.Context, endpoint_id: str, publish: tuple[str, ...], clear: bool,
+              expect_revision: int | None, dry_run: bool, as_json: bool) -> None:
+    """Replace the published ports of a live endpoint (the same HOST:CONTAINER[/proto] as
+    `create --publish`); --none unpublishes all. A host port is taken atomically.
+
+    \b
+    vnetctl endpoint ports EP 8080:80 5353:53/udp
+    vnetctl endpoint ports EP --none"""
+    if bool(publish) == clear:
+        raise click.UsageError("give the ports to publish, or --none to unpublish every port")
+    ports = [parse_publish(p) for p in publish]
+    _run_update(ctx, as_json, dry_run, endpoint=endpoint_id, published_ports=ports,
+                expected_revision=expect_revision)
 
 
 @endpoint.command("rm")

@@ -234,19 +234,7 @@ def main() -> None:
 
 def register() -> None:
     """Import the verb modules (each adds its verbs to ``cli``); tests call this before invoking."""
-    from vnet.cli import (  # noqa: F401
-        cni,
-        container,
-        demo,
-        endpoint,
-        ipam,
-        network,
-        node_drift,  # after node: adds `drift` to its group
-        policy,
-        reach,
-        stack,
-        trace,
-    )
+    from vnet.cli import cni, container, demo, endpoint, ipam, network, policy, reach, stack, trace  # noqa: F401
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import msgspec
 from vnet.contracts.messages import RequestId
 from vnet.contracts.network import NetRef, NodeId
 from vnet.core.dataplane_model import EpDesired, NetDesired, NodeDesired, PeerHost, RemoteEndpoint, Support
-from vnet.core.model import DriverType, Endpoint, Labels
+from vnet.core.model import DriverType, Endpoint, LabelKey, Labels
+from vnet.core.reach import ReachDiff
 
 # Container ids become a network namespace name by default and a key part in Redis:
 # no '/', no ':', no whitespace.
@@ -94,6 +95,7 @@ class EndpointInfo(Endpoint, kw_only=True):
     ports: list[PortMapping] = []  # published ports (host port -> container port)
     dns: EndpointDns | None = None  # set when its node runs the resolver (vnet-node --dns)
     aliases: list[str] = []  # names in DNS besides container_id
+    revision: int = 0  # bumped by every update (labels, ports): ``expected_revision`` of an update
 
 
 def _int_or_none(v: str | None) -> int | None:
@@ -212,6 +214,51 @@ class RuntimeDetach(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class RuntimeDetached(msgspec.Struct, kw_only=True):
     found: bool
     deleted: EndpointDeleted | None = None
+
+
+class EndpointUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Change a live endpoint's labels and/or published ports (``vnet.endpoint.update``).
+
+    ``labels`` replaces the whole map; ``set_labels`` / ``remove_labels`` change single keys
+    (applied after ``labels``). ``ports`` replaces the published ports (``[]``: none); a host
+    port is claimed atomically with the change (``port_in_use`` names the holder). Every host
+    re-evaluates the allow rules that select by label from the ``updated`` event (new
+    connections follow the new labels; established ones keep flowing).
+
+    ``expected_revision``: apply only if the endpoint is still at that revision (409
+    ``stale_revision`` otherwise); without it a concurrent change is merged (the request's
+    label edits are re-applied to the latest record). ``dry_run``: change nothing, answer the
+    endpoint as it would be and ``reach``, the paths the change would open and close.
+    ``request_id``: a repeat returns the first reply."""
+
+    endpoint_id: EndpointId
+    labels: Labels | None = None
+    set_labels: Labels = {}
+    remove_labels: Annotated[list[LabelKey], msgspec.Meta(max_length=64)] = []
+    ports: Ports | None = None
+    expected_revision: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    dry_run: bool = False
+    request_id: RequestId | None = None
+
+
+class EndpointUpdated(msgspec.Struct, kw_only=True):
+    """The endpoint after the update (a dry run: as it would be), what changed (``labels``,
+    ``ports``; empty: nothing) and the paths the change opens and closes (``reach``; ``null``
+    when the fabric could not be read on a real update). The ``updated`` event carries the same."""
+
+    endpoint: EndpointInfo
+    changes: list[str] = []
+    dry_run: bool = False
+    reach: ReachDiff | None = None
+
+
+class EndpointUpdatedEvent(msgspec.Struct, kw_only=True):
+    """``vnet.evt.endpoint.updated.<id>``: the endpoint as it is now and as it was."""
+
+    endpoint: EndpointInfo
+    previous: EndpointInfo
+    changes: list[str] = []
+    reach: ReachDiff | None = None
 
 
 class EndpointList(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

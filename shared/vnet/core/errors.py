@@ -196,6 +196,8 @@ NETNS_NOT_FOUND = _code("netns_not_found", 404, "the container's network namespa
 MAC_IN_USE = _code("mac_in_use", 409, "another endpoint of the network has that MAC address")
 IFNAME_IN_USE = _code("ifname_in_use", 409, "the container already has an interface with that name")
 PORT_IN_USE = _code("port_in_use", 409, "another endpoint of the node publishes that host port")
+STALE_REVISION = _code("stale_revision", 409, "the object changed since the revision the request names; read it "
+                       "again and retry")
 ENDPOINT_GONE = _code("endpoint_gone", 409, "the request id created an endpoint that has since been deleted")
 
 # Policy (appended by the policy service)

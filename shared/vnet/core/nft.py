@@ -92,6 +92,10 @@ def _small_decls(rs: Ruleset) -> list[SetDecl]:
                 [f"{p} . {hp} : {a} . {cp}" for p, hp, a, cp in rs.published4]),
         SetDecl("inet", "pub4_in", ("ipv4_addr", "inet_proto", "inet_service"), None, False,
                 sorted({f"{a} . {p} . {cp}" for p, _, a, cp in rs.published4})),
+        SetDecl("inet", "published6", ("inet_proto", "inet_service"), ("ipv6_addr", "inet_service"), False,
+                [f"{p} . {hp} : {a} . {cp}" for p, hp, a, cp in rs.published6]),
+        SetDecl("inet", "pub6_in", ("ipv6_addr", "inet_proto", "inet_service"), None, False,
+                sorted({f"{a} . {p} . {cp}" for p, _, a, cp in rs.published6})),
     ]
 
 
@@ -261,7 +265,8 @@ def render_inet(rs: Ruleset, *, with_elements: bool = True) -> str:
     s += "\tchain between_endpoints {\n" + _lines(rs, "int") + "\t\tdrop\n\t}\n"
     s += "\tchain to_external {\n\t\tiifname @none_bridges accept\n" + _lines(rs, "out") + "\t\tdrop\n\t}\n"
     s += ("\tchain from_external {\n\t\toifname @none_bridges accept\n"
-          "\t\tip daddr . meta l4proto . th dport @pub4_in accept\n" + _lines(rs, "in") + "\t\tdrop\n\t}\n")
+          "\t\tip daddr . meta l4proto . th dport @pub4_in accept\n"
+          "\t\tip6 daddr . meta l4proto . th dport @pub6_in accept\n" + _lines(rs, "in") + "\t\tdrop\n\t}\n")
     s += ("\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n"
           f"\t\tiifname {BRIDGE_MATCH} jump from_endpoint\n\t}}\n")
     # DNS to the node's resolver on the gateway of the bridge the query came in on (and on
@@ -277,10 +282,12 @@ def render_inet(rs: Ruleset, *, with_elements: bool = True) -> str:
     s += ("\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
           f"\t\tiifname {BRIDGE_MATCH} oifname != {BRIDGE_MATCH} jump masq\n"
           f"\t\tct status dnat oifname {BRIDGE_MATCH} masquerade\n\t}}\n")
-    # published ports: DNAT on the host's own addresses (from outside and from the host itself)
+    # published ports: DNAT on the host's own addresses (from outside and from the host itself),
+    # IPv4 and IPv6 alike (the same compiled list, one map per family)
     for chain, hook in (("publish", "prerouting"), ("publish_local", "output")):
         s += (f"\tchain {chain} {{\n\t\ttype nat hook {hook} priority -100; policy accept;\n"
-              "\t\tfib daddr type local dnat ip to meta l4proto . th dport map @published4\n\t}\n")
+              "\t\tfib daddr type local dnat ip to meta l4proto . th dport map @published4\n"
+              "\t\tfib daddr type local dnat ip6 to meta l4proto . th dport map @published6\n\t}\n")
     s += ("\tchain masq {\n\t\tiifname @none_bridges masquerade\n" + _lines(rs, "out", "masquerade", "masq")
           + "\t}\n")
     s += (_seg_chains(rs, "int") + _seg_chains(rs, "out") + _seg_chains(rs, "in")

@@ -262,6 +262,7 @@ class Ruleset(msgspec.Struct, kw_only=True):
     sets: list[AddrSet] = []
     lines: list[RuleLine] = []
     published4: list[tuple[str, int, str, int]] = []  # (protocol, host port, endpoint address, port): DNAT
+    published6: list[tuple[str, int, str, int]] = []  # the same toward the endpoint's IPv6 address (ip6 DNAT)
 
     def version(self) -> str:
         return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
@@ -274,6 +275,7 @@ class Ruleset(msgspec.Struct, kw_only=True):
         Idempotent: a local endpoint already bound is left as it is."""
         ports = self.ports
         published = self.published4
+        published6 = self.published6
         if local and e.host_ifname == "-":
             return None  # host driver: no port; the engine decides its published ports
         if local:
@@ -289,17 +291,22 @@ class Ruleset(msgspec.Struct, kw_only=True):
             bisect.insort(ports, pb, key=_ep_key)
             if e.published:
                 a4 = [a for a in e.ips if ipaddress.ip_address(a).version == 4]
-                taken = {(p, hp) for p, hp, _, _ in published}
-                new = []
+                a6 = [a for a in e.ips if ipaddress.ip_address(a).version == 6]
+                taken = {(p, hp) for p, hp, _, _ in (*published, *published6)}
+                new: list[tuple[str, int, str, int]] = []
+                new6: list[tuple[str, int, str, int]] = []
                 for x in e.published:
                     if (x.protocol, x.host_port) in taken:
                         return None  # the first endpoint by id keeps a host port: the engine decides
                     if a4:
                         new.append((x.protocol, x.host_port, a4[0], x.port))
-                        taken.add((x.protocol, x.host_port))
+                    if a6:
+                        new6.append((x.protocol, x.host_port, a6[0], x.port))
+                    taken.add((x.protocol, x.host_port))
                 published = sorted([*published, *new])
+                published6 = sorted([*published6, *new6])
         sets = [_with_member(s, e) for s in self.sets]
-        return msgspec.structs.replace(self, ports=ports, published4=published, sets=sets)
+        return msgspec.structs.replace(self, ports=ports, published4=published, published6=published6, sets=sets)
 
     def without_endpoint(self, e: PolicyEndpoint, *, local: bool) -> Ruleset | None:
         """This ruleset with endpoint ``e`` removed, or ``None`` when that needs the whole
@@ -313,7 +320,7 @@ class Ruleset(msgspec.Struct, kw_only=True):
                     return None
                 ports = [p for p in ports if p.endpoint != e.id]
             mine_ips = set(e.ips)
-            if any(a in mine_ips for _, _, a, _ in published):
+            if any(a in mine_ips for _, _, a, _ in (*published, *self.published6)):
                 return None
         gone = {str(ipaddress.ip_address(a)) for a in e.ips}
         sets = [s if not s.selectors or not gone & set(s.elements) else
@@ -755,15 +762,19 @@ class Policy:
                         if src_ is not None and dst_ is not None:
                             lines.add(RuleLine(chain=chain, family=fam, src=src_, dst=dst_, proto=proto, lo=lo, hi=hi))
         published4: list[tuple[str, int, str, int]] = []
+        published6: list[tuple[str, int, str, int]] = []
         for e in sorted(local, key=lambda x: x.id):
-            a4 = [a for a in self._ips.get(e.id, ()) if a.version == 4]
-            if not a4 or e.network not in self.networks:
+            if e.network not in self.networks:
                 continue
-            for pb in self.published(e):
-                published4.append((pb.protocol, pb.host_port, str(a4[0]), pb.port))
+            # a published port answers on the host's addresses of both families: to the
+            # endpoint's first address of the same family (explain treats them alike)
+            for fam, out in ((4, published4), (6, published6)):
+                addrs = [a for a in self._ips.get(e.id, ()) if a.version == fam]
+                if addrs:
+                    out += [(pb.protocol, pb.host_port, str(addrs[0]), pb.port) for pb in self.published(e)]
         return Ruleset(node=node or "", bridges=bridges, none_bridges=none_bridges, net_pairs=sorted(pairs),
                        rel_pairs=sorted(rel), ports=ports, sets=[sets[k] for k in sorted(sets)],
-                       lines=sorted(lines), published4=sorted(published4))
+                       lines=sorted(lines), published4=sorted(published4), published6=sorted(published6))
 
     @staticmethod
     def _specs(r: AllowRule) -> list[tuple[str, int, int] | None]:

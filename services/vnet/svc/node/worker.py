@@ -82,6 +82,7 @@ from vnet.contracts.endpoint import (
     DesiredRequest,
     EndpointEvent,
     EndpointStatusEvent,
+    EndpointUpdatedEvent,
     NodeDeregister,
     NodeRegister,
     NodeRegistered,
@@ -109,7 +110,6 @@ from vnet.core.model import DriverType
 from vnet.core.plan import ep_owner
 from vnet.runtime.service import Runtime
 from vnet.svc.node.dns import enabled as dns_enabled
-from vnet.svc.node.drift import DriftMonitor, NodeMetrics
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ DRIVERS = ("bridge", "overlay", "macvlan", "ipvlan", "host")
 # overlay networks (its remotes change); network: a network was deleted; relations: a relation
 # changed (connect, disconnect, mesh membership, parent/child, mode): the related overlays this
 # host routes to may change; resync: a full resync.
-# drift: the kernel reported a change to something of ours (svc/node/drift.py).
-Kind = Literal["endpoint", "remote", "network", "relations", "resync", "drift"]
+Kind = Literal["endpoint", "remote", "network", "relations", "resync"]
 # Network events that change relations (the related overlays a host routes to, its parents).
 RELATION_EVENTS = frozenset({"updated", "connected", "disconnected", "mesh_created", "mesh_deleted",
                              "mesh_member_added", "mesh_member_removed"})
@@ -144,7 +143,6 @@ class WorkItem:
     ctx: otel_context.Context | None = None
     span: SpanContext | None = None
     done: asyncio.Future[NodeStats] | None = None
-    drift: Any = None  # drift: the suspects (svc/node/drift.py)
 
 
 @dataclass
@@ -262,9 +260,6 @@ class NodeWorker:
         self._policy_dirty = asyncio.Event()
         self._policy_fetch = False  # the next policy task run fetches the whole ruleset (else: push)
         self._policy_lock = asyncio.Lock()
-        # Drift by event: kernel notifications of the host namespace -> repairs (drift.py).
-        self.metrics = NodeMetrics(rt, self.node)
-        self.drift: DriftMonitor | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -278,10 +273,7 @@ class NodeWorker:
                      f"namespace {self.host_netns}" if self.host_netns else "the namespace it runs in", self.resync_s)
         else:
             log.warning("node %s: data plane off: %s", self.node, self.dataplane_reason)
-        self.metrics.bind(asyncio.get_running_loop())
         await self._start_policy()
-        self.drift = DriftMonitor(self, self.metrics)
-        await self.drift.start()  # before the first reconcile: nothing it does goes unheard
         js = self.rt.js
         safe = self.node.replace(".", "_")
         self._consumers = [
@@ -289,7 +281,8 @@ class NodeWorker:
             # fan-out grows with the cluster, docs/scale.md) and are dropped on arrival
             DurableConsumer(js, f"vnet-node-{safe}-ep", subjects.EVT_ENDPOINT.template, deliver_all=False,
                             inactive_threshold_s=CONSUMER_INACTIVE_S,
-                            filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>"]),
+                            filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>",
+                                             "vnet.evt.endpoint.updated.>"]),
             DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
                             inactive_threshold_s=CONSUMER_INACTIVE_S),
             DurableConsumer(js, f"vnet-node-{safe}-node", subjects.EVT_NODE.template, deliver_all=False,
@@ -311,8 +304,6 @@ class NodeWorker:
 
     async def stop(self) -> None:
         """Stop following events and reconciling; the kernel keeps what it has (fail static)."""
-        if self.drift is not None:
-            await self.drift.stop()
         for c in self._consumers:
             await c.stop(delete=True)
         for t in self._tasks:
@@ -382,7 +373,6 @@ class NodeWorker:
             except Exception as exc:
                 log.info("node %s: policy sync (%s) failed; the last ruleset stays: %s", self.node, why, exc)
                 return
-        self.metrics.ruleset(res)
         if res.wrote:
             log.info("node %s: nftables ruleset %s applied (%s, %s) in %.0f ms", self.node, res.version, why,
                      res.reason, res.duration * 1000)
@@ -420,7 +410,6 @@ class NodeWorker:
             log.info("node %s: policy delta failed; the next sync repairs: %s", self.node, exc)
             self._policy_fetch = True
             return
-        self.metrics.ruleset(res)  # from the kernel thread: handed to the loop
         if res is not None and res.whole:
             log.info("node %s: nftables ruleset written whole (%s) in %.1f ms", self.node, res.reason,
                      res.duration * 1000)
@@ -459,9 +448,8 @@ class NodeWorker:
                 self._push_policy()
                 return self.rec.reconcile(desired, scope)  # type: ignore[no-any-return]
             result: ReconcileResult = await self._in_thread(step)
-        else:
-            result = await self._in_thread(self.rec.reconcile, desired, scope)
-        self.metrics.reconcile(scope, result)
+            return result
+        result = await self._in_thread(self.rec.reconcile, desired, scope)
         return result
 
     def _without_dataplane(self, desired: NodeDesired, scope: Scope | None) -> ReconcileResult:
@@ -612,6 +600,9 @@ class NodeWorker:
 
     async def _on_endpoint_event(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
+        if len(parts) >= 5 and parts[3] == "updated":
+            self._on_endpoint_updated(msg)
+            return
         if len(parts) < 5 or parts[3] not in ("created", "deleted"):
             return  # status reports (ours and other nodes') and anything newer
         try:
@@ -632,6 +623,32 @@ class NodeWorker:
                                                  endpoint=ev.endpoint))
             return
         self.queue.put_nowait(self._item(kind="endpoint", event=parts[3], ident=ev.endpoint.id, endpoint=ev.endpoint))
+
+    def _on_endpoint_updated(self, msg: Msg) -> None:
+        """Labels or published ports of an endpoint (of any node) changed. Labels only move its
+        addresses between the rules' address sets: computed here (out of every set, back into
+        those whose selectors take the new labels) and written by the policy task as one
+        element delta, no round trip; established connections keep flowing (conntrack accepts
+        them before any set is looked at). Published ports change the DNAT map of the
+        endpoint's node and which endpoint holds a host port: the whole ruleset is fetched
+        (still written as a delta)."""
+        if self.policy is None:
+            return
+        try:
+            ev = msgspec.json.decode(msg.data, type=EndpointUpdatedEvent)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("node %s: ignoring a malformed event on %s: %s", self.node, msg.subject, exc)
+            self._policy_changed()
+            return
+        if set(ev.changes) <= {"labels"}:
+            from vnet.contracts.policy import policy_endpoint
+
+            old, new = policy_endpoint(ev.previous), policy_endpoint(ev.endpoint)
+            if not (self.policy.note_removed(old, local=False) and self.policy.note_added(new, local=False)):
+                self._policy_fetch = True
+            self._policy_dirty.set()
+            return
+        self._policy_changed()
 
     async def _on_network_event(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
@@ -688,9 +705,8 @@ class NodeWorker:
                     batch.append(self.queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            events = [i for i in batch if i.kind not in ("resync", "drift")]
+            events = [i for i in batch if i.kind != "resync"]
             resyncs = [i for i in batch if i.kind == "resync"]
-            drifts = [i for i in batch if i.kind == "drift"]
             if events:
                 try:
                     await self._handle_events(events)
@@ -699,13 +715,6 @@ class NodeWorker:
                 except Exception:
                     log.exception("node %s: handling %d event(s) failed; the next full resync repairs", self.node,
                                   len(events))
-            if drifts and self.drift is not None:  # its own reconcile: its writes are the repair's
-                try:
-                    await self.drift.repair(drifts)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("node %s: repairing drift failed; the next full resync repairs", self.node)
             if resyncs:
                 await self._safe_full(fetch=any(r.fetch for r in resyncs), parent=resyncs[0])
                 next_full = loop.time() + (self.resync_s if self.fetched else min(RETRY_S, self.resync_s))
