@@ -23,7 +23,6 @@ import ipaddress
 import os
 import random
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,8 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWROUTE,
 )
 
+from vnet.adapters.netlink import drivers as kernel_drivers
+from vnet.adapters.netlink.drivers import KernelDriver
 from vnet.adapters.netlink.nsctx import (
     NamespaceGone,
     NetlinkError,
@@ -60,15 +61,6 @@ from vnet.adapters.netlink.observe import (
     IFF_UP,
     IFLA_EXT_MASK,
     IFLA_IFNAME,
-    IFLA_IPVLAN_MODE,
-    IFLA_MACVLAN_MODE,
-    IFLA_VXLAN_ID,
-    IFLA_VXLAN_LEARNING,
-    IFLA_VXLAN_LINK,
-    IFLA_VXLAN_LOCAL,
-    IFLA_VXLAN_LOCAL6,
-    IFLA_VXLAN_PORT,
-    IFLA_VXLAN_PROXY,
     NDA_DST,
     NDA_LLADDR,
     NTF_SELF,
@@ -112,8 +104,6 @@ VETH_INFO_PEER = 1
 IFLA_GROUP = 27
 IFLA_NET_NS_FD = 28
 IFLA_LINK = 5
-MACVLAN_MODE = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8}
-IPVLAN_MODE = {"l2": 0, "l3": 1, "l3s": 2}
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFA_BROADCAST = 4
@@ -329,11 +319,7 @@ class Applier:
         self.ctx.run_in(self._ref(op.ns), job)
 
     def ensure_vxlan(self, op: EnsureVxlan) -> None:
-        local = ipaddress.ip_address(op.local)
-        data = (nla_u32(IFLA_VXLAN_ID, op.vni) + nla_u32(IFLA_VXLAN_LINK, self.index(None, op.dev))
-                + nla(IFLA_VXLAN_LOCAL if local.version == 4 else IFLA_VXLAN_LOCAL6, local.packed)
-                + nla(IFLA_VXLAN_LEARNING, b"\0") + nla(IFLA_VXLAN_PROXY, b"\1")
-                + nla(IFLA_VXLAN_PORT, struct.pack("!H", op.port)))
+        data = _kernel("vxlan").info_data(op, lambda name: self.index(None, name))
         body = (ifinfomsg(flags=IFF_UP, change=IFF_UP) + nla_str(IFLA_IFNAME, op.name) + nla_u32(IFLA_MTU, op.mtu)
                 + nla_u32(IFLA_MASTER, self.index(None, op.bridge))
                 + nla(IFLA_LINKINFO, nla_str(IFLA_INFO_KIND, "vxlan") + nla(IFLA_INFO_DATA, data)))
@@ -378,10 +364,7 @@ class Applier:
         """A macvlan/ipvlan of a host interface, made straight inside the container
         namespace (``IFLA_NET_NS_FD``; ``IFLA_LINK`` is resolved in the host's)."""
         parent = self.index(None, op.parent)
-        if op.kind == "macvlan":
-            data = nla_u32(IFLA_MACVLAN_MODE, MACVLAN_MODE[op.mode])
-        else:
-            data = nla(IFLA_IPVLAN_MODE, struct.pack("=H", IPVLAN_MODE[op.mode]))
+        data = _kernel(op.kind).info_data(op, lambda name: self.index(None, name))
         body = (ifinfomsg(flags=IFF_UP if op.peer_ns is None else 0, change=IFF_UP if op.peer_ns is None else 0)
                 + nla_str(IFLA_IFNAME, op.ifname) + nla_u32(IFLA_MTU, op.mtu) + nla_u32(IFLA_LINK, parent))
         if op.mac is not None:
@@ -540,8 +523,12 @@ class Applier:
         return None
 
 
-KERNEL_FEATURE = {"ipvlan": "CONFIG_IPVLAN (link kind ipvlan)", "macvlan": "CONFIG_MACVLAN (link kind macvlan)",
-                  "vxlan": "CONFIG_VXLAN (link kind vxlan)"}
+def _kernel(kind: str) -> KernelDriver:
+    """The kernel driver that brings link kind ``kind`` (its ``IFLA_INFO_DATA``)."""
+    driver = kernel_drivers.for_kind(kind)
+    if driver is None:
+        raise ValueError(f"no kernel driver makes links of kind {kind}")
+    return driver
 
 
 def classify(op: PlanOp, exc: BaseException, node: str = "") -> tuple[str, str, int]:
@@ -551,11 +538,12 @@ def classify(op: PlanOp, exc: BaseException, node: str = "") -> tuple[str, str, 
     if isinstance(exc, NamespaceGone):
         return E.NOT_FOUND.code, f"{what}: {exc.strerror}", num
     kind = op.kind if isinstance(op, CreateSubIf) else "vxlan" if isinstance(op, EnsureVxlan) else None
-    if kind is not None and num == errno.EOPNOTSUPP:
+    feature = kernel_drivers.kernel_feature(kind) if kind is not None else None
+    if kind is not None and feature is not None and num == errno.EOPNOTSUPP:
         detail = exc.kernel_message if isinstance(exc, NetlinkError) else ""
         return (E.DRIVER_UNAVAILABLE.code,
                 f"the {kind} driver is unavailable on node {node or 'this node'}: its kernel lacks "
-                f"{KERNEL_FEATURE[kind]} ({os.strerror(num)}{': ' + detail if detail else ''})", num)
+                f"{feature} ({os.strerror(num)}{': ' + detail if detail else ''})", num)
     if num == errno.EXFULL and isinstance(op, CreateVeth):
         return (E.LIMIT_REACHED.code, f"{what}: bridge {op.bridge} is full (a Linux bridge holds at most 1023 "
                 "ports)", num)

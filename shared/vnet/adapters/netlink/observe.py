@@ -39,6 +39,7 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWROUTE,
 )
 
+from vnet.adapters.netlink import drivers as kernel_drivers
 from vnet.adapters.netlink.nsctx import (
     NamespaceGone,
     NetlinkError,
@@ -63,17 +64,6 @@ IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
-IFLA_VXLAN_ID = 1
-IFLA_VXLAN_LINK = 3
-IFLA_VXLAN_LOCAL = 4
-IFLA_VXLAN_LEARNING = 7
-IFLA_VXLAN_PROXY = 11
-IFLA_VXLAN_PORT = 15
-IFLA_VXLAN_LOCAL6 = 17
-IFLA_MACVLAN_MODE = 1
-IFLA_IPVLAN_MODE = 1
-MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
-IPVLAN_MODES = {0: "l2", 1: "l3", 2: "l3s"}
 AF_BRIDGE = 7
 NDA_DST = 1
 NDA_LLADDR = 2
@@ -190,8 +180,10 @@ def parse_link(buf: bytes) -> RawLink:
                     r.kind = _cstr(buf, a2, b2)
                 elif t2 == IFLA_INFO_DATA:
                     data = (a2, b2)
-            if data is not None and r.kind in ("vxlan", "macvlan", "ipvlan"):
-                _parse_info_data(r, buf, *data)
+            kernel = kernel_drivers.for_kind(r.kind) if data is not None and r.kind else None
+            if kernel is not None and data is not None:  # the kind's own data: its driver decodes it
+                for t2, a2, b2 in _attrs(buf, *data):
+                    kernel.parse_attr(r, t2, buf, a2, b2)
         elif t == IFLA_AF_SPEC:
             for fam, a2, b2 in _attrs(buf, a, b):
                 if fam == socket.AF_INET:
@@ -203,29 +195,6 @@ def parse_link(buf: bytes) -> RawLink:
                         if t3 == IFLA_INET6_CONF and b3 - a3 >= 4 * (DEVCONF_ACCEPT_DAD + 1):
                             (r.accept_dad,) = _S32.unpack_from(buf, a3 + 4 * DEVCONF_ACCEPT_DAD)
     return r
-
-
-def _parse_info_data(r: RawLink, buf: bytes, a: int, b: int) -> None:
-    for t, a2, b2 in _attrs(buf, a, b):
-        if r.kind == "vxlan":
-            if t == IFLA_VXLAN_ID:
-                (r.vni,) = _U32.unpack_from(buf, a2)
-            elif t == IFLA_VXLAN_LINK:
-                (r.vxlan_link,) = _U32.unpack_from(buf, a2)
-            elif t in (IFLA_VXLAN_LOCAL, IFLA_VXLAN_LOCAL6) and b2 - a2 in (4, 16):
-                r.vxlan_local = str(ipaddress.ip_address(buf[a2:b2]))
-            elif t == IFLA_VXLAN_LEARNING:
-                r.vxlan_learning = bool(buf[a2])
-            elif t == IFLA_VXLAN_PROXY:
-                r.vxlan_proxy = bool(buf[a2])
-            elif t == IFLA_VXLAN_PORT:
-                (r.vxlan_port,) = struct.unpack_from("!H", buf, a2)
-        elif r.kind == "macvlan" and t == IFLA_MACVLAN_MODE:
-            (mode,) = _U32.unpack_from(buf, a2)
-            r.sub_mode = MACVLAN_MODES.get(mode, str(mode))
-        elif r.kind == "ipvlan" and t == IFLA_IPVLAN_MODE:
-            (mode,) = struct.unpack_from("=H", buf, a2)
-            r.sub_mode = IPVLAN_MODES.get(mode, str(mode))
 
 
 def parse_addr(buf: bytes) -> tuple[int, str] | None:

@@ -16,7 +16,6 @@ without ipvlan: ``Operation not supported: Unknown device type``).
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import socket
 from collections.abc import Callable
@@ -25,34 +24,18 @@ from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
 from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWLINK
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from vnet.adapters.netlink import drivers as kernel_drivers
+from vnet.adapters.netlink.drivers.wire import link_msg
 from vnet.adapters.netlink.nsctx import NETLINK_ROUTE, NetlinkError, Netns, NlSocket, NsWorker, check_socket_netns
 from vnet.adapters.netlink.observe import parse_link
+from vnet.core import drivers as core_drivers
 from vnet.core.dataplane_model import ProbeResult, Support
 
-KINDS = ("bridge", "veth", "vxlan", "macvlan", "ipvlan", "wireguard")
-IMPLEMENTED_DRIVERS = frozenset({"bridge", "host", "overlay", "macvlan", "ipvlan"})
-MACVLAN_MODE_BRIDGE = 4
-IPVLAN_MODE_L2 = 0
 _PREFIX = "vnp"  # names of probe links (inside the scratch namespace only)
 
 
 def _new_socket() -> socket.socket:
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-
-
-def _link(kind: str, name: str, *, link: int | None = None, data: list[tuple[str, object]] | None = None,
-          peer: str | None = None) -> ifinfmsg:
-    m = ifinfmsg()
-    info: list[tuple[str, object]] = [("IFLA_INFO_KIND", kind)]
-    if peer is not None:
-        info.append(("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": [("IFLA_IFNAME", peer)]})]}))
-    elif data:
-        info.append(("IFLA_INFO_DATA", {"attrs": data}))
-    attrs: list[tuple[str, object]] = [("IFLA_IFNAME", name), ("IFLA_LINKINFO", {"attrs": info})]
-    if link is not None:
-        attrs.append(("IFLA_LINK", link))
-    m["attrs"] = attrs
-    return m
 
 
 def _index(sock: NlSocket, name: str) -> int:
@@ -74,55 +57,71 @@ def _refusal(kind: str, exc: OSError) -> str:
     return reason
 
 
-def _try_kinds(sock: NlSocket) -> tuple[dict[str, Support], list[str]]:
-    kinds: dict[str, Support] = {}
-    made: list[str] = []
+class _Prober:
+    """What a kernel driver's ``probe`` uses (:class:`~vnet.adapters.netlink.drivers.Prober`)."""
 
-    def attempt(kind: str, name: str, build: Callable[[], ifinfmsg]) -> None:
+    prefix = _PREFIX
+
+    def __init__(self, sock: NlSocket) -> None:
+        self.sock = sock
+        self.kinds: dict[str, Support] = {}
+        self.made: list[str] = []
+        self._parent: int | None = None
+
+    def attempt(self, kind: str, name: str, build: Callable[[], ifinfmsg]) -> bool:
         try:
-            sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, build())
+            self.sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, build())
         except OSError as exc:
-            kinds[kind] = Support(available=False, reason=_refusal(kind, exc))
-            return
-        made.append(name)
-        kinds[kind] = Support(available=True, reason="created one in a scratch namespace")
+            self.kinds[kind] = Support(available=False, reason=_refusal(kind, exc))
+            return False
+        self.made.append(name)
+        self.kinds[kind] = Support(available=True, reason="created one in a scratch namespace")
+        return True
 
-    attempt("bridge", f"{_PREFIX}-br", lambda: _link("bridge", f"{_PREFIX}-br"))
-    attempt("veth", f"{_PREFIX}-va", lambda: _link("veth", f"{_PREFIX}-va", peer=f"{_PREFIX}-vb"))
-    attempt("vxlan", f"{_PREFIX}-vx", lambda: _link("vxlan", f"{_PREFIX}-vx",
-                                                    data=[("IFLA_VXLAN_ID", 4242), ("IFLA_VXLAN_PORT", 4789)]))
-    parent: int | None = None
-    if kinds["veth"].available:
-        parent = _index(sock, f"{_PREFIX}-va")
-    for kind, mode_attr, mode in (("macvlan", "IFLA_MACVLAN_MODE", MACVLAN_MODE_BRIDGE),
-                                  ("ipvlan", "IFLA_IPVLAN_MODE", IPVLAN_MODE_L2)):
-        if parent is None:
-            kinds[kind] = Support(available=False, reason="no veth to use as parent: cannot test")
-            continue
-        name = f"{_PREFIX}-{kind[:3]}"
-        attempt(kind, name, functools.partial(_link, kind, name, link=parent, data=[(mode_attr, mode)]))
-    attempt("wireguard", f"{_PREFIX}-wg", lambda: _link("wireguard", f"{_PREFIX}-wg"))
-    if not kinds["wireguard"].available:
+    def skip(self, kind: str, reason: str) -> None:
+        self.kinds[kind] = Support(available=False, reason=reason)
+
+    def parent(self) -> int | None:
+        veth = self.kinds.get("veth")
+        if veth is None or not veth.available:
+            return None
+        if self._parent is None:
+            self._parent = _index(self.sock, f"{_PREFIX}-va")
+        return self._parent
+
+
+def _try_kinds(sock: NlSocket) -> tuple[dict[str, Support], list[str]]:
+    p = _Prober(sock)
+    for kernel in kernel_drivers.all_kernel_drivers():
+        kernel.probe(p)
+    # WireGuard is no driver's link kind: encrypted overlays need it, in the kernel or as
+    # wireguard-go in user space (which needs /dev/net/tun)
+    p.attempt("wireguard", f"{_PREFIX}-wg", lambda: link_msg("wireguard", f"{_PREFIX}-wg"))
+    if not p.kinds["wireguard"].available:
         tun = "present" if os.path.exists("/dev/net/tun") else "absent"
-        kinds["wireguard"] = Support(available=False, reason=kinds["wireguard"].reason +
-                                     f" (user-space wireguard-go needs /dev/net/tun: {tun})")
-    return kinds, made
+        p.kinds["wireguard"] = Support(available=False, reason=p.kinds["wireguard"].reason +
+                                       f" (user-space wireguard-go needs /dev/net/tun: {tun})")
+    return p.kinds, p.made
 
 
 def _drivers(kinds: dict[str, Support]) -> dict[str, Support]:
-    need = {"bridge": ("bridge", "veth"), "overlay": ("bridge", "veth", "vxlan"), "macvlan": ("macvlan",),
-            "ipvlan": ("ipvlan",)}
+    """Every registered driver: available when the kernel made every link kind it needs
+    and this node has its kernel side."""
     out: dict[str, Support] = {}
-    for driver, ks in need.items():
-        missing = [k for k in ks if not kinds[k].available]
+    for driver in core_drivers.all_drivers():
+        if not driver.kernel_kinds:
+            out[driver.name] = Support(available=True, reason="needs nothing from the kernel")
+            continue
+        missing = [k for k in driver.kernel_kinds if not (k in kinds and kinds[k].available)]
         if missing:
-            out[driver] = Support(available=False, reason="; ".join(kinds[k].reason for k in missing))
-        elif driver not in IMPLEMENTED_DRIVERS:
-            out[driver] = Support(available=False, reason="the kernel supports it; this node's data plane does not "
-                                  "implement the driver yet")
+            out[driver.name] = Support(available=False, reason="; ".join(
+                kinds[k].reason if k in kinds else f"link kind {k} was not probed (no kernel driver brings it)"
+                for k in missing))
+        elif kernel_drivers.get(driver.name) is None:
+            out[driver.name] = Support(available=False, reason="the kernel supports it; this node's data plane "
+                                       "does not implement the driver yet")
         else:
-            out[driver] = Support(available=True, reason="kernel support found by the probe")
-    out["host"] = Support(available=True, reason="needs nothing from the kernel")
+            out[driver.name] = Support(available=True, reason="kernel support found by the probe")
     return out
 
 
