@@ -13,7 +13,7 @@ option naming the allowed ones, checks every value, requires what the driver nee
 (``parent`` for macvlan and ipvlan) and fills defaults, so the stored record says
 exactly what the node worker will build::
 
-    >>> validate_options(DriverType.MACVLAN, {"parent": "eth0"})
+    >>> validate_options("macvlan", {"parent": "eth0"})
     {'mode': 'bridge', 'parent': 'eth0'}
 
 ============  ============================================================================
@@ -87,7 +87,7 @@ IPVLAN_MODES = ipvlan.MODES
 
 
 def parse_driver(name: str) -> DriverType:
-    """``"Bridge"`` / ``"bridge"`` -> :attr:`DriverType.BRIDGE`; raises ``unknown_driver``.
+    """``"Bridge"`` / ``"bridge"`` -> the ``DriverType`` member ``bridge``; raises ``unknown_driver``.
 
     Parses the wire enum (the public contract), not the registry: a driver reaches the
     wire only once ``DriverType`` has its member (see docs/drivers.md)."""

@@ -56,9 +56,10 @@ class SubIfDriver(Driver):
                 raise Invalid(E.INVALID_CIDR, f"host shim address {n.host_shim} is not in network {subnet}")
             net.shim_addr = itf.with_prefixlen
 
-    def plan_network(self, p: Planner, n: NetView) -> None:
+    def plan_network(self, p: Planner, net: NetView) -> None:
         """The parent must exist on the node (validated here) and be up; the host shim
         when asked for."""
+        n = net
         owner = net_owner(n.d.id)
         parent = n.d.parent or ""
         plink = p.host.links.get(parent)
