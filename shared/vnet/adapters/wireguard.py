@@ -24,7 +24,17 @@ build the encrypted networks' VXLAN devices, and the kernel deletes a VXLAN devi
 whose lower device (the tunnel) goes away, so nothing of those networks is sent in
 clear. Note that wireguard-go's control socket is ``/var/run/wireguard/<ifname>.sock``,
 a file-system path shared by every namespace: two hosts simulated on one machine need
-different interface names.
+different interface names. The node worker's default is one per node
+(:func:`vnet.core.naming.wg_name`), and a name whose socket belongs to a wireguard-go in
+another namespace is refused with an error that says so, never shared silently.
+
+**Lifecycle.** In a named host namespace wireguard-go runs under a small guard
+(:mod:`vnet.adapters.wgguard`) that stops it when the namespace is deleted (wireguard-go
+inside it would otherwise keep the deleted namespace alive, tunnel, port and socket
+included). It outlives the node worker (fail static): a restarted worker finds the
+interface and adopts the running process. :meth:`WireGuard.teardown` stops it whoever
+started it (found in ``/proc`` by its namespace and interface name) and removes the
+interface and the control socket (``vnetctl node teardown``, ``vnet-node --teardown``).
 """
 
 from __future__ import annotations
@@ -33,14 +43,100 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vnet.core.dataplane_model import PeerHost, Underlay
+from vnet.core.dataplane_model import PeerHost, Support, Underlay
 
 KEEPALIVE_S = 25
+SOCKET_DIR = "/var/run/wireguard"  # wireguard-go's UAPI sockets (fixed in wireguard-go)
+GUARD = Path(__file__).with_name("wgguard.py")
+INSTALL_HINT = ("install wireguard-go and wireguard-tools (apt-get install wireguard-go wireguard-tools) or load "
+                "the wireguard kernel module")
+
+
+def socket_path(ifname: str) -> str:
+    return f"{SOCKET_DIR}/{ifname}.sock"
+
+
+def _socket_live(path: str) -> bool:
+    """A process listens on this UAPI socket (a left-over file of a killed one does not)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _ns_inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def find_processes(ifname: str, ns_path: str) -> list[int]:
+    """The wireguard-go of ``ifname`` and its guard: processes whose command line is
+    ``wireguard-go <ifname>`` (or the guard of it) in the namespace at ``ns_path`` (its
+    inode), or, when that namespace's mount is gone, the guards naming it."""
+    ino = _ns_inode(ns_path)
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        argv = _cmdline(pid)
+        if not argv or argv[-1] != ifname:
+            continue
+        is_wg = os.path.basename(argv[-2] if len(argv) >= 2 else "") == "wireguard-go"
+        is_guard = any(a.endswith("wgguard.py") for a in argv)
+        if not (is_wg or is_guard):
+            continue
+        if ino is not None:
+            if _ns_inode(f"/proc/{pid}/ns/net") != ino:
+                continue
+        elif not (is_guard and ns_path in argv):
+            continue
+        out.append(pid)
+    return sorted(out)
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)  # our own child: reap it
+            if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
+                left.remove(pid)
+        if left:
+            time.sleep(0.02)
+    return left
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 class WireGuardError(RuntimeError):
@@ -182,24 +278,66 @@ class WireGuard:
             pass
         exe = shutil.which("wireguard-go")
         if exe is None:
-            raise WireGuardError("this kernel has no WireGuard module and wireguard-go is not installed")
+            raise WireGuardError(f"this kernel has no WireGuard module and wireguard-go is not installed: "
+                                 f"{INSTALL_HINT}")
+        sock = socket_path(ifname)
+        if os.path.exists(sock):
+            if _socket_live(sock):  # the interface is not here, so that wireguard-go is another namespace's
+                raise WireGuardError(f"the WireGuard interface name {ifname} is taken by a wireguard-go in another "
+                                     f"namespace on this machine (its control socket {sock} is shared by all of "
+                                     "them): give this node another name (vnet-node --wg-ifname)")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)  # left behind by a killed wireguard-go of ours
         old = self._procs.pop(ifname, None)
         if old is not None and old.poll() is None:
             old.kill()
             old.wait(5)
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
-        proc = subprocess.Popen(self._cmd(exe, ifname), env=env, stdin=subprocess.DEVNULL,
+        if self.host_netns is None:
+            argv = [exe, ifname]
+        else:  # under its guard: it goes when the namespace goes (see the module docstring)
+            argv = [sys.executable, "-I", str(GUARD), self._ns_path(), sock, "--", exe, ifname]
+        proc = subprocess.Popen(self._cmd(*argv), env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self._procs[ifname] = proc
         self.writes += 1
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.link_exists(ifname) and os.path.exists(f"/var/run/wireguard/{ifname}.sock"):
+            if self.link_exists(ifname) and os.path.exists(sock):
                 return
             if proc.poll() is not None:
                 raise WireGuardError(f"wireguard-go {ifname} exited with status {proc.returncode}")
             time.sleep(0.02)
         raise WireGuardError(f"wireguard-go did not create {ifname} within {timeout_s} s")
+
+    def _ns_path(self) -> str:
+        assert self.host_netns is not None
+        return self.host_netns if self.host_netns.startswith("/") else f"/run/netns/{self.host_netns}"
+
+    def processes(self, ifname: str) -> list[int]:
+        """The pids of ``ifname``'s wireguard-go (and guard) in this host namespace, whoever
+        started them (this object, an earlier worker)."""
+        return find_processes(ifname, self._ns_path() if self.host_netns is not None else "/proc/self/ns/net")
+
+    # -- capability ---------------------------------------------------------------------
+    def capability(self, ifname: str, kernel_module: bool) -> Support:
+        """Whether this node can run encrypted overlays, and what to do when it cannot: a
+        key directory it can write, the ``wg`` tool, and the kernel module or wireguard-go
+        with ``/dev/net/tun``. Makes the key pair (the first use does anyway)."""
+        if shutil.which("wg") is None:
+            return Support(available=False, reason=f"the wg tool is not installed: {INSTALL_HINT}")
+        if not kernel_module:
+            if shutil.which("wireguard-go") is None:
+                return Support(available=False, reason=f"no WireGuard kernel module and no wireguard-go: "
+                                                       f"{INSTALL_HINT}")
+            if not os.path.exists("/dev/net/tun"):
+                return Support(available=False, reason="wireguard-go needs /dev/net/tun, which this host lacks")
+        try:
+            self.ensure_key(ifname)
+        except (OSError, WireGuardError, subprocess.SubprocessError) as exc:
+            return Support(available=False, reason=f"cannot keep the WireGuard key in {self.state_dir}: {exc}; "
+                                                   "give the node a writable node_state_dir")
+        return Support(available=True, reason="kernel module" if kernel_module else "wireguard-go")
 
     # -- all -----------------------------------------------------------------------------
     def ensure(self, underlay: Underlay, peers: list[PeerHost]) -> int:
@@ -230,6 +368,50 @@ class WireGuard:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+    def teardown(self, ifname: str) -> tuple[list[str], list[str]]:
+        """Stop ``ifname``'s wireguard-go whoever started it (its guard first, which stops it
+        and removes the socket), delete the interface (the kernel module's, or one left), and
+        remove a control socket left behind. Goes on past errors: ``(removed, errors)``."""
+        removed: list[str] = []
+        errors: list[str] = []
+        own = self._procs.get(ifname)
+        stopped = own is not None and own.poll() is None
+        self.stop(ifname)
+        try:
+            pids = self.processes(ifname)
+        except OSError as exc:
+            pids = []
+            errors.append(f"cannot look for wireguard-go {ifname} in /proc: {exc}")
+        stopped = stopped or bool(pids)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            pids = _wait_gone(pids, 5.0)
+            if not pids:
+                break
+        if pids:
+            errors.append(f"wireguard-go {ifname}: process(es) {pids} did not stop")
+        elif stopped:
+            removed.append(f"wireguard-go {ifname}")
+        try:
+            if self.link_exists(ifname):
+                self._run("ip", "link", "del", ifname)
+                removed.append(f"interface {ifname}")
+        except (WireGuardError, OSError) as exc:
+            errors.append(f"cannot delete the WireGuard interface {ifname}: {exc}")
+        sock = socket_path(ifname)
+        if os.path.exists(sock):
+            if _socket_live(sock):
+                errors.append(f"{sock} is still served by a process (another namespace's wireguard-go?); left alone")
+            else:
+                try:
+                    os.unlink(sock)
+                    removed.append(f"socket {sock}")
+                except OSError as exc:
+                    errors.append(f"cannot remove {sock}: {exc}")
+        return removed, errors
 
     def pids(self) -> dict[str, int]:
         return {k: p.pid for k, p in self._procs.items() if p.poll() is None}

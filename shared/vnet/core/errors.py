@@ -199,6 +199,10 @@ PORT_IN_USE = _code("port_in_use", 409, "another endpoint of the node publishes 
 STALE_REVISION = _code("stale_revision", 409, "the object changed since the revision the request names; read it "
                        "again and retry")
 ENDPOINT_GONE = _code("endpoint_gone", 409, "the request id created an endpoint that has since been deleted")
+ENCRYPTION_UNAVAILABLE = _code("encryption_unavailable", 503,
+                               "the node cannot run encrypted overlays (no WireGuard): install wireguard-go and "
+                               "wireguard-tools or load the wireguard kernel module, give the node a writable "
+                               "node_state_dir, and restart its worker; the endpoint's reason says which is missing")
 
 # Policy (appended by the policy service)
 RULE_NOT_FOUND = _code("rule_not_found", 404, "no allow rule has that id")

@@ -12,6 +12,7 @@ network bridge   ``vnb-`` + 10 hex          14      40 bits (per host)
 endpoint veth    ``vne`` + 12 hex           15      48 bits (per host)
 network VXLAN    ``vnx-`` + 10 hex          14      40 bits (per host)
 macvlan shim     ``vnm-`` + 10 hex          14      40 bits (per host)
+WireGuard        ``vnw-`` + 10 hex          14      40 bits (per machine)
 ===============  =========================  ======  =============================
 
 (Calico's ``cali`` + 11 hex is the model.) With 48 bits, 10,000 endpoints on one
@@ -32,6 +33,7 @@ BRIDGE_PREFIX = "vnb-"
 VETH_PREFIX = "vne"
 VXLAN_PREFIX = "vnx-"
 SHIM_PREFIX = "vnm-"
+WG_PREFIX = "vnw-"
 _BRIDGE_HEX = 10
 _VETH_HEX = 12
 
@@ -39,6 +41,7 @@ _BRIDGE_RE = re.compile(rf"^{re.escape(BRIDGE_PREFIX)}[0-9a-f]{{{_BRIDGE_HEX}}}$
 _VETH_RE = re.compile(rf"^{re.escape(VETH_PREFIX)}[0-9a-f]{{{_VETH_HEX}}}$")
 _VXLAN_RE = re.compile(rf"^{re.escape(VXLAN_PREFIX)}[0-9a-f]{{{_BRIDGE_HEX}}}$")
 _SHIM_RE = re.compile(rf"^{re.escape(SHIM_PREFIX)}[0-9a-f]{{{_BRIDGE_HEX}}}$")
+_WG_RE = re.compile(rf"^{re.escape(WG_PREFIX)}[0-9a-f]{{{_BRIDGE_HEX}}}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -74,6 +77,15 @@ def vxlan_name(network_id: str) -> str:
 def shim_name(network_id: str) -> str:
     """The host-side macvlan shim of network ``network_id`` (14 chars)."""
     return SHIM_PREFIX + _digest("network", network_id)[:_BRIDGE_HEX]
+
+
+@functools.lru_cache(maxsize=1024)
+def wg_name(node: str) -> str:
+    """The default WireGuard interface of node ``node`` (14 chars). One per node, not one
+    per host namespace: wireguard-go's control socket ``/var/run/wireguard/<name>.sock``
+    is a path every namespace of the machine shares, so several node workers on one
+    machine (simulated hosts, tests, demos) each need their own name."""
+    return WG_PREFIX + _digest("wireguard", node)[:_BRIDGE_HEX]
 
 
 def bridge_mac(network_id: str) -> str:
@@ -113,9 +125,13 @@ def is_our_shim(name: str) -> bool:
     return _SHIM_RE.fullmatch(name) is not None
 
 
+def is_our_wg(name: str) -> bool:
+    return _WG_RE.fullmatch(name) is not None
+
+
 def is_ours(name: str) -> bool:
     """True only for names this module generates: teardown never touches others."""
-    return is_our_bridge(name) or is_our_veth(name) or is_our_vxlan(name) or is_our_shim(name)
+    return is_our_bridge(name) or is_our_veth(name) or is_our_vxlan(name) or is_our_shim(name) or is_our_wg(name)
 
 
 def check_ifname(name: str) -> str:
