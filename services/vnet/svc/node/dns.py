@@ -31,9 +31,10 @@ from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointInfo, EndpointList, EndpointPage
 from vnet.contracts.network import NetworkList, NetworkPage
 from vnet.contracts.policy import RuleList, RulePage, policy_endpoint, policy_network
+from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.dns import Answer, DnsEndpoint, NameTable, parse_resolv_conf
-from vnet.core.model import DriverType, VirtualNetwork
+from vnet.core.model import VirtualNetwork
 from vnet.core.policy import AllowRule, Policy
 from vnet.runtime.service import Runtime
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 500
 # drivers whose gateway address lives on a bridge of this host (macvlan/ipvlan use the LAN's)
-_SERVED_DRIVERS = {DriverType.BRIDGE, DriverType.OVERLAY}
+_SERVED_DRIVERS = frozenset(d.name for d in drivers.all_drivers() if d.bridged)
 STALE_WAIT_S = 0.5
 
 
