@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 
 from opentelemetry import trace
@@ -51,6 +53,7 @@ from vnet.core.model import DriverType
 from vnet.core.plan import (
     SUBIF,
     WG_OWNER,
+    DeleteLink,
     Departed,
     Plan,
     SetSysctl,
@@ -62,6 +65,47 @@ from vnet.core.plan import (
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
+
+# The macvlan/ipvlan endpoints this node made (where each is), kept in the node's state
+# directory: nothing on the host side names such an endpoint, so a worker restarted after
+# one was removed (its namespace deleted, or its record deleted while the worker was
+# down) finds its interface only here (docs/dataplane.md, "Sub-interface ledger").
+SUBIF_LEDGER = "subifs.json"
+
+
+def read_ledger(path: str | os.PathLike[str]) -> dict[str, Departed]:
+    """The ledger's entries (none when the file is missing or unreadable: nothing to clean)."""
+    try:
+        raw = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Departed] = {}
+    for d in raw.get("subifs", []) if isinstance(raw, dict) else []:
+        try:
+            dep = Departed(id=str(d["id"]), netns=str(d["netns"]), ifname=str(d["ifname"]), kind=str(d["kind"]),
+                           mac=d.get("mac"))
+        except (KeyError, TypeError):
+            continue
+        out[dep.id] = dep
+    return out
+
+
+def write_ledger(path: str | os.PathLike[str], subifs: dict[str, Departed]) -> None:
+    """Atomically (a crash leaves the old or the new ledger, never half of one); 0600. An
+    empty ledger is no file (a torn-down node leaves nothing behind)."""
+    if not subifs:
+        Path(path).unlink(missing_ok=True)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    body = json.dumps({"subifs": [{"id": d.id, "netns": d.netns, "ifname": d.ifname, "kind": d.kind, "mac": d.mac}
+                                  for _, d in sorted(subifs.items())]})
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, body.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 class Reconciler:
@@ -85,6 +129,10 @@ class Reconciler:
         self._state_dir = state_dir
         self._wg: WireGuard | None = None
         self._subifs: dict[str, Departed] = {}  # macvlan/ipvlan endpoints seen desired: where to remove them
+        # ... kept in the state directory across restarts (SUBIF_LEDGER), when there is one
+        self._ledger = os.path.join(state_dir, SUBIF_LEDGER) if state_dir is not None else None
+        if self._ledger is not None:
+            self._subifs = read_ledger(self._ledger)
 
     @property
     def wireguard(self) -> WireGuard:
@@ -129,6 +177,7 @@ class Reconciler:
 
     def _remember_subifs(self, desired: NodeDesired, departed: list[Departed], failed: dict[str, object]) -> None:
         kinds = {n.id: n.driver for n in desired.networks if n.driver in SUBIF}
+        before = dict(self._subifs)
         for d in departed:
             if ep_owner(d.id) not in failed:
                 self._subifs.pop(d.id, None)
@@ -137,6 +186,35 @@ class Reconciler:
             if kind is not None:
                 self._subifs[e.id] = Departed(id=e.id, netns=e.netns, ifname=e.ifname, kind=kind.value,
                                               mac=e.mac.lower() if kind == DriverType.MACVLAN else None)
+        if self._ledger is not None and self._subifs != before:
+            try:
+                write_ledger(self._ledger, self._subifs)
+            except OSError as exc:  # the in-memory copy still serves this process
+                log.warning("cannot write the sub-interface ledger %s: %s", self._ledger, exc)
+
+    def teardown(self) -> tuple[list[str], list[str]]:
+        """Remove everything this node made in the kernel that a plan knows of: every
+        bridge, veth, VXLAN device and host shim of ours in the host namespace, and every
+        macvlan/ipvlan endpoint in the ledger (in its container namespace). Goes on past
+        errors; ``(removed, errors)``. The WireGuard mesh and the nftables tables are the
+        caller's (vnet.svc.node.lifecycle.teardown_host)."""
+        with self._lock:
+            departed = list(self._subifs.values())
+            empty = NodeDesired()
+            try:
+                actual = self.observe(empty, None, departed)
+            except OSError as exc:  # NamespaceGone included
+                return [], [f"cannot read the host namespace {self.host_netns or '(own)'}: {exc}"]
+            p = plan(empty, actual, None, departed)
+            errors = [e.message for e in p.errors]
+            out = self.applier.apply(p, actual) if p.ops else None
+            failed: dict[str, object] = dict(out.failed) if out is not None else {}
+            if out is not None:
+                errors += [f"{e.owner}: {e.message}" for e in out.errors]
+            removed = [f"interface {op.ifname}" + (f" in {op.ns}" if op.ns else "")
+                       for op in p.ops if isinstance(op, DeleteLink) and op.owner not in failed]
+            self._remember_subifs(empty, departed, failed)
+            return removed, errors
 
     def _ensure_wireguard(self, desired: NodeDesired, scope: Scope | None) -> ReconcileError | None:
         u = desired.underlay
