@@ -192,6 +192,13 @@ def exported_metrics() -> dict[str, set[str]]:
         service="network", instance="i1", started=0.0, buckets=[0.01, 0.1],
         ops=[OpCounter(op="create", count=3, errors={"subnet_overlap": 1}, bucket_counts=[1, 3], sum_s=0.1)])
     st.events[("network", "created")] = 1
+    # a node's report with one sample of every counter a report may name (its labels as declared)
+    from vnet.contracts.messages import LabeledCount
+
+    st.reports[("node", "i2")] = MetricsReport(
+        service="node", instance="i2", started=0.0, buckets=[0.01, 0.1], ops=[],
+        counters=[LabeledCount(name=name, labels=dict.fromkeys(labels, "x"), value=1)
+                  for name, (_doc, labels) in metrics_service.LABELED_COUNTERS.items()])
     from vnet.contracts.ipam import PoolInfo
     from vnet.core.forecast import PoolForecast
 
@@ -928,7 +935,7 @@ async def test_nats_roles_can_do_their_job_and_no_more(secured_nats: tuple[str, 
     node_only = {_concrete(subjects.NETWORK_HOSTROUTES_REPORT.template, node="permnode")}
     admin_only = {subjects.IPAM_GC.template, subjects.IPAM_CHECK.template,
                   *(_concrete(s.template, node="permnode") for s in
-                    (subjects.NODE_STATS, subjects.NODE_RESYNC, subjects.NODE_NETNS_CHECK))}
+                    (subjects.NODE_STATS, subjects.NODE_RESYNC, subjects.NODE_NETNS_CHECK, subjects.NODE_DRIFT))}
     assert await _violations(url, "vnet-admin", pw["vnet-admin"], every_op - node_only) == [], (
         "the matrix does not let vnet-admin call every operation")
     assert await _violations(url, "vnet-client", pw["vnet-client"], every_op - node_only - admin_only) == [], (
