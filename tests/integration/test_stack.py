@@ -291,6 +291,10 @@ def test_down_leaves_nothing(own_stack: Detached) -> None:
     res = _ctl("down", "--state-dir", own_stack.state_dir, timeout=WAIT_S)
     assert res.returncode == 0, res.stdout + res.stderr
     assert_nothing_left(own_stack.state_dir, own_stack.leftovers.seen)
+    # The supervisor says why it stopped: the signal and its sender (`vnetctl down`, alive then).
+    log = (own_stack.state_dir / "logs" / "supervisor.log").read_text(errors="replace")
+    assert re.search(rf"SIGTERM from pid \d+ \(uid {os.getuid()}: \S*python\S* \S*vnetctl .*down --state-dir "
+                     rf".*via kill\(\): stopping the stack", log), log[-3000:]
     again = _ctl("down", "--state-dir", own_stack.state_dir)
     assert again.returncode == 0 and "nothing to stop" in again.stdout
 
@@ -321,6 +325,8 @@ def test_foreground_ctrl_c_leaves_nothing(tmp_root: Path, run_prefix: str) -> No
         out, _ = proc.communicate(timeout=WAIT_S)
         assert proc.returncode == 0, out
         assert "ready" in out and "stopped" in out, out
+        # the stop is logged with its sender: this test's own process
+        assert f"SIGINT from pid {os.getpid()} (uid {os.getuid()}: " in out, out
         assert_nothing_left(state_dir, left.seen)
     finally:
         if proc.poll() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,11 +22,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import NotFoundError
 
 from vnet.adapters import natsauth
+from vnet.adapters.settings import NatsSettings
 from vnet.contracts import codec, subjects
 from vnet.contracts import headers as H
 from vnet.contracts.subjects import Subject
 from vnet.core import errors as E
-from vnet.runtime.config import VNetConfig
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def server_urls(nats_url: str) -> list[str]:
     return urls or [nats_url]
 
 
-async def connect(config: VNetConfig, name: str, *, connect_timeout: float = 2.0,
+async def connect(config: NatsSettings, name: str, *, connect_timeout: float = 2.0,
                   allow_reconnect: bool = True, give_up_after: float | None = None) -> Client:
     """Connect, giving up after ``give_up_after`` seconds (default ``config.connect_timeout_s``).
 
@@ -209,6 +210,35 @@ async def request(
 # An explicit limit lifts the cap: 16,384 nodes' worth.
 EVENTS_MAX_CONSUMERS = 65536
 _cap_warned = False
+
+
+async def discover(nc: Client, *, wait: float = 0.5) -> list[dict[str, Any]]:
+    """The ``$SRV.STATS`` replies of every ``nats.micro`` service instance that answer within
+    ``wait`` seconds (scatter-gather: there is no way to know how many will answer)."""
+    inbox = nc.new_inbox()
+    replies: list[dict[str, Any]] = []
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish("$SRV.STATS", b"", reply=inbox)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except (TimeoutError, NatsTimeout):
+                break
+            try:
+                got = json.loads(msg.data)
+            except ValueError:
+                continue
+            if isinstance(got, dict):
+                replies.append(got)
+    finally:
+        await sub.unsubscribe()
+    return replies
 
 
 def _warn_consumer_cap() -> None:

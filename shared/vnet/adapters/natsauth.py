@@ -10,12 +10,12 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+from vnet.adapters.settings import NatsSettings
 from vnet.contracts.permissions import inbox_prefix
 from vnet.core import errors as E
-from vnet.runtime.config import VNetConfig
 
 
-def security_options(config: VNetConfig) -> dict[str, Any]:
+def security_options(config: NatsSettings) -> dict[str, Any]:
     """Extra ``nats.connect`` keyword arguments: the inbox prefix and TLS."""
     opts: dict[str, Any] = {}
     prefix = config.nats_inbox_prefix or (inbox_prefix(config.nats_user) if config.nats_user else None)
@@ -26,7 +26,7 @@ def security_options(config: VNetConfig) -> dict[str, Any]:
     return opts
 
 
-def tls_context(config: VNetConfig) -> ssl.SSLContext:
+def tls_context(config: NatsSettings) -> ssl.SSLContext:
     """Verify the server against ``nats_tls_ca`` (the system's CAs without it); present
     ``nats_tls_cert``/``nats_tls_key`` when given (servers that verify clients)."""
     try:

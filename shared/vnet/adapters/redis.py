@@ -20,8 +20,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vnet.adapters.settings import RedisSettings
 from vnet.core import errors as E
-from vnet.runtime.config import VNetConfig
 
 KEY_PREFIX = "vnet"
 
@@ -55,7 +55,7 @@ class Script:
             return await r.evalsha(self.sha, len(keys), *keys, *args)
 
 
-def connect(config: VNetConfig, *, max_connections: int | None = None) -> aioredis.Redis:
+def connect(config: RedisSettings, *, max_connections: int | None = None) -> aioredis.Redis:
     """A client whose pool blocks instead of failing when every connection is in use.
 
     The plain pool raises ``MaxConnectionsError`` at 100 connections while a service runs
@@ -102,7 +102,7 @@ def sentinel_addresses(spec: str) -> list[tuple[str, int]]:
     return out
 
 
-def _sentinel_client(config: VNetConfig, size: int) -> aioredis.Redis:
+def _sentinel_client(config: RedisSettings, size: int) -> aioredis.Redis:
     """A client of whichever server the Sentinels call the primary of ``redis_sentinel_service``.
 
     redis-py's SentinelConnectionPool asks the Sentinels for the primary when it opens a

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
 
+from vnet.api.base import ClientBase
 from vnet.api.network import parse_label_selector
-from vnet.client import ClientBase
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DEFAULT_WAIT_S,
@@ -50,6 +50,7 @@ from vnet.contracts.endpoint import (
     merge_desired,
 )
 from vnet.contracts.messages import Empty
+from vnet.contracts.node import DriftReply, DriftRequest
 
 
 class EndpointAPI(ClientBase):
@@ -173,3 +174,9 @@ class EndpointAPI(ClientBase):
         """Make the node run a full resync now; its counters afterwards."""
         return await self.call(subjects.NODE_RESYNC, ResyncRequest(fetch=fetch), NodeStats, params={"node": node},
                                timeout=timeout)
+
+    async def node_drift(self, node: str, *, limit: int = 100) -> DriftReply:
+        """The drift node ``node`` repaired after kernel notifications, newest first: what
+        changed, when, how long the repair took, and which process made the change when
+        the kernel names it (``vnetctl node drift``)."""
+        return await self.call(subjects.NODE_DRIFT, DriftRequest(limit=limit), DriftReply, params={"node": node})

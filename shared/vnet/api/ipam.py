@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vnet.client import ClientBase
+from vnet.api.base import ClientBase
 from vnet.contracts import subjects
 from vnet.contracts.ipam import (
     AddrRelease,

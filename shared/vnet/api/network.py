@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
 
-from vnet.client import ClientBase
+from vnet.api.base import ClientBase
 from vnet.contracts import subjects
 from vnet.contracts.messages import Empty
 from vnet.contracts.network import (

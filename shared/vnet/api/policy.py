@@ -20,7 +20,7 @@ says which paths the change would open and close (a real call's reply carries th
 
 from __future__ import annotations
 
-from vnet.client import ClientBase
+from vnet.api.base import ClientBase
 from vnet.contracts import subjects
 from vnet.contracts.policy import (
     AllowRule,

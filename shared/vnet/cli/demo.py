@@ -19,7 +19,7 @@ from vnet.core.errors import VNetError
 @click.pass_context
 def demo(ctx: click.Context, keep: bool, as_json: bool) -> None:
     """Two networks, three containers, who reaches whom and why explain says so."""
-    from vnet.runtime.demo import run_demo
+    from vnet.demo import run_demo
 
     cfg = load_config(ctx)
     lines: list[str] = []

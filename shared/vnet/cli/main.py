@@ -234,7 +234,19 @@ def main() -> None:
 
 def register() -> None:
     """Import the verb modules (each adds its verbs to ``cli``); tests call this before invoking."""
-    from vnet.cli import cni, container, demo, endpoint, ipam, network, policy, reach, stack, trace  # noqa: F401
+    from vnet.cli import (  # noqa: F401
+        cni,
+        container,
+        demo,
+        endpoint,
+        ipam,
+        network,
+        node_drift,  # after node: adds `drift` to its group
+        policy,
+        reach,
+        stack,
+        trace,
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ def _fail(err: stack.StackError) -> NoReturn:
     output.fail(E.UNPROCESSABLE.code, err.message, exit_code=err.exit_code)
 
 
+async def _demo(config: VNetConfig, say: stack.Say) -> int:
+    """``up --demo`` in the foreground: the supervisor runs it once the stack is ready."""
+    from vnet.demo import run_demo
+
+    return await run_demo(config, say=say)
+
+
 def _state_dir(given: Path | None) -> Path:
     return (given or stack.default_state_dir()).expanduser().absolute()
 
@@ -137,12 +144,12 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
                 return
             _echo(stack.format_summary(st, elapsed=time.monotonic() - t0))
             if demo:
-                from vnet.runtime.demo import run_demo
+                from vnet.demo import run_demo
 
                 cfg = msgspec.structs.replace(config, **st.connection_settings())  # URLs and credentials
                 sys.exit(asyncio.run(run_demo(cfg, say=_echo)))
             return
-        sup = stack.Supervisor(opts, config, say=_event, show=_echo)
+        sup = stack.Supervisor(opts, config, say=_event, show=_echo, demo=_demo if demo else None)
         sup.prepare()
         code = sup.run()
     except stack.StackError as err:

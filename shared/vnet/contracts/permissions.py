@@ -102,7 +102,7 @@ _NOT_FOR_CALLERS = (
 )
 # Operations of a node worker an operator may call (the endpoint service asks netns.check).
 _NODE_OPS = tuple(s.wildcard() for s in (subjects.NODE_HEALTH, subjects.NODE_STATS, subjects.NODE_RESYNC,
-                                         subjects.NODE_NETNS_CHECK))
+                                         subjects.NODE_NETNS_CHECK, subjects.NODE_DRIFT))
 # Maintenance an operator runs, not an application.
 _ADMIN_ONLY = (subjects.IPAM_GC.template, subjects.IPAM_CHECK.template)
 
@@ -413,6 +413,7 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("node health", "pub", "vnet.node.{node}.health"),
     ("node resync, own", "pub", "vnet.node.{node}.resync"),
     ("node resync, other", "pub", "vnet.node.{other}.resync"),
+    ("node drift list", "pub", "vnet.node.{node}.drift.list"),
     ("node register, own", "pub", "vnet.node.{node}.register"),
     ("node register, other", "pub", "vnet.node.{other}.register"),
     ("network event", "pub", "vnet.evt.network.created.x"),

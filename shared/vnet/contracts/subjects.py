@@ -135,6 +135,8 @@ ENDPOINT_RUNTIME_LIST = Subject("vnet.endpoint.runtime.{node}.list")
 NODE_NETNS_CHECK = Subject("vnet.node.{node}.netns.check")
 NODE_STATS = Subject("vnet.node.{node}.stats")
 NODE_RESYNC = Subject("vnet.node.{node}.resync")
+# The drift the worker repaired (what changed, when, by which process): a bounded ring, newest first.
+NODE_DRIFT = Subject("vnet.node.{node}.drift.list")
 # The node reports each endpoint's state here; the endpoint service folds it into the record.
 # The node id is in the subject so the bus can hold a node to its own endpoints (see permissions).
 EVT_ENDPOINT_STATUS = Subject("vnet.evt.endpoint.status.{node}.{id}")

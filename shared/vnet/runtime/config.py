@@ -219,11 +219,11 @@ def local_stack_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]
     The keys are :class:`VNetConfig` fields; the state file decides which
     (``StackFile.connection_settings``), so credentials it records reach clients too.
     """
-    from vnet.runtime import stack  # the state file's format and liveness check live there
+    from vnet.runtime.stack import state  # the state file's format and liveness check live there
 
     try:
-        running = stack.running_stack(stack.default_state_dir(env))
-    except stack.StackError:
+        running = state.running_stack(state.default_state_dir(env))
+    except state.StackError:
         return {}
     if running is None:
         return {}
@@ -247,6 +247,20 @@ def with_local_stack(config: VNetConfig, *, named: Iterable[str] = (),
     if not settings:
         return config
     return msgspec.structs.replace(config, **settings)
+
+
+def apply_running_stack(config: VNetConfig, *, explicit_nats: bool = False) -> VNetConfig:
+    """Point ``config`` at the running local stack unless the user named servers.
+
+    The user named a NATS server when ``explicit_nats`` (``--nats``), ``VNET_NATS_URL``
+    is set, or the config file changed ``nats_url`` from its default; then ``config`` is
+    returned as is. Otherwise, if the stack of the default state directory is up, its
+    NATS URL (and its Redis URL, unless named likewise) replace the defaults.
+    """
+    named = {f for f in VNetConfig.__struct_fields__ if os.environ.get(ENV_PREFIX + f.upper())}
+    if explicit_nats:
+        named.add("nats_url")
+    return with_local_stack(config, named=named)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

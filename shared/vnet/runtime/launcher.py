@@ -2,9 +2,8 @@
 
 Every stop is logged with its cause: which signal, the pid, uid and command line of the
 process that sent it, or that the parent died (the supervisor's children get SIGTERM
-from the kernel then, via PR_SET_PDEATHSIG); a crash is logged with its traceback. Plain
-signal handlers cannot tell who sent a signal, so the stop signals are blocked in every
-thread and one thread takes them with ``sigwaitinfo``, which returns the sender.
+from the kernel then, via PR_SET_PDEATHSIG); a crash is logged with its traceback
+(:mod:`vnet.runtime.stopsignals`, which the supervisor uses too).
 """
 
 from __future__ import annotations
@@ -14,18 +13,14 @@ import asyncio
 import importlib
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from vnet.contracts import subjects
 from vnet.core.errors import VNetError
 from vnet.runtime import service as svc_runtime
 from vnet.runtime.config import VNetConfig
+from vnet.runtime.stopsignals import StopReason, StopSignals, block_stop_signals
 from vnet.telemetry.logging import setup_logging
 from vnet.telemetry.tracing import setup_tracing
 
@@ -38,81 +33,6 @@ def load_service(name: str) -> svc_runtime.ServiceDef:
     mod = importlib.import_module(f"vnet.svc.{name}.service")
     defn: svc_runtime.ServiceDef = mod.SERVICE
     return defn
-
-
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-_SI_CODES = {0: "kill()", -1: "sigqueue()", -6: "tgkill()", 0x80: "the kernel"}
-
-
-@dataclass(frozen=True)
-class StopReason:
-    """Why this process is asked to stop."""
-
-    signal: str
-    pid: int  # the sender (0: the kernel)
-    uid: int
-    how: str  # kill(), tgkill(), the kernel, ...
-    sender: str  # the sender's command line, if it could still be read
-    parent_died: bool  # our parent is gone: the signal is the parent-death signal (or its last act)
-    parent: int  # the parent pid we started with
-
-    def describe(self) -> str:
-        if self.parent_died:
-            return (f"{self.signal}: the parent process (pid {self.parent}) died; this is the parent-death "
-                    f"signal (sent by pid {self.pid} via {self.how})")
-        who = f"pid {self.pid} (uid {self.uid}"
-        who += f": {self.sender})" if self.sender else ", already gone)"
-        return f"{self.signal} from {who} via {self.how}"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:300]
-
-
-def stop_reason(info: signal.struct_siginfo, parent: int) -> StopReason:
-    try:
-        name = signal.Signals(info.si_signo).name
-    except ValueError:
-        name = f"signal {info.si_signo}"
-    return StopReason(signal=name, pid=info.si_pid, uid=info.si_uid,
-                      how=_SI_CODES.get(info.si_code, f"si_code {info.si_code}"), sender=_cmdline(info.si_pid),
-                      parent_died=os.getppid() != parent, parent=parent)
-
-
-def block_stop_signals() -> None:
-    """Block SIGTERM/SIGINT/SIGHUP in this thread and every thread started after it, so only
-    :class:`StopSignals` takes them (with the sender). Call it first thing, before any thread
-    exists. Children inherit the mask across exec: tools that exit by themselves do not care,
-    and Go programs (wireguard-go) unblock these signals at start; anything else long-lived
-    that must obey SIGTERM should be started with ``preexec_fn=unblock_stop_signals``."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-def unblock_stop_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-class StopSignals:
-    """A daemon thread that takes the (blocked) stop signals with ``sigwaitinfo`` and
-    hands each one, with its sender, to ``on_signal``."""
-
-    def __init__(self, on_signal: Callable[[StopReason], None]) -> None:
-        self._on_signal = on_signal
-        self.parent = os.getppid()
-        self._thread = threading.Thread(target=self._wait, name="stop-signals", daemon=True)
-
-    def start(self) -> None:
-        block_stop_signals()  # no-op when already done; the waiter must not take them another way
-        self._thread.start()
-
-    def _wait(self) -> None:
-        while True:
-            info = signal.sigwaitinfo(STOP_SIGNALS)
-            self._on_signal(stop_reason(info, self.parent))
 
 
 async def run(name: str, config: VNetConfig, params: dict[str, str]) -> None:

@@ -13,7 +13,9 @@
   ``vnet_ipam_pool_release_per_hour`` and ``vnet_ipam_pool_exhaustion_seconds`` (the time
   to exhaustion at the current rate; absent for a pool that is not filling).
 * counters a report names itself (``MetricsReport.counters``), exposed only when listed
-  in ``LABELED_COUNTERS`` with exactly its labels: ``vnet_dns_queries_total{service,node,rcode}``.
+  in ``LABELED_COUNTERS`` with exactly its labels: ``vnet_dns_queries_total{service,node,rcode}``,
+  ``vnet_node_reconciles_total{service,node,scope}``, ``vnet_node_kernel_writes_total{service,node,scope}``
+  and ``vnet_node_drift_repairs_total{service,node,kind}``.
 """
 
 from __future__ import annotations
@@ -136,6 +138,12 @@ class VNetCollector(Collector):
 # confused or hostile reporter cannot mint series (labels are a cardinality budget).
 LABELED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "vnet_dns_queries": ("DNS queries answered by a node's resolver, by rcode", ("node", "rcode")),
+    # node workers (svc/node/drift.py NodeMetrics): kernel writes per reconcile is the ratio
+    "vnet_node_reconciles": ("Reconciles of a node worker, full (resync) or scoped (events)", ("node", "scope")),
+    "vnet_node_kernel_writes": ("Kernel writes (netlink requests, sysctls) made by a node worker's reconciles",
+                                ("node", "scope")),
+    "vnet_node_drift_repairs": ("Drift a node worker repaired after a kernel notification, by kind",
+                                ("node", "kind")),
 }
 
 

@@ -16,6 +16,7 @@ from vnet.contracts import subjects
 from vnet.contracts.endpoint import NetnsCheck, NetnsCheckReply, NodeStats, ResyncRequest
 from vnet.contracts.messages import Empty
 from vnet.contracts.network import HostRoutesReply, HostRoutesReport
+from vnet.contracts.node import DriftReply, DriftRequest
 from vnet.core import addr
 from vnet.core import errors as E
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
@@ -200,6 +201,16 @@ async def netns_check(ctx: Ctx, req: NetnsCheck) -> NetnsCheckReply:
 async def stats(ctx: Ctx, req: Empty) -> NodeStats:
     """What the worker did: reconciles, kernel writes (the reconciler's counter), the last full resync."""
     return _worker(ctx).stats()
+
+
+@SERVICE.op("drift.list", subjects.NODE_DRIFT, DriftRequest)
+async def drift_list(ctx: Ctx, req: DriftRequest) -> DriftReply:
+    """The drift this worker repaired, newest first: what changed, when, how long the repair
+    took and which process made the change when the kernel names it (svc/node/drift.py)."""
+    w = _worker(ctx)
+    if w.drift is None:
+        return DriftReply(node=w.node, watching=False, reason="starting")
+    return w.drift.reply(req.limit)
 
 
 @SERVICE.op("resync", subjects.NODE_RESYNC, ResyncRequest)

@@ -110,6 +110,7 @@ from vnet.core.model import DriverType
 from vnet.core.plan import ep_owner
 from vnet.runtime.service import Runtime
 from vnet.svc.node.dns import enabled as dns_enabled
+from vnet.svc.node.drift import DriftMonitor, NodeMetrics
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ DRIVERS = ("bridge", "overlay", "macvlan", "ipvlan", "host")
 # overlay networks (its remotes change); network: a network was deleted; relations: a relation
 # changed (connect, disconnect, mesh membership, parent/child, mode): the related overlays this
 # host routes to may change; resync: a full resync.
-Kind = Literal["endpoint", "remote", "network", "relations", "resync"]
+# drift: the kernel reported a change to something of ours (svc/node/drift.py).
+Kind = Literal["endpoint", "remote", "network", "relations", "resync", "drift"]
 # Network events that change relations (the related overlays a host routes to, its parents).
 RELATION_EVENTS = frozenset({"updated", "connected", "disconnected", "mesh_created", "mesh_deleted",
                              "mesh_member_added", "mesh_member_removed"})
@@ -143,6 +145,7 @@ class WorkItem:
     ctx: otel_context.Context | None = None
     span: SpanContext | None = None
     done: asyncio.Future[NodeStats] | None = None
+    drift: Any = None  # drift: the suspects (svc/node/drift.py)
 
 
 @dataclass
@@ -260,6 +263,9 @@ class NodeWorker:
         self._policy_dirty = asyncio.Event()
         self._policy_fetch = False  # the next policy task run fetches the whole ruleset (else: push)
         self._policy_lock = asyncio.Lock()
+        # Drift by event: kernel notifications of the host namespace -> repairs (drift.py).
+        self.metrics = NodeMetrics(rt, self.node)
+        self.drift: DriftMonitor | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -273,7 +279,10 @@ class NodeWorker:
                      f"namespace {self.host_netns}" if self.host_netns else "the namespace it runs in", self.resync_s)
         else:
             log.warning("node %s: data plane off: %s", self.node, self.dataplane_reason)
+        self.metrics.bind(asyncio.get_running_loop())
         await self._start_policy()
+        self.drift = DriftMonitor(self, self.metrics)
+        await self.drift.start()  # before the first reconcile: nothing it does goes unheard
         js = self.rt.js
         safe = self.node.replace(".", "_")
         self._consumers = [
@@ -304,6 +313,8 @@ class NodeWorker:
 
     async def stop(self) -> None:
         """Stop following events and reconciling; the kernel keeps what it has (fail static)."""
+        if self.drift is not None:
+            await self.drift.stop()
         for c in self._consumers:
             await c.stop(delete=True)
         for t in self._tasks:
@@ -373,6 +384,7 @@ class NodeWorker:
             except Exception as exc:
                 log.info("node %s: policy sync (%s) failed; the last ruleset stays: %s", self.node, why, exc)
                 return
+        self.metrics.ruleset(res)
         if res.wrote:
             log.info("node %s: nftables ruleset %s applied (%s, %s) in %.0f ms", self.node, res.version, why,
                      res.reason, res.duration * 1000)
@@ -410,6 +422,7 @@ class NodeWorker:
             log.info("node %s: policy delta failed; the next sync repairs: %s", self.node, exc)
             self._policy_fetch = True
             return
+        self.metrics.ruleset(res)  # from the kernel thread: handed to the loop
         if res is not None and res.whole:
             log.info("node %s: nftables ruleset written whole (%s) in %.1f ms", self.node, res.reason,
                      res.duration * 1000)
@@ -448,8 +461,9 @@ class NodeWorker:
                 self._push_policy()
                 return self.rec.reconcile(desired, scope)  # type: ignore[no-any-return]
             result: ReconcileResult = await self._in_thread(step)
-            return result
-        result = await self._in_thread(self.rec.reconcile, desired, scope)
+        else:
+            result = await self._in_thread(self.rec.reconcile, desired, scope)
+        self.metrics.reconcile(scope, result)
         return result
 
     def _without_dataplane(self, desired: NodeDesired, scope: Scope | None) -> ReconcileResult:
@@ -705,8 +719,9 @@ class NodeWorker:
                     batch.append(self.queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            events = [i for i in batch if i.kind != "resync"]
+            events = [i for i in batch if i.kind not in ("resync", "drift")]
             resyncs = [i for i in batch if i.kind == "resync"]
+            drifts = [i for i in batch if i.kind == "drift"]
             if events:
                 try:
                     await self._handle_events(events)
@@ -715,6 +730,13 @@ class NodeWorker:
                 except Exception:
                     log.exception("node %s: handling %d event(s) failed; the next full resync repairs", self.node,
                                   len(events))
+            if drifts and self.drift is not None:  # its own reconcile: its writes are the repair's
+                try:
+                    await self.drift.repair(drifts)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("node %s: repairing drift failed; the next full resync repairs", self.node)
             if resyncs:
                 await self._safe_full(fetch=any(r.fetch for r in resyncs), parent=resyncs[0])
                 next_full = loop.time() + (self.resync_s if self.fetched else min(RETRY_S, self.resync_s))

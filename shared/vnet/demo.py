@@ -1,7 +1,8 @@
 """The main job, end to end, against a running stack: two isolated networks, three
 containers, who can reach whom, and why — then everything removed again.
 
-Used by ``vnetctl demo`` and ``vnetctl up --demo``. Containers are bare network
+Used by ``vnetctl demo`` and ``vnetctl up --demo`` (the CLI hands it to the supervisor:
+this is a client program, a layer above the runtime). Containers are bare network
 namespaces named ``<prefix>-a`` ... (what a runtime would hand us); every packet it
 sends stays between namespaces it made.
 """

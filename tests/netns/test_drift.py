@@ -1,0 +1,192 @@
+"""Drift by event (issues 11 and 16): the node worker hears the kernel change under it and
+repairs at once, and says who made the change.
+
+The worker runs with a 60 s full-resync period and the test checks that no full resync ran
+while it measured, so only the notification path can repair in time. Each drift is made by
+a process this test starts (``ip netns exec <host> nft ...``, ``ip -n <host> link ...``); the
+repair is timed from just before that process starts until the kernel is back, as an
+independent ``nft``/``ip`` reading sees it. A pair that must be denied (two endpoints of a
+Full network) is probed in a loop while our table is gone: the time it was reachable is
+printed and bounded. The bound is the issue's 1 s (``DRIFT_BOUND_S``); the figures go to
+docs/reliability.md. Everything lives in namespaces of this test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+from tests.conftest import control_plane, requires_root
+from tests.netns.conftest import links
+from tests.netns.test_isolation import Agent
+from vnet.contracts.endpoint import EndpointInfo
+from vnet.contracts.node import DriftReply
+from vnet.core import naming
+from vnet.runtime.config import VNetConfig
+from vnet.runtime.service import Runtime
+
+pytestmark = [pytest.mark.netns, requires_root]
+
+RESYNC_S = 60.0  # no full resync inside the test: only notifications can meet the bound
+DRIFT_BOUND_S = 1.0  # the issue's bound
+T = 0.15  # one probe's timeout (a denied probe takes this long)
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    made: list[Agent] = []
+    yield made
+    for a in made:
+        a.close()
+
+
+def tcp(a: Agent, dst: EndpointInfo, t: float = T) -> bool:
+    return bool(a.send(op="tcp", dst=dst.ip_address, port=80, t=t).result(timeout=t + 30))
+
+
+def table_present(host: str, family: str = "inet") -> bool:
+    r = subprocess.run(["ip", "netns", "exec", host, "nft", "list", "table", family, "vnet"], capture_output=True)
+    return r.returncode == 0
+
+
+async def until(what: str, cond: Callable[[], bool], t0: float, bound: float = 30.0) -> float:
+    """Seconds from ``t0`` until ``cond()`` (run in a thread) holds; fails after ``bound``."""
+    while True:
+        if await asyncio.to_thread(cond):
+            return time.perf_counter() - t0
+        assert time.perf_counter() - t0 < bound, f"{what}: not within {bound} s (the resync is {RESYNC_S} s)"
+        await asyncio.sleep(0.01)
+
+
+class Prober:
+    """Probes a pair in a loop (its own thread); remembers when probes got through."""
+
+    def __init__(self, a: Agent, dst: EndpointInfo) -> None:
+        self.a, self.dst = a, dst
+        self.through: list[float] = []  # perf_counter at the end of each probe that connected
+        self.probes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ok = tcp(self.a, self.dst)
+            self.probes += 1
+            if ok:
+                self.through.append(time.perf_counter())
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+async def drift_record(m: object, node: str, kind: str, since: float, timeout: float = 10.0) -> DriftReply:
+    t0 = time.monotonic()
+    while True:
+        rep: DriftReply = await m.node_drift(node)  # type: ignore[attr-defined]
+        if any(r.kind == kind and r.at >= since for r in rep.records):
+            return rep
+        assert time.monotonic() - t0 < timeout, f"no {kind} record: {rep}"
+        await asyncio.sleep(0.05)
+
+
+async def test_drift_is_repaired_by_event_and_attributed(
+        config: VNetConfig, netns: Callable[[str], str], start_service: Callable[..., Awaitable[Runtime]],
+        run_prefix: str, agents: list[Agent]) -> None:
+    node = f"{run_prefix}-drift"
+    async with control_plane(config, start_service, netns, host="drh", node=node, resync_s=RESYNC_S) as cp:
+        m, host = cp.m, cp.host
+        w = cp.node_rt.state["worker"]
+        for _ in range(1200):
+            if w.fetched and w.counters.full_resyncs and w.drift is not None and w.drift.watch is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert w.drift is not None and w.drift.watch is not None, w.drift and w.drift.reason
+        full = await m.create_network("drfull", "10.151.0.0/24", None, "bridge", "full")
+        peer = await m.create_network("drpeer", "10.152.0.0/24", None, "bridge", "peer_only")
+        cs = await asyncio.to_thread(lambda: [netns(n) for n in ("drd1", "drd2", "drp1", "drp2")])
+        ags = await asyncio.to_thread(lambda: [Agent(c) for c in cs])
+        agents += ags
+        d1, d2, p1, p2 = [await m.create_endpoint(c, net.id, node=node, wait=True, wait_timeout=30)
+                          for c, net in zip(cs, (full, full, peer, peer), strict=True)]
+        assert {e.status for e in (d1, d2, p1, p2)} == {"ready"}, (d1, d2, p1, p2)
+        await until("peers reachable", lambda: tcp(ags[2], p2, 1.0), time.perf_counter())
+        assert not await asyncio.to_thread(tcp, ags[0], d2, 1.0), "a Full network's peers must be denied"
+        # Our own writes (two networks, four endpoints, their rules) are no drift.
+        assert (await m.node_drift(node)).total == 0
+        base = w.counters.full_resyncs
+        figures: dict[str, float] = {}
+
+        # 1. Our table deleted by another process: restored, the denied pair reachable at most that long.
+        with Prober(ags[0], d2) as prober:
+            await asyncio.sleep(0.5)  # probes running before the change
+            since = time.time()
+            t0 = time.perf_counter()
+            proc = await asyncio.to_thread(subprocess.Popen, ["ip", "netns", "exec", host, "nft", "delete", "table",
+                                                               "inet", "vnet"])
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+            figures["table deleted -> restored"] = await until("table restored", lambda: table_present(host), t0)
+            await asyncio.sleep(1.0)  # probes after the repair: denied again
+        open_s = (prober.through[-1] - t0) if prober.through else 0.0
+        figures["denied pair reachable for"] = max(0.0, open_s)
+        rep = await drift_record(m, node, "nft_table", since)
+        rec = next(r for r in rep.records if r.kind == "nft_table")
+        assert rec.sender.source == "nftables" and rec.sender.pid == proc.pid, rec
+        assert rec.sender.comm == "nft" and rec.writes >= 1 and rec.repaired, rec
+        assert "delete table inet vnet" in rec.detail, rec
+        figures["table: worker's own repair time"] = rec.repaired_s
+        assert not await asyncio.to_thread(tcp, ags[0], d2, 1.0), "denied again after the repair"
+        assert prober.probes >= 5, prober.probes
+
+        # 2. A veth deleted: re-created, its container reachable again.
+        veth = naming.veth_name(p2.id)
+        since = time.time()
+        t0 = time.perf_counter()
+        proc = await asyncio.to_thread(subprocess.Popen, ["ip", "-n", host, "link", "del", veth])
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        figures["veth deleted -> re-created"] = await until(
+            "veth back", lambda: links(host).get(veth, {}).get("operstate") in ("UP", "UNKNOWN", "LOWERLAYERDOWN")
+            and veth in links(host), t0)
+        figures["veth deleted -> peer reachable"] = await until("peer reachable again",
+                                                                lambda: tcp(ags[2], p2, 0.5), t0)
+        rep = await drift_record(m, node, "link_deleted", since)
+        rec = next(r for r in rep.records if r.kind == "link_deleted")
+        assert (rec.target, rec.owner, rec.repaired) == (veth, p2.id, True), rec
+        assert rec.sender.source == "unknown" and rec.writes >= 1, rec  # the kernel does not name link senders
+        figures["veth: worker's own repair time"] = rec.repaired_s
+
+        # 3. A bridge set down: up again.
+        br = naming.bridge_name(peer.id)
+        since = time.time()
+        t0 = time.perf_counter()
+        proc = await asyncio.to_thread(subprocess.Popen, ["ip", "-n", host, "link", "set", br, "down"])
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        figures["bridge down -> up"] = await until("bridge up", lambda: "UP" in links(host)[br]["flags"], t0)
+        figures["bridge down -> peer reachable"] = await until("peer reachable again",
+                                                               lambda: tcp(ags[2], p2, 0.5), t0)
+        rep = await drift_record(m, node, "link_down", since)
+        rec = next(r for r in rep.records if r.kind == "link_down")
+        assert (rec.target, rec.owner) == (br, peer.id), rec
+        figures["bridge: worker's own repair time"] = rec.repaired_s
+
+        for k, v in figures.items():
+            print(f"{k}: {v * 1000:.0f} ms")
+        assert w.counters.full_resyncs == base, "a full resync ran: the bound was not met by events alone"
+        rep = await m.node_drift(node)
+        assert rep.watching and rep.total == 3 and [r.kind for r in rep.records] == [
+            "link_down", "link_deleted", "nft_table"], rep
+        counts = {(c.labels["kind"]): c.value for c in cp.node_rt.metrics.snapshot().counters
+                  if c.name == "vnet_node_drift_repairs"}
+        assert counts == {"nft_table": 1, "link_deleted": 1, "link_down": 1}, counts
+        for k in ("table deleted -> restored", "denied pair reachable for", "veth deleted -> re-created",
+                  "bridge down -> up"):
+            assert figures[k] <= DRIFT_BOUND_S, f"{k}: {figures[k]:.3f} s > {DRIFT_BOUND_S} s ({figures})"
