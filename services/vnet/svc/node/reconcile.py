@@ -40,6 +40,7 @@ from vnet.adapters.netlink.apply import Applier
 from vnet.adapters.netlink.nsctx import NamespaceGone, NsContext
 from vnet.adapters.netlink.observe import Observer
 from vnet.adapters.wireguard import WireGuard, WireGuardError
+from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.dataplane_model import (
     NodeActual,
@@ -49,9 +50,7 @@ from vnet.core.dataplane_model import (
     ReconcileResult,
     Scope,
 )
-from vnet.core.model import DriverType
 from vnet.core.plan import (
-    SUBIF,
     WG_OWNER,
     DeleteLink,
     Departed,
@@ -176,16 +175,16 @@ class Reconciler:
         return [d for i, d in self._subifs.items() if i not in wanted and (scope is None or i in scope.endpoints)]
 
     def _remember_subifs(self, desired: NodeDesired, departed: list[Departed], failed: dict[str, object]) -> None:
-        kinds = {n.id: n.driver for n in desired.networks if n.driver in SUBIF}
+        subifs = {n.id: drv for n in desired.networks if (drv := drivers.get(n.driver)).subif_kind is not None}
         before = dict(self._subifs)
         for d in departed:
             if ep_owner(d.id) not in failed:
                 self._subifs.pop(d.id, None)
         for e in desired.endpoints:
-            kind = kinds.get(e.network_id)
-            if kind is not None:
-                self._subifs[e.id] = Departed(id=e.id, netns=e.netns, ifname=e.ifname, kind=kind.value,
-                                              mac=e.mac.lower() if kind == DriverType.MACVLAN else None)
+            sub = subifs.get(e.network_id)
+            if sub is not None and sub.subif_kind is not None:
+                self._subifs[e.id] = Departed(id=e.id, netns=e.netns, ifname=e.ifname, kind=sub.subif_kind,
+                                              mac=e.mac.lower() if sub.departed_by_mac else None)
         if self._ledger is not None and self._subifs != before:
             try:
                 write_ledger(self._ledger, self._subifs)
@@ -220,7 +219,7 @@ class Reconciler:
         u = desired.underlay
         if u is None or u.wg_address is None:
             return None
-        enc = [n for n in desired.networks if n.driver == DriverType.OVERLAY and n.encrypted
+        enc = [n for n in desired.networks if drivers.get(n.driver).spans_hosts and n.encrypted
                and (scope is None or n.id in scope.networks
                     or any(e.network_id == n.id and e.id in scope.endpoints for e in desired.endpoints))]
         if not enc:
