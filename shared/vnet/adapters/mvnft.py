@@ -1,0 +1,292 @@
+"""Apply the macvlan tables (:mod:`vnet.core.mvpolicy`) inside the container namespaces.
+
+::
+
+    enf = MacvlanEnforcer()
+    res = enf.sync(mv, rs, {ep_id: MvLocal(...)})          # a delta per endpoint whose sets changed,
+                                                           # the table pair whole when its structure did
+    res = enf.sync(mv, rs, locals_, check=True)            # + read each pair back: drift repaired
+    res.writes, res.wholes, res.deltas, res.removed        # 0 transactions on a converged host
+    enf.close()
+
+One transaction per endpoint and change (both tables of an endpoint in one buffer);
+an endpoint no longer given has its two tables deleted (its namespace may be gone:
+nothing to do then). libnftables runs in-process on ONE :class:`NsWorker` thread
+that enters the container's namespace for each call (one context per namespace, the
+same mechanism as :mod:`vnet.adapters.libnft`); ``nft -f -`` under ``nsenter`` where
+the library does not load. Nothing here touches a table that is not ours
+(``vnetm_<hash>``), and nothing is removed on exit (fail static).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vnet.adapters import libnft
+from vnet.adapters.netlink.nsctx import Netns, NsWorker, ns_path
+from vnet.core import errors as E
+from vnet.core import mvpolicy as mvp
+from vnet.core import nft as nftr
+from vnet.core.mvpolicy import MvLocal, MvPolicy
+from vnet.core.policy import Ruleset
+
+
+class MvNftError(E.VNetError):
+    default = E.UNAVAILABLE
+
+
+@dataclass
+class MvSyncResult:
+    writes: int = 0  # transactions written
+    wholes: int = 0  # of which whole table pairs
+    deltas: int = 0
+    elements: int = 0
+    removed: int = 0  # endpoints whose tables were deleted
+    errors: dict[str, str] = field(default_factory=dict)  # endpoint -> why its tables are not right
+    duration: float = 0.0
+
+
+@dataclass
+class _Table:
+    netns: str
+    ident: tuple[int, int]
+    struct: str  # mvpolicy.structure() of the last whole write
+    readback: str  # the kernel's structure listing right after it
+    have: dict[tuple[str, str], set[str]]
+    loc: MvLocal
+
+
+class _NsCtx:
+    """A libnftables context living in one container namespace (calls on the shared worker)."""
+
+    def __init__(self, worker: NsWorker, ref: str) -> None:
+        self.lib = libnft.load()
+        self.worker = worker
+        self.ns = Netns.open(ref)
+        self.ctx = 0
+        try:
+            self.ctx = self.worker.run(self.ns, self._new)
+        except BaseException:
+            self.ns.close()
+            raise
+
+    def _new(self) -> int:
+        ctx = self.lib.nft_ctx_new(libnft.NFT_CTX_DEFAULT)
+        if not ctx:
+            raise MvNftError("libnftables: nft_ctx_new failed")
+        self.lib.nft_ctx_buffer_output(ctx)
+        self.lib.nft_ctx_buffer_error(ctx)
+        return int(ctx)
+
+    def run(self, cmd: str, json_out: bool = False) -> tuple[int, str, str]:
+        lib, ctx, data = self.lib, self.ctx, cmd.encode()
+
+        def call() -> tuple[int, str, str]:
+            base = lib.nft_ctx_output_get_flags(ctx) & ~libnft.NFT_CTX_OUTPUT_JSON
+            lib.nft_ctx_output_set_flags(ctx, base | (libnft.NFT_CTX_OUTPUT_JSON if json_out else 0))
+            rc = lib.nft_run_cmd_from_buffer(ctx, data)
+            out = lib.nft_ctx_get_output_buffer(ctx) or b""
+            err = lib.nft_ctx_get_error_buffer(ctx) or b""
+            return int(rc), out.decode(errors="replace"), err.decode(errors="replace")
+
+        return self.worker.run(self.ns, call)
+
+    def close(self) -> None:
+        ctx, self.ctx = self.ctx, 0
+        if ctx:
+            try:
+                self.worker.run(self.ns, lambda: self.lib.nft_ctx_free(ctypes.c_void_p(ctx)))
+            except Exception:  # the namespace or the worker is going away anyway
+                pass
+        self.ns.close()
+
+
+def _ident(ref: str) -> tuple[int, int] | None:
+    import os
+    try:
+        st = os.stat(ns_path(ref))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class MacvlanEnforcer:
+    """The ``vnetm_*`` tables of this host's macvlan endpoints (see the module docstring)."""
+
+    def __init__(self, *, mechanism: str | None = None, nft: str = "nft", timeout: float = 20.0) -> None:
+        if mechanism is None:
+            mechanism = "libnftables" if libnft.available() else "subprocess"
+        self.mechanism = mechanism
+        self.nft = nft
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self._worker: NsWorker | None = None
+        self._ctxs: dict[str, _NsCtx] = {}
+        self._tables: dict[str, _Table] = {}
+        self.transactions = 0
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _ctx(self, ref: str) -> _NsCtx:
+        c = self._ctxs.get(ref)
+        if c is not None and not c.ns.still_there():
+            c.close()
+            c = None
+        if c is None:
+            if self._worker is None:
+                self._worker = NsWorker()
+            c = self._ctxs[ref] = _NsCtx(self._worker, ref)
+        return c
+
+    def _exec(self, ref: str, script: str) -> None:
+        self.transactions += 1
+        if self.mechanism == "libnftables":
+            rc, out, err = self._ctx(ref).run(script)
+            if rc != 0:
+                raise MvNftError(f"nft refused the transaction in {ref} (nothing was changed): "
+                                 f"{(err or out).strip()[:2000]}")
+            return
+        r = self._sub(ref, [self.nft, "-f", "-"], script)
+        if r.returncode != 0:
+            raise MvNftError(f"nft refused the transaction in {ref} (nothing was changed): "
+                             f"{(r.stderr or r.stdout).strip()[:2000]}")
+
+    def _sub(self, ref: str, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(["nsenter", f"--net={ns_path(ref)}", "--", *args], input=stdin, text=True,
+                                  capture_output=True, timeout=self.timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise MvNftError(f"cannot run {args[0]} in {ref}: {exc}") from exc
+
+    def _list(self, ref: str, fam: str, name: str) -> Any | None:
+        cmd = f"list table {fam} {name}"
+        if self.mechanism == "libnftables":
+            rc, out, _ = self._ctx(ref).run(cmd, json_out=True)
+        else:
+            r = self._sub(ref, [self.nft, "-j", *cmd.split()])
+            rc, out = r.returncode, r.stdout
+        if rc != 0:
+            return None
+        try:
+            return json.loads(out) if out.strip() else {}
+        except ValueError:
+            return None
+
+    def listing(self, ref: str, endpoint: str) -> tuple[str, nftr.Elements] | None:
+        """An endpoint's two tables as (structure without elements, elements); None when one is missing."""
+        name = mvp.table_name(endpoint)
+        docs = []
+        for fam in mvp.FAMILIES:
+            doc = self._list(ref, fam, name)
+            if doc is None:
+                return None
+            docs.append((fam, _without_devices(doc)))
+        return nftr.parse_listing(docs)
+
+    # -- sync ------------------------------------------------------------------------------
+    def sync(self, mv: MvPolicy | None, rs: Ruleset, locals_: Mapping[str, MvLocal], *,
+             check: bool = False) -> MvSyncResult:
+        t0 = time.perf_counter()
+        res = MvSyncResult()
+        with self._lock:
+            for eid in sorted(set(self._tables) - set(locals_)):
+                self._remove(eid, res)
+            for eid in sorted(locals_):
+                try:
+                    self._one(mv, rs, locals_[eid], check, res)
+                except Exception as exc:  # this endpoint alone; the next sync tries again
+                    self._tables.pop(eid, None)
+                    res.errors[eid] = str(getattr(exc, "message", exc))[:500]
+        res.duration = time.perf_counter() - t0
+        return res
+
+    def _one(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, check: bool, res: MvSyncResult) -> None:
+        ident = _ident(loc.netns)
+        if ident is None:
+            raise MvNftError(f"network namespace {loc.netns} of endpoint {loc.endpoint} does not exist",
+                             code=E.NOT_FOUND)
+        struct = mvp.structure(rs, loc)
+        t = self._tables.get(loc.endpoint)
+        if t is not None and (t.ident != ident or t.netns != loc.netns or t.loc.ifname != loc.ifname):
+            t = None  # another namespace (re-created) or interface: start over there
+        if t is None or t.struct != struct:
+            self._whole(mv, rs, loc, struct, ident, res)
+            return
+        if check:
+            got = self.listing(loc.netns, loc.endpoint)
+            if got is None or got[0] != t.readback:
+                self._whole(mv, rs, loc, struct, ident, res)
+                return
+            t.have = {k: set(v) for k, v in got[1].items()}
+        script, n = mvp.delta({k: frozenset(v) for k, v in t.have.items()}, mv, rs, loc)
+        t.loc = loc
+        if n == 0:
+            return
+        try:
+            self._exec(loc.netns, script)
+        except MvNftError:  # our idea of the kernel was wrong: the pair again, whole
+            self._whole(mv, rs, loc, struct, ident, res)
+            return
+        t.have = {k: set(v) for k, v in mvp.elements(mv, rs, loc).items()}
+        res.writes += 1
+        res.deltas += 1
+        res.elements += n
+
+    def _whole(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, struct: str, ident: tuple[int, int],
+               res: MvSyncResult) -> None:
+        self._exec(loc.netns, mvp.render(mv, rs, loc))
+        got = self.listing(loc.netns, loc.endpoint)
+        if got is None:
+            raise MvNftError(f"the tables of endpoint {loc.endpoint} are missing right after they were written")
+        self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=got[0],
+                                            have={k: set(v) for k, v in got[1].items()}, loc=loc)
+        res.writes += 1
+        res.wholes += 1
+
+    def _remove(self, eid: str, res: MvSyncResult) -> None:
+        t = self._tables.pop(eid)
+        if _ident(t.netns) != t.ident:
+            self._drop_ctx(t.netns)
+            return  # the namespace went, and our tables with it
+        try:
+            self._exec(t.netns, mvp.render_delete(eid))
+            res.writes += 1
+            res.removed += 1
+        except MvNftError as exc:
+            res.errors[eid] = f"cannot delete its tables: {exc.message}"[:500]
+        if not any(x.netns == t.netns for x in self._tables.values()):
+            self._drop_ctx(t.netns)
+
+    def _drop_ctx(self, ref: str) -> None:
+        c = self._ctxs.pop(ref, None)
+        if c is not None:
+            c.close()
+
+    def close(self) -> None:
+        """Release the contexts and the thread (the tables stay: fail static)."""
+        with self._lock:
+            for ref in list(self._ctxs):
+                self._drop_ctx(ref)
+            w, self._worker = self._worker, None
+        if w is not None:
+            w.close()
+
+
+def _without_devices(doc: Any) -> Any:
+    """A netdev chain lists its device only while the device exists (the hook binds when
+    it appears): leave it out so a table written before its interface compares equal."""
+    items = doc.get("nftables", []) if isinstance(doc, dict) else []
+    out = []
+    for it in items:
+        ch = it.get("chain") if isinstance(it, dict) else None
+        if isinstance(ch, dict) and ("dev" in ch or "device" in ch):
+            ch = {k: v for k, v in ch.items() if k not in ("dev", "device")}
+            it = {"chain": ch}
+        out.append(it)
+    return {"nftables": out}
