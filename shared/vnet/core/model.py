@@ -11,6 +11,11 @@ import msgspec
 class DriverType(enum.StrEnum):
     """Network drivers (module description: Bridge, Overlay, Macvlan, IPvlan, Host)."""
 
+    # The wire's names of the drivers a client may ask for (strictly decoded, listed in the
+    # contract document; a comment, not the docstring, which the contract quotes). What a
+    # driver *is* lives in its modules behind the registry (vnet.core.drivers): code asks
+    # the registry rather than comparing members (docs/drivers.md).
+
     BRIDGE = "bridge"
     OVERLAY = "overlay"
     MACVLAN = "macvlan"
