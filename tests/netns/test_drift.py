@@ -18,12 +18,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
+import msgspec
 import pytest
+import redis.asyncio as aioredis
 
-from tests.conftest import control_plane, requires_root
+from tests.conftest import control_plane, fresh_db_config, requires_root
 from tests.netns.conftest import links
 from tests.netns.test_isolation import Agent
+from vnet import VNetManager
 from vnet.contracts.endpoint import EndpointInfo
 from vnet.contracts.node import DriftReply
 from vnet.core import naming
@@ -190,3 +194,70 @@ async def test_drift_is_repaired_by_event_and_attributed(
         for k in ("table deleted -> restored", "denied pair reachable for", "veth deleted -> re-created",
                   "bridge down -> up"):
             assert figures[k] <= DRIFT_BOUND_S, f"{k}: {figures[k]:.3f} s > {DRIFT_BOUND_S} s ({figures})"
+
+
+async def test_restarted_worker_writes_nothing_and_keeps_watching(
+        config: VNetConfig, netns: Callable[[str], str], start_service: Callable[..., Awaitable[Runtime]],
+        run_prefix: str, agents: list[Agent], tmp_path: Path) -> None:
+    """A worker restarted on a host whose kernel already matches adopts it (0 netlink writes,
+    0 ruleset applies, no drift recorded for what the previous worker made), and follows the
+    kernel from its first moment: a table deleted afterwards is restored and attributed."""
+    node = f"{run_prefix}-drr"
+    cfg = fresh_db_config(config)
+    r = aioredis.Redis.from_url(cfg.redis_url)
+    await r.flushdb()
+    for name in ("ipam", "network", "endpoint", "policy"):
+        await start_service(name, cfg=cfg)
+    host = netns("drr")
+    # the state dir keeps what the worker applied, so its successor can adopt it (production sets one)
+    ncfg = msgspec.structs.replace(cfg, host_netns=host, node_state_dir=str(tmp_path / "node"))
+    params = {"node": node, "resync_s": str(RESYNC_S)}
+    rt1 = await start_service("node", params=params, cfg=ncfg)
+    m = VNetManager(cfg)
+    await m.__aenter__()
+    try:
+        for _ in range(1200):
+            if any(n.node == node for n in await m.nodes()):
+                break
+            await asyncio.sleep(0.05)
+        net = await m.create_network("drrnet", "10.153.0.0/24", None, "bridge", "peer_only")
+        cs = await asyncio.to_thread(lambda: [netns(n) for n in ("drra", "drrb")])
+        ags = await asyncio.to_thread(lambda: [Agent(c) for c in cs])
+        agents += ags
+        a, b = [await m.create_endpoint(c, net.id, node=node, wait=True, wait_timeout=30) for c in cs]
+        assert (a.status, b.status) == ("ready", "ready"), (a, b)
+        await until("peers reachable", lambda: tcp(ags[0], b, 1.0), time.perf_counter())
+        w1 = rt1.state["worker"]
+        await until("ruleset in force", lambda: bool(w1.policy and w1.policy.version), time.perf_counter())
+        await rt1.stop(drain_timeout=2.0)
+
+        rt2 = await start_service("node", params=params, cfg=ncfg)
+        w2 = rt2.state["worker"]
+
+        def resynced() -> bool:
+            return bool(w2.fetched and w2.counters.full_resyncs >= 1 and w2.policy and w2.policy.syncs >= 1)
+
+        await until("restarted worker's first resync", resynced, time.perf_counter())
+        s = await m.node_stats(node)
+        assert s.writes == 0 and s.last_full_writes == 0 and s.last_full_errors == 0, s
+        assert s.policy is not None and s.policy.applies == 0, s.policy
+        rep = await m.node_drift(node)
+        assert rep.watching and rep.total == 0, rep
+        assert await asyncio.to_thread(tcp, ags[0], b, 1.0)
+
+        since = time.time()
+        t0 = time.perf_counter()
+        proc = await asyncio.to_thread(subprocess.Popen, ["ip", "netns", "exec", host, "nft", "delete", "table",
+                                                           "bridge", "vnet"])
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        took = await until("bridge table restored", lambda: table_present(host, "bridge"), t0)
+        rep = await drift_record(m, node, "nft_table", since)
+        rec = rep.records[0]
+        assert (rec.sender.pid, rec.target) == (proc.pid, "bridge vnet"), rec
+        print(f"restarted worker: 0 writes, 0 applies; bridge table deleted -> restored in {took * 1000:.0f} ms")
+        assert took <= DRIFT_BOUND_S, took
+        assert w2.counters.full_resyncs == 1, "only the start-up resync ran"
+    finally:
+        await m.close()
+        await r.flushdb()
+        await r.aclose()

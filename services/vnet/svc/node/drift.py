@@ -225,8 +225,10 @@ class DriftMonitor:
                 if not naming.is_ours(c.name):
                     continue
                 self._last[c.name] = c
-                wanted = self._wanted() if wanted is None and (c.deleted or not c.up or c.master == 0) else wanted
-                got = wanted.get(c.name) if wanted is not None else None
+                got = None
+                if c.deleted or not c.up or c.master == 0:
+                    wanted = self._wanted() if wanted is None else wanted
+                    got = wanted.get(c.name)
                 kind: DriftKind = "link_deleted" if c.deleted else ("link_down" if not c.up else "link_master")
                 # only a veth has a master (its network's bridge): a bridge or VXLAN device up is fine
                 if got is not None and (kind != "link_master" or got[0] == "endpoint"):
