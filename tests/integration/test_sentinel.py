@@ -169,3 +169,47 @@ async def test_wait_cost(tmp_path: Path) -> None:
             await r.aclose()
     finally:
         group.stop()
+
+
+async def test_allocations_are_answered_once_the_replica_holds_them(tmp_path: Path, run_prefix: str) -> None:
+    """``redis_wait_replicas=1``: every acknowledged allocation is already on the replica;
+    with the replica frozen the answer waits out the WAIT timeout, is still given, and is
+    counted as short (a control without WAIT answers at once)."""
+    import signal
+
+    from vnet.adapters.ipam_store import pool_key
+    from vnet.core import ipam as core
+
+    group = cluster.start_valkey_sentinel(tmp_path / "vkr", replicas=1, sentinels=1)
+    try:
+        await _replica_in_sync(group)
+        primary = aioredis.Redis(port=group.primary.port)
+        replica = aioredis.Redis(port=group.replicas[0].port)
+        try:
+            waiting = IpamStore(primary, wait_replicas=1, wait_timeout_ms=400)
+            plain = IpamStore(primary)
+            nid = f"{run_prefix}-wait"
+            await waiting.create_pool(core.build_layout(nid, "10.81.0.0/24"))
+            own = pool_key(nid, 4, "own")
+            for i in range(40):
+                got = await waiting.allocate(nid, 4, f"o{i}")
+                assert await replica.hget(own, f"o{i}") is not None, f"o{i} acknowledged before the replica had it"
+                assert got.offset > 0
+            assert waiting._batch.short_waits == 0
+            group.replicas[0].proc.send_signal(signal.SIGSTOP)
+            try:
+                t0 = time.perf_counter()
+                await plain.allocate(nid, 4, "control")
+                plain_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                late = await waiting.allocate(nid, 4, "frozen-replica")
+                waited_s = time.perf_counter() - t0
+            finally:
+                group.replicas[0].proc.send_signal(signal.SIGCONT)
+            assert late.offset > 0 and waiting._batch.short_waits == 1
+            assert waited_s >= 0.35 and plain_s < waited_s, (plain_s, waited_s)
+        finally:
+            await primary.aclose()
+            await replica.aclose()
+    finally:
+        group.stop()

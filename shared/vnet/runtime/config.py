@@ -84,6 +84,11 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (its database number still counts) and a service follows a failover by asking them again.
     redis_sentinels: str | None = None
     redis_sentinel_service: str = "vnet"
+    # With replicas: an IPAM allocation or release is answered only once this many replicas
+    # hold it (WAIT, at most redis_wait_timeout_ms), so a failover cannot lose an
+    # acknowledged address and hand it out twice. 0: answered once the primary has it.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 500
 
     # Service runtime.
     max_inflight: int = 256
@@ -140,6 +145,9 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise E.make(E.INVALID_CONFIG, "max_inflight must be at least 1")
         if self.redis_max_connections is not None and self.redis_max_connections < 1:
             raise E.make(E.INVALID_CONFIG, "redis_max_connections must be at least 1 (or unset: max_inflight)")
+        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
+            raise E.make(E.INVALID_CONFIG, "redis_wait_replicas must be 0 or more and redis_wait_timeout_ms at "
+                         "least 1 (WAIT with 0 ms would block for ever)")
         for name in ("connect_timeout_s", "redis_timeout_s", "request_timeout_s"):
             if getattr(self, name) <= 0:
                 raise E.make(E.INVALID_CONFIG, f"{name} must be a positive number of seconds")
@@ -219,7 +227,7 @@ def local_stack_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]
     The keys are :class:`VNetConfig` fields; the state file decides which
     (``StackFile.connection_settings``), so credentials it records reach clients too.
     """
-    from vnet.runtime.stack import state  # the state file's format and liveness check live there
+    from vnet.runtime import stackfile as state  # the state file and liveness check (no cycle: it does not import us)
 
     try:
         running = state.running_stack(state.default_state_dir(env))
