@@ -14,6 +14,7 @@ docs/reliability.md. Everything lives in namespaces of this test.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
@@ -25,7 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import control_plane, fresh_db_config, requires_root
-from tests.netns.conftest import links
+from tests.netns.conftest import addrs, links
 from tests.netns.test_isolation import Agent
 from vnet import VNetManager
 from vnet.contracts.endpoint import EndpointInfo
@@ -91,6 +92,18 @@ class Prober:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def vnetctl(nats_url: str, *args: str) -> str:
+    """``vnetctl --nats URL ARGS`` in this process (click's runner); its standard output."""
+    from click.testing import CliRunner
+
+    from vnet.cli import main as cli_main
+
+    cli_main.register()
+    r = CliRunner().invoke(cli_main.cli, ["--nats", nats_url, *args], catch_exceptions=False)
+    assert r.exit_code == 0, (args, r.output)
+    return r.stdout
 
 
 async def drift_record(m: object, node: str, kind: str, since: float, timeout: float = 10.0) -> DriftReply:
@@ -182,17 +195,41 @@ async def test_drift_is_repaired_by_event_and_attributed(
         assert (rec.target, rec.owner) == (br, peer.id), rec
         figures["bridge: worker's own repair time"] = rec.repaired_s
 
+        # 4. The gateway address taken off a bridge: put back. Address changes carry the sender's
+        # netlink port id; `ip` autobinds its socket, so the kernel gives it the process's pid.
+        gw = "10.152.0.1/24"
+        since = time.time()
+        t0 = time.perf_counter()
+        proc = await asyncio.to_thread(subprocess.Popen, ["ip", "-n", host, "addr", "del", gw, "dev", br])
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        figures["gateway address removed -> back"] = await until(
+            "gateway back", lambda: (br, gw) in addrs(host), t0)
+        rep = await drift_record(m, node, "address_removed", since)
+        rec = next(r for r in rep.records if r.kind == "address_removed")
+        assert (rec.target, rec.owner, rec.sender.source) == (br, peer.id, "netlink port"), rec
+        assert rec.sender.port == proc.pid and rec.sender.pid in (0, proc.pid), rec
+        print(f"address removal by pid {proc.pid}: recorded as port {rec.sender.port}, pid {rec.sender.pid or '?'} "
+              f"({rec.sender.cmdline or 'exited before the lookup'})")
+
         for k, v in figures.items():
             print(f"{k}: {v * 1000:.0f} ms")
         assert w.counters.full_resyncs == base, "a full resync ran: the bound was not met by events alone"
         rep = await m.node_drift(node)
-        assert rep.watching and rep.total == 3 and [r.kind for r in rep.records] == [
-            "link_down", "link_deleted", "nft_table"], rep
+        assert rep.watching and rep.total == 4 and [r.kind for r in rep.records] == [
+            "address_removed", "link_down", "link_deleted", "nft_table"], rep
         counts = {(c.labels["kind"]): c.value for c in cp.node_rt.metrics.snapshot().counters
                   if c.name == "vnet_node_drift_repairs"}
-        assert counts == {"nft_table": 1, "link_deleted": 1, "link_down": 1}, counts
+        assert counts == {"nft_table": 1, "link_deleted": 1, "link_down": 1, "address_removed": 1}, counts
+
+        # The same through vnetctl: a table in a pipe, the records under --json.
+        table_pid = next(r.sender.pid for r in rep.records if r.kind == "nft_table")
+        out = await asyncio.to_thread(vnetctl, cp.cfg.nats_url, "node", "drift", node)
+        assert f"pid {table_pid} (nft delete table inet vnet)" in out and "link_deleted" in out, out
+        doc = json.loads(await asyncio.to_thread(vnetctl, cp.cfg.nats_url, "node", "drift", node, "--limit", "1",
+                                                 "--json"))
+        assert doc["total"] == 4 and [r["kind"] for r in doc["records"]] == ["address_removed"], doc
         for k in ("table deleted -> restored", "denied pair reachable for", "veth deleted -> re-created",
-                  "bridge down -> up"):
+                  "bridge down -> up", "gateway address removed -> back"):
             assert figures[k] <= DRIFT_BOUND_S, f"{k}: {figures[k]:.3f} s > {DRIFT_BOUND_S} s ({figures})"
 
 
