@@ -227,7 +227,7 @@ def local_stack_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]
     The keys are :class:`VNetConfig` fields; the state file decides which
     (``StackFile.connection_settings``), so credentials it records reach clients too.
     """
-    from vnet.runtime import stackfile as state  # the state file and liveness check (no cycle: it does not import us)
+    from vnet.runtime.stack import state  # the state file's format and liveness check live there
 
     try:
         running = state.running_stack(state.default_state_dir(env))
