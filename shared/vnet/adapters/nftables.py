@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,14 @@ import msgspec
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters.libnft import LibNft, NftCmdError
 from vnet.adapters.libnft import available as libnft_available
+from vnet.adapters.mvnft import MacvlanEnforcer, MvSyncResult
 from vnet.adapters.netlink.nsctx import ns_path
 from vnet.contracts import subjects
 from vnet.contracts.policy import RulesetReply, RulesetRequest
 from vnet.core import errors as E
 from vnet.core import nft as nftr
 from vnet.core.dataplane_model import Support
+from vnet.core.mvpolicy import MvLocal, MvPolicy
 from vnet.core.nft import FAMILIES, TABLE, render, render_delete
 from vnet.core.policy import PolicyEndpoint, Ruleset
 
@@ -451,6 +454,13 @@ class PolicyAgent:
         # (seq, added, ep, local, bridge) noted while a fetch is on its way (to rebase its reply on)
         self._ops: list[tuple[int, bool, PolicyEndpoint, bool, str]] = []
         self._fetching = 0
+        # macvlan endpoints: their tables in the container namespaces (vnet.core.mvpolicy), from the
+        # same fetch and the same noted deltas; the worker says which endpoints are macvlan ones
+        self.macvlan = MacvlanEnforcer(mechanism=mechanism)
+        self.mv_target: MvPolicy | None = None
+        self.mv_locals: dict[str, MvLocal] = {}
+        self.locals_source: Callable[[], dict[str, MvLocal]] | None = None
+        self.mv_last: MvSyncResult | None = None
 
     def start(self, *, enable: bool | None = None) -> Support:
         """Check support; turn br_netfilter on when it is off and ``enable`` (default: only
@@ -483,6 +493,12 @@ class PolicyAgent:
         rs = self._apply_op(self.target, added, ep, local, bridge)
         if rs is None:
             return False
+        self._refresh_locals()
+        mv = self.mv_target
+        if added and local and ep.id in self.mv_locals and (mv is None or mv.net(ep.network) is None):
+            return False  # the first macvlan endpoint of its network here: the engine places it
+        if mv is not None:
+            self.mv_target = mv.with_endpoint(ep) if added else mv.without_endpoint(ep)
         self._seq += 1
         if self._fetching:
             self._ops.append((self._seq, added, ep, local, bridge))
@@ -506,6 +522,7 @@ class PolicyAgent:
             rs = self.target  # the latest, under the lock: never an older state written last
             assert rs is not None
             res = self.enforcer.sync_ruleset(rs)
+            self._sync_macvlan(rs, check=False)
         self.syncs += 1
         self.wrote += int(res.wrote)
         self.deltas += int(res.wrote and not res.whole)
@@ -552,18 +569,42 @@ class PolicyAgent:
         if rep.ruleset is None:  # a policy service from before rulesets travelled structured
             return await self.enforcer.async_sync(rep.script, rep.version)
         rs = rep.ruleset
+        mv = rep.macvlan
         # rebase: what was noted while the reply was on its way stays (idempotent on a reply
         # that already has it)
         for _, added, ep, local, bridge in [o for o in self._ops if o[0] > seq0]:
             nxt = self._apply_op(rs, added, ep, local, bridge)
             if nxt is not None:
                 rs = nxt
+            if mv is not None:
+                mv = mv.with_endpoint(ep) if added else mv.without_endpoint(ep)
         self._ops = [o for o in self._ops if o[0] > seq0] if self._fetching else []
-        self.target, self.version = rs, rep.version
+        self._refresh_locals()
+        self.target, self.mv_target, self.version = rs, mv, rep.version
         return await asyncio.to_thread(self._apply_target, check)
 
     def _apply_target(self, check: bool) -> SyncResult:
         with self.enforcer._lock:
             rs = self.target
             assert rs is not None
-            return self.enforcer.sync_ruleset(rs, check=check)
+            res = self.enforcer.sync_ruleset(rs, check=check)
+            self._sync_macvlan(rs, check=check)
+            return res
+
+    # -- macvlan endpoints (their tables live in the container namespaces) ------------------
+    def _refresh_locals(self) -> None:
+        """On the event loop: which of the node's endpoints are macvlan ones, and where (a
+        snapshot: the kernel thread reads it, never the worker's own dicts)."""
+        if self.locals_source is not None:
+            self.mv_locals = self.locals_source()
+
+    def _sync_macvlan(self, rs: Ruleset, *, check: bool) -> None:
+        """In the kernel thread, under the enforcer's lock, after the host's tables: each macvlan
+        endpoint's table pair (one transaction per endpoint whose sets changed; none converged)."""
+        locs = self.mv_locals
+        if not locs and not self.macvlan._tables:
+            return
+        res = self.macvlan.sync(self.mv_target, rs, locs, check=check)
+        self.mv_last = res
+        if res.errors:
+            self.last_error = "; ".join(f"macvlan endpoint {k}: {v}" for k, v in sorted(res.errors.items()))[:500]

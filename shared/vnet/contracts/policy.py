@@ -16,6 +16,7 @@ from vnet.contracts.endpoint import EndpointInfo
 from vnet.contracts.messages import RequestId
 from vnet.contracts.network import NodeId
 from vnet.core.model import VirtualNetwork
+from vnet.core.mvpolicy import MvPolicy
 from vnet.core.policy import (
     AllowRule,
     Party,
@@ -134,6 +135,9 @@ class RulesetReply(msgspec.Struct, kw_only=True):
     endpoints: int
     rules: int
     ruleset: Ruleset | None = None  # when ``structured`` was asked
+    # when ``structured`` was asked and the node has macvlan endpoints: what their tables in the
+    # container namespaces need beyond ``ruleset`` (vnet.core.mvpolicy, the same engine)
+    macvlan: MvPolicy | None = None
 
 
 def policy_network(n: VirtualNetwork) -> PolicyNetwork:

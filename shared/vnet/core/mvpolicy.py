@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 
 from vnet.core import naming
+from vnet.core.dataplane_model import EpDesired, NetDesired
+from vnet.core.model import DriverType
 from vnet.core.nft import ND, SetDecl, _decl_text, _match, _script_elem, canon
 from vnet.core.policy import PolicyEndpoint, RuleLine, Ruleset
 
@@ -411,3 +413,15 @@ def delta(have: Mapping[tuple[str, str], frozenset[str] | set[str]], mv: MvPolic
             adds.append(f"add element {d.family} {name} {d.name} {{ "
                         + ", ".join(_script_elem(d, c) for c in new) + " }\n")
     return "".join(dels + adds), n
+
+
+def locals_from_desired(eps: Iterable[EpDesired], nets: Mapping[str, NetDesired]) -> dict[str, MvLocal]:
+    """The node's macvlan endpoints (its desired state) as the tables need them."""
+    out: dict[str, MvLocal] = {}
+    for e in eps:
+        n = nets.get(e.network_id)
+        if n is None or n.driver != DriverType.MACVLAN:
+            continue
+        ips = tuple(a.split("/")[0] for a in (e.ipv4, e.ipv6) if a)
+        out[e.id] = MvLocal(e.id, e.network_id, e.netns, e.ifname, e.mac, ips)
+    return out

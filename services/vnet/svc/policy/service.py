@@ -56,6 +56,8 @@ from vnet.contracts.policy import (
 )
 from vnet.core import errors as E
 from vnet.core import nft, reach
+from vnet.core.model import DriverType
+from vnet.core.mvpolicy import compile_macvlan
 from vnet.core.policy import AllowRule, Policy, Verdict, validate_rule
 from vnet.runtime.service import Ctx, ServiceDef
 
@@ -254,11 +256,13 @@ async def exposure(ctx: Ctx, req: ExposureRequest) -> ExposureReply:
 
 @SERVICE.op("ruleset.get", subjects.POLICY_RULESET, RulesetRequest)
 async def ruleset(ctx: Ctx, req: RulesetRequest) -> RulesetReply:
-    pol = await _policy(ctx, req.node)
+    pol, eps = await _load(ctx)
     rs = pol.compile(req.node)
     if req.structured:  # the node worker writes element deltas of it
+        # macvlan endpoints are enforced in their containers (vnet.core.mvpolicy): same engine
+        mv = compile_macvlan(pol, req.node, {e.network_id for e in eps if e.driver == DriverType.MACVLAN})
         return RulesetReply(node=req.node, version=rs.version(), script="", endpoints=len(rs.ports),
-                            rules=len(pol.rules), ruleset=rs)
+                            rules=len(pol.rules), ruleset=rs, macvlan=mv)
     script = nft.render(rs)
     version = hashlib.sha256(script.encode()).hexdigest()[:16]
     return RulesetReply(node=req.node, version=version, script=script, endpoints=len(rs.ports),
