@@ -69,16 +69,18 @@ async def until(what: str, cond: Callable[[], bool], t0: float, bound: float = 3
 
 
 class Prober:
-    """Probes a pair in a loop (its own thread); remembers when probes got through."""
+    """Probes a pair in ``n`` staggered loops (threads; the agent runs each probe in its own),
+    so a new connection is tried every ~T/n; remembers when probes got through."""
 
-    def __init__(self, a: Agent, dst: EndpointInfo) -> None:
+    def __init__(self, a: Agent, dst: EndpointInfo, n: int = 3) -> None:
         self.a, self.dst = a, dst
         self.through: list[float] = []  # perf_counter at the end of each probe that connected
         self.probes = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(i * T / n,), daemon=True) for i in range(n)]
 
-    def _run(self) -> None:
+    def _run(self, delay: float) -> None:
+        time.sleep(delay)
         while not self._stop.is_set():
             ok = tcp(self.a, self.dst)
             self.probes += 1
@@ -86,12 +88,14 @@ class Prober:
                 self.through.append(time.perf_counter())
 
     def __enter__(self) -> Prober:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        for t in self._threads:
+            t.join(timeout=30)
 
 
 def vnetctl(nats_url: str, *args: str) -> str:
@@ -224,10 +228,25 @@ async def test_drift_is_repaired_by_event_and_attributed(
         # The same through vnetctl: a table in a pipe, the records under --json.
         table_pid = next(r.sender.pid for r in rep.records if r.kind == "nft_table")
         out = await asyncio.to_thread(vnetctl, cp.cfg.nats_url, "node", "drift", node)
+        print(out)
         assert f"pid {table_pid} (nft delete table inet vnet)" in out and "link_deleted" in out, out
         doc = json.loads(await asyncio.to_thread(vnetctl, cp.cfg.nats_url, "node", "drift", node, "--limit", "1",
                                                  "--json"))
         assert doc["total"] == 4 and [r["kind"] for r in doc["records"]] == ["address_removed"], doc
+        # Control: the same deletion with the watch stopped leaves the pair open (so the probes
+        # above could have seen it) until a full resync restores the table.
+        await w.drift.stop()
+        proc = await asyncio.to_thread(subprocess.Popen, ["ip", "netns", "exec", host, "nft", "delete", "table",
+                                                           "inet", "vnet"])
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        t0 = time.perf_counter()
+        await until("open without the watch", lambda: tcp(ags[0], d2), t0, bound=10.0)
+        await asyncio.sleep(1.5)
+        assert not table_present(host), "nothing but the watch restores the table before the resync"
+        assert await asyncio.to_thread(tcp, ags[0], d2, 1.0), "still open"
+        await m.node_resync(node)
+        assert table_present(host) and not await asyncio.to_thread(tcp, ags[0], d2, 1.0)
+
         for k in ("table deleted -> restored", "denied pair reachable for", "veth deleted -> re-created",
                   "bridge down -> up", "gateway address removed -> back"):
             assert figures[k] <= DRIFT_BOUND_S, f"{k}: {figures[k]:.3f} s > {DRIFT_BOUND_S} s ({figures})"
