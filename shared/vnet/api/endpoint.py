@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 
 from vnet.api.base import ClientBase
-from vnet.api.network import parse_label_selector
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DEFAULT_WAIT_S,
@@ -47,10 +46,13 @@ from vnet.contracts.endpoint import (
     NodeStats,
     PortMapping,
     ResyncRequest,
+    TeardownReply,
+    TeardownRequest,
     merge_desired,
 )
 from vnet.contracts.messages import Empty
 from vnet.contracts.node import DriftReply, DriftRequest
+from vnet.core.labels import parse_selector
 
 
 class EndpointAPI(ClientBase):
@@ -94,7 +96,7 @@ class EndpointAPI(ClientBase):
                                   labels: Mapping[str, str] | Iterable[str] | None = None,
                                   status: EndpointState | None = None, limit: int = 1000,
                                   cursor: str | None = None) -> EndpointPage:
-        req = EndpointList(network=network, node=node, container=container, labels=parse_label_selector(labels),
+        req = EndpointList(network=network, node=node, container=container, labels=parse_selector(labels),
                            status=status, limit=limit, cursor=cursor)
         return await self.call(subjects.ENDPOINT_LIST, req, EndpointPage)
 
@@ -180,3 +182,10 @@ class EndpointAPI(ClientBase):
         changed, when, how long the repair took, and which process made the change when
         the kernel names it (``vnetctl node drift``)."""
         return await self.call(subjects.NODE_DRIFT, DriftRequest(limit=limit), DriftReply, params={"node": node})
+
+    async def node_teardown(self, node: str, *, deregister: bool = True, timeout: float = 60.0) -> TeardownReply:
+        """Make the node stop reconciling and remove everything it made (interfaces, macvlan
+        endpoints, nftables tables, wireguard-go); what it removed and every step that failed.
+        Its endpoint records stay (a restarted worker rebuilds them)."""
+        return await self.call(subjects.NODE_TEARDOWN, TeardownRequest(deregister=deregister), TeardownReply,
+                               params={"node": node}, timeout=timeout)

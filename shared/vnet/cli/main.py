@@ -56,7 +56,7 @@ class VNetCli(click.Group):
 
 # The last word of a subject that changes something: its trace id is printed (stderr).
 MUTATING_VERBS = frozenset({"create", "update", "delete", "connect", "disconnect", "add", "remove", "put",
-                            "request", "release", "exclude", "gc", "attach", "detach", "resync"})
+                            "request", "release", "exclude", "gc", "attach", "detach", "resync", "teardown"})
 
 
 def mutation_trace_ids(calls: Sequence[tuple[str, str | None]]) -> list[str]:
@@ -241,6 +241,7 @@ def register() -> None:
         endpoint,
         ipam,
         network,
+        node,
         node_drift,  # after node: adds `drift` to its group
         policy,
         reach,

@@ -297,6 +297,8 @@ class NodeRegister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     heartbeat_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
     version: Annotated[str, msgspec.Meta(max_length=64)] = ""
     isolation: Support | None = None  # stateful nftables filtering (br_netfilter on), or why not
+    # What the node can do beyond its drivers: "encrypted_overlay" (WireGuard), or why not.
+    capabilities: dict[str, Support] = {}
     # WireGuard mesh (encrypted overlays): only the public key ever leaves the node; the
     # registry answers with the node's mesh address (NodeRegistered.wg_address).
     wg_public_key: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")] | None = None
@@ -325,6 +327,7 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     alive: bool = True  # seen within 3 heartbeats
     endpoints: int = 0
     isolation: Support | None = None  # stateful nftables filtering available, or why not
+    capabilities: dict[str, Support] = {}  # "encrypted_overlay": WireGuard available, or why not
     wg_public_key: str | None = None  # its WireGuard public key (encrypted overlays)
     wg_address: str | None = None  # its address in the WireGuard mesh ("10.255.3.7/16"), unique per node
     wg_port: int = 51820
@@ -469,6 +472,22 @@ class ResyncRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Run a full resync now (fetch the desired state, reconcile the whole host)."""
 
     fetch: bool = True  # False: reconcile against the desired state it already has
+
+
+class TeardownRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``vnet.node.<node>.teardown``: the node stops reconciling and removes everything it made."""
+
+    deregister: bool = True  # also leave the registry at once (the other hosts drop this one's entries)
+
+
+class TeardownReply(msgspec.Struct, kw_only=True):
+    """What a node teardown removed, and every step that failed (it goes on past errors)."""
+
+    node: str
+    removed: list[str] = []  # "interface vnb-...", "wireguard-go vnw-...", "nftables tables", ...
+    errors: list[str] = []
+    ok: bool = True  # no error
+    duration_s: float = 0.0
 
 
 # --- events (vnet.evt.endpoint.<event>.<id>) ----------------------------------------------------

@@ -102,7 +102,7 @@ _NOT_FOR_CALLERS = (
 )
 # Operations of a node worker an operator may call (the endpoint service asks netns.check).
 _NODE_OPS = tuple(s.wildcard() for s in (subjects.NODE_HEALTH, subjects.NODE_STATS, subjects.NODE_RESYNC,
-                                         subjects.NODE_NETNS_CHECK, subjects.NODE_DRIFT))
+                                         subjects.NODE_NETNS_CHECK, subjects.NODE_TEARDOWN, subjects.NODE_DRIFT))
 # Maintenance an operator runs, not an application.
 _ADMIN_ONLY = (subjects.IPAM_GC.template, subjects.IPAM_CHECK.template)
 

@@ -137,6 +137,9 @@ NODE_STATS = Subject("vnet.node.{node}.stats")
 NODE_RESYNC = Subject("vnet.node.{node}.resync")
 # The drift the worker repaired (what changed, when, by which process): a bounded ring, newest first.
 NODE_DRIFT = Subject("vnet.node.{node}.drift.list")
+# Remove everything the node made in its kernel (interfaces, rules, wireguard-go) and stop
+# reconciling (`vnetctl node teardown`); `vnet-node --teardown` does the same locally.
+NODE_TEARDOWN = Subject("vnet.node.{node}.teardown")
 # The node reports each endpoint's state here; the endpoint service folds it into the record.
 # The node id is in the subject so the bus can hold a node to its own endpoints (see permissions).
 EVT_ENDPOINT_STATUS = Subject("vnet.evt.endpoint.status.{node}.{id}")

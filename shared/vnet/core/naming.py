@@ -126,12 +126,16 @@ def is_our_shim(name: str) -> bool:
 
 
 def is_our_wg(name: str) -> bool:
+    """A default WireGuard interface name. Not part of :func:`is_ours`: the planner deletes
+    every interface of :func:`is_ours` that no network wants, and the WireGuard interface
+    belongs to the node's WireGuard manager (vnet.adapters.wireguard), not to a network."""
     return _WG_RE.fullmatch(name) is not None
 
 
 def is_ours(name: str) -> bool:
-    """True only for names this module generates: teardown never touches others."""
-    return is_our_bridge(name) or is_our_veth(name) or is_our_vxlan(name) or is_our_shim(name) or is_our_wg(name)
+    """True only for the names of networks' and endpoints' interfaces this module generates:
+    teardown never touches others."""
+    return is_our_bridge(name) or is_our_veth(name) or is_our_vxlan(name) or is_our_shim(name)
 
 
 def check_ifname(name: str) -> str:

@@ -85,6 +85,11 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         p.add_argument("--underlay", help="this host's underlay address for overlays (default: found from routes)")
         p.add_argument("--underlay-ifname", help="the underlay interface (default: the one holding --underlay)")
         p.add_argument("--resync", type=float, help="full resync period in seconds (default 10)")
+        p.add_argument("--wg-ifname", help="the WireGuard interface of encrypted overlays (default: vnw- and a "
+                       "hash of the node id, unique per node: wireguard-go's control sockets share one directory)")
+        p.add_argument("--teardown", action="store_true",
+                       help="remove everything this node made (interfaces, macvlan endpoints, nftables tables, "
+                       "wireguard-go) and exit, with the worker stopped; 1 when a step failed (all are reported)")
         p.add_argument("--dns", action="store_true",
                        help="answer names on the gateway of every local network (docs/dns.md)")
         p.add_argument("--dns-domain", help="the domain of endpoint names (default vnet)")
@@ -133,6 +138,10 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
             params["cni"] = "on"
         if args.cni_socket:
             params["cni_socket"] = args.cni_socket
+        if args.wg_ifname:
+            params["wg_ifname"] = args.wg_ifname
+        if args.teardown:
+            return teardown_local(config, params)
     try:
         if node and args.simulate:
             if args.simulate < 1:
@@ -151,6 +160,31 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
         log.exception("%s crashed", svc)  # the supervisor sees the exit code; the log says why
         raise
     return 0
+
+
+def teardown_local(config: VNetConfig, params: dict[str, str]) -> int:
+    """``vnet-node --teardown``: the node's teardown done here, without the bus (the worker
+    stopped; ``vnetctl node teardown`` asks a running one). Every step is tried; the exit
+    code is 1 when one failed."""
+    lifecycle = importlib.import_module("vnet.svc.node.lifecycle")
+    worker = importlib.import_module("vnet.svc.node.worker")
+    node = params["node"]
+    ok, why = worker.dataplane_mode(config.host_netns)
+    if not ok:
+        print(f"vnet-node: cannot tear down node {node}: {why}", file=sys.stderr)
+        return 2
+    try:
+        ifname = lifecycle.wg_ifname(params, node)
+    except ValueError as exc:
+        print(f"vnet-node: --wg-ifname: {exc}", file=sys.stderr)
+        return 2
+    rep = lifecycle.teardown_host(config.host_netns, node, lifecycle.state_dir(config, node), ifname)
+    for item in rep.removed:
+        print(f"removed {item}")
+    for err in rep.errors:
+        print(f"error: {err}", file=sys.stderr)
+    print(f"node {node} torn down in {rep.duration_s:.2f} s: {len(rep.removed)} removed, {len(rep.errors)} error(s)")
+    return 0 if rep.ok else 1
 
 
 def service_main(argv: list[str] | None = None) -> None:

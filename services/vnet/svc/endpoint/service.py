@@ -287,6 +287,7 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
     info = NodeInfo(node=req.node, instance=req.instance, underlay=req.underlay, underlay_ifname=req.underlay_ifname,
                     host_netns=req.host_netns,
                     privileged=req.privileged, dataplane=req.dataplane, drivers=dict(req.drivers),
+                    capabilities=dict(req.capabilities),
                     kinds=dict(req.kinds), heartbeat_s=req.heartbeat_s, version=req.version,
                     registered_at=_now(), last_seen=time.time(), alive=True, isolation=req.isolation,
                     dns_domain=req.dns_domain, dns_search=list(req.dns_search), dns_options=list(req.dns_options))

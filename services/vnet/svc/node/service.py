@@ -13,7 +13,14 @@ import msgspec
 
 from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
-from vnet.contracts.endpoint import NetnsCheck, NetnsCheckReply, NodeStats, ResyncRequest
+from vnet.contracts.endpoint import (
+    NetnsCheck,
+    NetnsCheckReply,
+    NodeStats,
+    ResyncRequest,
+    TeardownReply,
+    TeardownRequest,
+)
 from vnet.contracts.messages import Empty
 from vnet.contracts.network import HostRoutesReply, HostRoutesReport
 from vnet.contracts.node import DriftReply, DriftRequest
@@ -217,6 +224,24 @@ async def drift_list(ctx: Ctx, req: DriftRequest) -> DriftReply:
 async def resync(ctx: Ctx, req: ResyncRequest) -> NodeStats:
     """Run a full resync now (fetch the desired state, reconcile the whole host); the stats after it."""
     return await _worker(ctx).request_resync(fetch=req.fetch)
+
+
+@SERVICE.op("teardown", subjects.NODE_TEARDOWN, TeardownRequest)
+async def teardown(ctx: Ctx, req: TeardownRequest) -> TeardownReply:
+    """Stop reconciling and remove everything this node made (interfaces, macvlan endpoints,
+    nftables tables, wireguard-go); every error is in the reply (it goes on past them). The
+    worker stays up, torn down, until its process is stopped (svc/node/lifecycle.py)."""
+    return await _worker(ctx).teardown(deregister=req.deregister)
+
+
+async def _teardown_check(rt: Runtime) -> tuple[str, str]:
+    w: NodeWorker | None = rt.state.get("worker")
+    if w is not None and w.torn_down:
+        return "teardown", "torn down: nothing is reconciled; stop this worker (or restart it to rebuild)"
+    return "teardown", "ok"
+
+
+SERVICE.health_checks.append(_teardown_check)
 
 
 # --- the node's resolver (dns.py): names that follow isolation, opt-in (`dns=on`) -------------

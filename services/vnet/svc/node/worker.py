@@ -88,6 +88,7 @@ from vnet.contracts.endpoint import (
     NodeRegistered,
     NodeStats,
     PolicyStats,
+    TeardownReply,
     merge_desired,
     remote_of,
     to_desired,
@@ -109,6 +110,7 @@ from vnet.core.dataplane_model import (
 from vnet.core.model import DriverType
 from vnet.core.plan import ep_owner
 from vnet.runtime.service import Runtime
+from vnet.svc.node import lifecycle
 from vnet.svc.node.dns import enabled as dns_enabled
 from vnet.svc.node.drift import DriftMonitor, NodeMetrics
 from vnet.telemetry import tracing
@@ -234,8 +236,12 @@ class NodeWorker:
         self.underlay = params.get("underlay") or rt.config.node_underlay
         self.underlay_ifname = params.get("underlay_ifname") or rt.config.node_underlay_ifname
         # WireGuard mesh (encrypted overlays): the key pair is made here, only the public key is
-        # published; the registry gives the mesh address. Hosts sharing a machine need distinct names.
-        self.wg_ifname = params.get("wg_ifname") or "vnwg0"
+        # published; the registry gives the mesh address. Hosts sharing a machine need distinct
+        # names: the default is one per node (lifecycle.wg_ifname), as is the state directory.
+        self.wg_ifname = lifecycle.wg_ifname(params, self.node)
+        self.state_dir = lifecycle.state_dir(rt.config, self.node)
+        self.encryption: Support | None = None  # encrypted overlays possible here (None: not checked yet)
+        self.torn_down = False  # `vnetctl node teardown`: nothing is reconciled any more
         self.wg_port = int(_float_param(params, "wg_port", 51820))
         self.wg_public_key: str | None = None
         self.wg_address: str | None = None
@@ -273,7 +279,7 @@ class NodeWorker:
             from vnet.svc.node.reconcile import Reconciler
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vnet-node-{self.node}")
-            self.rec = Reconciler(self.host_netns, node_name=self.node, state_dir=self.rt.config.node_state_dir,
+            self.rec = Reconciler(self.host_netns, node_name=self.node, state_dir=self.state_dir,
                                   max_namespaces=_socket_cache_size())
             log.info("node %s: managing %s (full resync every %.1fs)", self.node,
                      f"namespace {self.host_netns}" if self.host_netns else "the namespace it runs in", self.resync_s)
@@ -313,9 +319,23 @@ class NodeWorker:
 
     async def stop(self) -> None:
         """Stop following events and reconciling; the kernel keeps what it has (fail static)."""
+        await self._halt()
+        if self.rt.config.node_deregister_on_stop:
+            await self._deregister()
+        pool, self._pool = self._pool, None
+        if pool is not None:  # a reconcile still running in its thread finishes first
+            await asyncio.to_thread(pool.shutdown, True)
+        if self.rec is not None:
+            self.rec.close()
+            self.rec = None
+
+    async def _halt(self) -> None:
+        """Stop following events, kernel notifications (drift repairs would rebuild what a
+        teardown removes) and every loop (a reconcile running in the thread finishes)."""
         if self.drift is not None:
             await self.drift.stop()
-        for c in self._consumers:
+        consumers, self._consumers = self._consumers, []
+        for c in consumers:
             await c.stop(delete=True)
         for t in self._tasks:
             t.cancel()
@@ -326,14 +346,26 @@ class NodeWorker:
                 t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self.rt.config.node_deregister_on_stop:
+
+    async def teardown(self, *, deregister: bool = True) -> TeardownReply:
+        """Remove everything this node made (vnet.svc.node.lifecycle): stop reconciling first
+        (nothing is rebuilt), leave the registry, tear down in the kernel thread. The worker
+        stays up, answering health and stats as torn down, until its process is stopped."""
+        self.torn_down = True
+        await self._halt()
+        if deregister:
             await self._deregister()
-        pool, self._pool = self._pool, None
-        if pool is not None:  # a reconcile still running in its thread finishes first
-            await asyncio.to_thread(pool.shutdown, True)
-        if self.rec is not None:
-            self.rec.close()
-            self.rec = None
+        if self.rec is None:
+            return TeardownReply(node=self.node, ok=True,
+                                 errors=[] if not self.dataplane else ["the reconciler is already closed"])
+        agent = self.policy
+        reply: TeardownReply = await self._in_thread(
+            lambda: lifecycle.teardown_host(self.host_netns, self.node, self.state_dir, self.wg_ifname, rec=self.rec,
+                                            enforcer=agent.enforcer if agent is not None else None))
+        self.policy = None
+        log.warning("node %s torn down in %.2f s: %d removed, %d error(s)%s", self.node, reply.duration_s,
+                    len(reply.removed), len(reply.errors), "".join(f"\n  {e}" for e in reply.errors))
+        return reply
 
     async def _deregister(self) -> None:
         """Graceful stop: tell the endpoint service now, so the other hosts drop this one's
@@ -357,7 +389,7 @@ class NodeWorker:
             self.isolation = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
             return
         agent = PolicyAgent(self.rt.nc, node=self.node, host_netns=self.host_netns,
-                            timeout=self.rt.config.request_timeout_s, state_dir=self.rt.config.node_state_dir)
+                            timeout=self.rt.config.request_timeout_s, state_dir=self.state_dir)
         self.isolation = await asyncio.to_thread(agent.start)
         if not self.isolation.available:
             log.warning("node %s: isolation is not stateful here: %s", self.node, self.isolation.reason)
@@ -451,8 +483,8 @@ class NodeWorker:
         underlay = (Underlay(address=self.underlay, ifname=self.underlay_ifname, wg_address=self.wg_address,
                              wg_ifname=self.wg_ifname, wg_port=self.wg_port)
                     if self.underlay and self.underlay_ifname else None)
-        desired = NodeDesired(networks=list(self.nets.values()), endpoints=list(self.eps.values()),
-                              underlay=underlay, peers=list(self.peers))
+        nets, eps, refused = self._without_encryption(scope)
+        desired = NodeDesired(networks=nets, endpoints=eps, underlay=underlay, peers=list(self.peers))
         self.counters.reconciles += 1
         if self.rec is None:
             return self._without_dataplane(desired, scope)
@@ -463,8 +495,26 @@ class NodeWorker:
             result: ReconcileResult = await self._in_thread(step)
         else:
             result = await self._in_thread(self.rec.reconcile, desired, scope)
+        result.endpoints.update(refused)
         self.metrics.reconcile(scope, result)
         return result
+
+    def _without_encryption(self, scope: Scope | None) -> tuple[list[NetDesired], list[EpDesired],
+                                                                   dict[str, ObjectStatus]]:
+        """The desired networks and endpoints to realise, and the endpoints refused here: on a
+        node that cannot run encrypted overlays (no WireGuard), an encrypted network is not
+        built at all (never in clear) and its endpoints fail with ``encryption_unavailable``."""
+        nets, eps = list(self.nets.values()), list(self.eps.values())
+        sup = self.encryption
+        if sup is None or sup.available or self.rec is None:
+            return nets, eps, {}
+        enc = {n.id for n in nets if n.driver == DriverType.OVERLAY and n.encrypted}
+        if not enc:
+            return nets, eps, {}
+        st = ObjectStatus(state="failed", code=E.ENCRYPTION_UNAVAILABLE.code,
+                          reason=f"node {self.node} cannot run encrypted overlays: {sup.reason}")
+        refused = {e.id: st for e in eps if e.network_id in enc and (scope is None or e.id in scope.endpoints)}
+        return [n for n in nets if n.id not in enc], [e for e in eps if e.network_id not in enc], refused
 
     def _without_dataplane(self, desired: NodeDesired, scope: Scope | None) -> ReconcileResult:
         """Host-driver endpoints need nothing; every other one cannot be realised here."""
@@ -520,7 +570,7 @@ class NodeWorker:
         host = self.rec.observer.host_full()
         for name in sorted(host.links):
             link = host.links[name]
-            if name == "lo" or naming.is_ours(name):
+            if name == "lo" or naming.is_ours(name) or naming.is_our_wg(name):
                 continue
             for cidr in link.addrs:
                 ip = ipaddress.ip_interface(cidr).ip
@@ -564,6 +614,7 @@ class NodeWorker:
                            privileged=os.geteuid() == 0, dataplane=self.dataplane,
                            drivers=dict(pr.drivers) if pr else {}, kinds=dict(pr.kinds) if pr else {},
                            heartbeat_s=self.heartbeat_s, version=self.rt.defn.version, isolation=self.isolation,
+                           capabilities={"encrypted_overlay": self.encryption} if self.encryption else {},
                            wg_public_key=self.wg_public_key, wg_port=self.wg_port,
                            **self._dns_registration())
         reply, _ = await nats_adapter.request(self.rt.nc, subjects.NODE_REGISTER, req, NodeRegistered,
@@ -573,18 +624,24 @@ class NodeWorker:
         return reply
 
     async def _wg_key(self) -> None:
-        """This node's WireGuard public key (the key pair is generated on first use, the
-        private key stays in the node's state directory); none without wireguard-tools."""
+        """Whether this node can run encrypted overlays (registered as the capability
+        ``encrypted_overlay``) and its WireGuard public key (the key pair is generated on
+        first use, the private key stays in the node's state directory)."""
         if self.rec is None:
+            self.encryption = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
             return
-        if self.rt.config.node_state_dir is None:
-            log.info("node %s: no node_state_dir to keep a WireGuard key in, so no encrypted overlays here",
-                     self.node)
-            return
+        kinds = self.probe_result.kinds if self.probe_result is not None else {}
+        kmod = kinds.get("wireguard", Support(available=False)).available
         try:
-            self.wg_public_key = await self._in_thread(self.rec.wg_public_key, self.wg_ifname)
+            sup: Support = await self._in_thread(self.rec.wireguard.capability, self.wg_ifname, kmod)
+            if sup.available:
+                self.wg_public_key = await self._in_thread(self.rec.wg_public_key, self.wg_ifname)
         except Exception as exc:
-            log.info("node %s: no WireGuard key, so no encrypted overlays here: %s", self.node, exc)
+            sup = Support(available=False, reason=f"no WireGuard key pair: {exc}")
+        self.encryption = sup
+        if not sup.available:
+            log.warning("node %s: encrypted overlays unavailable here (their endpoints fail with %s): %s",
+                        self.node, E.ENCRYPTION_UNAVAILABLE.code, sup.reason)
 
     async def _heartbeat(self) -> None:
         await self._probe()
@@ -697,6 +754,8 @@ class NodeWorker:
 
     async def request_resync(self, fetch: bool = True) -> NodeStats:
         """A full resync now (queued behind what is already waiting); its stats."""
+        if self.torn_down:
+            raise E.make(E.UNAVAILABLE, f"node {self.node} was torn down; restart its worker to rebuild it")
         fut: asyncio.Future[NodeStats] = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(self._item(kind="resync", fetch=fetch, done=fut))
         return await fut
@@ -786,6 +845,12 @@ class NodeWorker:
         ctx = parent.ctx if parent is not None else None
         with tracer.start_as_current_span("node.resync", context=ctx,
                                           attributes={"vnet.node": self.node, "vnet.fetch": fetch}) as span:
+            if self.dataplane and not self.registered:
+                # The registration answers this node's WireGuard mesh address: a whole-host
+                # reconcile before it would take a restarted worker's encrypted overlays
+                # down (fail static). The heartbeat queues a resync once registered.
+                span.set_attribute("vnet.skipped", "not registered yet")
+                return
             if fetch:
                 await self._fetch()
             if not self.fetched:  # never reconcile the whole host against a state we do not have

@@ -1,0 +1,125 @@
+"""A node's defaults (state directory, WireGuard interface) and its teardown.
+
+**Defaults.** ``node_state_dir`` (the WireGuard private key, the nftables state of the
+last apply, the sub-interface ledger) defaults to ``$VNET_STATE_DIR/nodes/<node>`` when
+``VNET_STATE_DIR`` is set, else ``/var/lib/vnet/nodes/<node>`` for root and
+``$XDG_STATE_HOME/vnet/nodes/<node>`` (``~/.local/state/vnet/nodes/<node>``) for anyone
+else: one directory per node, so several node workers on one machine never share keys
+or ledgers. The WireGuard interface defaults to :func:`vnet.core.naming.wg_name` of the
+node id (``vnw-`` + 10 hex), unique per node, because wireguard-go's control socket
+``/var/run/wireguard/<ifname>.sock`` is shared by every namespace of the machine.
+
+**Teardown** (:func:`teardown_host`) removes everything the node made, going on past
+errors and reporting all of them (netavark's rule):
+
+1. every bridge, veth, VXLAN device and macvlan shim of ours in the host namespace, and
+   every macvlan/ipvlan endpoint of the sub-interface ledger in its container namespace
+   (:meth:`Reconciler.teardown`; a veth's container end goes with its host end);
+2. the WireGuard mesh: wireguard-go (and its guard) stopped whoever started it, the
+   interface deleted, the control socket removed;
+3. our nftables tables in the host namespace, and the saved state of the last apply;
+4. the ledger (it goes with its last entry).
+
+It keeps the node's WireGuard key pair (its identity: delete the state directory to
+forget it) and host sysctls (forwarding, br_netfilter: other software may rely on them).
+The records in the control plane stay: a worker started again on this host rebuilds
+what they describe. Two ways to run it: ``vnetctl node teardown NODE`` asks the running
+worker over NATS (``vnet.node.<node>.teardown``: it stops reconciling first, so nothing
+is rebuilt, deregisters, tears down and stays up answering health as "torn down" until
+its process is stopped); ``vnet-node --teardown`` does it locally, with the worker
+stopped (a node whose bus is gone, or whose worker will not start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vnet.contracts.endpoint import TeardownReply
+from vnet.core import naming
+from vnet.runtime.config import VNetConfig
+
+log = logging.getLogger(__name__)
+
+NFT_STATE = "nft-applied.json"  # NftEnforcer's saved state (vnet.adapters.nftables.PolicyAgent)
+
+
+def default_state_root(env: Mapping[str, str] | None = None) -> Path:
+    """Where node state directories live when ``node_state_dir`` is not set."""
+    env = os.environ if env is None else env
+    if env.get("VNET_STATE_DIR"):
+        return Path(env["VNET_STATE_DIR"]).expanduser() / "nodes"
+    if os.geteuid() == 0:
+        return Path("/var/lib/vnet/nodes")
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base).expanduser() / "vnet" / "nodes"
+
+
+def state_dir(config: VNetConfig, node: str, env: Mapping[str, str] | None = None) -> str:
+    """This node's state directory: ``node_state_dir``, else one of its own (module docstring)."""
+    if config.node_state_dir:
+        return config.node_state_dir
+    return str(default_state_root(env) / node.replace("/", "_"))
+
+
+def wg_ifname(params: Mapping[str, str], node: str) -> str:
+    """The WireGuard interface: ``--wg-ifname``, else the node's own default name."""
+    name = params.get("wg_ifname") or naming.wg_name(node)
+    return naming.check_ifname(name)
+
+
+def teardown_host(host_netns: str | None, node: str, state: str, ifname: str, *, rec: Any = None,
+                  enforcer: Any = None) -> TeardownReply:
+    """Remove everything node ``node`` made in ``host_netns`` (blocking; module docstring).
+    ``rec``/``enforcer``: the running worker's reconciler and nftables enforcer, else new
+    ones (they read the ledger and the saved state from ``state``)."""
+    from vnet.adapters.nftables import NftEnforcer, NftError
+    from vnet.svc.node.reconcile import Reconciler
+
+    t0 = time.perf_counter()
+    removed: list[str] = []
+    errors: list[str] = []
+    own_rec = rec is None
+    if rec is None:
+        rec = Reconciler(host_netns, node_name=node, state_dir=state)
+    try:
+        try:
+            r, e = rec.teardown()
+            removed += r
+            errors += e
+        except Exception as exc:  # go on: the other steps do not depend on this one
+            errors.append(f"interfaces: {type(exc).__name__}: {exc}")
+        try:
+            r, e = rec.wireguard.teardown(ifname)
+            removed += r
+            errors += e
+        except Exception as exc:
+            errors.append(f"WireGuard {ifname}: {type(exc).__name__}: {exc}")
+    finally:
+        if own_rec:
+            rec.close()
+    nft_state = Path(state) / NFT_STATE
+    own_enf = enforcer is None
+    try:
+        if enforcer is None:
+            enforcer = NftEnforcer(host_netns, state_file=nft_state)
+        if enforcer.read() is not None:
+            enforcer.delete()
+            removed.append("nftables tables")
+    except NftError as exc:
+        errors.append(f"nftables: {exc.message}")
+    except Exception as exc:
+        errors.append(f"nftables: {type(exc).__name__}: {exc}")
+    finally:
+        if own_enf and enforcer is not None:
+            enforcer.close()
+    try:  # the ledger went with its last entry (an entry left names an endpoint not removed)
+        nft_state.unlink(missing_ok=True)
+    except OSError as exc:
+        errors.append(f"cannot remove {nft_state}: {exc}")
+    return TeardownReply(node=node, removed=removed, errors=errors, ok=not errors,
+                         duration_s=round(time.perf_counter() - t0, 3))
