@@ -10,8 +10,9 @@ The module description's example works as written::
 takes its first usable address); ``driver`` / ``isolation`` ``None`` mean the
 *service's* configured defaults. Networks are named by id or name everywhere.
 
-The operations that can change reachability (``update_network`` with ``isolation``,
-``connect_networks`` / ``disconnect_networks``, the mesh operations) take ``dry_run=True``:
+The operations that can change reachability (``create_network`` / ``create_child_network``,
+``delete_network``, ``update_network`` with ``isolation``, ``connect_networks`` /
+``disconnect_networks``, the mesh operations) take ``dry_run=True``:
 nothing changes, and the reply is the record(s) as they would be with ``reply.reach``, the
 paths the change would open and close (:class:`vnet.core.reach.ReachDiff`). A real call's
 reply carries the same diff (``None`` when it could not be computed)::
@@ -23,6 +24,7 @@ reply carries the same diff (``None`` when it could not be computed)::
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Literal, overload
 
 from vnet.api.base import ClientBase
 from vnet.contracts import subjects
@@ -68,6 +70,7 @@ def parse_label_selector(selector: Mapping[str, str] | Iterable[str] | None) -> 
 
 class NetworkAPI(ClientBase):
     # -- lifecycle ---------------------------------------------------------------------------
+    @overload
     async def create_network(
         self,
         name: str,
@@ -85,22 +88,97 @@ class NetworkAPI(ClientBase):
         gateway_v6: str | None = None,
         prefix_len_v6: int | None = None,
         request_id: str | None = None,
-    ) -> VirtualNetwork:
-        """Create a network (module description's argument order)."""
+        dry_run: Literal[False] = False,
+    ) -> VirtualNetwork: ...
+
+    @overload
+    async def create_network(
+        self,
+        name: str,
+        cidr: str | None = None,
+        gateway: str | None = None,
+        driver: DriverType | str | None = None,
+        isolation: IsolationMode | str | None = None,
+        options: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        *,
+        parent: str | None = None,
+        prefix_len: int | None = None,
+        ipv6: bool | None = None,
+        cidr_v6: str | None = None,
+        gateway_v6: str | None = None,
+        prefix_len_v6: int | None = None,
+        request_id: str | None = None,
+        dry_run: Literal[True],
+    ) -> NetworkReply: ...
+
+    async def create_network(
+        self,
+        name: str,
+        cidr: str | None = None,
+        gateway: str | None = None,
+        driver: DriverType | str | None = None,
+        isolation: IsolationMode | str | None = None,
+        options: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        *,
+        parent: str | None = None,
+        prefix_len: int | None = None,
+        ipv6: bool | None = None,
+        cidr_v6: str | None = None,
+        gateway_v6: str | None = None,
+        prefix_len_v6: int | None = None,
+        request_id: str | None = None,
+        dry_run: bool = False,
+    ) -> VirtualNetwork | NetworkReply:
+        """Create a network (module description's argument order). ``dry_run=True``: create
+        nothing; the reply (a :class:`NetworkReply`) is the network as it would be and
+        ``reply.reach``, the paths creating it would open."""
         req = NetworkCreate(
             name=name, cidr=cidr, gateway=gateway,
             driver=None if driver is None else str(driver), isolation=None if isolation is None else str(isolation),
             options=dict(options or {}), labels=dict(labels or {}), parent=parent, prefix_len=prefix_len,
-            ipv6=ipv6, cidr_v6=cidr_v6, gateway_v6=gateway_v6, prefix_len_v6=prefix_len_v6, request_id=request_id)
-        return await self.call(subjects.NETWORK_CREATE, req, VirtualNetwork)
+            ipv6=ipv6, cidr_v6=cidr_v6, gateway_v6=gateway_v6, prefix_len_v6=prefix_len_v6, request_id=request_id,
+            dry_run=dry_run)
+        rep = await self.call(subjects.NETWORK_CREATE, req, NetworkReply)
+        if dry_run:
+            return rep
+        # The module description's call answers the network itself (equal to what get_network
+        # answers); the real create's diff travels in its ``created`` event.
+        fields = {f: getattr(rep, f) for f in VirtualNetwork.__struct_fields__}
+        return VirtualNetwork(**fields)
+
+    @overload
+    async def create_child_network(self, parent: str, name: str, cidr: str | None = None,
+                                   gateway: str | None = None, driver: DriverType | str | None = None,
+                                   isolation: IsolationMode | str | None = None,
+                                   options: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
+                                   *, prefix_len: int | None = None, ipv6: bool | None = None,
+                                   cidr_v6: str | None = None, request_id: str | None = None,
+                                   dry_run: Literal[False] = False) -> VirtualNetwork: ...
+
+    @overload
+    async def create_child_network(self, parent: str, name: str, cidr: str | None = None,
+                                   gateway: str | None = None, driver: DriverType | str | None = None,
+                                   isolation: IsolationMode | str | None = None,
+                                   options: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
+                                   *, prefix_len: int | None = None, ipv6: bool | None = None,
+                                   cidr_v6: str | None = None, request_id: str | None = None,
+                                   dry_run: Literal[True]) -> NetworkReply: ...
 
     async def create_child_network(self, parent: str, name: str, cidr: str | None = None, gateway: str | None = None,
                                    driver: DriverType | str | None = None,
                                    isolation: IsolationMode | str | None = None,
                                    options: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
                                    *, prefix_len: int | None = None, ipv6: bool | None = None,
-                                   cidr_v6: str | None = None, request_id: str | None = None) -> VirtualNetwork:
-        """A network whose subnet is carved from (or given inside) ``parent``'s."""
+                                   cidr_v6: str | None = None, request_id: str | None = None,
+                                   dry_run: bool = False) -> VirtualNetwork | NetworkReply:
+        """A network whose subnet is carved from (or given inside) ``parent``'s (``dry_run``: as
+        :meth:`create_network`)."""
+        if dry_run:
+            return await self.create_network(name, cidr, gateway, driver, isolation, options, labels, parent=parent,
+                                             prefix_len=prefix_len, ipv6=ipv6, cidr_v6=cidr_v6, request_id=request_id,
+                                             dry_run=True)
         return await self.create_network(name, cidr, gateway, driver, isolation, options, labels, parent=parent,
                                          prefix_len=prefix_len, ipv6=ipv6, cidr_v6=cidr_v6, request_id=request_id)
 
@@ -144,10 +222,12 @@ class NetworkAPI(ClientBase):
         return await self.call(subjects.NETWORK_UPDATE, req, NetworkReply)
 
     async def delete_network(self, network: str, *, force: bool = False,
-                             request_id: str | None = None) -> NetworkDeleted:
-        """Refused (``network_in_use``) while endpoints exist unless ``force``."""
+                             request_id: str | None = None, dry_run: bool = False) -> NetworkDeleted:
+        """Refused (``network_in_use``) while endpoints exist unless ``force``. ``dry_run``:
+        delete nothing; ``reply.reach`` says what deleting would close."""
         return await self.call(subjects.NETWORK_DELETE,
-                               NetworkDelete(network=network, force=force, request_id=request_id), NetworkDeleted,
+                               NetworkDelete(network=network, force=force, request_id=request_id, dry_run=dry_run),
+                               NetworkDeleted,
                                timeout=max(self.config.request_timeout_s, 30.0) if force else None)
 
     # -- topology ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from vnet.cli.reach import dry_run_option, network_names, show_reach
 from vnet.client import VNetManager
 from vnet.contracts.network import MeshGroup, NetworkDeleted, NetworkReply
 from vnet.core import topology
+from vnet.core.errors import VNetError
 from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
 from vnet.core.reach import ReachDiff
 
@@ -97,23 +98,37 @@ def network() -> None:
 @click.option("--gateway-v6", default=None, help="IPv6 gateway (default: the first usable address).")
 @click.option("--prefix-len-v6", type=click.IntRange(1, 128), default=None, help="Size of an automatic IPv6 subnet.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@dry_run_option
 @click.pass_context
 def create_cmd(ctx: click.Context, name: str, cidr: str | None, gateway: str | None, driver: str | None,
                isolation: str | None, opts: tuple[str, ...], labels: tuple[str, ...], parent: str | None,
                prefix_len: int | None, ipv6: bool | None, cidr_v6: str | None, gateway_v6: str | None,
-               prefix_len_v6: int | None, as_json: bool) -> None:
-    """Create network NAME."""
+               prefix_len_v6: int | None, as_json: bool, dry_run: bool) -> None:
+    """Create network NAME (--dry-run: print the subnet it would get and the paths creating
+    it would open; nothing changes)."""
     options, lbls = _pairs(opts, "--opt"), _pairs(labels, "--label")
     cfg = load_config(ctx)
-    net = run_async(lambda m: m.create_network(
-        name, cidr, gateway, driver, isolation, options, lbls, parent=parent, prefix_len=prefix_len, ipv6=ipv6,
-        cidr_v6=cidr_v6, gateway_v6=gateway_v6, prefix_len_v6=prefix_len_v6), cfg)
+
+    async def go(m: VNetManager) -> tuple[VirtualNetwork, ReachDiff | None, dict[str, str]]:
+        args = (name, cidr, gateway, driver, isolation, options, lbls)
+        kw: dict[str, Any] = dict(parent=parent, prefix_len=prefix_len, ipv6=ipv6, cidr_v6=cidr_v6,
+                                  gateway_v6=gateway_v6, prefix_len_v6=prefix_len_v6)
+        if not dry_run:
+            return await m.create_network(*args, **kw), None, {}
+        would = await m.create_network(*args, **kw, dry_run=True)
+        return would, would.reach, {} if as_json else await network_names(m, would.reach)
+
+    net, diff, names = run_async(go, cfg)
     if as_json:
         print_json(net)
         return
     v6 = f" + {net.cidr_v6}" if net.cidr_v6 else ""
-    console.print(f"created network [bold]{escape(net.name)}[/bold] {net.id} {net.cidr}{v6} gateway {net.gateway} "
-                  f"({net.driver_type.value}, {net.isolation_mode.value})")
+    verb = "would create" if dry_run else "created"
+    ident = "" if dry_run else f" {net.id}"
+    console.print(f"{verb} network [bold]{escape(net.name)}[/bold]{ident} {net.cidr}{v6} gateway {net.gateway} "
+                  f"({net.driver_type.value}, {net.isolation_mode.value})"
+                  + (f" in parent {escape(net.parent)}" if net.parent else ""))
+    show_reach(diff, dry_run=dry_run, names=names)
 
 
 @network.command("ls")
@@ -201,22 +216,37 @@ def update_cmd(ctx: click.Context, network_ref: str, labels: tuple[str, ...], un
 @click.argument("networks", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True, help="Also delete the networks' endpoints.")
 @click.option("--json", "as_json", is_flag=True)
+@dry_run_option
 @click.pass_context
-def rm_cmd(ctx: click.Context, networks: tuple[str, ...], force: bool, as_json: bool) -> None:
-    """Delete networks (refused while they have endpoints, unless --force)."""
+def rm_cmd(ctx: click.Context, networks: tuple[str, ...], force: bool, as_json: bool, dry_run: bool) -> None:
+    """Delete networks (refused while they have endpoints, unless --force; --dry-run: print
+    the paths deleting each would close; nothing changes)."""
     cfg = load_config(ctx)
 
-    results = run_async(lambda m: each(networks, lambda n: m.delete_network(n, force=force)), cfg)
+    async def go(m: VNetManager) -> tuple[list[NetworkDeleted | VNetError], dict[str, str]]:
+        res = await each(networks, lambda n: m.delete_network(n, force=force, dry_run=dry_run))
+        names: dict[str, str] = {}
+        if dry_run and not as_json:
+            for d in res:
+                if isinstance(d, NetworkDeleted) and d.reach is not None and (d.reach.opened or d.reach.closed):
+                    names = {n.id: n.name for n in await m.all_networks()}
+                    break
+        return res, names
+
+    results, names = run_async(go, cfg)
     errors = report_batch(networks, results, NetworkDeleted, as_json=as_json)
     for d in results if not as_json else ():
         if not isinstance(d, NetworkDeleted):
             continue
-        extra = f", {len(d.endpoints_deleted)} endpoint(s) deleted" if d.endpoints_deleted else ""
-        if d.children_detached:
-            extra += f", {len(d.children_detached)} child network(s) now top-level"
-        console.print(f"deleted network [bold]{escape(d.network.name)}[/bold] {d.network.id}{extra}")
+        n_eps, n_kids = len(d.endpoints_deleted), len(d.children_detached)
+        verb = "would delete" if dry_run else "deleted"
+        extra = f", {n_eps} endpoint(s) {'would be ' if dry_run else ''}deleted" if n_eps else ""
+        if n_kids:
+            extra += f", {n_kids} child network(s) {'would be' if dry_run else 'now'} top-level"
+        console.print(f"{verb} network [bold]{escape(d.network.name)}[/bold] {d.network.id}{extra}")
         for w in d.warnings:
             output.warn(w)
+        show_reach(d.reach, dry_run=dry_run, names=names)
     if errors:
         sys.exit(output.EXIT_ERROR)
 

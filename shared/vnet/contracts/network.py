@@ -52,6 +52,9 @@ class NetworkCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefix_len_v6: PrefixV6 | None = None
     parent: NetRef | None = None  # create as a child of this network
     request_id: RequestId | None = None
+    # Change nothing; answer the network as it would be (subnet carved as the real create
+    # would now; id and VNI are placeholders) and ``reach``, the paths creating it opens.
+    dry_run: bool = False
 
 
 class NetworkRef(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -87,9 +90,10 @@ class NetworkUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class NetworkReply(VirtualNetwork, kw_only=True):
-    """The network after an update (on a dry run: as it would be) and the paths the change
-    opens and closes (``reach``: an isolation change; ``null`` when nothing reachability-related
-    changed or the fabric could not be read). The ``updated`` event carries the same diff."""
+    """The network after a create or an update (on a dry run: as it would be) and the paths
+    the change opens and closes (``reach``: a create, an isolation change; ``null`` when nothing
+    reachability-related changed or the fabric could not be read). The ``created`` /
+    ``updated`` event carries the same diff."""
 
     dry_run: bool = False
     reach: ReachDiff | None = None
@@ -102,15 +106,21 @@ class NetworkDelete(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     network: NetRef
     force: bool = False
     request_id: RequestId | None = None
+    dry_run: bool = False  # change nothing; answer what deleting would close (``reach``)
 
 
 class NetworkDeleted(msgspec.Struct, kw_only=True):
-    """Reply of a delete and payload of the ``deleted`` event."""
+    """Reply of a delete and payload of the ``deleted`` event (on a dry run: what would be
+    deleted and detached). ``reach``: the paths the delete closes (its endpoints' and the
+    parent/child, connection and mesh relations it ends); ``null`` when the fabric could not
+    be read."""
 
     network: VirtualNetwork  # as it was, relations included
     endpoints_deleted: list[str] = []
     children_detached: list[str] = []  # former children, now top-level networks
     warnings: list[str] = []
+    dry_run: bool = False
+    reach: ReachDiff | None = None
 
 
 class NetworkPair(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -207,7 +217,7 @@ class NetworkEvent(msgspec.Struct, kw_only=True):
 
     network: VirtualNetwork
     changes: list[str] = []  # for ``updated``: labels, isolation, parent, ...
-    reach: ReachDiff | None = None  # an isolation change: the paths it opened and closed
+    reach: ReachDiff | None = None  # a create or an isolation change: the paths it opened and closed
 
 
 class ConnectionEvent(msgspec.Struct, kw_only=True):

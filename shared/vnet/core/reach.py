@@ -365,8 +365,11 @@ def diff(before: Policy, after: Policy) -> ReachDiff:
         found += _pair(sb, sa, s, d)
     groups: dict[tuple[bool, str, str, str], list[Path]] = {}
     for p in found:
-        pol = after if (p.src in after.endpoints or p.dst in after.endpoints) else before
-        key = (p.opened, _label(pol, p.src, ext), _label(pol, p.dst, ext), p.ports())
+        # each side from the snapshot that has it (an endpoint deleted by the change is
+        # only in ``before``, one created only in ``after``): never "external" for an endpoint
+        src = _label(after if p.src in after.endpoints else before, p.src, ext)
+        dst = _label(after if p.dst in after.endpoints else before, p.dst, ext)
+        key = (p.opened, src, dst, p.ports())
         groups.setdefault(key, []).append(p)
     out = ReachDiff(pairs=len(todo))
     for (opened, s, d, ports), ps in groups.items():
@@ -418,6 +421,31 @@ def connection_changed(a: PolicyNetwork, b: PolicyNetwork, on: bool) -> tuple[Po
         rest = tuple(c for c in x.connected if c != other)
         return msgspec.structs.replace(x, connected=tuple(sorted((*rest, other))) if on else rest)
     return one(a, b.id), one(b, a.id)
+
+
+def child_added(parent: PolicyNetwork, child: PolicyNetwork) -> tuple[PolicyNetwork, PolicyNetwork]:
+    """A child network created under ``parent`` (both records as the network service stores
+    them: the child names its parent, the parent lists its children)."""
+    kids = tuple(sorted({*parent.children, child.id}))
+    return (msgspec.structs.replace(parent, children=kids), msgspec.structs.replace(child, parent=parent.id))
+
+
+def without_network(pol: Policy, net_id: str) -> Policy:
+    """``pol`` after network ``net_id`` is deleted (as the network service does it): its
+    endpoints go with it (a forced delete), its children become top-level networks, and its
+    parent, connected peers and mesh groups forget it. Rules stay (a selector naming it then
+    selects nothing)."""
+    nets = []
+    for n in pol.networks.values():
+        if n.id == net_id:
+            continue
+        if net_id in n.connected or net_id in n.children or n.parent == net_id:
+            n = msgspec.structs.replace(n, connected=tuple(c for c in n.connected if c != net_id),
+                                        children=tuple(c for c in n.children if c != net_id),
+                                        parent=None if n.parent == net_id else n.parent)
+        nets.append(n)
+    eps = [e for e in pol.endpoints.values() if e.network != net_id]
+    return Policy(nets, eps, pol.rules)
 
 
 def mesh_changed(n: PolicyNetwork, mesh: str, member: bool) -> PolicyNetwork:

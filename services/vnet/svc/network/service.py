@@ -22,7 +22,8 @@ Decisions worth knowing (details in ``docs/networks.md``):
   network's subnet is not handed out again while other space is free. It skips existing
   networks and the prefixes node workers report from their hosts; a concurrent winner
   is seen on the retry.
-* **Reachability** — update (isolation), connect / disconnect and the mesh operations take
+* **Reachability** — create (a child carved from its parent, or any network), delete,
+  update (isolation), connect / disconnect and the mesh operations take
   ``dry_run``: nothing changes and the reply is the record(s) as they would be with
   ``reach``, the paths the change would open and close (:func:`vnet.core.reach.diff` over
   the fabric: networks from this store, endpoints and rules from their services). A real
@@ -521,16 +522,16 @@ async def _sync_parent_exclusions(ctx: Ctx, parent: VirtualNetwork, children: li
 
 
 @SERVICE.op("create", subjects.NETWORK_CREATE, NetworkCreate)
-async def create(ctx: Ctx, req: NetworkCreate) -> VirtualNetwork:
+async def create(ctx: Ctx, req: NetworkCreate) -> NetworkReply:
     st = _store(ctx)
     cfg = ctx.rt.config
     rid = f"create:{req.request_id}" if req.request_id else None
-    if rid is not None:
+    if rid is not None and not req.dry_run:
         prev = await st.idem_get(rid)
         if prev is not None:
             net = await st.get(prev.decode())
             if net is not None:
-                return net
+                return _net_reply(net)
     driver = drivers.parse_driver(req.driver) if req.driver is not None else cfg.default_driver
     isolation = topology.parse_isolation(req.isolation) if req.isolation is not None else cfg.default_isolation
     options = drivers.validate_options(driver, req.options)
@@ -550,6 +551,9 @@ async def create(ctx: Ctx, req: NetworkCreate) -> VirtualNetwork:
             await _precheck_overlap(st, scope, w.given, parent)
     if await st.count() >= cfg.max_networks:
         raise _limit(cfg.max_networks, await st.count())
+    if req.dry_run:  # no idempotency record and no lock: a dry run changes nothing
+        would = await _would_create(st, req, wants, scope, parent, driver, isolation, options)
+        return _net_reply(would, dry_run=True, diff=await _reach_create(ctx, would, parent, must=True))
 
     lock = f"children:{parent.id}" if parent is not None else None
     token = await _with_lock(st, lock, f"the children of {parent.name!r}") if lock and parent else None
@@ -558,12 +562,80 @@ async def create(ctx: Ctx, req: NetworkCreate) -> VirtualNetwork:
     finally:
         if lock and token:
             await st.unlock(lock, token)
-    await _event(ctx, "created", net.id, NetworkEvent(network=net), msg_id=f"network.created.{net.id}")
+    # A child: after the commit (the id and subnet exist only now), the fabric with it against
+    # the fabric without it — the same engine and question as the dry run. A top-level network
+    # relates to nothing when created, so its diff is empty by construction: no fabric read
+    # (a read of every network and endpoint) on the common path.
+    diff = await _reach_create(ctx, net, None, must=False) if parent is not None else None
+    await _event(ctx, "created", net.id, NetworkEvent(network=net, reach=diff), msg_id=f"network.created.{net.id}")
     if parent is not None:
         p = await st.get(parent.id)
         if p is not None:
             await _event(ctx, "updated", p.id, NetworkEvent(network=p, changes=["children"]))
-    return net
+    return _net_reply(net, diff=diff)
+
+
+async def _would_create(st: NetworkStore, req: NetworkCreate, wants: list[_Want], scope: str,
+                        parent: VirtualNetwork | None, driver: DriverType, isolation: IsolationMode,
+                        options: dict[str, str]) -> VirtualNetwork:
+    """The record a create would make now: the given subnet, or the one carving picks (a
+    concurrent create may take it first; the real create then carves the next)."""
+    host = await _host_taken(st) if parent is None and any(w.given is None for w in wants) else []
+    chosen: dict[int, tuple[addr.IPNet, addr.IPAddr]] = {}
+    for w in wants:
+        if w.given is not None:
+            net = w.given
+            gw = addr.parse_gateway(w.gateway, net) if w.gateway else addr.default_gateway(net)
+        else:
+            extra = list(host)
+            if parent is not None:
+                space = _parent_space(parent, w.family)
+                assert space is not None
+                extra.append(addr.parse_prefix(f"{space[1]}/{space[1].max_prefixlen}"))
+            net = await _carve(st, w, scope, extra)
+            gw = addr.default_gateway(net)
+        chosen[w.family] = (net, gw)
+    net4, gw4 = chosen[4]
+    net6, gw6 = chosen.get(6, (None, None))
+    now = _now()
+    return VirtualNetwork(id=new_id(), name=req.name, cidr=str(net4), gateway=str(gw4), driver_type=driver,
+                          isolation_mode=isolation, options=options, labels=dict(req.labels), created_at=now,
+                          updated_at=now, cidr_v6=str(net6) if net6 else None, gateway_v6=str(gw6) if gw6 else None,
+                          parent=parent.id if parent is not None else None)
+
+
+async def _reach_create(ctx: Ctx, net: VirtualNetwork, parent: VirtualNetwork | None, *,
+                        must: bool) -> reach.ReachDiff | None:
+    """What creating ``net`` opens. ``parent`` given (a dry run): the fabric now against the
+    fabric with ``net`` added under it; None (after the commit): the fabric without ``net``
+    against the fabric now."""
+    try:
+        now = await _fabric(ctx)
+        if parent is not None:
+            pp, pc = reach.child_added(PolicyNetwork.from_record(parent), PolicyNetwork.from_record(net))
+            before, after = now, reach.with_networks(now, [pp, pc])
+        elif net.id in now.networks:
+            before, after = reach.without_network(now, net.id), now
+        else:  # a dry run of a top-level network
+            before, after = now, reach.with_networks(now, [PolicyNetwork.from_record(net)])
+        return await asyncio.to_thread(reach.diff, before, after)
+    except Exception as exc:
+        if must:
+            raise
+        log.warning("no reachability diff for the create of %s: %s", net.id, exc)
+        return None
+
+
+async def _reach_delete(ctx: Ctx, net: VirtualNetwork, *, must: bool) -> reach.ReachDiff | None:
+    """What deleting ``net`` (its endpoints with it) closes."""
+    try:
+        now = await _fabric(ctx)
+        return await asyncio.to_thread(reach.diff, now, reach.without_network(now, net.id))
+    except Exception as exc:
+        if must:
+            raise
+        log.warning("no reachability diff for the delete of %s: %s", net.id, exc)
+        return None
 
 
 def _name_taken(name: str, holder: str) -> E.VNetError:
@@ -844,6 +916,10 @@ async def delete(ctx: Ctx, req: NetworkDelete) -> NetworkDeleted:
             raise E.make(E.NETWORK_IN_USE, f"network {net.name!r} has {len(eps)} endpoint(s) ({shown}); detach them "
                          "first, or delete with force (`vnetctl network rm --force`) to remove them too",
                          network=net.id, endpoints=len(eps))
+        if req.dry_run:
+            return NetworkDeleted(network=net, endpoints_deleted=eps, children_detached=list(net.children),
+                                  dry_run=True, reach=await _reach_delete(ctx, net, must=True))
+        diff = await _reach_delete(ctx, net, must=False)
         done: list[str] = []
         for _ in range(3):
             if not eps:
@@ -876,7 +952,7 @@ async def delete(ctx: Ctx, req: NetworkDelete) -> NetworkDeleted:
             warnings.append(w)
         await st.drop_endpoints_set(net.id)
         reply = NetworkDeleted(network=deleted.network, endpoints_deleted=done, children_detached=deleted.children,
-                               warnings=warnings)
+                               warnings=warnings, reach=diff)
         await _event(ctx, "deleted", net.id, reply, msg_id=f"network.deleted.{net.id}")
         for child in await st.get_many(deleted.children):
             if child is not None:
@@ -889,6 +965,8 @@ async def delete(ctx: Ctx, req: NetworkDelete) -> NetworkDeleted:
                              MeshEvent(mesh=g.name, members=list(g.members), network=net.id))
         return reply
 
+    if req.dry_run:  # no idempotency record: a dry run changes nothing, repeating it is free
+        return await go()
     return await _idempotent(ctx, "delete", req.request_id, NetworkDeleted, go)
 
 
