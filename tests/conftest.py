@@ -50,6 +50,14 @@ def tmp_root() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_state_dirs() -> Iterator[None]:
+    """Node workers started without node_state_dir (nor VNET_STATE_DIR) keep their state in
+    /tmp/<prefix>-nodes/<node> under the test suite (vnet.svc.node.lifecycle): removed here."""
+    yield
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"{RUN_PREFIX}-nodes", ignore_errors=True)
+
+
 # The session's servers require credentials, as every deployment does (docs/security.md):
 # one identity per server here (the per-role matrix has its own tests, test_security.py), in
 # the URLs every test and process of the run is given, so nothing connects anonymously.

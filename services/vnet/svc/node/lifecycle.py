@@ -4,7 +4,8 @@
 last apply, the sub-interface ledger) defaults to ``$VNET_STATE_DIR/nodes/<node>`` when
 ``VNET_STATE_DIR`` is set, else ``/var/lib/vnet/nodes/<node>`` for root and
 ``$XDG_STATE_HOME/vnet/nodes/<node>`` (``~/.local/state/vnet/nodes/<node>``) for anyone
-else: one directory per node, so several node workers on one machine never share keys
+else (under the test suite, ``VNET_RUN_PREFIX`` set: ``/tmp/<prefix>-nodes/<node>``): one
+directory per node, so several node workers on one machine never share keys
 or ledgers. The WireGuard interface defaults to :func:`vnet.core.naming.wg_name` of the
 node id (``vnw-`` + 10 hex), unique per node, because wireguard-go's control socket
 ``/var/run/wireguard/<ifname>.sock`` is shared by every namespace of the machine.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +55,10 @@ def default_state_root(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get("VNET_STATE_DIR"):
         return Path(env["VNET_STATE_DIR"]).expanduser() / "nodes"
+    if env.get("VNET_RUN_PREFIX"):
+        # Test-safety latch (as for the data plane, worker.dataplane_mode): a test run never
+        # writes below /var/lib or a home directory; tests/conftest.py removes this at the end.
+        return Path(tempfile.gettempdir()) / f"{env['VNET_RUN_PREFIX']}-nodes"
     if os.geteuid() == 0:
         return Path("/var/lib/vnet/nodes")
     base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
