@@ -142,8 +142,10 @@ async def test_drift_is_repaired_by_event_and_attributed(
         assert {e.status for e in (d1, d2, p1, p2)} == {"ready"}, (d1, d2, p1, p2)
         await until("peers reachable", lambda: tcp(ags[2], p2, 1.0), time.perf_counter())
         assert not await asyncio.to_thread(tcp, ags[0], d2, 1.0), "a Full network's peers must be denied"
-        # Our own writes (two networks, four endpoints, their rules) are no drift.
+        # Our own writes (two networks, four endpoints, their rules) are no drift, and cost no
+        # repair reconcile (the notifications were heard: the watch is not idle).
         assert (await m.node_drift(node)).total == 0
+        assert w.drift.notifications > 0 and w.drift.reconciles == 0, vars(w.drift)
         base = w.counters.full_resyncs
         figures: dict[str, float] = {}
 

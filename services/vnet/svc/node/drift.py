@@ -148,7 +148,9 @@ class DriftMonitor:
         self._nft: list[Suspect] = []
         self._nft_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.notifications = 0
+        self.notifications = 0  # link/address/nftables changes read
+        self.checks = 0  # drift work items the worker's loop took
+        self.reconciles = 0  # of which needed a reconcile (a suspect still drifted)
         self._wanted_cache: tuple[tuple[int, int, int], dict[str, tuple[str, str]]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -376,10 +378,12 @@ class DriftMonitor:
 
     async def repair(self, items: Iterable[Any]) -> None:
         """In the worker's loop: one scoped reconcile for every suspect still drifted."""
+        self.checks += 1
         suspects = [s for it in items for s in (it.drift or ())]
         live = [s for s in suspects if self._still_drifted(s)]
         if not live:
             return
+        self.reconciles += 1
         scope = Scope(endpoints=frozenset(s.owner for s in live if s.scope == "endpoint"),
                       networks=frozenset(s.owner for s in live if s.scope == "network"))
         result = await self.w._reconcile(scope)
