@@ -34,6 +34,8 @@ import pytest
 from tests.conftest import control_plane, requires_root
 from tests.netns.conftest import ip
 from tests.netns.test_isolation import Agent
+from tests.netns.test_overlay_e2e import Cluster, cluster  # noqa: F401  (the fixture)
+from tests.netns.test_relation_events import full_resyncs, two_hosts
 from vnet import VNetManager
 from vnet.contracts.endpoint import EndpointInfo, PortMapping
 from vnet.core.policy import AllowRule, Selector
@@ -207,6 +209,53 @@ async def test_label_change_opens_and_closes_a_flow_and_keeps_an_established_str
     assert got["error"] == "" and got["sent"] == got["echoed"] > 50, got
     assert got["retrans"] == 0 and sdone["retrans"] == 0, (got, sdone)  # not one segment was dropped
     assert sdone["bytes"] == 8 * got["sent"], (got, sdone)
+
+
+def rule_members(host: str) -> set[str]:
+    """Every address in a rule's endpoint set (``e4_*``/``e6_*``) of our table in ``host``."""
+    out = subprocess.run(["ip", "netns", "exec", host, "nft", "-j", "list", "sets", "inet"], check=True,
+                         capture_output=True, text=True).stdout
+    got: set[str] = set()
+    for item in json.loads(out).get("nftables", []):
+        st = item.get("set")
+        if st and st.get("table") == "vnet" and st.get("name", "").startswith(("e4_", "e6_")):
+            got |= {e for e in st.get("elem", []) if isinstance(e, str)}
+    return got
+
+
+async def test_label_change_reaches_every_host(cluster: Cluster, procs: list[Any]) -> None:  # noqa: F811
+    """An overlay network over two hosts: the client on host 2, the server on host 1. Both
+    hosts' rulesets take the client's address into the rule's set from the event (each host
+    checks the flow: egress on one, ingress on the other), with no full resync."""
+    c = cluster
+    m = c.m
+    n1, n2, rts = await two_hosts(c)
+    net = await m.create_network("lblx", "10.146.0.0/24", None, "overlay", "full")
+    cs, cc = await c.containers(n1, 1, "lxs") + await c.containers(n2, 1, "lxc")
+    srv = await m.create_endpoint(cs, net.id, node=n1, labels={"role": "server"}, wait=True, wait_timeout=30)
+    cli = await m.create_endpoint(cc, net.id, node=n2, wait=True, wait_timeout=30)
+    assert (srv.status, cli.status) == ("ready", "ready"), (srv, cli)
+    await m.put_rule(AllowRule(id="x-clients", from_=[Selector(labels={"role": "client"})],
+                               to=[Selector(labels={"role": "server"})]))
+    ag_s, ag = await asyncio.to_thread(lambda: [Agent(cs), Agent(cc)])  # the server's listens on TCP 80
+    procs += [ag_s, ag]
+    await asyncio.sleep(0.5)  # the rule event's fetch
+    assert not await asyncio.to_thread(tcp, ag, srv)
+    base = full_resyncs(rts)
+
+    t0 = time.perf_counter()
+    await m.update_endpoint(cli.id, set_labels={"role": "client"})
+    for node in (n1, n2):  # the kernel of each host, read directly
+        await until(f"label set: {node}'s rule set has the client",
+                    lambda node=node: cli.ip_address in rule_members(c.hosts[node]), t0)
+    await until("label set: client (host 2) -> server (host 1) open", lambda: tcp(ag, srv), t0)
+    t0 = time.perf_counter()
+    await m.update_endpoint(cli.id, remove_labels=["role"])
+    for node in (n1, n2):
+        await until(f"label removed: {node}'s rule set without the client",
+                    lambda node=node: cli.ip_address not in rule_members(c.hosts[node]), t0)
+    await until("label removed: client -> server closed", lambda: not tcp(ag, srv), t0)
+    assert full_resyncs(rts) == base, "a full resync ran: not the event path alone"
 
 
 UPLINK4, EXT4 = "10.143.0.1", "10.143.0.2"
