@@ -728,7 +728,7 @@ async def _create_locked(ctx: Ctx, st: NetworkStore, req: NetworkCreate, wants: 
                                   m4=addr.index_member(net4, ident), span4=addr.index_bounds(net4),
                                   m6=addr.index_member(net6, ident) if net6 else None,
                                   span6=addr.index_bounds(net6) if net6 else None, request_id=rid,
-                                  vni=options.get("vni", "auto") if driver == DriverType.OVERLAY else "",
+                                  vni=options.get("vni", "auto") if drivers.get(driver).spans_hosts else "",
                                   vni_range=(cfg.overlay_vni_min, cfg.overlay_vni_max))
         except BaseException:
             # An error here does not say the script did not run: a timeout or a lost connection
