@@ -137,7 +137,8 @@ class Driver(abc.ABC):
     subif_kind: ClassVar[str | None] = None  # endpoints are sub-interfaces of this kind, no host side: the
     # reconciler remembers them to remove them (``Departed``)
     departed_by_mac: ClassVar[bool] = False  # only an interface with the endpoint's MAC is ours to delete
-    spans_hosts: ClassVar[bool] = False  # one network across hosts: remote endpoints, underlay, peers
+    spans_hosts: ClassVar[bool] = False  # one network across hosts: a VNI per network, remote endpoints,
+    # an underlay and peers (and, when encrypted, the WireGuard mesh)
 
     def schema(self) -> DriverSchema:
         return DriverSchema(self.name, self.description, self.options)
