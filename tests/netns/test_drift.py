@@ -248,6 +248,9 @@ async def test_drift_is_repaired_by_event_and_attributed(
         assert await asyncio.to_thread(tcp, ags[0], d2, 1.0), "still open"
         await m.node_resync(node)
         assert table_present(host) and not await asyncio.to_thread(tcp, ags[0], d2, 1.0)
+        rec = (await m.node_drift(node, limit=1)).records[0]  # the resync's repair is listed too
+        assert (rec.kind, rec.sender.source, rec.detail) == (
+            "nft_table", "unknown", "table missing, found by the periodic resync"), rec
 
         for k in ("table deleted -> restored", "denied pair reachable for", "veth deleted -> re-created",
                   "bridge down -> up", "gateway address removed -> back"):

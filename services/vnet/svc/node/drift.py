@@ -151,6 +151,7 @@ class DriftMonitor:
         self.notifications = 0  # link/address/nftables changes read
         self.checks = 0  # drift work items the worker's loop took
         self.reconciles = 0  # of which needed a reconcile (a suspect still drifted)
+        self._resync_policy: SyncResult | None = None
         self._wanted_cache: tuple[tuple[int, int, int], dict[str, tuple[str, str]]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -395,6 +396,27 @@ class DriftMonitor:
             err = next((m for o, m in owners.items() if o.endswith(s.owner) or o == "node"), "")
             self._record([s], writes=result.writes, error=err)
 
+    def note_resync(self, result: ReconcileResult, policy: SyncResult | None) -> None:
+        """After a periodic full resync: what it wrote is drift no notification told of (or a
+        missed event); recorded too, with no sender (nobody told)."""
+        now, t = time.time(), time.perf_counter()
+        if self.w.counters.full_resyncs <= 1:
+            return  # the start-up resync builds (or adopts) the host: nothing drifted yet
+        if result.writes:
+            self._record([Suspect(kind="resync", target="host", owner="", scope="full", at=now,
+                                  t0=t - result.duration,
+                                  detail=f"the periodic resync wrote {result.writes} kernel change(s) "
+                                         "(drift or a missed event)")],
+                         writes=result.writes, error="")
+        if policy is not None and policy is not self._resync_policy and policy.wrote and \
+                policy.reason.startswith("table"):
+            self._resync_policy = policy  # the agent keeps its last result: record each once
+            self._record([Suspect(kind="nft_table" if "missing" in policy.reason else "nft_rules",
+                                  target=", ".join(f"{f} {tb}" for f, tb in sorted(OUR_TABLES)), owner="",
+                                  scope="nft", at=now, t0=t - policy.duration,
+                                  detail=f"{policy.reason}, found by the periodic resync")],
+                         writes=1, error="")
+
     def _record(self, batch: list[Suspect], *, writes: int, error: str, extra: str = "") -> None:
         done = time.perf_counter()
         for s in batch:
@@ -404,9 +426,15 @@ class DriftMonitor:
             self.ring.append(rec)
             self.total += 1
             self.metrics.drift(s.kind, rec.repaired_s)
-            who = (f"pid {s.sender.pid} ({s.sender.comm or '?'}{': ' + s.sender.cmdline if s.sender.cmdline else ''})"
-                   if s.sender.pid else ("an unknown process (the kernel does not say who changes links)"
-                                         if s.sender.source == "unknown" else f"netlink port {s.sender.port}"))
+            if s.sender.pid:
+                cmd = f": {s.sender.cmdline}" if s.sender.cmdline else ""
+                who = f"pid {s.sender.pid} ({s.sender.comm or '?'}{cmd})"
+            elif s.sender.port:
+                who = f"netlink port {s.sender.port} (the process had exited; usually its pid)"
+            elif "periodic resync" in s.detail:
+                who = "an unknown process (no notification: found by the periodic resync)"
+            else:
+                who = "an unknown process (the kernel does not say who changes links)"
             if error:
                 log.warning("node %s: drift by %s: %s; repair failed: %s", self.w.node, who, rec.detail, error)
             else:

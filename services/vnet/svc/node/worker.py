@@ -877,6 +877,8 @@ class NodeWorker:
             if node_err is not None:
                 log.warning("node %s: %s", self.node, node_err.message)
             await self._policy_sync("resync")  # also restores a deleted or altered table of ours
+            if self.drift is not None:  # what the resync repaired, in the drift list too
+                self.drift.note_resync(result, self.policy.last if self.policy is not None else None)
             await self._report(result)
 
     async def _handle_events(self, items: list[WorkItem]) -> None:
