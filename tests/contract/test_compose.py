@@ -935,7 +935,8 @@ async def test_nats_roles_can_do_their_job_and_no_more(secured_nats: tuple[str, 
     node_only = {_concrete(subjects.NETWORK_HOSTROUTES_REPORT.template, node="permnode")}
     admin_only = {subjects.IPAM_GC.template, subjects.IPAM_CHECK.template,
                   *(_concrete(s.template, node="permnode") for s in
-                    (subjects.NODE_STATS, subjects.NODE_RESYNC, subjects.NODE_NETNS_CHECK, subjects.NODE_DRIFT))}
+                    (subjects.NODE_STATS, subjects.NODE_RESYNC, subjects.NODE_NETNS_CHECK, subjects.NODE_DRIFT,
+                     subjects.NODE_TEARDOWN))}
     assert await _violations(url, "vnet-admin", pw["vnet-admin"], every_op - node_only) == [], (
         "the matrix does not let vnet-admin call every operation")
     assert await _violations(url, "vnet-client", pw["vnet-client"], every_op - node_only - admin_only) == [], (
