@@ -232,7 +232,14 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2], 'reason', ARGV[3], 'code', ARGV[4
 return 'ok'
 """)
 
-SCRIPTS = (COMMIT, DELETE, STATUS, UPDATE, UNCLAIM)
+# Repair (GC) of a missing claim: take it only while the endpoint still exists at the
+# revision the caller read (a record deleted or updated meanwhile gets no stale claim).
+CLAIM = Script("""
+if redis.call('EXISTS', KEYS[2]) == 0 or (redis.call('HGET', KEYS[2], 'rev') or '0') ~= ARGV[3] then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+""")
+
+SCRIPTS = (COMMIT, DELETE, STATUS, UPDATE, UNCLAIM, CLAIM)
 
 
 def _s(v: Any) -> str:
@@ -355,7 +362,7 @@ class EndpointStore:
         for e in sorted(eps, key=lambda x: x.id):
             for f in port_claims(e.ports):
                 if f not in held:
-                    added += int(bool(await self.r.hsetnx(ports_key(node), f, e.id)))
+                    added += int(await CLAIM(self.r, [ports_key(node), rec_key(e.id)], [f, e.id, str(e.revision)]))
         return dropped, added
 
     async def delete(self, info: EndpointInfo) -> EndpointInfo | None:
