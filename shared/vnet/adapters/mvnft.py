@@ -25,7 +25,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +58,8 @@ class _Table:
     netns: str
     ident: tuple[int, int]
     struct: str  # mvpolicy.structure() of the last whole write
-    readback: str  # the kernel's structure listing right after it
-    have: dict[tuple[str, str], set[str]]
+    readback: str | None  # the kernel's structure listing right after it (None: not read yet)
+    have: dict[tuple[str, str], frozenset[str]]
     loc: MvLocal
 
 
@@ -191,22 +191,31 @@ class MacvlanEnforcer:
 
     # -- sync ------------------------------------------------------------------------------
     def sync(self, mv: MvPolicy | None, rs: Ruleset, locals_: Mapping[str, MvLocal], *,
-             check: bool = False) -> MvSyncResult:
+             check: bool = False, only: Collection[str] | None = None) -> MvSyncResult:
+        """Make every endpoint's tables hold the policy (``check``: read each pair back first).
+        ``only``: just these endpoints — the ones an attach or detach adds or removes, on its
+        path — with the read-back of a new pair left to the next full sync (which the caller
+        runs right after, off that path: it also writes the other containers' deltas)."""
         t0 = time.perf_counter()
         res = MvSyncResult()
         with self._lock:
             for eid in sorted(set(self._tables) - set(locals_)):
-                self._remove(eid, res)
+                if only is None or eid in only:
+                    self._remove(eid, res)
+            ix = mvp.MvIndex(mv)
             for eid in sorted(locals_):
+                if only is not None and eid not in only:
+                    continue
                 try:
-                    self._one(mv, rs, locals_[eid], check, res)
+                    self._one(mv, rs, locals_[eid], check, res, ix, readback=only is None)
                 except Exception as exc:  # this endpoint alone; the next sync tries again
                     self._tables.pop(eid, None)
                     res.errors[eid] = str(getattr(exc, "message", exc))[:500]
         res.duration = time.perf_counter() - t0
         return res
 
-    def _one(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, check: bool, res: MvSyncResult) -> None:
+    def _one(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, check: bool, res: MvSyncResult,
+             ix: mvp.MvIndex, *, readback: bool = True) -> None:
         ident = _ident(loc.netns)
         if ident is None:
             raise MvNftError(f"network namespace {loc.netns} of endpoint {loc.endpoint} does not exist",
@@ -216,36 +225,48 @@ class MacvlanEnforcer:
         if t is not None and (t.ident != ident or t.netns != loc.netns or t.loc.ifname != loc.ifname):
             t = None  # another namespace (re-created) or interface: start over there
         if t is None or t.struct != struct:
-            self._whole(mv, rs, loc, struct, ident, res)
+            self._whole(mv, rs, loc, struct, ident, res, readback=readback)
             return
-        if check:
+        if t.readback is None and readback:  # written on an attach's path: its reference listing now
+            got = self.listing(loc.netns, loc.endpoint)
+            if got is None:
+                self._whole(mv, rs, loc, struct, ident, res)
+                return
+            t.readback, t.have = got[0], dict(got[1])
+        elif check:
             got = self.listing(loc.netns, loc.endpoint)
             if got is None or got[0] != t.readback:
                 self._whole(mv, rs, loc, struct, ident, res)
                 return
-            t.have = {k: set(v) for k, v in got[1].items()}
-        script, n = mvp.delta({k: frozenset(v) for k, v in t.have.items()}, mv, rs, loc)
+            t.have = {k: frozenset(v) for k, v in got[1].items()}
+        sets = mvp.decls(mv, rs, loc, ix)
+        want = {(d.family, d.name): frozenset(nftr.canon(x) for x in d.elements) for d in sets}
         t.loc = loc
-        if n == 0:
+        if want == t.have:
             return
+        script, n = mvp.delta(t.have, want, sets, loc.endpoint)
         try:
             self._exec(loc.netns, script)
         except MvNftError:  # our idea of the kernel was wrong: the pair again, whole
             self._whole(mv, rs, loc, struct, ident, res)
             return
-        t.have = {k: set(v) for k, v in mvp.elements(mv, rs, loc).items()}
+        t.have = want
         res.writes += 1
         res.deltas += 1
         res.elements += n
 
     def _whole(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, struct: str, ident: tuple[int, int],
-               res: MvSyncResult) -> None:
+               res: MvSyncResult, *, readback: bool = True) -> None:
         self._exec(loc.netns, mvp.render(mv, rs, loc))
-        got = self.listing(loc.netns, loc.endpoint)
-        if got is None:
-            raise MvNftError(f"the tables of endpoint {loc.endpoint} are missing right after they were written")
-        self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=got[0],
-                                            have={k: set(v) for k, v in got[1].items()}, loc=loc)
+        if not readback:  # what was written is what we hold; the reference listing comes next sync
+            self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=None,
+                                                have=mvp.elements(mv, rs, loc), loc=loc)
+        else:
+            got = self.listing(loc.netns, loc.endpoint)
+            if got is None:
+                raise MvNftError(f"the tables of endpoint {loc.endpoint} are missing right after they were written")
+            self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=got[0],
+                                                have=dict(got[1]), loc=loc)
         res.writes += 1
         res.wholes += 1
 

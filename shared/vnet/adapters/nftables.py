@@ -46,6 +46,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -461,6 +462,9 @@ class PolicyAgent:
         self.mv_locals: dict[str, MvLocal] = {}
         self.locals_source: Callable[[], dict[str, MvLocal]] | None = None
         self.mv_last: MvSyncResult | None = None
+        self._mv_pending: set[str] = set()  # macvlan endpoints noted added/removed since the last push
+        self._mv_bg: ThreadPoolExecutor | None = None  # the other containers' deltas, off the attach path
+        self._mv_bg_queued = False
 
     def start(self, *, enable: bool | None = None) -> Support:
         """Check support; turn br_netfilter on when it is off and ``enable`` (default: only
@@ -499,6 +503,8 @@ class PolicyAgent:
             return False  # the first macvlan endpoint of its network here: the engine places it
         if mv is not None:
             self.mv_target = mv.with_endpoint(ep) if added else mv.without_endpoint(ep)
+        if local and (ep.id in self.mv_locals or ep.id in self.macvlan._tables):
+            self._mv_pending.add(ep.id)
         self._seq += 1
         if self._fetching:
             self._ops.append((self._seq, added, ep, local, bridge))
@@ -522,7 +528,10 @@ class PolicyAgent:
             rs = self.target  # the latest, under the lock: never an older state written last
             assert rs is not None
             res = self.enforcer.sync_ruleset(rs)
-            self._sync_macvlan(rs, check=False)
+            # on an attach's path only the endpoints it adds or removes; the others' deltas next
+            pending, self._mv_pending = self._mv_pending, set()
+            self._sync_macvlan(rs, check=False, only=pending)
+        self._macvlan_later()
         self.syncs += 1
         self.wrote += int(res.wrote)
         self.deltas += int(res.wrote and not res.whole)
@@ -592,19 +601,50 @@ class PolicyAgent:
             return res
 
     # -- macvlan endpoints (their tables live in the container namespaces) ------------------
+    def _macvlan_later(self) -> None:
+        """The deltas of every other container (a new endpoint's address in its peers' sets), on
+        a thread of their own: an attach does not wait for them. Coalesced: one pass at a time,
+        always from the latest target."""
+        if not self.mv_locals and not self.macvlan._tables:
+            return
+        with self.enforcer._lock:
+            if self._mv_bg_queued:
+                return
+            self._mv_bg_queued = True
+            if self._mv_bg is None:
+                self._mv_bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vnet-mv-{self.node}")
+        self._mv_bg.submit(self._macvlan_pass)
+
+    def _macvlan_pass(self) -> None:
+        with self.enforcer._lock:
+            self._mv_bg_queued = False
+            rs = self.target
+            if rs is None:
+                return
+            try:
+                self._sync_macvlan(rs, check=False)
+            except Exception as exc:  # the next sync tries again
+                self.last_error = f"macvlan tables: {exc}"[:500]
+
+    def wait_macvlan(self) -> None:
+        """Until the deferred pass queued so far has run (tests, benchmarks)."""
+        if self._mv_bg is not None:
+            self._mv_bg.submit(lambda: None).result()
+
     def _refresh_locals(self) -> None:
         """On the event loop: which of the node's endpoints are macvlan ones, and where (a
         snapshot: the kernel thread reads it, never the worker's own dicts)."""
         if self.locals_source is not None:
             self.mv_locals = self.locals_source()
 
-    def _sync_macvlan(self, rs: Ruleset, *, check: bool) -> None:
+    def _sync_macvlan(self, rs: Ruleset, *, check: bool, only: set[str] | None = None) -> None:
         """In the kernel thread, under the enforcer's lock, after the host's tables: each macvlan
-        endpoint's table pair (one transaction per endpoint whose sets changed; none converged)."""
+        endpoint's table pair (one transaction per endpoint whose sets changed; none converged);
+        ``only``: just those endpoints (an attach's own pair, before its netlink work)."""
         locs = self.mv_locals
-        if not locs and not self.macvlan._tables:
+        if (not locs and not self.macvlan._tables) or only == set():
             return
-        res = self.macvlan.sync(self.mv_target, rs, locs, check=check)
+        res = self.macvlan.sync(self.mv_target, rs, locs, check=check, only=only)
         self.mv_last = res
         if res.errors:
             self.last_error = "; ".join(f"macvlan endpoint {k}: {v}" for k, v in sorted(res.errors.items()))[:500]

@@ -109,7 +109,7 @@ class MvPolicy(msgspec.Struct, kw_only=True):
         """This policy with endpoint ``e`` a member (when its network matters here)."""
         if e.network not in self.interest():
             return self
-        m = MvMember(endpoint=e.id, network=e.network, mac=naming.normalize_mac(e.mac), ips=tuple(e.ips))
+        m = MvMember(endpoint=e.id, network=e.network, mac=naming.normalize_mac(e.mac), ips=_canon_ips(e.ips))
         i = bisect.bisect_left(self.members, e.id, key=_member_key)
         if i < len(self.members) and self.members[i] == m:
             return self
@@ -125,6 +125,11 @@ class MvPolicy(msgspec.Struct, kw_only=True):
         if i >= len(self.members) or self.members[i].endpoint != e.id:
             return self
         return msgspec.structs.replace(self, members=self.members[:i] + self.members[i + 1:])
+
+
+def _canon_ips(ips: Iterable[str]) -> tuple[str, ...]:
+    """Addresses as nft lists them (so a readback compares equal)."""
+    return tuple(str(ipaddress.ip_address(a.split("/")[0])) for a in ips)
 
 
 def _member_key(m: MvMember) -> str:
@@ -223,7 +228,7 @@ def compile_macvlan(pol: Policy, node: str | None, macvlan_networks: Iterable[st
                           allow=allow, related=related, reach4=reach[4], reach6=reach[6],
                           gw4=tuple(str(g) for g in own if g.version == 4),
                           gw6=tuple(str(g) for g in own if g.version == 6)))
-    members = [MvMember(endpoint=e.id, network=e.network, mac=naming.normalize_mac(e.mac), ips=tuple(e.ips))
+    members = [MvMember(endpoint=e.id, network=e.network, mac=naming.normalize_mac(e.mac), ips=_canon_ips(e.ips))
                for e in sorted(pol.endpoints.values(), key=lambda x: x.id) if e.network in interest]
     allnets = {fam: [_fmt(fam, lo, hi) for lo, hi in _merge((lo, hi) for lo, hi, _ in ranges[fam])]
                for fam in (4, 6)}
@@ -255,7 +260,29 @@ def _q(name: str) -> str:
 
 
 def _fam_of(a: str) -> int:
-    return ipaddress.ip_address(a).version
+    return 6 if ":" in a else 4  # addresses as the engine gives them (no parsing: the hot path)
+
+
+class MvIndex:
+    """The members of one :class:`MvPolicy` by network (addresses per family, MACs), built
+    once per sync and shared by every table: a table's sets are then unions of a few
+    lists, not a scan of every member (an attach touches every table whose sets take the
+    new address, so this is on the attach path)."""
+
+    def __init__(self, mv: MvPolicy | None) -> None:
+        self.mv = mv
+        self.addrs: dict[tuple[str, int], list[str]] = {}
+        self.macs: dict[str, list[tuple[str, str]]] = {}
+        for m in mv.members if mv is not None else ():
+            for a in m.ips:
+                self.addrs.setdefault((m.network, _fam_of(a)), []).append(a)
+            self.macs.setdefault(m.network, []).append((m.endpoint, m.mac))
+
+    def union(self, nets: Iterable[str], fam: int) -> list[str]:
+        out: set[str] = set()
+        for n in nets:
+            out.update(self.addrs.get((n, fam), ()))
+        return sorted(out)
 
 
 def _rule_sets(rs: Ruleset) -> list[SetDecl]:
@@ -264,21 +291,20 @@ def _rule_sets(rs: Ruleset) -> list[SetDecl]:
                     list(s.elements)) for s in rs.sets if s.name in used]
 
 
-def decls(mv: MvPolicy | None, rs: Ruleset, loc: MvLocal) -> list[SetDecl]:
-    """Every set of the endpoint's two tables, with its elements."""
+def decls(mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, ix: MvIndex | None = None) -> list[SetDecl]:
+    """Every set of the endpoint's two tables, with its elements (``ix``: :class:`MvIndex` of
+    ``mv``, when the caller has one)."""
+    if ix is None or ix.mv is not mv:
+        ix = MvIndex(mv)
     n = mv.net(loc.network) if mv is not None else None
-    members = mv.members if mv is not None else []
     allow = set(n.allow) if n is not None else set()
     related = set(n.related) if n is not None else set()
     own = [a.split("/")[0] for a in loc.ips]
     own4 = [a for a in own if _fam_of(a) == 4]
     own6 = [a for a in own if _fam_of(a) == 6]
 
-    def addrs(nets: set[str], fam: int) -> list[str]:
-        return sorted({str(ipaddress.ip_address(a)) for m in members if m.network in nets for a in m.ips
-                       if _fam_of(a) == fam})
-
-    l2 = sorted({m.mac for m in members if m.network == loc.network and m.endpoint != loc.endpoint}) \
+    addrs = ix.union
+    l2 = sorted({mac for e, mac in ix.macs.get(loc.network, ()) if e != loc.endpoint}) \
         if n is not None and not n.full else []
     mac = naming.normalize_mac(loc.mac)
     inet = [
@@ -389,19 +415,20 @@ def render_delete(endpoint: str) -> str:
 Elements = dict[tuple[str, str], frozenset[str]]
 
 
-def elements(mv: MvPolicy | None, rs: Ruleset, loc: MvLocal) -> Elements:
-    return {(d.family, d.name): frozenset(canon(x) for x in d.elements) for d in decls(mv, rs, loc)}
+def elements(mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, ix: MvIndex | None = None) -> Elements:
+    return {(d.family, d.name): frozenset(canon(x) for x in d.elements) for d in decls(mv, rs, loc, ix)}
 
 
-def delta(have: Mapping[tuple[str, str], frozenset[str] | set[str]], mv: MvPolicy | None, rs: Ruleset,
-          loc: MvLocal) -> tuple[str, int]:
-    """The transaction taking the endpoint's sets from ``have`` to the policy (same structure)."""
-    name = table_name(loc.endpoint)
+def delta(have: Mapping[tuple[str, str], frozenset[str] | set[str]], want_elems: Elements,
+          sets: Sequence[SetDecl], endpoint: str) -> tuple[str, int]:
+    """The transaction taking the endpoint's sets from ``have`` to ``want_elems`` (same
+    structure; ``sets``: the declarations, :func:`decls`)."""
+    name = table_name(endpoint)
     dels: list[str] = []
     adds: list[str] = []
     n = 0
-    for d in decls(mv, rs, loc):
-        want = frozenset(canon(x) for x in d.elements)
+    for d in sets:
+        want = want_elems.get((d.family, d.name), frozenset())
         old = have.get((d.family, d.name), frozenset())
         gone, new = sorted(old - want), sorted(want - old)
         if gone:
