@@ -94,7 +94,7 @@ from vnet.contracts.endpoint import (
     to_desired,
 )
 from vnet.core import errors as E
-from vnet.core import naming
+from vnet.core import mvpolicy, naming
 from vnet.core.dataplane_model import (
     EpDesired,
     NetDesired,
@@ -390,6 +390,8 @@ class NodeWorker:
             return
         agent = PolicyAgent(self.rt.nc, node=self.node, host_netns=self.host_netns,
                             timeout=self.rt.config.request_timeout_s, state_dir=self.state_dir)
+        # macvlan endpoints are enforced inside their containers: the agent asks which they are
+        agent.locals_source = lambda: mvpolicy.locals_from_desired(self.eps.values(), self.nets)
         self.isolation = await asyncio.to_thread(agent.start)
         if not self.isolation.available:
             log.warning("node %s: isolation is not stateful here: %s", self.node, self.isolation.reason)
