@@ -185,6 +185,7 @@ async def test_three_default_nodes_carry_an_encrypted_overlay_and_teardown_leave
     assert rep.ok, rep.errors
     assert f"wireguard-go {lc.wg(nodes[0])}" in rep.removed and "nftables tables" in rep.removed, rep.removed
     assert await asyncio.to_thread(nothing_left, lc, nodes[0]) == []
+    print(f"teardown over NATS: {len(rep.removed)} removed in {rep.duration_s:.2f} s: {rep.removed}")
     health = await c.m.health("node", node=nodes[0])
     assert any("torn down" in str(v) for v in msgspec.to_builtins(health).values() if v), health
     with pytest.raises(E.VNetError):
@@ -207,6 +208,7 @@ async def test_three_default_nodes_carry_an_encrypted_overlay_and_teardown_leave
                                 env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
     assert f"removed wireguard-go {lc.wg(nodes[2])}" in r.stdout and "0 error(s)" in r.stdout, r.stdout
+    print(f"vnet-node --teardown:\n{r.stdout}")
     for n in nodes:
         assert await asyncio.to_thread(nothing_left, lc, n) == [], n
         assert (lc.state(n) / f"wg-{lc.wg(n)}.key").exists()  # the identity stays
