@@ -239,3 +239,42 @@ async def test_fifty_racing_creates_for_one_host_port_exactly_one_wins(m: VNetMa
     assert Counter(u.code for u in ups if isinstance(u, VNetError)) == Counter({"port_in_use": 19})
     assert [e.id for e in await m.list_endpoints(network=net.id) if any(p.host_port == 7778 for p in e.ports)] \
         == [ok[0].endpoint.id]
+
+
+async def test_a_durable_made_with_other_filters_is_remade_with_ours(m: VNetManager) -> None:
+    """A node worker's endpoint durable made by a version without ``updated`` in its filters
+    would be bound as it was (the client does not update an existing consumer): it is made
+    again with the new filters, so updated events reach the worker after an upgrade."""
+    nc = await nats_adapter.connect(m.config, "test-epupd-durable")
+    js = nc.jetstream()
+    name = "vnet-node-epupd-test-ep"
+    old = ["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>"]
+    new = [*old, "vnet.evt.endpoint.updated.>"]
+    got: list[str] = []
+
+    async def handler(msg: Any) -> None:
+        got.append(msg.subject)
+
+    try:
+        first = nats_adapter.DurableConsumer(js, name, subjects.EVT_ENDPOINT.template, deliver_all=False,
+                                             filter_subjects=old)
+        await first.start(handler)
+        await first.stop()
+        info = await js.consumer_info(subjects.EVENTS_STREAM, name)
+        assert sorted(info.config.filter_subjects or []) == sorted(old)
+        second = nats_adapter.DurableConsumer(js, name, subjects.EVT_ENDPOINT.template, deliver_all=False,
+                                              filter_subjects=new)
+        await second.start(handler)
+        try:
+            info = await js.consumer_info(subjects.EVENTS_STREAM, name)
+            assert sorted(info.config.filter_subjects or []) == sorted(new)
+            await js.publish("vnet.evt.endpoint.updated.x1", b"{}")
+            for _ in range(200):
+                if got:
+                    break
+                await asyncio.sleep(0.05)
+            assert got == ["vnet.evt.endpoint.updated.x1"], got
+        finally:
+            await second.stop(delete=True)
+    finally:
+        await nc.drain()
