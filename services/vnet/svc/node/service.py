@@ -184,6 +184,9 @@ def _worker(ctx: Ctx) -> NodeWorker:
 
 def check_netns_path(ref: str) -> NetnsCheckReply:
     """Blocking: whether ``ref`` (a name under /run/netns or a path) is a network namespace here."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in ref):  # a NUL would reach stat() and raise (a 500)
+        raise E.make(E.INVALID_NETNS, f"namespace {ref!r} contains a control character (NUL, newline, ...); give a "
+                     "name under /run/netns or an absolute path", netns=ref)
     path = ref if ref.startswith("/") else f"/run/netns/{ref}"
     if not ref.startswith("/") and ("/" in ref or ref in (".", "..")):
         return NetnsCheckReply(netns=ref, path=path, exists=False, reason="not a namespace name")
