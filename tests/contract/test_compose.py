@@ -362,12 +362,12 @@ def compose_problems(data: Mapping[str, Any], host_env: Mapping[str, str] | None
         except Exception as exc:
             problems.append(f"{where}: VNetConfig rejects the environment: {exc}")
         for key in ("VNET_NATS_URL", "VNET_REDIS_URL", "VNET_OTLP_ENDPOINT"):
-            if key in env:
-                u = urlsplit(env[key])
+            for url in env[key].split(",") if key in env else ():  # NATS: every server of a cluster
+                u = urlsplit(url.strip())
                 default = {"nats": 4222, "redis": 6379, "http": 80, "https": 443}.get(u.scheme, 0)
                 prob = service_at(data, u.hostname or "", u.port or default, from_svc=svc)
                 if prob:
-                    problems.append(f"{where}: {key}={env[key]}: {prob}")
+                    problems.append(f"{where}: {key}={url}: {prob}")
         if env.get("VNET_OTLP_ENDPOINT") and isinstance(build, dict):
             dockerfile = ROOT / str(build.get("context", ".")) / str(build.get("dockerfile", "Dockerfile"))
             if dockerfile.is_file() and "[otlp]" not in dockerfile.read_text():

@@ -229,3 +229,29 @@ async def test_durable_consumer_with_several_filters(config: VNetConfig, run_pre
     finally:
         await c.stop(delete=True)
         await nc.close()
+
+
+async def test_a_service_configured_with_events_replicas_makes_the_stream_replicated(
+        config: VNetConfig, tmp_path: Path, start_service: Callable[..., Awaitable[Any]]) -> None:
+    """What docker-compose.cluster.yml relies on: services started on a cluster that is still
+    forming, with VNET_EVENTS_REPLICAS=3 and no one making the stream for them, end with an
+    R3 stream; an R1 stream left from a single-server start is raised to 3."""
+    cl = cluster.start_nats_cluster(tmp_path / "cluster-r", 3)
+    try:
+        one = VNetConfig.load(env={}, nats_url=cl.url)
+        nc = await nats_adapter.connect(one, "test-events-replicas")
+        try:
+            js = nc.jetstream()
+            assert await nats_adapter.ensure_events_stream(js) == 1  # as a single server makes it
+            cfg = msgspec.structs.replace(fresh_db_config(config), nats_url=cl.url, events_replicas=3)
+            await start_service("ipam", cfg=cfg)
+            assert (await js.stream_info(subjects.EVENTS_STREAM)).config.num_replicas == 3
+        finally:
+            await nc.close()
+    finally:
+        cl.stop()
+
+
+def test_events_replicas_is_validated() -> None:
+    with pytest.raises(Exception, match=r"events_replicas 6 must be 1\.\.5"):
+        VNetConfig.load(env={}, events_replicas=6)

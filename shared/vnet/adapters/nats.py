@@ -250,8 +250,14 @@ def _warn_consumer_cap() -> None:
                     "(docs/scale.md)", subjects.EVENTS_STREAM, subjects.EVENTS_STREAM, EVENTS_MAX_CONSUMERS)
 
 
-async def ensure_events_stream(js: JetStreamContext) -> None:
-    """Create ``VNET_EVENTS`` if missing; concurrent callers are fine."""
+async def ensure_events_stream(js: JetStreamContext, replicas: int = 1, *, timeout: float = 60.0) -> int:
+    """Create ``VNET_EVENTS`` if missing, with ``replicas`` replicas (an existing stream with
+    fewer is raised to it); its replica count. Concurrent callers are fine.
+
+    With ``replicas`` > 1 it is retried for up to ``timeout``: a cluster that is still
+    forming has no JetStream meta leader, and answers "insufficient resources" until
+    enough peers joined (services of a compose cluster start alongside its servers).
+    """
     cfg = StreamConfig(
         name=subjects.EVENTS_STREAM,
         subjects=[subjects.EVENTS_WILDCARD],
@@ -259,18 +265,30 @@ async def ensure_events_stream(js: JetStreamContext) -> None:
         duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
         max_age=7 * 24 * 3600.0,
         max_consumers=EVENTS_MAX_CONSUMERS,
+        num_replicas=replicas,
     )
-    try:
-        info = await js.stream_info(subjects.EVENTS_STREAM)
-        if (info.config.max_consumers or 0) <= 0:
-            _warn_consumer_cap()
-        return
-    except NotFoundError:
-        pass
-    try:
-        await js.add_stream(cfg)
-    except Exception:  # lost a creation race: fine if it exists now
-        await js.stream_info(subjects.EVENTS_STREAM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            try:
+                info = await js.stream_info(subjects.EVENTS_STREAM)
+            except NotFoundError:
+                try:
+                    info = await js.add_stream(cfg)
+                except Exception:  # lost a creation race: fine if it exists now
+                    info = await js.stream_info(subjects.EVENTS_STREAM)
+            if (info.config.max_consumers or 0) <= 0:
+                _warn_consumer_cap()
+            if (info.config.num_replicas or 1) < replicas:
+                now = info.config
+                now.num_replicas = replicas
+                info = await js.update_stream(now)
+            return int(info.config.num_replicas or 1)
+        except Exception:
+            if replicas <= 1 or loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 # How long a publish of an event is retried while the bus cannot take it (a server of the

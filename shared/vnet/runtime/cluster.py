@@ -12,14 +12,11 @@ acknowledged event through the loss of one server.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.aio.client import Client
-from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import NotFoundError
 
 from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
@@ -118,28 +115,10 @@ def start_nats_cluster(root: Path, n: int = 3, *, base_conf: str = "", route_pas
 async def ensure_replicated_stream(nc: Client, replicas: int, *, timeout: float = 60.0) -> int:
     """Create VNET_EVENTS with ``replicas`` replicas (or raise an R1 stream to it); its replica
     count. Retried until the cluster has a JetStream meta leader (a few seconds after start)."""
-    js = nc.jetstream()
-    cfg = StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_WILDCARD], storage=StorageType.FILE,
-                       duplicate_window=nats_adapter.EVENTS_DUPLICATE_WINDOW_S, max_age=7 * 24 * 3600.0,
-                       num_replicas=replicas, max_consumers=nats_adapter.EVENTS_MAX_CONSUMERS)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last: BaseException | None = None
-    while loop.time() < deadline:
-        try:
-            try:
-                info = await js.stream_info(subjects.EVENTS_STREAM)
-            except NotFoundError:
-                info = await js.add_stream(cfg)
-            if (info.config.num_replicas or 1) < replicas:
-                cfg_now = info.config
-                cfg_now.num_replicas = replicas
-                info = await js.update_stream(cfg_now)
-            return int(info.config.num_replicas or 1)
-        except Exception as exc:  # no meta leader yet, "insufficient resources" until every peer joined
-            last = exc
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"could not make {subjects.EVENTS_STREAM} with {replicas} replicas: {last}")
+    try:
+        return await nats_adapter.ensure_events_stream(nc.jetstream(), replicas, timeout=timeout)
+    except Exception as exc:
+        raise RuntimeError(f"could not make {subjects.EVENTS_STREAM} with {replicas} replicas: {exc}") from exc
 
 
 # --- Valkey: a primary, replicas and Sentinels --------------------------------------------------

@@ -74,6 +74,9 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # How long a client (VNetManager, vnetctl, a service starting) tries to reach NATS before
     # it gives up with `unavailable` naming the URL; it used to retry forever.
     connect_timeout_s: float = 5.0
+    # Replicas of the VNET_EVENTS stream a service makes (or raises an existing one to) at
+    # start: 3 on a three-server NATS cluster (docker-compose.cluster.yml), 1 on one server.
+    events_replicas: int = 1
     # Every Redis command's socket timeout, and the longest wait for a pooled connection: a
     # frozen or lost store fails a request with 503 within this, instead of holding it.
     redis_timeout_s: float = 2.0
@@ -145,6 +148,9 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise E.make(E.INVALID_CONFIG, "max_inflight must be at least 1")
         if self.redis_max_connections is not None and self.redis_max_connections < 1:
             raise E.make(E.INVALID_CONFIG, "redis_max_connections must be at least 1 (or unset: max_inflight)")
+        if not 1 <= self.events_replicas <= 5:
+            raise E.make(E.INVALID_CONFIG, f"events_replicas {self.events_replicas} must be 1..5 (JetStream "
+                         "keeps at most 5 replicas; use the number of NATS servers, up to 5)")
         if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
             raise E.make(E.INVALID_CONFIG, "redis_wait_replicas must be 0 or more and redis_wait_timeout_ms at "
                          "least 1 (WAIT with 0 ms would block for ever)")

@@ -700,7 +700,7 @@ async def start(defn: ServiceDef, config: VNetConfig, *, nc: Client | None = Non
         raise
     rt = Runtime(defn, config, nc, params=params, redis=redis, own_nc=own_nc, own_redis=own_redis)
     try:
-        await nats_adapter.ensure_events_stream(rt.js)
+        await nats_adapter.ensure_events_stream(rt.js, config.events_replicas)
         meta = {"vnet.service": defn.name, **{f"vnet.{k}": v for k, v in params.items()}}
         micro = await add_service(nc, name=f"vnet-{defn.name}", version=defn.version,
                                   description=defn.description, metadata=meta)
