@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 
@@ -85,6 +86,9 @@ async def test_macvlan_endpoints_removed_while_the_worker_was_down_are_cleaned_a
     await _resynced(c, node, t0)
     took = time.monotonic() - t0
     assert set(links(cs[0])) == {"lo"} and set(links(cs[3])) == {"lo"}
+    # ... with the nftables tables that enforced their policy inside their containers
+    left = {x: [t for t in await asyncio.to_thread(nft_tables, x) if t.startswith("vnetm_")] for x in (cs[0], cs[3])}
+    assert left == {cs[0]: [], cs[3]: []}, left
     assert not any(naming.is_ours(n) for n in links(host))
     assert {d["id"] for d in json.loads(ledger.read_text())["subifs"]} == {e[2].id}
     assert (await c.m.get_endpoint(e[2].id)).status == "ready"
@@ -97,6 +101,22 @@ async def test_macvlan_endpoints_removed_while_the_worker_was_down_are_cleaned_a
     # the remaining endpoint still works (a peer on par0's segment: its other end, addressed here)
     await asyncio.to_thread(ip, "addr", "add", "10.139.0.200/24", "dev", "par0p", ns=host)
     assert await asyncio.to_thread(ping_all, [(cs[2], "10.139.0.200")]) == []
+
+    # The node torn down: the last macvlan endpoint goes with the tables that enforce its
+    # policy inside its container, and the ledger with its last entry.
+    had = await asyncio.to_thread(nft_tables, cs[2])
+    rep = await c.m.node_teardown(node)
+    assert rep.ok, rep.errors
+    assert f"interface eth0 in {cs[2]}" in rep.removed, rep.removed
+    assert set(links(cs[2])) == {"lo"}
+    assert not [t for t in await asyncio.to_thread(nft_tables, cs[2]) if t.startswith("vnetm_")], had
+    assert not ledger.exists() and not any(naming.is_ours(n) for n in links(host))
+    print(f"teardown: {rep.removed} (container tables before: {had})")
+
+
+def nft_tables(ns: str) -> list[str]:
+    r = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "tables"], capture_output=True, text=True)
+    return [t["table"]["name"] for t in json.loads(r.stdout or "{}").get("nftables", []) if "table" in t]
 
 
 def test_the_ledger_survives_the_reconciler(netns: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory,

@@ -15,7 +15,8 @@ errors and reporting all of them (netavark's rule):
 
 1. every bridge, veth, VXLAN device and macvlan shim of ours in the host namespace, and
    every macvlan/ipvlan endpoint of the sub-interface ledger in its container namespace
-   (:meth:`Reconciler.teardown`; a veth's container end goes with its host end);
+   (:meth:`Reconciler.teardown`; a veth's container end goes with its host end), with the
+   nftables tables a macvlan endpoint has inside its container (vnet.core.mvpolicy);
 2. the WireGuard mesh: wireguard-go (and its guard) stopped whoever started it, the
    interface deleted, the control socket removed;
 3. our nftables tables in the host namespace, and the saved state of the last apply;
@@ -35,14 +36,16 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from vnet.contracts.endpoint import TeardownReply
 from vnet.core import naming
+from vnet.core.plan import Departed
 from vnet.runtime.config import VNetConfig
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,7 @@ def teardown_host(host_netns: str | None, node: str, state: str, ifname: str, *,
     ``rec``/``enforcer``: the running worker's reconciler and nftables enforcer, else new
     ones (they read the ledger and the saved state from ``state``)."""
     from vnet.adapters.nftables import NftEnforcer, NftError
-    from vnet.svc.node.reconcile import Reconciler
+    from vnet.svc.node.reconcile import SUBIF_LEDGER, Reconciler, read_ledger
 
     t0 = time.perf_counter()
     removed: list[str] = []
@@ -93,6 +96,12 @@ def teardown_host(host_netns: str | None, node: str, state: str, ifname: str, *,
     if rec is None:
         rec = Reconciler(host_netns, node_name=node, state_dir=state)
     try:
+        try:  # before the ledger empties: it says which containers hold macvlan tables
+            r, e = drop_macvlan_tables(read_ledger(Path(state) / SUBIF_LEDGER).values())
+            removed += r
+            errors += e
+        except Exception as exc:
+            errors.append(f"macvlan endpoints' nftables tables: {type(exc).__name__}: {exc}")
         try:
             r, e = rec.teardown()
             removed += r
@@ -129,3 +138,31 @@ def teardown_host(host_netns: str | None, node: str, state: str, ifname: str, *,
         errors.append(f"cannot remove {nft_state}: {exc}")
     return TeardownReply(node=node, removed=removed, errors=errors, ok=not errors,
                          duration_s=round(time.perf_counter() - t0, 3))
+
+
+def drop_macvlan_tables(entries: Iterable[Departed]) -> tuple[list[str], list[str]]:
+    """Delete the nftables tables of these macvlan endpoints inside their containers (they
+    enforce an endpoint's policy there; vnet.adapters.mvnft): by name, so a worker that
+    never loaded them finds them too — ``vnet-node --teardown``, and a restarted worker
+    removing an endpoint deleted while it was down. ``(removed, errors)``."""
+    from vnet.adapters.netlink.nsctx import ns_path
+    from vnet.core import mvpolicy
+
+    removed: list[str] = []
+    errors: list[str] = []
+    for d in sorted(entries, key=lambda x: x.id):
+        path = ns_path(d.netns)
+        if d.kind != "macvlan" or not os.path.exists(path):
+            continue  # a namespace gone took its tables with it
+        name = mvpolicy.table_name(d.id)
+        nsenter = ["nsenter", f"--net={path}", "--", "nft"]
+        if all(subprocess.run([*nsenter, "list", "table", fam, name], capture_output=True, timeout=20).returncode
+               for fam in mvpolicy.FAMILIES):
+            continue
+        r = subprocess.run([*nsenter, "-f", "-"], input=mvpolicy.render_delete(d.id), capture_output=True,
+                           text=True, timeout=20)
+        if r.returncode:
+            errors.append(f"cannot delete the nftables tables of {d.id} in {d.netns}: {r.stderr.strip()}")
+        else:
+            removed.append(f"nftables tables {name} in {d.netns}")
+    return removed, errors

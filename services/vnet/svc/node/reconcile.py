@@ -132,6 +132,10 @@ class Reconciler:
         self._ledger = os.path.join(state_dir, SUBIF_LEDGER) if state_dir is not None else None
         if self._ledger is not None:
             self._subifs = read_ledger(self._ledger)
+        # ... of which these were made by an earlier process: the nftables tables of such a
+        # macvlan endpoint are unknown to this one's policy agent, so removing the endpoint
+        # removes them here (lifecycle.drop_macvlan_tables)
+        self._inherited = set(self._subifs)
 
     @property
     def wireguard(self) -> WireGuard:
@@ -185,11 +189,21 @@ class Reconciler:
             if sub is not None and sub.subif_kind is not None:
                 self._subifs[e.id] = Departed(id=e.id, netns=e.netns, ifname=e.ifname, kind=sub.subif_kind,
                                               mac=e.mac.lower() if sub.departed_by_mac else None)
+        self._inherited -= {d.id for d in departed if ep_owner(d.id) not in failed} | {e.id for e in desired.endpoints}
         if self._ledger is not None and self._subifs != before:
             try:
                 write_ledger(self._ledger, self._subifs)
             except OSError as exc:  # the in-memory copy still serves this process
                 log.warning("cannot write the sub-interface ledger %s: %s", self._ledger, exc)
+
+    def _drop_inherited_tables(self, gone: list[Departed]) -> None:
+        from vnet.svc.node.lifecycle import drop_macvlan_tables
+
+        removed, errors = drop_macvlan_tables(gone)
+        for r in removed:
+            log.info("%s: removed %s (an endpoint removed while the worker was down)", self.node_name, r)
+        for e in errors:
+            log.warning("%s: %s", self.node_name, e)
 
     def teardown(self) -> tuple[list[str], list[str]]:
         """Remove everything this node made in the kernel that a plan knows of: every
@@ -301,6 +315,9 @@ class Reconciler:
                     errors.extend(out.errors)
                     for owner, err in out.failed.items():
                         failed.setdefault(owner, err)
+                inherited = [d for d in departed if d.id in self._inherited and ep_owner(d.id) not in failed]
+                if inherited:
+                    self._drop_inherited_tables(inherited)
                 self._remember_subifs(desired, departed, dict(failed))
                 if scope is None:  # close the sockets of namespaces gone or no longer ours to watch
                     refs: set[str | None] = {self.host_netns}
