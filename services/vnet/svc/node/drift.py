@@ -149,6 +149,7 @@ class DriftMonitor:
         self._nft_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.notifications = 0  # link/address/nftables changes read
+        self.handling_s = 0.0  # event-loop time spent deciding about them (the watch's cost)
         self.checks = 0  # drift work items the worker's loop took
         self.reconciles = 0  # of which needed a reconcile (a suspect still drifted)
         self._resync_policy: SyncResult | None = None
@@ -212,6 +213,12 @@ class DriftMonitor:
     def _on_changes(self, changes: list[Change]) -> None:
         self.notifications += len(changes)
         now, t0 = time.time(), time.perf_counter()
+        try:
+            self._decide(changes, now, t0)
+        finally:
+            self.handling_s += time.perf_counter() - t0
+
+    def _decide(self, changes: list[Change], now: float, t0: float) -> None:
         wanted: dict[str, tuple[str, str]] | None = None
         for c in changes:
             if isinstance(c, NftCommit):
