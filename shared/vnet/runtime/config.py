@@ -116,7 +116,9 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Off by default: a restart (an upgrade) should not cut cross-host traffic (fail static);
     # a node that is really gone is removed after the heartbeat timeout anyway.
     node_deregister_on_stop: bool = False
-    node_state_dir: str | None = None  # keys (WireGuard private key) live here; default under the state dir
+    # The node's keys (WireGuard private key), nftables state and sub-interface ledger. Unset:
+    # $VNET_STATE_DIR/nodes/<node>, else /var/lib/vnet/nodes/<node> as root (vnet.svc.node.lifecycle).
+    node_state_dir: str | None = None
     # The WireGuard mesh of encrypted overlays: the node registry gives each node one address of it.
     node_wg_mesh: str = "10.255.0.0/16"
 
