@@ -110,3 +110,32 @@ async def test_only_changes_to_what_is_desired_are_suspects() -> None:
     got = {(s.kind, s.target, s.owner) for s in item.drift}
     assert got == {("link_down", br, "n1"), ("link_deleted", veth, "e1"), ("address_removed", br, "n1")}
     assert q.empty()  # one burst, one work item
+
+
+async def test_lost_notifications_check_the_whole_host() -> None:
+    from vnet.adapters.netlink.watch import Overflow
+
+    mon, q, _net, _ep = _monitor()
+    mon._on_changes([Overflow(source="rtnetlink")])
+    item = q.get_nowait()
+    assert (item.kind, item.fetch) == ("resync", False)  # a full reconcile against the state it has
+
+
+def test_a_receive_overflow_is_reported_not_raised() -> None:
+    import errno
+
+    from vnet.adapters.netlink.watch import NetlinkWatch, Overflow
+
+    class Full:
+        calls = 0
+
+        def recv_into(self, buf: bytearray) -> int:
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError(errno.ENOBUFS, "No buffer space available")
+            raise BlockingIOError
+
+    got: list[Any] = []
+    w = NetlinkWatch(None, got.extend)
+    w._drain(Full(), "rtnetlink")  # type: ignore[arg-type]
+    assert got == [Overflow(source="rtnetlink")] and w.overflows == 1
