@@ -142,7 +142,7 @@ LABELED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "vnet_node_reconciles": ("Reconciles of a node worker, full (resync) or scoped (events)", ("node", "scope")),
     "vnet_node_kernel_writes": ("Kernel writes (netlink requests, sysctls) made by a node worker's reconciles",
                                 ("node", "scope")),
-    "vnet_node_drift_repairs": ("Drift a node worker repaired after a kernel notification, by kind",
+    "vnet_node_drift_repairs": ("Drift a node worker repaired, by kind (resync: found by its periodic resync)",
                                 ("node", "kind")),
 }
 
