@@ -11,9 +11,12 @@ run in this process against a private nats-server and valkey; the shim is the fi
 ``vnetctl cni install`` writes (``#!/usr/bin/python3 -IS``, standard library only). CNI:
 ``/usr/lib/cni/bridge`` with ``host-local`` (Debian's containernetworking-plugins). Each
 call is one process started with ``ip netns exec <host>`` (the runtime's namespace is a
-namespace of this script for both), the conf on stdin, CNI_* in the environment; DEL
-right after, in reverse order of the ADDs. Cold start: ``VERSION`` of each executable,
-exec'd directly.
+namespace of this script for both), the conf on stdin, CNI_* in the environment. The rows
+are interleaved: container i is ADDed by every plugin in turn, then every container is
+DELeted the same way in reverse order, so all rows see the same load on a shared machine
+(ratios are what to read). For vnet-cni the node's share of each call is printed too (its
+socket's request in to answer out; the rest is ``ip netns exec``, Python's start and the
+shim). Cold start: ``VERSION`` of each executable, exec'd directly, in turns.
 
 Everything lives in namespaces this script makes (``<prefix>-...``), removed at the end,
 on error and on Ctrl-C; addresses 10.89.60-62.x exist only inside them.
@@ -31,6 +34,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +62,16 @@ def call(host: str, exe: str, cmd: str, conf: dict[str, Any], container: str, ns
     return took
 
 
-def cold(exe: str, n: int = 40) -> float:
-    ts = []
+def cold(exes: list[str], n: int = 40) -> list[float]:
+    """``VERSION`` of each executable, exec'd directly, in turns: the median of ``n`` each."""
+    ts: list[list[float]] = [[] for _ in exes]
     for _ in range(n):
-        t0 = time.perf_counter()
-        subprocess.run([exe], input=b'{"cniVersion":"1.0.0"}', env={"CNI_COMMAND": "VERSION"}, capture_output=True,
-                       check=True)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for k, exe in enumerate(exes):
+            t0 = time.perf_counter()
+            subprocess.run([exe], input=b'{"cniVersion":"1.0.0"}', env={"CNI_COMMAND": "VERSION"},
+                           capture_output=True, check=True)
+            ts[k].append(time.perf_counter() - t0)
+    return [statistics.median(x) for x in ts]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -73,11 +79,26 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def row(conts: list[str], host: str, exe: str, conf: dict[str, Any], cni_path: str) -> tuple[list[float], list[float]]:
-    adds = [call(host, exe, "ADD", conf, f"c{i}", f"/run/netns/{c}", cni_path) for i, c in enumerate(conts)]
-    dels = [call(host, exe, "DEL", conf, f"c{i}", f"/run/netns/{c}", cni_path)
-            for i, c in reversed(list(enumerate(conts)))]
-    return adds, dels
+Plugin = tuple[str, str, dict[str, Any], str]  # host namespace, executable, conf, CNI_PATH
+
+
+def rows(plugins: dict[str, Plugin], conts: dict[str, list[str]], node_took: Callable[[str], float]
+         ) -> dict[str, dict[str, list[float]]]:
+    """ADD for container i with every plugin in turn, then DEL (reverse order) the same way:
+    each row sees the same load on a shared machine. Per VNet call also the node's share
+    (the socket's request in to its answer out); the rest is exec, Python start, the shim."""
+    out: dict[str, dict[str, list[float]]] = {k: {"ADD": [], "DEL": [], "ADD node": [], "DEL node": []}
+                                               for k in plugins}
+    n = len(next(iter(conts.values())))
+    for cmd, order in (("ADD", range(n)), ("DEL", reversed(range(n)))):
+        for i in order:
+            for k, (label, (host, exe, conf, cni_path)) in enumerate(plugins.items()):
+                # a container id per row: one container in two VNet networks would need two ifnames
+                out[label][cmd].append(call(host, exe, cmd, conf, f"c{k}-{i}", f"/run/netns/{conts[label][i]}",
+                                            cni_path))
+                if "vnet" in label:
+                    out[label][f"{cmd} node"].append(node_took(cmd))
+    return out
 
 
 async def main(n: int) -> None:
@@ -92,7 +113,7 @@ async def main(n: int) -> None:
                               log_level="WARNING")
         for name in ("ipam", "network", "endpoint", "policy"):
             rts.append(await service.start(launcher.load_service(name), cfg))
-        vhost, chost = NS.make("vh"), NS.make("ch")
+        vhost = NS.make("vh")
         node = f"{PREFIX}-n"
         sock = str(work / "cni.sock")
         rts.append(await service.start(
@@ -114,31 +135,43 @@ async def main(n: int) -> None:
                                                    "none"),
                     "full": await m.create_network(f"{PREFIX}-full", "10.89.64.0/22", "10.89.64.1", "bridge",
                                                    "full")}
-            conts = [NS.make(f"x{i}") for i in range(n)]
-            results: dict[str, tuple[list[float], list[float]]] = {}
             ref_conf = {"cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "cnibr0",
                         "isGateway": True, "ipMasq": False,
                         "ipam": {"type": "host-local", "subnet": "10.89.68.0/22", "dataDir": str(work / "hl")}}
-            # warm both paths once (page cache, the first netns), then measure in turns
-            await asyncio.to_thread(row, conts[:2], chost, str(REF / "bridge"), ref_conf, str(REF))
-            results["bridge + host-local"] = await asyncio.to_thread(row, conts, chost, str(REF / "bridge"), ref_conf,
-                                                                     str(REF))
+            chost = NS.make("ch")  # made late: on this shared machine a namespace made early went missing twice
+            plugins: dict[str, Plugin] = {"bridge + host-local": (chost, str(REF / "bridge"), ref_conf, str(REF))}
             for mode, net in nets.items():
                 conf = {"cniVersion": "1.1.0", "name": net.name, "type": "vnet-cni", "network": net.name,
                         "socket": sock}
-                results[f"vnet-cni, {mode} network"] = await asyncio.to_thread(row, conts, vhost, str(shim), conf,
-                                                                                str(bindir))
-            c_ref = cold(str(REF / "bridge"))
-            c_shim = cold(str(shim))
-            base_add = statistics.median(results["bridge + host-local"][0])
-            base_del = statistics.median(results["bridge + host-local"][1])
-            print(f"\nCNI ADD/DEL, {n} containers per row, one run, exec'd as a runtime does (ip netns exec)\n")
+                plugins[f"vnet-cni, {mode} network"] = (vhost, str(shim), conf, str(bindir))
+            conts = {label: [NS.make(f"x{k}-{i}") for i in range(n + 1)] for k, label in enumerate(plugins)}
+            took: dict[str, float] = getattr(rts[-1].state["cni"], "took", {})  # the node's share of each call
+
+            def node_took(cmd: str) -> float:
+                return took.get(cmd, 0.0)
+            # warm every path once (page cache, the first namespace), then measure in turns
+            await asyncio.to_thread(rows, plugins, {k: v[:1] for k, v in conts.items()}, node_took)
+            results = await asyncio.to_thread(rows, plugins, {k: v[1:] for k, v in conts.items()}, node_took)
+            c_ref, c_shim = cold([str(REF / "bridge"), str(shim)])
+            base_add = statistics.median(results["bridge + host-local"]["ADD"])
+            base_del = statistics.median(results["bridge + host-local"]["DEL"])
+            print(f"\nCNI ADD/DEL, {n} containers per row, one run, exec'd as a runtime does (ip netns exec), "
+                  "the rows interleaved container by container\n")
             print("| plugin | ADD median | ADD p99 | DEL median | DEL p99 |")
             print("|---|---|---|---|---|")
-            for label, (adds, dels) in results.items():
-                a, d = statistics.median(adds), statistics.median(dels)
-                print(f"| {label} | {a * 1e3:.1f} ms ({a / base_add:.2f}x) | {pct(adds, 0.99) * 1e3:.1f} ms | "
-                      f"{d * 1e3:.1f} ms ({d / base_del:.2f}x) | {pct(dels, 0.99) * 1e3:.1f} ms |")
+            for label, r in results.items():
+                a, d = statistics.median(r["ADD"]), statistics.median(r["DEL"])
+                print(f"| {label} | {a * 1e3:.1f} ms ({a / base_add:.2f}x) | {pct(r['ADD'], 0.99) * 1e3:.1f} ms | "
+                      f"{d * 1e3:.1f} ms ({d / base_del:.2f}x) | {pct(r['DEL'], 0.99) * 1e3:.1f} ms |")
+            print("\nwhere a vnet-cni call's time goes (medians): the node (socket in -> answer out) and the rest "
+                  "(ip netns exec, Python start, the shim)")
+            for label, r in results.items():
+                if any(r["ADD node"]):
+                    an, dn = statistics.median(r["ADD node"]), statistics.median(r["DEL node"])
+                    rest_a = statistics.median(x - y for x, y in zip(r["ADD"], r["ADD node"], strict=True))
+                    rest_d = statistics.median(x - y for x, y in zip(r["DEL"], r["DEL node"], strict=True))
+                    print(f"  {label}: ADD node {an * 1e3:.1f} ms + rest {rest_a * 1e3:.1f} ms; DEL node "
+                          f"{dn * 1e3:.1f} ms + rest {rest_d * 1e3:.1f} ms")
             print(f"\ncold start (VERSION, exec'd directly, median of 40): vnet-cni shim {c_shim * 1e3:.1f} ms, "
                   f"bridge {c_ref * 1e3:.1f} ms")
             for net in nets.values():
