@@ -203,6 +203,18 @@ async def test_drift_is_repaired_by_event_and_attributed(
         assert (rec.target, rec.owner) == (br, peer.id), rec
         figures["bridge: worker's own repair time"] = rec.repaired_s
 
+        # 3b. A veth taken off its bridge: put back on it.
+        veth1 = naming.veth_name(p1.id)
+        since = time.time()
+        t0 = time.perf_counter()
+        proc = await asyncio.to_thread(subprocess.Popen, ["ip", "-n", host, "link", "set", veth1, "nomaster"])
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        figures["veth off its bridge -> back on"] = await until(
+            "veth back on its bridge", lambda: links(host)[veth1].get("master") == br, t0)
+        rep = await drift_record(m, node, "link_master", since)
+        rec = next(r for r in rep.records if r.kind == "link_master")
+        assert (rec.target, rec.owner, rec.repaired) == (veth1, p1.id, True), rec
+
         # 4. The gateway address taken off a bridge: put back. Address changes carry the sender's
         # netlink port id; `ip` autobinds its socket, so the kernel gives it the process's pid.
         gw = "10.152.0.1/24"
@@ -223,11 +235,12 @@ async def test_drift_is_repaired_by_event_and_attributed(
             print(f"{k}: {v * 1000:.0f} ms")
         assert w.counters.full_resyncs == base, "a full resync ran: the bound was not met by events alone"
         rep = await m.node_drift(node)
-        assert rep.watching and rep.total == 4 and [r.kind for r in rep.records] == [
-            "address_removed", "link_down", "link_deleted", "nft_table"], rep
+        assert rep.watching and rep.total == 5 and [r.kind for r in rep.records] == [
+            "address_removed", "link_master", "link_down", "link_deleted", "nft_table"], rep
         counts = {(c.labels["kind"]): c.value for c in cp.node_rt.metrics.snapshot().counters
                   if c.name == "vnet_node_drift_repairs"}
-        assert counts == {"nft_table": 1, "link_deleted": 1, "link_down": 1, "address_removed": 1}, counts
+        assert counts == {"nft_table": 1, "link_deleted": 1, "link_down": 1, "link_master": 1,
+                          "address_removed": 1}, counts
 
         # The same through vnetctl: a table in a pipe, the records under --json.
         table_pid = next(r.sender.pid for r in rep.records if r.kind == "nft_table")
@@ -236,7 +249,7 @@ async def test_drift_is_repaired_by_event_and_attributed(
         assert f"pid {table_pid} (nft delete table inet vnet)" in out and "link_deleted" in out, out
         doc = json.loads(await asyncio.to_thread(vnetctl, cp.cfg.nats_url, "node", "drift", node, "--limit", "1",
                                                  "--json"))
-        assert doc["total"] == 4 and [r["kind"] for r in doc["records"]] == ["address_removed"], doc
+        assert doc["total"] == 5 and [r["kind"] for r in doc["records"]] == ["address_removed"], doc
         # Control: the same deletion with the watch stopped leaves the pair open (so the probes
         # above could have seen it) until a full resync restores the table.
         await w.drift.stop()
@@ -255,7 +268,7 @@ async def test_drift_is_repaired_by_event_and_attributed(
             "nft_table", "unknown", "table missing, found by the periodic resync"), rec
 
         for k in ("table deleted -> restored", "denied pair reachable for", "veth deleted -> re-created",
-                  "bridge down -> up", "gateway address removed -> back"):
+                  "bridge down -> up", "veth off its bridge -> back on", "gateway address removed -> back"):
             assert figures[k] <= DRIFT_BOUND_S, f"{k}: {figures[k]:.3f} s > {DRIFT_BOUND_S} s ({figures})"
 
 
