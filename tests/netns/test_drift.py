@@ -7,7 +7,8 @@ a process this test starts (``ip netns exec <host> nft ...``, ``ip -n <host> lin
 repair is timed from just before that process starts until the kernel is back, as an
 independent ``nft``/``ip`` reading sees it. A pair that must be denied (two endpoints of a
 Full network) is probed in a loop while our table is gone: the time it was reachable is
-printed and bounded. The bound is the issue's 1 s (``DRIFT_BOUND_S``); the figures go to
+printed and bounded. The bound is the issue's 1 s (``DRIFT_BOUND_S``, 10-30x what we measure;
+``VNET_DRIFT_BOUND_S`` raises it on a much busier machine); the figures go to
 docs/reliability.md. Everything lives in namespaces of this test.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
@@ -39,7 +41,9 @@ from vnet.runtime.service import Runtime
 pytestmark = [pytest.mark.netns, requires_root]
 
 RESYNC_S = 60.0  # no full resync inside the test: only notifications can meet the bound
-DRIFT_BOUND_S = 1.0  # the issue's bound
+# The issue's bound, 10-30x the figures measured here; a machine far busier than ours may
+# raise it (VNET_DRIFT_BOUND_S) rather than retry: the figures are printed either way.
+DRIFT_BOUND_S = float(os.environ.get("VNET_DRIFT_BOUND_S", "1.0"))
 T = 0.15  # one probe's timeout (a denied probe takes this long)
 
 
