@@ -93,6 +93,7 @@ from vnet.contracts.endpoint import (
     remote_of,
     to_desired,
 )
+from vnet.core import drivers as core_drivers
 from vnet.core import errors as E
 from vnet.core import mvpolicy, naming
 from vnet.core.dataplane_model import (
@@ -107,7 +108,6 @@ from vnet.core.dataplane_model import (
     Support,
     Underlay,
 )
-from vnet.core.model import DriverType
 from vnet.core.plan import ep_owner
 from vnet.runtime.service import Runtime
 from vnet.svc.node import lifecycle
@@ -124,7 +124,19 @@ DEFAULT_HEARTBEAT_S = 10.0
 RETRY_S = 1.0  # until the desired state has been fetched once
 MAX_BATCH = 512
 CONSUMER_INACTIVE_S = 3600.0  # the server drops a node's consumers after this long without it
-DRIVERS = ("bridge", "overlay", "macvlan", "ipvlan", "host")
+DRIVERS = tuple(core_drivers.names())  # every registered driver (the simulated fleet reports them)
+
+
+def _spans_hosts(driver: str) -> bool:
+    """An overlay-like network: remote endpoints, peers, routed relations (the registry says)."""
+    return core_drivers.get(driver).spans_hosts
+
+
+def _without_kernel(why: Support) -> dict[str, Support]:
+    """Every driver unavailable for ``why``, except those that need nothing from the kernel."""
+    ok = Support(available=True, reason="needs nothing from the kernel")
+    return {d.name: why if d.kernel_kinds else ok for d in core_drivers.all_drivers()}
+
 
 # endpoint: one of this node's endpoints; remote: another node's endpoint in one of this node's
 # overlay networks (its remotes change); network: a network was deleted; relations: a relation
@@ -510,7 +522,7 @@ class NodeWorker:
         sup = self.encryption
         if sup is None or sup.available or self.rec is None:
             return nets, eps, {}
-        enc = {n.id for n in nets if n.driver == DriverType.OVERLAY and n.encrypted}
+        enc = {n.id for n in nets if _spans_hosts(n.driver) and n.encrypted}
         if not enc:
             return nets, eps, {}
         st = ObjectStatus(state="failed", code=E.ENCRYPTION_UNAVAILABLE.code,
@@ -525,7 +537,8 @@ class NodeWorker:
         for e in desired.endpoints:
             if scope is not None and e.id not in scope.endpoints:
                 continue
-            eps[e.id] = (ObjectStatus(state="ready") if driver.get(e.network_id) == DriverType.HOST else
+            d = driver.get(e.network_id)
+            eps[e.id] = (ObjectStatus(state="ready") if d is not None and not core_drivers.get(d).realised else
                          ObjectStatus(state="failed", code=E.DRIVER_UNAVAILABLE.code,
                                       reason=f"node {self.node} has no data plane: {self.dataplane_reason}"))
         return ReconcileResult(ops_planned=0, ops_applied=0, writes=0, errors=[], endpoints=eps, networks={},
@@ -539,9 +552,7 @@ class NodeWorker:
     async def _probe(self) -> None:
         if not self.dataplane:
             why = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
-            drivers = {d: why for d in DRIVERS}
-            drivers["host"] = Support(available=True, reason="needs nothing from the kernel")
-            self.probe_result = ProbeResult(kinds={}, drivers=drivers)
+            self.probe_result = ProbeResult(kinds={}, drivers=_without_kernel(why))
             return
         from vnet.adapters.netlink.probe import probe
 
@@ -550,9 +561,7 @@ class NodeWorker:
         except Exception as exc:
             log.warning("node %s: the kernel probe failed: %s", self.node, exc)
             why = Support(available=False, reason=f"the kernel probe failed: {exc}")
-            drivers = {d: why for d in DRIVERS}
-            drivers["host"] = Support(available=True, reason="needs nothing from the kernel")
-            self.probe_result = ProbeResult(kinds={}, drivers=drivers)
+            self.probe_result = ProbeResult(kinds={}, drivers=_without_kernel(why))
             return
         missing = {d: s.reason for d, s in self.probe_result.drivers.items() if not s.available}
         for d, reason in sorted(missing.items()):
@@ -691,7 +700,7 @@ class NodeWorker:
                     self._policy_fetch = True
                 self._policy_dirty.set()
             net = self.nets.get(ev.endpoint.network_id)
-            if net is not None and net.driver == DriverType.OVERLAY:  # a remote of one of our overlays
+            if net is not None and _spans_hosts(net.driver):  # a remote of one of our overlays
                 self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id,
                                                  endpoint=ev.endpoint))
             return
@@ -732,7 +741,7 @@ class NodeWorker:
             # Which overlays this host routes to (related ones without a local endpoint
             # included) is the endpoint service's answer: refetch it now, not at the resync.
             # Only hosts with an overlay can route to another network.
-            if not any(n.driver == DriverType.OVERLAY for n in self.nets.values()):
+            if not any(_spans_hosts(n.driver) for n in self.nets.values()):
                 return
             involved = _involved(msg.data)
             # A relation X-Y changes what a host routes to only where X or Y is here (relations
@@ -751,7 +760,7 @@ class NodeWorker:
         parts = msg.subject.split(".")
         if len(parts) < 5 or parts[3] not in ("left", "joined") or parts[4] == self.node:
             return
-        for nid in sorted(n.id for n in self.nets.values() if n.driver == DriverType.OVERLAY):
+        for nid in sorted(n.id for n in self.nets.values() if _spans_hosts(n.driver)):
             self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=nid))
 
     async def request_resync(self, fetch: bool = True) -> NodeStats:
@@ -900,7 +909,7 @@ class NodeWorker:
                     net, epd = to_desired(it.endpoint)
                     if net.id not in self.nets:  # a network already here keeps its remotes
                         self.nets[net.id] = net
-                        refetch = refetch or net.driver == DriverType.OVERLAY
+                        refetch = refetch or _spans_hosts(net.driver)
                     self.eps[epd.id] = epd
                     self.recorded.setdefault(epd.id, (it.endpoint.status, it.endpoint.reason))
                     scope_eps.add(epd.id)
@@ -913,7 +922,7 @@ class NodeWorker:
                     gone.add(it.ident)
                     # the last local endpoint of an overlay: the overlays routed for it may go
                     nid = it.endpoint.network_id
-                    if (self.routed and it.endpoint.driver == DriverType.OVERLAY
+                    if (self.routed and _spans_hosts(it.endpoint.driver)
                             and not any(e.network_id == nid for e in self.eps.values())):
                         refetch = True
                 elif it.kind == "network" and it.event == "deleted":
