@@ -56,9 +56,8 @@ from vnet.adapters.netlink.watch import (
     is_own_thread,
 )
 from vnet.contracts.node import DriftKind, DriftRecord, DriftReply, DriftSender
-from vnet.core import naming
+from vnet.core import drivers, naming
 from vnet.core.dataplane_model import ReconcileResult, Scope
-from vnet.core.model import DriverType
 from vnet.core.nft import FAMILIES, TABLE
 
 if TYPE_CHECKING:
@@ -199,11 +198,11 @@ class DriftMonitor:
         out: dict[str, tuple[str, str]] = {}
         bridged = set()
         for n in self.w.nets.values():
-            if n.driver in (DriverType.BRIDGE, DriverType.OVERLAY):
-                out[n.bridge_name()] = ("network", n.id)
+            driver = drivers.get(n.driver)
+            if driver.bridged:  # its bridge (and an overlay's VXLAN device), and its endpoints' veths
+                for name in sorted(driver.wanted_links(n)):
+                    out[name] = ("network", n.id)
                 bridged.add(n.id)
-            if n.driver == DriverType.OVERLAY:
-                out[naming.vxlan_name(n.id)] = ("network", n.id)
         for e in self.w.eps.values():
             if e.network_id in bridged:
                 out[e.host_ifname()] = ("endpoint", e.id)
