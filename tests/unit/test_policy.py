@@ -24,7 +24,7 @@ from vnet.core.policy import (
     Published,
     Ruleset,
     Selector,
-    _disjoint,
+    disjoint_boxes,
     validate_rule,
 )
 
@@ -139,7 +139,7 @@ def test_rule_validation_and_wire_form() -> None:
 
 def test_disjoint_boxes() -> None:
     boxes = [(0, 255, 80, 90), (0, 65535, 85, 100), (10, 20, 443, 443)]
-    out = _disjoint(boxes)
+    out = disjoint_boxes(boxes)
     for a, b in itertools.combinations(out, 2):
         assert not (a[0] <= b[1] and b[0] <= a[1] and a[2] <= b[3] and b[2] <= a[3]), (a, b)
     for addr, port in itertools.product([0, 5, 10, 15, 20, 255, 256, 65535], [79, 80, 85, 90, 95, 100, 101, 443]):

@@ -40,127 +40,77 @@ from __future__ import annotations
 import bisect
 import hashlib
 import ipaddress
-import itertools
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Literal
+from typing import Literal
 
 import msgspec
 
 from vnet.core import errors as E
 from vnet.core import naming
-from vnet.core.model import IsolationMode, VirtualNetwork
+from vnet.core.model import IsolationMode
+from vnet.core.policy_inputs import (
+    PORT_PROTOCOLS,
+    AllowRule,
+    IPAddr,
+    IPNet,
+    PolicyEndpoint,
+    PolicyNetwork,
+    Port,
+    PortSpec,
+    Protocol,
+    Published,
+    RuleId,
+    Selector,
+    SelStr,
+    validate_rule,
+)
+from vnet.core.ruleset import (
+    Addr,
+    AddrSet,
+    PortBinding,
+    RuleLine,
+    Ruleset,
+    addr_key,
+    disjoint_boxes,
+    fmt_addr,
+    merge_intervals,
+    selects,
+)
 
-Protocol = Literal["tcp", "udp", "sctp", "icmp"]
-PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp"})
-IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
-Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-RuleId = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")]
-SelStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-
-# ----------------------------------------------------------------------------- inputs
-
-
-class PolicyNetwork(msgspec.Struct, frozen=True, kw_only=True):
-    """A network as the engine sees it."""
-
-    id: str
-    mode: IsolationMode
-    cidrs: tuple[str, ...] = ()
-    gateways: tuple[str, ...] = ()  # host addresses on the network's bridge (count as external)
-    connected: tuple[str, ...] = ()
-    parent: str | None = None
-    children: tuple[str, ...] = ()
-    mesh_groups: tuple[str, ...] = ()
-    bridge: str = ""  # empty: naming.bridge_name(id)
-
-    def bridge_name(self) -> str:
-        return self.bridge or naming.bridge_name(self.id)
-
-    @classmethod
-    def from_record(cls, n: VirtualNetwork) -> PolicyNetwork:
-        cidrs = tuple(c for c in (n.cidr, n.cidr_v6) if c)
-        gws = tuple(g for g in (n.gateway, n.gateway_v6) if g)
-        return cls(id=n.id, mode=n.isolation_mode, cidrs=cidrs, gateways=gws, connected=tuple(n.connected),
-                   parent=n.parent, children=tuple(n.children), mesh_groups=tuple(n.mesh_groups))
-
-
-class Published(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A container port published on the host's addresses (``host_port`` -> ``port``)."""
-
-    protocol: Literal["tcp", "udp"]
-    host_port: Port
-    port: Port
-
-
-class PolicyEndpoint(msgspec.Struct, frozen=True, kw_only=True):
-    """An endpoint as the engine sees it (addresses without prefix length)."""
-
-    id: str
-    network: str
-    ips: tuple[str, ...]
-    mac: str
-    labels: dict[str, str] = {}
-    node: str = ""
-    host_ifname: str = ""  # empty: naming.veth_name(id); "-": no bridge port (host driver)
-    published: tuple[Published, ...] = ()
-
-    def port_name(self) -> str:
-        return self.host_ifname or naming.veth_name(self.id)
-
-
-class Selector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """Selects endpoints (fields AND together) or, with only ``cidr``, addresses."""
-
-    endpoint: SelStr | None = None
-    network: SelStr | None = None
-    labels: dict[str, str] | None = None
-    cidr: SelStr | None = None
-
-    def only_cidr(self) -> bool:
-        return self.cidr is not None and self.endpoint is None and self.network is None and not self.labels
-
-
-class PortSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    protocol: Protocol
-    port: Port | None = None
-    end_port: Port | None = None
-
-    def range(self) -> tuple[int, int] | None:
-        if self.port is None:
-            return None
-        return self.port, self.end_port if self.end_port is not None else self.port
-
-
-class AllowRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """Allow flows initiated by a ``from`` match toward a ``to`` match (on ``ports``)."""
-
-    id: RuleId
-    from_: Annotated[list[Selector], msgspec.Meta(min_length=1, max_length=64)] = msgspec.field(name="from")
-    to: Annotated[list[Selector], msgspec.Meta(min_length=1, max_length=64)]
-    ports: Annotated[list[PortSpec], msgspec.Meta(min_length=1, max_length=64)] | None = None
-    description: Annotated[str, msgspec.Meta(max_length=256)] = ""
-
-
-def validate_rule(rule: AllowRule) -> None:
-    """Raise ``invalid_request`` for a rule the engine cannot compile faithfully."""
-    for side, sels in (("from", rule.from_), ("to", rule.to)):
-        for s in sels:
-            if s.endpoint is None and s.network is None and not s.labels and s.cidr is None:
-                raise E.make(E.INVALID_REQUEST, f"rule {rule.id}: an empty selector in {side!r} would select "
-                             "everything; name an endpoint, network, labels or cidr", rule=rule.id)
-            if s.cidr is not None:
-                try:
-                    ipaddress.ip_network(s.cidr, strict=True)
-                except ValueError as exc:
-                    raise E.make(E.INVALID_CIDR, f"rule {rule.id}: selector cidr {s.cidr!r}: {exc}",
-                                 rule=rule.id) from None
-    for p in rule.ports or []:
-        if p.protocol not in PORT_PROTOCOLS and p.port is not None:
-            raise E.make(E.INVALID_REQUEST, f"rule {rule.id}: protocol {p.protocol} has no ports", rule=rule.id)
-        if p.end_port is not None and (p.port is None or p.end_port < p.port):
-            raise E.make(E.INVALID_REQUEST, f"rule {rule.id}: end_port needs a port not above it", rule=rule.id)
-
+# The engine, and re-exported: its inputs (vnet.core.policy_inputs) and the model it compiles
+# (vnet.core.ruleset), so callers import everything of policy from here.
+__all__ = [
+    "PORT_PROTOCOLS",
+    "Addr",
+    "AddrSet",
+    "AllowRule",
+    "IPAddr",
+    "IPNet",
+    "Party",
+    "PartyKind",
+    "Policy",
+    "PolicyEndpoint",
+    "PolicyNetwork",
+    "Port",
+    "PortBinding",
+    "PortSpec",
+    "Protocol",
+    "Published",
+    "RuleId",
+    "RuleLine",
+    "Ruleset",
+    "SelStr",
+    "Selector",
+    "Verdict",
+    "VerdictBy",
+    "addr_key",
+    "disjoint_boxes",
+    "endpoint_from_parts",
+    "fmt_addr",
+    "merge_intervals",
+    "selects",
+    "validate_rule",
+]
 
 # ----------------------------------------------------------------------------- verdict
 
@@ -190,183 +140,6 @@ class Verdict(msgspec.Struct, kw_only=True):
     by: VerdictBy
     rules: list[str]  # ids of the rules that allow the flow (when the modes do not)
     reasons: list[str]  # the chain, for people
-
-
-# ----------------------------------------------------------------------------- ruleset model
-
-Addr = str  # an address, a CIDR or a range "a-b" (nft syntax)
-
-
-class PortBinding(msgspec.Struct, frozen=True, kw_only=True):
-    """Anti-spoofing binding of one bridge port (a local endpoint)."""
-
-    ifname: str
-    mac: str
-    ipv4: tuple[str, ...]
-    ipv6: tuple[str, ...]
-    full: bool  # non-IP frames are dropped (Full network)
-    endpoint: str
-    bridge: str = ""  # the bridge of the endpoint's network
-
-
-class AddrSet(msgspec.Struct, frozen=True, kw_only=True):
-    """A named address set the rule lines refer to.
-
-    ``selectors`` (endpoint selectors): the addresses of the endpoints they select,
-    one element per address (membership changes with endpoints: an attach adds its
-    addresses to the sets whose selectors select it). ``cidrs``: the address ranges
-    of ``{cidr}``-only selectors (an interval set that changes only with the rules).
-    """
-
-    name: str
-    family: int  # 4 | 6
-    selectors: tuple[Selector, ...] = ()
-    cidrs: tuple[str, ...] = ()
-    elements: list[Addr] = []
-
-    def interval(self) -> bool:
-        return bool(self.cidrs)
-
-
-class RuleLine(msgspec.Struct, frozen=True, kw_only=True, order=True):
-    """One accept rule: ``src`` set -> ``dst`` set [protocol [port range]].
-
-    ``int``: between endpoints, only across bridges whose networks are related
-    (``Ruleset.rel_pairs``); ``out``: endpoint -> external (masqueraded too);
-    ``in``: external -> endpoint."""
-
-    chain: Literal["int", "out", "in"]
-    family: int
-    src: str
-    dst: str
-    proto: str = ""  # "" = every protocol
-    lo: int = 0  # 0 = no port match
-    hi: int = 0
-
-
-class Ruleset(msgspec.Struct, kw_only=True):
-    """Everything one host's nftables tables hold (rendered by :mod:`vnet.core.nft`).
-
-    The *structure* (chains, rule lines, set declarations) depends only on the rules;
-    everything that changes with endpoints and networks is an element of a set or map:
-    port bindings, bridge sets and pairs, set members, published ports. So an attach or
-    a detach is a small element delta (:func:`vnet.core.nft.delta`).
-    """
-
-    node: str
-    bridges: list[str]  # every bridge of a network in play
-    none_bridges: list[str]  # bridges whose networks may use the uplink (egress masquerade)
-    net_pairs: list[tuple[str, str]]  # (in bridge, out bridge) the modes allow
-    ports: list[PortBinding]
-    rel_pairs: list[tuple[str, str]] = []  # (in bridge, out bridge) whose networks have a path (rules)
-    sets: list[AddrSet] = []
-    lines: list[RuleLine] = []
-    published4: list[tuple[str, int, str, int]] = []  # (protocol, host port, endpoint address, port): DNAT
-    published6: list[tuple[str, int, str, int]] = []  # the same toward the endpoint's IPv6 address (ip6 DNAT)
-
-    def version(self) -> str:
-        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
-
-    # -- deltas computed on the node (no round trip) -----------------------------------
-    def with_endpoint(self, e: PolicyEndpoint, *, local: bool, bridge: str = "") -> Ruleset | None:
-        """This ruleset with endpoint ``e`` added, or ``None`` when that needs the whole
-        picture (:meth:`Policy.compile`): a local endpoint whose network is not in play
-        here yet (bridges, pairs and relations change), or a host port already taken.
-        Idempotent: a local endpoint already bound is left as it is."""
-        ports = self.ports
-        published = self.published4
-        published6 = self.published6
-        if local and e.host_ifname == "-":
-            return None  # host driver: no port; the engine decides its published ports
-        if local:
-            if any(p.endpoint == e.id for p in ports):
-                return self
-            if not bridge or bridge not in self.bridges:
-                return None
-            v4 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 4), key=_addr_key))
-            v6 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 6), key=_addr_key))
-            pb = PortBinding(ifname=e.port_name(), mac=naming.normalize_mac(e.mac), ipv4=v4, ipv6=v6,
-                             full=(bridge, bridge) not in self.net_pairs, endpoint=e.id, bridge=bridge)
-            ports = list(ports)  # sorted by endpoint id: insert in place (O(log n) comparisons)
-            bisect.insort(ports, pb, key=_ep_key)
-            if e.published:
-                a4 = [a for a in e.ips if ipaddress.ip_address(a).version == 4]
-                a6 = [a for a in e.ips if ipaddress.ip_address(a).version == 6]
-                taken = {(p, hp) for p, hp, _, _ in (*published, *published6)}
-                new: list[tuple[str, int, str, int]] = []
-                new6: list[tuple[str, int, str, int]] = []
-                for x in e.published:
-                    if (x.protocol, x.host_port) in taken:
-                        return None  # the first endpoint by id keeps a host port: the engine decides
-                    if a4:
-                        new.append((x.protocol, x.host_port, a4[0], x.port))
-                    if a6:
-                        new6.append((x.protocol, x.host_port, a6[0], x.port))
-                    taken.add((x.protocol, x.host_port))
-                published = sorted([*published, *new])
-                published6 = sorted([*published6, *new6])
-        sets = [_with_member(s, e) for s in self.sets]
-        return msgspec.structs.replace(self, ports=ports, published4=published, published6=published6, sets=sets)
-
-    def without_endpoint(self, e: PolicyEndpoint, *, local: bool) -> Ruleset | None:
-        """This ruleset with endpoint ``e`` removed, or ``None`` when that needs the whole
-        picture: its network may leave play here, or a host port it held may pass to another."""
-        ports = self.ports
-        published = self.published4
-        if local:
-            mine = [p for p in ports if p.endpoint == e.id]
-            if mine:
-                if not mine[0].bridge or not any(p.bridge == mine[0].bridge and p.endpoint != e.id for p in ports):
-                    return None
-                ports = [p for p in ports if p.endpoint != e.id]
-            mine_ips = set(e.ips)
-            if any(a in mine_ips for _, _, a, _ in (*published, *self.published6)):
-                return None
-        gone = {str(ipaddress.ip_address(a)) for a in e.ips}
-        sets = [s if not s.selectors or not gone & set(s.elements) else
-                msgspec.structs.replace(s, elements=[x for x in s.elements if x not in gone]) for s in self.sets]
-        return msgspec.structs.replace(self, ports=ports, published4=published, sets=sets)
-
-
-def _ep_key(p: PortBinding) -> str:
-    return p.endpoint
-
-
-def _addr_key(a: str) -> tuple[int, int]:
-    ip = ipaddress.ip_address(a)
-    return ip.version, int(ip)
-
-
-def selects(s: Selector, e: PolicyEndpoint, ip: IPAddr) -> bool:
-    """Does selector ``s`` select endpoint ``e`` speaking from/to address ``ip``? (pure, no index)"""
-    if s.endpoint is not None and s.endpoint != e.id:
-        return False
-    if s.network is not None and s.network != e.network:
-        return False
-    if s.labels and any(e.labels.get(k) != v for k, v in s.labels.items()):
-        return False
-    return s.cidr is None or ip in ipaddress.ip_network(s.cidr, strict=False)
-
-
-def _with_member(s: AddrSet, e: PolicyEndpoint) -> AddrSet:
-    if not s.selectors:
-        return s
-    add = []
-    for a in e.ips:
-        ip = ipaddress.ip_address(a)
-        if ip.version == s.family and any(selects(x, e, ip) for x in s.selectors):
-            add.append(str(ip))
-    elements = s.elements
-    for a in add:  # kept sorted by address: insert in place (O(log n) comparisons), not re-sorted
-        i = bisect.bisect_left(elements, _addr_key(a), key=_addr_key)
-        if i < len(elements) and elements[i] == a:
-            continue
-        if elements is s.elements:
-            elements = list(elements)
-        elements.insert(i, a)
-    if elements is s.elements:
-        return s
-    return msgspec.structs.replace(s, elements=elements)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -704,8 +477,8 @@ class Policy:
         for e in sorted(local, key=lambda x: x.id):
             if e.host_ifname == "-" or e.network not in self.networks:
                 continue
-            v4 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 4), key=_addr_key))
-            v6 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 6), key=_addr_key))
+            v4 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 4), key=addr_key))
+            v6 = tuple(sorted((a for a in e.ips if ipaddress.ip_address(a).version == 6), key=addr_key))
             n = self.networks[e.network]
             ports.append(PortBinding(ifname=e.port_name(), mac=naming.normalize_mac(e.mac), ipv4=v4, ipv6=v6,
                                      full=n.mode == IsolationMode.FULL, endpoint=e.id, bridge=n.bridge_name()))
@@ -722,7 +495,7 @@ class Policy:
                 members = [str(ip) for x in self.select(sels) if x.network in self.networks
                            for ip in self._ips[x.id] if ip.version == fam and any(selects(s, x, ip) for s in sels)]
                 sets[name] = AddrSet(name=name, family=fam, selectors=tuple(sels),
-                                     elements=sorted(set(members), key=_addr_key))
+                                     elements=sorted(set(members), key=addr_key))
             return name
 
         def cidr_set(cidrs: list[str], fam: int) -> str | None:
@@ -731,10 +504,10 @@ class Policy:
                 return None
             name = f"c{fam}_{hashlib.sha256(' '.join(mine).encode()).hexdigest()[:12]}"
             if name not in sets:
-                ivs = _merge((int(self._cidr(c).network_address), int(self._cidr(c).broadcast_address))
+                ivs = merge_intervals((int(self._cidr(c).network_address), int(self._cidr(c).broadcast_address))
                              for c in mine)
                 sets[name] = AddrSet(name=name, family=fam, cidrs=tuple(mine),
-                                     elements=[_fmt_addr(fam, lo, hi) for lo, hi in ivs])
+                                     elements=[fmt_addr(fam, lo, hi) for lo, hi in ivs])
             return name
 
         for r in self.rules:
@@ -786,53 +559,6 @@ class Policy:
             rg = p.range()
             out.append((p.protocol, -1, -1) if rg is None else (p.protocol, rg[0], rg[1]))
         return out
-
-
-# ----------------------------------------------------------------------------- element normalisation
-
-def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(intervals):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def _disjoint(items: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """(addr lo, hi, port lo, hi) boxes -> boxes covering the same points, none overlapping."""
-    if not items:
-        return []
-    cuts = sorted({lo for lo, _, _, _ in items} | {hi + 1 for _, hi, _, _ in items})
-    out: list[tuple[int, int, int, int]] = []
-    prev: tuple[int, int, list[tuple[int, int]]] | None = None
-    for a, b in itertools.pairwise(cuts):
-        ports = _merge((plo, phi) for lo, hi, plo, phi in items if lo <= a and b - 1 <= hi)
-        if not ports:
-            if prev is not None:
-                out += [(prev[0], prev[1], p, q) for p, q in prev[2]]
-                prev = None
-            continue
-        if prev is not None and prev[2] == ports and prev[1] + 1 == a:
-            prev = (prev[0], b - 1, ports)
-        else:
-            if prev is not None:
-                out += [(prev[0], prev[1], p, q) for p, q in prev[2]]
-            prev = (a, b - 1, ports)
-    if prev is not None:
-        out += [(prev[0], prev[1], p, q) for p, q in prev[2]]
-    return out
-
-
-def _fmt_addr(fam: int, lo: int, hi: int) -> Addr:
-    cls = ipaddress.IPv4Address if fam == 4 else ipaddress.IPv6Address
-    if lo == hi:
-        return str(cls(lo))
-    nets = list(ipaddress.summarize_address_range(cls(lo), cls(hi)))
-    if len(nets) == 1:
-        return str(nets[0])
-    return f"{cls(lo)}-{cls(hi)}"
 
 
 # ----------------------------------------------------------------------------- helpers for callers
