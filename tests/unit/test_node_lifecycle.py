@@ -17,6 +17,7 @@ import pytest
 
 from vnet.adapters import wireguard as wg
 from vnet.core import naming
+from vnet.core.errors import VNetError
 from vnet.core.plan import Departed
 from vnet.runtime.config import VNetConfig
 from vnet.svc.node import lifecycle
@@ -36,8 +37,9 @@ def test_default_wireguard_interface_is_one_per_node() -> None:
 def test_wg_ifname_flag_wins_and_is_checked() -> None:
     assert lifecycle.wg_ifname({}, "n1") == naming.wg_name("n1")
     assert lifecycle.wg_ifname({"wg_ifname": "wgx"}, "n1") == "wgx"
-    with pytest.raises(ValueError):
+    with pytest.raises(VNetError) as info:
         lifecycle.wg_ifname({"wg_ifname": "much-too-long-name0"}, "n1")
+    assert info.value.code == "invalid_config" and "--wg-ifname" in info.value.message
 
 
 def test_state_dir_defaults(tmp_path: Path) -> None:

@@ -175,8 +175,8 @@ def teardown_local(config: VNetConfig, params: dict[str, str]) -> int:
         return 2
     try:
         ifname = lifecycle.wg_ifname(params, node)
-    except ValueError as exc:
-        print(f"vnet-node: --wg-ifname: {exc}", file=sys.stderr)
+    except VNetError as exc:
+        print(f"vnet-node: {exc.message}", file=sys.stderr)
         return 2
     rep = lifecycle.teardown_host(config.host_netns, node, lifecycle.state_dir(config, node), ifname)
     for item in rep.removed:

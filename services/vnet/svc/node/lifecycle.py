@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from vnet.contracts.endpoint import TeardownReply
+from vnet.core import errors as E
 from vnet.core import naming
 from vnet.core.plan import Departed
 from vnet.runtime.config import VNetConfig
@@ -78,7 +79,10 @@ def state_dir(config: VNetConfig, node: str, env: Mapping[str, str] | None = Non
 def wg_ifname(params: Mapping[str, str], node: str) -> str:
     """The WireGuard interface: ``--wg-ifname``, else the node's own default name."""
     name = params.get("wg_ifname") or naming.wg_name(node)
-    return naming.check_ifname(name)
+    try:
+        return naming.check_ifname(name)
+    except naming.InvalidName as exc:
+        raise E.make(E.INVALID_CONFIG, f"--wg-ifname: {exc}") from None
 
 
 def teardown_host(host_netns: str | None, node: str, state: str, ifname: str, *, rec: Any = None,
