@@ -229,6 +229,14 @@ def test_two_macvlan_networks_on_one_parent_every_mode(mvlab: Callable[[list[Net
     assert lb.last.writes == 0
     lb.apply(check=True)
     assert lb.last.writes == 0
+    # a restarted worker (a new enforcer, no memory) adopts every intact pair: no write
+    pol = lb.policy()
+    fresh = MacvlanEnforcer()
+    try:
+        res = fresh.sync(mvp.compile_macvlan(pol, "h1", lb.nets), pol.compile("h1"), lb.locals_(), check=True)
+        assert (res.writes, res.adopted, res.errors) == (0, len(eps), {})
+    finally:
+        fresh.close()
     # Control: without the tables of a0x and a0y (Full), the same probes pass (the checks can fail)
     for e in ("a0x", "a0y"):
         t = mvp.table_name(e)

@@ -49,6 +49,7 @@ class MvSyncResult:
     deltas: int = 0
     elements: int = 0
     removed: int = 0  # endpoints whose tables were deleted
+    adopted: int = 0  # pairs found intact (a previous worker's) and kept without a write
     errors: dict[str, str] = field(default_factory=dict)  # endpoint -> why its tables are not right
     duration: float = 0.0
 
@@ -58,7 +59,7 @@ class _Table:
     netns: str
     ident: tuple[int, int]
     struct: str  # mvpolicy.structure() of the last whole write
-    readback: str | None  # the kernel's structure listing right after it (None: not read yet)
+    readback: str | None  # the structure listing it must have, normalized (None: not read yet)
     have: dict[tuple[str, str], frozenset[str]]
     loc: MvLocal
 
@@ -130,6 +131,9 @@ class MacvlanEnforcer:
         self._worker: NsWorker | None = None
         self._ctxs: dict[str, _NsCtx] = {}
         self._tables: dict[str, _Table] = {}
+        # normalized structure listings, one per (rules, interface name): written once into a
+        # scratch namespace, so a pair is checked (and a previous worker's adopted) by comparison
+        self._refs: dict[str, str | None] = {}
         self.transactions = 0
 
     # -- plumbing ------------------------------------------------------------------------
@@ -189,6 +193,57 @@ class MacvlanEnforcer:
             docs.append((fam, _without_devices(doc)))
         return nftr.parse_listing(docs)
 
+    # -- reference listings --------------------------------------------------------------
+    def _reference(self, rs: Ruleset, loc: MvLocal) -> str | None:
+        """What the kernel lists for this pair's structure (normalized: table name and endpoint
+        id replaced), from one write of it into an anonymous scratch namespace (it vanishes with
+        its handle); None where that cannot be done (the nft-process mechanism, an old kernel)."""
+        ref_loc = loc._replace(endpoint=REF)
+        key = mvp.structure(rs, ref_loc)
+        if key in self._refs:
+            return self._refs[key]
+        got: str | None = None
+        if self.mechanism == "libnftables":
+            try:
+                got = self._scratch_listing(mvp.render(None, rs, ref_loc), mvp.table_name(REF))
+            except Exception:  # no adoption then: a pair without state is written whole
+                got = None
+        if len(self._refs) >= 16:  # one per rule structure and interface name; old ones go
+            self._refs.clear()
+        self._refs[key] = got
+        return got
+
+    def _scratch_listing(self, script: str, name: str) -> str:
+        if self._worker is None:
+            self._worker = NsWorker()
+        lib = libnft.load()
+
+        def job() -> list[tuple[str, Any]]:
+            ctx = lib.nft_ctx_new(libnft.NFT_CTX_DEFAULT)
+            if not ctx:
+                raise MvNftError("libnftables: nft_ctx_new failed")
+            try:
+                lib.nft_ctx_buffer_output(ctx)
+                lib.nft_ctx_buffer_error(ctx)
+                if lib.nft_run_cmd_from_buffer(ctx, script.encode()) != 0:
+                    err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+                    raise MvNftError(f"the reference tables were refused: {err.strip()[:500]}")
+                lib.nft_ctx_get_output_buffer(ctx)  # empties it: only the listings below are read
+                docs = []
+                base = lib.nft_ctx_output_get_flags(ctx)
+                lib.nft_ctx_output_set_flags(ctx, base | libnft.NFT_CTX_OUTPUT_JSON)
+                for fam in mvp.FAMILIES:
+                    if lib.nft_run_cmd_from_buffer(ctx, f"list table {fam} {name}".encode()) != 0:
+                        raise MvNftError("the reference tables cannot be listed")
+                    docs.append((fam, json.loads((lib.nft_ctx_get_output_buffer(ctx) or b"{}").decode())))
+                return docs
+            finally:
+                lib.nft_ctx_free(ctypes.c_void_p(ctx))
+
+        ns, docs = self._worker.run_in_new(job)
+        ns.close()
+        return nftr.parse_listing([(fam, _without_devices(doc)) for fam, doc in docs])[0]
+
     # -- sync ------------------------------------------------------------------------------
     def sync(self, mv: MvPolicy | None, rs: Ruleset, locals_: Mapping[str, MvLocal], *,
              check: bool = False, only: Collection[str] | None = None) -> MvSyncResult:
@@ -221,22 +276,30 @@ class MacvlanEnforcer:
             raise MvNftError(f"network namespace {loc.netns} of endpoint {loc.endpoint} does not exist",
                              code=E.NOT_FOUND)
         struct = mvp.structure(rs, loc)
+        ref = self._reference(rs, loc)
         t = self._tables.get(loc.endpoint)
         if t is not None and (t.ident != ident or t.netns != loc.netns or t.loc.ifname != loc.ifname):
             t = None  # another namespace (re-created) or interface: start over there
+        if t is None and ref is not None:  # a previous worker's pair, intact: adopt it (no write)
+            got = self.listing(loc.netns, loc.endpoint)
+            if got is not None and _normalize(got[0], loc.endpoint) == ref:
+                t = self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=ref,
+                                                        have=dict(got[1]), loc=loc)
+                res.adopted += 1
+                check = False  # just read
         if t is None or t.struct != struct:
-            self._whole(mv, rs, loc, struct, ident, res, readback=readback)
+            self._whole(mv, rs, loc, struct, ident, res, readback=readback, ref=ref)
             return
         if t.readback is None and readback:  # written on an attach's path: its reference listing now
             got = self.listing(loc.netns, loc.endpoint)
             if got is None:
                 self._whole(mv, rs, loc, struct, ident, res)
                 return
-            t.readback, t.have = got[0], dict(got[1])
+            t.readback, t.have = _normalize(got[0], loc.endpoint), dict(got[1])
         elif check:
             got = self.listing(loc.netns, loc.endpoint)
-            if got is None or got[0] != t.readback:
-                self._whole(mv, rs, loc, struct, ident, res)
+            if got is None or _normalize(got[0], loc.endpoint) != t.readback:
+                self._whole(mv, rs, loc, struct, ident, res, ref=ref)
                 return
             t.have = {k: frozenset(v) for k, v in got[1].items()}
         sets = mvp.decls(mv, rs, loc, ix)
@@ -256,17 +319,18 @@ class MacvlanEnforcer:
         res.elements += n
 
     def _whole(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, struct: str, ident: tuple[int, int],
-               res: MvSyncResult, *, readback: bool = True) -> None:
+               res: MvSyncResult, *, readback: bool = True, ref: str | None = None) -> None:
         self._exec(loc.netns, mvp.render(mv, rs, loc))
-        if not readback:  # what was written is what we hold; the reference listing comes next sync
-            self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=None,
+        if ref is not None or not readback:  # what was written is what we hold (the listing it must
+            # have is the reference, or is read at the next full sync)
+            self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=ref,
                                                 have=mvp.elements(mv, rs, loc), loc=loc)
         else:
             got = self.listing(loc.netns, loc.endpoint)
             if got is None:
                 raise MvNftError(f"the tables of endpoint {loc.endpoint} are missing right after they were written")
-            self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=got[0],
-                                                have=dict(got[1]), loc=loc)
+            self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct,
+                                                readback=_normalize(got[0], loc.endpoint), have=dict(got[1]), loc=loc)
         res.writes += 1
         res.wholes += 1
 
@@ -297,6 +361,16 @@ class MacvlanEnforcer:
             w, self._worker = self._worker, None
         if w is not None:
             w.close()
+
+
+REF = "vnet-reference"  # the endpoint id of the reference tables (a scratch namespace's)
+
+
+def _normalize(listing: str, endpoint: str) -> str:
+    """A pair's structure listing with its table name and endpoint id replaced by the
+    reference's: every endpoint with the same rules and interface name lists the same."""
+    return (listing.replace(mvp.table_name(endpoint), mvp.table_name(REF))
+            .replace(f"endpoint {endpoint};", f"endpoint {REF};"))
 
 
 def _without_devices(doc: Any) -> Any:
