@@ -324,6 +324,9 @@ async def test_a_node_without_wireguard_refuses_encrypted_endpoints_with_a_code(
     cap = info.capabilities["encrypted_overlay"]
     assert not cap.available and "node_state_dir" in cap.reason, cap
     assert info.wg_public_key is None
+    r = await asyncio.to_thread(subprocess.run, node_cli("vnetctl", "endpoint", "nodes", "-v"), env=child_env(c.cfg),
+                                capture_output=True, text=True, timeout=60)
+    assert f"{n1} encrypted_overlay: unavailable: cannot keep the WireGuard key" in " ".join(r.stdout.split()), r.stdout
     enc = await c.m.create_network("lcno", "10.137.0.0/24", None, "overlay", "none", {"encrypted": "true"})
     plain = await c.m.create_network("lcpl", "10.138.0.0/24", None, "overlay", "none")
     (ce,) = await c.containers(n1, 1, "lnoe")
