@@ -76,6 +76,7 @@ NFT_MSGS: dict[int, tuple[str, str]] = {
     32: ("delete", "flowtable"),
 }
 RCVBUF = 8 << 20  # a whole-ruleset write of thousands of elements is one notification each
+DRAIN_MAX = 256
 _HDR = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
@@ -251,7 +252,9 @@ class NetlinkWatch:
 
     def _drain(self, sock: socket.socket, source: str) -> None:
         changes: list[Change] = []
-        while True:
+        # At most DRAIN_MAX datagrams per call: a storm (thousands of elements written) must not
+        # hold the event loop; the reader is called again while the socket has more.
+        for _ in range(DRAIN_MAX):
             try:
                 n = sock.recv_into(self._buf)
             except BlockingIOError:
