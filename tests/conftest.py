@@ -142,17 +142,25 @@ def netns(run_prefix: str) -> Iterator[Callable[[str], str]]:
         return full
 
     yield _make
+    wg_ifs: set[str] = set()
     for ns in reversed(made):
         pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
         for pid in pids:
+            try:  # a wireguard-go's interface names its control socket (a node's default: vnw-<hash>)
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if len(argv) >= 3 and argv[-3].endswith(b"wireguard-go"):
+                    wg_ifs.add(argv[-2].decode(errors="replace"))
+            except OSError:
+                pass
             try:
                 os.kill(int(pid), 9)
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     # wireguard-go killed with the namespace leaves its control socket behind (named after
-    # its interface, which carries the run prefix).
-    for sock in Path("/var/run/wireguard").glob(f"{run_prefix}*.sock"):
+    # its interface: the run prefix, or one seen above).
+    for sock in [*Path("/var/run/wireguard").glob(f"{run_prefix}*.sock"),
+                 *(Path("/var/run/wireguard") / f"{i}.sock" for i in wg_ifs if "/" not in i)]:
         sock.unlink(missing_ok=True)
 
 
