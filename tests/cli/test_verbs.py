@@ -81,7 +81,7 @@ async def test_network_disconnect_hostroutes_and_mesh(ctl: Ctl) -> None:
     hr = await ctl.json("network", "hostroutes")
     assert ctl.node in [n["node"] for n in hr["nodes"]]
     r = await ctl.ok("network", "hostroutes")
-    assert r.stdout.splitlines()[0] == "node\tprefixes\texpires in" and ctl.node in r.stdout
+    assert r.stdout.splitlines()[0] == "node\tprefixes\toverlaps\texpires in" and ctl.node in r.stdout
 
     await ctl.ok("network", "mesh", "create", "m1", "ma")
     r = await ctl.ok("network", "mesh", "add", "m1", "mb")

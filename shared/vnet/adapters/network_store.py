@@ -555,13 +555,23 @@ class NetworkStore:
         await self.r.set(self.k("netcarve", str(family), scope, pool), f"{value:x}")
 
     # -- host routes -----------------------------------------------------------------------------
-    async def put_host_routes(self, node: str, prefixes: list[str], ttl_s: float) -> None:
+    async def put_host_routes(self, node: str, prefixes: list[str], ttl_s: float,
+                              foreign: list[str] | None = None) -> None:
         now = time.time()
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.k("nethostroutes", node), json.dumps(prefixes), px=int(ttl_s * 1000))
+        if foreign is not None:  # the node's prefixes that are not VNet's (route-overlap checks)
+            pipe.set(self.k("nethostroutes", "foreign", node), json.dumps(foreign), px=int(ttl_s * 1000))
         pipe.zadd(self.k("nethostroutes", "nodes"), {node: now + ttl_s})
         pipe.zremrangebyscore(self.k("nethostroutes", "nodes"), "-inf", now)
         await pipe.execute()
+
+    async def foreign_routes(self, nodes: list[str]) -> dict[str, list[str]]:
+        """The last reported non-VNet prefixes of these nodes (absent: never reported or expired)."""
+        if not nodes:
+            return {}
+        values = await self.r.mget([self.k("nethostroutes", "foreign", n) for n in nodes])
+        return {n: list(json.loads(v)) for n, v in zip(nodes, values, strict=True) if v is not None}
 
     async def host_routes(self) -> dict[str, tuple[list[str], float]]:
         """Live reports: node -> (prefixes, seconds until it expires)."""

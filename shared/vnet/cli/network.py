@@ -458,11 +458,19 @@ def topology_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def hostroutes_cmd(ctx: click.Context, as_json: bool) -> None:
-    """Routes and addresses node workers reported from their hosts (automatic subnets avoid them)."""
+    """Routes and addresses node workers reported from their hosts (automatic subnets avoid
+    them), and those that are not VNet's and overlap a network (each also an event,
+    vnet.evt.network.route_overlap.<network>, when the node reports it)."""
     info = run_async(lambda m: m.host_routes(), load_config(ctx))
     if as_json:
         print_json(info)
         return
-    output.table(("node", "prefixes", "expires in"),
-                 [[n.node, ", ".join(n.prefixes) or "-", f"{n.expires_in_s:.0f}s"] for n in info.nodes],
-                 empty="no node reported host routes", fold=("prefixes",))
+    output.table(("node", "prefixes", "overlaps", "expires in"),
+                 [[n.node, ", ".join(n.prefixes) or "-",
+                   ", ".join(f"{o.prefix} ~ {o.network_name}" for o in n.overlaps) or "-",
+                   f"{n.expires_in_s:.0f}s"] for n in info.nodes],
+                 empty="no node reported host routes", fold=("prefixes", "overlaps"))
+    for n in info.nodes:
+        for o in n.overlaps:
+            output.warn(f"node {n.node}: host route {o.prefix} overlaps network {o.network_name} ({o.cidr}): "
+                        "its traffic may leave through the host's route instead of the network")

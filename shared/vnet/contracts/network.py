@@ -192,6 +192,11 @@ class HostRoutesReport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     node: NodeId
     prefixes: Annotated[list[Cidr], msgspec.Meta(max_length=16384)]
     interval_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 60.0
+    # The prefixes among them that are not VNet's own (routes and addresses on interfaces
+    # other than our bridges, VXLAN, WireGuard and veth devices; blackhole/unreachable routes).
+    # The network service checks them against the networks: a new one that overlaps a network
+    # is an event (``route_overlap``). None: the node does not tell (no check).
+    foreign: Annotated[list[Cidr], msgspec.Meta(max_length=16384)] | None = None
 
 
 class HostRoutesReply(msgspec.Struct, kw_only=True):
@@ -200,10 +205,25 @@ class HostRoutesReply(msgspec.Struct, kw_only=True):
     ttl_s: float
 
 
+class RouteOverlap(msgspec.Struct, kw_only=True):
+    """A host route (or interface address) of node ``node`` that overlaps network ``network``:
+    traffic for that part of the network may leave through the host's route instead of the
+    network's bridge. Payload of ``vnet.evt.network.route_overlap.<network id>``, published
+    at once when a node reports the route (its route watch reports on every change)."""
+
+    node: str
+    prefix: str
+    network: str  # id (a top-level network: a child's space is inside its parent's)
+    network_name: str
+    cidr: str  # the network's subnet the prefix overlaps
+    at: str = ""  # when the network service saw it (ISO 8601, UTC)
+
+
 class NodeRoutes(msgspec.Struct, kw_only=True):
     node: str
     prefixes: list[str]
     expires_in_s: float
+    overlaps: list[RouteOverlap] = []  # its non-VNet prefixes that overlap a network now
 
 
 class HostRoutesInfo(msgspec.Struct, kw_only=True):

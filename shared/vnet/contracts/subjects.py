@@ -120,6 +120,8 @@ NETWORK_MESH_LIST = Subject("vnet.network.mesh.list")
 # The node id is in the subject: the bus lets a node report only its own (vnet.contracts.permissions).
 NETWORK_HOSTROUTES_REPORT = Subject("vnet.network.hostroutes.report.{node}")
 NETWORK_HOSTROUTES_LIST = Subject("vnet.network.hostroutes.list")
+# A node reported a new host route (not VNet's) that overlaps a network (payload RouteOverlap).
+EVT_NETWORK_ROUTE_OVERLAP = Subject("vnet.evt.network.route_overlap.{id}")
 
 # --- endpoints and the node registry (appended by the endpoint service) ---------------
 # A node worker reads its desired state here (node credentials may call *.*.get).

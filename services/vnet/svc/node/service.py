@@ -24,9 +24,9 @@ from vnet.contracts.endpoint import (
 from vnet.contracts.messages import Empty
 from vnet.contracts.network import HostRoutesReply, HostRoutesReport
 from vnet.contracts.node import DriftReply, DriftRequest
-from vnet.core import addr
 from vnet.core import errors as E
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
+from vnet.svc.node import routewatch
 from vnet.svc.node.worker import NodeWorker
 
 log = logging.getLogger(__name__)
@@ -91,44 +91,18 @@ SERVICE.health_checks.append(_isolation_check)
 
 # --- host routes (read only): the network service's carving skips them -------------------------
 # Added by the network service. The worker never changes anything here: it dumps the
-# routes and interface addresses of its host namespace and reports their prefixes.
+# routes and interface addresses of its host namespace and reports their prefixes, every
+# HOST_ROUTES_INTERVAL_S and at once when they change (routewatch.RouteWatch).
 
 HOST_ROUTES_INTERVAL_S = 60.0
 HOST_ROUTES_RETRY_S = 5.0  # after a failed report (the network service not up yet)
-# Route types that occupy a prefix: unicast, blackhole, unreachable, prohibit (not local/broadcast).
-_ROUTE_TYPES = (1, 6, 7, 8)
-
-
-def read_host_prefixes(netns: str | None) -> list[str]:
-    """Prefixes of every route and interface address in ``netns`` (a name under
-    /run/netns or a path; None: the current namespace). Blocking; read only — and it
-    never creates a missing namespace (pyroute2 would, unless told not to)."""
-    from pyroute2 import IPRoute
-
-    kwargs: dict[str, object] = {}
-    if netns is not None:
-        path = netns if netns.startswith("/") else f"/run/netns/{netns}"
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"host namespace {path} does not exist")
-        kwargs = {"netns": netns, "flags": 0}
-    out: set[str] = set()
-    with IPRoute(**kwargs) as ipr:
-        for r in ipr.get_routes():
-            if r["type"] not in _ROUTE_TYPES or not r["dst_len"]:
-                continue
-            dst = r.get("dst")
-            if dst:
-                out.add(f"{dst}/{r['dst_len']}")
-        for a in ipr.get_addr():
-            address = a.get("address")
-            if address:
-                out.add(f"{address}/{a['prefixlen']}")
-    return [str(n) for n in addr.host_prefixes(out)]
 
 
 async def report_host_routes(rt: Runtime) -> HostRoutesReply:
-    prefixes = await asyncio.to_thread(read_host_prefixes, rt.config.host_netns)
-    report = HostRoutesReport(node=rt.params["node"], prefixes=prefixes, interval_s=HOST_ROUTES_INTERVAL_S)
+    # with the prefixes that are not VNet's own: a new one overlapping a network is an event
+    prefixes, foreign = await asyncio.to_thread(routewatch.read_host_routes, rt.config.host_netns)
+    report = HostRoutesReport(node=rt.params["node"], prefixes=prefixes, interval_s=HOST_ROUTES_INTERVAL_S,
+                              foreign=foreign)
     reply, _ = await nats_adapter.request(rt.nc, subjects.NETWORK_HOSTROUTES_REPORT, report, HostRoutesReply,
                                           params={"node": rt.params["node"]},
                                           timeout=rt.config.request_timeout_s)
@@ -150,6 +124,23 @@ async def _host_routes_loop(rt: Runtime) -> None:
 @SERVICE.starting
 async def _start_host_routes(rt: Runtime) -> None:
     rt.spawn(_host_routes_loop(rt), "host-routes")
+    # and at once on every route or address change of the host (routewatch.py)
+    watch = routewatch.RouteWatch(rt.config.host_netns, lambda: report_host_routes(rt))
+    try:
+        await asyncio.to_thread(watch.open)
+    except OSError as exc:  # no namespace yet, not privileged: the periodic report still runs
+        log.info("no route watch on %s (routes are reported every %.0fs): %s", rt.config.host_netns or "this host",
+                 HOST_ROUTES_INTERVAL_S, exc)
+        return
+    watch.attach(asyncio.get_running_loop())
+    rt.state["route_watch"] = watch
+
+
+@SERVICE.stopping
+async def _stop_route_watch(rt: Runtime) -> None:
+    watch: routewatch.RouteWatch | None = rt.state.pop("route_watch", None)
+    if watch is not None:
+        watch.close()
 
 
 # --- the control loop: desired state -> kernel (added by the endpoints issue) --------------------
