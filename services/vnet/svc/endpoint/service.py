@@ -364,7 +364,8 @@ async def node_list(ctx: Ctx, req: NodeListRequest) -> NodeList:
     return NodeList(nodes=await _store(ctx).nodes(include_gone=req.include_gone))
 
 
-@SERVICE.op("desired.get", subjects.ENDPOINT_DESIRED, DesiredRequest)
+@SERVICE.op("desired.get", subjects.ENDPOINT_DESIRED, DesiredRequest,
+            page_hint="ask for fewer endpoints per page with `limit` and follow `next_cursor`")
 async def desired_get(ctx: Ctx, req: DesiredRequest) -> DesiredReply:
     """What a node must realise: its endpoints and their networks (the data plane's types),
     one page of ``req.limit`` endpoints in id order (a page reads only its own records)."""
