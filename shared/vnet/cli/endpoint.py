@@ -442,9 +442,6 @@ def nodes_cmd(ctx: click.Context, include_gone: bool, verbose: bool, as_json: bo
                    "on" if n.dataplane else output.styled("off", "yellow"), n.host_netns or "(its own)",
                    n.underlay or "-", str(n.endpoints), _drivers(n), f"{now - n.last_seen:.0f}s ago"] for n in nodes],
                  empty="no node workers registered" if not include_gone else "no node workers ever registered",
-            for cap, s in sorted(n.capabilities.items()):  # encrypted_overlay: WireGuard here, or what to do
-                console.print(f"{escape(n.node)} {escape(cap)}: " + (f"available ({escape(s.reason)})"
-                              if s.available else f"unavailable: {escape(s.reason)}"))
                  title="nodes", fold=("drivers",))
     if verbose:
         for n in nodes:
@@ -454,3 +451,6 @@ def nodes_cmd(ctx: click.Context, include_gone: bool, verbose: bool, as_json: bo
             if n.isolation is not None:
                 console.print(f"{escape(n.node)} isolation: " + ("stateful (nftables + br_netfilter)"
                               if n.isolation.available else escape(n.isolation.reason)))
+            for cap, s in sorted(n.capabilities.items()):  # encrypted_overlay: WireGuard here, or what to do
+                console.print(f"{escape(n.node)} {escape(cap)}: " + (f"available ({escape(s.reason)})"
+                              if s.available else f"unavailable: {escape(s.reason)}"))
