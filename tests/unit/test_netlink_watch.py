@@ -11,6 +11,8 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
+
 from vnet.adapters.netlink.watch import (
     AddrChange,
     LinkChange,
@@ -84,10 +86,11 @@ def _monitor() -> Any:
     ep = EpDesired(id="e1", network_id="n1", netns="c1", ifname="eth0", mac="02:00:00:00:00:01",
                    ipv4="10.9.0.2/24")
     q: asyncio.Queue[Any] = asyncio.Queue()
-    worker = SimpleNamespace(nets={"n1": net}, eps={"e1": ep}, queue=q, node="n", policy=None, rec=object(),
-                             counters=SimpleNamespace(reconciles=0), host_netns=None,
+    worker = SimpleNamespace(nets={"n1": net}, eps={"e1": ep}, peers=[], queue=q, node="n", policy=None,
+                             rec=object(), counters=SimpleNamespace(reconciles=0, full_resyncs=2), host_netns=None,
                              _item=lambda **kw: SimpleNamespace(**kw))
-    return DriftMonitor(worker, metrics=SimpleNamespace()), q, net, ep  # type: ignore[arg-type]
+    metrics = SimpleNamespace(listeners=[], drift=lambda kind, s: None)
+    return DriftMonitor(worker, metrics=metrics), q, net, ep  # type: ignore[arg-type]
 
 
 async def test_only_changes_to_what_is_desired_are_suspects() -> None:
@@ -139,3 +142,32 @@ def test_a_receive_overflow_is_reported_not_raised() -> None:
     w = NetlinkWatch(None, got.extend)
     w._drain(Full(), "rtnetlink")  # type: ignore[arg-type]
     assert got == [Overflow(source="rtnetlink")] and w.overflows == 1
+
+
+def test_a_resync_records_drift_only_on_a_host_that_had_converged() -> None:
+    from vnet.core.dataplane_model import ReconcileResult
+
+    mon, _q, _net, ep = _monitor()
+
+    def result(writes: int, errors: int = 0) -> ReconcileResult:
+        from vnet.core.dataplane_model import ReconcileError
+
+        errs = [ReconcileError(owner="node", code="kernel", message="x")] * errors
+        return ReconcileResult(ops_planned=writes, ops_applied=writes, writes=writes, endpoints={}, networks={},
+                               duration=0.01, errors=errs)
+
+    # an event's reconcile converged the host; the resync (same desired state) wrote 2: drift
+    mon._after_reconcile(None, result(3))
+    mon._after_reconcile(None, result(2))
+    mon.note_resync(result(2), None)
+    assert [(r.kind, r.writes) for r in mon.ring] == [("resync", 2)]
+    # the resync's fetch brought an endpoint the events had not yet: catching up, not drift
+    mon.w.eps = {**mon.w.eps, "e2": msgspec.structs.replace(ep, id="e2")}
+    mon._after_reconcile(None, result(4))
+    mon.note_resync(result(4), None)
+    assert len(mon.ring) == 1
+    # the reconcile before failed: the resync's writes are its retry, not drift
+    mon._after_reconcile(None, result(0, errors=1))
+    mon._after_reconcile(None, result(1))
+    mon.note_resync(result(1), None)
+    assert len(mon.ring) == 1

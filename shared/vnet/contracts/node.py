@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-# resync: what the periodic full resync found and wrote (drift no notification told of, or a
-# missed event); the others: repairs after a kernel notification.
+# resync: what the periodic full resync wrote to a host that had converged to the same desired
+# state (drift no notification told of); the others: repairs after a kernel notification.
 DriftKind = Literal["nft_table", "nft_rules", "link_deleted", "link_down", "link_master", "address_removed",
                     "lost_notifications", "resync"]
 

@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,8 @@ class NodeMetrics:
         self.node = node
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        # called after every reconcile, on the event loop (the drift monitor's bookkeeping)
+        self.listeners: list[Callable[[Scope | None, ReconcileResult], None]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop, self._loop_thread = loop, threading.get_ident()
@@ -119,6 +121,8 @@ class NodeMetrics:
         self._call(m.count, "vnet_node_reconciles", 1, node=self.node, scope=which)
         if result.writes:
             self._call(m.count, "vnet_node_kernel_writes", result.writes, node=self.node, scope=which)
+        for fn in self.listeners:
+            fn(scope, result)
 
     def ruleset(self, res: SyncResult | None) -> None:
         if res is None or not res.wrote:
@@ -152,6 +156,11 @@ class DriftMonitor:
         self.checks = 0  # drift work items the worker's loop took
         self.reconciles = 0  # of which needed a reconcile (a suspect still drifted)
         self._resync_policy: SyncResult | None = None
+        # the desired state each of the last two reconciles ran with, and whether it succeeded:
+        # a resync's writes are drift only when nothing changed in between (else: catching up)
+        self._cur: tuple[dict[str, Any], dict[str, Any], list[Any], bool] | None = None
+        self._prev: tuple[dict[str, Any], dict[str, Any], list[Any], bool] | None = None
+        metrics.listeners.append(self._after_reconcile)
         self._wanted_cache: tuple[tuple[int, int, int], dict[str, tuple[str, str]]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -402,17 +411,27 @@ class DriftMonitor:
             err = next((m for o, m in owners.items() if o.endswith(s.owner) or o == "node"), "")
             self._record([s], writes=result.writes, error=err)
 
+    def _after_reconcile(self, scope: Scope | None, result: ReconcileResult) -> None:
+        self._prev = self._cur
+        self._cur = (dict(self.w.nets), dict(self.w.eps), list(self.w.peers), not result.errors)
+
+    def _unchanged_since_last(self) -> bool:
+        """The full resync that just ran had the desired state the reconcile before it had, and
+        that one succeeded: the kernel had converged to it, so what the resync wrote is drift."""
+        p = self._prev
+        return p is not None and p[3] and p[0] == self.w.nets and p[1] == self.w.eps and p[2] == list(self.w.peers)
+
     def note_resync(self, result: ReconcileResult, policy: SyncResult | None) -> None:
         """After a periodic full resync: what it wrote is drift no notification told of (or a
         missed event); recorded too, with no sender (nobody told)."""
         now, t = time.time(), time.perf_counter()
         if self.w.counters.full_resyncs <= 1:
             return  # the start-up resync builds (or adopts) the host: nothing drifted yet
-        if result.writes:
+        if result.writes and self._unchanged_since_last():
             self._record([Suspect(kind="resync", target="host", owner="", scope="full", at=now,
                                   t0=t - result.duration,
                                   detail=f"the periodic resync wrote {result.writes} kernel change(s) "
-                                         "(drift or a missed event)")],
+                                         "to a host that had converged to the same desired state")],
                          writes=result.writes, error="")
         if policy is not None and policy is not self._resync_policy and policy.wrote and \
                 policy.reason.startswith("table"):
