@@ -149,7 +149,8 @@ async def flush(nc: Client, timeout: float = 10.0) -> None:
     flusher write them (it runs before the PONG can be read); the second PING then
     follows them on the wire.
     """
-    await nc.flush(timeout=timeout)  # type: ignore[arg-type]  # typed int, any number works
+    # nats-py annotates ``timeout: int`` but hands it to asyncio.wait_for, which takes any number
+    await nc.flush(timeout=timeout)  # type: ignore[arg-type]
     await nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
 

@@ -117,6 +117,7 @@ def _sentinel_client(config: RedisSettings, size: int) -> aioredis.Redis:
     db = urlsplit(config.redis_url).path.lstrip("/") or "0"
     common: dict[str, Any] = dict(socket_connect_timeout=config.redis_timeout_s,
                                   socket_timeout=config.redis_timeout_s)
+    # redis-py leaves Sentinel.__init__ unannotated, so strict mypy refuses the call without this
     sentinel = Sentinel(sentinel_addresses(config.redis_sentinels or ""), sentinel_kwargs=dict(common),  # type: ignore[no-untyped-call]
                         username=config.redis_username, password=config.redis_password,
                         db=int(db) if db.isdigit() else 0, decode_responses=False,

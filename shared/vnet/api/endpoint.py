@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 
 from vnet.api.base import ClientBase
-from vnet.api.network import parse_label_selector
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DEFAULT_WAIT_S,
@@ -53,6 +52,7 @@ from vnet.contracts.endpoint import (
 )
 from vnet.contracts.messages import Empty
 from vnet.contracts.node import DriftReply, DriftRequest
+from vnet.core.labels import parse_selector
 
 
 class EndpointAPI(ClientBase):
@@ -96,7 +96,7 @@ class EndpointAPI(ClientBase):
                                   labels: Mapping[str, str] | Iterable[str] | None = None,
                                   status: EndpointState | None = None, limit: int = 1000,
                                   cursor: str | None = None) -> EndpointPage:
-        req = EndpointList(network=network, node=node, container=container, labels=parse_label_selector(labels),
+        req = EndpointList(network=network, node=node, container=container, labels=parse_selector(labels),
                            status=status, limit=limit, cursor=cursor)
         return await self.call(subjects.ENDPOINT_LIST, req, EndpointPage)
 

@@ -50,22 +50,11 @@ from vnet.contracts.network import (
     NetworkUpdate,
 )
 from vnet.core import topology
+from vnet.core.labels import parse_selector
 from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
 
-
-def parse_label_selector(selector: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
-    """``{"env": "prod"}`` or ``["env=prod", "team=a"]`` -> a dict (AND-ed exact matches)."""
-    if selector is None:
-        return {}
-    if isinstance(selector, Mapping):
-        return dict(selector)
-    out: dict[str, str] = {}
-    for item in selector:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise ValueError(f"label filter {item!r} must be key=value")
-        out[k] = v
-    return out
+# the one label-filter parser (vnet.core.labels); the name stays for callers of the client module
+parse_label_selector = parse_selector
 
 
 class NetworkAPI(ClientBase):

@@ -12,6 +12,7 @@ from rich.tree import Tree
 
 from vnet.cli import output
 from vnet.cli.main import cli, console, each, escape, load_config, print_json, report_batch, run_async
+from vnet.cli.params import pairs as _pairs
 from vnet.cli.reach import dry_run_option, network_names, show_reach
 from vnet.client import VNetManager
 from vnet.contracts.network import MeshGroup, NetworkDeleted, NetworkReply
@@ -22,16 +23,6 @@ from vnet.core.reach import ReachDiff
 
 DRIVERS = [d.value for d in DriverType]
 ISOLATIONS = [m.value for m in IsolationMode]
-
-
-def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{item!r} must be key=value", param_hint=what)
-        out[k] = v
-    return out
 
 
 def _kv(d: dict[str, str]) -> str:

@@ -14,6 +14,7 @@ and ``vnetctl`` both use: its connection settings apply unless a NATS server is 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import netaddr
 import yaml
 
 from vnet.core import errors as E
@@ -124,16 +124,17 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         try:
-            v4 = netaddr.IPNetwork(self.default_subnet)
-        except (netaddr.AddrFormatError, ValueError, TypeError):
+            # strict=False: host bits set are accepted (and dropped), as before
+            v4 = ipaddress.ip_network(self.default_subnet, strict=False)
+        except (ValueError, TypeError):
             raise E.make(E.INVALID_CONFIG, f"default_subnet {self.default_subnet!r} is not a CIDR") from None
         if v4.version != 4:
             raise E.make(E.INVALID_CONFIG, f"default_subnet {self.default_subnet!r} must be IPv4; "
                          "put an IPv6 pool in default_subnet_v6")
         if self.default_subnet_v6 is not None:
             try:
-                v6 = netaddr.IPNetwork(self.default_subnet_v6)
-            except (netaddr.AddrFormatError, ValueError, TypeError):
+                v6 = ipaddress.ip_network(self.default_subnet_v6, strict=False)
+            except (ValueError, TypeError):
                 raise E.make(E.INVALID_CONFIG,
                              f"default_subnet_v6 {self.default_subnet_v6!r} is not a CIDR") from None
             if v6.version != 6:
@@ -235,7 +236,7 @@ def local_stack_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]
     The keys are :class:`VNetConfig` fields; the state file decides which
     (``StackFile.connection_settings``), so credentials it records reach clients too.
     """
-    from vnet.runtime.stack import state  # the state file's format and liveness check live there
+    from vnet.runtime import stackfile as state  # the state file and liveness check (no cycle: it does not import us)
 
     try:
         running = state.running_stack(state.default_state_dir(env))

@@ -7,7 +7,7 @@ A service is a :class:`ServiceDef` — a name, a version and typed operations::
     @SERVICE.op("addr.request", subjects.IPAM_ADDR_REQUEST, AddrRequest)
     async def request_addr(ctx: Ctx, req: AddrRequest) -> AddrReply: ...
 
-:func:`start` turns it into a ``nats.micro`` service (``$SRV.PING|INFO|STATS``,
+:func:`start` turns it into a service as ``nats.micro`` would (``$SRV.PING|INFO|STATS``,
 queue group per endpoint) and adds what plain ``nats.micro`` lacks:
 
 * strict decoding (unknown fields, wrong types, oversized bodies -> 400 naming the problem);
@@ -30,7 +30,16 @@ The request path is written for throughput (see ``docs/service-pattern.md`` for 
 figures): the endpoint subscriptions are ours rather than ``nats.micro``'s (which would
 wrap every message in a ``Request`` and time the hand-off), everything that depends
 only on the op is computed once at start, and a request without headers skips the
-trace-context extraction.
+trace-context extraction. Since the subscriptions are ours, so is discovery: this module
+uses no ``nats.micro`` service object (and none of its private fields);
+:mod:`vnet.runtime.discovery` answers ``$SRV.*`` with upstream's public reply types and
+the counters this request path keeps.
+
+One module over 600 lines on purpose: the request path (decode, bound, span, handler,
+error mapping, reply size, stats) is one hot loop whose parts share per-op state computed
+at start (``_Bound``); split, each request would cross module boundaries for no reader's
+benefit. The service definition (``ServiceDef``/``Op``/``Ctx``) and the runtime around it
+stay together with it for the same reason.
 """
 
 from __future__ import annotations
@@ -49,10 +58,8 @@ from typing import Any, Generic, TypeVar, cast
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.micro import add_service
-from nats.micro.service import Endpoint as MicroEndpoint
-from nats.micro.service import EndpointConfig, Service
 
 from vnet.adapters import nats as nats_adapter
 from vnet.contracts import codec, subjects
@@ -61,6 +68,8 @@ from vnet.contracts.messages import Empty, HealthReply
 from vnet.contracts.subjects import Subject
 from vnet.core import errors as E
 from vnet.runtime.config import VNetConfig
+from vnet.runtime.discovery import Discovery, EndpointRecord
+from vnet.runtime.wiring import ServiceAdapters
 from vnet.telemetry import tracing
 from vnet.telemetry.metrics import OpMetrics
 
@@ -177,22 +186,10 @@ class ServiceDef:
         return fn
 
 
-class _StatsEndpoint(MicroEndpoint):
-    """A ``nats.micro`` endpoint record whose average is derived when read, not per request."""
-
-    @property
-    def _average_processing_time(self) -> int:
-        return int(self._processing_time / max(self._num_requests, 1))
-
-    @_average_processing_time.setter
-    def _average_processing_time(self, value: Any) -> None:  # micro's __init__ and _reset assign it
-        pass
-
-
 class _Bound:
     """One op as registered: everything the request path needs, computed once."""
 
-    __slots__ = ("attrs", "decode", "dynamic", "micro", "op", "params", "span_name", "subscribe_subject",
+    __slots__ = ("attrs", "decode", "dynamic", "op", "params", "span_name", "stats", "sub", "subscribe_subject",
                  "template")
 
     def __init__(self, service: str, op: Op[Any], params: dict[str, str]) -> None:
@@ -222,7 +219,8 @@ class _Bound:
         # subject only when the template has parameters (which node, which id).
         self.attrs: dict[str, str] | None = (
             {"messaging.destination.name": self.subscribe_subject} if "{" in self.template else None)
-        self.micro: MicroEndpoint | None = None
+        self.stats: EndpointRecord | None = None  # what $SRV.STATS reports (vnet.runtime.discovery)
+        self.sub: Subscription | None = None  # ours: see the module docstring
 
     def params_of(self, subject: str) -> dict[str, str]:
         out = dict(self.params)
@@ -360,12 +358,14 @@ class Runtime:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.redis = redis
+        # the adapters this service is handed (typed by vnet.runtime.ports); services build nothing concrete
+        self.adapters = ServiceAdapters(config, self.js, redis)
         self.params = params
         self.instance = ""
         self.metrics = OpMetrics(defn.name, "")
         self.started = time.time()
         self.state: dict[str, Any] = {}  # per-service state set by on_start hooks
-        self._micro: Service | None = None
+        self._discovery: Discovery | None = None
         self._endpoints: dict[str, _Bound] = {}
         self._workers = _Workers(self._run, config.max_inflight)
         self._bg: list[asyncio.Future[None]] = []
@@ -407,9 +407,9 @@ class Runtime:
         workers = self._workers
 
         async def on_msg(msg: Msg) -> None:
-            ep = b.micro
+            ep = b.stats
             if ep is not None:
-                ep._num_requests += 1
+                ep.num_requests += 1
             item = (b, msg)
             if not workers.offer(item):
                 await workers.put(item)
@@ -480,12 +480,12 @@ class Runtime:
         code = failure.code if failure is not None else None
         # a recorded (sampled) request becomes its latency bucket's exemplar
         self.metrics.observe(op.name, elapsed, code, trace_id if trace_id and span.is_recording() else None)
-        ep = b.micro
+        ep = b.stats
         if ep is not None:  # $SRV.STATS: the same truth as the metrics
-            ep._processing_time += int(elapsed * 1e9)  # the average is computed when STATS asks
+            ep.processing_time_ns += int(elapsed * 1e9)  # the average is computed when STATS asks
             if failure is not None:
-                ep._num_errors += 1
-                ep._last_error = f"{failure.status} {failure.code}"  # type: ignore[assignment]
+                ep.num_errors += 1
+                ep.last_error = f"{failure.status} {failure.code}"
         if cancelled:
             raise asyncio.CancelledError
 
@@ -571,13 +571,12 @@ class Runtime:
         """Unsubscribe every endpoint at the server and hand what already arrived to handlers."""
 
         async def drain_one(b: _Bound) -> None:
-            ep = b.micro
-            sub = ep._subscription if ep is not None else None
-            if ep is None or sub is None:
+            sub, b.sub = b.sub, None
+            if sub is None:
                 return
-            ep._subscription = None
             try:
-                await cast(Any, sub).drain()  # untyped in nats-py
+                # Subscription.drain has no annotations in nats-py 2.x: strict mypy refuses the call
+                await cast(Any, sub).drain()
             except Exception as exc:  # closed or reconnecting: nothing more will arrive anyway
                 log.debug("drain %s: %s", b.subscribe_subject, exc)
                 try:
@@ -611,12 +610,11 @@ class Runtime:
                 log.warning("%s: %d requests still running after %.1fs; cancelling them", self.defn.name,
                             self._workers.busy, drain_timeout)
             await self._workers.close()
-            if self._micro is not None:
-                self._micro._endpoints = []  # already unsubscribed above
+            if self._discovery is not None:  # the endpoints are unsubscribed above
                 try:
-                    await asyncio.wait_for(self._micro.stop(), max(deadline - loop.time(), 1.0))
+                    await asyncio.wait_for(self._discovery.stop(), max(deadline - loop.time(), 1.0))
                 except Exception as exc:
-                    log.debug("micro stop: %s", exc)
+                    log.debug("discovery stop: %s", exc)
             for hook in self.defn.on_stop:
                 try:
                     await hook(self)
@@ -702,11 +700,12 @@ async def start(defn: ServiceDef, config: VNetConfig, *, nc: Client | None = Non
     try:
         await nats_adapter.ensure_events_stream(rt.js, config.events_replicas)
         meta = {"vnet.service": defn.name, **{f"vnet.{k}": v for k, v in params.items()}}
-        micro = await add_service(nc, name=f"vnet-{defn.name}", version=defn.version,
-                                  description=defn.description, metadata=meta)
-        rt._micro = micro
-        rt.instance = micro.id
-        rt.metrics = OpMetrics(defn.name, micro.id)
+        disc = Discovery(nc, name=f"vnet-{defn.name}", version=defn.version, description=defn.description,
+                         metadata=meta)
+        rt._discovery = disc
+        await disc.start()
+        rt.instance = disc.id
+        rt.metrics = OpMetrics(defn.name, disc.id)
         health_subject = defn.health_subject or subjects.health(defn.name)
 
         async def _health(ctx: Ctx, req: Empty) -> HealthReply:
@@ -718,14 +717,12 @@ async def start(defn: ServiceDef, config: VNetConfig, *, nc: Client | None = Non
         queue = f"vnet-{defn.name}"
         for op in ops:
             b = _Bound(defn.name, op, params)
-            ep = _StatsEndpoint(micro, EndpointConfig(
-                name=op.endpoint_name, subject=b.subscribe_subject, handler=_unused_handler, queue_group=queue,
+            b.stats = disc.add_endpoint(
+                op.endpoint_name, b.subscribe_subject, queue,
                 metadata={"vnet.op": op.name, "vnet.subject": op.subject.template,
                           "vnet.request": getattr(op.req_type, "__name__", str(op.req_type)),
-                          "vnet.max_bytes": str(op.max_bytes)}))
-            ep._subscription = await nc.subscribe(b.subscribe_subject, queue=queue, cb=rt._make_handler(b))
-            b.micro = ep
-            micro._endpoints.append(ep)
+                          "vnet.max_bytes": str(op.max_bytes)})
+            b.sub = await nc.subscribe(b.subscribe_subject, queue=queue, cb=rt._make_handler(b))
             rt._endpoints[op.name] = b
         await nats_adapter.flush(nc)  # answering from here on: not just nc.flush(), see there
         if config.metrics_enabled:
@@ -737,28 +734,20 @@ async def start(defn: ServiceDef, config: VNetConfig, *, nc: Client | None = Non
     return rt
 
 
-async def _unused_handler(request: Any) -> None:  # the endpoint subscriptions are ours (see Runtime._run)
-    raise RuntimeError("not called")
-
-
 async def _abort(rt: Runtime) -> None:
     """Undo a half-done start: nothing registered stays behind."""
     rt._stopping = True
     await rt._cancel_background()
     await rt._workers.close()
     for b in rt._endpoints.values():
-        sub = b.micro._subscription if b.micro is not None else None
+        sub, b.sub = b.sub, None
         if sub is not None:
             try:
                 await sub.unsubscribe()
             except Exception:
                 pass
-    if rt._micro is not None:
-        rt._micro._endpoints = []
-        try:
-            await rt._micro.stop()
-        except Exception:
-            pass
+    if rt._discovery is not None:
+        await rt._discovery.stop()
     await rt._close_connections(2.0)
     rt._stopped.set()
 

@@ -45,10 +45,6 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from vnet.adapters.endpoint_store import EndpointStore, claim_port, describe_holder
-from vnet.adapters.ipam_store import registry_marker
-from vnet.adapters.nats import DurableConsumer
-from vnet.adapters.redis import global_key
 from vnet.contracts import codec, subjects
 from vnet.contracts import headers as H
 from vnet.contracts.endpoint import (
@@ -92,6 +88,8 @@ from vnet.core.dataplane_model import NetDesired, NodeDesired, PeerHost
 from vnet.core.dns import search_domains
 from vnet.core.model import DriverType, VirtualNetwork
 from vnet.core.policy import Policy
+from vnet.runtime.ports import EndpointStorePort as EndpointStore
+from vnet.runtime.ports import claim_port, describe_holder
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 from vnet.telemetry import tracing
 
@@ -133,11 +131,11 @@ def _iso_us(us: int) -> str:
 
 @SERVICE.starting
 async def _start(rt: Runtime) -> None:
-    store = EndpointStore(rt.redis)
+    store = rt.adapters.endpoint_store()
     await store.load()
     rt.state["store"] = store
     # Tell IPAM GC this index is maintained even when it is empty (Redis drops empty sets).
-    await rt.redis.set(registry_marker(global_key("endpoints")), b"1")
+    await rt.adapters.mark_index_maintained("endpoints")
     async def on_register(msg: Msg) -> None:
         await _on_register(rt, msg)
 
@@ -151,9 +149,9 @@ async def _start(rt: Runtime) -> None:
         await _on_deregister(rt, msg)
 
     consumers = [
-        DurableConsumer(rt.js, STATUS_DURABLE, subjects.EVT_ENDPOINT_STATUS.wildcard(), deliver_all=False),
-        DurableConsumer(rt.js, NETDEL_DURABLE, subjects.EVT.wildcard().replace("*.*.*", "network.deleted.*"),
-                        deliver_all=False),
+        rt.adapters.event_consumer(STATUS_DURABLE, subjects.EVT_ENDPOINT_STATUS.wildcard(), deliver_all=False),
+        rt.adapters.event_consumer(NETDEL_DURABLE, subjects.EVT.wildcard().replace("*.*.*", "network.deleted.*"),
+                                   deliver_all=False),
     ]
     rt.state["consumers"] = consumers
     try:

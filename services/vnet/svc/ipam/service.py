@@ -29,10 +29,6 @@ import re
 import time
 from typing import Any
 
-from vnet.adapters import ipam_store as st
-from vnet.adapters.ipam_rates import IpamRates
-from vnet.adapters.ipam_store import IpamStore, PoolMeta
-from vnet.adapters.redis import load_scripts
 from vnet.contracts import subjects
 from vnet.contracts.ipam import (
     AddrRelease,
@@ -62,6 +58,10 @@ from vnet.contracts.ipam import (
 from vnet.core import errors as E
 from vnet.core import forecast as fc
 from vnet.core import ipam as core
+from vnet.runtime import ports as st
+from vnet.runtime.ports import IpamRatesPort as IpamRates
+from vnet.runtime.ports import IpamStorePort as IpamStore
+from vnet.runtime.ports import PoolMeta
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,9 @@ def _store(ctx: Ctx | Runtime) -> IpamStore:
 
 @SERVICE.starting
 async def _start(rt: Runtime) -> None:
-    rt.state["ipam_store"] = IpamStore(rt.redis)
-    rt.state["ipam_rates"] = IpamRates(rt.redis)
-    await load_scripts(rt.redis, *st.SCRIPTS)
+    rt.state["ipam_store"] = rt.adapters.ipam_store()
+    rt.state["ipam_rates"] = rt.adapters.ipam_rates()
+    await rt.adapters.load_ipam_scripts()
     interval, _ = gc_settings(rt)
     if interval > 0:
         rt.spawn(_gc_loop(rt), "gc")

@@ -36,10 +36,6 @@ from types import TracebackType
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from vnet.adapters.netlink.apply import Applier
-from vnet.adapters.netlink.nsctx import NamespaceGone, NsContext
-from vnet.adapters.netlink.observe import Observer
-from vnet.adapters.wireguard import WireGuard, WireGuardError
 from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.dataplane_model import (
@@ -61,6 +57,9 @@ from vnet.core.plan import (
     observation_targets,
     plan,
 )
+from vnet.runtime import dataplane
+from vnet.runtime.dataplane import Dataplane, NamespaceGone, WireGuardError
+from vnet.runtime.dataplane import WireGuardPort as WireGuard
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -113,16 +112,20 @@ class Reconciler:
 
     def __init__(self, host_netns: str | None = None, *, max_namespaces: int = 1024,
                  tracer: trace.Tracer | None = None, node_name: str | None = None,
-                 state_dir: str | os.PathLike[str] | None = None) -> None:
+                 state_dir: str | os.PathLike[str] | None = None, kernel: Dataplane | None = None) -> None:
         """``node_name`` names this node in errors (default: the host namespace or the
         host name); ``state_dir`` keeps the node's WireGuard private key (0600; default a
-        private temporary directory)."""
+        private temporary directory); ``kernel``: the data plane to work on (default the
+        real one, :func:`vnet.runtime.dataplane.kernel`)."""
         self.host_netns = host_netns
         self.node_name = node_name or host_netns or os.uname().nodename
-        self.ctx = NsContext(max_entries=max_namespaces)
         self._tracer = tracer
-        self.observer = Observer(self.ctx, host_netns)
-        self.applier = Applier(self.ctx, host_netns, tracer, node=self.node_name)
+        kernel = kernel or dataplane.kernel(host_netns, max_namespaces=max_namespaces, tracer=tracer,
+                                            node=self.node_name)
+        self.ctx = kernel.namespaces
+        self.observer = kernel.observer
+        self.applier = kernel.applier
+        self._make_wireguard = kernel.wireguard
         self._lock = threading.Lock()
         self.reconciles = 0
         self._state_dir = state_dir
@@ -142,8 +145,8 @@ class Reconciler:
         """The WireGuard mesh manager (made on first use)."""
         if self._wg is None:
             state = self._state_dir or tempfile.mkdtemp(prefix=f"vnet-node-{self.node_name.replace('/', '_')}-")
-            self._wg = WireGuard(self.host_netns, state,
-                                 lambda name: self.observer.link(self.host_netns, name) is not None)
+            self._wg = self._make_wireguard(self.host_netns, state,
+                                            lambda name: self.observer.link(self.host_netns, name) is not None)
         return self._wg
 
     def stop_wireguard(self) -> None:

@@ -30,8 +30,6 @@ worker to manage; the root namespace is handed to the worker only on an explicit
 
 One module per concern (this package re-exports what ``vnetctl`` and the tests use):
 
-    state        the state file, the state directory, :class:`StackError`
-    procs        process identity (/proc start times), liveness, signalling, the parent-death hook
     netns        the sandbox network namespace
     ports        ports of the stack's own servers, reachability of named ones
     layout       options, the child processes and the identity each runs as (:func:`make_plan`)
@@ -39,6 +37,10 @@ One module per concern (this package re-exports what ``vnetctl`` and the tests u
     supervisor   :class:`Supervisor`: start, wait for ready, restart, stop in order
     down         ``vnetctl up --detach`` and ``vnetctl down`` from outside the supervisor
     summary      what ``vnetctl up`` prints once ready
+
+The state file and process identity (:class:`StackFile`, :class:`StackError`, ``pid_alive``)
+live beside this package in :mod:`vnet.runtime.stackfile`: the config reads the state file
+to find a running stack, and this package imports the config.
 """
 
 
@@ -65,8 +67,9 @@ from vnet.runtime.stack.layout import (
 )
 from vnet.runtime.stack.layout import Identities as _Identities
 from vnet.runtime.stack.netns import create_sandbox_netns, delete_netns, netns_exists, sandbox_netns_name
-from vnet.runtime.stack.procs import describe_exit, pid_alive, proc_start_time, tail
-from vnet.runtime.stack.state import (
+from vnet.runtime.stack.summary import format_summary
+from vnet.runtime.stack.supervisor import Supervisor
+from vnet.runtime.stackfile import (
     LOCK_FILE,
     STACK_FILE,
     ProcEntry,
@@ -74,13 +77,15 @@ from vnet.runtime.stack.state import (
     StackError,
     StackFile,
     default_state_dir,
+    describe_exit,
+    pid_alive,
+    proc_start_time,
     read_stack_file,
     running_stack,
     stack_credentials,
+    tail,
     write_stack_file,
 )
-from vnet.runtime.stack.summary import format_summary
-from vnet.runtime.stack.supervisor import Supervisor
 
 __all__ = [
     "COMPONENTS", "LOCK_FILE", "NATS", "NODE", "REPLICATED", "SERVERS", "STACK_FILE", "VALKEY", "Child", "ChildSpec",

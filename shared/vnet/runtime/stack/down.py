@@ -13,8 +13,17 @@ from pathlib import Path
 
 from vnet.runtime import credentials
 from vnet.runtime.stack.netns import delete_netns
-from vnet.runtime.stack.procs import describe_exit, pid_alive, signal_tree, tail
-from vnet.runtime.stack.state import STACK_FILE, Say, StackError, StackFile, read_stack_file
+from vnet.runtime.stackfile import (
+    STACK_FILE,
+    Say,
+    StackError,
+    StackFile,
+    describe_exit,
+    pid_alive,
+    read_stack_file,
+    signal_tree,
+    tail,
+)
 
 
 def cleanup_leftovers(state_dir: Path, stack: StackFile, *, say: Say, timeout: float = 5.0) -> list[str]:

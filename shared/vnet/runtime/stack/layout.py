@@ -19,7 +19,7 @@ from vnet.runtime import credentials, servers, tls
 from vnet.runtime.config import ENV_PREFIX, VNetConfig
 from vnet.runtime.stack.netns import create_sandbox_netns, delete_netns, sandbox_netns_name
 from vnet.runtime.stack.ports import check_reachable, pick_port
-from vnet.runtime.stack.state import Say, StackError
+from vnet.runtime.stackfile import Say, StackError
 
 NATS = "nats-server"
 VALKEY = "valkey-server"

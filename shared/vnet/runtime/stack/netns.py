@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from vnet.runtime.stack.state import StackError
+from vnet.runtime.stackfile import StackError
 
 
 def _ip_binary() -> str:

@@ -7,7 +7,7 @@ import socket
 from urllib.parse import urlsplit
 
 from vnet.runtime import servers
-from vnet.runtime.stack.state import StackError
+from vnet.runtime.stackfile import StackError
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -22,8 +22,7 @@ from vnet.contracts.messages import Empty, HealthReply
 from vnet.core.errors import VNetError
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.stack.layout import COMPONENTS, NATS, NODE, Child
-from vnet.runtime.stack.procs import tail
-from vnet.runtime.stack.state import StackError
+from vnet.runtime.stackfile import StackError, tail
 
 SUPERVISOR_CLIENT = "vnet-supervisor"
 

@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
-from vnet.runtime.stack.state import StackFile, default_state_dir
+from vnet.runtime.stackfile import StackFile, default_state_dir
 
 
 def format_summary(stack: StackFile, *, elapsed: float | None = None, degraded: Mapping[str, str] | None = None,

@@ -28,18 +28,21 @@ from vnet.runtime.stack import readiness
 from vnet.runtime.stack.down import cleanup_leftovers
 from vnet.runtime.stack.layout import COMPONENTS, NATS, REPLICATED, SERVERS, Child, Plan, StackOptions, make_plan
 from vnet.runtime.stack.netns import delete_netns
-from vnet.runtime.stack.procs import describe_exit, parent_death_hook, proc_start_time, tail
-from vnet.runtime.stack.state import (
+from vnet.runtime.stack.summary import format_summary
+from vnet.runtime.stackfile import (
     LOCK_FILE,
     STACK_FILE,
     ProcEntry,
     Say,
     StackError,
     StackFile,
+    describe_exit,
+    parent_death_hook,
+    proc_start_time,
     read_stack_file,
+    tail,
     write_stack_file,
 )
-from vnet.runtime.stack.summary import format_summary
 from vnet.runtime.stopsignals import STOP_SIGNALS, StopReason, StopSignals
 
 RESTART_BASE_S = 0.5

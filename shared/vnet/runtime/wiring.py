@@ -1,0 +1,56 @@
+"""The adapters a service is handed: built by the runtime at start, typed by the ports.
+
+The runtime is the one place that knows which concrete adapter implements which port
+(:mod:`vnet.runtime.ports`): a service asks ``rt.adapters`` for its store or an event
+consumer and gets an object typed by the Protocol, so the service file reads as decisions
+plus calls on interfaces, and a test can hand it a fake instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from vnet.adapters import ipam_store, redis
+from vnet.adapters.endpoint_store import EndpointStore
+from vnet.adapters.ipam_rates import IpamRates
+from vnet.adapters.nats import DurableConsumer
+from vnet.runtime.config import VNetConfig
+from vnet.runtime.ports import EndpointStorePort, EventConsumer, IpamRatesPort, IpamStorePort
+
+
+class ServiceAdapters:
+    """What one service instance runs on: its Redis (when the service uses one) and JetStream."""
+
+    def __init__(self, config: VNetConfig, js: JetStreamContext, redis_client: Any = None) -> None:
+        self._config = config
+        self._js = js
+        self._redis = redis_client
+
+    def _r(self) -> Any:
+        if self._redis is None:
+            raise RuntimeError("this service was started without Redis (ServiceDef.uses_redis is off)")
+        return self._redis
+
+    def endpoint_store(self) -> EndpointStorePort:
+        return EndpointStore(self._r())
+
+    def ipam_store(self, *, wait_replicas: int = 0, wait_timeout_ms: int = 500) -> IpamStorePort:
+        """``wait_replicas``: answer allocations and releases once that many replicas hold them."""
+        return ipam_store.IpamStore(self._r(), wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
+
+    def ipam_rates(self) -> IpamRatesPort:
+        return IpamRates(self._r())
+
+    async def load_ipam_scripts(self) -> None:
+        """Load the IPAM Lua scripts once at start (calls go by SHA afterwards)."""
+        await redis.load_scripts(self._r(), *ipam_store.SCRIPTS)
+
+    async def mark_index_maintained(self, index: str) -> None:
+        """Tell IPAM GC that the global index ``index`` ("endpoints", "networks") is kept
+        even when it is empty (Redis drops empty sets)."""
+        await self._r().set(ipam_store.registry_marker(redis.global_key(index)), b"1")
+
+    def event_consumer(self, durable: str, filter_subject: str, *, deliver_all: bool = True) -> EventConsumer:
+        return DurableConsumer(self._js, durable, filter_subject, deliver_all=deliver_all)
