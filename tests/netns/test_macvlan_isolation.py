@@ -229,14 +229,24 @@ def test_two_macvlan_networks_on_one_parent_every_mode(mvlab: Callable[[list[Net
     assert lb.last.writes == 0
     lb.apply(check=True)
     assert lb.last.writes == 0
-    # a restarted worker (a new enforcer, no memory) adopts every intact pair: no write
+    # a restarted worker (a new enforcer, no memory) adopts every intact pair: no write; the
+    # tables of an endpoint removed while no worker ran (left in a container that lives on)
+    # are deleted: they would govern the next interface of that name
+    subprocess.run(["ip", "netns", "exec", lb.ns["a1x"], "nft", "-f", "-"], check=True, text=True,
+                   input="table inet vnetm_0123456789ab {\n chain input {\n type filter hook input priority 0;"
+                         " policy accept;\n iifname \"eth0\" drop\n }\n}\n")
     pol = lb.policy()
     fresh = MacvlanEnforcer()
     try:
         res = fresh.sync(mvp.compile_macvlan(pol, "h1", lb.nets), pol.compile("h1"), lb.locals_(), check=True)
-        assert (res.writes, res.adopted, res.errors) == (0, len(eps), {})
+        assert (res.writes, res.removed, res.adopted, res.errors) == (1, 1, len(eps), {})
+        res = fresh.sync(mvp.compile_macvlan(pol, "h1", lb.nets), pol.compile("h1"), lb.locals_(), check=True)
+        assert (res.writes, res.adopted) == (0, 0)
     finally:
         fresh.close()
+    tables = subprocess.run(["ip", "netns", "exec", lb.ns["a1x"], "nft", "list", "tables"], check=True,
+                            capture_output=True, text=True).stdout
+    assert "vnetm_0123456789ab" not in tables and mvp.table_name("a1x") in tables, tables
     # Control: without the tables of a0x and a0y (Full), the same probes pass (the checks can fail)
     for e in ("a0x", "a0y"):
         t = mvp.table_name(e)

@@ -134,6 +134,7 @@ class MacvlanEnforcer:
         # normalized structure listings, one per (rules, interface name): written once into a
         # scratch namespace, so a pair is checked (and a previous worker's adopted) by comparison
         self._refs: dict[str, str | None] = {}
+        self._seen_ns: set[tuple[int, int]] = set()  # container namespaces already swept for strays
         self.transactions = 0
 
     # -- plumbing ------------------------------------------------------------------------
@@ -258,6 +259,7 @@ class MacvlanEnforcer:
                 if only is None or eid in only:
                     self._remove(eid, res)
             ix = mvp.MvIndex(mv)
+            self._strays(locals_, res)
             for eid in sorted(locals_):
                 if only is not None and eid not in only:
                     continue
@@ -268,6 +270,45 @@ class MacvlanEnforcer:
                     res.errors[eid] = str(getattr(exc, "message", exc))[:500]
         res.duration = time.perf_counter() - t0
         return res
+
+    def _strays(self, locals_: Mapping[str, MvLocal], res: MvSyncResult) -> None:
+        """The first time a container namespace is seen (an attach, a restart): tables of ours
+        for endpoints that are not there any more (removed while no worker ran) are deleted —
+        left, their ``iifname``/``oifname`` chains would govern the next interface of that name."""
+        by_ns: dict[str, set[str]] = {}
+        for loc in locals_.values():
+            by_ns.setdefault(loc.netns, set()).add(mvp.table_name(loc.endpoint))
+        for ref, mine in by_ns.items():
+            ident = _ident(ref)
+            if ident is None or ident in self._seen_ns:
+                continue
+            self._seen_ns.add(ident)
+            doc = self._list_tables(ref)
+            stray = sorted({(t.get("family"), t.get("name")) for t in doc
+                            if str(t.get("name", "")).startswith(mvp.TABLE_PREFIX) and t.get("name") not in mine
+                            and t.get("family") in mvp.FAMILIES})
+            if not stray:
+                continue
+            try:
+                self._exec(ref, "".join(f"delete table {f} {n}\n" for f, n in stray))
+                res.writes += 1
+                res.removed += len({n for _, n in stray})
+            except MvNftError as exc:
+                res.errors[f"stray tables in {ref}"] = exc.message[:500]
+
+    def _list_tables(self, ref: str) -> list[dict[str, Any]]:
+        if self.mechanism == "libnftables":
+            rc, out, _ = self._ctx(ref).run("list tables", json_out=True)
+        else:
+            r = self._sub(ref, [self.nft, "-j", "list", "tables"])
+            rc, out = r.returncode, r.stdout
+        if rc != 0:
+            return []
+        try:
+            doc = json.loads(out) if out.strip() else {}
+        except ValueError:
+            return []
+        return [i["table"] for i in doc.get("nftables", []) if isinstance(i, dict) and isinstance(i.get("table"), dict)]
 
     def _one(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, check: bool, res: MvSyncResult,
              ix: mvp.MvIndex, *, readback: bool = True) -> None:
