@@ -345,3 +345,19 @@ async def test_a_node_without_wireguard_refuses_encrypted_endpoints_with_a_code(
     stats = await c.m.node_resync(n1)
     assert stats.failed.get(e.id, "").startswith(f"node {n1} cannot run encrypted overlays"), stats.failed
     assert naming.vxlan_name(enc.id) not in links(c.hosts[n1])
+
+
+def test_teardown_goes_on_past_errors_and_reports_them_all(run_prefix: str, tmp_path: Path) -> None:
+    """A host namespace that is not there: every step is tried, each failure reported, exit
+    1 — and nothing is created (not the namespace, not a state file)."""
+    ns = f"{run_prefix}-gone"
+    env = dict(os.environ, VNET_STATE_DIR=str(tmp_path))
+    r = subprocess.run(node_cli("vnet-node", "--teardown", "--node-id", f"{run_prefix}-g", "--host-netns", ns),
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 3, r.stderr  # interfaces, the WireGuard interface, nftables
+    assert all(ns in e for e in errors), errors
+    assert "0 removed, 3 error(s)" in r.stdout, r.stdout
+    assert not os.path.exists(f"/run/netns/{ns}")
+    assert not (tmp_path / "nodes").exists() or not any((tmp_path / "nodes").rglob("*.json"))
