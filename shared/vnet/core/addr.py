@@ -173,9 +173,19 @@ def overlaps(a: IPNet, b: IPNet) -> bool:
     return a0 <= b1 and b0 <= a1
 
 
+def subnet_of(child: IPNet, parent: IPNet) -> bool:
+    """``child`` lies inside ``parent`` (or is it); False across families. ``subnet_of`` of the
+    stdlib is typed per family, so the union is narrowed here, once, instead of ignored."""
+    if isinstance(child, ipaddress.IPv4Network) and isinstance(parent, ipaddress.IPv4Network):
+        return child.subnet_of(parent)
+    if isinstance(child, ipaddress.IPv6Network) and isinstance(parent, ipaddress.IPv6Network):
+        return child.subnet_of(parent)
+    return False
+
+
 def is_strict_subnet(child: IPNet, parent: IPNet) -> bool:
     """``child`` lies inside ``parent`` and is smaller than it."""
-    return child.version == parent.version and child.prefixlen > parent.prefixlen and child.subnet_of(parent)  # type: ignore[arg-type]
+    return child.prefixlen > parent.prefixlen and subnet_of(child, parent)
 
 
 def hex_addr(value: int, family: int) -> str:
@@ -281,7 +291,7 @@ def host_prefixes(raw: Iterable[str]) -> list[IPNet]:
             continue
         if net.prefixlen == 0:
             continue
-        if any(net.version == ign.version and net.subnet_of(ign) for ign in _IGNORED_HOST):  # type: ignore[arg-type]
+        if any(subnet_of(net, ign) for ign in _IGNORED_HOST):
             continue
         out.add(net)
     return sorted(out, key=lambda n: (n.version, int(n.network_address), n.prefixlen))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vnet.core import errors as E
+from vnet.core.addr import subnet_of
 
 BLOCK = 1024
 WINDOW_BITS = 24
@@ -287,7 +288,7 @@ def build_layout(network_id: str, cidr: str, gateway: str | None = None,
     exc: list[IPNetwork] = []
     for text in excluded:
         child = parse_network(text, "excluded subnet")
-        if child.version != net.version or not child.subnet_of(net):  # type: ignore[arg-type]
+        if not subnet_of(child, net):
             raise E.make(E.INVALID_CIDR, f"excluded subnet {child} is not inside the pool's subnet {net}",
                          cidr=str(child), pool=str(net))
         exc.append(child)
