@@ -143,10 +143,23 @@ async def test_macvlan_modes_rules_and_detach_by_events(env: Env, agents: list[M
     await m.disconnect_networks(na.id, nb.id)
     await until(lambda: not probe(a1, str(eb1.ip_address), "icmp", 0.3))
     await check(cases(False, False)[:3])
+    # the worker's full resync: converged -> no macvlan write; a table deleted in a container
+    # (drift) -> that pair restored by the next one, and denied again
+    worker = env.node_rt.state["worker"]
+    agent = worker.policy
+    await worker.request_resync()
+    await asyncio.to_thread(agent.wait_macvlan)
+    await worker.request_resync()
+    assert agent.mv_last is not None and (agent.mv_last.writes, agent.mv_last.errors) == (0, {}), agent.mv_last
+    t = mvp.table_name(eb1.id)
+    await sh("ip", "netns", "exec", names[2], "nft", "delete", "table", "inet", t)
+    assert await asyncio.to_thread(probe, b1, LAN, "icmp", 1.0)  # MeshOnly to the LAN host: open without it
+    await worker.request_resync()
+    assert agent.mv_last is not None and (agent.mv_last.writes, agent.mv_last.wholes) == (1, 1), agent.mv_last
+    assert not await asyncio.to_thread(probe, b1, LAN, "icmp", 1.0)
     # a detached endpoint's tables leave its container (it still exists)
     await m.delete_endpoint(ea2.id, wait=True, wait_timeout=30)
     out = await sh("ip", "netns", "exec", names[1], "nft", "list", "tables")
     assert mvp.table_name(ea2.id) not in out, out
-    stats = env.node_rt.state["worker"].stats() if "worker" in env.node_rt.state else None
-    if stats is not None and stats.policy is not None:
-        assert "macvlan" not in stats.policy.last_error, stats.policy.last_error
+    stats = worker.stats()
+    assert stats.policy is not None and "macvlan" not in stats.policy.last_error, stats.policy.last_error
