@@ -1,10 +1,12 @@
 """Attach and detach through the whole stack with isolation on, against the CNI reference
 plugins — ONE table from one run.
 
-Run as root (it is a script, not a pytest module)::
+Run as root from the repository root, as a module like the other benches (not a pytest module)::
 
-    .venv/bin/python tests/bench/bench_attach_cni.py                 # 100 per row, growth to 1,000
-    .venv/bin/python tests/bench/bench_attach_cni.py --n 40 --big 300
+    .venv/bin/python -m tests.bench.bench_attach_cni                 # 100 per row, growth to 1,000
+    .venv/bin/python -m tests.bench.bench_attach_cni --n 40 --big 300
+
+``tests/bench/profile_attach.py`` says where one attach's time goes (phases, round trips).
 
 VNet: the processes ``vnetctl up`` starts (ipam, network, endpoint, policy services and a
 node worker), here in this process against a private nats-server and valkey in a temporary

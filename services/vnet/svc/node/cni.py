@@ -436,6 +436,8 @@ class CniServer:
                 continue
             try:
                 await self._detach(e.container_id, e.network_id, e.interface_name)
+                for key in [k for k, v in self.attached.items() if v.id == e.id]:
+                    del self.attached[key]
                 log.info("node %s: CNI GC removed %s (%s %s)", self.node, e.id, e.container_id, e.interface_name)
             except E.VNetError as err:
                 errors.append(f"{e.container_id}/{e.interface_name}: {err.message}")
