@@ -368,8 +368,15 @@ class DriftMonitor:
                 err = str(exc)[:500]
             wrote = res is not None and res.wrote
             if not wrote and not err:
-                log.debug("node %s: nftables commit by %s left our tables as wanted", self.w.node,
-                          batch[0].sender.pid)
+                # A table of ours deleted is drift even when a ruleset write (an event's) put it
+                # back before this check: recorded, with no write of its own. Anything else that
+                # left our tables as wanted (added and removed again) is not.
+                gone = [b for b in batch if b.kind == "nft_table"]
+                if gone:
+                    self._record(gone, writes=0, error="", extra="; already restored by a ruleset write")
+                else:
+                    log.debug("node %s: nftables commit by %s left our tables as wanted", self.w.node,
+                              batch[0].sender.pid)
                 continue
             self._record(batch, writes=1 if wrote else 0, error=err,
                          extra=f"; restored ({res.reason})" if res is not None and wrote else "")
