@@ -168,6 +168,9 @@ async def test_drift_is_repaired_by_event_and_attributed(
             await asyncio.sleep(1.0)  # probes after the repair: denied again
         open_s = (prober.through[-1] - t0) if prober.through else 0.0
         figures["denied pair reachable for"] = max(0.0, open_s)
+        # no probe got through after the table was back (one that started just before may end
+        # up to a probe timeout later; "back" is when a poll saw it, at or after the fact)
+        assert open_s <= figures["table deleted -> restored"] + T, (open_s, figures)
         rep = await drift_record(m, node, "nft_table", since)
         rec = next(r for r in rep.records if r.kind == "nft_table")
         assert rec.sender.source == "nftables" and rec.sender.pid == proc.pid, rec
