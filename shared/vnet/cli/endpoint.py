@@ -20,6 +20,7 @@ from rich.text import Text
 
 from vnet.cli import output
 from vnet.cli.main import cli, console, each, err_console, escape, load_config, report_batch, run_async
+from vnet.cli.params import pairs as _pairs
 from vnet.client import VNetManager
 from vnet.contracts.endpoint import (
     DEFAULT_WAIT_S,
@@ -46,16 +47,6 @@ def parse_publish(spec: str) -> PortMapping:
     if not (1 <= h <= 65535 and 1 <= c <= 65535):
         raise click.BadParameter(f"{spec!r}: ports are 1-65535", param_hint="--publish")
     return PortMapping(host_port=h, container_port=c, protocol="udp" if proto == "udp" else "tcp")
-
-
-def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{item!r} must be key=value", param_hint=what)
-        out[k] = v
-    return out
 
 
 def _status(e: EndpointInfo) -> str:
