@@ -89,7 +89,8 @@ def _store(ctx: Ctx | Runtime) -> IpamStore:
 
 @SERVICE.starting
 async def _start(rt: Runtime) -> None:
-    rt.state["ipam_store"] = rt.adapters.ipam_store()
+    rt.state["ipam_store"] = rt.adapters.ipam_store(wait_replicas=rt.config.redis_wait_replicas,
+                                                    wait_timeout_ms=rt.config.redis_wait_timeout_ms)
     rt.state["ipam_rates"] = rt.adapters.ipam_rates()
     await rt.adapters.load_ipam_scripts()
     interval, _ = gc_settings(rt)
