@@ -186,7 +186,8 @@ async def request(
             msg = await nc.request(concrete, data, timeout=timeout, headers=hdrs)
         except NoRespondersError:
             raise E.make(E.UNAVAILABLE, f"no service answers {concrete}; is the stack up? "
-                         "(`vnetctl status` lists what runs)", subject=concrete) from None
+                         "(`vnetctl status` lists what runs)", subject=concrete,
+                         no_responders=True) from None
         except NatsTimeout:
             raise E.make(E.TIMEOUT, f"no reply on {concrete} within {timeout}s", subject=concrete) from None
         except _NATS_DOWN as exc:  # closed, reconnecting, buffer full: the bus, not the service

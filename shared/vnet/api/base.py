@@ -9,6 +9,7 @@ form no import cycle.
 from __future__ import annotations
 
 import asyncio
+import time
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -19,9 +20,16 @@ from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
 from vnet.contracts.messages import Empty, HealthReply, MetricsSummary
 from vnet.contracts.subjects import Subject
+from vnet.core import errors as E
 from vnet.runtime.config import VNetConfig
 
 T = TypeVar("T")
+
+
+def _unanswered(err: E.VNetError) -> bool:
+    """No service answered this attempt: the client's own timeout, or no responders (marked by
+    the adapter: nobody serves the subject); a 503 for a dependency carries no such mark."""
+    return err.code == E.TIMEOUT.code or (err.code == E.UNAVAILABLE.code and bool(err.details.get("no_responders")))
 
 
 class ServiceStatus(msgspec.Struct, kw_only=True):
@@ -47,6 +55,8 @@ class ClientBase:
         self.last_trace_id: str | None = None
         # (subject template, trace id) of every call, in order (vnetctl prints a mutation's)
         self.trace_ids: list[tuple[str, str | None]] = []
+        # attempts sent again with the same request_id after no answer / no responders
+        self.retries = 0
 
     async def __aenter__(self) -> Self:
         await self._client()
@@ -70,9 +80,34 @@ class ClientBase:
 
     async def call(self, subject: Subject, payload: Any, reply_type: type[T], *,
                    params: dict[str, str] | None = None, timeout: float | None = None) -> T:
+        """One request; ``timeout`` is each attempt's (default ``request_timeout_s``).
+
+        A mutation that carries a ``request_id`` is sent again, with the same id, when an
+        attempt gets no answer (the instance holding it may have been SIGKILLed: nobody will
+        ever answer it) or finds no responders (the service is restarting), until
+        ``mutation_retry_s`` after the first attempt: the services make a repeat return the
+        first result (docs/reliability.md lists the guarantee per mutation). Anything a
+        service answered, 503 included, is raised at once: the caller decides.
+        """
         nc = await self._client()
-        reply, self.last_trace_id = await nats_adapter.request(
-            nc, subject, payload, reply_type, params=params, timeout=timeout or self.config.request_timeout_s)
+        attempt_s = timeout or self.config.request_timeout_s
+        retry = bool(getattr(payload, "request_id", None))
+        give_up = time.monotonic() + max(attempt_s, self.config.mutation_retry_s)
+        pause = 0.05
+        while True:
+            try:
+                reply, self.last_trace_id = await nats_adapter.request(
+                    nc, subject, payload, reply_type, params=params, timeout=attempt_s)
+                break
+            except E.VNetError as err:
+                left = give_up - time.monotonic()
+                if not (retry and _unanswered(err)) or left <= pause:
+                    raise
+            self.retries += 1
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)  # a restarting service needs a second or so
+            # the last attempt waits only for what is left of the caller's time
+            attempt_s = min(timeout or self.config.request_timeout_s, max(give_up - time.monotonic(), 0.1))
         if len(self.trace_ids) < 1000:  # a long-lived client keeps the first ones only
             self.trace_ids.append((subject.template, self.last_trace_id))
         return reply

@@ -96,6 +96,10 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Service runtime.
     max_inflight: int = 256
     request_timeout_s: float = 5.0
+    # A client's mutation that carries a request_id is sent again (same id) when an attempt of
+    # request_timeout_s gets no answer or finds no responders, until this long after the first
+    # attempt: a request held by a SIGKILLed instance is answered by the retry (issue 11).
+    mutation_retry_s: float = 30.0
     metrics_report_interval_s: float = 2.0
     metrics_http_host: str = "127.0.0.1"
     metrics_http_port: int = 9464
@@ -157,7 +161,7 @@ class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
             raise E.make(E.INVALID_CONFIG, "redis_wait_replicas must be 0 or more and redis_wait_timeout_ms at "
                          "least 1 (WAIT with 0 ms would block for ever)")
-        for name in ("connect_timeout_s", "redis_timeout_s", "request_timeout_s"):
+        for name in ("connect_timeout_s", "redis_timeout_s", "request_timeout_s", "mutation_retry_s"):
             if getattr(self, name) <= 0:
                 raise E.make(E.INVALID_CONFIG, f"{name} must be a positive number of seconds")
 
