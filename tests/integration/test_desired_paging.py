@@ -115,3 +115,52 @@ async def test_node_with_10000_endpoints_gets_its_whole_desired_state(
         assert w.stats().endpoints == N
     finally:
         await fleet.stop()
+
+
+async def test_ruleset_of_10000_endpoints_comes_in_parts(
+        cfg: VNetConfig, run_prefix: str, start_service: Callable[..., Awaitable[Any]]) -> None:
+    """The node's compiled ruleset (what its policy agent applies) is the other half of its
+    desired state: for 10,000 endpoints its JSON is ~1.5 MB, so it comes in parts."""
+    from vnet.contracts import subjects
+    from vnet.contracts.policy import RulesetReply, RulesetRequest, join_ruleset
+    from vnet.svc.policy.service import RULESET_PART
+
+    node = f"{run_prefix}-bigrs"
+    for svc in ("ipam", "network", "endpoint", "policy"):
+        rt = await start_service(svc, cfg=cfg)
+    async with VNetManager(cfg) as m:
+        nets = [await m.create_network(f"rs{i}", f"10.{60 + i}.0.0/16", isolation="peer_only") for i in range(NETS)]
+        r = aioredis.Redis.from_url(cfg.redis_url)
+        try:
+            async with r.pipeline(transaction=False) as p:
+                for i in range(N):
+                    net, host = nets[i % NETS], i // NETS + 2
+                    ident = f"ep{i:05d}"
+                    info = EndpointInfo(id=ident, container_id=f"c{i:05d}", network_id=net.id,
+                                        ip_address=f"{net.cidr.split('.')[0]}.{net.cidr.split('.')[1]}."
+                                                   f"{host >> 8}.{host & 255}",
+                                        mac_address=f"02:00:00:{i % NETS:02x}:{host >> 8:02x}:{host & 255:02x}",
+                                        interface_name="eth0", node=node, netns=f"c{i:05d}", prefix_len=16,
+                                        gateway=net.gateway, driver=DriverType.BRIDGE, status="ready")
+                    p.hset(es.rec_key(ident), mapping={"doc": msgspec.json.encode(info), "status": "ready"})
+                    p.sadd(es.node_set(node), ident)
+                    p.sadd(es.ENDPOINTS, ident)
+                    p.sadd(es.net_set(net.id), ident)
+                await p.execute()
+        finally:
+            await r.aclose()
+        first = await m.call(subjects.POLICY_RULESET, RulesetRequest(node=node, structured=True), RulesetReply)
+        assert first.parts > 1 and first.ruleset is None and first.chunk
+        parts = [first] + [await m.call(subjects.POLICY_RULESET, RulesetRequest(node=node, structured=True, part=i),
+                                        RulesetReply) for i in range(1, first.parts)]
+        for p in parts:
+            assert len(msgspec.json.encode(p)) < rt.nc.max_payload  # each part fits one message
+        whole = join_ruleset(parts)
+        assert whole.ruleset is not None and len(whole.ruleset.ports) == N and whole.endpoints == N
+        size = len(msgspec.json.encode(whole))
+        print(f"\nruleset of {N} endpoints: {size} bytes in {first.parts} parts of <= {RULESET_PART} bytes (+base64)")
+        assert size > rt.nc.max_payload  # one message could not have carried it
+        again = await m.node_ruleset(node, structured=True)  # the client joins the parts itself
+        assert again.version == whole.version and again.ruleset == whole.ruleset
+        script = await m.node_ruleset(node)  # the rendered script comes in parts too
+        assert script.version and len(script.script) > 100_000

@@ -58,7 +58,7 @@ from vnet.adapters.libnft import available as libnft_available
 from vnet.adapters.mvnft import MacvlanEnforcer, MvSyncResult
 from vnet.adapters.netlink.nsctx import ns_path
 from vnet.contracts import subjects
-from vnet.contracts.policy import RulesetReply, RulesetRequest
+from vnet.contracts.policy import RulesetReply, RulesetRequest, join_ruleset
 from vnet.core import errors as E
 from vnet.core import nft as nftr
 from vnet.core.dataplane_model import Support
@@ -552,13 +552,30 @@ class PolicyAgent:
         self.last, self.last_error = res, ""
         return res
 
+    async def _fetch(self) -> RulesetReply:
+        """The structured ruleset, every part of it (a node with thousands of endpoints gets
+        it in parts); parts of two different versions (a change in between): fetch again."""
+        for _ in range(3):
+            parts: list[RulesetReply] = []
+            while True:
+                rep, _ = await nats_adapter.request(self.nc, subjects.POLICY_RULESET,
+                                                    RulesetRequest(node=self.node, structured=True, part=len(parts)),
+                                                    RulesetReply, timeout=self.timeout)
+                parts.append(rep)
+                if len(parts) >= rep.parts:
+                    break
+            try:
+                return join_ruleset(parts)
+            except ValueError:
+                continue  # the ruleset changed between two of its parts: fetch it again
+        raise E.make(E.UNAVAILABLE, f"the ruleset of node {self.node} changed while its parts were fetched, three "
+                     "times; the next sync tries again")
+
     async def _sync(self, check: bool) -> SyncResult:
         seq0 = self._seq
         self._fetching += 1
         try:
-            rep, _ = await nats_adapter.request(self.nc, subjects.POLICY_RULESET,
-                                                RulesetRequest(node=self.node, structured=True),
-                                                RulesetReply, timeout=self.timeout)
+            rep = await self._fetch()
         except E.VNetError as exc:
             self._fetching -= 1
             if not self._fetching:

@@ -37,7 +37,9 @@ from vnet.contracts.policy import (
     RulesetReply,
     RulesetRequest,
     Verdict,
+    join_ruleset,
 )
+from vnet.core import errors as E
 from vnet.core.policy import Protocol
 
 
@@ -76,6 +78,20 @@ class PolicyAPI(ClientBase):
         return await self.call(subjects.POLICY_EXPLAIN, ExplainRequest(src=src, dst=dst, protocol=protocol,
                                                                          port=port), Verdict)
 
-    async def node_ruleset(self, node: str) -> RulesetReply:
-        """The compiled nft script of node ``node`` and its version."""
-        return await self.call(subjects.POLICY_RULESET, RulesetRequest(node=node), RulesetReply)
+    async def node_ruleset(self, node: str, *, structured: bool = False) -> RulesetReply:
+        """The compiled nft script of node ``node`` and its version (``structured``: the ruleset
+        as the node worker gets it); every part of a large one, joined."""
+        for _ in range(3):
+            parts: list[RulesetReply] = []
+            while True:
+                rep = await self.call(subjects.POLICY_RULESET,
+                                      RulesetRequest(node=node, structured=structured, part=len(parts)), RulesetReply)
+                parts.append(rep)
+                if len(parts) >= rep.parts:
+                    break
+            try:
+                return join_ruleset(parts)
+            except ValueError:
+                continue  # it changed between two parts
+        raise E.make(E.UNAVAILABLE, f"the ruleset of node {node} changed while its parts were fetched, three times; "
+                     "retry")

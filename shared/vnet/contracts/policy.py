@@ -8,6 +8,7 @@ are changed through the network service (``vnet.network.update`` with
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated
 
 import msgspec
@@ -120,12 +121,15 @@ class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RulesetRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The compiled ruleset of node ``node`` (the node worker's fetch)."""
+    """The compiled ruleset of node ``node`` (the node worker's fetch). A reply too large
+    for one bus message (a node with thousands of endpoints: 10,000 are ~1.5 MB) comes in
+    ``parts`` parts: ask for each ``part`` and :func:`join_ruleset` them."""
 
     node: NodeId
     # True (the node worker): the ruleset as a structure (``ruleset``), to write deltas of
     # its elements, instead of the rendered script (people, tools)
     structured: bool = False
+    part: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
 
 
 class RulesetReply(msgspec.Struct, kw_only=True):
@@ -135,6 +139,12 @@ class RulesetReply(msgspec.Struct, kw_only=True):
     endpoints: int
     rules: int
     ruleset: Ruleset | None = None  # when ``structured`` was asked
+    # A large reply in parts: ``parts`` > 1, and this part's share of the whole reply's JSON
+    # (base64) in ``chunk`` (``script`` empty, ``ruleset`` and ``macvlan`` null); every part
+    # carries the same ``version``.
+    part: int = 0
+    parts: int = 1
+    chunk: str = ""
     # when ``structured`` was asked and the node has macvlan endpoints: what their tables in the
     # container namespaces need beyond ``ruleset`` (vnet.core.mvpolicy, the same engine)
     macvlan: MvPolicy | None = None
@@ -150,3 +160,32 @@ def policy_endpoint(ep: EndpointInfo) -> PolicyEndpoint:
     published = tuple(Published(protocol=p.protocol, host_port=p.host_port, port=p.container_port) for p in ep.ports)
     return PolicyEndpoint(id=ep.id, network=ep.network_id, ips=ips, mac=ep.mac_address, labels=dict(ep.labels),
                           node=ep.node, host_ifname="-" if ep.driver.value == "host" else "", published=published)
+
+
+def split_ruleset(whole: RulesetReply, part: int, size: int) -> RulesetReply:
+    """Part ``part`` of ``whole`` when its JSON is over ``size`` bytes (else ``whole``)."""
+    raw = msgspec.json.encode(whole)
+    if len(raw) <= size:
+        if part:
+            raise ValueError(f"the ruleset of {whole.node} is one part; part {part} does not exist")
+        return whole
+    parts = -(-len(raw) // size)
+    if part >= parts:
+        raise ValueError(f"the ruleset of {whole.node} has {parts} parts; part {part} does not exist")
+    chunk = base64.b64encode(raw[part * size:(part + 1) * size]).decode()
+    return RulesetReply(node=whole.node, version=whole.version, script="", endpoints=whole.endpoints,
+                        rules=whole.rules, part=part, parts=parts, chunk=chunk)
+
+
+def join_ruleset(parts: list[RulesetReply]) -> RulesetReply:
+    """The whole reply from its parts; ``ValueError`` when they do not belong together (the
+    ruleset changed between two parts: fetch again)."""
+    if len(parts) == 1 and parts[0].parts <= 1:
+        return parts[0]
+    first = parts[0]
+    got = sorted(parts, key=lambda p: p.part)
+    if [p.part for p in got] != list(range(first.parts)) or any(p.parts != first.parts for p in got):
+        raise ValueError(f"ruleset parts {[p.part for p in got]} of {first.parts}")
+    if len({p.version for p in got}) != 1:
+        raise ValueError("the ruleset changed between its parts")
+    return msgspec.json.decode(b"".join(base64.b64decode(p.chunk) for p in got), type=RulesetReply)

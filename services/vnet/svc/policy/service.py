@@ -53,6 +53,7 @@ from vnet.contracts.policy import (
     RulesetRequest,
     policy_endpoint,
     policy_network,
+    split_ruleset,
 )
 from vnet.core import errors as E
 from vnet.core import nft, reach
@@ -254,6 +255,9 @@ async def exposure(ctx: Ctx, req: ExposureRequest) -> ExposureReply:
     return ExposureReply(exposures=got, endpoints=len({e for x in got for e in x.endpoints}))
 
 
+RULESET_PART = 384 * 1024  # JSON bytes per part (512 KiB in base64): far below the bus limit
+
+
 @SERVICE.op("ruleset.get", subjects.POLICY_RULESET, RulesetRequest)
 async def ruleset(ctx: Ctx, req: RulesetRequest) -> RulesetReply:
     pol, eps = await _load(ctx)
@@ -261,9 +265,15 @@ async def ruleset(ctx: Ctx, req: RulesetRequest) -> RulesetReply:
     if req.structured:  # the node worker writes element deltas of it
         # macvlan endpoints are enforced in their containers (vnet.core.mvpolicy): same engine
         mv = compile_macvlan(pol, req.node, {e.network_id for e in eps if e.driver == DriverType.MACVLAN})
-        return RulesetReply(node=req.node, version=rs.version(), script="", endpoints=len(rs.ports),
-                            rules=len(pol.rules), ruleset=rs, macvlan=mv)
-    script = nft.render(rs)
-    version = hashlib.sha256(script.encode()).hexdigest()[:16]
-    return RulesetReply(node=req.node, version=version, script=script, endpoints=len(rs.ports),
-                        rules=len(pol.rules))
+        whole = RulesetReply(node=req.node, version=rs.version(), script="", endpoints=len(rs.ports),
+                             rules=len(pol.rules), ruleset=rs, macvlan=mv)
+    else:
+        script = nft.render(rs)
+        version = hashlib.sha256(script.encode()).hexdigest()[:16]
+        whole = RulesetReply(node=req.node, version=version, script=script, endpoints=len(rs.ports),
+                             rules=len(pol.rules))
+    try:  # a node with thousands of endpoints: in parts (each part recompiles; the version ties them)
+        return await asyncio.to_thread(split_ruleset, whole, req.part, RULESET_PART)
+    except ValueError as exc:
+        raise E.make(E.INVALID_REQUEST, f"{exc}; start at part 0 and ask for each of its `parts`",
+                     part=req.part) from None
