@@ -128,7 +128,7 @@ async def _start_host_routes(rt: Runtime) -> None:
     watch = routewatch.RouteWatch(rt.config.host_netns, lambda: report_host_routes(rt))
     try:
         await asyncio.to_thread(watch.open)
-    except OSError as exc:  # no namespace yet, not privileged: the periodic report still runs
+    except Exception as exc:  # no namespace yet, not privileged: the periodic report still runs
         log.info("no route watch on %s (routes are reported every %.0fs): %s", rt.config.host_netns or "this host",
                  HOST_ROUTES_INTERVAL_S, exc)
         return
