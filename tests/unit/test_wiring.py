@@ -52,3 +52,15 @@ def test_the_runtime_bundle_builds_the_stores_on_the_service_redis() -> None:
     no_redis = ServiceAdapters(config=None, js=None)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="without Redis"):
         no_redis.endpoint_store()
+
+
+def test_a_stop_reason_names_its_sender_or_the_kernel() -> None:
+    from vnet.runtime.stopsignals import StopReason
+
+    by_kill = StopReason(signal="SIGTERM", pid=42, uid=0, how="kill()", sender="vnetctl down", parent_died=False,
+                         parent=1)
+    assert by_kill.describe() == "SIGTERM from pid 42 (uid 0: vnetctl down) via kill()"
+    ctrl_c = StopReason(signal="SIGINT", pid=0, uid=0, how="the kernel", sender="", parent_died=False, parent=1)
+    assert ctrl_c.describe() == "SIGINT from the kernel (no sending process: a terminal's Ctrl-C or hangup)"
+    orphan = StopReason(signal="SIGTERM", pid=0, uid=0, how="the kernel", sender="", parent_died=True, parent=7)
+    assert "the parent process (pid 7) died" in orphan.describe()

@@ -37,7 +37,7 @@ class StopReason:
             return (f"{self.signal}: the parent process (pid {self.parent}) died; this is the parent-death "
                     f"signal (sent by pid {self.pid} via {self.how})")
         if self.pid == 0:  # the kernel: a terminal's Ctrl-C or hangup, a parent-death signal, ...
-            return f"{self.signal} from the kernel via {self.how} (no sending process: a terminal's Ctrl-C or hangup)"
+            return f"{self.signal} from the kernel (no sending process: a terminal's Ctrl-C or hangup)"
         who = f"pid {self.pid} (uid {self.uid}"
         who += f": {self.sender})" if self.sender else ", already gone)"
         return f"{self.signal} from {who} via {self.how}"
