@@ -100,16 +100,17 @@ class StatusWatch:
 
     def __init__(self) -> None:
         self.seen: OrderedDict[str, EndpointStatusEvent] = OrderedDict()
-        self.waiting: dict[str, tuple[frozenset[str], asyncio.Future[EndpointStatusEvent]]] = {}
+        # several callers may wait for one endpoint (an ADD and a CHECK of it)
+        self.waiting: dict[str, list[tuple[frozenset[str], asyncio.Future[EndpointStatusEvent]]]] = {}
 
     def on_msg(self, msg: Msg) -> None:
         try:
             ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        w = self.waiting.get(ev.endpoint_id)
-        if w is not None and ev.status in w[0] and not w[1].done():
-            w[1].set_result(ev)
+        for wanted, fut in self.waiting.get(ev.endpoint_id, ()):
+            if ev.status in wanted and not fut.done():
+                fut.set_result(ev)
         self.seen[ev.endpoint_id] = ev
         self.seen.move_to_end(ev.endpoint_id)
         while len(self.seen) > SEEN_MAX:
@@ -122,11 +123,14 @@ class StatusWatch:
         if ev is not None and ev.status in wanted:
             fut.set_result(ev)
         else:
-            self.waiting[eid] = (wanted, fut)
+            self.waiting.setdefault(eid, []).append((wanted, fut))
         return fut
 
-    def done(self, eid: str) -> None:
-        self.waiting.pop(eid, None)
+    def done(self, eid: str, fut: asyncio.Future[EndpointStatusEvent]) -> None:
+        """``fut`` (from :meth:`expect`) waits no more."""
+        rest = [w for w in self.waiting.pop(eid, []) if w[1] is not fut]
+        if rest:
+            self.waiting[eid] = rest
 
 
 class CniServer:
@@ -306,7 +310,7 @@ class CniServer:
                     if found[0].status != "pending":
                         return found[0].status
         finally:
-            self.watch.done(eid)
+            self.watch.done(eid, fut)
 
     async def _add(self, req: dict[str, Any], conf: cni.CniConf) -> dict[str, Any]:
         container, netns, ifname = self._env(req, "container_id", "netns", "ifname")
@@ -354,20 +358,15 @@ class CniServer:
                 RuntimeDetach(container_id=container, network_id=known.network_id if known else network,
                               ifname=ifname, wait=False),
                 RuntimeDetached)
-        except BaseException:
-            if known is not None:
-                self.watch.done(known.id)
-            raise
+        finally:
+            if known is not None and fut is not None:
+                self.watch.done(known.id, fut)  # expected again below when it is the one detached
         if rep.deleted is None:
-            if known is not None:
-                self.watch.done(known.id)
             return
         old = rep.deleted.endpoint
         if rep.deleted.warnings:
             log.info("node %s: CNI DEL %s: %s", self.node, container, "; ".join(rep.deleted.warnings))
-        if known is None or known.id != old.id:
-            if known is not None:
-                self.watch.done(known.id)
+        if known is None or known.id != old.id or fut is None or not fut.done():
             fut = self.watch.expect(old.id, frozenset({"deleted", "failed"}))
         assert fut is not None
         # the record is gone already: only the worker's report says the kernel side is
