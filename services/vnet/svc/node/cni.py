@@ -48,9 +48,8 @@ from vnet.contracts.endpoint import (
     RuntimeDetach,
     RuntimeDetached,
 )
-from vnet.core import cni, naming
+from vnet.core import cni, drivers, naming
 from vnet.core import errors as E
-from vnet.core.model import DriverType
 from vnet.runtime.service import Runtime
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ RECHECK_S = 2.0  # a status report not seen this long: the record is read (a rep
 MAX_REQUEST = 1 << 20
 TEARDOWN_FIRST = True
 SEEN_MAX = 1024  # status reports kept for an ADD whose reply comes after the report
-_VETH_DRIVERS = (DriverType.BRIDGE, DriverType.OVERLAY)
+_VETH_DRIVERS = frozenset(d.name for d in drivers.all_drivers() if d.bridged)  # a veth on the host per endpoint
 
 
 def enabled(rt: Runtime) -> bool:
