@@ -283,7 +283,11 @@ class MacvlanEnforcer:
             if ident is None or ident in self._seen_ns:
                 continue
             self._seen_ns.add(ident)
-            doc = self._list_tables(ref)
+            try:
+                doc = self._list_tables(ref)
+            except Exception as exc:  # a namespace going away as we look: its tables go with it
+                res.errors[f"stray tables in {ref}"] = str(getattr(exc, "message", exc))[:500]
+                continue
             stray = sorted({(t.get("family"), t.get("name")) for t in doc
                             if str(t.get("name", "")).startswith(mvp.TABLE_PREFIX) and t.get("name") not in mine
                             and t.get("family") in mvp.FAMILIES})
