@@ -67,7 +67,9 @@ _JS_CONSUME = (
 )
 # A node's durable consumers are named vnet-node-<node>-<kind> (services/vnet/svc/node/worker.py):
 # it may create, read, pull from and ack only those, so it cannot delete a service's consumer.
-NODE_CONSUMER_KINDS = ("ep", "net", "node", "pol")
+# "all": every node's endpoint events, only while this node's rules select endpoints by label
+# or it enforces macvlan tables (docs/scale.md); "ep" and "node" take its node-addressed copies.
+NODE_CONSUMER_KINDS = ("ep", "net", "node", "pol", "all")
 
 
 def _node_js() -> tuple[str, ...]:
@@ -129,7 +131,11 @@ def _service_grant(service: str) -> Grant:
     if service == "network":
         deny = []  # it serves hostroutes.report; it never calls it
     events = {"endpoint": ["vnet.evt.endpoint.>", subjects.EVT_NODE_LEFT.wildcard(),
-                           subjects.EVT_NODE_JOINED.wildcard()]}.get(service, [f"vnet.evt.{service}.>"])
+                           subjects.EVT_NODE_JOINED.wildcard(),
+                           # the node-addressed copies of its events (docs/scale.md)
+                           subjects.EVT_ENDPOINT_TO_NODE.wildcard().replace(".*.*", ".>"),
+                           subjects.EVT_NODE_TO_NODE.wildcard().replace(".*.*", ".>")]}.get(
+        service, [f"vnet.evt.{service}.>"])
     if service == "endpoint":
         subscribe += [subjects.NODE_REGISTER.wildcard(), subjects.NODE_DEREGISTER.wildcard(),
                       subjects.EVT_ENDPOINT_STATUS.wildcard()]  # core subscription of a create that waits
@@ -166,7 +172,8 @@ ROLES: dict[str, Grant] = {
             "vnet.evt.endpoint.status.{node}.*", "vnet.evt.node.registered.{node}",
             "vnet.metrics.report.node.*", *_SRV_ASK, *_node_js()),
         subscribe=("vnet.node.{node}.>", "$SRV.*", "$SRV.*.vnet-node", "$SRV.*.vnet-node.*", *_OWN_INBOX,
-                   subjects.EVT_NETWORK.template, subjects.EVT_ENDPOINT.template, subjects.EVT_POLICY.template),
+                   subjects.EVT_NETWORK.template, subjects.EVT_ENDPOINT.template, subjects.EVT_POLICY.template,
+                   subjects.EVT_TO_NODE.template),
         allow_responses=True,
         summary="one node worker, speaking only for itself; no Valkey credentials"),
     MONITOR: Grant(
@@ -422,6 +429,7 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("endpoint status, other node", "pub", "vnet.evt.endpoint.status.{other}.e1"),
     ("node registered event, own", "pub", "vnet.evt.node.registered.{node}"),
     ("node left event", "pub", "vnet.evt.node.left.{other}"),
+    ("node-addressed endpoint event", "pub", "vnet.evt.to.{other}.endpoint.created.e1"),
     ("metrics report", "pub", "vnet.metrics.report.ipam.i1"),
     ("delete the event stream", "pub", "$JS.API.STREAM.DELETE.VNET_EVENTS"),
     ("purge the event stream", "pub", "$JS.API.STREAM.PURGE.VNET_EVENTS"),
@@ -431,6 +439,8 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("the admin's inbox", "sub", "_INBOX.vnet-admin.>"),
     ("own inbox", "sub", "_INBOX.{user}.>"),
     ("events", "sub", "vnet.evt.>"),
+    ("events addressed to own node", "sub", "vnet.evt.to.{node}.endpoint.created.e1"),
+    ("events addressed to another node", "sub", "vnet.evt.to.{other}.endpoint.created.e1"),
     ("serve the network API", "sub", "vnet.network.>"),
     ("serve node ops, own", "sub", "vnet.node.{node}.health"),
     ("serve node ops, other", "sub", "vnet.node.{other}.health"),

@@ -151,6 +151,16 @@ NODE_DEREGISTER = Subject("vnet.node.{node}.deregister")
 # every worker with an overlay re-fetches its desired state at once (remotes, peers).
 EVT_NODE_LEFT = Subject("vnet.evt.node.left.{node}")
 EVT_NODE_JOINED = Subject("vnet.evt.node.joined.{node}")
+# Node-addressed copies (docs/scale.md): the endpoint service publishes each endpoint event
+# (created, deleted, updated) on its domain subject above, for every service and watcher, and
+# once more for each node that must act on it: the endpoint's own node and, for an overlay,
+# the nodes holding an endpoint of that network or of an overlay related to it. A node's
+# worker consumes only ``vnet.evt.to.<node>.>``, so what it receives grows with what changes
+# on it, not with the cluster. Node membership events (left, joined) go the same way to the
+# nodes sharing an overlay with that node.
+EVT_TO_NODE = Subject("vnet.evt.to.{node}.>")
+EVT_ENDPOINT_TO_NODE = Subject("vnet.evt.to.{node}.endpoint.{event}.{id}")
+EVT_NODE_TO_NODE = Subject("vnet.evt.to.{node}.node.{event}.{id}")
 
 # --- policy: allow rules and compiled rulesets (appended by the policy service) -------------
 POLICY_RULE_PUT = Subject("vnet.policy.rule.put")

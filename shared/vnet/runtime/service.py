@@ -97,9 +97,9 @@ class Ctx:
     deadline: float | None = None
 
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
-                            msg_id: str | None = None) -> int:
+                            msg_id: str | None = None, to: Subject | None = None, node: str = "") -> int:
         """Publish a domain event to ``VNET_EVENTS``; it carries this request's trace context."""
-        return await self.rt.publish_event(domain, event, ident, payload, msg_id=msg_id)
+        return await self.rt.publish_event(domain, event, ident, payload, msg_id=msg_id, to=to, node=node)
 
     async def request(self, subject: Subject, payload: Any, reply_type: type[Rep], *,
                       params: dict[str, str] | None = None, timeout: float | None = None) -> Rep:
@@ -377,14 +377,20 @@ class Runtime:
 
     # -- events --------------------------------------------------------------------------
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
-                            msg_id: str | None = None) -> int:
+                            msg_id: str | None = None, to: Subject | None = None, node: str = "") -> int:
         """Publish ``vnet.evt.<domain>.<event>.<ident>`` with ``Nats-Msg-Id`` (dedup) and trace context.
 
         Give ``msg_id`` to make a retried publish idempotent; the default is unique per call.
+        ``to`` (with ``node``) publishes the copy addressed to one node instead, e.g.
+        ``subjects.EVT_ENDPOINT_TO_NODE`` (docs/scale.md).
         """
-        subject = subjects.event(domain, event, ident)
+        if to is not None:
+            subject, template = to.format(node=node, event=event, id=ident), to.template
+        else:
+            subject, template = subjects.event(domain, event, ident), subjects.EVT.template
         return await nats_adapter.publish_event(
-            self.js, subject, payload, msg_id=msg_id or f"{domain}.{event}.{ident}.{time.time_ns()}")
+            self.js, subject, payload, msg_id=msg_id or f"{domain}.{event}.{ident}.{time.time_ns()}",
+            template=template)
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         """A background task that is cancelled when the service stops."""

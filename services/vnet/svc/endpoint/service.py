@@ -82,6 +82,7 @@ from vnet.contracts.endpoint import (
 from vnet.contracts.ipam import AddrRelease, AddrReply, AddrRequest, ReleaseReply
 from vnet.contracts.network import MeshGroup, MeshRef, NetworkList, NetworkPage, NetworkRef
 from vnet.contracts.policy import RuleList, RulePage, policy_endpoint, policy_network
+from vnet.core import drivers as core_drivers
 from vnet.core import errors as E
 from vnet.core import naming, reach
 from vnet.core.dataplane_model import NetDesired, NodeDesired, PeerHost
@@ -466,6 +467,62 @@ async def _with_remotes(store: EndpointStore, node: str, desired: NodeDesired) -
     return NodeDesired(networks=nets, endpoints=desired.endpoints, peers=peers)
 
 
+# --- node-addressed event copies (docs/scale.md) -----------------------------------------------
+
+async def _related(ctx: Ctx, network_id: str, net: VirtualNetwork | None = None) -> set[str]:
+    """The network and those related to it (connected, parent/children, a shared mesh group):
+    the hosts of either route to the other (:func:`_routed_overlays`)."""
+    if net is None:
+        try:
+            net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=network_id), VirtualNetwork)
+        except E.VNetError as err:  # gone (its endpoints being removed): its own hosts still hear
+            log.debug("event addressing: network %s unknown: %s", network_id, err.message)
+            return {network_id}
+    out = {network_id, *net.connected, *net.children, *({net.parent} if net.parent else set())}
+    for g in net.mesh_groups:
+        try:
+            out |= set((await ctx.request(subjects.NETWORK_MESH_GET, MeshRef(mesh=g), MeshGroup)).members)
+        except E.VNetError as err:
+            log.debug("event addressing: mesh group %s unknown: %s", g, err.message)
+    return out
+
+
+async def _hosts_of(store: EndpointStore, network_ids: set[str]) -> set[str]:
+    """The nodes holding an endpoint of any of these networks."""
+    ids = [i for nid in sorted(network_ids) for i in await store.of_network(nid)]
+    return {e.node for e in await store.get_many(ids) if e is not None}
+
+
+async def event_nodes(ctx: Ctx, event: str, info: EndpointInfo, net: VirtualNetwork | None = None) -> set[str]:
+    """The nodes that must act on an event of endpoint ``info``: its own node and, for a
+    network spanning hosts (overlay), every node with an endpoint of it or of a related
+    network (their remotes and peers). ``updated`` (labels, published ports) concerns the
+    endpoint's node only: on the others it changes nothing but rule sets, which a node whose
+    rules select endpoints takes from every endpoint event (its ``-all`` consumer)."""
+    nodes = {info.node}
+    if event != "updated" and core_drivers.get(info.driver).spans_hosts:
+        nodes |= await _hosts_of(_store(ctx), await _related(ctx, info.network_id, net))
+    return nodes
+
+
+async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payload: Any, *, msg_id: str,
+                                  net: VirtualNetwork | None = None) -> None:
+    """The event on ``vnet.evt.endpoint.<event>.<id>`` (every service and watcher) and a copy
+    addressed to each node that must act on it (``vnet.evt.to.<node>.endpoint.<event>.<id>``,
+    :func:`event_nodes`): a node worker consumes only its own, so what it receives grows with
+    what changes on it, not with the cluster. Published together; the first failure raises
+    (the node's next full resync covers a copy that did not land)."""
+    nodes = sorted(await event_nodes(ctx, event, info, net))
+    res = await asyncio.gather(
+        ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id),
+        *(ctx.publish_event("endpoint", event, info.id, payload, msg_id=f"{msg_id}.to.{n}",
+                            to=subjects.EVT_ENDPOINT_TO_NODE, node=n) for n in nodes),
+        return_exceptions=True)
+    for r in res:
+        if isinstance(r, BaseException):
+            raise r
+
+
 async def _pick_node(ctx: Ctx, wanted: str | None) -> NodeInfo:
     store = _store(ctx)
     if wanted is not None:
@@ -828,8 +885,8 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         await waiter.start()
     try:
         try:
-            await ctx.publish_event("endpoint", "created", ident, EndpointEvent(endpoint=info),
-                                    msg_id=f"endpoint.created.{ident}")
+            await _publish_endpoint_event(ctx, "created", info, EndpointEvent(endpoint=info),
+                                          msg_id=f"endpoint.created.{ident}", net=net)
         except Exception as exc:  # committed: the node finds it at its next resync
             log.warning("could not publish endpoint.created for %s (the node picks it up at its next resync): %s",
                         ident, exc)
@@ -1019,8 +1076,8 @@ async def remove(ctx: Ctx, ident: str, *, wait: bool, timeout: float) -> Endpoin
             raise _not_found(ident)
         await store.netep_remove(old.network_id, ident)
         try:
-            await ctx.publish_event("endpoint", "deleted", ident, EndpointEvent(endpoint=old),
-                                    msg_id=f"endpoint.deleted.{ident}")
+            await _publish_endpoint_event(ctx, "deleted", old, EndpointEvent(endpoint=old),
+                                          msg_id=f"endpoint.deleted.{ident}")
         except Exception as exc:
             log.warning("could not publish endpoint.deleted for %s: %s", ident, exc)
             warnings.append(f"the node was not told ({exc}); its next full resync removes the interface")
@@ -1183,9 +1240,9 @@ async def update(ctx: Ctx, req: EndpointUpdate) -> EndpointUpdated:
             raise E.make(E.INTERNAL, f"unexpected answer {res.status!r} from the endpoint update script")
         now = msgspec.structs.replace(after, revision=int(res.value))
         try:
-            await ctx.publish_event("endpoint", "updated", now.id,
-                                    EndpointUpdatedEvent(endpoint=now, previous=info, changes=changes, reach=diff),
-                                    msg_id=f"endpoint.updated.{now.id}.{now.revision}")
+            await _publish_endpoint_event(
+                ctx, "updated", now, EndpointUpdatedEvent(endpoint=now, previous=info, changes=changes, reach=diff),
+                msg_id=f"endpoint.updated.{now.id}.{now.revision}")
         except Exception as exc:  # committed: every node's next full resync applies it
             log.warning("could not publish endpoint.updated for %s (nodes apply it at their next resync): %s",
                         now.id, exc)

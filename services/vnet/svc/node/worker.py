@@ -56,6 +56,7 @@ registers with every driver unavailable (the host driver excepted) and says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ipaddress
 import logging
@@ -272,6 +273,8 @@ class NodeWorker:
         self.counters = Counters()
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._consumers: list[DurableConsumer] = []
+        self._all: DurableConsumer | None = None  # every node's endpoint events, while rules need them
+        self._scope_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._version = 0
         self._started = asyncio.Event()
@@ -303,13 +306,14 @@ class NodeWorker:
         await self.drift.start()  # before the first reconcile: nothing it does goes unheard
         js = self.rt.js
         safe = self.node.replace(".", "_")
+        own = subjects.EVT_TO_NODE.format(node=self.node).removesuffix(".>")
         self._consumers = [
-            # created/deleted only: every node's status reports would reach every node (the
-            # fan-out grows with the cluster, docs/scale.md) and are dropped on arrival
-            DurableConsumer(js, f"vnet-node-{safe}-ep", subjects.EVT_ENDPOINT.template, deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S,
-                            filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>",
-                                             "vnet.evt.endpoint.updated.>"]),
+            # Only the endpoint events addressed to this node (its endpoints, and those of the
+            # overlays it holds or routes to): the endpoint service publishes a copy per node
+            # that must act, so this grows with what changes here, not with the cluster
+            # (docs/scale.md). Rule-set members of other nodes: the -all consumer, when needed.
+            DurableConsumer(js, f"vnet-node-{safe}-ep", f"{own}.endpoint.>", deliver_all=False,
+                            inactive_threshold_s=CONSUMER_INACTIVE_S, filter_subjects=[f"{own}.endpoint.>"]),
             DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
                             inactive_threshold_s=CONSUMER_INACTIVE_S),
             DurableConsumer(js, f"vnet-node-{safe}-node", subjects.EVT_NODE.template, deliver_all=False,
@@ -323,6 +327,7 @@ class NodeWorker:
                                   inactive_threshold_s=CONSUMER_INACTIVE_S)
             self._consumers.append(pol)
             await pol.start(self._on_policy_event)
+            await self._event_scope()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._main(), name=f"node-{self.node}-loop"),
                        loop.create_task(self._heartbeat(), name=f"node-{self.node}-heartbeat")]
@@ -346,7 +351,7 @@ class NodeWorker:
         teardown removes) and every loop (a reconcile running in the thread finishes)."""
         if self.drift is not None:
             await self.drift.stop()
-        consumers, self._consumers = self._consumers, []
+        consumers, self._consumers, self._all = self._consumers, [], None
         for c in consumers:
             await c.stop(delete=True)
         for t in self._tasks:
@@ -434,6 +439,51 @@ class NodeWorker:
         if res.wrote:
             log.info("node %s: nftables ruleset %s applied (%s, %s) in %.0f ms", self.node, res.version, why,
                      res.reason, res.duration * 1000)
+        await self._event_scope()
+
+    def _wants_every_endpoint(self) -> bool:
+        """Whether other nodes' endpoints outside what is addressed to us matter here: rules
+        whose selectors take endpoints (labels, networks) put them in our sets, and macvlan
+        tables list every endpoint of the networks they relate to. Unknown yet: yes."""
+        agent = self.policy
+        if agent is None:
+            return False
+        rs, mv = agent.target, agent.mv_target
+        if rs is None:
+            return True
+        return any(s.selectors for s in rs.sets) or bool(mv is not None and mv.nets)
+
+    async def _event_scope(self) -> None:
+        """Start or stop the -all consumer (every node's endpoint events) as this node's rules
+        need it. Only nodes whose rules select endpoints by label pay the cluster-wide fan-out;
+        per-node ruleset deltas from the policy service would end that too (docs/scale.md)."""
+        if not self._consumers:
+            return  # not started (the first sync runs before the consumers), or stopping
+        async with self._scope_lock:
+            want = self._wants_every_endpoint()
+            if want == (self._all is not None) or not self._consumers:
+                return
+            if want:
+                name = f"vnet-node-{self.node.replace('.', '_')}-all"
+                with contextlib.suppress(Exception):  # one left from an earlier period would replay its backlog
+                    await self.rt.js.delete_consumer(subjects.EVENTS_STREAM, name)
+                c = DurableConsumer(self.rt.js, name, subjects.EVT_ENDPOINT.template, deliver_all=False,
+                                    inactive_threshold_s=CONSUMER_INACTIVE_S,
+                                    filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>",
+                                                     "vnet.evt.endpoint.updated.>"])
+                await c.start(self._on_any_endpoint_event)
+                self._all = c
+                self._consumers.append(c)
+                # what was published before it existed is in the whole ruleset, fetched now
+                self._policy_changed()
+                log.info("node %s: rules here select endpoints: following every node's endpoint events", self.node)
+            else:
+                old, self._all = self._all, None
+                assert old is not None
+                if old in self._consumers:
+                    self._consumers.remove(old)
+                await old.stop(delete=True)
+                log.info("node %s: no rule here selects endpoints: only the events addressed to it", self.node)
 
     def _policy_changed(self) -> None:
         """Something only the policy service sees whole changed (rules, modes, relations)."""
@@ -681,9 +731,24 @@ class NodeWorker:
         return WorkItem(ctx=otel_context.get_current(), span=span if span.is_valid else None, **kw)
 
     async def _on_endpoint_event(self, msg: Msg) -> None:
+        """An endpoint event addressed to this node (``vnet.evt.to.<node>.endpoint.<event>.<id>``)."""
+        await self._endpoint_event(msg, addressed=True)
+
+    async def _on_any_endpoint_event(self, msg: Msg) -> None:
+        """Any node's endpoint event (``vnet.evt.endpoint.<event>.<id>``, the -all consumer):
+        rule-set members only; what this node realises comes addressed to it."""
+        await self._endpoint_event(msg, addressed=False)
+
+    async def _endpoint_event(self, msg: Msg, *, addressed: bool) -> None:
         parts = msg.subject.split(".")
+        if parts[2] == "to":  # vnet.evt.to.<node>.endpoint.<event>.<id>
+            parts = parts[:2] + parts[4:]
+        # Rule-set deltas come from ONE consumer at a time (the -all one while it runs): two
+        # would not keep a created and a deleted of the same endpoint in order.
+        sets_here = addressed == (self._all is None)
         if len(parts) >= 5 and parts[3] == "updated":
-            self._on_endpoint_updated(msg)
+            if sets_here:
+                self._on_endpoint_updated(msg)
             return
         if len(parts) < 5 or parts[3] not in ("created", "deleted"):
             return  # status reports (ours and other nodes') and anything newer
@@ -693,12 +758,16 @@ class NodeWorker:
             log.warning("node %s: ignoring a malformed event on %s: %s", self.node, msg.subject, exc)
             self._policy_changed()
             return
+        if ev.endpoint.node == self.node and not addressed:
+            return  # ours: it came addressed too, and the attach computes its rules
         if ev.endpoint.node != self.node:
             # rules may select it (labels, network, address): set members change here, coalesced
-            if self.policy is not None:
+            if self.policy is not None and sets_here:
                 if not self._policy_note(parts[3], ev.endpoint, local=False):
                     self._policy_fetch = True
                 self._policy_dirty.set()
+            if not addressed:
+                return
             net = self.nets.get(ev.endpoint.network_id)
             if net is not None and _spans_hosts(net.driver):  # a remote of one of our overlays
                 self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id,
