@@ -661,7 +661,11 @@ class PolicyAgent:
         locs = self.mv_locals
         if (not locs and not self.macvlan._tables) or only == set():
             return
-        res = self.macvlan.sync(self.mv_target, rs, locs, check=check, only=only)
+        try:
+            res = self.macvlan.sync(self.mv_target, rs, locs, check=check, only=only)
+        except Exception as exc:  # never in the way of the host's tables; the next sync tries again
+            self.last_error = f"macvlan tables: {exc}"[:500]
+            return
         self.mv_last = res
         if res.errors:
             self.last_error = "; ".join(f"macvlan endpoint {k}: {v}" for k, v in sorted(res.errors.items()))[:500]
