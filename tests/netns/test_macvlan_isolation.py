@@ -394,3 +394,36 @@ def test_macvlan_explain_equals_observed(prop_mvlab: MvLab, sc: tuple[list[Isola
         if pol.verdict(src, dst, "icmp").allowed:
             want["icmp"].add(f"{a}>{b}")
     assert seen == want, (modes, rels, rules, labels)
+
+
+def test_dual_stack_tables_are_accepted_and_read_back_equal(netns: Callable[[str], str]) -> None:
+    """IPv6 sets (addresses, ranges with the gateways cut out) as the kernel takes and lists
+    them: written once, then a read-back resync and a fresh enforcer both write nothing."""
+    from vnet.core.policy import PolicyNetwork
+    nets = [PolicyNetwork(id="a", mode=MESH, cidrs=("10.88.60.0/24", "fd00:88:60::/64"),
+                          gateways=("10.88.60.1", "fd00:88:60::1"), connected=("b",)),
+            PolicyNetwork(id="b", mode=MESH, cidrs=("fd00:88:61::/64",), gateways=("fd00:88:61::1",),
+                          connected=("a",))]
+    eps = [PolicyEndpoint(id="d1", network="a", ips=("10.88.60.10", "fd00:88:60::10"), mac="02:00:00:88:60:10",
+                          node="h1"),
+           PolicyEndpoint(id="d2", network="b", ips=("fd00:88:61::10",), mac="02:00:00:88:61:10", node="h1")]
+    pol = Policy(nets, eps, [AllowRule(id="v6", from_=[Selector(cidr="fd00:88::/32")], to=[Selector(endpoint="d1")],
+                                       ports=[PortSpec(protocol="tcp", port=443)])])
+    ns = {e.id: netns(f"d6-{e.id}") for e in eps}
+    locs = {e.id: mvp.MvLocal(e.id, e.network, ns[e.id], "eth0", e.mac, e.ips) for e in eps}
+    mv, rs = mvp.compile_macvlan(pol, "h1", {"a", "b"}), pol.compile("h1")
+    assert mv is not None and mv.net("a") is not None and mv.net("a").reach6  # type: ignore[union-attr]
+    enf, fresh = MacvlanEnforcer(), MacvlanEnforcer()
+    try:
+        res = enf.sync(mv, rs, locs)
+        assert (res.writes, res.wholes, res.errors) == (2, 2, {})
+        res = enf.sync(mv, rs, locs, check=True)
+        assert (res.writes, res.errors) == (0, {})
+        res = fresh.sync(mv, rs, locs, check=True)
+        assert (res.writes, res.adopted, res.errors) == (0, 2, {})
+    finally:
+        enf.close()
+        fresh.close()
+    out = subprocess.run(["ip", "netns", "exec", ns["d1"], "nft", "list", "set", "inet", mvp.table_name("d1"),
+                          "reach6"], check=True, capture_output=True, text=True).stdout
+    assert "fd00:88:61::2-fd00:88:61:0:ffff:ffff:ffff:ffff" in out, out  # the gateway ::1 cut out

@@ -144,3 +144,29 @@ def test_delta_is_only_the_difference() -> None:
     assert f"add element inet {t} peer4 {{ 10.7.0.11 }}" in script
     assert f"add element netdev {t} l2peers {{ {e2.mac} }}" in script
     assert mvp.structure(rs, loc) == mvp.structure(rs, loc._replace(endpoint="e1"))
+
+
+def test_ipv6_sets() -> None:
+    """Dual-stack networks: the IPv6 sets are filled the way the IPv4 ones are (the kernel
+    tests probe IPv4 only)."""
+    nets = [PolicyNetwork(id="a", mode=IsolationMode.MESH_ONLY, cidrs=("10.7.0.0/24", "fd00:7::/64"),
+                          gateways=("10.7.0.1", "fd00:7::1"), connected=("b",)),
+            PolicyNetwork(id="b", mode=IsolationMode.MESH_ONLY, cidrs=("fd00:8::/64",), gateways=("fd00:8::1",),
+                          connected=("a",)),
+            PolicyNetwork(id="c", mode=IsolationMode.PEER_ONLY, cidrs=("fd00:9::/64",))]
+    e1 = msgspec.structs.replace(ep("e1", "a", "10.7.0.10"), ips=("10.7.0.10", "fd00:7::10"))
+    e2 = msgspec.structs.replace(ep("e2", "b", "fd00:8::10"), node="h2")
+    e3 = ep("e3", "c", "fd00:9::10")
+    p = Policy(nets, [e1, e2, e3])
+    mv = mvp.compile_macvlan(p, "h1", {"a", "b", "c"})
+    loc = mvp.MvLocal("e1", "a", "ns", "eth0", e1.mac, e1.ips)
+    sets = {d.name: d.elements for d in mvp.decls(mv, p.compile("h1"), loc)}
+    assert sets["peer6"] == ["fd00:7::10", "fd00:8::10"] and sets["peer4"] == ["10.7.0.10"]
+    assert sets["bip6"] == ["fd00:7::10"] and sets["bip4"] == ["10.7.0.10"]
+    assert sets["owngw6"] == ["fd00:7::1"]
+    # a's and b's ranges without their gateways; c (unrelated) is not reachable
+    assert sets["reach6"] == ["fd00:7::", "fd00:7::2-fd00:7::ffff:ffff:ffff:ffff",
+                              "fd00:8::", "fd00:8::2-fd00:8::ffff:ffff:ffff:ffff"]
+    assert sets["nets6"] == ["fd00:7::/64", "fd00:8::/64", "fd00:9::/64"]
+    assert "fd00:9::10" not in sets["relp6"]
+    assert p.verdict("e1", "e2", "tcp", 80).allowed and not p.verdict("e1", "e3", "tcp", 80).allowed
