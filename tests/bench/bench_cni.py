@@ -58,7 +58,7 @@ def call(host: str, exe: str, cmd: str, conf: dict[str, Any], container: str, ns
                        capture_output=True, timeout=120)
     took = time.perf_counter() - t0
     if r.returncode != 0:
-        raise RuntimeError(f"{exe} {cmd} {container}: {r.stdout.decode()} {r.stderr.decode()}")
+        raise RuntimeError(f"{exe} {cmd} {container}: exit {r.returncode}: {r.stdout.decode()} {r.stderr.decode()}")
     return took
 
 
