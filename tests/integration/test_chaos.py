@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,59 +25,29 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import fresh_db_config
+from tests.integration.chaos_harness import OwnServers, Procs, own_servers, process_env
 from vnet import VNetManager
 from vnet.core import errors as E
-from vnet.runtime import servers
 from vnet.runtime.config import VNetConfig
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
 
 CREATES = 400
 IN_FLIGHT = 100
-RETRYABLE = {E.UNAVAILABLE.code, E.TIMEOUT.code}
-
-
-@dataclass
-class Procs:
-    env: dict[str, str]
-    logs: Path
-    running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    all: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self, name: str, service: str) -> None:
-        log = self.logs / f"{name}.log"
-        with open(log, "ab") as fh:
-            p = subprocess.Popen([sys.executable, "-m", "vnet.runtime.launcher", service], env=self.env,
-                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.running[name] = p
-        self.all.append(p)
-        n = log.read_text(errors="replace").count("up as instance")
-        deadline = time.monotonic() + 60
-        while log.read_text(errors="replace").count("up as instance") <= n:
-            assert p.poll() is None, log.read_text(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, f"{name} did not start"
-            time.sleep(0.05)
-
-    def kill(self, name: str) -> None:
-        p = self.running.pop(name)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+# A 503 is an answer the caller retries (same request_id). "No answer" is the client's to
+# handle (VNetManager resends a mutation with its request_id within mutation_retry_s): a
+# timeout that still reaches the caller is a request left without an answer.
+RETRYABLE = {E.UNAVAILABLE.code}
 
 
 @pytest.fixture
 def procs(config: VNetConfig, tmp_path: Path) -> Iterator[tuple[Procs, VNetConfig]]:
     cfg = msgspec.structs.replace(fresh_db_config(config), request_timeout_s=5.0)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VNET_") or k == "VNET_RUN_PREFIX"}
-    env.update(VNET_NATS_URL=cfg.nats_url, VNET_REDIS_URL=cfg.redis_url, VNET_IPAM_GC_INTERVAL_S="0",
-               VNET_METRICS_ENABLED="false", PYTHONUNBUFFERED="1")
-    ps = Procs(env, tmp_path)
+    ps = Procs(process_env(cfg), tmp_path)
     try:
         yield ps, cfg
     finally:
-        for p in ps.all:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait()
+        ps.stop_all()
 
 
 async def test_sigkill_during_inflight_creates(procs: tuple[Procs, VNetConfig]) -> None:
@@ -107,9 +73,10 @@ async def test_sigkill_during_inflight_creates(procs: tuple[Procs, VNetConfig]) 
                         net = await m.create_network(f"chaos-{i:04d}", f"10.{40 + i // 256}.{i % 256}.0/24",
                                                      request_id=f"chaos-rq-{i}")
                     except E.VNetError as err:
-                        # TIMEOUT is raised here, by the client, when no answer came (the instance
-                        # holding the request was killed): not an answer of a service.
+                        # TIMEOUT is raised here, by the client, when even its retries got no answer
                         answers["no answer" if err.code == E.TIMEOUT.code else f"{err.status} {err.code}"] += 1
+                        if err.code == E.TIMEOUT.code:
+                            return
                         if err.code not in RETRYABLE:
                             raise
                         await asyncio.sleep(0.05)
@@ -145,14 +112,16 @@ async def test_sigkill_during_inflight_creates(procs: tuple[Procs, VNetConfig]) 
         gc = await m.ipam_gc(grace_s=0)
         after = await m.ipam_check()
         pools_after = await m.pools()
+        resent = m.retries
     await r.flushdb()
     await r.aclose()
 
     print(f"\nchaos: {CREATES} creates, {IN_FLIGHT} in flight, network replica and ipam SIGKILLed and restarted: "
-          f"answers {dict(answers)} in {took:.1f}s; {len(nets)} networks, {len(pools)} pools, "
+          f"answers {dict(answers)} in {took:.1f}s (client resent {resent}); {len(nets)} networks, {len(pools)} pools, "
           f"ipam check: {len(check.orphan_pools)} orphan pools, {len(check.leaks)} leaks, "
           f"{len(check.inconsistencies)} dangling index entries; GC deleted {len(gc.pools_deleted)} pools, "
           f"repaired {gc.index_repaired} index entries")
+    assert "no answer" not in answers, f"requests left without an answer: {answers}"
     five_xx = {k: v for k, v in answers.items() if k[:1] == "5" and not k.startswith("503")}
     assert five_xx == {}, answers
     assert all(len(v) == 1 for v in ids.values()) and len(ids) == CREATES  # retries returned the same network
@@ -168,34 +137,10 @@ async def test_sigkill_during_inflight_creates(procs: tuple[Procs, VNetConfig]) 
     assert {p.network_id for p in pools_after} == {n.id for n in nets}  # every network kept its pool
 
 
-@dataclass
-class OwnServers:
-    """A nats-server and a valkey of this test only: they may be killed, frozen, restarted."""
-
-    root: Path
-    nats: servers.ServerProc
-    valkey: servers.ServerProc
-
-    def restart_nats(self) -> None:
-        self.nats = servers.start_nats(self.root / "nats", self.nats.port)
-
-    def restart_valkey(self) -> None:
-        self.valkey = servers.start_valkey(self.root / "valkey", self.valkey.port)
-
-    def stop(self) -> None:
-        for s in (self.nats, self.valkey):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(s.proc.pid, signal.SIGCONT)
-            s.stop()
-
-
 @pytest.fixture
 def own(tmp_path: Path) -> Iterator[OwnServers]:
-    o = OwnServers(tmp_path, servers.start_nats(tmp_path / "nats"), servers.start_valkey(tmp_path / "valkey"))
-    try:
+    with own_servers(tmp_path) as o:
         yield o
-    finally:
-        o.stop()
 
 
 async def test_redis_and_nats_faults_during_inflight_creates(config: VNetConfig, own: OwnServers,
@@ -203,15 +148,9 @@ async def test_redis_and_nats_faults_during_inflight_creates(config: VNetConfig,
     """Valkey frozen (SIGSTOP 3 s), valkey SIGKILLed and restarted, NATS SIGKILLed and restarted,
     all while 400 creates run 100 at a time against real service processes."""
     cfg = msgspec.structs.replace(config, nats_url=own.nats.url, redis_url=own.valkey.url, request_timeout_s=5.0)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VNET_") or k == "VNET_RUN_PREFIX"}
-    env.update(VNET_NATS_URL=cfg.nats_url, VNET_REDIS_URL=cfg.redis_url, VNET_IPAM_GC_INTERVAL_S="0",
-               VNET_METRICS_ENABLED="false", PYTHONUNBUFFERED="1")
-    ps = Procs(env, tmp_path)
+    ps = Procs(process_env(cfg), tmp_path)
     try:
-        ps.start("ipam", "ipam")
-        ps.start("network-1", "network")
-        ps.start("network-2", "network")
-        loop = asyncio.get_running_loop()
+        ps.start_many([("ipam", "ipam", ()), ("network-1", "network", ()), ("network-2", "network", ())])
 
         async def freeze_redis() -> None:
             os.kill(own.valkey.proc.pid, signal.SIGSTOP)
@@ -222,21 +161,18 @@ async def test_redis_and_nats_faults_during_inflight_creates(config: VNetConfig,
             own.valkey.proc.kill()
             own.valkey.proc.wait()
             await asyncio.sleep(0.5)
-            await loop.run_in_executor(None, own.restart_valkey)
+            own.restart_valkey()  # not from an executor thread: see OwnServers
 
         async def kill_nats() -> None:
             own.nats.proc.kill()
             own.nats.proc.wait()
             await asyncio.sleep(0.5)
-            await loop.run_in_executor(None, own.restart_nats)
+            own.restart_nats()
 
         faults = [("valkey SIGSTOP 3 s", freeze_redis), ("valkey SIGKILL", kill_redis), ("NATS SIGKILL", kill_nats)]
         await _creates_under_faults(cfg, faults)
     finally:
-        for p in ps.all:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait()
+        ps.stop_all()
 
 
 async def _creates_under_faults(cfg: VNetConfig, faults: list[tuple[str, Any]]) -> None:
@@ -256,6 +192,8 @@ async def _creates_under_faults(cfg: VNetConfig, faults: list[tuple[str, Any]]) 
                                                      request_id=f"fault-rq-{i}")
                     except E.VNetError as err:
                         answers["no answer" if err.code == E.TIMEOUT.code else f"{err.status} {err.code}"] += 1
+                        if err.code == E.TIMEOUT.code:
+                            return
                         if err.code not in RETRYABLE:
                             raise
                         await asyncio.sleep(0.1)
@@ -281,9 +219,11 @@ async def _creates_under_faults(cfg: VNetConfig, faults: list[tuple[str, Any]]) 
         gc = await m.ipam_gc(grace_s=0)
         after = await m.ipam_check()
         pools_after = await m.pools()
+        resent = m.retries
     print(f"\nfaults {[name for name, _ in faults]} during {CREATES} creates ({IN_FLIGHT} in flight): "
-          f"answers {dict(answers)} in {took:.1f}s; {len(nets)} networks, {len(pools)} pools, "
-          f"{len(check.orphan_pools)} orphan pools (GC deleted {len(gc.pools_deleted)})", end="; ")
+          f"answers {dict(answers)} in {took:.1f}s (client resent {resent}); {len(nets)} networks, "
+          f"{len(pools)} pools, {len(check.orphan_pools)} orphan pools (GC deleted {len(gc.pools_deleted)})", end="; ")
+    assert "no answer" not in answers, f"requests left without an answer: {answers}"
     assert {k: v for k, v in answers.items() if k[:1] == "5" and not k.startswith("503")} == {}, answers
     assert len(ids) == CREATES and all(len(v) == 1 for v in ids.values())
     names = collections.Counter(n.name for n in nets)
