@@ -427,3 +427,33 @@ def test_dual_stack_tables_are_accepted_and_read_back_equal(netns: Callable[[str
     out = subprocess.run(["ip", "netns", "exec", ns["d1"], "nft", "list", "set", "inet", mvp.table_name("d1"),
                           "reach6"], check=True, capture_output=True, text=True).stdout
     assert "fd00:88:61::2-fd00:88:61:0:ffff:ffff:ffff:ffff" in out, out  # the gateway ::1 cut out
+
+
+def test_pair_refused_leaves_isolation_and_is_retried(netns: Callable[[str], str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel before 6.16 refuses a netdev chain for an interface that does not exist yet:
+    simulated by a pair the kernel refuses. The inet table (isolation) is written alone, the
+    endpoint is reported, and the next sync writes the pair."""
+    from vnet.adapters import mvnft
+    from vnet.core.policy import PolicyNetwork
+    pol = Policy([PolicyNetwork(id="a", mode=PEER, cidrs=("10.88.70.0/24",))],
+                 [PolicyEndpoint(id="r1", network="a", ips=("10.88.70.10",), mac="02:00:00:88:70:10", node="h1")])
+    ns = netns("rf-r1")
+    locs = {"r1": mvp.MvLocal("r1", "a", ns, "eth0", "02:00:00:88:70:10", ("10.88.70.10",))}
+    mv, rs = mvp.compile_macvlan(pol, "h1", {"a"}), pol.compile("h1")
+    real = mvp.render
+    monkeypatch.setattr(mvnft.mvp, "render", lambda *a: real(*a) + "add rule netdev vnetm_nowhere egress drop\n")
+    enf = MacvlanEnforcer()
+    try:
+        res = enf.sync(mv, rs, locs)
+        assert "isolation in place, anti-spoofing not yet" in res.errors.get("r1", ""), res
+        tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], check=True,
+                                capture_output=True, text=True).stdout.split("\n")
+        assert f"table inet {mvp.table_name('r1')}" in tables
+        assert f"table netdev {mvp.table_name('r1')}" not in tables
+        monkeypatch.setattr(mvnft.mvp, "render", real)
+        res = enf.sync(mv, rs, locs)
+        assert (res.writes, res.wholes, res.errors) == (1, 1, {})
+        assert enf.sync(mv, rs, locs, check=True).writes == 0
+    finally:
+        enf.close()

@@ -365,7 +365,19 @@ class MacvlanEnforcer:
 
     def _whole(self, mv: MvPolicy | None, rs: Ruleset, loc: MvLocal, struct: str, ident: tuple[int, int],
                res: MvSyncResult, *, readback: bool = True, ref: str | None = None) -> None:
-        self._exec(loc.netns, mvp.render(mv, rs, loc))
+        try:
+            self._exec(loc.netns, mvp.render(mv, rs, loc))
+        except MvNftError as exc:
+            # A kernel before 6.16 refuses a netdev chain for an interface that does not exist
+            # yet (an attach writes before its netlink work): isolation now, alone, and the pair
+            # again at the next sync (the agent retries soon after an error), anti-spoofing then.
+            name = mvp.table_name(loc.endpoint)
+            try:
+                self._exec(loc.netns, f"table inet {name}\ndelete table inet {name}\n"
+                           + mvp.render_inet(rs, loc, mvp.decls(mv, rs, loc)))
+            except MvNftError:
+                raise exc from None
+            raise MvNftError(f"isolation in place, anti-spoofing not yet (retried): {exc.message}") from None
         if ref is not None or not readback:  # what was written is what we hold (the listing it must
             # have is the reference, or is read at the next full sync)
             self._tables[loc.endpoint] = _Table(netns=loc.netns, ident=ident, struct=struct, readback=ref,

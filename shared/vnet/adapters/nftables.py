@@ -66,6 +66,8 @@ from vnet.core.mvpolicy import MvLocal, MvPolicy
 from vnet.core.nft import FAMILIES, TABLE, render, render_delete
 from vnet.core.policy import PolicyEndpoint, Ruleset
 
+MV_RETRIES = 20  # deferred macvlan passes retried after an error, MV_RETRY_S apart
+MV_RETRY_S = 0.25
 BR_NF = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
 
 
@@ -465,6 +467,7 @@ class PolicyAgent:
         self._mv_pending: set[str] = set()  # macvlan endpoints noted added/removed since the last push
         self._mv_bg: ThreadPoolExecutor | None = None  # the other containers' deltas, off the attach path
         self._mv_bg_queued = False
+        self._mv_retries = 0
 
     def start(self, *, enable: bool | None = None) -> Support:
         """Check support; turn br_netfilter on when it is off and ``enable`` (default: only
@@ -642,6 +645,15 @@ class PolicyAgent:
                 self._sync_macvlan(rs, check=False)
             except Exception as exc:  # the next sync tries again
                 self.last_error = f"macvlan tables: {exc}"[:500]
+            failed = self.mv_last is not None and bool(self.mv_last.errors)
+            self._mv_retries = self._mv_retries + 1 if failed else 0
+            retry = failed and self._mv_retries <= MV_RETRIES
+        if retry:
+            # e.g. a pair written before its interface existed on an older kernel: again soon,
+            # not only at the next event or resync (a few times, then it is the resync's turn)
+            t = threading.Timer(MV_RETRY_S, self._macvlan_later)
+            t.daemon = True
+            t.start()
 
     def wait_macvlan(self) -> None:
         """Until the deferred pass queued so far has run (tests, benchmarks)."""
