@@ -375,6 +375,15 @@ class Runtime:
         self._own_redis = own_redis
         self._dep_logged: dict[str, float] = {}
 
+    # -- calls ---------------------------------------------------------------------------
+    async def request(self, subject: Subject, payload: Any, reply_type: type[Rep], *,
+                      timeout: float | None = None) -> Rep:
+        """Call another service from background work (outside a handler: no caller, no
+        deadline to carry); errors are the adapter's (``vnet.core.errors``)."""
+        reply, _ = await nats_adapter.request(self.nc, subject, payload, reply_type,
+                                              timeout=timeout or self.config.request_timeout_s)
+        return reply
+
     # -- events --------------------------------------------------------------------------
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
                             msg_id: str | None = None, to: Subject | None = None, node: str = "") -> int:

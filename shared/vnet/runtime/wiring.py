@@ -16,6 +16,7 @@ from vnet.adapters import ipam_store, redis
 from vnet.adapters.endpoint_store import EndpointStore
 from vnet.adapters.ipam_rates import IpamRates
 from vnet.adapters.nats import DurableConsumer
+from vnet.contracts import subjects
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.ports import EndpointStorePort, EventConsumer, IpamRatesPort, IpamStorePort
 
@@ -52,5 +53,9 @@ class ServiceAdapters:
         even when it is empty (Redis drops empty sets)."""
         await self._r().set(ipam_store.registry_marker(redis.global_key(index)), b"1")
 
-    def event_consumer(self, durable: str, filter_subject: str, *, deliver_all: bool = True) -> EventConsumer:
-        return DurableConsumer(self._js, durable, filter_subject, deliver_all=deliver_all)
+    def event_consumer(self, durable: str, filter_subject: str = subjects.EVENTS_WILDCARD, *,
+                       deliver_all: bool = True, inactive_threshold_s: float | None = None) -> EventConsumer:
+        """A durable consumer of domain events; ``inactive_threshold_s``: the server drops it
+        when nobody pulls that long (one per instance, e.g. the metrics service's)."""
+        return DurableConsumer(self._js, durable, filter_subject, deliver_all=deliver_all,
+                               inactive_threshold_s=inactive_threshold_s)

@@ -33,21 +33,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 
-from vnet.adapters import nats as nats_adapter
-from vnet.adapters import redis as redis_adapter
-from vnet.adapters.nats import DurableConsumer
 from vnet.contracts import subjects
 from vnet.contracts.ipam import PoolInfo, PoolList, PoolsReply
 from vnet.contracts.messages import Empty, MetricsReport, MetricsSummary
 from vnet.core import errors as E
+from vnet.runtime.ports import ENDPOINTS_INDEX, NETWORKS_INDEX, EventConsumer
 from vnet.runtime.service import Ctx, Runtime, ServiceDef
 
 log = logging.getLogger(__name__)
 
 SERVICE = ServiceDef("metrics", "Metrics: Prometheus /metrics for networks, endpoints and operations")
 
-NETWORKS_INDEX = redis_adapter.global_key("networks")
-ENDPOINTS_INDEX = redis_adapter.global_key("endpoints")
 REFRESH_S = 2.0
 POOLS_REFRESH_S = 10.0
 POOL_GAUGES: tuple[tuple[str, str], ...] = (
@@ -188,8 +184,7 @@ async def _refresh_pools(rt: Runtime, st: State) -> None:
     cursor: str | None = None
     try:
         while True:
-            page, _ = await nats_adapter.request(rt.nc, subjects.IPAM_POOL_LIST, PoolList(limit=1000, cursor=cursor),
-                                                 PoolsReply, timeout=rt.config.request_timeout_s)
+            page = await rt.request(subjects.IPAM_POOL_LIST, PoolList(limit=1000, cursor=cursor), PoolsReply)
             pools += page.pools
             cursor = page.next_cursor
             if cursor is None:
@@ -254,8 +249,8 @@ async def _start(rt: Runtime) -> None:
         rt.state["report_sub"] = await rt.nc.subscribe(subjects.METRICS_REPORT.wildcard(), cb=on_report)
         # One consumer per instance, so every replica counts every event (a shared durable would
         # split them between replicas); the server drops it if the instance dies without stopping.
-        consumer = DurableConsumer(rt.js, f"vnet-metrics-{rt.instance}", deliver_all=False,
-                                   inactive_threshold_s=300.0)
+        consumer = rt.adapters.event_consumer(f"vnet-metrics-{rt.instance}", deliver_all=False,
+                                              inactive_threshold_s=300.0)
         rt.state["consumer"] = consumer
         await consumer.start(on_event)
     except BaseException:  # the runtime runs no stop hook after a failed start
@@ -285,7 +280,7 @@ async def _stop(rt: Runtime) -> None:
             await sub.unsubscribe()
         except Exception as exc:
             log.debug("unsubscribe %s: %s", subjects.METRICS_REPORT, exc)
-    consumer: DurableConsumer | None = rt.state.pop("consumer", None)
+    consumer: EventConsumer | None = rt.state.pop("consumer", None)
     if consumer:
         await consumer.stop(delete=True)
     http = rt.state.pop("http", None)
