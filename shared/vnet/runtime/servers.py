@@ -12,7 +12,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,18 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
     except OSError:
         pass
+
+
+def _death_hook() -> Callable[[], None] | None:
+    """``_die_with_parent`` when called from the main thread, else None.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process:
+    a server started from an executor thread (``run_in_executor``, ``to_thread``) got
+    SIGTERM as soon as that thread ended, while its starter ran on (issue 11, unexplained
+    stops). From another thread the server runs without the death signal: ``stop()`` (or
+    the test fixture) ends it.
+    """
+    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -130,7 +144,7 @@ def start_nats(data_dir: Path, port: int | None = None, *, monitor_port: int | N
     args = nats_args(port, data_dir, monitor_port=monitor_port, config_file=config_file)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=_death_hook())
     _wait_port("127.0.0.1", port, proc, "nats-server", log)
     return ServerProc("nats", f"nats://127.0.0.1:{port}", port, proc, log, args)
 
@@ -143,7 +157,7 @@ def start_valkey(data_dir: Path, port: int | None = None, *, password: str | Non
     args = valkey_args(port, data_dir, password=password, config_file=config_file)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ}, preexec_fn=_die_with_parent)
+                                start_new_session=True, env={**os.environ}, preexec_fn=_death_hook())
     _wait_port("127.0.0.1", port, proc, "valkey-server", log)
     auth = f":{password}@" if password else ""
     return ServerProc("valkey", f"redis://{auth}127.0.0.1:{port}/0", port, proc, log, args)
