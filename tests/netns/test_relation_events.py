@@ -234,7 +234,7 @@ def test_which_relation_events_concern_a_host() -> None:
 
     from vnet.contracts.network import ConnectionEvent, MeshEvent, NetworkEvent
     from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
-    from vnet.svc.node.worker import _involved
+    from vnet.svc.node.intake import _involved
 
     enc = msgspec.json.encode
     assert _involved(enc(ConnectionEvent(network_a="a", network_b="b"))) == {"a", "b"}

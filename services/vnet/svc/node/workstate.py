@@ -1,0 +1,144 @@
+"""What the parts of the node worker share: its work items, counters and state.
+
+:class:`~vnet.svc.node.worker.NodeWorker` is one object and one control loop, written in
+parts by concern that it inherits: :mod:`~vnet.svc.node.registration` (kernel probe,
+underlay, register and heartbeat), :mod:`~vnet.svc.node.intake` (events -> work items,
+and the scoped reconcile of a batch of them) and :mod:`~vnet.svc.node.policysync` (this
+node's nftables ruleset). :class:`WorkerParts` tells the type checker which of the
+worker's attributes the parts read (``NodeWorker.__init__`` sets them all) and which of
+its methods they call across parts; it adds nothing at run time (the method stubs exist
+only under ``TYPE_CHECKING``, so none can shadow a real one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanContext
+
+from vnet.adapters.nats import DurableConsumer
+from vnet.adapters.nftables import PolicyAgent
+from vnet.contracts.endpoint import (
+    NodeStats,
+)
+from vnet.core import drivers as core_drivers
+from vnet.core.dataplane_model import (
+    EpDesired,
+    NetDesired,
+    PeerHost,
+    ProbeResult,
+    ReconcileResult,
+    Scope,
+    Support,
+)
+from vnet.runtime.service import Runtime
+from vnet.svc.node.drift import NodeMetrics
+
+T = TypeVar("T")
+
+RETRY_S = 1.0  # until the desired state has been fetched once
+CONSUMER_INACTIVE_S = 3600.0  # the server drops a node's consumers after this long without it
+
+
+# endpoint: one of this node's endpoints; remote: another node's endpoint in one of this node's
+# overlay networks (its remotes change); network: a network was deleted; relations: a relation
+# changed (connect, disconnect, mesh membership, parent/child, mode): the related overlays this
+# host routes to may change; resync: a full resync.
+# drift: the kernel reported a change to something of ours (svc/node/drift.py).
+Kind = Literal["endpoint", "remote", "network", "relations", "resync", "drift"]
+
+# Network events that change relations (the related overlays a host routes to, its parents).
+RELATION_EVENTS = frozenset({"updated", "connected", "disconnected", "mesh_created", "mesh_deleted",
+                             "mesh_member_added", "mesh_member_removed"})
+
+
+@dataclass
+class WorkItem:
+    kind: Kind
+    event: str = ""
+    ident: str = ""
+    endpoint: Any = None  # EndpointInfo for endpoint events
+    fetch: bool = True  # resync: fetch the desired state first
+    ctx: otel_context.Context | None = None
+    span: SpanContext | None = None
+    done: asyncio.Future[NodeStats] | None = None
+    drift: Any = None  # drift: the suspects (svc/node/drift.py)
+
+
+@dataclass
+class Counters:
+    reconciles: int = 0
+    full_resyncs: int = 0
+    events: int = 0
+    batches: int = 0
+    last_full_writes: int = 0
+    last_full_duration_s: float = 0.0
+    last_full_errors: int = 0
+    last_full_at: float = 0.0
+    last_errors: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _spans_hosts(driver: str) -> bool:
+    """An overlay-like network: remote endpoints, peers, routed relations (the registry says)."""
+    return core_drivers.get(driver).spans_hosts
+
+
+def _without_kernel(why: Support) -> dict[str, Support]:
+    """Every driver unavailable for ``why``, except those that need nothing from the kernel."""
+    ok = Support(available=True, reason="needs nothing from the kernel")
+    return {d.name: why if d.kernel_kinds else ok for d in core_drivers.all_drivers()}
+
+
+class WorkerParts:
+    """The worker's state and cross-part methods, declared for the parts (see the module docstring)."""
+
+    rt: Runtime
+    node: str
+    host_netns: str | None
+    state_dir: str
+    heartbeat_s: float
+    underlay: str | None
+    underlay_ifname: str | None
+    wg_ifname: str
+    wg_port: int
+    wg_public_key: str | None
+    wg_address: str | None
+    encryption: Support | None
+    dataplane: bool
+    dataplane_reason: str
+    probe_result: ProbeResult | None
+    rec: Any
+    nets: dict[str, NetDesired]
+    eps: dict[str, EpDesired]
+    recorded: dict[str, tuple[str, str]]
+    peers: list[PeerHost]
+    routed: set[str]
+    fetched: bool
+    registered: bool
+    counters: Counters
+    queue: asyncio.Queue[WorkItem]
+    _consumers: list[DurableConsumer]
+    _all: DurableConsumer | None
+    _scope_lock: asyncio.Lock
+    policy: PolicyAgent | None
+    isolation: Support
+    _policy_dirty: asyncio.Event
+    _policy_fetch: bool
+    _policy_lock: asyncio.Lock
+    metrics: NodeMetrics
+
+    if TYPE_CHECKING:
+        async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T: ...
+        async def _fetch(self) -> bool: ...
+        async def _reconcile(self, scope: Scope | None, *, policy_first: bool = False) -> ReconcileResult: ...
+        async def _report(self, result: ReconcileResult, gone: Collection[str] = ()) -> None: ...
+        def _policy_changed(self) -> None: ...
+        def _policy_note(self, event: str, info: Any, *, local: bool) -> bool: ...
+        async def _policy_sync(self, why: str, *, check: bool = True) -> None: ...
+        async def _on_any_endpoint_event(self, msg: Msg) -> None: ...
