@@ -20,7 +20,8 @@ import pytest
 from nats.aio.msg import Msg
 
 from vnet import VNetManager
-from vnet.contracts import subjects
+from vnet.contracts import codec, subjects
+from vnet.contracts import headers as H
 from vnet.contracts.ipam import AddrRelease, ReleaseReply
 from vnet.core import errors as E
 from vnet.runtime import servers
@@ -44,14 +45,23 @@ def _cfg(config: VNetConfig, url: str, **kw: float) -> VNetConfig:
     return msgspec.structs.replace(config, nats_url=url, **kw)
 
 
-async def _stand_in(url: str, swallow: int, seen: list[AddrRelease]) -> nats.NATS:
-    """A service that leaves the first ``swallow`` requests unanswered, then answers."""
+async def _stand_in(url: str, swallow: int, seen: list[AddrRelease], *, skipped: int = 0) -> nats.NATS:
+    """A service that leaves the first ``swallow`` requests unanswered, answers the next
+    ``skipped`` with 504 ``deadline_exceeded`` (taken off its queue too late: not run), then
+    answers."""
     nc = await nats.connect(url)
 
     async def handle(msg: Msg) -> None:
         seen.append(msgspec.json.decode(msg.data, type=AddrRelease))
-        if len(seen) > swallow:
-            await msg.respond(msgspec.json.encode(ReleaseReply(released=["10.0.0.2"])))
+        if len(seen) <= swallow:
+            return
+        if len(seen) <= swallow + skipped:
+            err = E.make(E.DEADLINE_EXCEEDED, "the caller's deadline passed before addr.release started; "
+                         "nothing was done")
+            await nc.publish(msg.reply, codec.error_body(err),
+                             headers={H.ERROR_CODE: str(err.status), H.ERROR: err.message})
+            return
+        await msg.respond(msgspec.json.encode(ReleaseReply(released=["10.0.0.2"])))
 
     await nc.subscribe(SUBJECT, cb=handle)
     await nc.flush()
@@ -69,6 +79,20 @@ async def test_unanswered_mutation_is_sent_again_with_its_request_id(config: VNe
     finally:
         await svc.close()
     assert [r.request_id for r in seen] == ["rq-1"] * 3 and len({msgspec.json.encode(r) for r in seen}) == 1
+
+
+async def test_an_attempt_skipped_for_its_deadline_is_sent_again(config: VNetConfig,
+                                                                 own_nats: servers.ServerProc) -> None:
+    """A 504 ``deadline_exceeded`` says the service did not run the attempt: resent too."""
+    seen: list[AddrRelease] = []
+    svc = await _stand_in(own_nats.url, 0, seen, skipped=2)
+    try:
+        async with VNetManager(_cfg(config, own_nats.url, request_timeout_s=2, mutation_retry_s=20)) as m:
+            assert await m.release_address("n1", "o1", request_id="rq-4") == ["10.0.0.2"]
+            assert m.retries == 2
+    finally:
+        await svc.close()
+    assert [r.request_id for r in seen] == ["rq-4"] * 3
 
 
 async def test_without_request_id_a_timeout_is_the_callers(config: VNetConfig,

@@ -27,9 +27,14 @@ T = TypeVar("T")
 
 
 def _unanswered(err: E.VNetError) -> bool:
-    """No service answered this attempt: the client's own timeout, or no responders (marked by
-    the adapter: nobody serves the subject); a 503 for a dependency carries no such mark."""
-    return err.code == E.TIMEOUT.code or (err.code == E.UNAVAILABLE.code and bool(err.details.get("no_responders")))
+    """This attempt did nothing: the client's own timeout, no responders (marked by the
+    adapter: nobody serves the subject; a 503 for a dependency carries no such mark), or a
+    service's 504 ``deadline_exceeded`` (it took the attempt off its queue after the
+    attempt's deadline and did not run it; on a busy machine that answer can arrive before
+    the client's own timer fires)."""
+    if err.code in (E.TIMEOUT.code, E.DEADLINE_EXCEEDED.code):
+        return True
+    return err.code == E.UNAVAILABLE.code and bool(err.details.get("no_responders"))
 
 
 class ServiceStatus(msgspec.Struct, kw_only=True):
@@ -84,7 +89,8 @@ class ClientBase:
 
         A mutation that carries a ``request_id`` is sent again, with the same id, when an
         attempt gets no answer (the instance holding it may have been SIGKILLed: nobody will
-        ever answer it) or finds no responders (the service is restarting), until
+        ever answer it), finds no responders (the service is restarting) or was skipped for
+        its deadline (504 ``deadline_exceeded``: nothing was done), until
         ``mutation_retry_s`` after the first attempt: the services make a repeat return the
         first result (docs/reliability.md lists the guarantee per mutation). Anything a
         service answered, 503 included, is raised at once: the caller decides.
