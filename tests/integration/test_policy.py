@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from tests.conftest import requires_root
 from vnet import VNetManager
 from vnet.adapters import nats as nats_adapter
-from vnet.adapters.nftables import PolicyAgent
+from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import NetnsCheckReply, NodeRegister, NodeRegistered
 from vnet.core import errors as E

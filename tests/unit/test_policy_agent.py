@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from vnet.adapters import nftables
-from vnet.adapters.nftables import PolicyAgent, SyncResult
+from vnet.adapters import policy_agent
+from vnet.adapters.nftables import SyncResult
+from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts.policy import RulesetReply
 from vnet.core import naming
 from vnet.core.model import IsolationMode
@@ -44,7 +45,7 @@ async def test_an_attach_during_a_fetch_survives_the_older_reply(agent: PolicyAg
     async def first(*a: Any, **kw: Any) -> tuple[RulesetReply, None]:
         return reply(base), None
 
-    monkeypatch.setattr(nftables.nats_adapter, "request", first)
+    monkeypatch.setattr(policy_agent.nats_adapter, "request", first)
     await agent.sync()
     assert agent.target is not None and [p.endpoint for p in agent.target.ports] == ["e0"]
 
@@ -55,7 +56,7 @@ async def test_an_attach_during_a_fetch_survives_the_older_reply(agent: PolicyAg
         await asyncio.sleep(0)
         return reply(base), None
 
-    monkeypatch.setattr(nftables.nats_adapter, "request", slow)
+    monkeypatch.setattr(policy_agent.nats_adapter, "request", slow)
     await agent.sync()
     want = Policy(NETS, [ep(0), ep(1), ep(5, node="other")], RULES).compile("h")
     assert agent.target is not None and agent.target.version() == want.version()

@@ -51,7 +51,7 @@ from vnet.runtime.config import VNetConfig
 
 log = logging.getLogger(__name__)
 
-NFT_STATE = "nft-applied.json"  # NftEnforcer's saved state (vnet.adapters.nftables.PolicyAgent)
+NFT_STATE = "nft-applied.json"  # NftEnforcer's saved state (vnet.adapters.policy_agent.PolicyAgent)
 
 
 def default_state_root(env: Mapping[str, str] | None = None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from vnet.adapters.nats import DurableConsumer
-from vnet.adapters.nftables import PolicyAgent
+from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     PolicyStats,
@@ -25,7 +25,7 @@ from vnet.core import mvpolicy, naming
 from vnet.core.dataplane_model import (
     Support,
 )
-from vnet.svc.node.workstate import CONSUMER_INACTIVE_S, WorkerParts
+from vnet.svc.node.workstate import CONSUMER_INACTIVE_S, CONSUMER_PULL_EXPIRY_S, WorkerParts
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PolicySync(WorkerParts):
                 with contextlib.suppress(Exception):  # one left from an earlier period would replay its backlog
                     await self.rt.js.delete_consumer(subjects.EVENTS_STREAM, name)
                 c = DurableConsumer(self.rt.js, name, subjects.EVT_ENDPOINT.template, deliver_all=False,
-                                    inactive_threshold_s=CONSUMER_INACTIVE_S,
+                                    inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
                                     filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>",
                                                      "vnet.evt.endpoint.updated.>"])
                 await c.start(self._on_any_endpoint_event)

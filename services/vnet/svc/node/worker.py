@@ -20,7 +20,7 @@
              missed event is caught up, and a converged host costs zero kernel writes
     report:  vnet.evt.endpoint.status.<node>.<id> {node, status ready|failed|deleted, reason}, only
              when an endpoint's status differs from what the endpoint service has recorded
-    policy:  the PolicyAgent (vnet.adapters.nftables) keeps this node's ruleset in the kernel
+    policy:  the PolicyAgent (vnet.adapters.policy_agent) keeps this node's ruleset in the kernel
              by element deltas (docs/dataplane.md). Before the first reconcile our tables are
              made to exist (empty: our traffic dropped). An attach or detach of this node is
              computed HERE (Ruleset.with_endpoint, no round trip) and written as ONE element
@@ -74,7 +74,7 @@ from typing import Any, TypeVar
 
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters.nats import DurableConsumer
-from vnet.adapters.nftables import PolicyAgent
+from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DesiredReply,
@@ -105,7 +105,7 @@ from vnet.svc.node.drift import DriftMonitor, NodeMetrics
 from vnet.svc.node.intake import EventIntake
 from vnet.svc.node.policysync import PolicySync
 from vnet.svc.node.registration import Registration
-from vnet.svc.node.workstate import CONSUMER_INACTIVE_S, RETRY_S, Counters, WorkItem, _spans_hosts
+from vnet.svc.node.workstate import CONSUMER_INACTIVE_S, CONSUMER_PULL_EXPIRY_S, RETRY_S, Counters, WorkItem, _spans_hosts
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -233,18 +233,18 @@ class NodeWorker(Registration, EventIntake, PolicySync):
             # that must act, so this grows with what changes here, not with the cluster
             # (docs/scale.md). Rule-set members of other nodes: the -all consumer, when needed.
             DurableConsumer(js, f"vnet-node-{safe}-ep", f"{own}.endpoint.>", deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S, filter_subjects=[f"{own}.endpoint.>"]),
+                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S, filter_subjects=[f"{own}.endpoint.>"]),
             DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S),
+                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
             DurableConsumer(js, f"vnet-node-{safe}-node", subjects.EVT_NODE.template, deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S),
+                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
         ]
         await self._consumers[0].start(self._on_endpoint_event)
         await self._consumers[1].start(self._on_network_event)
         await self._consumers[2].start(self._on_node_event)
         if self.policy is not None:
             pol = DurableConsumer(js, f"vnet-node-{safe}-pol", subjects.EVT_POLICY.template, deliver_all=False,
-                                  inactive_threshold_s=CONSUMER_INACTIVE_S)
+                                  inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S)
             self._consumers.append(pol)
             await pol.start(self._on_policy_event)
             await self._event_scope()

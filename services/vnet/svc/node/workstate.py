@@ -22,7 +22,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanContext
 
 from vnet.adapters.nats import DurableConsumer
-from vnet.adapters.nftables import PolicyAgent
+from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts.endpoint import (
     NodeStats,
 )
@@ -43,6 +43,9 @@ T = TypeVar("T")
 
 RETRY_S = 1.0  # until the desired state has been fetched once
 CONSUMER_INACTIVE_S = 3600.0  # the server drops a node's consumers after this long without it
+# An idle node's consumers pull once per this long, not once a second (a message ends the wait
+# at once; a reconnect re-pulls at once): idle bus traffic per node /30 (docs/scale.md).
+CONSUMER_PULL_EXPIRY_S = 30.0
 
 
 # endpoint: one of this node's endpoints; remote: another node's endpoint in one of this node's
