@@ -37,5 +37,6 @@ def test_the_contracts_cover_every_layer_rule_and_forbid_cycles() -> None:
     assert [c["ancestors"] for c in by_type["acyclic_siblings"]] == [["vnet"]]
     sources = {m for c in by_type["forbidden"] for m in c["source_modules"]}
     assert {"vnet.core", "vnet.contracts", "vnet.adapters", "vnet.runtime", "vnet.api",
-            "vnet.svc.endpoint", "vnet.svc.ipam", "vnet.svc.metrics", "vnet.svc.node.reconcile"} <= sources
+            "vnet.svc.endpoint", "vnet.svc.ipam", "vnet.svc.policy", "vnet.svc.metrics",
+            "vnet.svc.node.reconcile"} <= sources
     assert len({c["name"] for c in contracts}) == len(contracts)

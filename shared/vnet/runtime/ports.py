@@ -31,11 +31,12 @@ from vnet.adapters.ipam_store import (
 )
 from vnet.contracts.endpoint import EndpointInfo, NodeInfo
 from vnet.core.ipam import PoolLayout
+from vnet.core.policy import AllowRule
 
 __all__ = [
     "ENDPOINTS_INDEX", "GC_LOCK", "NETWORKS_INDEX", "POOLS_INDEX", "Allocated", "CommitResult", "EndpointStorePort",
-    "EventConsumer", "IpamRatesPort", "IpamStorePort", "PoolMeta", "Released", "Snapshot", "UpdateResult",
-    "claim_port", "describe_holder", "index_member", "pool_not_found",
+    "EventConsumer", "IpamRatesPort", "IpamStorePort", "PolicyStorePort", "PoolMeta", "Released", "Snapshot",
+    "UpdateResult", "claim_port", "describe_holder", "index_member", "pool_not_found",
 ]
 
 
@@ -118,3 +119,15 @@ class IpamRatesPort(Protocol):
     async def crossings(self, network_id: str, family: int, used: int, capacity: int,
                         levels: Sequence[float] = (0.8, 0.95), *, clear: bool = False) -> list[float]: ...
     async def note(self, network_id: str, family: int, *, now: float, allocs: int = 0, releases: int = 0) -> int: ...
+
+
+class PolicyStorePort(Protocol):
+    """What the policy service calls on :class:`vnet.adapters.policy_store.PolicyStore`."""
+
+    async def rules(self) -> list[AllowRule]: ...
+    async def get(self, ident: str) -> AllowRule | None: ...
+    async def exists(self, ident: str) -> bool: ...
+    async def put(self, rule: AllowRule) -> None: ...
+    async def delete(self, ident: str) -> bool: ...
+    async def reply(self, op: str, request_id: str) -> bytes | None: ...
+    async def put_reply(self, op: str, request_id: str, value: bytes) -> None: ...

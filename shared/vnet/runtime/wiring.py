@@ -16,9 +16,10 @@ from vnet.adapters import ipam_store, redis
 from vnet.adapters.endpoint_store import EndpointStore
 from vnet.adapters.ipam_rates import IpamRates
 from vnet.adapters.nats import DurableConsumer
+from vnet.adapters.policy_store import PolicyStore
 from vnet.contracts import subjects
 from vnet.runtime.config import VNetConfig
-from vnet.runtime.ports import EndpointStorePort, EventConsumer, IpamRatesPort, IpamStorePort
+from vnet.runtime.ports import EndpointStorePort, EventConsumer, IpamRatesPort, IpamStorePort, PolicyStorePort
 
 
 class ServiceAdapters:
@@ -43,6 +44,9 @@ class ServiceAdapters:
 
     def ipam_rates(self) -> IpamRatesPort:
         return IpamRates(self._r())
+
+    def policy_store(self) -> PolicyStorePort:
+        return PolicyStore(self._r())
 
     async def load_ipam_scripts(self) -> None:
         """Load the IPAM Lua scripts once at start (calls go by SHA afterwards)."""

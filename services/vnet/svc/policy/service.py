@@ -34,7 +34,6 @@ from typing import Any
 
 import msgspec
 
-from vnet.adapters.redis import key
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointInfo, EndpointList, EndpointPage
 from vnet.contracts.network import NetworkList, NetworkPage
@@ -60,25 +59,26 @@ from vnet.core import nft, reach
 from vnet.core.model import DriverType
 from vnet.core.mvpolicy import compile_macvlan
 from vnet.core.policy import AllowRule, Policy, Verdict, validate_rule
+from vnet.runtime.ports import PolicyStorePort
 from vnet.runtime.service import Ctx, ServiceDef
 
 log = logging.getLogger(__name__)
 
 SERVICE = ServiceDef("policy", "Isolation modes, allow rules, explain, compiled rulesets")
 
-RULES_KEY = key("policy", "global", "rules")  # vnet:{policy:global}:rules, a hash: rule id -> JSON
-IDEM_PREFIX = key("policy", "global", "idem") + ":"
-IDEM_TTL_S = 24 * 3600
 PAGE = 1000
 
 
-def _redis(ctx: Ctx) -> Any:
-    return ctx.rt.redis
+def _store(ctx: Ctx) -> PolicyStorePort:
+    """The rule store the runtime hands this instance (made on first use, then kept)."""
+    st: PolicyStorePort | None = ctx.rt.state.get("policy_store")
+    if st is None:
+        st = ctx.rt.state["policy_store"] = ctx.rt.adapters.policy_store()
+    return st
 
 
 async def _rules(ctx: Ctx) -> list[AllowRule]:
-    raw: dict[bytes, bytes] = await _redis(ctx).hgetall(RULES_KEY)
-    return sorted((msgspec.json.decode(v, type=AllowRule) for v in raw.values()), key=lambda r: r.id)
+    return await _store(ctx).rules()
 
 
 async def _event(ctx: Ctx, ident: str, payload: Any) -> None:
@@ -91,13 +91,12 @@ async def _event(ctx: Ctx, ident: str, payload: Any) -> None:
 async def _idem(ctx: Ctx, op: str, request_id: str | None) -> bytes | None:
     if not request_id:
         return None
-    got: bytes | None = await _redis(ctx).get(f"{IDEM_PREFIX}{op}:{request_id}")
-    return got
+    return await _store(ctx).reply(op, request_id)
 
 
 async def _idem_put(ctx: Ctx, op: str, request_id: str | None, value: bytes) -> None:
     if request_id:
-        await _redis(ctx).set(f"{IDEM_PREFIX}{op}:{request_id}", value, ex=IDEM_TTL_S)
+        await _store(ctx).put_reply(op, request_id, value)
 
 
 def _rule_reply(rule: AllowRule, *, dry_run: bool, diff: reach.ReachDiff | None) -> RuleReply:
@@ -132,7 +131,7 @@ async def rule_put(ctx: Ctx, req: RulePut) -> RuleReply:
         return msgspec.json.decode(prev, type=RuleReply)
     validate_rule(req.rule)
     diff = await _rule_diff(ctx, req.rule, None, must=False)
-    await _redis(ctx).hset(RULES_KEY, req.rule.id.encode(), msgspec.json.encode(req.rule))
+    await _store(ctx).put(req.rule)
     reply = _rule_reply(req.rule, dry_run=False, diff=diff)
     await _idem_put(ctx, "put", req.request_id, msgspec.json.encode(reply))
     await _event(ctx, req.rule.id, reply)
@@ -141,10 +140,10 @@ async def rule_put(ctx: Ctx, req: RulePut) -> RuleReply:
 
 @SERVICE.op("rule.get", subjects.POLICY_RULE_GET, RuleGet)
 async def rule_get(ctx: Ctx, req: RuleGet) -> AllowRule:
-    raw: bytes | None = await _redis(ctx).hget(RULES_KEY, req.id.encode())
-    if raw is None:
+    rule = await _store(ctx).get(req.id)
+    if rule is None:
         raise E.make(E.RULE_NOT_FOUND, f"no allow rule has id {req.id!r}; `vnetctl policy ls` lists them", rule=req.id)
-    return msgspec.json.decode(raw, type=AllowRule)
+    return rule
 
 
 @SERVICE.op("rule.list", subjects.POLICY_RULE_LIST, RuleList,
@@ -161,15 +160,15 @@ async def rule_list(ctx: Ctx, req: RuleList) -> RulePage:
 @SERVICE.op("rule.delete", subjects.POLICY_RULE_DELETE, RuleDelete)
 async def rule_delete(ctx: Ctx, req: RuleDelete) -> RuleDeleted:
     if req.dry_run:
-        there = bool(await _redis(ctx).hexists(RULES_KEY, req.id.encode()))
+        there = await _store(ctx).exists(req.id)
         diff = await _rule_diff(ctx, None, req.id, must=True) if there else reach.ReachDiff()
         return RuleDeleted(id=req.id, deleted=there, dry_run=True, reach=diff)
     prev = await _idem(ctx, "delete", req.request_id)
     if prev is not None:
         return msgspec.json.decode(prev, type=RuleDeleted)
-    there = bool(await _redis(ctx).hexists(RULES_KEY, req.id.encode()))
+    there = await _store(ctx).exists(req.id)
     diff = await _rule_diff(ctx, None, req.id, must=False) if there else None
-    n = await _redis(ctx).hdel(RULES_KEY, req.id.encode())
+    n = await _store(ctx).delete(req.id)
     out = RuleDeleted(id=req.id, deleted=bool(n), reach=diff if n else None)
     await _idem_put(ctx, "delete", req.request_id, msgspec.json.encode(out))
     if n:
