@@ -297,6 +297,8 @@ async def ensure_events_stream(js: JetStreamContext, replicas: int = 1, *, timeo
 # cluster died: the client reconnects to another and the stream elects a new leader, which
 # takes a second or two). Callers publish after committing, so giving up loses the event.
 PUBLISH_RETRY_S = 10.0
+# How often a long pull looks whether the client reconnected (a local counter, no traffic).
+_RECONNECT_WATCH_S = 1.0
 # One attempt waits this long for the stream's ack: a publish written to a connection that
 # was dying is lost with it and only a timeout says so; a second copy is harmless (dedup).
 PUBLISH_ATTEMPT_S = 2.0
@@ -342,12 +344,19 @@ class DurableConsumer:
     ``nak_delay_s`` (at most ``max_deliver`` deliveries); one that hangs past ``ack_wait_s`` gets it
     back too. ``inactive_threshold_s`` lets the server delete the consumer once nobody pulled for
     that long (for per-instance consumers that would otherwise outlive their process).
+
+    ``pull_expiry_s``: how long one pull request waits on the server for a message. A message
+    ends the wait at once, so this only sets what an idle consumer costs: a request and an
+    expiry on the bus per period (1 s: two messages a second per consumer, the idle traffic
+    of a large fleet, docs/scale.md). A long pull dies with the server it was sent to, so
+    past 1 s the consumer watches the client's reconnect count (local, no traffic) and pulls
+    again at once after a reconnect.
     """
 
     def __init__(self, js: JetStreamContext, durable: str, filter_subject: str = subjects.EVENTS_WILDCARD,
                  *, deliver_all: bool = True, ack_wait_s: float = 30.0, max_deliver: int = 10,
                  nak_delay_s: float = 1.0, inactive_threshold_s: float | None = None,
-                 filter_subjects: list[str] | None = None) -> None:
+                 filter_subjects: list[str] | None = None, pull_expiry_s: float = 1.0) -> None:
         self.js = js
         self.durable = durable
         self.filter_subject = filter_subject
@@ -359,6 +368,10 @@ class DurableConsumer:
         self.max_deliver = max_deliver
         self.nak_delay_s = nak_delay_s
         self.inactive_threshold_s = inactive_threshold_s
+        self.pull_expiry_s = pull_expiry_s
+        self.pulls = 0  # pull requests sent (what an idle consumer costs: tests, the scale bench)
+        self._busy = False  # the last pull brought messages: pull batches with a short expiry
+        self.waiting_long = False  # a long pull is out (idle)
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stop = asyncio.Event()
@@ -394,7 +407,7 @@ class DurableConsumer:
         async def loop() -> None:
             while not self._stop.is_set():
                 try:
-                    msgs = await sub.fetch(batch, timeout=1.0)
+                    msgs = await self._pull(sub, batch)
                 except NatsTimeout:
                     continue
                 except asyncio.CancelledError:
@@ -424,6 +437,40 @@ class DurableConsumer:
                     await settle(m, ok)
 
         self._task = asyncio.create_task(loop(), name=f"consumer-{self.durable}")
+
+    async def _pull(self, sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
+        """One pull request. Busy (the last pull brought messages): batches with a 1 s expiry, as
+        before. Idle: ONE message with the long expiry (nats-py returns a batch only once it is
+        full or its request expired, so a long batch would hold the first message back), then
+        busy again. A long pull is abandoned (and the loop pulls again) when the client
+        reconnected meanwhile: the server it was sent to may be gone, and with it the request."""
+        self.pulls += 1
+        nc = getattr(self.js, "_nc", None)
+        if self.pull_expiry_s <= _RECONNECT_WATCH_S or nc is None or self._busy:
+            try:
+                msgs = await sub.fetch(batch, timeout=min(self.pull_expiry_s, _RECONNECT_WATCH_S))
+            except NatsTimeout:
+                self._busy = False  # nothing came for a second: wait with one long pull
+                raise
+            return msgs
+        seen = nc.stats["reconnects"]
+        task = asyncio.ensure_future(sub.fetch(1, timeout=self.pull_expiry_s))
+        self.waiting_long = True
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_RECONNECT_WATCH_S)
+                if done:
+                    msgs = task.result()
+                    self._busy = True
+                    return msgs
+                if nc.stats["reconnects"] != seen:
+                    log.debug("consumer %s: the client reconnected: pulling again", self.durable)
+                    raise NatsTimeout
+        finally:
+            self.waiting_long = False
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _drop_if_filters_changed(self) -> None:
         """A durable made by an older version with other filters would be bound as it is (the

@@ -105,7 +105,14 @@ from vnet.svc.node.drift import DriftMonitor, NodeMetrics
 from vnet.svc.node.intake import EventIntake
 from vnet.svc.node.policysync import PolicySync
 from vnet.svc.node.registration import Registration
-from vnet.svc.node.workstate import CONSUMER_INACTIVE_S, CONSUMER_PULL_EXPIRY_S, RETRY_S, Counters, WorkItem, _spans_hosts
+from vnet.svc.node.workstate import (
+    CONSUMER_INACTIVE_S,
+    CONSUMER_PULL_EXPIRY_S,
+    RETRY_S,
+    Counters,
+    WorkItem,
+    _spans_hosts,
+)
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -233,7 +240,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
             # that must act, so this grows with what changes here, not with the cluster
             # (docs/scale.md). Rule-set members of other nodes: the -all consumer, when needed.
             DurableConsumer(js, f"vnet-node-{safe}-ep", f"{own}.endpoint.>", deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S, filter_subjects=[f"{own}.endpoint.>"]),
+                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
+                            filter_subjects=[f"{own}.endpoint.>"]),
             DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
                             inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
             DurableConsumer(js, f"vnet-node-{safe}-node", subjects.EVT_NODE.template, deliver_all=False,
