@@ -54,7 +54,10 @@ class Procs:
         log.touch()
         before = log.read_text(errors="replace").count(READY.get(service, READY_DEFAULT))
         with open(log, "ab") as fh:
-            p = subprocess.Popen(argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # With the death signal from the main thread only (servers._death_hook): a test
+            # killed without its teardown leaves no service behind.
+            p = subprocess.Popen(argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 preexec_fn=servers._death_hook())
         self.running[name] = p
         self.all.append(p)
         return before

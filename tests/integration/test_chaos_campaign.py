@@ -5,9 +5,10 @@ policy and metrics services (``vnet.runtime.launcher``) and a node worker (``vne
 --simulate 1``: the real control loop, recording data plane). Creates of every kind run at
 once — networks (each makes its IPAM pool), endpoints on the node (``wait``: answered once
 the node reports them ready), addresses (``ipam.addr.request``) and policy rules — each with
-its own ``request_id``. During them the faults strike, one after another: SIGKILL of each
-service and of the node worker (started again 0.5 s later), valkey SIGKILL and SIGSTOP (3 s),
-NATS SIGKILL (each restarted on its port).
+its own ``request_id``. During them the faults strike, one after another (the first once
+10 % of the creates are done, the last at about 80 %): SIGKILL of each service and of the
+node worker (started again 0.5 s later), valkey SIGKILL and SIGSTOP (3 s), NATS SIGKILL
+(each restarted on its port). How many creates of each kind were in flight is printed.
 
 The callers do what docs/reliability.md tells a caller to do: a 503 is retried with the same
 ``request_id``; "no answer" is the client's business (``VNetManager`` resends a mutation with
@@ -65,9 +66,11 @@ class Campaign:
                                                                           for k in KINDS})
     unanswered: list[str] = field(default_factory=list)
     fault_log: list[str] = field(default_factory=list)
+    inflight: collections.Counter[str] = field(default_factory=collections.Counter)
 
     async def fault(self, what: str) -> None:
         t0 = time.monotonic()
+        held = ", ".join(f"{k} {self.inflight[k]}" for k in KINDS)
         if what in SERVICES or what == "node":
             self.ps.kill(what)
             await asyncio.sleep(0.5)  # requests meet nobody for a while
@@ -90,7 +93,7 @@ class Campaign:
             self.own.nats.proc.wait()
             await asyncio.sleep(0.5)
             self.own.restart_nats()
-        self.fault_log.append(f"{what} ({time.monotonic() - t0:.1f}s)")
+        self.fault_log.append(f"{what} ({time.monotonic() - t0:.1f}s; in flight then: {held})")
 
 
 @pytest.fixture
@@ -139,30 +142,39 @@ async def _run(c: Campaign, faults: tuple[str, ...]) -> None:
             return lambda: _id(m.put_rule(_rule(i), request_id=rq))
 
         async def create(kind: str, i: int) -> None:
-            nonlocal done
             call = op(kind, i)
             async with sem:
-                while True:
-                    try:
-                        ident = await call()
-                    except E.VNetError as err:
-                        if err.code == E.TIMEOUT.code or (err.code == E.UNAVAILABLE.code
-                                                          and err.details.get("no_responders")):
-                            # the client's retries ran out: this request was left without an answer
-                            c.unanswered.append(f"{kind} {i}: {err}")
-                            return
-                        c.answers[f"{kind} {err.status} {err.code}"] += 1
-                        if err.code != E.UNAVAILABLE.code:
-                            raise
-                        await asyncio.sleep(0.1)
-                        continue
-                    c.answers[f"{kind} ok"] += 1
-                    c.got[kind][i].add(ident)
-                    done += 1
-                    for k, ev in enumerate(marks):
-                        if done >= CREATES * (k + 1) // (len(faults) + 1):
-                            ev.set()
-                    return
+                c.inflight[kind] += 1
+                try:
+                    await attempt(kind, i, call)
+                finally:
+                    c.inflight[kind] -= 1
+
+        async def attempt(kind: str, i: int, call: Callable[[], Awaitable[str]]) -> None:
+            nonlocal done
+            while True:
+                try:
+                    ident = await call()
+                except E.VNetError as err:
+                    if err.code == E.TIMEOUT.code or (err.code == E.UNAVAILABLE.code
+                                                      and err.details.get("no_responders")):
+                        # the client's retries ran out: this request was left without an answer
+                        c.unanswered.append(f"{kind} {i}: {err}")
+                        return
+                    c.answers[f"{kind} {err.status} {err.code}"] += 1
+                    if err.code != E.UNAVAILABLE.code:
+                        raise
+                    await asyncio.sleep(0.1)
+                    continue
+                c.answers[f"{kind} ok"] += 1
+                c.got[kind][i].add(ident)
+                done += 1
+                for k, ev in enumerate(marks):
+                    # spread over 10 %..~80 % of the run: the first strikes while nearly
+                    # all of every kind is still in flight
+                    if done >= CREATES * (10 + 80 * k // len(faults)) // 100:
+                        ev.set()
+                return
 
         async def chaos() -> None:
             for what, ev in zip(faults, marks, strict=True):
