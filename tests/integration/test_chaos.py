@@ -1,12 +1,13 @@
-"""Reduced chaos run (marker ``chaos``): services SIGKILLed during in-flight creates.
+"""Chaos with replicas (marker ``chaos``; by hand, with the full campaign: VNET_CHAOS_FULL=1).
 
 Real service processes (the launcher, as the stack runs them) on the session's servers:
 one ipam and two network replicas. While 400 network creates run 100 at a time, one
 network replica and then the ipam service are SIGKILLed and started again. Callers retry
-what gets no answer or a 503 with the same request_id, as docs/service-pattern.md says.
-Asserted: every create lands exactly once (0 lost, 0 duplicated), no answer is a 5xx
-other than 503, and ``ipam check`` is clean afterwards. The full campaign (every
-service, Redis and NATS faults, 1,000 in flight) is run by hand; see docs/reliability.md.
+a 503 with the same request_id, as docs/service-pattern.md says; "no answer" is the
+client's to resend. Asserted: every create answered and landed exactly once (0 lost, 0
+duplicated), no answer is a 5xx other than 503, and ``ipam check`` is clean afterwards.
+The second test does the same under valkey and NATS faults. CI's reduced run is
+test_chaos_campaign.py (every service, Redis and NATS); see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ from vnet import VNetManager
 from vnet.core import errors as E
 from vnet.runtime.config import VNetConfig
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
+# Part of the full campaign, by hand (VNET_CHAOS_FULL=1): CI's reduced run is
+# test_chaos_campaign.py, which covers the same faults (one instance per service) in less time.
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120),
+              pytest.mark.skipif(os.environ.get("VNET_CHAOS_FULL", "") in ("", "0"),
+                                 reason="the full chaos campaign runs by hand: VNET_CHAOS_FULL=1")]
 
 CREATES = 400
 IN_FLIGHT = 100
