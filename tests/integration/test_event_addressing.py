@@ -12,6 +12,7 @@ connected to O1; F holds nothing until the end. An event of a bridge endpoint re
 its node; one of O1 reaches C, D and E (E routes to O1), never A, B or F; a label update
 only the endpoint's node. The last step creates an endpoint on F and waits for F to see it:
 F's consumer delivers in stream order, so anything misaddressed to F would be there before.
+Then D leaves: only the nodes still sharing an overlay with it (E) get a copy of node.left.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import pytest
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 
@@ -28,7 +30,7 @@ from tests.conftest import fresh_db_config
 from vnet.client import VNetManager
 from vnet.contracts import subjects
 from vnet.runtime.config import VNetConfig
-from vnet.svc.node.simulate import SimulatedFleet, node_names
+from vnet.svc.node.simulate import SimulatedFleet, SimulatedNodeWorker, node_names
 
 SERVICES = ("ipam", "network", "endpoint", "policy")
 DEADLINE_S = 60.0
@@ -44,7 +46,8 @@ async def _until(pred: Callable[[], bool], what: str, timeout: float = DEADLINE_
 
 
 async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
-        config: VNetConfig, run_prefix: str, start_service: Callable[..., Awaitable[Any]]) -> None:
+        config: VNetConfig, run_prefix: str, start_service: Callable[..., Awaitable[Any]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = fresh_db_config(config)
     r = aioredis.Redis.from_url(cfg.redis_url)
     await r.flushdb()
@@ -52,9 +55,17 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
         await start_service(name, cfg=cfg)
     names = node_names(f"{run_prefix}-addr", 6)
     a, b, c, d, e, f = names
+    seen: dict[str, list[tuple[str, str]]] = {n: [] for n in names}  # node -> (subject, endpoint id)
+    node_seen: dict[str, list[str]] = {n: [] for n in names}  # node -> membership event subjects
+    orig_node = SimulatedNodeWorker._on_node_event
+
+    async def record_node(self: SimulatedNodeWorker, msg: Msg) -> None:  # the consumer binds it at start
+        node_seen[self.node].append(msg.subject)
+        await orig_node(self, msg)
+
+    monkeypatch.setattr(SimulatedNodeWorker, "_on_node_event", record_node)
     fleet = SimulatedFleet(cfg, names)
     await fleet.start()
-    seen: dict[str, list[tuple[str, str]]] = {n: [] for n in names}  # node -> (subject, endpoint id)
     for w in fleet.workers():
         orig = w._endpoint_event
 
@@ -70,6 +81,12 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
         broadcast.append(msg.subject.rsplit(".", 1)[-1])
 
     sub = await nc.subscribe("vnet.evt.endpoint.created.*", cb=on_created)
+    copies: list[str] = []
+
+    async def on_copy(msg: Msg) -> None:
+        copies.append(msg.subject)
+
+    sub2 = await nc.subscribe("vnet.evt.to.*.node.>", cb=on_copy)
     m = VNetManager(cfg)
     await m.__aenter__()
     try:
@@ -127,8 +144,23 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
         assert upd == [a], upd
         # the domain subject still carries every create (DNS, metrics, the policy service, watchers)
         await _until(lambda: {ea, eb, ec, ed, ee, ef} <= set(broadcast), "every create on vnet.evt.endpoint")
+
+        # Membership: D leaves (a graceful stop's deregistration). Its peers are the nodes sharing
+        # an overlay with it: E (O2, connected to O1); C no longer holds anything in O1.
+        for w in fleet.workers():
+            info = await w.rt.js.consumer_info(subjects.EVENTS_STREAM, f"vnet-node-{w.node}-node")
+            assert info.config.filter_subjects == [f"vnet.evt.to.{w.node}.node.>"], info.config
+        wd = next(w for w in fleet.workers() if w.node == d)
+        await wd._deregister()
+        left = f"vnet.evt.to.{e}.node.left.{d}"
+        await _until(lambda: left in node_seen[e], "D's departure at E")
+        await nc.flush()
+        assert sorted({s.split(".")[3] for s in copies if f".node.left.{d}" in s}) == [e], copies
+        assert all(s.startswith(f"vnet.evt.to.{n}.node.") for n in names for s in node_seen[n]), node_seen
+        assert not any(f".left.{d}" in s for n in (a, b, c, f) for s in node_seen[n]), node_seen
     finally:
         await sub.unsubscribe()
+        await sub2.unsubscribe()
         await nc.close()
         await m.close()
         await fleet.stop()

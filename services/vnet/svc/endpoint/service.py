@@ -309,12 +309,35 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
 
 
 async def _membership(rt: Runtime, event: str, body: NodeMembership) -> None:
-    """``vnet.evt.node.<event>.<node>``; replicas publishing the same change are deduplicated
-    by the stream (same message id)."""
+    """``vnet.evt.node.<event>.<node>``, and a copy to each node sharing an overlay with it
+    (``vnet.evt.to.<other>.node.<event>.<node>``: their remotes and peers change; the others'
+    do not, and a node with no endpoint yet, a first join, concerns nobody); replicas
+    publishing the same change are deduplicated by the stream (same message ids)."""
+    msg_id = f"node.{event}.{body.node}.{body.last_seen}"
     try:
-        await rt.publish_event("node", event, body.node, body, msg_id=f"node.{event}.{body.node}.{body.last_seen}")
+        await rt.publish_event("node", event, body.node, body, msg_id=msg_id)
+        ctx = Ctx(rt, subjects.EVT_NODE_TO_NODE.template, subjects.EVT_NODE_TO_NODE.template, {}, {}, None)
+        others = sorted(await _overlay_peers(ctx, body.node))
+        res = await asyncio.gather(*(rt.publish_event("node", event, body.node, body, msg_id=f"{msg_id}.to.{n}",
+                                                      to=subjects.EVT_NODE_TO_NODE, node=n) for n in others),
+                                   return_exceptions=True)
+        for r in res:
+            if isinstance(r, BaseException):
+                raise r
     except Exception as exc:  # the workers' next full resync covers it
         log.warning("could not publish node %s %s: %s", body.node, event, exc)
+
+
+async def _overlay_peers(ctx: Ctx, node: str) -> set[str]:
+    """The other nodes holding an endpoint of an overlay (or of a network related to one) that
+    ``node`` has an endpoint in."""
+    store = _store(ctx)
+    nets = {e.network_id for e in await store.get_many(await store.ids_of_node(node))
+            if e is not None and core_drivers.get(e.driver).spans_hosts}
+    related: set[str] = set()
+    for nid in sorted(nets):
+        related |= await _related(ctx, nid)
+    return await _hosts_of(store, related) - {node} if related else set()
 
 
 async def _on_deregister(rt: Runtime, msg: Msg) -> None:

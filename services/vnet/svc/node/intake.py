@@ -156,6 +156,8 @@ class EventIntake(WorkerParts):
     async def _on_node_event(self, msg: Msg) -> None:
         """Another node left or (re)joined: re-fetch the remotes and peers of our overlays now."""
         parts = msg.subject.split(".")
+        if len(parts) > 2 and parts[2] == "to":  # vnet.evt.to.<us>.node.<event>.<node>
+            parts = parts[:2] + parts[4:]
         if len(parts) < 5 or parts[3] not in ("left", "joined") or parts[4] == self.node:
             return
         for nid in sorted(n.id for n in self.nets.values() if _spans_hosts(n.driver)):

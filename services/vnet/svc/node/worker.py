@@ -244,8 +244,11 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                             filter_subjects=[f"{own}.endpoint.>"]),
             DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
                             inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
-            DurableConsumer(js, f"vnet-node-{safe}-node", subjects.EVT_NODE.template, deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
+            # Joins and departures of the nodes sharing an overlay with this one (addressed too:
+            # every node hearing every join made starting N nodes cost N^2/2 deliveries)
+            DurableConsumer(js, f"vnet-node-{safe}-node", f"{own}.node.>", deliver_all=False,
+                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
+                            filter_subjects=[f"{own}.node.>"]),
         ]
         await self._consumers[0].start(self._on_endpoint_event)
         await self._consumers[1].start(self._on_network_event)
