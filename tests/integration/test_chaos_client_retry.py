@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from vnet import VNetManager
@@ -45,7 +46,7 @@ def _cfg(config: VNetConfig, url: str, **kw: float) -> VNetConfig:
     return msgspec.structs.replace(config, nats_url=url, **kw)
 
 
-async def _stand_in(url: str, swallow: int, seen: list[AddrRelease], *, skipped: int = 0) -> nats.NATS:
+async def _stand_in(url: str, swallow: int, seen: list[AddrRelease], *, skipped: int = 0) -> Client:
     """A service that leaves the first ``swallow`` requests unanswered, answers the next
     ``skipped`` with 504 ``deadline_exceeded`` (taken off its queue too late: not run), then
     answers."""
