@@ -148,9 +148,17 @@ class EndpointAPI(ClientBase):
 
     # -- nodes --------------------------------------------------------------------------------
     async def nodes(self, *, include_gone: bool = False) -> list[NodeInfo]:
-        """Registered node workers: drivers their kernel supports, last heartbeat, endpoint counts."""
-        rep = await self.call(subjects.ENDPOINT_NODE_LIST, NodeListRequest(include_gone=include_gone), NodeList)
-        return rep.nodes
+        """Registered node workers: drivers their kernel supports, last heartbeat, endpoint counts
+        (every page of ``endpoint.node.list``, in node id order)."""
+        out: list[NodeInfo] = []
+        cursor: str | None = None
+        while True:
+            rep = await self.call(subjects.ENDPOINT_NODE_LIST, NodeListRequest(include_gone=include_gone,
+                                                                                cursor=cursor), NodeList)
+            out += rep.nodes
+            if rep.next_cursor is None:
+                return out
+            cursor = rep.next_cursor
 
     async def node_desired(self, node: str) -> DesiredReply:
         """What the endpoint service wants node ``node`` to have (for debugging): every page, merged."""

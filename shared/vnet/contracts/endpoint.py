@@ -359,12 +359,21 @@ class NodeMembership(msgspec.Struct, kw_only=True):
     last_seen: float = 0.0  # its last heartbeat (seconds since the epoch)
 
 
+NodeListLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+
 class NodeListRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The registered nodes in id order, ``limit`` per reply, after ``cursor`` (the previous
+    reply's ``next_cursor``): at 1,000 nodes one unpaged reply was ~1 MB (docs/scale.md)."""
+
     include_gone: bool = False  # also nodes whose heartbeat stopped (kept a day)
+    limit: NodeListLimit = 200
+    cursor: NodeId | None = None
 
 
 class NodeList(msgspec.Struct, kw_only=True):
     nodes: list[NodeInfo]
+    next_cursor: str | None = None  # more nodes after this page: ask again with it as ``cursor``
 
 
 DesiredLimit = Annotated[int, msgspec.Meta(ge=1, le=2000)]

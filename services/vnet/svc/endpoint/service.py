@@ -383,7 +383,12 @@ async def _watch_nodes(rt: Runtime) -> None:
 @SERVICE.op("node.list", subjects.ENDPOINT_NODE_LIST, NodeListRequest)
 async def node_list(ctx: Ctx, req: NodeListRequest) -> NodeList:
     """The registered node workers: capabilities, last heartbeat, endpoint counts."""
-    return NodeList(nodes=await _store(ctx).nodes(include_gone=req.include_gone))
+    # Paged in node id order (the store still reads every node; the reply stays bounded).
+    nodes = sorted(await _store(ctx).nodes(include_gone=req.include_gone), key=lambda n: n.node)
+    start = bisect.bisect_right([n.node for n in nodes], req.cursor) if req.cursor else 0
+    page = nodes[start:start + req.limit]
+    more = start + req.limit < len(nodes)
+    return NodeList(nodes=page, next_cursor=page[-1].node if more and page else None)
 
 
 @SERVICE.op("desired.get", subjects.ENDPOINT_DESIRED, DesiredRequest,
