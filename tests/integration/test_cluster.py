@@ -255,7 +255,16 @@ async def test_a_service_configured_with_events_replicas_makes_the_stream_replic
         nc = await nats_adapter.connect(one, "test-events-replicas")
         try:
             js = nc.jetstream()
-            assert await nats_adapter.ensure_events_stream(js) == 1  # as a single server makes it
+            for attempt in range(60):  # until the new cluster has elected its JetStream meta leader
+                try:
+                    assert await nats_adapter.ensure_events_stream(js) == 1  # as a single server makes it
+                    break
+                except AssertionError:
+                    raise
+                except Exception:
+                    if attempt == 59:
+                        raise
+                    await asyncio.sleep(0.5)
             cfg = msgspec.structs.replace(fresh_db_config(config), nats_url=cl.url, events_replicas=3)
             await start_service("ipam", cfg=cfg)
             assert (await js.stream_info(subjects.EVENTS_STREAM)).config.num_replicas == 3
