@@ -110,16 +110,22 @@ def instrument() -> None:
             SPANS.append((t, time.perf_counter(), f"Redis {args[0]}"))
 
     aioredis.Redis.execute_command = command  # type: ignore[method-assign]
-    from vnet.svc.endpoint import service as eps
+    from vnet.svc.endpoint import create as ep_create
+    from vnet.svc.endpoint import events as ep_events
+    from vnet.svc.endpoint import runtime_ops as ep_runtime
     from vnet.svc.node import cni, worker
 
-    for owner, attr in ((cni.CniServer, "handle"), (cni.CniServer, "_detach"), (eps, "create"), (eps, "remove"),
-                        (eps, "_commit"), (eps, "_allocate"), (eps, "_check_netns_on_node"), (eps, "_wait_status"),
-                        (eps._StatusWaiter, "start"), (eps._StatusWaiter, "_cb"),
+    # Each function is wrapped where its caller looks it up (the CNI path: runtime_ops calls
+    # create and remove, create calls the rest); the endpoint service's phases keep their names.
+    for owner, attr in ((cni.CniServer, "handle"), (cni.CniServer, "_detach"), (ep_runtime, "create"),
+                        (ep_runtime, "remove"), (ep_create, "_commit"), (ep_create, "_allocate"),
+                        (ep_create, "_check_netns_on_node"), (ep_create, "_wait_status"),
+                        (ep_events._StatusWaiter, "start"), (ep_events._StatusWaiter, "_cb"),
                         (worker.NodeWorker, "_on_endpoint_event"), (worker.NodeWorker, "_handle_events"),
                         (worker.NodeWorker, "_reconcile"), (worker.NodeWorker, "_report")):
         name = getattr(owner, "__name__", "")
-        _timed(owner, attr, f"{name.rsplit('.', 1)[-1]}.{attr.lstrip('_')}")
+        label = "service" if name.startswith("vnet.svc.endpoint.") else name.rsplit(".", 1)[-1]
+        _timed(owner, attr, f"{label}.{attr.lstrip('_')}")
 
 
 def report(title: str, runs: list[list[Span]], counts: collections.Counter[str], walls: list[float]) -> None:

@@ -1,0 +1,176 @@
+"""Endpoint events: the node-addressed copies (docs/scale.md) and the statuses node workers report
+(folded into the records; a waiting request listens too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from vnet.contracts import subjects
+from vnet.contracts.endpoint import (
+    EndpointInfo,
+    EndpointStatusEvent,
+)
+from vnet.contracts.network import MeshGroup, MeshRef, NetworkRef
+from vnet.core import drivers as core_drivers
+from vnet.core import errors as E
+from vnet.core.model import VirtualNetwork
+from vnet.runtime.ports import EndpointStorePort as EndpointStore
+from vnet.runtime.service import Ctx, Runtime
+from vnet.svc.endpoint.common import WAIT_POLL_S, _iso_us, _now, _store
+
+log = logging.getLogger(__name__)
+
+
+# --- node-addressed event copies (docs/scale.md) -----------------------------------------------
+
+
+async def _related(ctx: Ctx, network_id: str, net: VirtualNetwork | None = None) -> set[str]:
+    """The network and those related to it (connected, parent/children, a shared mesh group):
+    the hosts of either route to the other (:func:`_routed_overlays`)."""
+    if net is None:
+        try:
+            net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=network_id), VirtualNetwork)
+        except E.VNetError as err:  # gone (its endpoints being removed): its own hosts still hear
+            log.debug("event addressing: network %s unknown: %s", network_id, err.message)
+            return {network_id}
+    out = {network_id, *net.connected, *net.children, *({net.parent} if net.parent else set())}
+    for g in net.mesh_groups:
+        try:
+            out |= set((await ctx.request(subjects.NETWORK_MESH_GET, MeshRef(mesh=g), MeshGroup)).members)
+        except E.VNetError as err:
+            log.debug("event addressing: mesh group %s unknown: %s", g, err.message)
+    return out
+
+
+async def _hosts_of(store: EndpointStore, network_ids: set[str]) -> set[str]:
+    """The nodes holding an endpoint of any of these networks."""
+    ids = [i for nid in sorted(network_ids) for i in await store.of_network(nid)]
+    return {e.node for e in await store.get_many(ids) if e is not None}
+
+
+async def event_nodes(ctx: Ctx, event: str, info: EndpointInfo, net: VirtualNetwork | None = None) -> set[str]:
+    """The nodes that must act on an event of endpoint ``info``: its own node and, for a
+    network spanning hosts (overlay), every node with an endpoint of it or of a related
+    network (their remotes and peers). ``updated`` (labels, published ports) concerns the
+    endpoint's node only: on the others it changes nothing but rule sets, which a node whose
+    rules select endpoints takes from every endpoint event (its ``-all`` consumer)."""
+    nodes = {info.node}
+    if event != "updated" and core_drivers.get(info.driver).spans_hosts:
+        nodes |= await _hosts_of(_store(ctx), await _related(ctx, info.network_id, net))
+    return nodes
+
+
+async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payload: Any, *, msg_id: str,
+                                  net: VirtualNetwork | None = None) -> None:
+    """The event on ``vnet.evt.endpoint.<event>.<id>`` (every service and watcher) and a copy
+    addressed to each node that must act on it (``vnet.evt.to.<node>.endpoint.<event>.<id>``,
+    :func:`event_nodes`): a node worker consumes only its own, so what it receives grows with
+    what changes on it, not with the cluster. Published together; the first failure raises
+    (the node's next full resync covers a copy that did not land)."""
+    nodes = sorted(await event_nodes(ctx, event, info, net))
+    res = await asyncio.gather(
+        ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id),
+        *(ctx.publish_event("endpoint", event, info.id, payload, msg_id=f"{msg_id}.to.{n}",
+                            to=subjects.EVT_ENDPOINT_TO_NODE, node=n) for n in nodes),
+        return_exceptions=True)
+    for r in res:
+        if isinstance(r, BaseException):
+            raise r
+
+
+# --- create ---------------------------------------------------------------------------------------
+
+
+def status_event(msg: Msg) -> EndpointStatusEvent | None:
+    """The status report in ``msg`` if it may be believed, else None (logged).
+
+    ``vnet.evt.endpoint.status.<node>.<id>``: the bus lets only node ``<node>`` publish there
+    (vnet.contracts.permissions), so the body must name that node and that endpoint; the
+    store then folds it in only if the endpoint lives on that node and the version is newer.
+    """
+    try:
+        ev = msgspec.json.decode(msg.data, type=EndpointStatusEvent)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("ignoring a malformed status event on %s: %s", msg.subject, exc)
+        return None
+    parts = msg.subject.split(".")
+    if len(parts) != 6 or parts[4] != ev.node or parts[5] != ev.endpoint_id:
+        log.warning("ignoring a status event for endpoint %s from node %s sent on %s", ev.endpoint_id, ev.node,
+                    msg.subject)
+        return None
+    return ev
+
+
+class _StatusWaiter:
+    """Listens on ``vnet.evt.endpoint.status.<node>.<id>`` of the endpoint's own node (core
+    NATS sees JetStream publishes too)."""
+
+    def __init__(self, rt: Runtime, ident: str, wanted: frozenset[str]) -> None:
+        self.rt = rt
+        self.ident = ident
+        self.wanted = wanted
+        self.got: asyncio.Future[EndpointStatusEvent] = asyncio.get_running_loop().create_future()
+        self.sub: Subscription | None = None
+        self.node: str | None = None
+
+    async def start(self) -> None:
+        info = await _store(self.rt).get(self.ident)
+        if info is None:  # nothing to wait for: the caller's poll of the record sees that
+            return
+        self.node = info.node
+        self.sub = await self.rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.format(node=info.node, id=self.ident),
+                                              cb=self._cb)
+
+    async def _cb(self, msg: Msg) -> None:
+        ev = status_event(msg)
+        if ev is None or ev.node != self.node:
+            return
+        if ev.status in self.wanted and not self.got.done():
+            self.got.set_result(ev)
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            try:
+                await self.sub.unsubscribe()
+            except Exception:
+                pass
+            self.sub = None
+
+
+async def _wait_status(ctx: Ctx, info: EndpointInfo | None, waiter: _StatusWaiter,
+                       timeout: float) -> EndpointInfo | None:
+    """Until the node reported ready/failed (folded into the record) or ``timeout``; the record
+    (``info`` is the record as last read; it is read again every ``WAIT_POLL_S``)."""
+    store = _store(ctx)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if info is None or info.status != "pending":
+            return info
+        left = deadline - loop.time()
+        if left <= 0:
+            return info
+        try:
+            ev = await asyncio.wait_for(asyncio.shield(waiter.got), min(left, WAIT_POLL_S))
+        except TimeoutError:
+            info = await store.get(info.id)
+            continue
+        if await _apply_status(store, ev) == "ok":
+            at = _iso_us(ev.version) if ev.version else _now()
+            return msgspec.structs.replace(info, status=ev.status, reason=ev.reason,
+                                           status_code=ev.code, status_at=at)
+        return await store.get(info.id)
+
+
+async def _apply_status(store: EndpointStore, ev: EndpointStatusEvent) -> str:
+    if ev.status == "deleted":
+        return "ignored"
+    return await store.set_status(ev.endpoint_id, ev.node, ev.status, ev.reason, ev.code, ev.version,
+                                  _iso_us(ev.version) if ev.version else _now())

@@ -1,0 +1,171 @@
+"""``endpoint.get`` / ``list`` / ``delete``, and the reactions to events: statuses folded into
+the records, a deleted network's endpoints removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from nats.aio.msg import Msg
+
+from vnet.contracts import subjects
+from vnet.contracts.endpoint import (
+    EndpointDelete,
+    EndpointDeleted,
+    EndpointEvent,
+    EndpointInfo,
+    EndpointList,
+    EndpointPage,
+    EndpointRef,
+)
+from vnet.contracts.network import NetworkRef
+from vnet.core import errors as E
+from vnet.core.model import DriverType, VirtualNetwork
+from vnet.runtime.service import Ctx, Runtime
+from vnet.svc.endpoint.common import _not_found, _store
+from vnet.svc.endpoint.create import _release
+from vnet.svc.endpoint.events import _apply_status, _publish_endpoint_event, _StatusWaiter, status_event
+
+log = logging.getLogger(__name__)
+
+
+async def get(ctx: Ctx, req: EndpointRef) -> EndpointInfo:
+    """One endpoint with its current status."""
+    info = await _store(ctx).get(req.endpoint_id)
+    if info is None:
+        raise _not_found(req.endpoint_id)
+    return info
+
+
+async def list_endpoints(ctx: Ctx, req: EndpointList) -> EndpointPage:
+    """Endpoints filtered by network, node, container, labels and status; paged by id."""
+    store = _store(ctx)
+    network_id = req.network
+    if req.network is not None and not await store.network_size(req.network):  # maybe a name, not an id
+        try:
+            network_id = (await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network),
+                                            VirtualNetwork)).id
+        except E.VNetError as err:
+            if err.code != E.NETWORK_NOT_FOUND.code:
+                raise
+    ids = await store.ids(node=req.node, network_id=network_id, container=req.container)
+    if req.cursor:
+        ids = [i for i in ids if i > req.cursor]
+    out: list[EndpointInfo] = []
+    labels = dict(req.labels)
+    pos = 0
+    while pos < len(ids) and len(out) < req.limit:
+        chunk = ids[pos:pos + 500]
+        pos += len(chunk)
+        for e in await store.get_many(chunk):
+            if e is None:
+                continue
+            if network_id is not None and e.network_id != network_id:
+                continue
+            if req.node is not None and e.node != req.node:
+                continue
+            if req.container is not None and e.container_id != req.container:
+                continue
+            if req.status is not None and e.status != req.status:
+                continue
+            if any(e.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(e)
+            if len(out) >= req.limit:
+                break
+    nxt = out[-1].id if len(out) >= req.limit and out[-1].id != ids[-1] else None
+    return EndpointPage(endpoints=out, next_cursor=nxt)
+
+
+# --- delete --------------------------------------------------------------------------------------
+
+
+async def remove(ctx: Ctx, ident: str, *, wait: bool, timeout: float) -> EndpointDeleted:
+    store = _store(ctx)
+    info = await store.get(ident)
+    if info is None:
+        raise _not_found(ident)
+    warnings: list[str] = []
+    waiter = None
+    if wait:
+        node = await store.node(info.node)
+        if node is None:
+            warnings.append(f"node {info.node} is not registered: its interface is removed when its worker comes "
+                            "back (full resync)")
+        else:
+            waiter = _StatusWaiter(ctx.rt, ident, frozenset({"deleted", "failed"}))
+            await waiter.start()
+    try:
+        old = await store.delete(info)
+        if old is None:
+            raise _not_found(ident)
+        await store.netep_remove(old.network_id, ident)
+        try:
+            await _publish_endpoint_event(ctx, "deleted", old, EndpointEvent(endpoint=old),
+                                          msg_id=f"endpoint.deleted.{ident}")
+        except Exception as exc:
+            log.warning("could not publish endpoint.deleted for %s: %s", ident, exc)
+            warnings.append(f"the node was not told ({exc}); its next full resync removes the interface")
+        released: list[str] = []
+        if old.driver != DriverType.HOST:
+            released, warn = await _release(ctx, old.network_id, ident)
+            if warn:
+                warnings.append(warn)
+        confirmed = False
+        if waiter is not None:
+            try:
+                ev = await asyncio.wait_for(asyncio.shield(waiter.got), timeout)
+            except TimeoutError:
+                warnings.append(f"node {old.node} did not confirm the teardown within {timeout:.0f}s")
+            else:
+                confirmed = ev.status == "deleted"
+                if not confirmed:
+                    warnings.append(f"node {old.node} could not tear the interface down: {ev.reason}")
+    finally:
+        if waiter is not None:
+            await waiter.close()
+    return EndpointDeleted(endpoint=old, released=released, node_confirmed=confirmed, warnings=warnings)
+
+
+async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:
+    """Detach: the node tears down, the address is released, the record and indexes go."""
+    store = _store(ctx)
+    if req.request_id:
+        prev = await store.delete_reply(req.request_id)
+        if prev is not None:
+            return msgspec.json.decode(prev, type=EndpointDeleted)
+    rep = await remove(ctx, req.endpoint_id, wait=req.wait and not req.force, timeout=req.wait_timeout_s)
+    if req.request_id:
+        await store.put_delete_reply(req.request_id, msgspec.json.encode(rep))
+    return rep
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+async def _on_status(rt: Runtime, msg: Msg) -> None:
+    ev = status_event(msg)
+    if ev is None:
+        return
+    res = await _apply_status(_store(rt), ev)
+    if res not in ("ok", "ignored", "stale", "missing"):
+        log.info("status of %s from node %s not applied: %s", ev.endpoint_id, ev.node, res)
+
+
+async def _on_network_deleted(rt: Runtime, msg: Msg) -> None:
+    """A network went: endpoints recorded in it meanwhile (a create racing the delete) go too."""
+    network_id = msg.subject.rsplit(".", 1)[-1]
+    store = _store(rt)
+    ids = await store.of_network(network_id)
+    if not ids:
+        return
+    ctx = Ctx(rt, msg.subject, subjects.EVT.template, dict(msg.headers or {}), {}, None)
+    for ident in ids:
+        try:
+            await remove(ctx, ident, wait=False, timeout=0)
+            log.info("deleted endpoint %s: its network %s was deleted", ident, network_id)
+        except E.VNetError as err:
+            if err.code != E.ENDPOINT_NOT_FOUND.code:
+                raise
