@@ -16,10 +16,18 @@ from vnet.adapters import ipam_store, redis
 from vnet.adapters.endpoint_store import EndpointStore
 from vnet.adapters.ipam_rates import IpamRates
 from vnet.adapters.nats import DurableConsumer
+from vnet.adapters.network_store import NetworkStore
 from vnet.adapters.policy_store import PolicyStore
 from vnet.contracts import subjects
 from vnet.runtime.config import VNetConfig
-from vnet.runtime.ports import EndpointStorePort, EventConsumer, IpamRatesPort, IpamStorePort, PolicyStorePort
+from vnet.runtime.ports import (
+    EndpointStorePort,
+    EventConsumer,
+    IpamRatesPort,
+    IpamStorePort,
+    NetworkStorePort,
+    PolicyStorePort,
+)
 
 
 class ServiceAdapters:
@@ -44,6 +52,9 @@ class ServiceAdapters:
 
     def ipam_rates(self) -> IpamRatesPort:
         return IpamRates(self._r())
+
+    def network_store(self) -> NetworkStorePort:
+        return NetworkStore(self._r())
 
     def policy_store(self) -> PolicyStorePort:
         return PolicyStore(self._r())

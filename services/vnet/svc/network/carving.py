@@ -7,13 +7,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from vnet.adapters.network_store import CreateResult, NetworkStore
 from vnet.contracts.network import (
     NetworkCreate,
 )
 from vnet.core import addr, topology
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
+from vnet.runtime.ports import CreateResult, NetworkStorePort
 from vnet.runtime.service import Ctx
 from vnet.svc.network.common import CARVE_BATCH
 
@@ -127,14 +127,14 @@ def _wants(ctx: Ctx, req: NetworkCreate, parent: VirtualNetwork | None) -> list[
     return out
 
 
-async def _host_taken(st: NetworkStore) -> list[addr.IPNet]:
+async def _host_taken(st: NetworkStorePort) -> list[addr.IPNet]:
     prefixes: list[str] = []
     for plist, _ in (await st.host_routes()).values():
         prefixes.extend(plist)
     return addr.host_prefixes(prefixes)
 
 
-async def _carve(st: NetworkStore, w: _Want, scope: str, extra: list[addr.IPNet], skip: int = 0) -> addr.IPNet:
+async def _carve(st: NetworkStorePort, w: _Want, scope: str, extra: list[addr.IPNet], skip: int = 0) -> addr.IPNet:
     """Next-fit: from the cursor to the end of the pool, then from its start.
 
     ``skip`` passes over that many free subnets first (retries after a collision spread
@@ -218,7 +218,7 @@ def _overlap_hint(mine: addr.IPNet, theirs: str, other: str) -> str:
             f"nest it, create this network first and {other!r} again with this one as its parent")
 
 
-async def _precheck_overlap(st: NetworkStore, scope: str, net: addr.IPNet, parent: VirtualNetwork | None) -> None:
+async def _precheck_overlap(st: NetworkStorePort, scope: str, net: addr.IPNet, parent: VirtualNetwork | None) -> None:
     """Cheap early refusal before any pool exists (the script decides for real)."""
     fam = addr.family_of(net)
     first, last = addr.index_bounds(net)

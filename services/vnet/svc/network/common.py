@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from vnet.adapters.network_store import NetworkStore
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointList, EndpointPage
 from vnet.contracts.network import (
@@ -26,6 +25,7 @@ from vnet.core import errors as E
 from vnet.core import reach
 from vnet.core.model import VirtualNetwork
 from vnet.core.policy import AllowRule, Policy, PolicyNetwork
+from vnet.runtime.ports import NetworkStorePort
 from vnet.runtime.service import Ctx
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ HOSTROUTES_MIN_TTL_S = 30.0
 T = TypeVar("T")
 
 
-def _store(ctx: Ctx) -> NetworkStore:
-    st: NetworkStore = ctx.rt.state["store"]
+def _store(ctx: Ctx) -> NetworkStorePort:
+    st: NetworkStorePort = ctx.rt.state["store"]
     return st
 
 
@@ -62,7 +62,7 @@ def _not_found(ref: str) -> E.VNetError:
                   network=ref)
 
 
-async def _must_get(st: NetworkStore, ref: str) -> VirtualNetwork:
+async def _must_get(st: NetworkStorePort, ref: str) -> VirtualNetwork:
     net = await st.get(ref)
     if net is None:
         raise _not_found(ref)

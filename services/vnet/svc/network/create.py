@@ -6,7 +6,6 @@ import asyncio
 import logging
 import random
 
-from vnet.adapters.network_store import NetworkDoc, NetworkStore, new_id
 from vnet.contracts.network import (
     NetworkCreate,
     NetworkEvent,
@@ -16,6 +15,7 @@ from vnet.core import addr, drivers, reach, topology
 from vnet.core import errors as E
 from vnet.core.model import DriverType, IsolationMode, VirtualNetwork
 from vnet.core.policy import PolicyNetwork
+from vnet.runtime.ports import NetworkDoc, NetworkStorePort, new_id
 from vnet.runtime.service import Ctx
 from vnet.svc.network.carving import (
     _carve,
@@ -85,7 +85,7 @@ async def create(ctx: Ctx, req: NetworkCreate) -> NetworkReply:
     return _net_reply(net, diff=diff)
 
 
-async def _would_create(st: NetworkStore, req: NetworkCreate, wants: list[_Want], scope: str,
+async def _would_create(st: NetworkStorePort, req: NetworkCreate, wants: list[_Want], scope: str,
                         parent: VirtualNetwork | None, driver: DriverType, isolation: IsolationMode,
                         options: dict[str, str]) -> VirtualNetwork:
     """The record a create would make now: the given subnet, or the one carving picks (a
@@ -146,7 +146,7 @@ def _limit(limit: int, count: int) -> E.VNetError:
                   "networks or raise max_networks (VNET_MAX_NETWORKS)", limit=limit, count=count)
 
 
-async def _create_locked(ctx: Ctx, st: NetworkStore, req: NetworkCreate, wants: list[_Want], scope: str,
+async def _create_locked(ctx: Ctx, st: NetworkStorePort, req: NetworkCreate, wants: list[_Want], scope: str,
                          parent: VirtualNetwork | None, driver: DriverType, isolation: IsolationMode,
                          options: dict[str, str],
                          rid: str | None) -> VirtualNetwork:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-from vnet.adapters.network_store import NetworkStore
 from vnet.contracts.messages import Empty
 from vnet.contracts.network import (
     HostRoutesInfo,
@@ -18,6 +17,7 @@ from vnet.contracts.network import (
 from vnet.core import addr, routes
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
+from vnet.runtime.ports import NetworkStorePort
 from vnet.runtime.service import Ctx
 from vnet.svc.network.common import HOSTROUTES_MIN_TTL_S, REACH_PAGE, _event, _now, _store
 
@@ -42,7 +42,7 @@ async def hostroutes_report(ctx: Ctx, req: HostRoutesReport) -> HostRoutesReply:
     return HostRoutesReply(node=req.node, accepted=len(kept), ttl_s=ttl)
 
 
-async def _top_level(st: NetworkStore) -> list[VirtualNetwork]:
+async def _top_level(st: NetworkStorePort) -> list[VirtualNetwork]:
     nets: list[VirtualNetwork] = []
     cursor: str | None = None
     while True:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vnet.adapters.network_store import NetworkStore
 from vnet.contracts import subjects
 from vnet.contracts.ipam import (
     PoolCreate,
@@ -19,6 +18,7 @@ from vnet.contracts.ipam import (
 from vnet.core import addr
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
+from vnet.runtime.ports import NetworkStorePort
 from vnet.runtime.service import Ctx
 from vnet.svc.network.carving import _parent_space
 from vnet.svc.network.common import LOCK_TTL_S, LOCK_WAIT_S
@@ -55,7 +55,7 @@ async def _delete_pools(ctx: Ctx, ident: str, family: int | None = None) -> str 
     return None
 
 
-async def _with_lock(st: NetworkStore, name: str, what: str) -> str:
+async def _with_lock(st: NetworkStorePort, name: str, what: str) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LOCK_WAIT_S
     while True:
@@ -104,7 +104,7 @@ async def _sync_parent_exclusions(ctx: Ctx, parent: VirtualNetwork, children: li
             raise
 
 
-async def _resync_parent(ctx: Ctx, st: NetworkStore, parent_id: str) -> str | None:
+async def _resync_parent(ctx: Ctx, st: NetworkStorePort, parent_id: str) -> str | None:
     """Best effort after a failure: exclusions = the children that exist."""
     try:
         parent = await st.get(parent_id)

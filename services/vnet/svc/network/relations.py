@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from vnet.adapters.network_store import NetworkStore
 from vnet.contracts.messages import Empty
 from vnet.contracts.network import (
     ConnectionEvent,
@@ -22,6 +21,7 @@ from vnet.contracts.network import (
 from vnet.core import errors as E
 from vnet.core import reach, topology
 from vnet.core.model import VirtualNetwork
+from vnet.runtime.ports import NetworkStorePort
 from vnet.runtime.service import Ctx
 from vnet.svc.network.common import (
     _event,
@@ -38,7 +38,7 @@ from vnet.svc.network.common import (
 
 # --- topology: connections ----------------------------------------------------------------
 
-async def _pair(st: NetworkStore, req: NetworkPair) -> tuple[VirtualNetwork, VirtualNetwork]:
+async def _pair(st: NetworkStorePort, req: NetworkPair) -> tuple[VirtualNetwork, VirtualNetwork]:
     a, b = await st.get_many([req.network_a, req.network_b])
     if a is None:
         raise _not_found(req.network_a)

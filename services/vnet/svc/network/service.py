@@ -40,9 +40,6 @@ of operations); the handlers are in the sibling modules by concern — ``create`
 
 from __future__ import annotations
 
-from vnet.adapters.ipam_store import registry_marker
-from vnet.adapters.network_store import NetworkStore
-from vnet.adapters.redis import global_key
 from vnet.contracts import subjects
 from vnet.contracts.messages import Empty
 from vnet.contracts.network import (
@@ -65,11 +62,11 @@ SERVICE = ServiceDef("network", "Networks: create, inspect, update, delete, topo
 
 @SERVICE.starting
 async def _start(rt: Runtime) -> None:
-    store = NetworkStore(rt.redis)
+    store = rt.adapters.network_store()
     await store.load()
     rt.state["store"] = store
     # Tell IPAM GC this index is maintained even when it is empty (Redis drops empty sets).
-    await rt.redis.set(registry_marker(global_key("networks")), b"1")
+    await rt.adapters.mark_index_maintained("networks")
 
 
 # --- operations, in the order the contract lists them ------------------------------------
