@@ -359,7 +359,7 @@ class Runtime:
         self.js: JetStreamContext = nc.jetstream()
         self.redis = redis
         # the adapters this service is handed (typed by vnet.runtime.ports); services build nothing concrete
-        self.adapters = ServiceAdapters(config, self.js, redis)
+        self.adapters = ServiceAdapters(config, self.js, redis, nc=nc)
         self.params = params
         self.instance = ""
         self.metrics = OpMetrics(defn.name, "")

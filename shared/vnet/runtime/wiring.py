@@ -8,17 +8,20 @@ plus calls on interfaces, and a test can hand it a fake instead.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from vnet.adapters import ipam_store, redis
+from vnet.adapters import nats as nats_adapter
 from vnet.adapters.endpoint_store import EndpointStore
 from vnet.adapters.ipam_rates import IpamRates
 from vnet.adapters.nats import DurableConsumer
 from vnet.adapters.network_store import NetworkStore
 from vnet.adapters.policy_store import PolicyStore
 from vnet.contracts import subjects
+from vnet.contracts.subjects import Subject
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.ports import (
     EndpointStorePort,
@@ -29,14 +32,23 @@ from vnet.runtime.ports import (
     PolicyStorePort,
 )
 
+T = TypeVar("T")
+
+
+async def connect_bus(config: VNetConfig, name: str) -> Client:
+    """A NATS connection of its own (the node simulator's extra clients), as the runtime makes one."""
+    return await nats_adapter.connect(config, name)
+
 
 class ServiceAdapters:
-    """What one service instance runs on: its Redis (when the service uses one) and JetStream."""
+    """What one service instance runs on: its Redis (when the service uses one), NATS and JetStream."""
 
-    def __init__(self, config: VNetConfig, js: JetStreamContext, redis_client: Any = None) -> None:
+    def __init__(self, config: VNetConfig, js: JetStreamContext, redis_client: Any = None, *,
+                 nc: Client | None = None) -> None:
         self._config = config
         self._js = js
         self._redis = redis_client
+        self._nc = nc
 
     def _r(self) -> Any:
         if self._redis is None:
@@ -69,8 +81,31 @@ class ServiceAdapters:
         await self._r().set(ipam_store.registry_marker(redis.global_key(index)), b"1")
 
     def event_consumer(self, durable: str, filter_subject: str = subjects.EVENTS_WILDCARD, *,
-                       deliver_all: bool = True, inactive_threshold_s: float | None = None) -> EventConsumer:
+                       deliver_all: bool = True, inactive_threshold_s: float | None = None,
+                       pull_expiry_s: float | None = None, filter_subjects: list[str] | None = None) -> EventConsumer:
         """A durable consumer of domain events; ``inactive_threshold_s``: the server drops it
-        when nobody pulls that long (one per instance, e.g. the metrics service's)."""
+        when nobody pulls that long (one per instance, e.g. the metrics service's);
+        ``pull_expiry_s`` and ``filter_subjects`` as :class:`~vnet.adapters.nats.DurableConsumer`
+        takes them (None: its defaults)."""
+        extra: dict[str, Any] = {}
+        if pull_expiry_s is not None:
+            extra["pull_expiry_s"] = pull_expiry_s
         return DurableConsumer(self._js, durable, filter_subject, deliver_all=deliver_all,
-                               inactive_threshold_s=inactive_threshold_s)
+                               inactive_threshold_s=inactive_threshold_s, filter_subjects=filter_subjects, **extra)
+
+    def _bus(self) -> Client:
+        if self._nc is None:
+            raise RuntimeError("these adapters were built without a NATS connection")
+        return self._nc
+
+    async def request(self, subject: Subject, payload: Any, reply_type: type[T], *, timeout: float = 5.0,
+                      params: dict[str, str] | None = None, deadline: float | None = None) -> tuple[T, str | None]:
+        """A request outside a handler's trace (:func:`vnet.adapters.nats.request`): the reply and its trace id."""
+        return await nats_adapter.request(self._bus(), subject, payload, reply_type, timeout=timeout, params=params,
+                                          deadline=deadline)
+
+    async def publish_event(self, subject: str, event: Any, *, msg_id: str, template: str = subjects.EVT.template,
+                            retry_for_s: float = nats_adapter.PUBLISH_RETRY_S) -> int:
+        """Publish to the events stream with retries (:func:`vnet.adapters.nats.publish_event`)."""
+        return await nats_adapter.publish_event(self._js, subject, event, msg_id=msg_id, template=template,
+                                                retry_for_s=retry_for_s)

@@ -36,7 +36,6 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     EndpointCreate,
@@ -253,8 +252,8 @@ class CniServer:
 
     async def _req(self, subject: subjects.Subject, payload: Any, reply: type[Any],
                    timeout: float | None = None) -> Any:
-        rep, _ = await nats_adapter.request(self.rt.nc, subject, payload, reply, params={"node": self.node},
-                                            timeout=timeout or self.rt.config.request_timeout_s)
+        rep, _ = await self.rt.adapters.request(subject, payload, reply, params={"node": self.node},
+                                                timeout=timeout or self.rt.config.request_timeout_s)
         return rep
 
     @staticmethod

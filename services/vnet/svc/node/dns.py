@@ -25,7 +25,6 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from vnet.adapters import nats as nats_adapter
 from vnet.adapters.dns_server import DnsServer
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointInfo, EndpointList, EndpointPage
@@ -142,8 +141,8 @@ class NodeDns:
         cursor: str | None = None
         while True:
             req.cursor = cursor
-            page, _ = await nats_adapter.request(self.rt.nc, subject, req, reply_type,
-                                                 timeout=self.rt.config.request_timeout_s)
+            page, _ = await self.rt.adapters.request(subject, req, reply_type,
+                                                     timeout=self.rt.config.request_timeout_s)
             out += getattr(page, attr)
             cursor = page.next_cursor
             if cursor is None:

@@ -15,7 +15,6 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from vnet.adapters.nats import DurableConsumer
 from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
@@ -102,10 +101,11 @@ class PolicySync(WorkerParts):
                 name = f"vnet-node-{self.node.replace('.', '_')}-all"
                 with contextlib.suppress(Exception):  # one left from an earlier period would replay its backlog
                     await self.rt.js.delete_consumer(subjects.EVENTS_STREAM, name)
-                c = DurableConsumer(self.rt.js, name, subjects.EVT_ENDPOINT.template, deliver_all=False,
-                                    inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
-                                    filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>",
-                                                     "vnet.evt.endpoint.updated.>"])
+                c = self.rt.adapters.event_consumer(
+                    name, subjects.EVT_ENDPOINT.template, deliver_all=False, inactive_threshold_s=CONSUMER_INACTIVE_S,
+                    pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
+                    filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>",
+                                     "vnet.evt.endpoint.updated.>"])
                 await c.start(self._on_any_endpoint_event)
                 self._all = c
                 self._consumers.append(c)

@@ -10,7 +10,6 @@ import logging
 import os
 from typing import Any
 
-from vnet.adapters import nats as nats_adapter
 from vnet.contracts import codec, subjects
 from vnet.contracts.endpoint import (
     NodeDeregister,
@@ -126,8 +125,8 @@ class Registration(WorkerParts):
                            capabilities={"encrypted_overlay": self.encryption} if self.encryption else {},
                            wg_public_key=self.wg_public_key, wg_port=self.wg_port,
                            **self._dns_registration())
-        reply, _ = await nats_adapter.request(self.rt.nc, subjects.NODE_REGISTER, req, NodeRegistered,
-                                              timeout=self.rt.config.request_timeout_s, params={"node": self.node})
+        reply, _ = await self.rt.adapters.request(subjects.NODE_REGISTER, req, NodeRegistered,
+                                                  timeout=self.rt.config.request_timeout_s, params={"node": self.node})
         if reply.wg_address is not None:
             self.wg_address = reply.wg_address
         return reply

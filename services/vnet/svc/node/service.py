@@ -11,7 +11,6 @@ import os
 
 import msgspec
 
-from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     NetnsCheck,
@@ -103,9 +102,9 @@ async def report_host_routes(rt: Runtime) -> HostRoutesReply:
     prefixes, foreign = await asyncio.to_thread(routewatch.read_host_routes, rt.config.host_netns)
     report = HostRoutesReport(node=rt.params["node"], prefixes=prefixes, interval_s=HOST_ROUTES_INTERVAL_S,
                               foreign=foreign)
-    reply, _ = await nats_adapter.request(rt.nc, subjects.NETWORK_HOSTROUTES_REPORT, report, HostRoutesReply,
-                                          params={"node": rt.params["node"]},
-                                          timeout=rt.config.request_timeout_s)
+    reply, _ = await rt.adapters.request(subjects.NETWORK_HOSTROUTES_REPORT, report, HostRoutesReply,
+                                         params={"node": rt.params["node"]},
+                                         timeout=rt.config.request_timeout_s)
     return reply
 
 

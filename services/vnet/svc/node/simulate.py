@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 
 from nats.aio.client import Client
 
-from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import NetnsCheck, NetnsCheckReply, NodeStats
 from vnet.core.dataplane_model import (
@@ -45,6 +44,7 @@ from vnet.core.dataplane_model import (
 )
 from vnet.runtime import service as svc_runtime
 from vnet.runtime.config import VNetConfig
+from vnet.runtime.wiring import connect_bus
 from vnet.svc.node import service as node_service
 from vnet.svc.node.worker import DRIVERS, NodeWorker
 
@@ -207,7 +207,7 @@ class SimulatedFleet:
 
     async def start(self, *, concurrency: int = 8) -> None:
         if self.nc is None:
-            self.nc = await nats_adapter.connect(self.config, f"vnet-node-sim-{len(self.names)}")
+            self.nc = await connect_bus(self.config, f"vnet-node-sim-{len(self.names)}")
         sem = asyncio.Semaphore(concurrency)
         started: list[svc_runtime.Runtime | None] = [None] * len(self.names)
 

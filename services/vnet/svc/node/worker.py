@@ -72,8 +72,6 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from vnet.adapters import nats as nats_adapter
-from vnet.adapters.nats import DurableConsumer
 from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
@@ -99,6 +97,7 @@ from vnet.core.dataplane_model import (
     Underlay,
 )
 from vnet.core.plan import ep_owner
+from vnet.runtime.ports import EventConsumer
 from vnet.runtime.service import Runtime
 from vnet.svc.node import lifecycle
 from vnet.svc.node.drift import DriftMonitor, NodeMetrics
@@ -199,8 +198,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self.registered = False
         self.counters = Counters()
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-        self._consumers: list[DurableConsumer] = []
-        self._all: DurableConsumer | None = None  # every node's endpoint events, while rules need them
+        self._consumers: list[EventConsumer] = []
+        self._all: EventConsumer | None = None  # every node's endpoint events, while rules need them
         self._scope_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._version = 0
@@ -231,7 +230,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         await self._start_policy()
         self.drift = DriftMonitor(self, self.metrics)
         await self.drift.start()  # before the first reconcile: nothing it does goes unheard
-        js = self.rt.js
+        adapters = self.rt.adapters
         safe = self.node.replace(".", "_")
         own = subjects.EVT_TO_NODE.format(node=self.node).removesuffix(".>")
         self._consumers = [
@@ -239,23 +238,24 @@ class NodeWorker(Registration, EventIntake, PolicySync):
             # overlays it holds or routes to): the endpoint service publishes a copy per node
             # that must act, so this grows with what changes here, not with the cluster
             # (docs/scale.md). Rule-set members of other nodes: the -all consumer, when needed.
-            DurableConsumer(js, f"vnet-node-{safe}-ep", f"{own}.endpoint.>", deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
-                            filter_subjects=[f"{own}.endpoint.>"]),
-            DurableConsumer(js, f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
+            adapters.event_consumer(f"vnet-node-{safe}-ep", f"{own}.endpoint.>", deliver_all=False,
+                                    inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
+                                    filter_subjects=[f"{own}.endpoint.>"]),
+            adapters.event_consumer(f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
+                                    inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
             # Joins and departures of the nodes sharing an overlay with this one (addressed too:
             # every node hearing every join made starting N nodes cost N^2/2 deliveries)
-            DurableConsumer(js, f"vnet-node-{safe}-node", f"{own}.node.>", deliver_all=False,
-                            inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
-                            filter_subjects=[f"{own}.node.>"]),
+            adapters.event_consumer(f"vnet-node-{safe}-node", f"{own}.node.>", deliver_all=False,
+                                    inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
+                                    filter_subjects=[f"{own}.node.>"]),
         ]
         await self._consumers[0].start(self._on_endpoint_event)
         await self._consumers[1].start(self._on_network_event)
         await self._consumers[2].start(self._on_node_event)
         if self.policy is not None:
-            pol = DurableConsumer(js, f"vnet-node-{safe}-pol", subjects.EVT_POLICY.template, deliver_all=False,
-                                  inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S)
+            pol = adapters.event_consumer(f"vnet-node-{safe}-pol", subjects.EVT_POLICY.template,
+                                          deliver_all=False, inactive_threshold_s=CONSUMER_INACTIVE_S,
+                                          pull_expiry_s=CONSUMER_PULL_EXPIRY_S)
             self._consumers.append(pol)
             await pol.start(self._on_policy_event)
             await self._event_scope()
@@ -443,9 +443,9 @@ class NodeWorker(Registration, EventIntake, PolicySync):
             pages: list[DesiredReply] = []
             cursor: str | None = None
             while True:
-                page, _ = await nats_adapter.request(self.rt.nc, subjects.ENDPOINT_DESIRED,
-                                                     DesiredRequest(node=self.node, cursor=cursor),
-                                                     DesiredReply, timeout=self.rt.config.request_timeout_s)
+                page, _ = await self.rt.adapters.request(subjects.ENDPOINT_DESIRED,
+                                                         DesiredRequest(node=self.node, cursor=cursor),
+                                                         DesiredReply, timeout=self.rt.config.request_timeout_s)
                 pages.append(page)
                 cursor = page.next_cursor
                 if cursor is None:
@@ -535,8 +535,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                                      reason=reason, code=code, version=v)
             try:
                 # On this node's own subject: the bus lets this node publish nowhere else.
-                await nats_adapter.publish_event(
-                    self.rt.js, subjects.EVT_ENDPOINT_STATUS.format(node=self.node, id=eid), ev,
+                await self.rt.adapters.publish_event(
+                    subjects.EVT_ENDPOINT_STATUS.format(node=self.node, id=eid), ev,
                     msg_id=f"endpoint.status.{eid}.{v}", template=subjects.EVT_ENDPOINT_STATUS.template)
             except Exception as exc:  # not recorded as reported: the next reconcile tries again
                 log.info("node %s: could not report the status of %s: %s", self.node, eid, exc)

@@ -21,7 +21,6 @@ from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanContext
 
-from vnet.adapters.nats import DurableConsumer
 from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts.endpoint import (
     NodeStats,
@@ -36,6 +35,7 @@ from vnet.core.dataplane_model import (
     Scope,
     Support,
 )
+from vnet.runtime.ports import EventConsumer
 from vnet.runtime.service import Runtime
 from vnet.svc.node.drift import NodeMetrics
 
@@ -126,8 +126,8 @@ class WorkerParts:
     registered: bool
     counters: Counters
     queue: asyncio.Queue[WorkItem]
-    _consumers: list[DurableConsumer]
-    _all: DurableConsumer | None
+    _consumers: list[EventConsumer]
+    _all: EventConsumer | None
     _scope_lock: asyncio.Lock
     policy: PolicyAgent | None
     isolation: Support
