@@ -9,9 +9,9 @@ import datetime as dt
 import ipaddress
 import re
 
+from vnet.core import drivers, naming
 from vnet.core import errors as E
-from vnet.core import naming
-from vnet.core.model import DriverType, VirtualNetwork
+from vnet.core.model import VirtualNetwork
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.service import Ctx, Runtime
 
@@ -103,7 +103,7 @@ ENCRYPTED_OVERLAY_MTU = 1370
 
 def _mtu(net: VirtualNetwork) -> int:
     default = DEFAULT_MTU
-    if net.driver_type == DriverType.OVERLAY:
+    if drivers.get(net.driver_type).spans_hosts:
         default = ENCRYPTED_OVERLAY_MTU if net.options.get("encrypted") == "true" else OVERLAY_MTU
     try:
         return int(net.options.get("mtu", default))

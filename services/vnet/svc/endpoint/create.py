@@ -24,10 +24,10 @@ from vnet.contracts.endpoint import (
 )
 from vnet.contracts.ipam import AddrRelease, AddrReply, AddrRequest, ReleaseReply
 from vnet.contracts.network import NetworkRef
+from vnet.core import drivers, naming
 from vnet.core import errors as E
-from vnet.core import naming
 from vnet.core.dns import search_domains
-from vnet.core.model import DriverType, VirtualNetwork
+from vnet.core.model import VirtualNetwork
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.ports import claim_port, describe_holder
 from vnet.runtime.service import Ctx
@@ -69,7 +69,7 @@ def _repeat_differences(req: EndpointCreate, info: EndpointInfo) -> dict[str, di
                 _check_mac(req.mac))
     if req.ifname is not None:
         differs("ifname", info.interface_name, _check_ifname(req.ifname))
-    if req.netns is not None and info.driver != DriverType.HOST:
+    if req.netns is not None and drivers.get(info.driver).container_iface:
         differs("netns", info.netns, check_netns(req.netns))
     if req.node is not None:
         differs("node", info.node, req.node)
@@ -184,12 +184,12 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         return await _existing(ctx, prev, req, f"container {req.container_id!r} in network {net.name!r}")
     node = await _pick_node(ctx, req.node)
     _check_driver(node, net)
-    host = net.driver_type == DriverType.HOST
+    host = not drivers.get(net.driver_type).container_iface  # the container shares the host's namespace
     if host:
         netns = node.host_netns or HOST_NETNS_DEFAULT
         if ip4 or ip6 or mac or ifname or req.ports:
-            raise E.make(E.INVALID_REQUEST, f"network {net.name!r} uses the host driver: the container shares the "
-                         "host's namespace, so ip, ipv6, mac, ifname and ports do not apply")
+            raise E.make(E.INVALID_REQUEST, f"network {net.name!r} uses the {net.driver_type.value} driver: the "
+                         "container shares the host's namespace, so ip, ipv6, mac, ifname and ports do not apply")
     else:
         if ip6 is not None and net.cidr_v6 is None:
             raise E.make(E.NO_IPV6_POOL, f"ipv6 {ip6} was asked for but network {net.name!r} has no IPv6 subnet",
@@ -266,7 +266,7 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
 def _dns_for(node: NodeInfo, net: VirtualNetwork, info: EndpointInfo) -> EndpointDns | None:
     """The node's resolver on the gateway, when the node runs one and the driver puts the
     gateway on the host (bridge, overlay; macvlan and ipvlan use the LAN's)."""
-    if node.dns_domain is None or net.driver_type not in (DriverType.BRIDGE, DriverType.OVERLAY):
+    if node.dns_domain is None or not drivers.get(net.driver_type).bridged:
         return None
     servers = [g for g in (info.gateway, info.gateway_v6) if g]
     if not servers:

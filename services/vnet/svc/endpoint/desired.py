@@ -18,9 +18,10 @@ from vnet.contracts.endpoint import (
     to_desired,
 )
 from vnet.contracts.network import MeshGroup, MeshRef, NetworkRef
+from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.dataplane_model import NetDesired, NodeDesired, PeerHost
-from vnet.core.model import DriverType, VirtualNetwork
+from vnet.core.model import VirtualNetwork
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.service import Ctx
 from vnet.svc.endpoint.common import _mtu, _store
@@ -39,7 +40,7 @@ async def desired_get(ctx: Ctx, req: DesiredRequest) -> DesiredReply:
     eps = [e for e in await store.get_many(page_ids) if e is not None]
     desired = node_desired(eps)
     next_cursor = page_ids[-1] if more and page_ids else None
-    if any(n.driver == DriverType.OVERLAY for n in desired.networks):
+    if any(drivers.get(n.driver).spans_hosts for n in desired.networks):
         # Each page names the overlays related to its own networks; one that also has an
         # endpoint here on another page is the same record there (merge_desired keeps one).
         routed = await _routed_overlays(ctx, store, desired)
@@ -59,7 +60,7 @@ async def _routed_overlays(ctx: Ctx, store: EndpointStore, desired: NodeDesired)
     here = {n.id for n in desired.networks}
     related: set[str] = set()
     for n in desired.networks:
-        if n.driver != DriverType.OVERLAY:
+        if not drivers.get(n.driver).spans_hosts:
             continue
         try:
             net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=n.id), VirtualNetwork)
@@ -76,7 +77,7 @@ async def _routed_overlays(ctx: Ctx, store: EndpointStore, desired: NodeDesired)
     for nid in sorted(related - here):
         eps = [e for e in await store.get_many(await store.of_network(nid)) if e is not None]
         if eps:
-            if eps[0].driver == DriverType.OVERLAY:
+            if drivers.get(eps[0].driver).spans_hosts:
                 out.append(to_desired(eps[0])[0])
             continue
         # No endpoint anywhere yet: this host still needs the network's bridge and VXLAN
@@ -87,7 +88,7 @@ async def _routed_overlays(ctx: Ctx, store: EndpointStore, desired: NodeDesired)
         except E.VNetError as err:
             log.info("desired state: related network %s unknown: %s", nid, err.message)
             continue
-        if rel.driver_type == DriverType.OVERLAY:
+        if drivers.get(rel.driver_type).spans_hosts:
             out.append(_net_desired(rel))
     return out
 
@@ -116,7 +117,7 @@ async def _with_remotes(store: EndpointStore, node: str, desired: NodeDesired) -
     nets = []
     infos: dict[str, NodeInfo | None] = {}
     for n in desired.networks:
-        if n.driver != DriverType.OVERLAY:
+        if not drivers.get(n.driver).spans_hosts:
             nets.append(n)
             continue
         others = [e for e in await store.get_many(await store.of_network(n.id)) if e is not None and e.node != node]

@@ -21,8 +21,9 @@ from vnet.contracts.endpoint import (
     EndpointRef,
 )
 from vnet.contracts.network import NetworkRef
+from vnet.core import drivers
 from vnet.core import errors as E
-from vnet.core.model import DriverType, VirtualNetwork
+from vnet.core.model import VirtualNetwork
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import _not_found, _store
 from vnet.svc.endpoint.create import _release
@@ -109,7 +110,7 @@ async def remove(ctx: Ctx, ident: str, *, wait: bool, timeout: float) -> Endpoin
             log.warning("could not publish endpoint.deleted for %s: %s", ident, exc)
             warnings.append(f"the node was not told ({exc}); its next full resync removes the interface")
         released: list[str] = []
-        if old.driver != DriverType.HOST:
+        if drivers.get(old.driver).container_iface:  # one sharing the host's namespace holds no address
             released, warn = await _release(ctx, old.network_id, ident)
             if warn:
                 warnings.append(warn)

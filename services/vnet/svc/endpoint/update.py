@@ -19,9 +19,9 @@ from vnet.contracts.endpoint import (
 )
 from vnet.contracts.network import NetworkList, NetworkPage
 from vnet.contracts.policy import RuleList, RulePage, policy_endpoint, policy_network
+from vnet.core import drivers, reach
 from vnet.core import errors as E
-from vnet.core import reach
-from vnet.core.model import DriverType, VirtualNetwork
+from vnet.core.model import VirtualNetwork
 from vnet.core.policy import Policy
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.service import Ctx, Runtime
@@ -112,9 +112,9 @@ async def _check_update(ctx: Ctx, store: EndpointStore, info: EndpointInfo, req:
         raise E.make(E.INVALID_REQUEST, f"an endpoint has at most 64 labels; this update would leave "
                      f"{len(after.labels)}", endpoint=info.id)
     if req.ports:
-        if info.driver == DriverType.HOST:
-            raise E.make(E.INVALID_REQUEST, f"endpoint {info.id} uses the host driver: the container shares the "
-                         "host's namespace, so ports do not apply", endpoint=info.id)
+        if not drivers.get(info.driver).container_iface:
+            raise E.make(E.INVALID_REQUEST, f"endpoint {info.id} uses the {info.driver.value} driver: the container "
+                         "shares the host's namespace, so ports do not apply", endpoint=info.id)
         _check_ports(req.ports)
         await _check_ports_free(store, info.node, req.ports, exclude=info.id)
     return after
