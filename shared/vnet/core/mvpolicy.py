@@ -47,9 +47,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
-from vnet.core import naming
+from vnet.core import drivers, naming
 from vnet.core.dataplane_model import EpDesired, NetDesired
-from vnet.core.model import DriverType
 from vnet.core.nft import ND, SetDecl, _decl_text, _match, _script_elem, canon
 from vnet.core.policy import PolicyEndpoint, RuleLine, Ruleset
 
@@ -447,7 +446,7 @@ def locals_from_desired(eps: Iterable[EpDesired], nets: Mapping[str, NetDesired]
     out: dict[str, MvLocal] = {}
     for e in eps:
         n = nets.get(e.network_id)
-        if n is None or n.driver != DriverType.MACVLAN:
+        if n is None or not drivers.get(n.driver).enforced_in_container:
             continue
         ips = tuple(a.split("/")[0] for a in (e.ipv4, e.ipv6) if a)
         out[e.id] = MvLocal(e.id, e.network_id, e.netns, e.ifname, e.mac, ips)

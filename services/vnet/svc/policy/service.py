@@ -54,9 +54,8 @@ from vnet.contracts.policy import (
     policy_network,
     split_ruleset,
 )
+from vnet.core import drivers, nft, reach
 from vnet.core import errors as E
-from vnet.core import nft, reach
-from vnet.core.model import DriverType
 from vnet.core.mvpolicy import compile_macvlan
 from vnet.core.policy import AllowRule, Policy, Verdict, validate_rule
 from vnet.runtime.ports import PolicyStorePort
@@ -263,7 +262,7 @@ async def ruleset(ctx: Ctx, req: RulesetRequest) -> RulesetReply:
     rs = pol.compile(req.node)
     if req.structured:  # the node worker writes element deltas of it
         # macvlan endpoints are enforced in their containers (vnet.core.mvpolicy): same engine
-        mv = compile_macvlan(pol, req.node, {e.network_id for e in eps if e.driver == DriverType.MACVLAN})
+        mv = compile_macvlan(pol, req.node, {e.network_id for e in eps if drivers.get(e.driver).enforced_in_container})
         whole = RulesetReply(node=req.node, version=rs.version(), script="", endpoints=len(rs.ports),
                              rules=len(pol.rules), ruleset=rs, macvlan=mv)
     else:

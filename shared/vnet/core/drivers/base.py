@@ -139,6 +139,9 @@ class Driver(abc.ABC):
     departed_by_mac: ClassVar[bool] = False  # only an interface with the endpoint's MAC is ours to delete
     spans_hosts: ClassVar[bool] = False  # one network across hosts: a VNI per network, remote endpoints,
     # an underlay and peers (and, when encrypted, the WireGuard mesh)
+    enforced_in_container: ClassVar[bool] = False  # frames between its endpoints never cross the host's
+    # hooks (they switch inside the parent device): isolation is enforced by tables in each container
+    # (vnet.core.mvpolicy, docs/dataplane.md "macvlan enforcement")
 
     def schema(self) -> DriverSchema:
         return DriverSchema(self.name, self.description, self.options)

@@ -28,6 +28,7 @@ class MacvlanDriver(SubIfDriver):
     host_shim = True
     subif_kind = "macvlan"
     departed_by_mac = True  # its MAC is the endpoint's: only that interface is ours to delete
+    enforced_in_container = True
 
 
 DRIVER = MacvlanDriver()
