@@ -8,7 +8,7 @@ plus calls on interfaces, and a test can hand it a fake instead.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -31,6 +31,9 @@ from vnet.runtime.ports import (
     NetworkStorePort,
     PolicyStorePort,
 )
+
+if TYPE_CHECKING:
+    from vnet.runtime.node_wiring import NodeAdapters
 
 T = TypeVar("T")
 
@@ -92,6 +95,13 @@ class ServiceAdapters:
             extra["pull_expiry_s"] = pull_expiry_s
         return DurableConsumer(self._js, durable, filter_subject, deliver_all=deliver_all,
                                inactive_threshold_s=inactive_threshold_s, filter_subjects=filter_subjects, **extra)
+
+    def node(self) -> NodeAdapters:
+        """The node worker's own adapters (policy agent, DNS server, kernel probe)."""
+        # imported here: nftables, netlink and dnslib code is the node's alone
+        from vnet.runtime.node_wiring import NodeAdapters
+
+        return NodeAdapters(self._bus())
 
     def _bus(self) -> Client:
         if self._nc is None:

@@ -25,7 +25,6 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from vnet.adapters.dns_server import DnsServer
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointInfo, EndpointList, EndpointPage
 from vnet.contracts.network import NetworkList, NetworkPage
@@ -72,10 +71,10 @@ class NodeDns:
             # a loopback resolver of the host is not reachable from the host namespace's view
             # of a container's query path; it is still the host's own choice, so keep it
             self.upstreams = [u for u in self.upstreams if u]
-        self.server = DnsServer(self._answer, upstreams=self.upstreams, host_netns=rt.config.host_netns,
-                                ttl=int(rt.params.get("dns_ttl_s", "5")), observe=self._observe,
-                                port=int(rt.params.get("dns_port", "53")),
-                                trace_ratio=float(rt.params.get("dns_trace_ratio", "0.01")))
+        self.server = rt.adapters.node().dns_server(
+            self._answer, upstreams=self.upstreams, host_netns=rt.config.host_netns,
+            ttl=int(rt.params.get("dns_ttl_s", "5")), observe=self._observe, port=int(rt.params.get("dns_port", "53")),
+            trace_ratio=float(rt.params.get("dns_trace_ratio", "0.01")))
         self.table: NameTable | None = None
         self.version = 0
         self.rebuilds = 0

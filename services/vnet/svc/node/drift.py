@@ -61,7 +61,7 @@ from vnet.core.dataplane_model import ReconcileResult, Scope
 from vnet.core.nft import FAMILIES, TABLE
 
 if TYPE_CHECKING:
-    from vnet.adapters.nftables import SyncResult
+    from vnet.runtime.node_wiring import SyncResult
     from vnet.runtime.service import Runtime
     from vnet.svc.node.worker import NodeWorker
 

@@ -90,7 +90,7 @@ def teardown_host(host_netns: str | None, node: str, state: str, ifname: str, *,
     """Remove everything node ``node`` made in ``host_netns`` (blocking; module docstring).
     ``rec``/``enforcer``: the running worker's reconciler and nftables enforcer, else new
     ones (they read the ledger and the saved state from ``state``)."""
-    from vnet.adapters.nftables import NftEnforcer, NftError
+    from vnet.runtime.node_wiring import NftError, nft_enforcer
     from vnet.svc.node.reconcile import SUBIF_LEDGER, Reconciler, read_ledger
 
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def teardown_host(host_netns: str | None, node: str, state: str, ifname: str, *,
     own_enf = enforcer is None
     try:
         if enforcer is None:
-            enforcer = NftEnforcer(host_netns, state_file=nft_state)
+            enforcer = nft_enforcer(host_netns, state_file=nft_state)
         if enforcer.read() is not None:
             enforcer.delete()
             removed.append("nftables tables")
@@ -149,8 +149,8 @@ def drop_macvlan_tables(entries: Iterable[Departed]) -> tuple[list[str], list[st
     enforce an endpoint's policy there; vnet.adapters.mvnft): by name, so a worker that
     never loaded them finds them too — ``vnet-node --teardown``, and a restarted worker
     removing an endpoint deleted while it was down. ``(removed, errors)``."""
-    from vnet.adapters.netlink.nsctx import ns_path
     from vnet.core import mvpolicy
+    from vnet.runtime.node_wiring import ns_path
 
     removed: list[str] = []
     errors: list[str] = []

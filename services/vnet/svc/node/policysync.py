@@ -15,7 +15,6 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     PolicyStats,
@@ -39,8 +38,9 @@ class PolicySync(WorkerParts):
         if not self.dataplane:  # same latch as the reconciler: never the kernel without a data plane
             self.isolation = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
             return
-        agent = PolicyAgent(self.rt.nc, node=self.node, host_netns=self.host_netns,
-                            timeout=self.rt.config.request_timeout_s, state_dir=self.state_dir)
+        agent = self.rt.adapters.node().policy_agent(self.node, host_netns=self.host_netns,
+                                                     timeout=self.rt.config.request_timeout_s,
+                                                     state_dir=self.state_dir)
         # macvlan endpoints are enforced inside their containers: the agent asks which they are
         agent.locals_source = lambda: mvpolicy.locals_from_desired(self.eps.values(), self.nets)
         self.isolation = await asyncio.to_thread(agent.start)

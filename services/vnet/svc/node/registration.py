@@ -51,10 +51,8 @@ class Registration(WorkerParts):
             why = Support(available=False, reason=f"data plane off: {self.dataplane_reason}")
             self.probe_result = ProbeResult(kinds={}, drivers=_without_kernel(why))
             return
-        from vnet.adapters.netlink.probe import probe
-
         try:
-            self.probe_result = await asyncio.to_thread(probe)
+            self.probe_result = await asyncio.to_thread(self.rt.adapters.node().probe)
         except Exception as exc:
             log.warning("node %s: the kernel probe failed: %s", self.node, exc)
             why = Support(available=False, reason=f"the kernel probe failed: {exc}")

@@ -72,7 +72,6 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     DesiredReply,
@@ -97,6 +96,7 @@ from vnet.core.dataplane_model import (
     Underlay,
 )
 from vnet.core.plan import ep_owner
+from vnet.runtime.node_wiring import PolicyAgentPort
 from vnet.runtime.ports import EventConsumer
 from vnet.runtime.service import Runtime
 from vnet.svc.node import lifecycle
@@ -205,7 +205,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self._version = 0
         self._started = asyncio.Event()
         # Isolation (nftables): the agent, whether stateful filtering is available and why not.
-        self.policy: PolicyAgent | None = None
+        self.policy: PolicyAgentPort | None = None
         self.isolation: Support = Support(available=False, reason="not checked yet")
         self._policy_dirty = asyncio.Event()
         self._policy_fetch = False  # the next policy task run fetches the whole ruleset (else: push)

@@ -21,7 +21,6 @@ from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanContext
 
-from vnet.adapters.policy_agent import PolicyAgent
 from vnet.contracts.endpoint import (
     NodeStats,
 )
@@ -35,6 +34,7 @@ from vnet.core.dataplane_model import (
     Scope,
     Support,
 )
+from vnet.runtime.node_wiring import PolicyAgentPort
 from vnet.runtime.ports import EventConsumer
 from vnet.runtime.service import Runtime
 from vnet.svc.node.drift import NodeMetrics
@@ -129,7 +129,7 @@ class WorkerParts:
     _consumers: list[EventConsumer]
     _all: EventConsumer | None
     _scope_lock: asyncio.Lock
-    policy: PolicyAgent | None
+    policy: PolicyAgentPort | None
     isolation: Support
     _policy_dirty: asyncio.Event
     _policy_fetch: bool
