@@ -166,6 +166,10 @@ class NetworkStore:
         got = await self.r.zrevrangebylex(self.k("netcidx", str(family), scope), f"({last_hex};", "-", 0, 1)
         return _s(got[0]) if got else None
 
+    async def index_count(self, family: int, scope: str, from_hex: str, end_hex: str) -> int:
+        """How many index members have a first address in ``[from_hex, end_hex]``."""
+        return int(await self.r.zlexcount(self.k("netcidx", str(family), scope), f"[{from_hex}", f"({end_hex};"))
+
     async def index_window(self, family: int, scope: str, from_hex: str, to_hex: str,
                            count: int) -> tuple[str | None, list[str]]:
         """The member just before ``from_hex`` and up to ``count`` members whose first address

@@ -176,8 +176,7 @@ async def _carve(st: NetworkStorePort, w: _Want, scope: str, extra: list[addr.IP
             pos = horizon + 1
     if last_found is not None:
         return addr.net_from_span(last_found, plen, fam)
-    used = await st.r.zlexcount(st.k("netcidx", str(fam), scope), f"[{addr.hex_addr(p0, fam)}",
-                                f"({end_hex};")
+    used = await st.index_count(fam, scope, addr.hex_addr(p0, fam), end_hex)
     blockers = [n for n in extra if n.version == pool.version and addr.overlaps(n, pool)]
     hosts = f"; host routes/addresses in it: {addr.describe(blockers[:8])}" if blockers and scope == "root" else ""
     what = "prefix_len_v6" if fam == 6 else "prefix_len"
