@@ -104,3 +104,26 @@ async def test_overlapping_route_is_an_event_at_once(config: VNetConfig, netns: 
             assert all(o.prefix != "10.79.0.128/25" for o in mine.overlaps)
         finally:
             await nc.drain()
+
+
+_forks = [0]
+os.register_at_fork(after_in_parent=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
+def test_host_routes_are_read_in_the_namespace_without_forking(netns: Callable[[str], str]) -> None:
+    """pyroute2's ``IPRoute(netns=...)`` forks a helper that inherits the parent's signal
+    handlers: stopped with SIGTERM, it ran a benchmark's cleanup and deleted every namespace
+    the benchmark had made. The routes are read from a thread inside the namespace instead."""
+    from vnet.svc.node import routewatch
+
+    host = netns("rtf")
+    ip("link", "add", "vrt0", "type", "veth", "peer", "name", "vrt1", ns=host)  # both ends in the namespace
+    ip("addr", "add", "198.18.77.1/24", "dev", "vrt0", ns=host)
+    ip("link", "set", "vrt0", "up", ns=host)
+    ip("route", "add", "blackhole", "198.18.78.0/24", ns=host)
+    before = _forks[0]
+    prefixes, foreign = routewatch.read_host_routes(host)
+    assert _forks[0] == before, "reading the host's routes forked a process"
+    assert {"198.18.77.0/24", "198.18.78.0/24"} <= set(prefixes) and "198.18.78.0/24" in foreign, (prefixes, foreign)
+    with pytest.raises(FileNotFoundError):
+        routewatch.read_host_routes(f"{host}-gone")

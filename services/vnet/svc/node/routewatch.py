@@ -46,18 +46,35 @@ _HDR = struct.Struct("=IHHII")
 def read_host_routes(netns: str | None) -> tuple[list[str], list[str]]:
     """``(prefixes, foreign)`` of ``netns`` (a name under /run/netns or a path; None: this
     namespace): every route and interface address prefix, and those not on VNet's own
-    interfaces. Blocking, read only; never creates a missing namespace."""
+    interfaces. Blocking, read only; never creates a missing namespace.
+
+    Not ``IPRoute(netns=...)``: pyroute2 forks a helper process for that, and the child
+    inherits the parent's Python signal handlers and atexit state; when pyroute2 stops it
+    with SIGTERM, a handler of the parent runs in the child (a benchmark's cleanup deleted
+    every namespace it had made, a test's would do the same). The dump runs on a thread
+    that entered the namespace instead (``nsctx.NsWorker``), with a plain ``IPRoute()``
+    whose socket is therefore made there.
+    """
+    if netns is None:
+        return _dump_routes()
+    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"host namespace {path} does not exist")
+    ns = Netns.open(netns)
+    worker = NsWorker()
+    try:
+        return worker.run(ns, _dump_routes)
+    finally:
+        worker.close()
+        ns.close()
+
+
+def _dump_routes() -> tuple[list[str], list[str]]:
     from pyroute2 import IPRoute
 
-    kwargs: dict[str, object] = {}
-    if netns is not None:
-        path = netns if netns.startswith("/") else f"/run/netns/{netns}"
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"host namespace {path} does not exist")
-        kwargs = {"netns": netns, "flags": 0}
     every: set[str] = set()
     foreign: set[str] = set()
-    with IPRoute(**kwargs) as ipr:
+    with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") or "" for link in ipr.get_links()}
         for r in ipr.get_routes():
             if r["type"] not in ROUTE_TYPES or not r["dst_len"]:
