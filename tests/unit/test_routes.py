@@ -33,10 +33,23 @@ def test_overlapping_prefixes() -> None:
 
 
 def test_route_changes_counts_route_and_address_messages() -> None:
-    def msg(mtype: int, payload: bytes = b"\0" * 12) -> bytes:
+    def msg(mtype: int, payload: bytes) -> bytes:
         length = 16 + len(payload)
         return struct.pack("=IHHII", length, mtype, 0, 0, 0) + payload + b"\0" * ((-length) % 4)
 
-    assert route_changes(msg(24) + msg(25) + msg(20)) == 3
-    assert route_changes(msg(RTM_NEWLINK)) == 0
+    def route(family: int, dst_len: int, dst: bytes, *, table: int = 254, rtype: int = 1) -> bytes:
+        attr = struct.pack("=HH", 4 + len(dst), 1) + dst + b"\0" * ((-len(dst)) % 4)
+        return struct.pack("=BBBBBBBBI", family, dst_len, 0, 0, table, 4, 0, rtype, 0) + attr
+
+    def address(scope: int) -> bytes:
+        return struct.pack("=BBBBI", 2, 24, 0, scope, 7)
+
+    blackhole = route(2, 24, bytes([198, 18, 78, 0]), rtype=6)
+    assert route_changes(msg(24, blackhole) + msg(25, blackhole) + msg(20, address(0))) == 3
+    # what bringing up a host-side veth makes: a link-local address and route, local-table entries
+    link_local = route(10, 64, bytes.fromhex("fe800000000000000000000000000000"))
+    local = route(2, 32, bytes([10, 1, 0, 1]), table=255, rtype=2)
+    assert route_changes(msg(20, address(253)) + msg(24, link_local) + msg(24, local)) == 0
+    assert route_changes(msg(24, route(10, 48, bytes.fromhex("fd000001000000000000000000000000")))) == 1
+    assert route_changes(msg(RTM_NEWLINK, b"\0" * 16)) == 0
     assert route_changes(b"") == 0 and route_changes(b"\x01\x02") == 0

@@ -109,14 +109,53 @@ def _make_socket() -> socket.socket:
     return s
 
 
+_IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RT_SCOPE_LINK = 253
+_RT_TABLE_LOCAL = 255
+_RTA_DST = 1
+_AF_INET6 = 10
+
+
+def _counts(mtype: int, body: bytes) -> bool:
+    """Whether one route/address message can change what the host reports.
+
+    Not the link-scope addresses and routes every interface gets when it comes up (an
+    attach brings a host-side veth up: an fe80:: address and route on it), nor the local
+    table or route types the report skips: without this each attach re-read and reported
+    every route of the host, a cost that grew with the number of interfaces.
+    """
+    if mtype in (RTM_NEWADDR, RTM_DELADDR):
+        if len(body) < _IFADDR.size:
+            return True
+        scope: int = _IFADDR.unpack_from(body)[3]
+        return scope < _RT_SCOPE_LINK
+    if len(body) < _RTMSG.size:
+        return True
+    family, dst_len, _src, _tos, table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(body)
+    if table == _RT_TABLE_LOCAL or rtype not in ROUTE_TYPES or not dst_len:
+        return False
+    if family == _AF_INET6:  # fe80::/10 routes are per-link, never a network's prefix
+        off = _RTMSG.size
+        while off + 4 <= len(body):
+            alen, atype = struct.unpack_from("=HH", body, off)
+            if alen < 4:
+                break
+            if atype == _RTA_DST and alen >= 6 and body[off + 4] == 0xFE and body[off + 5] & 0xC0 == 0x80:
+                return False
+            off += (alen + 3) & ~3
+    return True
+
+
 def route_changes(data: bytes) -> int:
-    """How many route/address change messages one netlink datagram holds."""
+    """How many route/address change messages that matter (:func:`_counts`) one netlink datagram holds."""
     n, off = 0, 0
     while off + _HDR.size <= len(data):
         length, mtype, _flags, _seq, _pid = _HDR.unpack_from(data, off)
         if length < _HDR.size:
             break
-        n += mtype in _WATCHED
+        if mtype in _WATCHED:
+            n += _counts(mtype, data[off + _HDR.size:off + length])
         off += (length + 3) & ~3
     return n
 
