@@ -127,3 +127,26 @@ def test_host_routes_are_read_in_the_namespace_without_forking(netns: Callable[[
     assert {"198.18.77.0/24", "198.18.78.0/24"} <= set(prefixes) and "198.18.78.0/24" in foreign, (prefixes, foreign)
     with pytest.raises(FileNotFoundError):
         routewatch.read_host_routes(f"{host}-gone")
+
+
+async def test_reading_host_routes_never_signals_the_reader(netns: Callable[[str], str]) -> None:
+    """The cause of node workers that stopped cleanly while nobody stopped them (issue 11):
+    pyroute2's ``IPRoute(netns=...)`` forks a helper and stops it with SIGTERM; the helper
+    still shares the parent's asyncio signal wake-up socket, so the parent's SIGTERM handler
+    ran ("draining node") — after 2 reads in the experiment that found it. The reads are
+    made without a helper now; 50 of them never wake the reader's SIGTERM handler."""
+    import signal
+
+    from vnet.svc.node import routewatch
+
+    host = netns("rts")
+    loop = asyncio.get_running_loop()
+    fired: list[int] = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: fired.append(1))
+    try:
+        for _ in range(50):
+            await asyncio.to_thread(routewatch.read_host_routes, host)
+        await asyncio.sleep(0.2)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    assert not fired, "reading the host's routes delivered a SIGTERM to this process's handler"
