@@ -136,6 +136,7 @@ class _UdpPump:
         rcodes = DnsServer._cache_rcode
         while not self._stop:
             for key, _ in self.sel.select(0.2):
+                # only sockets are registered (ours and the wake-up one); fileobj is typed as any file-like
                 sock: socket.socket = key.fileobj  # type: ignore[assignment]
                 if sock is self._wake_r:
                     self._apply_commands()

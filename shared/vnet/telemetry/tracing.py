@@ -195,6 +195,8 @@ def activate(span: Span) -> object:
 
 
 def deactivate(token: object) -> None:
+    # the token is the one activate() got from attach(); callers hold it as ``object`` so they need no
+    # OpenTelemetry types, and detach() is annotated to take its own Token type
     otel_context.detach(token)  # type: ignore[arg-type]
 
 

@@ -318,6 +318,7 @@ class CniServer:
         # repeated ADD gets the first endpoint back, made by another request: that is the
         # conflict, found without a list request before every ADD.
         rid = f"cni-{uuid.uuid4().hex}"
+        # a port mapping's protocol was checked against tcp/udp when the conf was parsed (core.cni): a str here
         create = EndpointCreate(container_id=container, network_id=conf.network, netns=netns, ifname=ifname,
                                 labels=conf.labels, request_id=rid,
                                 ports=[PortMapping(host_port=p.host_port, container_port=p.container_port,

@@ -187,6 +187,7 @@ class NodeDns:
                 pass
         if self.table is None:
             return Answer("REFUSED", why="the resolver has no table yet", cacheable=False)
+        # the server passes one of QType's names (unknown types become ANY), typed as a plain str there
         ans = self.table.lookup(src, qname, qtype, upstream=upstream)  # type: ignore[arg-type]
         if not self._fresh.is_set():  # answered from the last table while a newer one is coming
             ans = dataclasses.replace(ans, cacheable=False)

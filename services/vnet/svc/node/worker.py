@@ -333,6 +333,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         if policy_first:  # one step in the kernel thread: the policy delta, then the netlink work
             def step() -> ReconcileResult:
                 self._push_policy()
+                # reached through the data-plane port, which mypy sees returning Any; it is a ReconcileResult
                 return self.rec.reconcile(desired, scope)  # type: ignore[no-any-return]
             result: ReconcileResult = await self._in_thread(step)
         else:
@@ -531,6 +532,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
 
         async def one(eid: str, state: str, reason: str, code: str) -> None:
             v = self._next_version()
+            # ``state`` is one of the worker's own states (ready, failed, deleted), a plain str here
             ev = EndpointStatusEvent(endpoint_id=eid, node=self.node, status=state,  # type: ignore[arg-type]
                                      reason=reason, code=code, version=v)
             try:
