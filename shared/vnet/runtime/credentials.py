@@ -48,7 +48,11 @@ class CredentialsError(Exception):
 
 
 def new_password() -> str:
-    return secrets.token_urlsafe(32)  # 256 bits; URL-safe, so no quoting trouble in either config
+    """256 random bits, URL-safe (no quoting trouble in either config), after a letter:
+    nats-server parses a ``$VAR`` password from the environment as a config value, and one
+    that starts like a number or a date (``-x...``, ``9-...``) fails to parse, about one
+    stack in ten with every user's password drawn this way."""
+    return "v" + secrets.token_urlsafe(32)
 
 
 def private_write(path: Path, data: bytes) -> None:
