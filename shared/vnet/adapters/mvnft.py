@@ -87,9 +87,16 @@ class _NsCtx:
         return int(ctx)
 
     def run(self, cmd: str, json_out: bool = False) -> tuple[int, str, str]:
-        lib, ctx, data = self.lib, self.ctx, cmd.encode()
+        lib, data = self.lib, cmd.encode()
 
         def call() -> tuple[int, str, str]:
+            # Read the context here, on the worker thread that also frees it: a close() from
+            # another thread (the container went) may have queued the free before this call,
+            # and a context captured earlier would then be used after free (libnftables aborted
+            # the whole process once in CI).
+            ctx = self.ctx
+            if not ctx:
+                raise MvNftError("the container namespace's nftables context is closed (the endpoint went)")
             base = lib.nft_ctx_output_get_flags(ctx) & ~libnft.NFT_CTX_OUTPUT_JSON
             lib.nft_ctx_output_set_flags(ctx, base | (libnft.NFT_CTX_OUTPUT_JSON if json_out else 0))
             rc = lib.nft_run_cmd_from_buffer(ctx, data)
