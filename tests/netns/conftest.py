@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -52,6 +53,23 @@ def sysctl(ns: str, key: str) -> str:
     out = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", key], check=True, capture_output=True,
                          text=True).stdout
     return out.strip()
+
+
+def wait_links_ready(*namespaces: str, timeout: float = 30.0) -> None:
+    """Wait until every link with carrier in ``namespaces`` is operationally up. The kernel
+    turns a link's carrier on at once but starts sending on it only when its link-watch
+    work runs, which needs the RTNL lock: after a test tore down many namespaces the
+    kernel's cleanup can hold that lock for seconds, and a probe sent meanwhile is dropped
+    (CI: an exposure probe failed both of its tries right after the 1,024-port test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        late = [f"{ns}/{x['ifname']}" for ns in namespaces for x in ip_json("link", "show", ns=ns)
+                if "LOWER_UP" in x.get("flags", ()) and x.get("operstate") not in ("UP", "UNKNOWN")]
+        if not late:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"links with carrier still not up after {timeout:.0f} s: {late}")
+        time.sleep(0.05)
 
 
 def ping(ns: str, addr: str, *, tries: int = 3) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from tests.netns.conftest import wait_links_ready
 from tests.netns.test_isolation import FULL, NONE, PEER, Agent, Ep, Lab, Net, lab, reached  # noqa: F401
 from vnet.core import reach
 from vnet.core.policy import AllowRule, PortSpec, Published, Selector
@@ -31,6 +32,7 @@ def test_exposure_matches_probes_from_outside(lab: Callable[[list[Net], list[Ep]
                 ["ip", "-n", ext, "link", "set", "eth0", "up"],
                 ["ip", "-n", ext, "route", "add", "10.87.0.0/16", "via", "192.0.2.1"]):
         subprocess.run(cmd, check=True)
+    wait_links_ready(lb.host, ext)
     agent = Agent(ext)
     try:
         got = reach.exposure(lb.policy())
@@ -43,7 +45,13 @@ def test_exposure_matches_probes_from_outside(lab: Callable[[list[Net], list[Ep]
             return reached({k: send(*v) for k, v in targets.items()})
 
         # each row's way in, tried toward every endpoint: exactly the row's endpoints answer
-        assert connects({e: (lb.eps[e].addr, 80) for e in lb.eps}) == rows[("network", "en")]
+        def state() -> str:  # what the kernel looked like, should a probe fail (CI failed once here)
+            cmds = [["ip", "-n", ns, "-s", "-br", "link"] for ns in (lb.host, ext)] + [
+                ["ip", "-n", ns, "neigh"] for ns in (lb.host, ext)] + [["ip", "-n", ext, "route"]]
+            return "\n".join(subprocess.run(c, capture_output=True, text=True).stdout for c in cmds)
+
+        got80 = connects({e: (lb.eps[e].addr, 80) for e in lb.eps})
+        assert got80 == rows[("network", "en")], state()
         assert connects({"p": ("192.0.2.1", 8085), "p-other": ("192.0.2.1", 8086)}) == rows[("published", "p")]
         assert connects({e: (lb.eps[e].addr, 443) for e in lb.eps}) == rows[("rule", "https-in")] | rows[("network",
                                                                                                          "en")]

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import requires_root
-from tests.netns.conftest import ip_json, ping
+from tests.netns.conftest import ip_json, ping, wait_links_ready
 from vnet.adapters.nftables import NftEnforcer
 from vnet.core import naming, nft
 from vnet.core.dataplane_model import EpDesired, NetDesired, NodeDesired
@@ -242,6 +242,7 @@ class Lab:
                                  gw4=self.nets[e.net].cidr.split("/")[0]) for e in eps])
         r = self.rec.reconcile(nd)
         assert r.errors == [], r.errors
+        wait_links_ready(self.host, *self.ns.values())
         self.agents: dict[str, Agent] = {}
         try:
             for e in eps:
