@@ -445,24 +445,26 @@ def neigh_mac(ns: str, addr: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("mode", [FULL, PEER, MESH, NONE], ids=lambda m: m.value)
-def test_anti_spoofing(lab: Callable[[list[Net], list[Ep]], Lab], mode: IsolationMode) -> None:
-    nets = [Net("s", mode, "10.82.1.1/24")]
-    eps = [Ep("att", "s", "10.82.1.10/24"), Ep("vic", "s", "10.82.1.20/24"), Ep("peer", "s", "10.82.1.30/24")]
-    lb = lab(nets, eps)
-    # inside the network everything is allowed by a rule, in every mode: only anti-spoofing can drop
-    lb.set_rules([AllowRule(id="open", from_=[Selector(network="s")], to=[Selector(network="s")])])
-    att, vic, peer = lb.agents["att"], lb.agents["vic"], lb.eps["peer"]
-    a, v = lb.eps["att"], lb.eps["vic"]
+def eventually(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def assert_forgeries_dropped(att: Agent, vic: Agent, eps: dict[str, Ep], vic_ns: str, *,
+                             sent_ok: bool = True) -> None:
+    """Endpoint ``att`` forges frames and ARP requests toward ``vic`` (another endpoint's
+    address, a foreign address, a forged MAC): only its genuine ones arrive. ``sent_ok``:
+    every raw send must succeed (false where a forged frame may be refused at the sender)."""
+    a, v, peer = eps["att"], eps["vic"], eps["peer"]
+
+    def send(op: str, args: list[Any]) -> None:
+        ok = att.send(op=op, args=args).result(30)
+        assert ok or not sent_ok, f"{op} {args} could not be sent"
 
     def udp_from(token: str, smac: str, sip: str) -> None:
-        assert att.send(op="raw_udp", args=["eth0", smac, v.mac, sip, v.addr, 7000, token]).result(30)
-
-    def eventually(cond: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not cond():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
+        send("raw_udp", ["eth0", smac, v.mac, sip, v.addr, 7000, token])
 
     # The forged frames first, the genuine one last, on the same path into the victim's one
     # UDP socket: once the genuine one is logged, a forged one that got through would be too
@@ -479,11 +481,21 @@ def test_anti_spoofing(lab: Callable[[list[Net], list[Ep]], Lab], mode: Isolatio
 
     # ARP: a request claiming the peer's address is dropped; one with our own passes (sent
     # second, so once it is learnt the forged one has been dealt with too)
-    subprocess.run(["ip", "-n", lb.ns["vic"], "neigh", "flush", "all"], check=True)
-    assert att.send(op="raw_arp", args=["eth0", a.mac, a.mac, peer.addr, v.addr]).result(30)
-    assert att.send(op="raw_arp", args=["eth0", a.mac, a.mac, a.addr, v.addr]).result(30)
-    eventually(lambda: neigh_mac(lb.ns["vic"], a.addr) == a.mac, "the genuine ARP request was not learnt")
-    assert neigh_mac(lb.ns["vic"], peer.addr) is None
+    subprocess.run(["ip", "-n", vic_ns, "neigh", "flush", "all"], check=True)
+    send("raw_arp", ["eth0", a.mac, a.mac, peer.addr, v.addr])
+    send("raw_arp", ["eth0", a.mac, a.mac, a.addr, v.addr])
+    eventually(lambda: neigh_mac(vic_ns, a.addr) == a.mac, "the genuine ARP request was not learnt")
+    assert neigh_mac(vic_ns, peer.addr) is None
+
+
+@pytest.mark.parametrize("mode", [FULL, PEER, MESH, NONE], ids=lambda m: m.value)
+def test_anti_spoofing(lab: Callable[[list[Net], list[Ep]], Lab], mode: IsolationMode) -> None:
+    nets = [Net("s", mode, "10.82.1.1/24")]
+    eps = [Ep("att", "s", "10.82.1.10/24"), Ep("vic", "s", "10.82.1.20/24"), Ep("peer", "s", "10.82.1.30/24")]
+    lb = lab(nets, eps)
+    # inside the network everything is allowed by a rule, in every mode: only anti-spoofing can drop
+    lb.set_rules([AllowRule(id="open", from_=[Selector(network="s")], to=[Selector(network="s")])])
+    assert_forgeries_dropped(lb.agents["att"], lb.agents["vic"], lb.eps, lb.ns["vic"])
     # and the attacker's own traffic still passes through the kernel's stack
     assert lb.probe(ALL3, [("att", "vic")]) == {"tcp/80": {"att>vic"}, "udp/80": {"att>vic"}, "icmp": {"att>vic"}}
 
