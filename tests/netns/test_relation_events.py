@@ -86,30 +86,45 @@ async def both_ways(what: str, m: VNetManager, pairs: list[tuple[Agent, Endpoint
         assert v.allowed == want, f"{what}: explain says {v.allowed} ({v.reasons})"
 
 
-async def test_connected_mesh_only_overlays_across_hosts(cluster: Cluster, agents: list[Agent]) -> None:  # noqa: F811
+@pytest.mark.parametrize("relation", ["connected", "mesh group"])
+async def test_related_mesh_only_overlays_across_hosts(cluster: Cluster, agents: list[Agent],  # noqa: F811
+                                                       relation: str) -> None:
     c = cluster
     m = c.m
     n1, n2, rts = await two_hosts(c)
-    na = await m.create_network("rela", "10.141.0.0/24", None, "overlay", "mesh_only")
-    nb = await m.create_network("relb", "10.142.0.0/24", None, "overlay", "mesh_only")
-    await m.connect_networks(na.id, nb.id)
+    mesh = relation == "mesh group"
+    na = await m.create_network("rele" if mesh else "rela", "10.145.0.0/24" if mesh else "10.141.0.0/24", None,
+                                "overlay", "mesh_only")
+    nb = await m.create_network("relf" if mesh else "relb", "10.146.0.0/24" if mesh else "10.142.0.0/24", None,
+                                "overlay", "mesh_only")
+
+    async def relate(first: bool) -> None:
+        if mesh:
+            await (m.create_mesh("relg", [na.id, nb.id]) if first else m.add_to_mesh("relg", nb.id))
+        else:
+            await m.connect_networks(na.id, nb.id)
+
+    async def unrelate() -> None:
+        await (m.remove_from_mesh("relg", nb.id) if mesh else m.disconnect_networks(na.id, nb.id))
+
+    await relate(True)
     base = full_resyncs(rts)
-    ca, cb = await c.containers(n1, 1, "ra") + await c.containers(n2, 1, "rb")
+    ca, cb = await c.containers(n1, 1, "re" if mesh else "ra") + await c.containers(n2, 1, "rf" if mesh else "rb")
     ags = await asyncio.to_thread(lambda: [Agent(ca), Agent(cb)])  # listening before the attach
     agents += ags
     (ea,) = await c.attach(n1, [ca], na.id)
     (eb,) = await c.attach(n2, [cb], nb.id)
     t0 = time.perf_counter()  # the last create
     pairs = [(ags[0], ea, eb), (ags[1], eb, ea)]
-    await both_ways("connected, reachable after the last create", m, pairs, t0, True)
+    await both_ways(f"{relation}, reachable after the last create", m, pairs, t0, True)
 
     t0 = time.perf_counter()
-    await m.disconnect_networks(na.id, nb.id)
-    await both_ways("disconnected, closed", m, pairs, t0, False)
+    await unrelate()
+    await both_ways(f"no longer {relation}, closed", m, pairs, t0, False)
 
     t0 = time.perf_counter()
-    await m.connect_networks(na.id, nb.id)
-    await both_ways("connected again, reachable", m, pairs, t0, True)
+    await relate(False)
+    await both_ways(f"{relation} again, reachable", m, pairs, t0, True)
 
     # The last endpoint of host 1 goes: its network's bridge and the one routed for it go too.
     t0 = time.perf_counter()
@@ -152,31 +167,6 @@ async def test_connect_after_the_endpoints_exist(cluster: Cluster, agents: list[
     assert full_resyncs(rts) == base, "a full resync ran: the bound was not met by events alone"
 
 
-async def test_mesh_group_overlays_across_hosts(cluster: Cluster, agents: list[Agent]) -> None:  # noqa: F811
-    c = cluster
-    m = c.m
-    n1, n2, rts = await two_hosts(c)
-    na = await m.create_network("rele", "10.145.0.0/24", None, "overlay", "mesh_only")
-    nb = await m.create_network("relf", "10.146.0.0/24", None, "overlay", "mesh_only")
-    await m.create_mesh("relg", [na.id, nb.id])
-    base = full_resyncs(rts)
-    ca, cb = await c.containers(n1, 1, "re") + await c.containers(n2, 1, "rf")
-    ags = await asyncio.to_thread(lambda: [Agent(ca), Agent(cb)])  # listening before the attach
-    agents += ags
-    (ea,) = await c.attach(n1, [ca], na.id)
-    (eb,) = await c.attach(n2, [cb], nb.id)
-    t0 = time.perf_counter()  # the last create
-    pairs = [(ags[0], ea, eb), (ags[1], eb, ea)]
-    await both_ways("mesh group, reachable after the last create", m, pairs, t0, True)
-
-    t0 = time.perf_counter()
-    await m.remove_from_mesh("relg", nb.id)
-    await both_ways("left the mesh group, closed", m, pairs, t0, False)
-
-    t0 = time.perf_counter()
-    await m.add_to_mesh("relg", nb.id)
-    await both_ways("back in the mesh group, reachable", m, pairs, t0, True)
-    assert full_resyncs(rts) == base, "a full resync ran: the bound was not met by events alone"
 
 
 async def test_overlay_parent_and_child_on_different_hosts(cluster: Cluster,  # noqa: F811
