@@ -28,21 +28,17 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.bench.one_node import one_node
 from tests.bench.scratch_ns import Scratch
-from vnet import VNetManager
 from vnet.cli.cni import plugin_source
-from vnet.runtime import launcher, servers, service
-from vnet.runtime.config import VNetConfig
 
 PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-k"
 NS = Scratch(PREFIX)
@@ -104,85 +100,59 @@ def rows(plugins: dict[str, Plugin], conts: dict[str, list[str]], node_took: Cal
 async def main(n: int) -> None:
     if not (REF / "bridge").exists():
         raise SystemExit("the reference plugins are not installed (apt-get install containernetworking-plugins)")
-    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
-    valkey = servers.start_valkey(work / "valkey")
-    nats = servers.start_nats(work / "nats")
-    rts: list[service.Runtime] = []
-    try:
-        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
-                              log_level="WARNING")
-        for name in ("ipam", "network", "endpoint", "policy"):
-            rts.append(await service.start(launcher.load_service(name), cfg))
-        vhost = NS.make("vh")
-        node = f"{PREFIX}-n"
+    async with one_node(PREFIX, NS, lambda work: {"cni": "on", "cni_socket": str(work / "cni.sock")}, "vh") as st:
+        work, m, vhost, rts = st.work, st.m, st.host, st.rts
         sock = str(work / "cni.sock")
-        rts.append(await service.start(
-            launcher.load_service("node"),
-            VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
-                            log_level="WARNING", host_netns=vhost),
-            params={"node": node, "resync_s": "600", "cni": "on", "cni_socket": sock}))
         bindir = work / "bin"
         bindir.mkdir()
         shim = bindir / "vnet-cni"
         shim.write_text(plugin_source())
         shim.chmod(0o755)
-        async with VNetManager(cfg) as m:
-            for _ in range(200):
-                if any(x.node == node for x in await m.nodes()):
-                    break
-                await asyncio.sleep(0.05)
-            nets = {"none": await m.create_network(f"{PREFIX}-none", "10.89.60.0/22", "10.89.60.1", "bridge",
-                                                   "none"),
-                    "full": await m.create_network(f"{PREFIX}-full", "10.89.64.0/22", "10.89.64.1", "bridge",
-                                                   "full")}
-            ref_conf = {"cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "cnibr0",
-                        "isGateway": True, "ipMasq": False,
-                        "ipam": {"type": "host-local", "subnet": "10.89.68.0/22", "dataDir": str(work / "hl")}}
-            chost = NS.make("ch")  # made late: on this shared machine a namespace made early went missing twice
-            plugins: dict[str, Plugin] = {"bridge + host-local": (chost, str(REF / "bridge"), ref_conf, str(REF))}
-            for mode, net in nets.items():
-                conf = {"cniVersion": "1.1.0", "name": net.name, "type": "vnet-cni", "network": net.name,
-                        "socket": sock}
-                plugins[f"vnet-cni, {mode} network"] = (vhost, str(shim), conf, str(bindir))
-            conts = {label: [NS.make(f"x{k}-{i}") for i in range(n + 1)] for k, label in enumerate(plugins)}
-            took: dict[str, float] = getattr(rts[-1].state["cni"], "took", {})  # the node's share of each call
+        nets = {"none": await m.create_network(f"{PREFIX}-none", "10.89.60.0/22", "10.89.60.1", "bridge",
+                                               "none"),
+                "full": await m.create_network(f"{PREFIX}-full", "10.89.64.0/22", "10.89.64.1", "bridge",
+                                               "full")}
+        ref_conf = {"cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "cnibr0",
+                    "isGateway": True, "ipMasq": False,
+                    "ipam": {"type": "host-local", "subnet": "10.89.68.0/22", "dataDir": str(work / "hl")}}
+        chost = NS.make("ch")  # made late: on this shared machine a namespace made early went missing twice
+        plugins: dict[str, Plugin] = {"bridge + host-local": (chost, str(REF / "bridge"), ref_conf, str(REF))}
+        for mode, net in nets.items():
+            conf = {"cniVersion": "1.1.0", "name": net.name, "type": "vnet-cni", "network": net.name,
+                    "socket": sock}
+            plugins[f"vnet-cni, {mode} network"] = (vhost, str(shim), conf, str(bindir))
+        conts = {label: [NS.make(f"x{k}-{i}") for i in range(n + 1)] for k, label in enumerate(plugins)}
+        took: dict[str, float] = getattr(rts[-1].state["cni"], "took", {})  # the node's share of each call
 
-            def node_took(cmd: str) -> float:
-                return took.get(cmd, 0.0)
-            # warm every path once (page cache, the first namespace), then measure in turns
-            await asyncio.to_thread(rows, plugins, {k: v[:1] for k, v in conts.items()}, node_took)
-            results = await asyncio.to_thread(rows, plugins, {k: v[1:] for k, v in conts.items()}, node_took)
-            c_ref, c_shim = cold([str(REF / "bridge"), str(shim)])
-            base_add = statistics.median(results["bridge + host-local"]["ADD"])
-            base_del = statistics.median(results["bridge + host-local"]["DEL"])
-            print(f"\nCNI ADD/DEL, {n} containers per row, one run, exec'd as a runtime does (ip netns exec), "
-                  "the rows interleaved container by container\n")
-            print("| plugin | ADD median | ADD p99 | DEL median | DEL p99 |")
-            print("|---|---|---|---|---|")
-            for label, r in results.items():
-                a, d = statistics.median(r["ADD"]), statistics.median(r["DEL"])
-                print(f"| {label} | {a * 1e3:.1f} ms ({a / base_add:.2f}x) | {pct(r['ADD'], 0.99) * 1e3:.1f} ms | "
-                      f"{d * 1e3:.1f} ms ({d / base_del:.2f}x) | {pct(r['DEL'], 0.99) * 1e3:.1f} ms |")
-            print("\nwhere a vnet-cni call's time goes (medians): the node (socket in -> answer out) and the rest "
-                  "(ip netns exec, Python start, the shim)")
-            for label, r in results.items():
-                if any(r["ADD node"]):
-                    an, dn = statistics.median(r["ADD node"]), statistics.median(r["DEL node"])
-                    rest_a = statistics.median(x - y for x, y in zip(r["ADD"], r["ADD node"], strict=True))
-                    rest_d = statistics.median(x - y for x, y in zip(r["DEL"], r["DEL node"], strict=True))
-                    print(f"  {label}: ADD node {an * 1e3:.1f} ms + rest {rest_a * 1e3:.1f} ms; DEL node "
-                          f"{dn * 1e3:.1f} ms + rest {rest_d * 1e3:.1f} ms")
-            print(f"\ncold start (VERSION, exec'd directly, median of 40): vnet-cni shim {c_shim * 1e3:.1f} ms, "
-                  f"bridge {c_ref * 1e3:.1f} ms")
-            for net in nets.values():
-                await m.delete_network(net.id, force=True)
-    finally:
-        for rt in reversed(rts):
-            await rt.stop(drain_timeout=2.0)
-        NS.cleanup()
-        nats.stop()
-        valkey.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        def node_took(cmd: str) -> float:
+            return took.get(cmd, 0.0)
+        # warm every path once (page cache, the first namespace), then measure in turns
+        await asyncio.to_thread(rows, plugins, {k: v[:1] for k, v in conts.items()}, node_took)
+        results = await asyncio.to_thread(rows, plugins, {k: v[1:] for k, v in conts.items()}, node_took)
+        c_ref, c_shim = cold([str(REF / "bridge"), str(shim)])
+        base_add = statistics.median(results["bridge + host-local"]["ADD"])
+        base_del = statistics.median(results["bridge + host-local"]["DEL"])
+        print(f"\nCNI ADD/DEL, {n} containers per row, one run, exec'd as a runtime does (ip netns exec), "
+              "the rows interleaved container by container\n")
+        print("| plugin | ADD median | ADD p99 | DEL median | DEL p99 |")
+        print("|---|---|---|---|---|")
+        for label, r in results.items():
+            a, d = statistics.median(r["ADD"]), statistics.median(r["DEL"])
+            print(f"| {label} | {a * 1e3:.1f} ms ({a / base_add:.2f}x) | {pct(r['ADD'], 0.99) * 1e3:.1f} ms | "
+                  f"{d * 1e3:.1f} ms ({d / base_del:.2f}x) | {pct(r['DEL'], 0.99) * 1e3:.1f} ms |")
+        print("\nwhere a vnet-cni call's time goes (medians): the node (socket in -> answer out) and the rest "
+              "(ip netns exec, Python start, the shim)")
+        for label, r in results.items():
+            if any(r["ADD node"]):
+                an, dn = statistics.median(r["ADD node"]), statistics.median(r["DEL node"])
+                rest_a = statistics.median(x - y for x, y in zip(r["ADD"], r["ADD node"], strict=True))
+                rest_d = statistics.median(x - y for x, y in zip(r["DEL"], r["DEL node"], strict=True))
+                print(f"  {label}: ADD node {an * 1e3:.1f} ms + rest {rest_a * 1e3:.1f} ms; DEL node "
+                      f"{dn * 1e3:.1f} ms + rest {rest_d * 1e3:.1f} ms")
+        print(f"\ncold start (VERSION, exec'd directly, median of 40): vnet-cni shim {c_shim * 1e3:.1f} ms, "
+              f"bridge {c_ref * 1e3:.1f} ms")
+        for net in nets.values():
+            await m.delete_network(net.id, force=True)
 
 
 if __name__ == "__main__":

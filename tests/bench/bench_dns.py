@@ -25,15 +25,12 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
+from tests.bench.one_node import one_node
 from tests.bench.scratch_ns import Scratch, sh
-from vnet import VNetManager
 from vnet.core import naming
-from vnet.runtime import launcher, servers, service
-from vnet.runtime.config import VNetConfig
 
 PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-d"
 NS = Scratch(PREFIX)
@@ -110,85 +107,59 @@ def load(ns: str, server: str, inflight: int, total: int, names: list[str]) -> d
 async def main(n: int, queries: int, seconds: float) -> None:
     if AARDVARK is None:
         raise SystemExit("aardvark-dns is not installed (apt-get install aardvark-dns)")
-    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
-    valkey = servers.start_valkey(work / "valkey")
-    nats = servers.start_nats(work / "nats")
-    rts: list[service.Runtime] = []
-    try:
-        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
-                              log_level="WARNING")
-        for name in ("ipam", "network", "endpoint", "policy"):
-            rts.append(await service.start(launcher.load_service(name), cfg))
-        host = NS.make("h")
-        node = f"{PREFIX}-n"
-        rts.append(await service.start(
-            launcher.load_service("node"), VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url,
-                                                           metrics_http_port=0, log_level="WARNING",
-                                                           host_netns=host),
-            params={"node": node, "resync_s": "600", "dns": "on", "dns_upstream": ""}))
-        async with VNetManager(cfg) as m:
-            for _ in range(200):
-                if any(x.node == node for x in await m.nodes()):
-                    break
-                await asyncio.sleep(0.05)
-            net = await m.create_network(f"{PREFIX}-net", "10.89.20.0/24", "10.89.20.1", "bridge", "peer_only")
-            conts = [NS.make(f"c{i}") for i in range(n)]
-            eps = []
-            for c in conts:
-                eps.append(await m.create_endpoint(c, net.id, wait=True, wait_timeout=60))
-            assert all(e.status == "ready" for e in eps), [e.status for e in eps]
-            names = [e.container_id for e in eps]
-            # aardvark-dns on the same bridge, with the same names
-            sh("ip", "-n", host, "addr", "add", "10.89.20.254/24", "dev", naming.bridge_name(net.id))
-            conf = work / "aardvark"
-            conf.mkdir()
-            (conf / "bench").write_text("10.89.20.254\n" + "".join(
-                f"{e.id} {e.ip_address}  {e.container_id}\n" for e in eps))
-            NS.procs.append(await asyncio.to_thread(
-                subprocess.Popen, ["ip", "netns", "exec", host, AARDVARK, "--config", str(conf), "-p", "53", "run"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            await asyncio.sleep(0.5)
-            rows = []
-            perfs: list[tuple[str, int, dict[str, float]]] = []
-            servers_ = (("VNet resolver", "10.89.20.1"), ("aardvark-dns", "10.89.20.254"))
-            for label, server in servers_:
-                await asyncio.to_thread(load, conts[0], server, 4, 200, names)  # warm-up
-                one = await asyncio.to_thread(load, conts[0], server, 1, queries // 4, names)
-                many = await asyncio.to_thread(load, conts[0], server, 16, queries, names)
-                rows.append((label, one, many))
-            if DNSPERF is not None:
-                for inflight in (16, 100):
-                    for label, server in servers_:  # interleaved, so both see the same machine
-                        perfs.append((label, inflight, await asyncio.to_thread(
-                            perf, conts[0], server, inflight, seconds, names, work)))
-            print(f"\nDNS: {n} names in one peer_only network, client in a container, one run\n")
-            print("| server | median, 1 in flight | p99, 1 in flight | queries/s, 16 in flight | "
-                  "median, 16 in flight | failed |")
+    async with one_node(PREFIX, NS, lambda work: {"dns": "on", "dns_upstream": ""}) as st:
+        work, m, host = st.work, st.m, st.host
+        net = await m.create_network(f"{PREFIX}-net", "10.89.20.0/24", "10.89.20.1", "bridge", "peer_only")
+        conts = [NS.make(f"c{i}") for i in range(n)]
+        eps = []
+        for c in conts:
+            eps.append(await m.create_endpoint(c, net.id, wait=True, wait_timeout=60))
+        assert all(e.status == "ready" for e in eps), [e.status for e in eps]
+        names = [e.container_id for e in eps]
+        # aardvark-dns on the same bridge, with the same names
+        sh("ip", "-n", host, "addr", "add", "10.89.20.254/24", "dev", naming.bridge_name(net.id))
+        conf = work / "aardvark"
+        conf.mkdir()
+        (conf / "bench").write_text("10.89.20.254\n" + "".join(
+            f"{e.id} {e.ip_address}  {e.container_id}\n" for e in eps))
+        NS.procs.append(await asyncio.to_thread(
+            subprocess.Popen, ["ip", "netns", "exec", host, AARDVARK, "--config", str(conf), "-p", "53", "run"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        await asyncio.sleep(0.5)
+        rows = []
+        perfs: list[tuple[str, int, dict[str, float]]] = []
+        servers_ = (("VNet resolver", "10.89.20.1"), ("aardvark-dns", "10.89.20.254"))
+        for label, server in servers_:
+            await asyncio.to_thread(load, conts[0], server, 4, 200, names)  # warm-up
+            one = await asyncio.to_thread(load, conts[0], server, 1, queries // 4, names)
+            many = await asyncio.to_thread(load, conts[0], server, 16, queries, names)
+            rows.append((label, one, many))
+        if DNSPERF is not None:
+            for inflight in (16, 100):
+                for label, server in servers_:  # interleaved, so both see the same machine
+                    perfs.append((label, inflight, await asyncio.to_thread(
+                        perf, conts[0], server, inflight, seconds, names, work)))
+        print(f"\nDNS: {n} names in one peer_only network, client in a container, one run\n")
+        print("| server | median, 1 in flight | p99, 1 in flight | queries/s, 16 in flight | "
+              "median, 16 in flight | failed |")
+        print("|---|---|---|---|---|---|")
+        base = rows[1][2]["qps"]
+        for label, one, many in rows:
+            print(f"| {label} | {one['p50'] * 1e3:.2f} ms | {one['p99'] * 1e3:.2f} ms | {many['qps']:,.0f} "
+                  f"({many['qps'] / base:.2f}x) | {many['p50'] * 1e3:.2f} ms | {int(one['bad'] + many['bad'])} |")
+        if perfs:
+            print(f"\ndnsperf (C client), {seconds:g} s per row, random order of the {n} names\n")
+            print("| server | in flight | queries/s | ratio | average latency | lost |")
             print("|---|---|---|---|---|---|")
-            base = rows[1][2]["qps"]
-            for label, one, many in rows:
-                print(f"| {label} | {one['p50'] * 1e3:.2f} ms | {one['p99'] * 1e3:.2f} ms | {many['qps']:,.0f} "
-                      f"({many['qps'] / base:.2f}x) | {many['p50'] * 1e3:.2f} ms | {int(one['bad'] + many['bad'])} |")
-            if perfs:
-                print(f"\ndnsperf (C client), {seconds:g} s per row, random order of the {n} names\n")
-                print("| server | in flight | queries/s | ratio | average latency | lost |")
-                print("|---|---|---|---|---|---|")
-                for label, inflight, r in perfs:
-                    peer = next(x[2] for x in perfs if x[1] == inflight and x[0] == "aardvark-dns")
-                    print(f"| {label} | {inflight} | {r.get('qps', 0):,.0f} | {r.get('qps', 0) / peer['qps']:.2f}x | "
-                          f"{r.get('avg', 0) * 1e3:.2f} ms | {int(r.get('lost', 0))} |")
-            else:
-                print("\n(dnsperf is not installed: apt-get install dnsperf for the server-bound rows)")
-            for e in eps:
-                await m.delete_endpoint(e.id, wait=True)
-            await m.delete_network(net.id)
-    finally:
-        for rt in reversed(rts):
-            await rt.stop(drain_timeout=2.0)
-        NS.cleanup()
-        nats.stop()
-        valkey.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            for label, inflight, r in perfs:
+                peer = next(x[2] for x in perfs if x[1] == inflight and x[0] == "aardvark-dns")
+                print(f"| {label} | {inflight} | {r.get('qps', 0):,.0f} | {r.get('qps', 0) / peer['qps']:.2f}x | "
+                      f"{r.get('avg', 0) * 1e3:.2f} ms | {int(r.get('lost', 0))} |")
+        else:
+            print("\n(dnsperf is not installed: apt-get install dnsperf for the server-bound rows)")
+        for e in eps:
+            await m.delete_endpoint(e.id, wait=True)
+        await m.delete_network(net.id)
 
 
 if __name__ == "__main__":

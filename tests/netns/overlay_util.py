@@ -52,6 +52,25 @@ def plug(ul: str, host: str, k: int) -> str:
     return port
 
 
+class Flow:
+    """One established TCP connection between two namespaces, to show that a flow survives
+    what happens meanwhile (a worker stopped, killed, restarted)."""
+
+    def __init__(self, cli: socket.socket, srv: socket.socket, conn: socket.socket) -> None:
+        self.cli, self.srv, self.conn = cli, srv, conn
+
+    def roundtrip(self, i: int) -> bool:
+        msg = f"msg-{i}".encode()
+        self.cli.sendall(msg)
+        got = self.conn.recv(64)
+        self.conn.sendall(got)
+        return self.cli.recv(64) == msg
+
+    def close(self) -> None:
+        for s in (self.conn, self.cli, self.srv):
+            s.close()
+
+
 class Sockets:
     """Sockets created inside namespaces by a dedicated NsWorker thread (never this
     thread's namespace); sends/receives then run from the test thread."""
@@ -65,6 +84,24 @@ class Sockets:
             return self.worker.run(h, lambda: socket.socket(socket.AF_INET, kind))
         finally:
             h.close()
+
+    def flow(self, src: str, dst: str, dst_ip: str, port: int) -> Flow:
+        """Connect ``src`` to a listener in ``dst`` (blocking: call it from a thread)."""
+        srv = self.make(dst, socket.SOCK_STREAM)
+        cli = self.make(src, socket.SOCK_STREAM)
+        try:
+            srv.bind(("0.0.0.0", port))
+            srv.listen(1)
+            srv.settimeout(30)
+            cli.settimeout(30)
+            cli.connect((dst_ip, port))
+            conn, _ = srv.accept()
+        except BaseException:
+            srv.close()
+            cli.close()
+            raise
+        conn.settimeout(30)
+        return Flow(cli, srv, conn)
 
     def tcp(self, src: str, dst: str, dst_ip: str, port: int = 7001, payload: bytes = b"hello-tcp") -> bool:
         srv = self.make(dst, socket.SOCK_STREAM)

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -237,28 +236,12 @@ async def test_a_restarted_worker_adopts_the_running_wireguard_go(lc: Lc) -> Non
 
     socks = Sockets()
     try:
-        srv = await asyncio.to_thread(socks.make, b.container_id, socket.SOCK_STREAM)
-        cli = await asyncio.to_thread(socks.make, a.container_id, socket.SOCK_STREAM)
-        srv.bind(("0.0.0.0", 7500))
-        srv.listen(1)
-        srv.settimeout(30)
-        cli.settimeout(30)
-        await asyncio.to_thread(cli.connect, (b.ip_address, 7500))
-        conn, _ = await asyncio.to_thread(srv.accept)
-        conn.settimeout(30)
-
-        def roundtrip(i: int) -> bool:
-            msg = f"msg-{i}".encode()
-            cli.sendall(msg)
-            got = conn.recv(64)
-            conn.sendall(got)
-            return cli.recv(64) == msg
-
-        assert await asyncio.to_thread(roundtrip, 0)
+        flow = await asyncio.to_thread(socks.flow, a.container_id, b.container_id, b.ip_address, 7500)
+        assert await asyncio.to_thread(flow.roundtrip, 0)
         # A plain stop of the worker: wireguard-go keeps running (fail static), the flow goes on.
         await c.runtimes[n2].stop(drain_timeout=2.0)
         for i in range(1, 4):
-            assert await asyncio.to_thread(roundtrip, i)
+            assert await asyncio.to_thread(flow.roundtrip, i)
             await asyncio.sleep(0.3)
         assert find_processes(lc.wg(n2), h2) == before
         # A new worker with the same (default) settings adopts it: same processes, zero writes.
@@ -279,13 +262,11 @@ async def test_a_restarted_worker_adopts_the_running_wireguard_go(lc: Lc) -> Non
         assert stats.last_full_errors == 0 and not stats.failed, (stats.last_errors, stats.failed)
         assert stats.writes == 0 and stats.last_full_writes == 0, stats  # WireGuard included (wg set, restart)
         assert find_processes(lc.wg(n2), h2) == before
-        assert await asyncio.to_thread(roundtrip, 99)
+        assert await asyncio.to_thread(flow.roundtrip, 99)
         assert (await c.m.get_endpoint(b.id)).status == "ready"
         print(f"\nrestarted worker adopted wireguard-go (pids {before}); first full resync "
               f"{time.monotonic() - t0:.2f} s after the start, {stats.writes} kernel writes; flow intact")
-        conn.close()
-        cli.close()
-        srv.close()
+        flow.close()
     finally:
         socks.close()
     for n in (n1, n2):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -155,25 +154,9 @@ async def test_sigkill_node_worker_fail_static_then_zero_write_reconcile(cluster
         await ov._eventually(lambda: not ping_all([(e1.container_id, e2.ip_address)]), ov.CONVERGE_S)
 
         # An established TCP flow e1 -> e2 across the overlay.
-        srv = await asyncio.to_thread(socks.make, e2.container_id, socket.SOCK_STREAM)
-        cli = await asyncio.to_thread(socks.make, e1.container_id, socket.SOCK_STREAM)
+        flow = await asyncio.to_thread(socks.flow, e1.container_id, e2.container_id, e2.ip_address, 7400)
         try:
-            srv.bind(("0.0.0.0", 7400))
-            srv.listen(1)
-            srv.settimeout(30)
-            cli.settimeout(30)
-            await asyncio.to_thread(cli.connect, (e2.ip_address, 7400))
-            conn, _ = await asyncio.to_thread(srv.accept)
-            conn.settimeout(30)
-
-            def roundtrip(i: int) -> bool:
-                msg = f"ping-{i}".encode()
-                cli.sendall(msg)
-                got = conn.recv(64)
-                conn.sendall(got)
-                return cli.recv(64) == msg
-
-            assert await asyncio.to_thread(roundtrip, 0)
+            assert await asyncio.to_thread(flow.roundtrip, 0)
             before = await c.m.node_stats(n2)
             assert before.desired_fetched and before.endpoints == 1
 
@@ -181,7 +164,7 @@ async def test_sigkill_node_worker_fail_static_then_zero_write_reconcile(cluster
             await asyncio.to_thread(procs[0].wait, 30)
             # Fail static: nothing was torn down, the flow goes on (and survives past a resync period).
             for i in range(1, 6):
-                assert await asyncio.to_thread(roundtrip, i), i
+                assert await asyncio.to_thread(flow.roundtrip, i), i
                 await asyncio.sleep(0.3)
             assert await asyncio.to_thread(ping_all, [(e2.container_id, e1.ip_address)]) == []
 
@@ -203,13 +186,11 @@ async def test_sigkill_node_worker_fail_static_then_zero_write_reconcile(cluster
             assert after.writes == 0 and after.last_full_writes == 0 and after.last_full_errors == 0, after
             assert after.endpoints == 1 and not after.failed, after
             assert after.policy is not None and after.policy.applies == 0, after.policy
-            assert await asyncio.to_thread(roundtrip, 99)
+            assert await asyncio.to_thread(flow.roundtrip, 99)
             print(f"\nrestarted worker: first full resync after {time.monotonic() - t0:.2f} s, "
                   f"{after.writes} kernel writes, {after.policy.applies} ruleset applies; flow intact")
-            conn.close()
         finally:
-            cli.close()
-            srv.close()
+            flow.close()
     finally:
         socks.close()
         for p in procs:
