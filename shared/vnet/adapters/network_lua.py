@@ -35,7 +35,7 @@ for i = 2, #ARGV do
   if id then out[#out + 1] = view(id) else out[#out + 1] = {} end
 end
 return out
-""")
+""", readonly=True)
 
 # ARGV: prefix, id, name, doc, max, scope, m4, first4, last4, m6, first6, last6, parent, request_id, idem_ttl,
 #       vni ('' none | 'auto' allocate | a number asked for), vni_min, vni_max
@@ -248,7 +248,7 @@ else
   for i = 2, #ARGV do out[#out + 1] = mesh(ARGV[i]) end
 end
 return out
-""")
+""", readonly=True)
 
 # ARGV: prefix, cursor|'' , limit, budget, labels-json, parent-id|''
 LIST = Script(_PRELUDE + """
@@ -295,7 +295,7 @@ if last and not done then
   if #redis.call('ZRANGEBYLEX', P .. 'netnames:lex', '(' .. last, '+', 'LIMIT', 0, 1) > 0 then cursor = last end
 end
 return {cursor, items}
-""")
+""", readonly=True)
 
 ALL_SCRIPTS = (GET, CREATE, UPDATE, DELETE, CONNECT, MESH_CREATE, MESH_MEMBER, MESH_DELETE, MESH_GET,
                LIST)

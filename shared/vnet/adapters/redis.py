@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -19,6 +20,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from vnet.adapters.settings import RedisSettings
 from vnet.core import errors as E
@@ -40,12 +42,32 @@ def global_key(*parts: str) -> str:
     return key("global", "idx", *parts)
 
 
-class Script:
-    """A Lua script loaded once and called by SHA (reloaded if the server forgot it)."""
+# Commands that only read: sending one again after its connection broke cannot change
+# anything, so :class:`_Redis` retries them once on a fresh connection.
+_READ_COMMANDS = frozenset({
+    "GET", "MGET", "STRLEN", "GETRANGE", "EXISTS", "TYPE", "TTL", "PTTL", "PING", "TIME", "DBSIZE", "INFO",
+    "HGET", "HMGET", "HGETALL", "HKEYS", "HVALS", "HLEN", "HEXISTS", "HSCAN",
+    "SMEMBERS", "SISMEMBER", "SMISMEMBER", "SCARD", "SSCAN", "SRANDMEMBER",
+    "ZRANGE", "ZREVRANGE", "ZRANGEBYLEX", "ZREVRANGEBYLEX", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE", "ZSCORE",
+    "ZMSCORE", "ZCARD", "ZCOUNT", "ZLEXCOUNT", "ZRANK", "ZSCAN", "LRANGE", "LLEN", "LINDEX",
+    "GETBIT", "BITCOUNT", "BITPOS", "SCAN", "KEYS", "XLEN", "XRANGE", "EVALSHA_RO",
+})
+# SHAs of the scripts made with ``Script(..., readonly=True)`` (their EVALSHA is a read too).
+_READONLY_SHAS: set[str] = set()
 
-    def __init__(self, source: str) -> None:
+
+class Script:
+    """A Lua script loaded once and called by SHA (reloaded if the server forgot it).
+
+    ``readonly``: the script writes nothing, so a call whose connection broke may be sent
+    again (:class:`_Redis`); say so only for scripts that call no writing command."""
+
+    def __init__(self, source: str, *, readonly: bool = False) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.readonly = readonly
+        if readonly:
+            _READONLY_SHAS.add(self.sha)
 
     async def __call__(self, r: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -55,6 +77,39 @@ class Script:
             return await r.evalsha(self.sha, len(keys), *keys, *args)
 
 
+def _retry_safe(args: tuple[Any, ...]) -> bool:
+    """True when sending this command again cannot change anything (a read)."""
+    if not args:
+        return False
+    name = args[0].upper() if isinstance(args[0], str) else bytes(args[0]).decode().upper()
+    if name == "EVALSHA":
+        sha = args[1] if len(args) > 1 else ""
+        return (sha.decode() if isinstance(sha, bytes) else str(sha)) in _READONLY_SHAS
+    return name in _READ_COMMANDS
+
+
+class _Redis(aioredis.Redis):
+    """A client that sends a read once more when its pooled connection turns out dead.
+
+    After a Redis restart every pooled connection is dead, and the first command on each
+    failed with "Connection closed by server": the first reads after a restart answered 503.
+    A write is still not retried (it may have run before the connection broke: see
+    :func:`connect`), but a read may be, and its second try runs on a new connection
+    (redis-py dropped the dead one; the pool checks the others before handing them out)."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        # redis-py leaves execute_command unannotated, so strict mypy refuses the call without this
+        send = cast(Callable[..., Awaitable[Any]], super().execute_command)
+        try:
+            return await send(*args, **options)
+        except RedisConnectionError as exc:
+            # Not: a full pool (waited already), a loading server (as busy a moment later), a
+            # timeout (a frozen server: a second try would double the wait), or a write.
+            if isinstance(exc, BusyLoadingError) or "No connection available" in str(exc) or not _retry_safe(args):
+                raise
+            return await send(*args, **options)
+
+
 def connect(config: RedisSettings, *, max_connections: int | None = None) -> aioredis.Redis:
     """A client whose pool blocks instead of failing when every connection is in use.
 
@@ -62,12 +117,22 @@ def connect(config: RedisSettings, *, max_connections: int | None = None) -> aio
     ``max_inflight`` (256) handlers at once, so a burst turned into 500s. This pool holds
     ``redis_max_connections`` (default: ``max_inflight``) and a handler waits for a free
     connection at most ``redis_timeout_s``. Every command has the same socket timeout, so a
-    frozen server (SIGSTOP) fails a request within that time instead of holding it. Nothing
-    is retried here: a command whose connection broke after it was sent may have run, and
-    sending it again could run a script twice (a network create's script sent twice answers
-    "duplicate", and the network service then rolls back the pools of the network it did
-    create). The caller gets 503 and retries the whole request with its request_id; a
-    pooled connection a restarted server dropped costs one such 503.
+    frozen server (SIGSTOP) fails a request within that time instead of holding it.
+
+    Writes are not retried here: a command whose connection broke after it was sent may
+    have run, and sending it again could run a script twice (a network create's script sent
+    twice answers "duplicate", and the network service then rolls back the pools of the
+    network it did create). The caller gets 503 and retries the whole request with its
+    request_id. Reads are retried once (:class:`_Redis`).
+
+    Stale connections after a Redis restart: the pool checks a connection before handing
+    it out (data or EOF waiting on it: reconnect), but redis-py 8 skips that check while
+    "maintenance notifications" are on, which is their default ("auto", a Redis Enterprise
+    feature Valkey does not send); they are off here, so a connection whose server went
+    away is replaced before a command is written to it — a write after a restart runs on a
+    live connection too. What the check cannot see (the server died while the connection
+    sat in the pool and its EOF has not been read yet) costs a read nothing (retried) and a
+    write one 503.
     """
     size = max_connections or config.redis_max_connections or config.max_inflight
     if config.redis_sentinels:
@@ -83,8 +148,9 @@ def connect(config: RedisSettings, *, max_connections: int | None = None) -> aio
         socket_timeout=config.redis_timeout_s,
         health_check_interval=10,
         retry=Retry(NoBackoff(), 0),
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
-    return aioredis.Redis.from_pool(pool)
+    return _Redis.from_pool(pool)
 
 
 def sentinel_addresses(spec: str) -> list[tuple[str, int]]:
@@ -122,7 +188,7 @@ def _sentinel_client(config: RedisSettings, size: int) -> aioredis.Redis:
                         username=config.redis_username, password=config.redis_password,
                         db=int(db) if db.isdigit() else 0, decode_responses=False,
                         health_check_interval=10, retry=Retry(NoBackoff(), 0), **common)
-    client: aioredis.Redis = sentinel.master_for(config.redis_sentinel_service,
+    client: aioredis.Redis = sentinel.master_for(config.redis_sentinel_service, redis_class=_Redis,
                                                  connection_pool_class=SentinelConnectionPool, max_connections=size)
     return client
 
