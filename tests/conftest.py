@@ -175,6 +175,56 @@ def fresh_db_config(config: VNetConfig) -> VNetConfig:
     return msgspec.structs.replace(config, redis_url=f"{base}/{next(_fresh_dbs)}")
 
 
+@asynccontextmanager
+async def fake_node(m: Any, node: str) -> AsyncIterator[None]:
+    """``node`` registered (bridge driver) by a stand-in that answers namespace checks and
+    nothing else: the control plane places endpoints on it, with no kernel behind it."""
+    from vnet.adapters import nats as nats_adapter
+    from vnet.contracts import subjects
+    from vnet.contracts.endpoint import NetnsCheckReply, NodeRegister, NodeRegistered
+    from vnet.core.dataplane_model import Support
+
+    await m.call(subjects.NODE_REGISTER, NodeRegister(node=node, instance="i", heartbeat_s=60,
+                                                      drivers={"bridge": Support(available=True)}), NodeRegistered,
+                 params={"node": node})
+    nc = await nats_adapter.connect(m.config, f"test-fake-node-{node}")
+
+    async def answer(msg: Any) -> None:
+        await msg.respond(msgspec.json.encode(NetnsCheckReply(netns="x", path="/run/netns/x", exists=True)))
+
+    await nc.subscribe(subjects.NODE_NETNS_CHECK.format(node=node), cb=answer)
+    try:
+        yield
+    finally:
+        await nc.drain()
+
+
+@asynccontextmanager
+async def services(config: VNetConfig, start_service: Callable[..., Awaitable[Any]], *,
+                   node: str | None = None) -> AsyncIterator[Any]:
+    """The four control-plane services on a fresh Redis database and a client (a
+    VNetManager) on them; ``node``: a :func:`fake_node` of that name too."""
+    from vnet.client import VNetManager
+
+    cfg = fresh_db_config(config)
+    r = aioredis.Redis.from_url(cfg.redis_url)
+    await r.flushdb()
+    for name in ("ipam", "network", "endpoint", "policy"):
+        await start_service(name, cfg=cfg)
+    m = VNetManager(cfg)
+    await m.__aenter__()
+    try:
+        if node is None:
+            yield m
+        else:
+            async with fake_node(m, node):
+                yield m
+    finally:
+        await m.close()
+        await r.flushdb()
+        await r.aclose()
+
+
 @dataclass
 class ControlPlane:
     cfg: VNetConfig

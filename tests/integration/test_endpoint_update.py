@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import fresh_db_config
+from tests.conftest import services
 from tests.integration.test_reach import EXTERNAL, NODE, Events, expected_groups, groups, matrix
 from vnet import VNetManager
 from vnet.adapters import endpoint_store as es
@@ -26,13 +26,9 @@ from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     EndpointInfo,
     EndpointUpdated,
-    NetnsCheckReply,
-    NodeRegister,
-    NodeRegistered,
     PortMapping,
 )
 from vnet.contracts.ipam import PoolsReply
-from vnet.core.dataplane_model import Support
 from vnet.core.errors import VNetError
 from vnet.core.policy import AllowRule, PortSpec, Selector
 from vnet.core.reach import ReachDiff
@@ -44,29 +40,8 @@ from vnet.runtime.service import Runtime
 async def m(config: VNetConfig, start_service: Callable[..., Awaitable[Runtime]]) -> AsyncIterator[VNetManager]:
     """Services on a fresh database and node ``NODE``: a stand-in that registers and answers
     namespace checks (no kernel: the netns test covers that side)."""
-    cfg = fresh_db_config(config)
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.flushdb()
-    for svc in ("ipam", "network", "endpoint", "policy"):
-        await start_service(svc, cfg=cfg)
-    mgr = VNetManager(cfg)
-    await mgr.__aenter__()
-    await mgr.call(subjects.NODE_REGISTER, NodeRegister(node=NODE, instance="i", heartbeat_s=60,
-                                                        drivers={"bridge": Support(available=True)}), NodeRegistered,
-                   params={"node": NODE})
-    nc = await nats_adapter.connect(cfg, "test-epupd-fake-node")
-
-    async def answer(msg: Any) -> None:
-        await msg.respond(msgspec.json.encode(NetnsCheckReply(netns="x", path="/run/netns/x", exists=True)))
-
-    await nc.subscribe(subjects.NODE_NETNS_CHECK.format(node=NODE), cb=answer)
-    try:
+    async with services(config, start_service, node=NODE) as mgr:
         yield mgr
-    finally:
-        await nc.drain()
-        await mgr.close()
-        await r.flushdb()
-        await r.aclose()
 
 
 async def err(coro: Any) -> VNetError:

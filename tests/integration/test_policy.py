@@ -2,46 +2,29 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import requires_root
+from tests.conftest import fake_node, fresh_db_config, requires_root, services
 from vnet import VNetManager
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters.policy_agent import PolicyAgent
-from vnet.contracts import subjects
-from vnet.contracts.endpoint import NetnsCheckReply, NodeRegister, NodeRegistered
 from vnet.core import errors as E
 from vnet.core import naming
-from vnet.core.dataplane_model import Support
 from vnet.core.policy import AllowRule, PortSpec, Selector
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.service import Runtime
 
-_dbs = itertools.cycle(range(15, 0, -1))
-
 
 @pytest.fixture
 async def m(config: VNetConfig, start_service: Callable[..., Awaitable[Runtime]]) -> AsyncIterator[VNetManager]:
-    base = config.redis_url.rsplit("/", 1)[0]
-    cfg = msgspec.structs.replace(config, redis_url=f"{base}/{next(_dbs)}")
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.flushdb()
-    for svc in ("ipam", "network", "endpoint", "policy"):
-        await start_service(svc, cfg=cfg)
-    mgr = VNetManager(cfg)
-    await mgr.__aenter__()
-    yield mgr
-    await mgr.close()
-    await r.flushdb()
-    await r.aclose()
+    async with services(config, start_service) as mgr:
+        yield mgr
 
 
 async def err(coro: Awaitable[Any]) -> E.VNetError:
@@ -86,19 +69,8 @@ async def test_rules_crud_explain_and_ruleset(m: VNetManager) -> None:
 
 
 async def test_explain_and_ruleset_over_recorded_endpoints(m: VNetManager) -> None:
-    await m.call(subjects.NODE_REGISTER, NodeRegister(node="pn1", instance="i", heartbeat_s=60,
-                                                      drivers={"bridge": Support(available=True)}), NodeRegistered,
-                 params={"node": "pn1"})
-    nc = await nats_adapter.connect(m.config, "test-policy-fake-node")  # a node that only answers netns checks
-
-    async def answer(msg: Any) -> None:
-        await msg.respond(msgspec.json.encode(NetnsCheckReply(netns="x", path="/run/netns/x", exists=True)))
-
-    await nc.subscribe(subjects.NODE_NETNS_CHECK.format(node="pn1"), cb=answer)
-    try:
+    async with fake_node(m, "pn1"):  # a node that only answers netns checks
         await _recorded(m)
-    finally:
-        await nc.drain()
 
 
 async def _recorded(m: VNetManager) -> None:
@@ -129,8 +101,7 @@ async def test_policy_agent_applies_keeps_and_repairs(config: VNetConfig,
                                                       netns: Callable[[str], str]) -> None:
     """The node side: fetch + one-transaction apply in a host namespace; with the policy
     service gone the ruleset stays (fail static) and a table deleted by hand comes back."""
-    base = config.redis_url.rsplit("/", 1)[0]
-    cfg = msgspec.structs.replace(config, redis_url=f"{base}/{next(_dbs)}")
+    cfg = fresh_db_config(config)
     r = aioredis.Redis.from_url(cfg.redis_url)
     await r.flushdb()
     for svc in ("ipam", "network", "endpoint"):

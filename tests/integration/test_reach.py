@@ -13,19 +13,16 @@ from typing import Any
 
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 
+from tests.conftest import services
 from vnet import VNetManager
 from vnet.adapters import nats as nats_adapter
-from vnet.contracts import subjects
-from vnet.contracts.endpoint import NetnsCheckReply, NodeRegister, NodeRegistered, PortMapping
-from vnet.core.dataplane_model import Support
+from vnet.contracts.endpoint import PortMapping
 from vnet.core.policy import AllowRule, PortSpec, Selector
 from vnet.core.reach import ReachDiff
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.service import Runtime
 
-_dbs = itertools.cycle(range(14, 0, -1))
 NODE = "rn1"
 EXTERNAL = "192.0.2.1"  # the diff's own "outside" address when no network or rule CIDR holds it
 PROBES: list[tuple[str, int | None]] = [("tcp", 5432), ("tcp", 80), ("udp", 53), ("icmp", None)]
@@ -33,30 +30,8 @@ PROBES: list[tuple[str, int | None]] = [("tcp", 5432), ("tcp", 80), ("udp", 53),
 
 @pytest.fixture
 async def m(config: VNetConfig, start_service: Callable[..., Awaitable[Runtime]]) -> AsyncIterator[VNetManager]:
-    base = config.redis_url.rsplit("/", 1)[0]
-    cfg = msgspec.structs.replace(config, redis_url=f"{base}/{next(_dbs)}")
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.flushdb()
-    for svc in ("ipam", "network", "endpoint", "policy"):
-        await start_service(svc, cfg=cfg)
-    mgr = VNetManager(cfg)
-    await mgr.__aenter__()
-    await mgr.call(subjects.NODE_REGISTER, NodeRegister(node=NODE, instance="i", heartbeat_s=60,
-                                                        drivers={"bridge": Support(available=True)}), NodeRegistered,
-                   params={"node": NODE})
-    nc = await nats_adapter.connect(cfg, "test-reach-fake-node")  # a node that only answers netns checks
-
-    async def answer(msg: Any) -> None:
-        await msg.respond(msgspec.json.encode(NetnsCheckReply(netns="x", path="/run/netns/x", exists=True)))
-
-    await nc.subscribe(subjects.NODE_NETNS_CHECK.format(node=NODE), cb=answer)
-    try:
+    async with services(config, start_service, node=NODE) as mgr:
         yield mgr
-    finally:
-        await nc.drain()
-        await mgr.close()
-        await r.flushdb()
-        await r.aclose()
 
 
 class Events:

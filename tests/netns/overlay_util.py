@@ -85,53 +85,46 @@ class Sockets:
         finally:
             h.close()
 
-    def flow(self, src: str, dst: str, dst_ip: str, port: int) -> Flow:
-        """Connect ``src`` to a listener in ``dst`` (blocking: call it from a thread)."""
-        srv = self.make(dst, socket.SOCK_STREAM)
-        cli = self.make(src, socket.SOCK_STREAM)
-        try:
-            srv.bind(("0.0.0.0", port))
-            srv.listen(1)
-            srv.settimeout(30)
-            cli.settimeout(30)
-            cli.connect((dst_ip, port))
-            conn, _ = srv.accept()
-        except BaseException:
-            srv.close()
-            cli.close()
-            raise
-        conn.settimeout(30)
-        return Flow(cli, srv, conn)
-
-    def tcp(self, src: str, dst: str, dst_ip: str, port: int = 7001, payload: bytes = b"hello-tcp") -> bool:
+    def flow(self, src: str, dst: str, dst_ip: str, port: int, timeout: float = 30) -> Flow:
+        """Connect ``src`` to a listener in ``dst`` (blocking: call it from a thread). The
+        timeout is generous: a connect that merely waits for a busy machine is no "no path"."""
         srv = self.make(dst, socket.SOCK_STREAM)
         cli = self.make(src, socket.SOCK_STREAM)
         try:
             srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             srv.bind(("0.0.0.0", port))
             srv.listen(1)
-            # generous: a connect that merely waits for a busy machine must not read as "no path"
-            srv.settimeout(15)
-            cli.settimeout(15)
+            srv.settimeout(timeout)
+            cli.settimeout(timeout)
             cli.connect((dst_ip, port))
             conn, _ = srv.accept()
-            with conn:
-                conn.settimeout(15)
-                cli.sendall(payload)
-                got = b""
-                while len(got) < len(payload):
-                    chunk = conn.recv(len(payload) - len(got))
-                    if not chunk:
-                        break
-                    got += chunk
-                conn.sendall(got)
-                back = cli.recv(len(payload))
+        except BaseException:
+            srv.close()
+            cli.close()
+            raise
+        conn.settimeout(timeout)
+        return Flow(cli, srv, conn)
+
+    def tcp(self, src: str, dst: str, dst_ip: str, port: int = 7001, payload: bytes = b"hello-tcp") -> bool:
+        try:
+            f = self.flow(src, dst, dst_ip, port, timeout=15)
+        except OSError:
+            return False
+        try:
+            f.cli.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = f.conn.recv(len(payload) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            f.conn.sendall(got)
+            back = f.cli.recv(len(payload))
             return got == payload and back == payload[:len(back)] and len(back) > 0
         except OSError:
             return False
         finally:
-            srv.close()
-            cli.close()
+            f.close()
 
     def udp(self, src: str, dst: str, dst_ip: str, port: int = 7002, payload: bytes = b"hello-udp",
             tries: int = 3) -> bool:
