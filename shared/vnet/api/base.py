@@ -28,13 +28,14 @@ T = TypeVar("T")
 
 def _unanswered(err: E.VNetError) -> bool:
     """This attempt did nothing: the client's own timeout, no responders (marked by the
-    adapter: nobody serves the subject; a 503 for a dependency carries no such mark), or a
+    adapter: nobody serves the subject; a 503 for a dependency carries no such mark), a
     service's 504 ``deadline_exceeded`` (it took the attempt off its queue after the
     attempt's deadline and did not run it; on a busy machine that answer can arrive before
-    the client's own timer fires)."""
+    the client's own timer fires), or a 503 ``pending`` (an earlier attempt with the same
+    request_id still runs; this one waited for its reply and did nothing itself)."""
     if err.code in (E.TIMEOUT.code, E.DEADLINE_EXCEEDED.code):
         return True
-    return err.code == E.UNAVAILABLE.code and bool(err.details.get("no_responders"))
+    return err.code == E.UNAVAILABLE.code and bool(err.details.get("no_responders") or err.details.get("pending"))
 
 
 class ServiceStatus(msgspec.Struct, kw_only=True):

@@ -38,7 +38,8 @@ from vnet.core.policy import AllowRule
 __all__ = [
     "ENDPOINTS_INDEX", "GC_LOCK", "NETWORKS_INDEX", "POOLS_INDEX", "VNI_MAX", "VNI_MIN", "Allocated", "CommitResult",
     "CreateResult", "Deleted", "EndpointStorePort", "EventConsumer", "IpamRatesPort", "IpamStorePort", "Mesh",
-    "NetworkDoc", "NetworkStorePort", "PolicyStorePort", "PoolMeta", "Released", "Snapshot", "UpdateResult",
+    "NetworkDoc", "NetworkStorePort", "PolicyStorePort", "PoolMeta", "Released", "ReplyStorePort", "Snapshot",
+    "UpdateResult",
     "claim_port", "describe_holder", "index_member", "new_id", "pool_not_found",
 ]
 
@@ -134,6 +135,17 @@ class PolicyStorePort(Protocol):
     async def delete(self, ident: str) -> bool: ...
     async def reply(self, op: str, request_id: str) -> bytes | None: ...
     async def put_reply(self, op: str, request_id: str, value: bytes) -> None: ...
+
+
+class ReplyStorePort(Protocol):
+    """Claims and replies of idempotent mutations (:class:`vnet.adapters.idempotency.ReplyStore`;
+    used through :func:`vnet.runtime.idempotency.run_once`)."""
+
+    async def claim(self, name: str, marker: bytes, ttl_s: float) -> bytes | None: ...
+    async def keep(self, name: str, marker: bytes, ttl_s: float) -> bool: ...
+    async def release(self, name: str, marker: bytes) -> None: ...
+    async def finish(self, name: str, marker: bytes, reply: bytes) -> bool: ...
+    async def get(self, name: str) -> bytes | None: ...
 
 
 class NetworkStorePort(Protocol):

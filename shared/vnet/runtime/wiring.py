@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from vnet.adapters import ipam_store, redis
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters.endpoint_store import EndpointStore
+from vnet.adapters.idempotency import ReplyStore
 from vnet.adapters.ipam_rates import IpamRates
 from vnet.adapters.nats import DurableConsumer
 from vnet.adapters.network_store import NetworkStore
@@ -30,6 +31,7 @@ from vnet.runtime.ports import (
     IpamStorePort,
     NetworkStorePort,
     PolicyStorePort,
+    ReplyStorePort,
 )
 
 if TYPE_CHECKING:
@@ -73,6 +75,10 @@ class ServiceAdapters:
 
     def policy_store(self) -> PolicyStorePort:
         return PolicyStore(self._r())
+
+    def reply_store(self, domain: str) -> ReplyStorePort:
+        """Claims and replies of ``domain``'s idempotent mutations (``network``, ``policy``, ``endpoint``)."""
+        return ReplyStore(self._r(), domain)
 
     async def load_ipam_scripts(self) -> None:
         """Load the IPAM Lua scripts once at start (calls go by SHA afterwards)."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
-import msgspec
 from nats.aio.msg import Msg
 
 from vnet.contracts import subjects
@@ -24,12 +24,23 @@ from vnet.contracts.network import NetworkRef
 from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
+from vnet.runtime.idempotency import run_once
+from vnet.runtime.ports import ReplyStorePort
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import _not_found, _store
 from vnet.svc.endpoint.create import _release
 from vnet.svc.endpoint.events import _apply_status, _publish_endpoint_event, _StatusWaiter, status_event
 
 log = logging.getLogger(__name__)
+
+
+def _replies(ctx: Ctx) -> ReplyStorePort:
+    """Claims and replies of the endpoint mutations other than create (whose commit script
+    records its request_id itself): delete here, update in the sibling module."""
+    st: ReplyStorePort | None = ctx.rt.state.get("replies")
+    if st is None:
+        st = ctx.rt.state["replies"] = ctx.rt.adapters.reply_store("endpoint")
+    return st
 
 
 async def get(ctx: Ctx, req: EndpointRef) -> EndpointInfo:
@@ -132,15 +143,15 @@ async def remove(ctx: Ctx, ident: str, *, wait: bool, timeout: float) -> Endpoin
 
 async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:
     """Detach: the node tears down, the address is released, the record and indexes go."""
-    store = _store(ctx)
-    if req.request_id:
-        prev = await store.delete_reply(req.request_id)
-        if prev is not None:
-            return msgspec.json.decode(prev, type=EndpointDeleted)
-    rep = await remove(ctx, req.endpoint_id, wait=req.wait and not req.force, timeout=req.wait_timeout_s)
-    if req.request_id:
-        await store.put_delete_reply(req.request_id, msgspec.json.encode(rep))
-    return rep
+    def go() -> Awaitable[EndpointDeleted]:
+        return remove(ctx, req.endpoint_id, wait=req.wait and not req.force, timeout=req.wait_timeout_s)
+
+    if not req.request_id:
+        return await go()
+    # Claimed before the change, so a repeat that overlaps the first waits for its reply
+    # instead of deleting again (404) (vnet.runtime.idempotency).
+    return await run_once(_replies(ctx), f"epdel:{req.request_id}", EndpointDeleted, go, deadline=ctx.deadline,
+                          what="endpoint.delete")
 
 
 # --- events ---------------------------------------------------------------------------------------

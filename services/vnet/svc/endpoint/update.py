@@ -23,11 +23,13 @@ from vnet.core import drivers, reach
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
 from vnet.core.policy import Policy
+from vnet.runtime.idempotency import run_once
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import PORT_REPAIR_S, UPDATE_RETRIES, _not_found, _store
 from vnet.svc.endpoint.create import _check_ports, _check_ports_free, _port_in_use
 from vnet.svc.endpoint.events import _publish_endpoint_event
+from vnet.svc.endpoint.records import _replies
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +133,15 @@ async def update(ctx: Ctx, req: EndpointUpdate) -> EndpointUpdated:
         changes = _changes(info, after)
         diff = await _reach(ctx, store, after, must=True) if changes else reach.ReachDiff()
         return EndpointUpdated(endpoint=after, changes=changes, dry_run=True, reach=diff)
-    if req.request_id:
-        prev = await store.update_reply(req.request_id)
-        if prev is not None:
-            return msgspec.json.decode(prev, type=EndpointUpdated)
+    if not req.request_id:
+        return await _update(ctx, store, req)
+    # Claimed before the change, so a repeat that overlaps the first waits for its reply
+    # instead of applying the update again (vnet.runtime.idempotency).
+    return await run_once(_replies(ctx), f"epupd:{req.request_id}", EndpointUpdated,
+                          lambda: _update(ctx, store, req), deadline=ctx.deadline, what="endpoint.update")
+
+
+async def _update(ctx: Ctx, store: EndpointStore, req: EndpointUpdate) -> EndpointUpdated:
     for _ in range(UPDATE_RETRIES):
         info = await store.get(req.endpoint_id)
         if info is None:
@@ -142,8 +149,7 @@ async def update(ctx: Ctx, req: EndpointUpdate) -> EndpointUpdated:
         after = await _check_update(ctx, store, info, req)
         changes = _changes(info, after)
         if not changes:
-            rep = EndpointUpdated(endpoint=info)
-            break
+            return EndpointUpdated(endpoint=info)
         diff = await _reach(ctx, store, after, must=False)
         res = await store.update(info, after)
         if res.status == "missing":
@@ -162,14 +168,9 @@ async def update(ctx: Ctx, req: EndpointUpdate) -> EndpointUpdated:
         except Exception as exc:  # committed: every node's next full resync applies it
             log.warning("could not publish endpoint.updated for %s (nodes apply it at their next resync): %s",
                         now.id, exc)
-        rep = EndpointUpdated(endpoint=now, changes=changes, reach=diff)
-        break
-    else:
-        raise E.make(E.LOCKED, f"endpoint {req.endpoint_id} kept changing under this update "
-                     f"({UPDATE_RETRIES} tries); retry", endpoint=req.endpoint_id)
-    if req.request_id:
-        await store.put_update_reply(req.request_id, msgspec.json.encode(rep))
-    return rep
+        return EndpointUpdated(endpoint=now, changes=changes, reach=diff)
+    raise E.make(E.LOCKED, f"endpoint {req.endpoint_id} kept changing under this update "
+                 f"({UPDATE_RETRIES} tries); retry", endpoint=req.endpoint_id)
 
 
 async def _repair_ports_loop(rt: Runtime) -> None:

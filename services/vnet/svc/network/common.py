@@ -25,7 +25,8 @@ from vnet.core import errors as E
 from vnet.core import reach
 from vnet.core.model import VirtualNetwork
 from vnet.core.policy import AllowRule, Policy, PolicyNetwork
-from vnet.runtime.ports import NetworkStorePort
+from vnet.runtime.idempotency import run_once
+from vnet.runtime.ports import NetworkStorePort, ReplyStorePort
 from vnet.runtime.service import Ctx
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,15 @@ async def _must_get(st: NetworkStorePort, ref: str) -> VirtualNetwork:
 
 async def _idempotent(ctx: Ctx, op: str, request_id: str | None, reply_type: type[T],
                       fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn`` once per ``request_id``: a repeat gets the first reply."""
+    """Run ``fn`` once per ``request_id``: a repeat gets the first reply, also one that
+    arrives while the first still runs (:func:`vnet.runtime.idempotency.run_once`)."""
     if not request_id:
         return await fn()
-    st = _store(ctx)
-    rid = f"{op}:{request_id}"
-    prev = await st.idem_get(rid)
-    if prev is not None:
-        return msgspec.json.decode(prev, type=reply_type)
-    result = await fn()
-    await st.idem_put(rid, msgspec.json.encode(result))
-    return result
+    replies: ReplyStorePort | None = ctx.rt.state.get("replies")
+    if replies is None:
+        replies = ctx.rt.state["replies"] = ctx.rt.adapters.reply_store("network")
+    return await run_once(replies, f"{op}:{request_id}", reply_type, fn, deadline=ctx.deadline,
+                          what=f"network.{op}")
 
 
 # --- reachability diffs (dry runs, and the diff a real change carries) -------------------

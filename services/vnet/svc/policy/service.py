@@ -30,7 +30,8 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -58,10 +59,13 @@ from vnet.core import drivers, nft, reach
 from vnet.core import errors as E
 from vnet.core.mvpolicy import compile_macvlan
 from vnet.core.policy import AllowRule, Policy, Verdict, validate_rule
-from vnet.runtime.ports import PolicyStorePort
+from vnet.runtime.idempotency import run_once
+from vnet.runtime.ports import PolicyStorePort, ReplyStorePort
 from vnet.runtime.service import Ctx, ServiceDef
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE = ServiceDef("policy", "Isolation modes, allow rules, explain, compiled rulesets")
 
@@ -87,15 +91,16 @@ async def _event(ctx: Ctx, ident: str, payload: Any) -> None:
         log.error("could not publish policy.rules for %s: %s", ident, exc)
 
 
-async def _idem(ctx: Ctx, op: str, request_id: str | None) -> bytes | None:
+async def _once(ctx: Ctx, op: str, request_id: str | None, reply_type: type[T], fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` once per ``request_id``: a repeat gets the first reply, also one that
+    arrives while the first still runs (:func:`vnet.runtime.idempotency.run_once`)."""
     if not request_id:
-        return None
-    return await _store(ctx).reply(op, request_id)
-
-
-async def _idem_put(ctx: Ctx, op: str, request_id: str | None, value: bytes) -> None:
-    if request_id:
-        await _store(ctx).put_reply(op, request_id, value)
+        return await fn()
+    replies: ReplyStorePort | None = ctx.rt.state.get("replies")
+    if replies is None:
+        replies = ctx.rt.state["replies"] = ctx.rt.adapters.reply_store("policy")
+    return await run_once(replies, f"{op}:{request_id}", reply_type, fn, deadline=ctx.deadline,
+                          what=f"policy.rule.{op}")
 
 
 def _rule_reply(rule: AllowRule, *, dry_run: bool, diff: reach.ReachDiff | None) -> RuleReply:
@@ -125,16 +130,16 @@ async def rule_put(ctx: Ctx, req: RulePut) -> RuleReply:
     if req.dry_run:  # no idempotency record: a dry run changes nothing, repeating it is free
         validate_rule(req.rule)
         return _rule_reply(req.rule, dry_run=True, diff=await _rule_diff(ctx, req.rule, None, must=True))
-    prev = await _idem(ctx, "put", req.request_id)
-    if prev is not None:
-        return msgspec.json.decode(prev, type=RuleReply)
-    validate_rule(req.rule)
-    diff = await _rule_diff(ctx, req.rule, None, must=False)
-    await _store(ctx).put(req.rule)
-    reply = _rule_reply(req.rule, dry_run=False, diff=diff)
-    await _idem_put(ctx, "put", req.request_id, msgspec.json.encode(reply))
-    await _event(ctx, req.rule.id, reply)
-    return reply
+    validate_rule(req.rule)  # an invalid rule is refused before it claims its request_id
+
+    async def go() -> RuleReply:
+        diff = await _rule_diff(ctx, req.rule, None, must=False)
+        await _store(ctx).put(req.rule)
+        reply = _rule_reply(req.rule, dry_run=False, diff=diff)
+        await _event(ctx, req.rule.id, reply)
+        return reply
+
+    return await _once(ctx, "put", req.request_id, RuleReply, go)
 
 
 @SERVICE.op("rule.get", subjects.POLICY_RULE_GET, RuleGet)
@@ -162,17 +167,17 @@ async def rule_delete(ctx: Ctx, req: RuleDelete) -> RuleDeleted:
         there = await _store(ctx).exists(req.id)
         diff = await _rule_diff(ctx, None, req.id, must=True) if there else reach.ReachDiff()
         return RuleDeleted(id=req.id, deleted=there, dry_run=True, reach=diff)
-    prev = await _idem(ctx, "delete", req.request_id)
-    if prev is not None:
-        return msgspec.json.decode(prev, type=RuleDeleted)
-    there = await _store(ctx).exists(req.id)
-    diff = await _rule_diff(ctx, None, req.id, must=False) if there else None
-    n = await _store(ctx).delete(req.id)
-    out = RuleDeleted(id=req.id, deleted=bool(n), reach=diff if n else None)
-    await _idem_put(ctx, "delete", req.request_id, msgspec.json.encode(out))
-    if n:
-        await _event(ctx, req.id, out)
-    return out
+
+    async def go() -> RuleDeleted:
+        there = await _store(ctx).exists(req.id)
+        diff = await _rule_diff(ctx, None, req.id, must=False) if there else None
+        n = await _store(ctx).delete(req.id)
+        out = RuleDeleted(id=req.id, deleted=bool(n), reach=diff if n else None)
+        if n:
+            await _event(ctx, req.id, out)
+        return out
+
+    return await _once(ctx, "delete", req.request_id, RuleDeleted, go)
 
 
 async def _policy(ctx: Ctx, node: str | None = None) -> Policy:
