@@ -14,7 +14,8 @@ service replicas (Redis Cluster included)::
     vnet:{global:idx}:netcidx:<4|6>:<scope>    ZSET  "<first>:<last>:<id>" in fixed-width hex, score 0
     vnet:{global:idx}:netmeshes                HASH  mesh name -> created_at
     vnet:{global:idx}:netmesh:<name>           SET   member ids
-    vnet:{global:idx}:netidem:<request_id>     STRING result of an idempotent request (24 h)
+    vnet:{global:idx}:netidem:<request_id>     STRING result of an idempotent request (24 h), or its
+                                               pending claim while it runs (adapters/idempotency.py)
     vnet:{global:idx}:nethostroutes:<node>     STRING JSON prefixes a node reported (expires)
     vnet:{global:idx}:nethostroutes:nodes      ZSET  node -> expiry time
     vnet:{global:idx}:netcarve:<4|6>:<scope>:<pool>  STRING hex position after the last carved subnet
@@ -262,6 +263,13 @@ class NetworkStore:
         raw = await self._run(MESH_DELETE, name)
         return _mesh(raw[1]) if _s(raw[0]) == "ok" else None
 
+    async def mesh_names(self, after: str | None = None, count: int | None = None) -> list[str]:
+        """Mesh names in order, those after ``after`` only, at most ``count``."""
+        names = sorted(_s(x) for x in await self.r.hkeys(self.k("netmeshes")))
+        if after is not None:
+            names = [n for n in names if n > after]
+        return names if count is None else names[:count]
+
     async def meshes(self, names: list[str] | None = None) -> list[Mesh]:
         raw = await self._run(MESH_GET, *(names or []))
         return sorted((m for m in (_mesh(x) for x in raw) if m is not None), key=lambda m: m.name)
@@ -303,13 +311,21 @@ class NetworkStore:
         values = await self.r.mget([self.k("nethostroutes", "foreign", n) for n in nodes])
         return {n: list(json.loads(v)) for n, v in zip(nodes, values, strict=True) if v is not None}
 
-    async def host_routes(self) -> dict[str, tuple[list[str], float]]:
-        """Live reports: node -> (prefixes, seconds until it expires)."""
+    async def host_routes(self, after: str | None = None,
+                          count: int | None = None) -> dict[str, tuple[list[str], float]]:
+        """Live reports: node -> (prefixes, seconds until it expires); with ``after`` /
+        ``count``: the first ``count`` nodes in name order after ``after``."""
         now = time.time()
         nodes = await self.r.zrangebyscore(self.k("nethostroutes", "nodes"), now, "+inf", withscores=True)
         if not nodes:
             return {}
-        entries: list[tuple[str, float]] = [(_s(item[0]), float(item[1])) for item in nodes]
+        entries: list[tuple[str, float]] = sorted((_s(item[0]), float(item[1])) for item in nodes)
+        if after is not None:
+            entries = [e for e in entries if e[0] > after]
+        if count is not None:
+            entries = entries[:count]
+        if not entries:
+            return {}
         values = await self.r.mget([self.k("nethostroutes", name) for name, _ in entries])
         out: dict[str, tuple[list[str], float]] = {}
         for (name, expires), v in zip(entries, values, strict=True):

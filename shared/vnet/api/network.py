@@ -28,13 +28,14 @@ from typing import Literal, overload
 
 from vnet.api.base import ClientBase
 from vnet.contracts import subjects
-from vnet.contracts.messages import Empty
 from vnet.contracts.network import (
     ConnectReply,
     HostRoutesInfo,
+    HostRoutesRequest,
     MeshCreate,
     MeshGroup,
     MeshList,
+    MeshListRequest,
     MeshMember,
     MeshMemberReply,
     MeshRef,
@@ -48,6 +49,7 @@ from vnet.contracts.network import (
     NetworkRef,
     NetworkReply,
     NetworkUpdate,
+    NodeRoutes,
 )
 from vnet.core import topology
 from vnet.core.labels import parse_selector
@@ -257,14 +259,32 @@ class NetworkAPI(ClientBase):
     async def get_mesh(self, mesh: str) -> MeshGroup:
         return await self.call(subjects.NETWORK_MESH_GET, MeshRef(mesh=mesh), MeshGroup)
 
-    async def list_meshes(self) -> list[MeshGroup]:
-        return (await self.call(subjects.NETWORK_MESH_LIST, Empty(), MeshList)).meshes
+    async def list_meshes(self, *, page_size: int = 200) -> list[MeshGroup]:
+        """Every mesh group (all pages), in name order."""
+        out: list[MeshGroup] = []
+        cursor: str | None = None
+        while True:
+            page = await self.call(subjects.NETWORK_MESH_LIST, MeshListRequest(limit=page_size, cursor=cursor),
+                                   MeshList)
+            out += page.meshes
+            cursor = page.next_cursor
+            if cursor is None:
+                return out
 
     async def network_topology(self) -> tuple[list[topology.TreeNode], list[VirtualNetwork], list[MeshGroup]]:
         """Every network nested under its parent, the flat list, and the mesh groups."""
         nets = await self.all_networks()
         return topology.build_tree(nets), nets, await self.list_meshes()
 
-    async def host_routes(self) -> HostRoutesInfo:
-        """What node workers reported of their hosts' routes (carving skips these)."""
-        return await self.call(subjects.NETWORK_HOSTROUTES_LIST, Empty(), HostRoutesInfo)
+    async def host_routes(self, *, page_size: int = 100) -> HostRoutesInfo:
+        """What node workers reported of their hosts' routes (carving skips these): every
+        node (all pages), in name order."""
+        nodes: list[NodeRoutes] = []
+        cursor: str | None = None
+        while True:
+            page = await self.call(subjects.NETWORK_HOSTROUTES_LIST,
+                                   HostRoutesRequest(limit=page_size, cursor=cursor), HostRoutesInfo)
+            nodes += page.nodes
+            cursor = page.next_cursor
+            if cursor is None:
+                return HostRoutesInfo(nodes=nodes)

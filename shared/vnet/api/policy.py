@@ -20,11 +20,14 @@ says which paths the change would open and close (a real call's reply carries th
 
 from __future__ import annotations
 
+import msgspec
+
 from vnet.api.base import ClientBase
 from vnet.contracts import subjects
 from vnet.contracts.policy import (
     AllowRule,
     ExplainRequest,
+    Exposure,
     ExposureReply,
     ExposureRequest,
     RuleDelete,
@@ -68,10 +71,24 @@ class PolicyAPI(ClientBase):
         return await self.call(subjects.POLICY_RULE_DELETE,
                                RuleDelete(id=rule_id, request_id=request_id, dry_run=dry_run), RuleDeleted)
 
-    async def exposure(self) -> ExposureReply:
+    async def exposure(self, *, page_size: int = 200) -> ExposureReply:
         """Everything reachable from outside the fabric (published ports, ``none`` networks,
-        allow rules from CIDRs) with the endpoints each exposes, broadest first."""
-        return await self.call(subjects.POLICY_EXPOSURE, ExposureRequest(), ExposureReply)
+        allow rules from CIDRs) with the endpoints each exposes, broadest first: every page,
+        an entry the service sent in pieces joined again."""
+        out: list[Exposure] = []
+        cursor: str | None = None
+        while True:
+            page = await self.call(subjects.POLICY_EXPOSURE, ExposureRequest(limit=page_size, cursor=cursor),
+                                   ExposureReply)
+            for x in page.exposures:
+                last = out[-1] if out else None
+                if last is not None and (last.kind, last.ident, last.ports) == (x.kind, x.ident, x.ports):
+                    out[-1] = msgspec.structs.replace(last, endpoints=[*last.endpoints, *x.endpoints])
+                else:
+                    out.append(x)
+            cursor = page.next_cursor
+            if cursor is None:
+                return ExposureReply(exposures=out, endpoints=page.endpoints)
 
     async def explain(self, src: str, dst: str, *, protocol: Protocol = "tcp", port: int | None = None) -> Verdict:
         """Why ``src`` can or cannot open a connection to ``dst`` (endpoint ids or addresses)."""

@@ -179,8 +179,17 @@ class MeshMemberReply(msgspec.Struct, kw_only=True):
     reach: ReachDiff | None = None
 
 
+class MeshListRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Mesh groups in name order, ``limit`` per reply; pass the reply's ``next_cursor`` as
+    ``cursor`` for the next page (an empty body asks for the first page)."""
+
+    limit: Limit = 200
+    cursor: Cursor | None = None
+
+
 class MeshList(msgspec.Struct, kw_only=True):
     meshes: list[MeshGroup]
+    next_cursor: str | None = None  # None: this was the last page
 
 
 # --- host routes ---------------------------------------------------------------------
@@ -226,8 +235,18 @@ class NodeRoutes(msgspec.Struct, kw_only=True):
     overlaps: list[RouteOverlap] = []  # its non-VNet prefixes that overlap a network now
 
 
+class HostRoutesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The nodes' host-route reports in node order, at most ``limit`` nodes per reply (fewer
+    when their prefixes add up to many: a node may report 16,384); pass the reply's
+    ``next_cursor`` as ``cursor`` for the next page (an empty body asks for the first page)."""
+
+    limit: Limit = 100
+    cursor: Cursor | None = None
+
+
 class HostRoutesInfo(msgspec.Struct, kw_only=True):
     nodes: list[NodeRoutes]
+    next_cursor: str | None = None  # None: this was the last page
 
 
 # --- events (vnet.evt.network.<event>.<id>) -----------------------------------------------

@@ -83,13 +83,25 @@ class RuleDeleted(msgspec.Struct, kw_only=True):
     reach: ReachDiff | None = None  # the paths the deletion closes (the event carries the same)
 
 
+ExposureLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+ExposureCursor = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
 class ExposureRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Everything reachable from outside the fabric (``vnet.policy.exposure``)."""
+    """Everything reachable from outside the fabric (``vnet.policy.exposure``), broadest first,
+    at most ``limit`` entries per reply; pass the reply's ``next_cursor`` as ``cursor`` for
+    the next page. An entry that exposes very many endpoints comes in pieces (consecutive
+    entries with the same ``kind``, ``ident`` and ``ports``, each with part of ``endpoints``),
+    so a page stays far below the bus limit; ``VNetManager.exposure`` joins them again."""
+
+    limit: ExposureLimit = 200
+    cursor: ExposureCursor | None = None
 
 
 class ExposureReply(msgspec.Struct, kw_only=True):
     exposures: list[Exposure]  # broadest first
-    endpoints: int  # distinct endpoints exposed in any way
+    endpoints: int  # distinct endpoints exposed in any way (over every page)
+    next_cursor: str | None = None  # None: this was the last page
 
 
 RuleLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]

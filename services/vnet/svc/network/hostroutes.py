@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 
-from vnet.contracts.messages import Empty
 from vnet.contracts.network import (
     HostRoutesInfo,
     HostRoutesReply,
     HostRoutesReport,
+    HostRoutesRequest,
     NodeRoutes,
     RouteOverlap,
 )
@@ -20,6 +20,9 @@ from vnet.core.model import VirtualNetwork
 from vnet.runtime.ports import NetworkStorePort
 from vnet.runtime.service import Ctx
 from vnet.svc.network.common import HOSTROUTES_MIN_TTL_S, REACH_PAGE, _event, _now, _store
+
+# Prefixes per page of hostroutes.list (~40 bytes each with the JSON around them: ~330 KB)
+HOSTROUTES_PAGE_PREFIXES = 8192
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +70,26 @@ async def _route_overlap_events(ctx: Ctx, node: str, prefixes: list[str]) -> Non
                                                                 network_name=net.name, cidr=cidr, at=now))
 
 
-async def hostroutes_list(ctx: Ctx, req: Empty) -> HostRoutesInfo:
+async def hostroutes_list(ctx: Ctx, req: HostRoutesRequest) -> HostRoutesInfo:
+    """Nodes in name order, ``limit`` per page, fewer when their prefixes pass
+    :data:`HOSTROUTES_PAGE_PREFIXES` (a node may report 16,384: a page of 100 such nodes
+    would be tens of MB); the cursor is the last node of the page before."""
     st = _store(ctx)
-    got = await st.host_routes()
-    foreign = await st.foreign_routes(sorted(got))
+    got = await st.host_routes(after=req.cursor, count=req.limit + 1)
+    names = sorted(got)
+    page: list[str] = []
+    size = 0
+    for n in names[:req.limit]:
+        if page and size + len(got[n][0]) > HOSTROUTES_PAGE_PREFIXES:
+            break
+        page.append(n)
+        size += len(got[n][0])
+    foreign = await st.foreign_routes(page)
     nets = await _top_level(st) if any(foreign.values()) else []
     out = []
-    for n, (p, t) in sorted(got.items()):
+    for n in page:
+        p, t = got[n]
         overlaps = [RouteOverlap(node=n, prefix=pre, network=net.id, network_name=net.name, cidr=cidr)
                     for pre, net, cidr in routes.overlapping(foreign.get(n, []), nets)]
         out.append(NodeRoutes(node=n, prefixes=p, expires_in_s=round(t, 1), overlaps=overlaps))
-    return HostRoutesInfo(nodes=out)
+    return HostRoutesInfo(nodes=out, next_cursor=page[-1] if len(names) > len(page) else None)

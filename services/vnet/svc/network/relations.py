@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from vnet.contracts.messages import Empty
 from vnet.contracts.network import (
     ConnectionEvent,
     ConnectReply,
@@ -12,6 +11,7 @@ from vnet.contracts.network import (
     MeshEvent,
     MeshGroup,
     MeshList,
+    MeshListRequest,
     MeshMember,
     MeshMemberReply,
     MeshRef,
@@ -207,5 +207,12 @@ async def mesh_get(ctx: Ctx, req: MeshRef) -> MeshGroup:
     return _mesh_group(got[0])
 
 
-async def mesh_list(ctx: Ctx, req: Empty) -> MeshList:
-    return MeshList(meshes=[_mesh_group(m) for m in await _store(ctx).meshes()])
+async def mesh_list(ctx: Ctx, req: MeshListRequest) -> MeshList:
+    """Mesh groups in name order, ``limit`` per page; the cursor is the last name of the page
+    before (a mesh deleted meanwhile is skipped, one created meanwhile after it is listed)."""
+    st = _store(ctx)
+    names = await st.mesh_names(after=req.cursor, count=req.limit + 1)
+    page = names[:req.limit]
+    meshes = await st.meshes(page) if page else []
+    return MeshList(meshes=[_mesh_group(m) for m in meshes],
+                    next_cursor=page[-1] if len(names) > req.limit else None)

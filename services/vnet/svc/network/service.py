@@ -41,10 +41,11 @@ of operations); the handlers are in the sibling modules by concern — ``create`
 from __future__ import annotations
 
 from vnet.contracts import subjects
-from vnet.contracts.messages import Empty
 from vnet.contracts.network import (
     HostRoutesReport,
+    HostRoutesRequest,
     MeshCreate,
+    MeshListRequest,
     MeshMember,
     MeshRef,
     NetworkCreate,
@@ -86,7 +87,9 @@ SERVICE.op("mesh.add", subjects.NETWORK_MESH_ADD, MeshMember)(relations.mesh_add
 SERVICE.op("mesh.remove", subjects.NETWORK_MESH_REMOVE, MeshMember)(relations.mesh_remove)
 SERVICE.op("mesh.delete", subjects.NETWORK_MESH_DELETE, MeshRef)(relations.mesh_delete)
 SERVICE.op("mesh.get", subjects.NETWORK_MESH_GET, MeshRef)(relations.mesh_get)
-SERVICE.op("mesh.list", subjects.NETWORK_MESH_LIST, Empty)(relations.mesh_list)
+SERVICE.op("mesh.list", subjects.NETWORK_MESH_LIST, MeshListRequest,
+           page_hint="ask for fewer meshes per page with `limit` and follow `next_cursor`")(relations.mesh_list)
 SERVICE.op("hostroutes.report", subjects.NETWORK_HOSTROUTES_REPORT, HostRoutesReport,
            max_bytes=1024 * 1024)(hostroutes.hostroutes_report)
-SERVICE.op("hostroutes.list", subjects.NETWORK_HOSTROUTES_LIST, Empty)(hostroutes.hostroutes_list)
+SERVICE.op("hostroutes.list", subjects.NETWORK_HOSTROUTES_LIST, HostRoutesRequest,
+           page_hint="ask for fewer nodes per page with `limit` and follow `next_cursor`")(hostroutes.hostroutes_list)

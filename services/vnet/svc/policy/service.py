@@ -251,11 +251,59 @@ async def explain(ctx: Ctx, req: ExplainRequest) -> Verdict:
     return best
 
 
-@SERVICE.op("exposure", subjects.POLICY_EXPOSURE, ExposureRequest)
+EXPOSURE_CHUNK = 5000  # endpoint ids per piece of one entry (~100 KB)
+EXPOSURE_PAGE_ENDPOINTS = 20000  # endpoint ids per page (~400 KB): a page of pieces stays below the bus limit
+
+_ExposureKey = tuple[int, int, str, str, str, int]
+
+
+def _exposure_pieces(got: list[reach.Exposure]) -> list[tuple[_ExposureKey, reach.Exposure]]:
+    """Every entry, in its piece(s) of at most :data:`EXPOSURE_CHUNK` endpoints, with its sort
+    key: broadest first as :func:`reach.exposure` orders them; ``ports`` names an entry only
+    for published ports (a rule or a network is one entry per id)."""
+    out: list[tuple[_ExposureKey, reach.Exposure]] = []
+    for x in got:
+        ports = x.ports if x.kind == "published" else ""
+        for i in range(0, max(len(x.endpoints), 1), EXPOSURE_CHUNK):
+            piece = x if len(x.endpoints) <= EXPOSURE_CHUNK else msgspec.structs.replace(
+                x, endpoints=x.endpoints[i:i + EXPOSURE_CHUNK])
+            out.append(((-x.breadth, -len(x.endpoints), x.kind, x.ident, ports, i // EXPOSURE_CHUNK), piece))
+    out.sort(key=lambda kp: kp[0])
+    return out
+
+
+def _exposure_cursor(raw: str) -> _ExposureKey:
+    try:
+        b, n, kind, ident, ports, chunk = msgspec.json.decode(raw, type=tuple[int, int, str, str, str, int])
+    except (msgspec.DecodeError, ValueError):
+        raise E.make(E.INVALID_REQUEST, "cursor is not one this service gave out; pass a reply's next_cursor "
+                     "unchanged, or no cursor for the first page") from None
+    return (b, n, kind, ident, ports, chunk)
+
+
+@SERVICE.op("exposure", subjects.POLICY_EXPOSURE, ExposureRequest,
+            page_hint="ask for fewer entries per page with `limit` and follow `next_cursor`")
 async def exposure(ctx: Ctx, req: ExposureRequest) -> ExposureReply:
+    """One page of the exposure list. The list is computed anew for every page; the cursor
+    is the sort key of the last piece sent, so a page goes on after it even when the fabric
+    changed in between (an entry that moved in the order may then be missed or repeated,
+    as with any cursor over changing data; an unchanged fabric gives each piece once)."""
+    after = _exposure_cursor(req.cursor) if req.cursor else None
     pol, _ = await _load(ctx)
     got = await asyncio.to_thread(reach.exposure, pol)
-    return ExposureReply(exposures=got, endpoints=len({e for x in got for e in x.endpoints}))
+    pieces = _exposure_pieces(got)
+    if after is not None:
+        pieces = [kp for kp in pieces if kp[0] > after]
+    page: list[tuple[_ExposureKey, reach.Exposure]] = []
+    size = 0
+    for kp in pieces[:req.limit]:
+        if page and size + len(kp[1].endpoints) > EXPOSURE_PAGE_ENDPOINTS:
+            break
+        page.append(kp)
+        size += len(kp[1].endpoints)
+    more = len(pieces) > len(page)
+    return ExposureReply(exposures=[x for _, x in page], endpoints=len({e for x in got for e in x.endpoints}),
+                         next_cursor=msgspec.json.encode(list(page[-1][0])).decode() if more else None)
 
 
 RULESET_PART = 384 * 1024  # JSON bytes per part (512 KiB in base64): far below the bus limit
