@@ -29,6 +29,7 @@ from vnet.contracts import subjects
 from vnet.contracts.network import NetworkReply, NetworkUpdate
 from vnet.core import errors as E
 from vnet.core.policy import AllowRule, Selector
+from vnet.runtime import idempotency as idem_runtime
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.service import Runtime
 
@@ -170,5 +171,38 @@ async def test_a_dead_first_attempt_blocks_its_request_id_only_until_its_claim_e
         assert ei.value.code == E.UNAVAILABLE.code and ei.value.details.get("pending"), ei.value
         assert "retry with the same request_id" in ei.value.message
         assert "x" not in (await m.get_network(net.id)).labels  # the repeat changed nothing
+    finally:
+        await r.aclose()
+
+
+async def test_a_long_first_attempt_keeps_its_claim(m: VNetManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The running request extends its claim: a change that takes longer than the claim's TTL
+    (a delete waiting for a node that never confirms) is still not run a second time by a
+    repeat that overlaps it. Without the extension the marker would expire after 1 s here and
+    the second copy would delete again (404)."""
+    monkeypatch.setattr(idem_runtime, "PENDING_TTL_S", 1.0)
+    monkeypatch.setattr(idem_runtime, "KEEP_EVERY_S", 0.25)
+    net = await m.create_network("il", "10.207.7.0/24")
+    ep = await m.create_endpoint("l1", net.id, node=NODE)
+    # The stand-in node never reports the teardown: each copy would wait 3 s for it.
+    dele = await together(lambda: m.delete_endpoint(ep.id, wait=True, wait_timeout=3.0, request_id="io-long"))
+    assert dele.endpoint.id == ep.id and not dele.node_confirmed
+    assert any("did not confirm" in w for w in dele.warnings)
+
+
+async def test_the_client_resends_a_repeat_that_found_the_first_still_running(m: VNetManager) -> None:
+    """A 503 ``pending`` is resent by VNetManager (as a timeout is): here the first attempt's
+    claim belongs to a dead process; the repeat waits out its 2 s calls, gets 503 pending,
+    resends, and runs the change once the claim expired."""
+    net = await m.create_network("ir2", "10.207.8.0/24")
+    r = aioredis.Redis.from_url(m.config.redis_url)
+    try:
+        await r.set(idempotency.PREFIXES["network"] + "update:io-resend", idempotency.PENDING + b"dead", px=5000)
+        before = m.retries
+        got = await m.call(subjects.NETWORK_UPDATE,
+                           NetworkUpdate(network=net.id, set_labels={"resent": "yes"}, request_id="io-resend"),
+                           NetworkReply, timeout=2.0)
+        assert got.labels == {"resent": "yes"}
+        assert m.retries > before  # at least one 503 pending was resent
     finally:
         await r.aclose()
