@@ -71,3 +71,17 @@ async def test_first_write_after_a_redis_restart_succeeds(cfg: VNetConfig, own_v
         # A write is never re-sent (it may have run), so it must not be written to a dead connection.
         upd = await m.update_network(net.id, set_labels={"after": "restart"})
         assert upd.labels == {"after": "restart"}
+
+
+def test_only_reads_are_sent_twice() -> None:
+    """What the client may resend after a broken connection: reads and read-only scripts,
+    never a write or a script that writes (it may have run before the connection broke)."""
+    from vnet.adapters import network_lua
+    from vnet.adapters.redis import _retry_safe
+
+    for args in (("GET", "k"), ("MGET", "a", "b"), (b"HGETALL", "h"), ("zrangebyscore", "z", 0, 1),
+                 ("EVALSHA", network_lua.GET.sha, 1, "k"), ("EVALSHA", network_lua.LIST.sha.encode(), 1, "k")):
+        assert _retry_safe(args), args
+    for args in (("SET", "k", "v"), ("DEL", "k"), ("HSET", "h", "f", "v"), ("EVALSHA", network_lua.CREATE.sha, 1, "k"),
+                 ("EVALSHA", network_lua.DELETE.sha, 1, "k"), ("EVAL", "return 1", 0), ()):
+        assert not _retry_safe(args), args
