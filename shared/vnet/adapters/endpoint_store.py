@@ -88,17 +88,9 @@ def idem_key(request_id: str) -> str:
     return global_key("epidem", request_id)
 
 
-def del_idem_key(request_id: str) -> str:
-    return global_key("epdel", request_id)
-
-
 def netep_key(network_id: str) -> str:
     """The network service's view of a network's endpoints (another slot)."""
     return key("netep", network_id)
-
-
-def upd_idem_key(request_id: str) -> str:
-    return global_key("epupd", request_id)
 
 
 def ports_key(node: str) -> str:
@@ -424,21 +416,6 @@ class EndpointStore:
 
     async def netep_remove(self, network_id: str, ident: str) -> None:
         await self.r.srem(netep_key(network_id), ident)
-
-    # -- idempotent deletes ----------------------------------------------------------------
-    async def delete_reply(self, request_id: str) -> bytes | None:
-        v: Any = await self.r.get(del_idem_key(request_id))
-        return None if v is None else bytes(v)
-
-    async def put_delete_reply(self, request_id: str, body: bytes) -> None:
-        await self.r.set(del_idem_key(request_id), body, ex=IDEM_TTL_S)
-
-    async def update_reply(self, request_id: str) -> bytes | None:
-        v: Any = await self.r.get(upd_idem_key(request_id))
-        return None if v is None else bytes(v)
-
-    async def put_update_reply(self, request_id: str, body: bytes) -> None:
-        await self.r.set(upd_idem_key(request_id), body, ex=IDEM_TTL_S)
 
     async def _release_claims(self, old: EndpointInfo) -> None:
         # the record is gone, so any revision is "gone": UNCLAIM drops a claim still held by this id

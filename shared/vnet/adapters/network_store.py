@@ -281,9 +281,6 @@ class NetworkStore:
             return None
         return v if isinstance(v, bytes) else str(v).encode()
 
-    async def idem_put(self, request_id: str, value: bytes) -> None:
-        await self.r.set(self.k("netidem", request_id), value, ex=IDEM_TTL_S)
-
     # -- carving cursor (a hint: next-fit starts here) ----------------------------------------
     async def carve_cursor(self, family: int, scope: str, pool: str) -> int | None:
         v = await self.r.get(self.k("netcarve", str(family), scope, pool))

@@ -15,8 +15,6 @@ from vnet.adapters.redis import key
 from vnet.core.policy import AllowRule
 
 RULES_KEY = key("policy", "global", "rules")
-IDEM_PREFIX = key("policy", "global", "idem") + ":"
-IDEM_TTL_S = 24 * 3600
 
 
 class PolicyStore:
@@ -44,10 +42,3 @@ class PolicyStore:
         """True when the rule was there."""
         return bool(await self.r.hdel(RULES_KEY, ident.encode()))
 
-    async def reply(self, op: str, request_id: str) -> bytes | None:
-        """The reply kept for ``op`` with ``request_id``, if it ran already."""
-        got: bytes | None = await self.r.get(f"{IDEM_PREFIX}{op}:{request_id}")
-        return got
-
-    async def put_reply(self, op: str, request_id: str, value: bytes) -> None:
-        await self.r.set(f"{IDEM_PREFIX}{op}:{request_id}", value, ex=IDEM_TTL_S)
