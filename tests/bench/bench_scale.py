@@ -18,6 +18,12 @@ service, of the simulated-node process and of nats-server, Redis ``used_memory``
 sent by the server per create (the event fan-out: one create's events reach every subscriber
 of its subjects) and the idle message rate (heartbeats, resyncs, pull requests with nothing
 to deliver); then the growth ratios of the last row over the first.
+
+``--label-rule``: the case where a node's rules select endpoints by label. Every endpoint gets
+``app=bench`` and one allow rule ``{from: [{labels: {app: bench}}], to: [{labels: {app: bench}}]}``
+exists before the nodes start; the simulated nodes run their policy agent (``VNETSIM_POLICY=1``:
+the real agent, fetching its ruleset and taking set deltas from events, with a recording
+enforcer instead of nftables), so what such a node follows is what the bench measures.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import redis.asyncio as aioredis
 
 from vnet.adapters.endpoint_store import node_key
 from vnet.client import VNetManager
+from vnet.core.policy import AllowRule, Selector
 from vnet.runtime import servers
 from vnet.runtime.config import VNetConfig
 
@@ -93,8 +100,9 @@ def varz(monitor: int) -> dict[str, int]:
 class Stack:
     """Servers, services and the simulated nodes of one row; everything goes in :meth:`stop`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.env = env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.servers: list[servers.ServerProc] = []
         self.monitor = servers.free_port()
@@ -109,7 +117,7 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         assert self.config is not None
-        env = {**os.environ, **self.config.to_env()}
+        env = {**os.environ, **self.config.to_env(), **self.env}
         env.pop("VNET_CONFIG", None)
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process's end)
         p = subprocess.Popen([sys.executable, "-m", "vnet.runtime.launcher", *argv], env=env, stdout=log,
@@ -145,10 +153,13 @@ async def _wait(pred: object, what: str, timeout: float) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+LABELS = {"app": "bench"}
+
+
 async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_s: float, keep: bool,
-                  per_proc: int) -> Row:
+                  per_proc: int, label_rule: bool = False) -> Row:
     root = Path(tempfile.mkdtemp(prefix="vnet-bench-scale-"))
-    st = Stack(root)
+    st = Stack(root, {"VNETSIM_POLICY": "1"} if label_rule else None)
     row = Row(nodes=nodes, eps=eps)
     try:
         cfg = st.start_servers()
@@ -163,6 +174,9 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
                 return True
 
             await _wait(services_up, "the services", 60)
+            if label_rule:  # before the nodes: their first ruleset already selects by label
+                sel = [Selector(labels=dict(LABELS))]
+                await m.put_rule(AllowRule(id="bench-app", from_=sel, to=sel))
             t0 = time.perf_counter()
             # One Python process runs up to --per-proc simulated nodes (one event loop: past a few
             # hundred nodes their idle work alone saturates it and its JetStream calls time out).
@@ -228,7 +242,8 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
                 for cid, node, net in it:
                     t = time.perf_counter()
                     try:
-                        info = await m.create_endpoint(cid, net, node=node, wait=True, wait_timeout=60.0)
+                        info = await m.create_endpoint(cid, net, node=node, wait=True, wait_timeout=60.0,
+                                                       labels=LABELS if label_rule else None)
                     except Exception as exc:
                         row.failed += 1
                         if row.failed <= 5:
@@ -312,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=12.0, help="seconds of idle traffic measured (default 12)")
     p.add_argument("--keep", action="store_true", help="keep each row's logs")
     p.add_argument("--per-proc", type=int, default=250, help="simulated nodes per process (default 250)")
+    p.add_argument("--label-rule", action="store_true",
+                   help="an allow rule selecting by label, every endpoint labelled, nodes with their policy agent")
     args = p.parse_args(argv)
     # SIGTERM runs the cleanup (each row's finally) instead of leaving the children to their
     # parent-death signal.
@@ -322,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(x) for x in args.nodes.split(",")):
         print(f"-- {n} nodes x {args.eps} endpoints ...", file=sys.stderr, flush=True)
         row = asyncio.run(run_row(n, args.eps, args.inflight, args.nodes_per_net, args.idle, args.keep,
-                                  args.per_proc))
+                                  args.per_proc, args.label_rule))
         rows.append(row)
         print(table(rows), file=sys.stderr, flush=True)
     print(table(rows))

@@ -15,7 +15,9 @@ Why one process: a Python node worker process costs ~60 MB RSS before it does an
 tests/bench/bench_scale.py and docs/scale.md).
 
 What is NOT simulated: nftables (the policy agent is off: the node reports isolation
-unavailable), DNS and CNI, host-route reports (every simulated host would report the same
+unavailable; with ``VNETSIM_POLICY=1`` it runs, fetching and keeping its ruleset and taking
+its set deltas from events like a real node, with a recording enforcer instead of nftables:
+:class:`RecordingEnforcer`), DNS and CNI, host-route reports (every simulated host would report the same
 prefixes of this machine). The subjects and the bus identity are the node's own, so with the
 stack's per-node NATS users each simulated node would need its own user: the simulator is
 for an unauthenticated bus or an identity allowed every node's subjects (the bench's).
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +48,7 @@ from vnet.core.dataplane_model import (
 )
 from vnet.runtime import service as svc_runtime
 from vnet.runtime.config import VNetConfig
+from vnet.runtime.node_wiring import SyncResult
 from vnet.runtime.wiring import connect_bus
 from vnet.svc.node import service as node_service
 from vnet.svc.node.worker import DRIVERS, NodeWorker
@@ -109,6 +114,29 @@ class RecordingApplier:
         pass
 
 
+class RecordingEnforcer:
+    """Stands in for the nftables enforcer of a simulated node's policy agent: it keeps the last
+    ruleset it was given and counts the writes (a ruleset that changed), touching no kernel."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the agent writes under it, as with the real enforcer
+        self.applied: Any = None
+        self.writes = 0
+
+    def sync_ruleset(self, rs: Any, *, check: bool = False) -> SyncResult:
+        t0 = time.perf_counter()
+        wrote = rs is not self.applied
+        self.applied = rs
+        self.writes += int(wrote)
+        return SyncResult(wrote=wrote, reason="recorded" if wrote else "unchanged",
+                          duration=time.perf_counter() - t0)
+
+
+def simulate_policy() -> bool:
+    """``VNETSIM_POLICY=1``: simulated nodes run their policy agent (rulesets and set deltas)."""
+    return os.environ.get("VNETSIM_POLICY", "").lower() in ("1", "on", "true", "yes")
+
+
 class SimulatedNodeWorker(NodeWorker):
     """The node worker with a :class:`RecordingApplier` as its data plane (see the module docstring)."""
 
@@ -133,6 +161,14 @@ class SimulatedNodeWorker(NodeWorker):
 
     async def _start_policy(self) -> None:
         self.isolation = Support(available=False, reason="simulated node: no nftables")
+        if not simulate_policy():
+            return
+        # The real agent (fetch, rebase, element deltas noted from events), a recording enforcer:
+        # what a node with rules costs the control plane, without nftables in this namespace.
+        agent = self.rt.adapters.node().policy_agent(self.node, host_netns=None,
+                                                     timeout=self.rt.config.request_timeout_s, state_dir=None)
+        agent.enforcer = RecordingEnforcer()
+        self.policy = agent
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         # No kernel, no blocking: run inline on the loop (a thread per simulated node would be the cost).
