@@ -178,11 +178,21 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         prev = await store.id_for_request(req.request_id)
         if prev is not None:
             return await _existing(ctx, prev, req, f"request_id {req.request_id!r}")
-    net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network_id), VirtualNetwork)
-    prev = await store.id_for_container(req.container_id, net.id)
+    # The node is picked (two Redis reads) while the network is looked up (a round trip to the
+    # network service): neither needs the other, and the attach waits for both.
+    picking = asyncio.ensure_future(_pick_node(ctx, req.node))
+    try:
+        net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network_id), VirtualNetwork)
+        prev = await store.id_for_container(req.container_id, net.id)
+    except BaseException:
+        picking.cancel()
+        await asyncio.gather(picking, return_exceptions=True)
+        raise
     if prev is not None:
+        picking.cancel()
+        await asyncio.gather(picking, return_exceptions=True)
         return await _existing(ctx, prev, req, f"container {req.container_id!r} in network {net.name!r}")
-    node = await _pick_node(ctx, req.node)
+    node = await picking
     _check_driver(node, net)
     host = not drivers.get(net.driver_type).container_iface  # the container shares the host's namespace
     if host:
@@ -245,7 +255,7 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
     waiter = None
     if req.wait:
         waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
-        await waiter.start()
+        await _listen(ctx, waiter, info.node)
     try:
         try:
             await _publish_endpoint_event(ctx, "created", info, EndpointEvent(endpoint=info),
@@ -261,6 +271,15 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         if waiter is not None:
             await waiter.close()
     return info
+
+
+async def _listen(ctx: Ctx, waiter: _StatusWaiter, node: str) -> None:
+    """``waiter`` listening on the status subject of ``node``: this create has just committed
+    the record, so it knows the node (``_StatusWaiter.start`` reads the record back to learn it:
+    one Redis round trip less on every attach that waits)."""
+    waiter.node = node
+    waiter.sub = await ctx.rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.format(node=node, id=waiter.ident),
+                                           cb=waiter._cb)
 
 
 def _dns_for(node: NodeInfo, net: VirtualNetwork, info: EndpointInfo) -> EndpointDns | None:
