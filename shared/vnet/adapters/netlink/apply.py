@@ -59,8 +59,11 @@ from vnet.adapters.netlink.nsctx import (
 from vnet.adapters.netlink.observe import (
     AF_BRIDGE,
     IFF_UP,
+    IFLA_AF_SPEC,
     IFLA_EXT_MASK,
     IFLA_IFNAME,
+    IFLA_INET_CONF,
+    IPV4_DEVCONF_ARP_NOTIFY,
     NDA_DST,
     NDA_LLADDR,
     NTF_SELF,
@@ -304,7 +307,22 @@ class Applier:
         self._delete(op.ns, RTM_DELROUTE, body)
 
     def set_sysctl(self, op: SetSysctl) -> None:
-        settings = op.settings
+        # An interface's arp_notify is an IPv4 devconf value the link message sets
+        # (IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF): one request on the namespace's socket from
+        # this thread, where writing /proc/sys means handing the write to the namespace's
+        # thread and back (on an attach: ~0.01 ms against 0.3-1 ms, growing with load).
+        rest: list[tuple[str, str]] = []
+        for path, value in op.settings:
+            ifname = _arp_notify_ifname(path)
+            if ifname is None or not value.isdigit():
+                rest.append((path, value))
+                continue
+            conf = nla(IFLA_INET_CONF, nla_u32(IPV4_DEVCONF_ARP_NOTIFY, int(value)))
+            self._write(op.ns, RTM_NEWLINK, 0, ifinfomsg(index=self.index(op.ns, ifname))
+                        + nla(IFLA_AF_SPEC, nla(socket.AF_INET, conf)))
+        if not rest:
+            return
+        settings = tuple(rest)
 
         def job() -> int:
             done = 0
@@ -521,6 +539,15 @@ class Applier:
             finally:
                 span.set_attribute("vnet.writes", self.writes - before)
         return None
+
+
+def _arp_notify_ifname(path: str) -> str | None:
+    """``ifname`` of a ``net/ipv4/conf/<ifname>/arp_notify`` sysctl path (not ``all``/``default``)."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[:3] == ["net", "ipv4", "conf"] and parts[4] == "arp_notify" \
+            and parts[3] not in ("all", "default"):
+        return parts[3]
+    return None
 
 
 def _kernel(kind: str) -> KernelDriver:
