@@ -148,6 +148,19 @@ def _socket_cache_size() -> int:
     return max(1024, min(16384, soft // 4))
 
 
+def _scoped_endpoints(eps: list[EpDesired], scope: Scope) -> list[EpDesired]:
+    """The endpoints a scoped reconcile looks at: those in scope and those sharing a container
+    namespace with one of them (they decide its default routes together), in their order.
+    The planner, the observation and the reconciler select exactly these from a scoped desired
+    state; handing them every endpoint of the node made each attach walk all of them several
+    times (plan, observation targets, ledger, departed: ~1 ms at 1,000 endpoints)."""
+    ids = scope.endpoints
+    if not ids:
+        return []
+    shared = {e.netns for e in eps if e.id in ids}
+    return [e for e in eps if e.id in ids or e.netns in shared]
+
+
 def _float_param(params: dict[str, str], name: str, default: float) -> float:
     raw = params.get(name)
     if raw is None:
@@ -326,6 +339,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                              wg_ifname=self.wg_ifname, wg_port=self.wg_port)
                     if self.underlay and self.underlay_ifname else None)
         nets, eps, refused = self._without_encryption(scope)
+        if scope is not None:
+            eps = _scoped_endpoints(eps, scope)
         desired = NodeDesired(networks=nets, endpoints=eps, underlay=underlay, peers=list(self.peers))
         self.counters.reconciles += 1
         if self.rec is None:
