@@ -69,9 +69,9 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
     for w in fleet.workers():
         orig = w._endpoint_event
 
-        async def record(msg: Msg, *, addressed: bool, _w: Any = w, _orig: Any = orig) -> None:
+        async def record(msg: Msg, _w: Any = w, _orig: Any = orig) -> None:
             seen[_w.node].append((msg.subject, msg.subject.rsplit(".", 1)[-1]))
-            await _orig(msg, addressed=addressed)
+            await _orig(msg)
 
         w._endpoint_event = record  # type: ignore[method-assign]
     broadcast: list[str] = []

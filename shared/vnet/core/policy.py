@@ -492,7 +492,12 @@ class Policy:
             key = msgspec.json.encode(sorted(msgspec.json.encode(x) for x in sels))
             name = f"e{fam}_{hashlib.sha256(key).hexdigest()[:12]}"
             if name not in sets:
+                # members: endpoints of the networks in play here only: a rule never makes a path
+                # to an unrelated network, so another node's endpoint there never meets these
+                # lines (and the node hears of no event of it: the endpoint service addresses
+                # set members to the nodes in play for their network)
                 members = [str(ip) for x in self.select(sels) if x.network in self.networks
+                           and (node is None or x.network in nets_in_play)
                            for ip in self._ips[x.id] if ip.version == fam and any(selects(s, x, ip) for s in sels)]
                 sets[name] = AddrSet(name=name, family=fam, selectors=tuple(sels),
                                      elements=sorted(set(members), key=addr_key))

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -18,10 +20,14 @@ from vnet.contracts.endpoint import (
     EndpointStatusEvent,
 )
 from vnet.contracts.network import MeshGroup, MeshRef, NetworkRef
+from vnet.contracts.policy import policy_endpoint
 from vnet.core import drivers as core_drivers
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
+from vnet.core.policy_inputs import AllowRule
+from vnet.core.ruleset import selects
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
+from vnet.runtime.ports import PolicyStorePort
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import WAIT_POLL_S, _iso_us, _now, _store
 
@@ -55,16 +61,126 @@ async def _hosts_of(store: EndpointStore, network_ids: set[str]) -> set[str]:
     return {e.node for e in await store.get_many(ids) if e is not None}
 
 
-async def event_nodes(ctx: Ctx, event: str, info: EndpointInfo, net: VirtualNetwork | None = None) -> set[str]:
-    """The nodes that must act on an event of endpoint ``info``: its own node and, for a
-    network spanning hosts (overlay), every node with an endpoint of it or of a related
-    network (their remotes and peers). ``updated`` (labels, published ports) concerns the
-    endpoint's node only: on the others it changes nothing but rule sets, which a node whose
-    rules select endpoints takes from every endpoint event (its ``-all`` consumer)."""
+# How long a replica trusts its list of the nodes that run a resolver (``NodeInfo.dns_domain``):
+# read whole at most this often (one MGET), and added to at once when a registration comes here.
+DNS_NODES_S = 5.0
+
+
+async def _dns_nodes(ctx: Ctx) -> set[str]:
+    """The nodes that run a resolver (``vnet-node --dns``), registered or gone (a node that comes
+    back keeps its place: its resolver must not miss a name while this replica re-reads)."""
+    state = ctx.rt.state
+    now = time.monotonic()
+    cached: tuple[float, set[str]] | None = state.get("dns_nodes")
+    if cached is not None and now - cached[0] < DNS_NODES_S:
+        return cached[1]
+    noted: set[str] = state.setdefault("dns_noted", set())
+    noted.clear()  # registrations handled here while the read is on its way are kept
+    got = {n.node for n in await _store(ctx).nodes(include_gone=True, counts=False) if n.dns_domain is not None}
+    state["dns_nodes"] = (now, got | noted)
+    return got | noted
+
+
+def note_dns_node(rt: Runtime, node: str, dns: bool) -> None:
+    """A registration handled by this replica: whether ``node`` runs a resolver, known at once."""
+    cached: tuple[float, set[str]] | None = rt.state.get("dns_nodes")
+    noted: set[str] = rt.state.setdefault("dns_noted", set())
+    for known in (noted, cached[1] if cached is not None else set()):
+        (known.add if dns else known.discard)(node)
+
+
+async def _selected(ctx: Ctx, eps: list[EndpointInfo]) -> bool:
+    """Whether an allow rule selects one of ``eps`` as an endpoint (labels, network, endpoint id,
+    an address range combined with those): then it is a member of address sets on every node in
+    play for its network. Read from the rule hash at the time of the event, not from a copy, so a
+    rule committed before the event is always seen: a node that hears of the rule later fetches
+    its whole ruleset after the rule's commit, which holds any endpoint committed before it."""
+    rules = await _rules(ctx)
+    sels = [x for r in rules for x in (*r.from_, *r.to) if not x.only_cidr()]
+    if not sels:
+        return False
+    for e in eps:
+        pe = policy_endpoint(e)
+        for a in pe.ips:
+            ip = ipaddress.ip_address(a)
+            if any(selects(x, pe, ip) for x in sels):
+                return True
+    return False
+
+
+async def _rules(ctx: Ctx) -> list[AllowRule]:
+    st: PolicyStorePort | None = ctx.rt.state.get("rule_store")
+    if st is None:
+        st = ctx.rt.state["rule_store"] = ctx.rt.adapters.policy_store()
+    return await st.rules()
+
+
+async def _driver_of(ctx: Ctx, network_id: str) -> str | None:
+    """A network's driver (it never changes: remembered), None when the network is gone."""
+    drivers: dict[str, str] = ctx.rt.state.setdefault("net_drivers", {})
+    got = drivers.get(network_id)
+    if got is None:
+        try:
+            net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=network_id), VirtualNetwork)
+        except E.VNetError:
+            return None
+        if len(drivers) > 65536:  # bounded (networks are at most max_networks; deleted ones stay)
+            drivers.clear()
+        got = drivers[net.id] = net.driver_type.value
+    return got
+
+
+async def _in_container_tables(ctx: Ctx, info: EndpointInfo, related: set[str]) -> bool:
+    """Whether a network in ``related`` (the endpoint's own included) enforces in its containers
+    (macvlan): those tables list every endpoint of the networks related to theirs."""
+    if core_drivers.get(info.driver).enforced_in_container:
+        return True
+    for nid in sorted(related - {info.network_id}):
+        drv = await _driver_of(ctx, nid)
+        if drv is not None and core_drivers.get(drv).enforced_in_container:
+            return True
+    return False
+
+
+async def event_nodes(ctx: Ctx, event: str, info: EndpointInfo, net: VirtualNetwork | None = None,
+                      previous: EndpointInfo | None = None) -> set[str]:
+    """The nodes that must act on an event of endpoint ``info``: its own node and the nodes
+    holding an endpoint of its network or of a related one ("in play" there: a path exists)
+    when the event changes something on them —
+
+    * an overlay (created, deleted): their remotes and peers;
+    * an endpoint an allow rule selects (before or after an update): a member of their address
+      sets; a network that enforces in its containers (macvlan), or is related to one: the
+      members of those tables;
+    * nodes running a resolver: the names their containers may resolve (DESIGN: a name resolves
+      only where a flow is allowed, and never without a path).
+
+    Nothing else reaches another node, so what a node receives grows with what changes in the
+    networks it takes part in, not with the cluster (docs/scale.md)."""
     nodes = {info.node}
-    if event != "updated" and core_drivers.get(info.driver).spans_hosts:
-        nodes |= await _hosts_of(_store(ctx), await _related(ctx, info.network_id, net))
-    return nodes
+    related: set[str] | None = None
+
+    async def rel() -> set[str]:
+        nonlocal related
+        if related is None:
+            related = await _related(ctx, info.network_id, net)
+        return related
+
+    drv = core_drivers.get(info.driver)
+    every = event != "updated" and drv.spans_hosts
+    if not every:
+        every = await _selected(ctx, [info] if previous is None else [info, previous])
+    if not every and (drv.enforced_in_container or net is None or _has_relations(net)):
+        every = await _in_container_tables(ctx, info, await rel())
+    dns = await _dns_nodes(ctx)
+    if not every and not dns:
+        return nodes
+    hosts = await _hosts_of(_store(ctx), await rel())
+    return nodes | (hosts if every else hosts & dns)
+
+
+def _has_relations(net: VirtualNetwork) -> bool:
+    return bool(net.connected or net.children or net.parent or net.mesh_groups)
 
 
 async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payload: Any, *, msg_id: str,
@@ -74,7 +190,8 @@ async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payl
     :func:`event_nodes`): a node worker consumes only its own, so what it receives grows with
     what changes on it, not with the cluster. Published together; the first failure raises
     (the node's next full resync covers a copy that did not land)."""
-    nodes = sorted(await event_nodes(ctx, event, info, net))
+    previous = getattr(payload, "previous", None)  # an update: the endpoint as it was (its labels)
+    nodes = sorted(await event_nodes(ctx, event, info, net, previous))
     res = await asyncio.gather(
         ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id),
         *(ctx.publish_event("endpoint", event, info.id, payload, msg_id=f"{msg_id}.to.{n}",

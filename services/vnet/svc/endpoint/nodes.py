@@ -30,7 +30,7 @@ from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import HEARTBEAT_MISSES, NODE_CALL_TIMEOUT_S, NODE_WATCH_S, _now, _store
-from vnet.svc.endpoint.events import _hosts_of, _related
+from vnet.svc.endpoint.events import _hosts_of, _related, note_dns_node
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
                                        wg_port=req.wg_port)
     was = await store.node(req.node)
     await store.register_node(info, ttl)
+    note_dns_node(rt, req.node, req.dns_domain is not None)  # names reach its resolver from now on
     if was is None:  # (re)joined: the other hosts' overlays get it at once, not at their next resync
         await _membership(rt, "joined", NodeMembership(node=req.node, reason="registered", last_seen=info.last_seen))
     if was is None or was.instance != req.instance:

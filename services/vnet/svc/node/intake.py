@@ -60,24 +60,21 @@ class EventIntake(WorkerParts):
         return WorkItem(ctx=otel_context.get_current(), span=span if span.is_valid else None, **kw)
 
     async def _on_endpoint_event(self, msg: Msg) -> None:
-        """An endpoint event addressed to this node (``vnet.evt.to.<node>.endpoint.<event>.<id>``)."""
-        await self._endpoint_event(msg, addressed=True)
+        """An endpoint event addressed to this node (``vnet.evt.to.<node>.endpoint.<event>.<id>``).
 
-    async def _on_any_endpoint_event(self, msg: Msg) -> None:
-        """Any node's endpoint event (``vnet.evt.endpoint.<event>.<id>``, the -all consumer):
-        rule-set members only; what this node realises comes addressed to it."""
-        await self._endpoint_event(msg, addressed=False)
+        The endpoint service addresses one to every node that must act on it (its
+        ``event_nodes``): the endpoint's own node; nodes holding its overlay or a network
+        related to it; nodes in play for its network when a rule selects it (set members here)
+        or a macvlan network relates to it; resolvers. One consumer, so a created and a
+        deleted of one endpoint arrive in order, and nothing of unrelated networks arrives."""
+        await self._endpoint_event(msg)
 
-    async def _endpoint_event(self, msg: Msg, *, addressed: bool) -> None:
+    async def _endpoint_event(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
         if parts[2] == "to":  # vnet.evt.to.<node>.endpoint.<event>.<id>
             parts = parts[:2] + parts[4:]
-        # Rule-set deltas come from ONE consumer at a time (the -all one while it runs): two
-        # would not keep a created and a deleted of the same endpoint in order.
-        sets_here = addressed == (self._all is None)
         if len(parts) >= 5 and parts[3] == "updated":
-            if sets_here:
-                self._on_endpoint_updated(msg)
+            self._on_endpoint_updated(msg)
             return
         if len(parts) < 5 or parts[3] not in ("created", "deleted"):
             return  # status reports (ours and other nodes') and anything newer
@@ -87,16 +84,12 @@ class EventIntake(WorkerParts):
             log.warning("node %s: ignoring a malformed event on %s: %s", self.node, msg.subject, exc)
             self._policy_changed()
             return
-        if ev.endpoint.node == self.node and not addressed:
-            return  # ours: it came addressed too, and the attach computes its rules
         if ev.endpoint.node != self.node:
             # rules may select it (labels, network, address): set members change here, coalesced
-            if self.policy is not None and sets_here:
+            if self.policy is not None:
                 if not self._policy_note(parts[3], ev.endpoint, local=False):
                     self._policy_fetch = True
                 self._policy_dirty.set()
-            if not addressed:
-                return
             net = self.nets.get(ev.endpoint.network_id)
             if net is not None and _spans_hosts(net.driver):  # a remote of one of our overlays
                 self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id,

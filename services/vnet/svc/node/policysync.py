@@ -2,20 +2,18 @@
 
 Tables made to exist before the first reconcile, whole-ruleset syncs on rule and network
 events and at every resync, an attach's delta computed here and pushed in the kernel
-thread, and the -all consumer of every node's endpoint events while the rules here select
-endpoints (the worker's module docstring, "policy").
+thread (the worker's module docstring, "policy"). Other nodes' endpoints that rules here
+select come addressed to this node (the endpoint service's ``event_nodes``), like its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 from nats.aio.msg import Msg
 
-from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     PolicyStats,
 )
@@ -24,7 +22,7 @@ from vnet.core import mvpolicy, naming
 from vnet.core.dataplane_model import (
     Support,
 )
-from vnet.svc.node.workstate import CONSUMER_INACTIVE_S, CONSUMER_PULL_EXPIRY_S, WorkerParts
+from vnet.svc.node.workstate import WorkerParts
 
 log = logging.getLogger(__name__)
 
@@ -82,52 +80,6 @@ class PolicySync(WorkerParts):
         if res.wrote:
             log.info("node %s: nftables ruleset %s applied (%s, %s) in %.0f ms", self.node, res.version, why,
                      res.reason, res.duration * 1000)
-        await self._event_scope()
-
-    def _wants_every_endpoint(self) -> bool:
-        """Whether other nodes' endpoints outside what is addressed to us matter here: rules
-        whose selectors take endpoints (labels, networks) put them in our sets, and macvlan
-        tables list every endpoint of the networks they relate to. Unknown yet: yes."""
-        agent = self.policy
-        if agent is None:
-            return False
-        rs, mv = agent.target, agent.mv_target
-        if rs is None:
-            return True
-        return any(s.selectors for s in rs.sets) or bool(mv is not None and mv.nets)
-
-    async def _event_scope(self) -> None:
-        """Start or stop the -all consumer (every node's endpoint events) as this node's rules
-        need it. Only nodes whose rules select endpoints by label pay the cluster-wide fan-out;
-        per-node ruleset deltas from the policy service would end that too (docs/scale.md)."""
-        if not self._consumers:
-            return  # not started (the first sync runs before the consumers), or stopping
-        async with self._scope_lock:
-            want = self._wants_every_endpoint()
-            if want == (self._all is not None) or not self._consumers:
-                return
-            if want:
-                name = f"vnet-node-{self.node.replace('.', '_')}-all"
-                with contextlib.suppress(Exception):  # one left from an earlier period would replay its backlog
-                    await self.rt.js.delete_consumer(subjects.EVENTS_STREAM, name)
-                c = self.rt.adapters.event_consumer(
-                    name, subjects.EVT_ENDPOINT.template, deliver_all=False, inactive_threshold_s=CONSUMER_INACTIVE_S,
-                    pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
-                    filter_subjects=["vnet.evt.endpoint.created.>", "vnet.evt.endpoint.deleted.>",
-                                     "vnet.evt.endpoint.updated.>"])
-                await c.start(self._on_any_endpoint_event)
-                self._all = c
-                self._consumers.append(c)
-                # what was published before it existed is in the whole ruleset, fetched now
-                self._policy_changed()
-                log.info("node %s: rules here select endpoints: following every node's endpoint events", self.node)
-            else:
-                old, self._all = self._all, None
-                assert old is not None
-                if old in self._consumers:
-                    self._consumers.remove(old)
-                await old.stop(delete=True)
-                log.info("node %s: no rule here selects endpoints: only the events addressed to it", self.node)
 
     def _policy_changed(self) -> None:
         """Something only the policy service sees whole changed (rules, modes, relations)."""

@@ -212,8 +212,6 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self.counters = Counters()
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._consumers: list[EventConsumer] = []
-        self._all: EventConsumer | None = None  # every node's endpoint events, while rules need them
-        self._scope_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._version = 0
         self._started = asyncio.Event()
@@ -250,7 +248,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
             # Only the endpoint events addressed to this node (its endpoints, and those of the
             # overlays it holds or routes to): the endpoint service publishes a copy per node
             # that must act, so this grows with what changes here, not with the cluster
-            # (docs/scale.md). Rule-set members of other nodes: the -all consumer, when needed.
+            # (docs/scale.md). Other nodes' endpoints that rules here select come addressed too.
             adapters.event_consumer(f"vnet-node-{safe}-ep", f"{own}.endpoint.>", deliver_all=False,
                                     inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
                                     filter_subjects=[f"{own}.endpoint.>"]),
@@ -271,7 +269,6 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                                           pull_expiry_s=CONSUMER_PULL_EXPIRY_S)
             self._consumers.append(pol)
             await pol.start(self._on_policy_event)
-            await self._event_scope()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._main(), name=f"node-{self.node}-loop"),
                        loop.create_task(self._heartbeat(), name=f"node-{self.node}-heartbeat")]
@@ -295,7 +292,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         teardown removes) and every loop (a reconcile running in the thread finishes)."""
         if self.drift is not None:
             await self.drift.stop()
-        consumers, self._consumers, self._all = self._consumers, [], None
+        consumers, self._consumers = self._consumers, []
         for c in consumers:
             await c.stop(delete=True)
         for t in self._tasks:

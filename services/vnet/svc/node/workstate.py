@@ -127,8 +127,6 @@ class WorkerParts:
     counters: Counters
     queue: asyncio.Queue[WorkItem]
     _consumers: list[EventConsumer]
-    _all: EventConsumer | None
-    _scope_lock: asyncio.Lock
     policy: PolicyAgentPort | None
     isolation: Support
     _policy_dirty: asyncio.Event
