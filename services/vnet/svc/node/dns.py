@@ -6,11 +6,19 @@ It runs in the node worker's process (``dns=on`` in the node's params; ``vnet-no
 and allow rules from their services over NATS and builds the same policy engine the
 policy service builds, so a name resolves exactly where ``explain`` allows a flow.
 
-Freshness is event-driven: every network, endpoint and policy event marks the table
-stale and a rebuild follows within milliseconds (events arriving meanwhile are
-coalesced into that one rebuild); a query that would be answered NXDOMAIN while a
-rebuild is pending waits for it (bounded), so a name is there by the time its
-endpoint reports ready. A periodic rebuild is the safety net for missed events. The
+What it holds is proportional to what its queriers may resolve, not to the cluster: a name
+resolves only where ``explain`` allows a flow, and never without a path, so the table holds the
+endpoints of the networks present on this node (those of its own endpoints) and of the
+networks related to them ("in play" here, as the node's ruleset has them), read per network.
+
+Freshness is event-driven: every network and policy event marks the table stale (the
+networks, rules and endpoints are read again), and every endpoint event *addressed to this
+node* (``vnet.evt.to.<node>.endpoint.>``: the endpoint service sends one to each node running
+a resolver that holds an endpoint of the endpoint's network or of a related one) marks its
+endpoints stale (only the endpoints are read again). A rebuild follows within milliseconds
+(events arriving meanwhile are coalesced into that one rebuild); a query that would be
+answered NXDOMAIN while a rebuild is pending waits for it (bounded), so a name is there by the
+time its endpoint reports ready. A periodic rebuild is the safety net for missed events. The
 sockets stay open across rebuilds: an update never drops a query.
 """
 
@@ -42,6 +50,10 @@ PAGE = 500
 # drivers whose gateway address lives on a bridge of this host (macvlan/ipvlan use the LAN's)
 _SERVED_DRIVERS = frozenset(d.name for d in drivers.all_drivers() if d.bridged)
 STALE_WAIT_S = 0.5
+# One more rebuild this long after the first: an endpoint service replica learns that this
+# node runs a resolver within 5 s (vnet.svc.endpoint.events.DNS_NODES_S) and addresses names to
+# it from then on; what it published before is read by this rebuild.
+SETTLE_S = 6.0
 
 
 def host_resolv_conf(host_netns: str | None) -> str:
@@ -81,6 +93,10 @@ class NodeDns:
         self.listen_errors: list[str] = []
         self._stale = asyncio.Event()
         self._fresh = asyncio.Event()
+        self._full = True  # the next rebuild reads networks and rules too (else endpoints only)
+        self._nets: list[VirtualNetwork] = []
+        self._rules: list[AllowRule] = []
+        self.in_play: set[str] = set()  # the networks whose endpoints the table holds
         self._subs: list[Any] = []
 
     def _observe(self, rcode: str, seconds: float, trace_id: str | None) -> None:
@@ -91,10 +107,14 @@ class NodeDns:
 
     # -- life ----------------------------------------------------------------------------
     async def start(self) -> None:
-        for subj in (subjects.EVT_NETWORK, subjects.EVT_ENDPOINT, subjects.EVT_POLICY):
+        for subj in (subjects.EVT_NETWORK, subjects.EVT_POLICY):
             self._subs.append(await self.rt.nc.subscribe(str(subj), cb=self._on_event))
+        # endpoint events: only those addressed to this node (core NATS sees JetStream publishes)
+        own = subjects.EVT_TO_NODE.format(node=self.node).removesuffix(".>")
+        self._subs.append(await self.rt.nc.subscribe(f"{own}.endpoint.>", cb=self._on_endpoint_event))
         self._stale.set()
         self.rt.spawn(self._loop(), "dns-rebuild")
+        self.rt.spawn(self._settle(), "dns-settle")
 
     async def stop(self) -> None:
         for s in self._subs:
@@ -105,11 +125,25 @@ class NodeDns:
         await self.server.close()
 
     async def _on_event(self, msg: Msg) -> None:
-        if ".status." in msg.subject:  # a status change renames nothing
+        """A network or policy event: modes, relations, rules; everything is read again."""
+        self._full = True
+        self._mark_stale()
+
+    async def _on_endpoint_event(self, msg: Msg) -> None:
+        """An endpoint event addressed to this node: the endpoints in play are read again."""
+        if ".status." in msg.subject:  # a status change renames nothing (none is addressed today)
             return
+        self._mark_stale()
+
+    def _mark_stale(self) -> None:
         self._fresh.clear()
         self._stale.set()
         self.server.clear_cache()
+
+    async def _settle(self) -> None:
+        await asyncio.sleep(SETTLE_S)
+        self._full = True
+        self._stale.set()
 
     async def _loop(self) -> None:
         while True:
@@ -118,17 +152,21 @@ class NodeDns:
             except TimeoutError:
                 pass
             await asyncio.sleep(0.002)  # let a burst of events land in this one rebuild
+            # periodic (nothing marked stale) or a network/policy event: everything is read
+            full, self._full = self._full or not self._stale.is_set(), False
             self._stale.clear()
             try:
-                await self.rebuild()
+                await self.rebuild(full=full)
             except E.VNetError as err:
                 log.info("node %s: dns: could not read the control plane (%s); keeping the last table",
                          self.node, err.message)
                 await asyncio.sleep(0.5)
+                self._full = self._full or full
                 self._stale.set()
             except Exception:
                 log.exception("node %s: dns: rebuild failed", self.node)
                 await asyncio.sleep(0.5)
+                self._full = self._full or full
                 self._stale.set()
             else:
                 if not self._stale.is_set():
@@ -147,13 +185,27 @@ class NodeDns:
             if cursor is None:
                 return out
 
-    async def rebuild(self) -> None:
+    async def rebuild(self, *, full: bool = True) -> None:
+        """Read what the table needs and swap it in; ``full=False``: the networks and rules of
+        the last full read, the endpoints read again (an endpoint event changes nothing else)."""
         t0 = time.perf_counter()
-        nets: list[VirtualNetwork] = await self._pages(subjects.NETWORK_LIST, NetworkList(limit=PAGE),
-                                                        NetworkPage, "networks")
-        eps: list[EndpointInfo] = await self._pages(subjects.ENDPOINT_LIST, EndpointList(limit=PAGE),
-                                                     EndpointPage, "endpoints")
-        rules: list[AllowRule] = await self._pages(subjects.POLICY_RULE_LIST, RuleList(), RulePage, "rules")
+        if full or not self._nets:
+            self._nets = await self._pages(subjects.NETWORK_LIST, NetworkList(limit=PAGE), NetworkPage, "networks")
+            self._rules = await self._pages(subjects.POLICY_RULE_LIST, RuleList(), RulePage, "rules")
+        nets, rules = self._nets, self._rules
+        mine: list[EndpointInfo] = await self._pages(subjects.ENDPOINT_LIST, EndpointList(node=self.node, limit=PAGE),
+                                                      EndpointPage, "endpoints")
+        local_nets = {e.network_id for e in mine}
+        # the networks in play here: ours and those related to them (a name elsewhere has no path)
+        relations = Policy([policy_network(n) for n in nets], [], [])
+        in_play = set(local_nets)
+        for nid in local_nets:
+            in_play |= {n.id for n in nets if relations.relations(nid, n.id)}
+        eps: list[EndpointInfo] = []
+        for nid in sorted(in_play):
+            eps += await self._pages(subjects.ENDPOINT_LIST, EndpointList(network=nid, limit=PAGE), EndpointPage,
+                                     "endpoints")
+        self.in_play = in_play
         pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], rules)
         names = {n.id: n.name for n in nets}
         dns = [DnsEndpoint(id=e.id, name=e.container_id, network=e.network_id,
@@ -162,7 +214,6 @@ class NodeDns:
                for e in eps]
         self.table = NameTable(pol, dns, names, domain=self.domain)
         self.server.clear_cache()
-        local_nets = {e.network_id for e in eps if e.node == self.node}
         want = {g.split("/")[0] for n in nets if n.id in local_nets and n.driver_type in _SERVED_DRIVERS
                 for g in (n.gateway, n.gateway_v6) if g}
         gone = [a for a in self.server.listening() if a not in want]
