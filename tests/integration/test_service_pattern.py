@@ -513,6 +513,42 @@ async def test_stop_leaves_a_given_connection_open(config: VNetConfig, nc: Clien
         await own.close()
 
 
+async def test_stop_is_bounded_when_a_hook_or_a_task_will_not_end(config: VNetConfig, nc: Client,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A stop hook that never returns and a background task that swallows its cancellation
+    cost at most one step bound each, and the log says where they were stuck."""
+    from vnet.runtime import service
+
+    monkeypatch.setattr(service, "STOP_STEP_S", 0.5)
+    defn, _, _ = _echo_service(_unique("pstuck"))
+    forever = asyncio.Event()
+
+    @defn.stopping
+    async def hangs(rt: Runtime) -> None:
+        await forever.wait()
+
+    async def stubborn() -> None:
+        while not forever.is_set():
+            try:
+                await forever.wait()
+            except asyncio.CancelledError:
+                continue  # the bug this bound survives: a loop that eats its cancellation
+
+    rt = await service.start(defn, config)
+    rt.spawn(stubborn(), "stubborn")
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await asyncio.wait_for(rt.stop(drain_timeout=0.5), 30.0)
+    took = time.monotonic() - t0
+    assert took < 10.0, took  # three bounded steps of 0.5 s, not the 30 s guard
+    text = caplog.text
+    assert "stop hook hangs: still running" in text and "forever.wait()" in text
+    assert "background task still running" in text and "stubborn" in text
+    forever.set()  # let the abandoned task end, so the test leaves nothing running
+    await asyncio.sleep(0.05)
+
+
 async def test_failed_start_leaves_nothing_registered(config: VNetConfig, nc: Client) -> None:
     from vnet.runtime import service
 

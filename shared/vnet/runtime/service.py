@@ -45,6 +45,7 @@ stay together with it for the same reason.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import socket
@@ -345,7 +346,11 @@ class _Workers:
         workers = list(self.workers)
         for t in workers:
             t.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        if workers:
+            _, stuck = await asyncio.wait(workers, timeout=STOP_STEP_S)
+            for t in stuck:
+                log.warning("a request worker still running %.0f s after it was cancelled:\n%s", STOP_STEP_S,
+                            _task_stack(t))
 
 
 class Runtime:
@@ -604,7 +609,11 @@ class Runtime:
             _, late = await asyncio.wait(pending, timeout=max(timeout, 0.01))
             for t in late:
                 t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            if late:
+                _, stuck = await asyncio.wait(late, timeout=STOP_STEP_S)
+                for t in stuck:
+                    log.warning("%s: unsubscribing still stuck after it was cancelled:\n%s", self.defn.name,
+                                _task_stack(t))
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop taking requests, finish those in flight, report, close.
@@ -632,13 +641,13 @@ class Runtime:
                     log.debug("discovery stop: %s", exc)
             for hook in self.defn.on_stop:
                 try:
-                    await hook(self)
+                    await _bounded(hook(self), STOP_STEP_S, f"{self.defn.name}: stop hook {hook.__name__}")
                 except Exception:
                     log.exception("stop hook failed")
             await self._cancel_background()
             if self.config.metrics_enabled:
                 try:
-                    await self._report_metrics()
+                    await _bounded(self._report_metrics(), STOP_STEP_S, f"{self.defn.name}: last metrics report")
                 except Exception:
                     pass
             await self._close_connections(max(deadline - loop.time(), 1.0))
@@ -648,7 +657,11 @@ class Runtime:
     async def _cancel_background(self) -> None:
         for t in self._bg:
             t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self._bg:
+            _, late = await asyncio.wait(self._bg, timeout=STOP_STEP_S)
+            for t in late:  # a task that swallows its cancellation: name it, never hang the stop
+                log.warning("%s: a background task still running %.0f s after it was cancelled; left behind:\n%s",
+                            self.defn.name, STOP_STEP_S, _task_stack(t))
         self._bg.clear()
 
     async def _close_connections(self, timeout: float) -> None:
@@ -662,7 +675,7 @@ class Runtime:
                     pass
         if self.redis is not None and self._own_redis:
             try:
-                await self.redis.aclose()
+                await _bounded(self.redis.aclose(), STOP_STEP_S, f"{self.defn.name}: closing Redis")
             except Exception:
                 pass
 
@@ -769,3 +782,27 @@ async def _abort(rt: Runtime) -> None:
 
 def decode_reply(data: bytes, tp: type[Rep]) -> Rep:
     return msgspec.json.decode(data, type=tp)
+
+
+# The longest any one step of stop() may take. A stop that hangs holds up a whole test run
+# (CI: a fixture's teardown waited out pytest's 300 s once, and the stack did not say on what).
+STOP_STEP_S = 10.0
+
+
+def _task_stack(t: asyncio.Future[Any]) -> str:
+    if not isinstance(t, asyncio.Task):
+        return f"  {t!r}"
+    buf = io.StringIO()
+    t.print_stack(file=buf)
+    return f"  task {t.get_name()}\n{buf.getvalue()}"
+
+
+async def _bounded(aw: Awaitable[Any], timeout: float, what: str) -> None:
+    """Await ``aw`` for at most ``timeout``; past it, log where it was stuck and go on."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done:
+        task.result()
+        return
+    log.warning("%s: still running after %.0f s; cancelled. It was at:\n%s", what, timeout, _task_stack(task))
+    task.cancel()
