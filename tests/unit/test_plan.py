@@ -31,6 +31,7 @@ from vnet.core.dataplane_model import (
     Scope,
 )
 from vnet.core.model import DriverType
+from vnet.core.planning.ops import ADDR_GEN_MODE_NONE
 
 # --------------------------------------------------------------------------- fake kernel
 
@@ -102,6 +103,8 @@ class FakeKernel:
                     self._set(op.ns, parts[-2], arp_notify=int(value))
                 elif parts[-1] == "accept_dad":
                     self._set(op.ns, parts[-2], accept_dad=int(value))
+                elif parts[-1] == "addr_gen_mode":  # set once before the link is up, not observed
+                    assert op.ns is not None and value == ADDR_GEN_MODE_NONE, (op.ns, value)
                 else:
                     raise AssertionError(path)
         elif isinstance(op, P.AddAddr):

@@ -231,6 +231,13 @@ def accept_dad_path(ifname: str) -> str:
     return f"net/ipv6/conf/{ifname}/accept_dad"
 
 
+def addr_gen_mode_path(ifname: str) -> str:
+    return f"net/ipv6/conf/{ifname}/addr_gen_mode"
+
+
+ADDR_GEN_MODE_NONE = "1"  # IN6_ADDR_GEN_MODE_NONE: the kernel makes no link-local address
+
+
 def normalize_cidr(cidr: str) -> str:
     """``"FD00:1:0::5/64"`` -> ``"fd00:1::5/64"`` (the form the observer reports)."""
     return ipaddress.ip_interface(cidr).with_prefixlen
