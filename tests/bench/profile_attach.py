@@ -75,6 +75,21 @@ def _timed(owner: Any, attr: str, phase: str) -> None:
     setattr(owner, attr, wrapper)
 
 
+def _timed_sync(owner: Any, attr: str, phase: str) -> None:
+    """Like :func:`_timed` for a blocking function (the node's kernel thread runs these)."""
+    orig: Callable[..., Any] = getattr(owner, attr)
+
+    @functools.wraps(orig)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            SPANS.append((t, time.perf_counter(), phase))
+
+    setattr(owner, attr, wrapper)
+
+
 def instrument() -> None:
     """Wrap the clients and the phases (this process only)."""
     req, pub, sub = nats_client.Client.request, nats_client.Client.publish, nats_client.Client.subscribe
@@ -120,12 +135,22 @@ def instrument() -> None:
     for owner, attr in ((cni.CniServer, "handle"), (cni.CniServer, "_detach"), (ep_runtime, "create"),
                         (ep_runtime, "remove"), (ep_create, "_commit"), (ep_create, "_allocate"),
                         (ep_create, "_check_netns_on_node"), (ep_create, "_wait_status"),
-                        (ep_events._StatusWaiter, "start"), (ep_events._StatusWaiter, "_cb"),
+                        (ep_create, "_listen"), (ep_events._StatusWaiter, "start"), (ep_events._StatusWaiter, "_cb"),
                         (worker.NodeWorker, "_on_endpoint_event"), (worker.NodeWorker, "_handle_events"),
                         (worker.NodeWorker, "_reconcile"), (worker.NodeWorker, "_report")):
+        if not hasattr(owner, attr):  # a step an older tree does not have (profiles of two commits compare)
+            continue
         name = getattr(owner, "__name__", "")
         label = "service" if name.startswith("vnet.svc.endpoint.") else name.rsplit(".", 1)[-1]
         _timed(owner, attr, f"{label}.{attr.lstrip('_')}")
+    # The node's kernel thread, step by step: the policy delta, then observe, plan, apply.
+    from vnet.adapters.netlink import apply as nl_apply
+    from vnet.svc.node import policysync, reconcile
+    for owner, attr, phase in ((policysync.PolicySync, "_push_policy", "kernel thread: nft delta"),
+                               (reconcile.Reconciler, "observe", "kernel thread: observe"),
+                               (reconcile, "plan", "kernel thread: plan"),
+                               (nl_apply.Applier, "apply", "kernel thread: apply (netlink)")):
+        _timed_sync(owner, attr, phase)
 
 
 def report(title: str, runs: list[list[Span]], counts: collections.Counter[str], walls: list[float]) -> None:
