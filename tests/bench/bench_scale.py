@@ -41,6 +41,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make the repo importable as ``tests``
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -49,6 +50,7 @@ import redis.asyncio as aioredis
 
 from vnet.adapters.endpoint_store import node_key
 from vnet.client import VNetManager
+from vnet.contracts import subjects
 from vnet.core.policy import AllowRule, Selector
 from vnet.runtime import servers
 from vnet.runtime.config import VNetConfig
@@ -67,6 +69,7 @@ class Row:
     rss_mb: dict[str, float] = field(default_factory=dict)
     redis_mb: float = 0.0
     msgs_per_create: float = 0.0
+    node_evts_per_create: float = 0.0
     idle_msgs_s: float = 0.0
     start_s: float = 0.0
     node_list: str = ""
@@ -89,6 +92,21 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+async def node_endpoint_deliveries(nc: Any) -> int:
+    """Endpoint events delivered to node workers so far: the ``-ep`` consumers (addressed) and the
+    ``-all`` ones (every node's events, where the node's version still makes them)."""
+    js = nc.jetstream()
+    total, offset = 0, 0
+    while True:
+        page = await js.consumers_info(subjects.EVENTS_STREAM, offset=offset)
+        total += sum(c.delivered.consumer_seq or 0 for c in page
+                     if c.name and c.name.startswith("vnet-node-") and c.name.endswith(("-ep", "-all"))
+                     and c.delivered is not None)
+        offset += len(page)
+        if not page:
+            return total
 
 
 def varz(monitor: int) -> dict[str, int]:
@@ -157,9 +175,12 @@ LABELS = {"app": "bench"}
 
 
 async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_s: float, keep: bool,
-                  per_proc: int, label_rule: bool = False) -> Row:
+                  per_proc: int, label_rule: bool = False, resync_s: float | None = None) -> Row:
     root = Path(tempfile.mkdtemp(prefix="vnet-bench-scale-"))
-    st = Stack(root, {"VNETSIM_POLICY": "1"} if label_rule else None)
+    env = {"VNETSIM_POLICY": "1"} if label_rule else {}
+    if resync_s is not None:
+        env["VNET_NODE_RESYNC_INTERVAL_S"] = str(resync_s)
+    st = Stack(root, env)
     row = Row(nodes=nodes, eps=eps)
     try:
         cfg = st.start_servers()
@@ -257,6 +278,10 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
                     row.lat.append(time.perf_counter() - t)
                     row.creates += 1
 
+            import nats
+
+            bus = await nats.connect(cfg.nats_url, name="bench-scale-consumers")
+            d0 = await node_endpoint_deliveries(bus)
             v0 = varz(st.monitor)
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(inflight)))
@@ -266,6 +291,13 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
             row.msgs_per_create = max(0.0, (v1["out_msgs"] - v0["out_msgs"] - row.idle_msgs_s * row.secs)
                                       / max(1, row.creates + row.failed))
             await asyncio.sleep(2)
+            # deliveries of endpoint events to node workers (their consumers' counts), per create:
+            # what every node's work adds up to; the fan-out still on its way after 2 s is not in
+            try:
+                row.node_evts_per_create = ((await node_endpoint_deliveries(bus) - d0)
+                                            / max(1, row.creates + row.failed))
+            finally:
+                await bus.close()
             for name in SERVICES:
                 row.rss_mb[name] = rss_mb(st.procs[name].pid)
             row.rss_mb["nodes"] = sum(rss_mb(p.pid) for n, p in st.procs.items() if n.startswith("nodes"))
@@ -291,13 +323,15 @@ COLS = ("ipam", "network", "endpoint", "policy", "metrics", "nodes", "nats")
 
 def table(rows: list[Row]) -> str:
     head = (f"{'nodes':>6} {'eps/node':>8} {'creates':>8} {'fail':>5} {'create/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-            + " ".join(f"{c + ' MB':>11}" for c in COLS) + f" {'redis MB':>9} {'msgs/create':>11} {'idle msg/s':>10}"
+            + " ".join(f"{c + ' MB':>11}" for c in COLS) + f" {'redis MB':>9} {'msgs/create':>11}"
+            + f" {'node evts/create':>16} {'idle msg/s':>10}"
             + f" {'start s':>8}")
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(f"{r.nodes:>6} {r.eps:>8} {r.creates:>8} {r.failed:>5} {r.rate:>9.1f} {r.pct(0.5):>8.1f} "
                    f"{r.pct(0.99):>8.1f} " + " ".join(f"{r.rss_mb.get(c, 0):>11.1f}" for c in COLS)
-                   + f" {r.redis_mb:>9.1f} {r.msgs_per_create:>11.1f} {r.idle_msgs_s:>10.1f} {r.start_s:>8.1f}")
+                   + f" {r.redis_mb:>9.1f} {r.msgs_per_create:>11.1f} {r.node_evts_per_create:>16.1f}"
+                   + f" {r.idle_msgs_s:>10.1f} {r.start_s:>8.1f}")
     out.append("")
     out.extend(f"{r.nodes} nodes: {r.nodes_up} started; node.list: {r.node_list}" for r in rows)
     if len(rows) > 1:
@@ -313,7 +347,8 @@ def table(rows: list[Row]) -> str:
                    f"p99 {ratio(a.pct(0.99), b.pct(0.99))} (target p99 <= 2x)")
         out.append("  RSS " + ", ".join(f"{c} {ratio(a.rss_mb.get(c, 0), b.rss_mb.get(c, 0))}" for c in COLS)
                    + f", redis {ratio(a.redis_mb, b.redis_mb)}")
-        out.append(f"  NATS msgs per create {ratio(a.msgs_per_create, b.msgs_per_create)}, "
+        out.append(f"  NATS msgs per create {ratio(a.msgs_per_create, b.msgs_per_create)}, endpoint events "
+                   f"delivered to nodes per create {ratio(a.node_evts_per_create, b.node_evts_per_create)}, "
                    f"idle msgs/s {ratio(a.idle_msgs_s, b.idle_msgs_s)}")
     return "\n".join(out)
 
@@ -327,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=12.0, help="seconds of idle traffic measured (default 12)")
     p.add_argument("--keep", action="store_true", help="keep each row's logs")
     p.add_argument("--per-proc", type=int, default=250, help="simulated nodes per process (default 250)")
+    p.add_argument("--resync", type=float, default=None,
+                   help="the nodes' full resync period in s (default: the config's, 10 s); each resync of a node "
+                   "with its policy agent fetches its whole ruleset")
     p.add_argument("--label-rule", action="store_true",
                    help="an allow rule selecting by label, every endpoint labelled, nodes with their policy agent")
     args = p.parse_args(argv)
@@ -339,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(x) for x in args.nodes.split(",")):
         print(f"-- {n} nodes x {args.eps} endpoints ...", file=sys.stderr, flush=True)
         row = asyncio.run(run_row(n, args.eps, args.inflight, args.nodes_per_net, args.idle, args.keep,
-                                  args.per_proc, args.label_rule))
+                                  args.per_proc, args.label_rule, args.resync))
         rows.append(row)
         print(table(rows), file=sys.stderr, flush=True)
     print(table(rows))
