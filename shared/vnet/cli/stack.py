@@ -66,6 +66,8 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
         argv += ["--cluster", str(opts.cluster)]
     if opts.replicas > 1:
         argv += ["--replicas", str(opts.replicas)]
+    if opts.replicated_valkey:
+        argv.append("--replicated-valkey")
     return stack.entry_argv("vnetctl", "vnet.cli.main", "main", argv)
 
 
@@ -83,6 +85,9 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
               "every process gets every server's URL (docs/scale.md).")
 @click.option("--replicas", type=click.IntRange(min=1, max=9), default=1, show_default=True,
               help="Run N instances of each API service (ipam, network, endpoint, policy) in its queue group.")
+@click.option("--replicated-valkey", is_flag=True,
+              help="Run a Valkey primary, one replica and three Sentinels on loopback; every process finds the "
+              "primary through the Sentinels and follows a failover (docs/scale.md).")
 @click.option("--host-root-netns", is_flag=True,
               help="Let the node worker manage THIS MACHINE's network namespace instead of a sandbox one (root).")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once everything answers health.")
@@ -99,8 +104,8 @@ def _supervisor_argv(config_path: str | None, opts: stack.StackOptions) -> list[
 @click.pass_context
 def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_url: str | None,
        nats_port: int | None, redis_port: int | None, metrics_port: int | None, node_id: str | None,
-       host_root_netns: bool, cluster: int, replicas: int, detach: bool, demo: bool, ready_timeout: float,
-       stop_timeout: float,
+       host_root_netns: bool, cluster: int, replicas: int, replicated_valkey: bool, detach: bool, demo: bool,
+       ready_timeout: float, stop_timeout: float,
        foreground_supervisor: bool, as_json: bool) -> None:
     """Start NATS, Redis, the five services and a node worker, and supervise them.
 
@@ -111,6 +116,9 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
                                "one document")
     if nats_url and cluster > 1:
         raise click.UsageError("--cluster starts the stack's own nats-servers; it has no effect with --nats-url")
+    if redis_url and replicated_valkey:
+        raise click.UsageError("--replicated-valkey starts the stack's own Valkey servers; it has no effect with "
+                               "--redis-url")
     if nats_url and nats_port:
         raise click.UsageError("--nats-port is for the stack's own nats-server; it has no effect with --nats-url")
     if redis_url and redis_port:
@@ -121,7 +129,7 @@ def up(ctx: click.Context, state_dir: Path | None, nats_url: str | None, redis_u
         state_dir=_state_dir(state_dir), nats_url=nats_url, redis_url=redis_url, nats_port=nats_port,
         redis_port=redis_port, metrics_port=metrics_port, node_id=node_id, host_root_netns=host_root_netns,
         ready_timeout=ready_timeout, stop_timeout=stop_timeout, detached=detach or foreground_supervisor,
-        demo=demo, cluster=cluster, replicas=replicas)
+        demo=demo, cluster=cluster, replicas=replicas, replicated_valkey=replicated_valkey)
     config_path = ctx.obj.get("config_path")
     try:
         # Not load_config(): that would point at a running stack; `up` makes its own.

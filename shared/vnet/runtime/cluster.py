@@ -13,6 +13,7 @@ acknowledged event through the loss of one server.
 from __future__ import annotations
 
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,23 +149,75 @@ class ValkeyGroup:
             s.stop()
 
 
+# The two users replication needs besides the services' (the same names and rules as
+# docker-compose.cluster.yml, which tests/contract/test_compose_cluster.py checks): the
+# replica's (PSYNC, no keys) and the Sentinels' (the commands Sentinel runs, no keys).
+REPLICA_USER = "vnet-replica"
+SENTINEL_USER = "vnet-sentinel"
+REPLICA_RULES = "resetkeys resetchannels -@all +psync +replconf +ping"
+SENTINEL_RULES = ("resetkeys allchannels -@all +multi +slaveof +replicaof +ping +exec +subscribe "
+                  "+config|rewrite +role +publish +info +client|setname +client|kill +script|kill")
+
+
+def replication_conf(*, replica_password: str, sentinel_password: str, primary_port: int | None = None,
+                     host: str = "127.0.0.1") -> str:
+    """What a data server of a Sentinel group adds to the stack's Valkey config: the replication
+    and Sentinel users, ``masteruser``/``masterauth`` (every data server: a demoted primary must
+    log in to the new one) and, for a replica, the primary to follow. Sentinel rewrites the
+    file (``replicaof``) when it promotes or demotes the server: keep it writable."""
+    lines = [f"user {REPLICA_USER} on >{replica_password} {REPLICA_RULES}",
+             f"user {SENTINEL_USER} on >{sentinel_password} {SENTINEL_RULES}",
+             f"masteruser {REPLICA_USER}", f"masterauth {replica_password}"]
+    if primary_port is not None:
+        lines += [f"replicaof {host} {primary_port}", "replica-read-only yes"]
+    return "\n".join(lines) + "\n"
+
+
 def sentinel_conf(*, port: int, primary_port: int, service: str = SENTINEL_SERVICE, quorum: int = 2,
-                  down_after_ms: int = 1000, failover_timeout_ms: int = 5000, host: str = "127.0.0.1") -> str:
+                  down_after_ms: int = 1000, failover_timeout_ms: int = 5000, host: str = "127.0.0.1",
+                  auth_user: str | None = None, auth_pass: str | None = None) -> str:
     """One Sentinel's config: watch ``service`` at ``host:primary_port``, call it down after
-    ``down_after_ms`` without an answer, fail over when ``quorum`` Sentinels agree. (A Sentinel
-    rewrites its file with what it learns: it must stay writable.)"""
+    ``down_after_ms`` without an answer, fail over when ``quorum`` Sentinels agree; log in to
+    the data servers as ``auth_user`` when they have ACL users. (A Sentinel rewrites its file
+    with what it learns: it must stay writable.)"""
+    auth = ""
+    if auth_user is not None and auth_pass is not None:
+        auth = f"sentinel auth-user {service} {auth_user}\nsentinel auth-pass {service} {auth_pass}\n"
     return (f"port {port}\nbind {host}\nprotected-mode yes\ndaemonize no\n"
-            f"sentinel monitor {service} {host} {primary_port} {quorum}\n"
+            f"sentinel monitor {service} {host} {primary_port} {quorum}\n" + auth +
             f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
             f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
             f"sentinel parallel-syncs {service} 1\n")
 
 
+async def sentinel_primary(ports: list[int], service: str = SENTINEL_SERVICE, *, host: str = "127.0.0.1",
+                           timeout: float = 1.0) -> tuple[str, int] | None:
+    """The primary most of the Sentinels at ``host:ports`` name for ``service``; None when none
+    answers. (Mid-failover they may disagree for a moment: the majority's answer wins.)"""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    votes: Counter[tuple[str, int]] = Counter()
+    for port in ports:
+        r = aioredis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            # redis-py leaves execute_command unannotated
+            ans = await r.execute_command("SENTINEL", "get-master-addr-by-name", service)  # type: ignore[no-untyped-call]
+        except (RedisError, OSError):
+            continue
+        finally:
+            await r.aclose()
+        if ans:
+            h, p = ans[0], ans[1]
+            votes[(h.decode() if isinstance(h, bytes) else str(h), int(p))] += 1
+    return votes.most_common(1)[0][0] if votes else None
+
+
 def start_valkey_sentinel(root: Path, *, replicas: int = 1, sentinels: int = 3,
                           down_after_ms: int = 1000) -> ValkeyGroup:
     """Start a primary, ``replicas`` replicas of it and ``sentinels`` Sentinels (quorum: a
-    majority) under ``root``. No ACL users: the stack's generated Valkey users would also need
-    ``masteruser``/``masterauth`` on the replicas and ``sentinel auth-user`` (docs/scale.md)."""
+    majority) under ``root``. No ACL users (``vnetctl up --replicated-valkey`` runs the same
+    with them: :func:`replication_conf`, ``sentinel_conf(auth_user=...)``)."""
     started: list[servers.ServerProc] = []
     try:
         primary = servers.start_valkey(root / "valkey-0")

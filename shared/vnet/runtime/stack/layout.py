@@ -53,6 +53,9 @@ class StackOptions:
     # Instances of each API service (ipam, network, endpoint, policy) in their queue group:
     # "ipam", "ipam-2", ... The metrics service stays one (it serves /metrics on one port).
     replicas: int = 1
+    # A Valkey primary, one replica and three Sentinels on loopback; every process finds the
+    # primary through the Sentinels and follows a failover (docs/scale.md, "Replicated state").
+    replicated_valkey: bool = False
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -83,6 +86,8 @@ class Child:
     restarts: int = 0
     failures: int = 0  # consecutive short-lived runs; sets the backoff
     restart_at: float | None = None
+    died_mono: float = 0.0  # when the supervisor saw it exit
+    held: bool = False  # its restart waits for the Sentinels (a Valkey data server, see Supervisor)
 
     @property
     def pid(self) -> int:
@@ -168,6 +173,22 @@ class Plan:
     nats_tls_ca: str | None = None  # TLS on: the CA of the stack's own certificates
     config: VNetConfig  # the admin identity: the supervisor's own probes (health, discovery) run as it
     stream_identity: VNetConfig | None = None  # --cluster: who makes the replicated event stream
+    valkey_group: ValkeyGroupPlan | None = None  # --replicated-valkey
+
+
+@dataclass
+class ValkeyGroupPlan:
+    """``--replicated-valkey``: the data servers (child name -> port; the first is the primary
+    at start) and the Sentinels watching them."""
+
+    data: dict[str, int]
+    sentinel_ports: list[int]
+    service: str
+
+    @property
+    def sentinels(self) -> str:
+        """What ``VNetConfig.redis_sentinels`` takes."""
+        return ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
 
 
 def make_plan(o: StackOptions, base_config: VNetConfig, *, state_dir: Path, logs_dir: Path, say: Say) -> Plan:
@@ -249,7 +270,21 @@ def make_plan(o: StackOptions, base_config: VNetConfig, *, state_dir: Path, logs
             conf = credentials.write_nats_conf(state_dir, creds, [node_id], tls=tls_block)
             args = servers.nats_args(nats_port, state_dir / "nats", config_file=conf)
             children.append(ChildSpec(NATS, args, env, logs / f"{NATS}.log", nats_port))
-        if valkey_bin is not None and redis_port is not None and creds is not None:
+        valkey_group: ValkeyGroupPlan | None = None
+        if valkey_bin is not None and redis_port is not None and creds is not None and o.replicated_valkey:
+            group_children, valkey_group = _valkey_group_children(creds, redis_port, taken, env,
+                                                                  state_dir=state_dir, logs_dir=logs_dir)
+            children += group_children
+            # Every process asks the Sentinels where the primary is (redis_url's host is then
+            # unused, its database number is); IPAM allocations wait for the replica, as in
+            # docker-compose.cluster.yml.
+            shared = msgspec.structs.replace(shared, redis_sentinels=valkey_group.sentinels,
+                                             redis_sentinel_service=valkey_group.service, redis_wait_replicas=1)
+            roles = Identities(shared, roles.nats, roles.redis)
+            config = roles.admin()
+            if stream_identity is not None:
+                stream_identity = roles.service("endpoint")
+        elif valkey_bin is not None and redis_port is not None and creds is not None:
             (state_dir / "valkey").mkdir(exist_ok=True, mode=credentials.DIR_MODE)
             conf = credentials.write_valkey_conf(state_dir, creds)
             args = servers.valkey_args(redis_port, state_dir / "valkey", config_file=conf)
@@ -273,7 +308,7 @@ def make_plan(o: StackOptions, base_config: VNetConfig, *, state_dir: Path, logs
     return Plan(nats_url=nats_url, redis_url=redis_url, nats_port=nats_port, redis_port=redis_port,
                 metrics_port=metrics_port, node_id=node_id, netns=netns, host_netns=host_netns, privileged=privileged,
                 children=children, nats_tls_ca=tls_block["ca_file"] if tls_block else None, config=config,
-                stream_identity=stream_identity)
+                stream_identity=stream_identity, valkey_group=valkey_group)
 
 
 def _cluster_children(n: int, creds: credentials.Credentials, node_id: str, tls_block: dict[str, str] | None,
@@ -300,3 +335,46 @@ def _cluster_children(n: int, creds: credentials.Credentials, node_id: str, tls_
         out.append(ChildSpec(name, servers.nats_args(ports[i], data, config_file=conf), env,
                              logs_dir / f"{name}.log", ports[i]))
     return out
+
+
+VALKEY_REPLICA = f"{VALKEY}-1"
+SENTINEL = "valkey-sentinel"
+SENTINELS = 3
+
+
+def _valkey_group_children(creds: credentials.Credentials, first_port: int, taken: set[int], env: dict[str, str],
+                           *, state_dir: Path, logs_dir: Path) -> tuple[list[ChildSpec], ValkeyGroupPlan]:
+    """``--replicated-valkey``: a primary and one replica, each with the stack's service users
+    plus the replication and Sentinel users (vnet.runtime.cluster, the same as
+    docker-compose.cluster.yml), and three Sentinels (quorum 2) that log in as the Sentinel
+    user. The two users' passwords are new on every start, like the NATS route user's: only
+    these servers use them. Each server has its own config file: Sentinel rewrites it."""
+    from vnet.runtime import cluster
+
+    replica_port = pick_port(None, "--redis-port", "the valkey replica", taken)
+    sentinel_ports = [pick_port(None, "--redis-port", f"valkey sentinel {i}", taken) for i in range(SENTINELS)]
+    replica_pw, sentinel_pw = credentials.new_password(), credentials.new_password()
+    users = credentials.valkey_conf(creds)
+    out: list[ChildSpec] = []
+    data: dict[str, int] = {}
+    for i, (name, port) in enumerate(((VALKEY, first_port), (VALKEY_REPLICA, replica_port))):
+        d = state_dir / ("valkey" if i == 0 else f"valkey-{i}")
+        d.mkdir(exist_ok=True, mode=credentials.DIR_MODE)
+        conf = state_dir / f"valkey-{i}.conf"
+        text = users + cluster.replication_conf(replica_password=replica_pw, sentinel_password=sentinel_pw,
+                                                primary_port=first_port if i else None)
+        credentials.private_write(conf, text.encode())
+        out.append(ChildSpec(name, servers.valkey_args(port, d, config_file=conf), env, logs_dir / f"{name}.log",
+                             port))
+        data[name] = port
+    binary = servers.valkey_server_binary()
+    for i, port in enumerate(sentinel_ports):
+        name = SENTINEL if i == 0 else f"{SENTINEL}-{i}"
+        conf = state_dir / f"sentinel-{i}.conf"
+        credentials.private_write(conf, cluster.sentinel_conf(
+            port=port, primary_port=first_port, quorum=SENTINELS // 2 + 1, auth_user=cluster.SENTINEL_USER,
+            auth_pass=sentinel_pw).encode())
+        # --port repeats the file's: `ps` and the stack file show where each Sentinel listens
+        out.append(ChildSpec(name, [binary, str(conf), "--sentinel", "--port", str(port)], env,
+                             logs_dir / f"{name}.log", port))
+    return out, ValkeyGroupPlan(data, sentinel_ports, cluster.SENTINEL_SERVICE)

@@ -38,6 +38,9 @@ def format_summary(stack: StackFile, *, elapsed: float | None = None, degraded: 
         f"  logs        {stack.logs_dir}/<name>.log",
         f"  processes   supervisor {stack.supervisor_pid}; {pids}",
     ]
+    group = valkey_group(stack)
+    if group:
+        lines.insert(4, f"  Valkey      {group}")
     lines += [f"  note        {n}" for n in notes]
     for name, why in (degraded or {}).items():
         lines.append(f"  warning     {name} answers but is degraded: {why}")
@@ -57,3 +60,19 @@ def format_summary(stack: StackFile, *, elapsed: float | None = None, degraded: 
         f"  {stop}",
     ]
     return "\n".join(lines)
+
+
+def _port(argv: list[str]) -> str:
+    return argv[argv.index("--port") + 1] if "--port" in argv[:-1] else "?"
+
+
+def valkey_group(stack: StackFile) -> str:
+    """``--replicated-valkey``: its data servers and Sentinels as they were started (the
+    Sentinels know which server is the primary now); "" for a stack without them."""
+    sentinels = [p for n, p in stack.processes.items() if n.startswith("valkey-sentinel")]
+    if not sentinels:
+        return ""
+    data = [f"{n} 127.0.0.1:{_port(p.argv)}" for n, p in stack.processes.items()
+            if n == "valkey-server" or n.startswith("valkey-server-")]
+    return (f"{', '.join(data)} (the first the primary at start); Sentinels "
+            + ",".join(f"127.0.0.1:{_port(p.argv)}" for p in sentinels) + " (they name the primary)")

@@ -26,7 +26,7 @@ from vnet.runtime import cluster, credentials
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.stack import readiness
 from vnet.runtime.stack.down import cleanup_leftovers
-from vnet.runtime.stack.layout import COMPONENTS, NATS, REPLICATED, SERVERS, Child, Plan, StackOptions, make_plan
+from vnet.runtime.stack.layout import COMPONENTS, REPLICATED, Child, Plan, StackOptions, make_plan
 from vnet.runtime.stack.netns import delete_netns
 from vnet.runtime.stack.summary import format_summary
 from vnet.runtime.stackfile import (
@@ -51,6 +51,11 @@ RESTART_MAX_S = 30.0
 STABLE_AFTER_S = 10.0
 SERVER_LISTEN_TIMEOUT_S = 15.0
 TICK_S = 0.1
+# --replicated-valkey: how long a dead Valkey data server that the Sentinels still call the
+# primary waits for them to promote the replica before it is restarted as the primary anyway
+# (the replica is gone too, say). Restarting it sooner would let clients, which follow the
+# Sentinels, write to a server the failover then demotes: those writes would be lost.
+VALKEY_HOLD_S = 30.0
 
 # ``vnetctl up --demo``: (admin config, say) -> exit code; given by the CLI (vnet.demo.run_demo)
 Demo = Callable[[VNetConfig, Say], Coroutine[Any, Any, int]]
@@ -170,8 +175,9 @@ class Supervisor:
         return [n for n in self.children if ours(n)]
 
     def _server_names(self) -> list[str]:
-        """The servers this stack runs: nats-server (and nats-server-<i> of a cluster), valkey-server."""
-        return [n for n in self.children if n in SERVERS or n.startswith(f"{NATS}-")]
+        """The servers this stack runs (each has a port the stack waits for): nats-server (and
+        nats-server-<i> of a cluster), valkey-server (and its replica and Sentinels)."""
+        return [n for n, c in self.children.items() if c.spec.port is not None]
 
     async def _replicate_stream(self) -> None:
         """A cluster: make VNET_EVENTS with min(3, N) replicas once the servers have formed one."""
@@ -313,16 +319,17 @@ class Supervisor:
         except Exception as exc:
             self.say(f"demo failed: {exc}")
 
-    def _spawn(self, child: Child) -> None:
+    def _spawn(self, child: Child, extra: list[str] | None = None) -> None:
         spec = child.spec
+        argv = spec.argv + (extra or [])
         with open(spec.log, "ab") as fh:
             stamp = dt.datetime.now().isoformat(sep=" ", timespec="seconds")
             again = f" (restart {child.restarts})" if child.restarts else ""
-            fh.write(f"--- {stamp} vnet supervisor: starting {spec.name}{again}: {shlex.join(spec.argv)}\n".encode())
+            fh.write(f"--- {stamp} vnet supervisor: starting {spec.name}{again}: {shlex.join(argv)}\n".encode())
             fh.flush()
             try:
                 child.proc = subprocess.Popen(
-                    spec.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=spec.env,
+                    argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=spec.env,
                     cwd=self.state_dir, start_new_session=True, preexec_fn=self._death_hook)
             except OSError as exc:
                 raise StackError(f"cannot start {spec.name} ({spec.argv[0]}): {exc.strerror}") from None
@@ -366,10 +373,16 @@ class Supervisor:
                              f"after {up_for:.1f}s; restarting in {delay:.1f}s (log: {child.spec.log})")
                     child.proc = None
                     child.restart_at = now + delay
+                    child.died_mono = now
+                    child.held = False
                 elif proc is None and child.restart_at is not None and now >= child.restart_at:
+                    extra = await self._valkey_restart_args(child, now)
+                    if extra is None:
+                        child.restart_at = now + RESTART_BASE_S
+                        continue
                     child.restarts += 1
                     try:
-                        self._spawn(child)
+                        self._spawn(child, extra)
                     except StackError as err:
                         self.say(f"error: {err.message}; trying again")
                         child.failures += 1
@@ -382,6 +395,27 @@ class Supervisor:
             if changed:
                 self._save()
             await asyncio.sleep(TICK_S)
+
+    async def _valkey_restart_args(self, child: Child, now: float) -> list[str] | None:
+        """How to restart a Valkey data server of ``--replicated-valkey``: as a replica of the
+        primary the Sentinels name (``--replicaof``, ahead of what its file says), or as it was
+        when they still name it after VALKEY_HOLD_S; None: not yet (they still name it, the
+        failover is under way). Any other child: as it was ([])."""
+        group = self.plan.valkey_group if self.plan is not None else None
+        if group is None or child.spec.name not in group.data:
+            return []
+        primary = await cluster.sentinel_primary(group.sentinel_ports, group.service)
+        if primary is not None and primary[1] != group.data[child.spec.name]:
+            return ["--replicaof", primary[0], str(primary[1])]
+        if now - child.died_mono < VALKEY_HOLD_S:
+            if not child.held:
+                child.held = True
+                self.say(f"{child.spec.name} waits for the Sentinels to promote the replica before it restarts "
+                         f"(at most {VALKEY_HOLD_S:.0f}s)")
+            return None
+        self.say(f"the Sentinels named no other primary within {VALKEY_HOLD_S:.0f}s; restarting "
+                 f"{child.spec.name} as the primary")
+        return []
 
     async def _stop_children(self, names: Iterable[str]) -> None:
         assert self._force_event is not None
