@@ -100,11 +100,29 @@ async def _create_until_answered(m: VNetManager, container: str, net: str, node:
     raise AssertionError(f"{container} was not created after the failover: {last}")
 
 
+async def _sentinel_refuses_clients(port: int) -> None:
+    """A client without the peer password may discover, not reconfigure (point the services
+    at a server of its own and catch their passwords)."""
+    from redis.exceptions import ResponseError
+
+    r = aioredis.Redis(port=port, socket_timeout=5)
+    try:
+        for cmd in (("SENTINEL", "REMOVE", cluster.SENTINEL_SERVICE),
+                    ("SENTINEL", "SET", cluster.SENTINEL_SERVICE, "quorum", "1"),
+                    ("SENTINEL", "MONITOR", "other", "127.0.0.1", "1", "1"),
+                    ("SENTINEL", "FAILOVER", cluster.SENTINEL_SERVICE)):
+            with pytest.raises(ResponseError, match="permission"):
+                await r.execute_command(*cmd)
+    finally:
+        await r.aclose()
+
+
 async def _scenario(state_dir: Path, st: StackFile, prefix: str, made: list[str]) -> float:
     """Before the kill: a network and 8 endpoints. After: the API answers again; the time it took."""
     p_port, r_port = _port(st, DATA[0]), _port(st, DATA[1])
     s_ports = [_port(st, n) for n in SENTINELS]
     assert await cluster.sentinel_primary(s_ports) == ("127.0.0.1", p_port)
+    await _sentinel_refuses_clients(s_ports[0])
     deadline = time.monotonic() + WAIT_S * 2
     async with VNetManager(_admin(state_dir, st)) as m:
         net = f"{prefix}-rv"

@@ -159,6 +159,16 @@ SENTINEL_RULES = ("resetkeys allchannels -@all +multi +slaveof +replicaof +ping 
                   "+config|rewrite +role +publish +info +client|setname +client|kill +script|kill")
 
 
+# A Sentinel on a shared machine: clients (who take no Sentinel password: redis_sentinels has
+# none) may only ask where the primary and its replicas are; everything else (SENTINEL SET,
+# REMOVE, MONITOR, FAILOVER: enough to point the services at a server of one's own and catch
+# their passwords) needs the peer user, which the Sentinels log in to each other with.
+SENTINEL_PEER_USER = "vnet-sentinel-peer"
+SENTINEL_CLIENT_RULES = ("resetkeys resetchannels -@all +ping +sentinel|masters +sentinel|master "
+                         "+sentinel|get-master-addr-by-name +sentinel|slaves +sentinel|replicas +sentinel|sentinels "
+                         "+client|setinfo +client|setname")
+
+
 def replication_conf(*, replica_password: str, sentinel_password: str, primary_port: int | None = None,
                      host: str = "127.0.0.1") -> str:
     """What a data server of a Sentinel group adds to the stack's Valkey config: the replication
@@ -175,14 +185,20 @@ def replication_conf(*, replica_password: str, sentinel_password: str, primary_p
 
 def sentinel_conf(*, port: int, primary_port: int, service: str = SENTINEL_SERVICE, quorum: int = 2,
                   down_after_ms: int = 1000, failover_timeout_ms: int = 5000, host: str = "127.0.0.1",
-                  auth_user: str | None = None, auth_pass: str | None = None) -> str:
+                  auth_user: str | None = None, auth_pass: str | None = None, peer_pass: str | None = None) -> str:
     """One Sentinel's config: watch ``service`` at ``host:primary_port``, call it down after
     ``down_after_ms`` without an answer, fail over when ``quorum`` Sentinels agree; log in to
-    the data servers as ``auth_user`` when they have ACL users. (A Sentinel rewrites its file
-    with what it learns: it must stay writable.)"""
+    the data servers as ``auth_user`` when they have ACL users. ``peer_pass``: clients without a
+    password may only discover (SENTINEL_CLIENT_RULES); the Sentinels log in to each other as
+    SENTINEL_PEER_USER with it. (A Sentinel rewrites its file with what it learns: it must
+    stay writable.)"""
     auth = ""
     if auth_user is not None and auth_pass is not None:
         auth = f"sentinel auth-user {service} {auth_user}\nsentinel auth-pass {service} {auth_pass}\n"
+    if peer_pass is not None:
+        auth += (f"user default on nopass {SENTINEL_CLIENT_RULES}\n"
+                 f"user {SENTINEL_PEER_USER} on >{peer_pass} +@all allchannels\n"
+                 f"sentinel sentinel-user {SENTINEL_PEER_USER}\nsentinel sentinel-pass {peer_pass}\n")
     return (f"port {port}\nbind {host}\nprotected-mode yes\ndaemonize no\n"
             f"sentinel monitor {service} {host} {primary_port} {quorum}\n" + auth +
             f"sentinel down-after-milliseconds {service} {down_after_ms}\n"

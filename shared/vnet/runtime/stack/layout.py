@@ -347,13 +347,15 @@ def _valkey_group_children(creds: credentials.Credentials, first_port: int, take
     """``--replicated-valkey``: a primary and one replica, each with the stack's service users
     plus the replication and Sentinel users (vnet.runtime.cluster, the same as
     docker-compose.cluster.yml), and three Sentinels (quorum 2) that log in as the Sentinel
-    user. The two users' passwords are new on every start, like the NATS route user's: only
-    these servers use them. Each server has its own config file: Sentinel rewrites it."""
+    user; a client of a Sentinel (no password) may only ask where the primary is, the
+    Sentinels log in to each other as a peer user (cluster.SENTINEL_CLIENT_RULES). These
+    passwords are new on every start, like the NATS route user's: only these servers use
+    them. Each server has its own config file: Sentinel rewrites it."""
     from vnet.runtime import cluster
 
     replica_port = pick_port(None, "--redis-port", "the valkey replica", taken)
     sentinel_ports = [pick_port(None, "--redis-port", f"valkey sentinel {i}", taken) for i in range(SENTINELS)]
-    replica_pw, sentinel_pw = credentials.new_password(), credentials.new_password()
+    replica_pw, sentinel_pw, peer_pw = (credentials.new_password() for _ in range(3))
     users = credentials.valkey_conf(creds)
     out: list[ChildSpec] = []
     data: dict[str, int] = {}
@@ -373,7 +375,7 @@ def _valkey_group_children(creds: credentials.Credentials, first_port: int, take
         conf = state_dir / f"sentinel-{i}.conf"
         credentials.private_write(conf, cluster.sentinel_conf(
             port=port, primary_port=first_port, quorum=SENTINELS // 2 + 1, auth_user=cluster.SENTINEL_USER,
-            auth_pass=sentinel_pw).encode())
+            auth_pass=sentinel_pw, peer_pass=peer_pw).encode())
         # --port repeats the file's: `ps` and the stack file show where each Sentinel listens
         out.append(ChildSpec(name, [binary, str(conf), "--sentinel", "--port", str(port)], env,
                              logs_dir / f"{name}.log", port))
