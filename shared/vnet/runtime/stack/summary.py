@@ -74,5 +74,5 @@ def valkey_group(stack: StackFile) -> str:
         return ""
     data = [f"{n} 127.0.0.1:{_port(p.argv)}" for n, p in stack.processes.items()
             if n == "valkey-server" or n.startswith("valkey-server-")]
-    return (f"{', '.join(data)} (the first the primary at start); Sentinels "
-            + ",".join(f"127.0.0.1:{_port(p.argv)}" for p in sentinels) + " (they name the primary)")
+    return (f"{', '.join(data)} (primary at start: the first); Sentinels "
+            + ",".join(f"127.0.0.1:{_port(p.argv)}" for p in sentinels) + " name the primary now")
