@@ -72,6 +72,12 @@ def net_set(network_id: str) -> str:
     return global_key("epnet", network_id)
 
 
+def net_nodes_key(network_id: str) -> str:
+    """node -> how many endpoints of the network it holds: who is in play for a network's events
+    without reading each endpoint (kept with the sets, in COMMIT and DELETE)."""
+    return global_key("epnetnodes", network_id)
+
+
 def ctr_key(container: str, network_id: str) -> str:
     return global_key("epctr", container, network_id)
 
@@ -160,6 +166,7 @@ if ifname ~= '' then redis.call('HSET', KEYS[6], ifname, id) end
 if mac ~= '' then redis.call('HSET', KEYS[7], mac, id) end
 if ARGV[7] == '1' then redis.call('SET', KEYS[9], id, 'PX', ARGV[8]) end
 for _, f in ipairs(claims) do redis.call('HSET', KEYS[10], f, id) end
+redis.call('HINCRBY', KEYS[11], ARGV[6], 1)
 return {'ok', ifname}
 """)
 
@@ -178,6 +185,7 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[7], ARGV[3]) == id then redis.call(
 for f in string.gmatch(ARGV[4] or '', '%S+') do
   if redis.call('HGET', KEYS[8], f) == id then redis.call('HDEL', KEYS[8], f) end
 end
+if redis.call('HINCRBY', KEYS[9], ARGV[5], -1) <= 0 then redis.call('HDEL', KEYS[9], ARGV[5]) end
 return {r[1], r[2] or 'pending', r[3] or '', r[4] or '', r[5] or ''}
 """)
 
@@ -316,7 +324,7 @@ class EndpointStore:
         keys = [rec_key(info.id), ENDPOINTS, node_set(info.node), net_set(info.network_id),
                 ctr_key(info.container_id, info.network_id), ifnames_key(info.container_id),
                 macs_key(info.network_id), NETWORKS, idem_key(request_id) if request_id else rec_key(info.id),
-                ports_key(info.node)]
+                ports_key(info.node), net_nodes_key(info.network_id)]
         args = [info.id, msgspec.json.encode(doc), ifname_arg, info.mac_address, info.network_id, info.node,
                 "1" if request_id else "", int(IDEM_TTL_S * 1000), " ".join(port_claims(info.ports))]
         res = await COMMIT(self.r, keys, args)
@@ -362,9 +370,9 @@ class EndpointStore:
         keys = [rec_key(info.id), ENDPOINTS, node_set(info.node), net_set(info.network_id),
                 ctr_key(info.container_id, info.network_id), ifnames_key(info.container_id),
                 macs_key(info.network_id)]
-        keys.append(ports_key(info.node))
+        keys += [ports_key(info.node), net_nodes_key(info.network_id)]
         res = await DELETE(self.r, keys, [info.id, info.interface_name, info.mac_address,
-                                          " ".join(port_claims(info.ports))])
+                                          " ".join(port_claims(info.ports)), info.node])
         if not res:
             return None
         doc, status, reason, code, at = (_s(x) for x in res)
@@ -393,6 +401,18 @@ class EndpointStore:
         else:
             raw = await self.r.smembers(ENDPOINTS)
         return sorted({_s(x) for x in raw})
+
+    async def nodes_of_networks(self, network_ids: Iterable[str]) -> set[str]:
+        """The nodes holding an endpoint of any of these networks: one small hash per network,
+        whatever its number of endpoints."""
+        nids = sorted(set(network_ids))
+        if not nids:
+            return set()
+        async with self.r.pipeline(transaction=False) as p:
+            for nid in nids:
+                p.hkeys(net_nodes_key(nid))
+            got: list[Any] = await p.execute()
+        return {_s(n) for keys in got for n in keys}
 
     async def of_network(self, network_id: str) -> list[str]:
         return sorted(_s(x) for x in await self.r.smembers(net_set(network_id)))

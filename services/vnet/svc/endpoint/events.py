@@ -56,9 +56,10 @@ async def _related(ctx: Ctx, network_id: str, net: VirtualNetwork | None = None)
 
 
 async def _hosts_of(store: EndpointStore, network_ids: set[str]) -> set[str]:
-    """The nodes holding an endpoint of any of these networks."""
-    ids = [i for nid in sorted(network_ids) for i in await store.of_network(nid)]
-    return {e.node for e in await store.get_many(ids) if e is not None}
+    """The nodes holding an endpoint of any of these networks (a count per node and network,
+    kept with the records: reading every endpoint per event made an attach cost grow with its
+    network, 1,000th/10th 1.25x -> 5.4x)."""
+    return await store.nodes_of_networks(network_ids)
 
 
 # How long a replica trusts its list of the nodes that run a resolver (``NodeInfo.dns_domain``):
