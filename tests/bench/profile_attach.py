@@ -29,24 +29,19 @@ import collections
 import functools
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import nats.aio.client as nats_client
 import redis.asyncio as aioredis
 
+from tests.bench.one_node import one_node
 from tests.bench.scratch_ns import Scratch
-from vnet import VNetManager
 from vnet.cli.cni import plugin_source
-from vnet.runtime import launcher, servers, service
-from vnet.runtime.config import VNetConfig
 
 PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-p"
 NS = Scratch(PREFIX)
@@ -183,70 +178,44 @@ def exec_cni(host: str, exe: str, cmd: str, conf: dict[str, Any], container: str
 
 async def main(n: int) -> None:
     instrument()
-    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
-    valkey = servers.start_valkey(work / "valkey")
-    nats = servers.start_nats(work / "nats")
-    rts: list[service.Runtime] = []
-    try:
-        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
-                              log_level="WARNING")
-        for name in ("ipam", "network", "endpoint", "policy"):
-            rts.append(await service.start(launcher.load_service(name), cfg))
-        host = NS.make("h")
-        node = f"{PREFIX}-n"
+    async with one_node(PREFIX, NS, lambda work: {"cni": "on", "cni_socket": str(work / "cni.sock")}) as st:
+        work, m, host = st.work, st.m, st.host
         sock = str(work / "cni.sock")
-        rts.append(await service.start(
-            launcher.load_service("node"),
-            VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
-                            log_level="WARNING", host_netns=host),
-            params={"node": node, "resync_s": "600", "cni": "on", "cni_socket": sock}))
         bindir = work / "bin"
         bindir.mkdir()
         shim = bindir / "vnet-cni"
         shim.write_text(plugin_source())
         shim.chmod(0o755)
-        async with VNetManager(cfg) as m:
-            for _ in range(200):
-                if any(x.node == node for x in await m.nodes()):
-                    break
-                await asyncio.sleep(0.05)
-            net = await m.create_network(f"{PREFIX}-full", "10.89.72.0/22", "10.89.72.1", "bridge", "full")
-            conf = {"cniVersion": "1.1.0", "name": net.name, "type": "vnet-cni", "network": net.name, "socket": sock}
-            conts = [NS.make(f"c{i}") for i in range(n + 1)]
-            await asyncio.to_thread(exec_cni, host, str(shim), "ADD", conf, "warm", conts[n], str(bindir))
-            for cmd, order in (("ADD", range(n)), ("DEL", range(n))):
-                runs: list[list[Span]] = []
-                counts: collections.Counter[str] = collections.Counter()
-                walls = []
-                for i in order:
-                    SPANS.clear()
-                    COUNTS.clear()
-                    walls.append(await asyncio.to_thread(exec_cni, host, str(shim), cmd, conf, f"c{i}", conts[i],
-                                                         str(bindir)))
-                    await asyncio.sleep(0.05)  # what the call set going in the background is counted too
-                    runs.append(list(SPANS))
-                    counts.update(COUNTS)
-                report(f"vnet-cni {cmd} (ip netns exec + shim + node)", runs, counts, walls)
-            runs, counts, walls = [], collections.Counter(), []
-            for c in [NS.make(f"e{i}") for i in range(n)]:
+        net = await m.create_network(f"{PREFIX}-full", "10.89.72.0/22", "10.89.72.1", "bridge", "full")
+        conf = {"cniVersion": "1.1.0", "name": net.name, "type": "vnet-cni", "network": net.name, "socket": sock}
+        conts = [NS.make(f"c{i}") for i in range(n + 1)]
+        await asyncio.to_thread(exec_cni, host, str(shim), "ADD", conf, "warm", conts[n], str(bindir))
+        for cmd, order in (("ADD", range(n)), ("DEL", range(n))):
+            runs: list[list[Span]] = []
+            counts: collections.Counter[str] = collections.Counter()
+            walls = []
+            for i in order:
                 SPANS.clear()
                 COUNTS.clear()
-                t = time.perf_counter()
-                ep = await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True, wait_timeout=60)
-                walls.append(time.perf_counter() - t)
-                assert ep.status == "ready", ep
-                await asyncio.sleep(0.05)
+                walls.append(await asyncio.to_thread(exec_cni, host, str(shim), cmd, conf, f"c{i}", conts[i],
+                                                     str(bindir)))
+                await asyncio.sleep(0.05)  # what the call set going in the background is counted too
                 runs.append(list(SPANS))
                 counts.update(COUNTS)
-            report("create_endpoint(wait=True), Full network", runs, counts, walls)
-            await m.delete_network(net.id, force=True)
-    finally:
-        for rt in reversed(rts):
-            await rt.stop(drain_timeout=2.0)
-        NS.cleanup()
-        nats.stop()
-        valkey.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            report(f"vnet-cni {cmd} (ip netns exec + shim + node)", runs, counts, walls)
+        runs, counts, walls = [], collections.Counter(), []
+        for c in [NS.make(f"e{i}") for i in range(n)]:
+            SPANS.clear()
+            COUNTS.clear()
+            t = time.perf_counter()
+            ep = await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True, wait_timeout=60)
+            walls.append(time.perf_counter() - t)
+            assert ep.status == "ready", ep
+            await asyncio.sleep(0.05)
+            runs.append(list(SPANS))
+            counts.update(COUNTS)
+        report("create_endpoint(wait=True), Full network", runs, counts, walls)
+        await m.delete_network(net.id, force=True)
 
 
 if __name__ == "__main__":
