@@ -9,14 +9,13 @@ connection broke is sent once more on a new one (``vnet.adapters.redis``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 import pytest
 
-from tests.integration.test_dependency_faults import OwnValkey
+from tests.integration.test_dependency_faults import OwnValkey, valkey  # noqa: F401  (the fixture)
 from vnet import VNetManager
 from vnet.runtime.config import VNetConfig
 
@@ -25,20 +24,11 @@ BURST = 40
 
 
 @pytest.fixture
-def own_valkey(tmp_root: Path, request: pytest.FixtureRequest) -> Iterator[OwnValkey]:
-    v = OwnValkey(tmp_root / f"valkey-{request.node.name}")
-    try:
-        yield v
-    finally:
-        v.stop()
+async def cfg(config: VNetConfig, valkey: OwnValkey) -> AsyncIterator[VNetConfig]:  # noqa: F811
+    yield msgspec.structs.replace(config, redis_url=valkey.url, redis_timeout_s=5.0, request_timeout_s=30.0)
 
 
-@pytest.fixture
-async def cfg(config: VNetConfig, own_valkey: OwnValkey) -> AsyncIterator[VNetConfig]:
-    yield msgspec.structs.replace(config, redis_url=own_valkey.url, redis_timeout_s=5.0, request_timeout_s=30.0)
-
-
-async def test_first_requests_after_a_redis_restart_succeed(cfg: VNetConfig, own_valkey: OwnValkey,
+async def test_first_requests_after_a_redis_restart_succeed(cfg: VNetConfig, valkey: OwnValkey,  # noqa: F811
                                                           start_service: StartService) -> None:
     await start_service("ipam", cfg=cfg)
     await start_service("network", cfg=cfg)
@@ -46,8 +36,8 @@ async def test_first_requests_after_a_redis_restart_succeed(cfg: VNetConfig, own
         nets = [await m.create_network(f"restart-{i}", f"10.83.{i}.0/24") for i in range(4)]
         # Fill the pool: every one of these connections is dead once the server restarts.
         await asyncio.gather(*(m.get_network(nets[i % 4].id) for i in range(BURST)))
-        own_valkey.kill()
-        own_valkey.restart()
+        valkey.kill()
+        valkey.restart()
         await asyncio.sleep(0.2)  # the event loop sees the old connections' EOF, as a running service would
         first = await m.get_network(nets[0].id)  # raised 503 unavailable before
         assert first.id == nets[0].id
@@ -58,15 +48,15 @@ async def test_first_requests_after_a_redis_restart_succeed(cfg: VNetConfig, own
         assert sorted(n.name for n in listed) == [f"restart-{i}" for i in range(4)]
 
 
-async def test_first_write_after_a_redis_restart_succeeds(cfg: VNetConfig, own_valkey: OwnValkey,
+async def test_first_write_after_a_redis_restart_succeeds(cfg: VNetConfig, valkey: OwnValkey,  # noqa: F811
                                                          start_service: StartService) -> None:
     await start_service("ipam", cfg=cfg)
     await start_service("network", cfg=cfg)
     async with VNetManager(cfg) as m:
         net = await m.create_network("restart-w", "10.84.0.0/24")
         await asyncio.gather(*(m.get_network(net.id) for _ in range(BURST)))
-        own_valkey.kill()
-        own_valkey.restart()
+        valkey.kill()
+        valkey.restart()
         await asyncio.sleep(0.2)
         # A write is never re-sent (it may have run), so it must not be written to a dead connection.
         upd = await m.update_network(net.id, set_labels={"after": "restart"})
