@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from tests.conftest import fresh_db_config
+from tests.integration.test_event_addressing import DEADLINE_S, _until
 from vnet.client import VNetManager
 from vnet.contracts import subjects
 from vnet.core.policy import AllowRule, Selector
@@ -36,17 +37,7 @@ from vnet.svc.node.dns import NodeDns
 from vnet.svc.node.simulate import SimulatedFleet, SimulatedNodeWorker, node_names
 
 SERVICES = ("ipam", "network", "endpoint", "policy")
-DEADLINE_S = 60.0
 WEB = {"app": "web"}
-
-
-async def _until(pred: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def _record(workers: Iterable[SimulatedNodeWorker], seen: dict[str, list[str]]) -> None:
