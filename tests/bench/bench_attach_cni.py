@@ -177,13 +177,13 @@ class IpRef:
         return time.perf_counter() - t
 
 
-def underlay(hosts: int) -> list[str]:
+def underlay(hosts: int, tag: str = "") -> list[str]:
     """``hosts`` host namespaces joined by a switch namespace (10.250.0.k/24 on ul0)."""
-    ul = namespaces("ul", 1)[0]
+    ul = namespaces(f"ul{tag}", 1)[0]
     cmds = ["link add br0 type bridge mcast_snooping 0", "link set br0 up"]
     subprocess.run(["ip", "-n", ul, "-batch", "-"], input="\n".join(cmds) + "\n", text=True, check=True,
                    capture_output=True)
-    hs = namespaces("xh", hosts)
+    hs = namespaces(f"xh{tag}", hosts)
     for k, h in enumerate(hs, 1):
         subprocess.run(["ip", "-n", ul, "link", "add", f"u{k}", "type", "veth", "peer", "name", "ul0", "netns", h],
                        check=True, capture_output=True)
@@ -193,28 +193,50 @@ def underlay(hosts: int) -> list[str]:
     return hs
 
 
-async def cross_host(m: VNetManager, cfg: VNetConfig, rts: list[service.Runtime], n: int) -> dict[str, Any]:
-    """Overlay attaches on one host vs spread over three (every other host learns each one)."""
-    hs = await asyncio.to_thread(underlay, 3)
-    nodes = [f"{PREFIX}-x{k}" for k in range(1, 4)]
+def node_process(cfg: VNetConfig, work: Path, node: str, host_ns: str, k: int) -> subprocess.Popen[bytes]:
+    """A node worker in a process of its own, as on a host of its own (``vnet-node``)."""
+    env = {**os.environ, **cfg.to_env()}
+    env.pop("VNET_CONFIG", None)
+    log = open(work / f"{node}.log", "ab")  # noqa: SIM115 (closed with the process's end)
+    return subprocess.Popen([sys.executable, "-m", "vnet.runtime.launcher", "node", "--node-id", node,
+                             "--host-netns", host_ns, "--underlay", f"10.250.0.{k}", "--underlay-ifname", "ul0",
+                             "--resync", "60"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, preexec_fn=servers._die_with_parent)
+
+
+async def cross_host(m: VNetManager, cfg: VNetConfig, rts: list[service.Runtime], n: int, work: Path,
+                     procs: list[subprocess.Popen[bytes]] | None = None) -> dict[str, Any]:
+    """Overlay attaches on one host vs spread over three (every other host learns each one).
+
+    ``procs`` None: the three hosts' node workers run in this process, beside the services
+    and the client (one event loop, one GIL: each remote host's work for an attach delays
+    the attaching host's, which real hosts do not); else each in a process of its own (as
+    on hosts of their own), appended to ``procs`` for the caller to stop."""
+    tag = "" if procs is None else "p"
+    hs = await asyncio.to_thread(underlay, 3, tag)
+    nodes = [f"{PREFIX}-x{tag}{k}" for k in range(1, 4)]
     for k, (h, node) in enumerate(zip(hs, nodes, strict=True), 1):
-        rts.append(await service.start(launcher.load_service("node"), msgspec.structs.replace(cfg, host_netns=h),
-                                       params={"node": node, "underlay": f"10.250.0.{k}", "underlay_ifname": "ul0",
-                                               "resync_s": "60"}))
+        if procs is None:
+            rts.append(await service.start(launcher.load_service("node"), msgspec.structs.replace(cfg, host_netns=h),
+                                           params={"node": node, "underlay": f"10.250.0.{k}",
+                                                   "underlay_ifname": "ul0", "resync_s": "60"}))
+        else:
+            procs.append(node_process(cfg, work, node, h, k))
     for _ in range(1200):
         if set(nodes) <= {x.node for x in await m.nodes()}:
             break
         await asyncio.sleep(0.05)
-    one = await m.create_network("b-ov1", "10.148.0.0/22", None, "overlay", "full")
-    three = await m.create_network("b-ov3", "10.149.0.0/22", None, "overlay", "full")
-    warm = await asyncio.to_thread(namespaces, "xw", 4)  # each network in play on its hosts first
+    base = 148 if procs is None else 150
+    one = await m.create_network(f"b-ov1{tag}", f"10.{base}.0.0/22", None, "overlay", "full")
+    three = await m.create_network(f"b-ov3{tag}", f"10.{base + 1}.0.0/22", None, "overlay", "full")
+    warm = await asyncio.to_thread(namespaces, f"xw{tag}", 4)  # each network in play on its hosts first
     for c, (net, node) in zip(warm, [(one, nodes[0]), (three, nodes[0]), (three, nodes[1]), (three, nodes[2])],
                               strict=True):
         ep = await m.create_endpoint(c, net.id, node=node, labels={"app": "web"}, wait=True, wait_timeout=60)
         assert ep.status == "ready", ep
     out: dict[str, Any] = {}
     for key, net, spread in (("single", one, False), ("cross", three, True)):
-        cs = await asyncio.to_thread(namespaces, f"x{key}", n)
+        cs = await asyncio.to_thread(namespaces, f"x{tag}{key}", n)
         lat: list[float] = []
         for i, c in enumerate(cs):
             t = time.perf_counter()
@@ -251,6 +273,7 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> 
     valkey = servers.start_valkey(work / "valkey")
     nats = servers.start_nats(work / "nats")
     rts: list[service.Runtime] = []
+    procs: list[subprocess.Popen[bytes]] = []
     res: dict[str, Any] = {}
     try:
         cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
@@ -340,7 +363,8 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> 
             res["par"] = (n / (time.perf_counter() - t0), (await applies() - a0))
 
             if cross:
-                res["x"] = await cross_host(m, cfg, rts, cross)
+                res["x"] = await cross_host(m, cfg, rts, cross, work)
+                res["xp"] = await cross_host(m, cfg, rts, cross, work, procs)
 
             # growth: the 1,000th attach vs the 10th on one node (full network + the rule)
             if big:
@@ -364,6 +388,14 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> 
                 res["resync"] = (st.last_full_writes, st.last_full_duration_s, st.policy.applies - st0.policy.applies,
                                  st.endpoints, st.policy.last_reason)
     finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         for rt in reversed(rts):
             await rt.stop(drain_timeout=2.0)
         nats.stop()
@@ -407,11 +439,13 @@ def main(n: int, big: int, parallel: int, cross: int) -> None:
     rate, tx = v["par"]
     print(f"\nattach throughput, {parallel} in flight (Full + rule): {rate:.1f}/s = {rate / cni_rate:.2f}x CNI "
           f"bridge+host-local sequential ({cni_rate:.1f}/s); {tx} nft transactions for {n} attaches (coalesced)")
-    if "x" in v:
-        x = v["x"]
+    for key, how in (("x", "hosts' node workers in this process"), ("xp", "a node worker process per host")):
+        if key not in v:
+            continue
+        x = v[key]
         sm, cm = statistics.median(x["single"]), statistics.median(x["cross"])
         counts, expect, dt = x["fdb"]
-        print(f"overlay (Full), {len(x['cross'])} attaches: all on one host median {sm * ms:.1f} ms "
+        print(f"overlay (Full), {len(x['cross'])} attaches, {how}: all on one host median {sm * ms:.1f} ms "
               f"(p99 {pct(x['single'], .99) * ms:.1f}), spread over 3 hosts median {cm * ms:.1f} ms "
               f"(p99 {pct(x['cross'], .99) * ms:.1f}): {cm / sm:.2f}x; remote FDB entries per host {counts} "
               f"(expected {expect}) {dt * ms:.0f} ms after the last ready")
