@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tests.contract.test_compose import (
+from tests.contract.compose_check import compose_problems
+from tests.contract.compose_model import (
     COMPOSE,
     ROOT,
     argv,
-    compose_problems,
     container_ports,
     environment,
     interpolate,

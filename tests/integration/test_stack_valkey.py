@@ -157,7 +157,7 @@ async def _scenario(state_dir: Path, st: StackFile, prefix: str, made: list[str]
 def test_replication_users_are_the_compose_files() -> None:
     """The stack's replication and Sentinel users are docker-compose.cluster.yml's (names and
     rules): one scheme, checked by tests/contract/test_compose_cluster.py there."""
-    from tests.contract.test_compose import argv, interpolate, valkey_users
+    from tests.contract.compose_model import argv, interpolate, valkey_users
     from tests.contract.test_compose_cluster import merged
 
     compose = valkey_users([interpolate(c, {}) for c in argv(merged()["services"]["valkey"]["command"])])
