@@ -15,6 +15,10 @@ endpoint service replicas, Redis Cluster included::
     vnet:{global:idx}:epcif:<container>          HASH   interface name inside the container -> id
     vnet:{global:idx}:epmac:<network>            HASH   MAC -> id (a MAC is unique within a network)
     vnet:{global:idx}:epidem:<request_id>        STRING id created by that request (24 h)
+    vnet:{global:idx}:epatt:<request_id>         SET    the ids the attempts of a create with that request id
+                                                        allocate for, until one commits (1 h): the one that
+                                                        commits releases the others' addresses (an attempt
+                                                        whose instance died cannot)
     vnet:{global:idx}:epdel:<request_id>         STRING JSON reply of a delete with that request id (24 h)
     vnet:{global:idx}:epupd:<request_id>         STRING JSON reply of an update with that request id (24 h)
     vnet:{global:idx}:epports:<node>             HASH   "<proto>/<host ip>/<host port>" -> id: the host-port
@@ -94,6 +98,10 @@ def idem_key(request_id: str) -> str:
     return global_key("epidem", request_id)
 
 
+def attempts_key(request_id: str) -> str:
+    return global_key("epatt", request_id)
+
+
 def netep_key(network_id: str) -> str:
     """The network service's view of a network's endpoints (another slot)."""
     return key("netep", network_id)
@@ -121,6 +129,28 @@ def node_key(node: str) -> str:
 def node_info_key(node: str) -> str:
     return global_key("nodeinfo", node)
 
+
+ATTEMPTS_TTL_S = 3600  # longer than any create's retries (mutation_retry_s, the wait for the node)
+
+# KEYS: the request id's key, its attempts set; ARGV: this attempt's id, ttl ms. The id the
+# request made, or (none yet) nil once this attempt's id is in the set: one step, so an attempt
+# either sees the commit or is in the set the committing attempt reads after it.
+BEGIN_ATTEMPT = Script("""
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return false
+""")
+
+# KEYS: the attempts set; ARGV: the committed id. The set's other ids; the set is gone.
+SETTLE_ATTEMPTS = Script("""
+local ids = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+local out = {}
+for _, i in ipairs(ids) do if i ~= ARGV[1] then out[#out + 1] = i end end
+return out
+""")
 
 COMMIT = Script("""
 local id = ARGV[1]
@@ -239,7 +269,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 or (redis.call('HGET', KEYS[2], 'rev') or 
 return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """)
 
-SCRIPTS = (COMMIT, DELETE, STATUS, UPDATE, UNCLAIM, CLAIM)
+SCRIPTS = (COMMIT, DELETE, STATUS, UPDATE, UNCLAIM, CLAIM, BEGIN_ATTEMPT, SETTLE_ATTEMPTS)
 
 
 def _s(v: Any) -> str:
@@ -302,6 +332,23 @@ class EndpointStore:
     async def id_for_request(self, request_id: str) -> str | None:
         v = await self.r.get(idem_key(request_id))
         return None if v is None else _s(v)
+
+    async def begin_attempt(self, request_id: str, ident: str) -> str | None:
+        """The id the create with ``request_id`` made, or None after noting that this attempt
+        allocates for ``ident`` (see :meth:`settle_attempts`)."""
+        v = await BEGIN_ATTEMPT(self.r, [idem_key(request_id), attempts_key(request_id)],
+                                [ident, int(ATTEMPTS_TTL_S * 1000)])
+        return None if v is None else _s(v)
+
+    async def attempt_done(self, request_id: str, ident: str) -> None:
+        """An attempt that failed and released what it held is no one else's to release."""
+        await self.r.srem(attempts_key(request_id), ident)
+
+    async def settle_attempts(self, request_id: str, ident: str) -> list[str]:
+        """After ``ident`` committed for ``request_id``: the ids other attempts of it noted. None
+        of them can commit any more (the request id is taken), so what IPAM holds for them is
+        to release, their process alive or not."""
+        return sorted(_s(x) for x in await SETTLE_ATTEMPTS(self.r, [attempts_key(request_id)], [ident]))
 
     async def id_for_container(self, container: str, network_id: str) -> str | None:
         v = await self.r.get(ctr_key(container, network_id))

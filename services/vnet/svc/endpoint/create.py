@@ -5,6 +5,7 @@ host ports unique) and the wait for the node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -174,8 +175,11 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         ip6 = str(a6)
     _check_ports(req.ports)
 
+    ident = uuid.uuid4().hex[:16]
     if req.request_id:
-        prev = await store.id_for_request(req.request_id)
+        # Noted under the request id before anything is allocated for it: if this instance dies
+        # mid-create, the attempt that commits (a resend, on another instance) releases it.
+        prev = await store.begin_attempt(req.request_id, ident)
         if prev is not None:
             return await _existing(ctx, prev, req, f"request_id {req.request_id!r}")
     # The node is picked (two Redis reads) while the network is looked up (a round trip to the
@@ -215,7 +219,6 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         if req.ports:
             await _check_ports_free(store, node.node, req.ports)
 
-    ident = uuid.uuid4().hex[:16]
     info = EndpointInfo(id=ident, container_id=req.container_id, network_id=net.id, ip_address="",
                         mac_address="" if host else (mac or naming.local_mac(os.urandom(6))),
                         interface_name="" if host else (ifname or ""), created_at=_now(), node=node.node,
@@ -246,8 +249,13 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         info = await _commit(ctx, store, info, net, auto_ifname=not host and ifname is None,
                              auto_mac=not host and mac is None, request_id=req.request_id)
     except BaseException as exc:
+        cleaned = True
         if allocated:
-            await _release(ctx, net.id, ident)
+            _, unreleased = await _release(ctx, net.id, ident)
+            cleaned = unreleased is None
+        if req.request_id and cleaned:  # else the attempt that commits releases it again
+            with contextlib.suppress(Exception):
+                await store.attempt_done(req.request_id, ident)
         if isinstance(exc, _Duplicate):
             return await _existing(ctx, exc.ident, req, exc.how)
         raise
@@ -257,12 +265,16 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
         await _listen(ctx, waiter, info.node)
     try:
+        settling = (asyncio.ensure_future(_settle_attempts(ctx, req.request_id, info, net.id, host))
+                    if req.request_id else None)
         try:
             await _publish_endpoint_event(ctx, "created", info, EndpointEvent(endpoint=info),
                                           msg_id=f"endpoint.created.{ident}", net=net)
         except Exception as exc:  # committed: the node finds it at its next resync
             log.warning("could not publish endpoint.created for %s (the node picks it up at its next resync): %s",
                         ident, exc)
+        if settling is not None:
+            await settling
         if waiter is not None:
             got = await _wait_status(ctx, info, waiter, req.wait_timeout_s)
             if got is not None:
@@ -271,6 +283,29 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         if waiter is not None:
             await waiter.close()
     return info
+
+
+async def _settle_attempts(ctx: Ctx, request_id: str, info: EndpointInfo, network_id: str, host: bool) -> None:
+    """``info`` committed for ``request_id``: release what the request's other attempts hold.
+    They can no longer commit (the request id is taken); one whose instance was SIGKILLed
+    between its allocation and its commit would otherwise leave its address allocated to an
+    endpoint that never exists (a leak until IPAM GC, and a stray id in the network's
+    ``netep`` set). A live one releases its own too when its commit finds the request id
+    taken; a second release is a no-op. Never raises: the create is done either way."""
+    store = _store(ctx)
+    try:
+        others = await store.settle_attempts(request_id, info.id)
+        for other in others:
+            if not host:
+                await _release(ctx, network_id, other)
+            await store.netep_remove(network_id, other)
+    except Exception as exc:
+        log.warning("could not release the other attempts of request %s (IPAM GC collects them): %s", request_id,
+                    exc)
+        return
+    if others:
+        log.info("endpoint %s (request %s): released the addresses of %d earlier attempt(s): %s", info.id,
+                 request_id, len(others), ", ".join(others))
 
 
 async def _listen(ctx: Ctx, waiter: _StatusWaiter, node: str) -> None:
