@@ -9,11 +9,14 @@ observer under test.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
+import msgspec
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -31,7 +34,7 @@ pytestmark = [pytest.mark.netns, requires_root]
 
 NET = NetDesired(id="net-test", gateway4="10.123.0.1/24", gateway6="fd00:123::1/64")
 BRIDGE = naming.bridge_name(NET.id)
-MAKE_ONE = 8  # kernel writes to attach one endpoint: veth, 2 sysctls, 2 addresses, up, 2 routes
+MAKE_ONE = 7  # kernel writes to attach one endpoint: veth, a sysctl (accept_dad), 2 addresses, up, 2 routes
 
 
 def endpoint(i: int, ns: str) -> EpDesired:
@@ -87,7 +90,7 @@ def test_twenty_containers_reach_gateway_and_peers_then_teardown_leaves_nothing(
     d = desired(cs)
     r = rec.reconcile(d)
     assert_all_ready(r)
-    assert r.writes == 2 + 3 + 20 * MAKE_ONE  # forwarding x2, bridge + 2 addresses, 8 per endpoint
+    assert r.writes == 2 + 3 + 20 * MAKE_ONE  # forwarding x2, bridge + 2 addresses, 7 per endpoint
 
     # the kernel, seen through `ip`: bridge with the gateway, veths on it, containers wired
     hl = links(host)
@@ -102,7 +105,7 @@ def test_twenty_containers_reach_gateway_and_peers_then_teardown_leaves_nothing(
         assert [(x["dst"], x["gateway"]) for x in routes(c) if x["dst"] == "default"] == [("default", "10.123.0.1")]
         assert [(x["dst"], x["gateway"]) for x in routes(c, "-6") if x["dst"] == "default"] == [
             ("default", "fd00:123::1")]
-    assert sysctl(cs[0], "net.ipv4.conf.eth0.arp_notify") == "1"
+    assert sysctl(cs[0], "net.ipv4.conf.eth0.arp_notify") == "0"  # announced by the node: see below
     assert sysctl(cs[0], "net.ipv6.conf.eth0.accept_dad") == "0"
     assert sysctl(host, "net.ipv4.ip_forward") == "1"
 
@@ -132,6 +135,34 @@ def test_twenty_containers_reach_gateway_and_peers_then_teardown_leaves_nothing(
 
 
 # --------------------------------------------------------------------------- 3 drift
+
+
+def test_announce_refreshes_a_peers_stale_arp_entry(world: World) -> None:
+    """An address given to a new container: a peer still holding the previous owner's MAC
+    learns the new one from the node's gratuitous ARP (Reconciler.announce, sent once the
+    endpoint is reported ready), without sending anything itself. Fails without the frame:
+    the stale entry keeps the old MAC."""
+    _host, cs, rec = world(2)
+    assert_all_ready(rec.reconcile(desired(cs)))
+    old_mac = "02:00:00:00:00:99"
+    ip("neigh", "replace", ip4(0), "lladdr", old_mac, "dev", "eth0", "nud", "stale", ns=cs[1])
+
+    def lladdr() -> str | None:
+        out = subprocess.run(["ip", "-n", cs[1], "-j", "neigh", "show", ip4(0), "dev", "eth0"], check=True,
+                             capture_output=True, text=True).stdout
+        got = json.loads(out or "[]")
+        return got[0].get("lladdr") if got else None
+
+    assert lladdr() == old_mac
+    assert rec.announce([endpoint(0, cs[0])]) == []
+    deadline = time.monotonic() + 2.0
+    while lladdr() != endpoint(0, cs[0]).mac and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lladdr() == endpoint(0, cs[0]).mac
+    # an endpoint whose namespace is gone: reported, not raised
+    gone = msgspec.structs.replace(endpoint(1, cs[1]), netns=f"{cs[1]}-missing")
+    errs = rec.announce([gone])
+    assert len(errs) == 1 and "gratuitous ARP" in errs[0], errs
 
 
 def test_drift_is_repaired_exactly(world: World) -> None:

@@ -194,20 +194,21 @@ def test_first_attach_exact_ops() -> None:
     assert (veth.name, veth.peer_ns, veth.peer_ifname, veth.bridge) == (naming.veth_name("ep1"), "c1", "eth0",
                                                                           br.name)
     assert isinstance(sysctl, P.SetSysctl) and sysctl.ns == "c1"
-    assert dict(sysctl.settings) == {"net/ipv4/conf/eth0/arp_notify": "1", "net/ipv6/conf/eth0/accept_dad": "0"}
+    # no arp_notify: the node announces the address itself once the endpoint is ready
+    assert dict(sysctl.settings) == {"net/ipv6/conf/eth0/accept_dad": "0"}
     assert isinstance(ea6, P.AddAddr) and ea6.nodad and not (isinstance(ea4, P.AddAddr) and ea4.nodad)
     assert isinstance(up, P.SetLink) and up.up and up.ns == "c1"
     assert isinstance(r4, P.AddRoute) and r4.gateway == "10.123.0.1" and r4.family == 4
     assert isinstance(r6, P.AddRoute) and r6.gateway == "fd00:123::1" and r6.family == 6
     assert all(op.after == "net:net1" for op in p.ops[4:])
-    assert p.writes() == 13  # 2 forwarding sysctls + 3 bridge + 8 per endpoint
+    assert p.writes() == 12  # 2 forwarding sysctls + 3 bridge + 7 per endpoint
 
 
 def test_converged_host_plans_nothing() -> None:
     d = NodeDesired(networks=[NET], endpoints=[ep(i) for i in range(20)])
     actual = empty_actual(*(f"c{i}" for i in range(20)))
     p1, k = converge(d, actual)
-    assert p1.errors == [] and k.writes == 2 + 3 + 20 * 8
+    assert p1.errors == [] and k.writes == 2 + 3 + 20 * 7
     p2 = P.plan(d, actual)
     assert p2.ops == [] and p2.errors == []
 

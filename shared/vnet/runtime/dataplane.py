@@ -21,7 +21,7 @@ from vnet.adapters.netlink.apply import Applier, ApplyOutcome
 from vnet.adapters.netlink.nsctx import NamespaceGone, NsContext
 from vnet.adapters.netlink.observe import Observer, RawLink
 from vnet.adapters.wireguard import WireGuard, WireGuardError
-from vnet.core.dataplane_model import NodeActual, NsState, PeerHost, Support, Underlay
+from vnet.core.dataplane_model import EpDesired, NodeActual, NsState, PeerHost, Support, Underlay
 from vnet.core.plan import Plan
 
 __all__ = ["ApplierPort", "Dataplane", "NamespaceGone", "NamespacesPort", "ObserverPort", "WireGuardError",
@@ -52,6 +52,7 @@ class ApplierPort(Protocol):
     tracer: trace.Tracer  # the reconciler sets the current provider's before each pass
 
     def apply(self, plan: Plan, actual: NodeActual | None = None) -> ApplyOutcome: ...
+    def announce(self, endpoints: list[EpDesired]) -> list[str]: ...
 
 
 class WireGuardPort(Protocol):

@@ -20,8 +20,11 @@ from vnet.contracts.endpoint import (
     remote_of,
     to_desired,
 )
+from vnet.core import drivers as core_drivers
 from vnet.core.dataplane_model import (
+    EpDesired,
     NetDesired,
+    ReconcileResult,
     Scope,
 )
 from vnet.svc.node.workstate import RELATION_EVENTS, WorkerParts, WorkItem, _spans_hosts
@@ -237,6 +240,28 @@ class EventIntake(WorkerParts):
             result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)),
                                            policy_first=policy)
             await self._report(result, gone)
+            await self._announce([it.ident for it in items if it.kind == "endpoint" and it.event == "created"], result)
+
+    async def _announce(self, created: list[str], result: ReconcileResult) -> None:
+        """Gratuitous ARP for the container interfaces just reported ready, on the kernel
+        thread once the report is out: off the attach's path (the kernel's own, at link up,
+        floods every port of the bridge before the endpoint can be reported), still before
+        the next batch's kernel work."""
+        eps: list[EpDesired] = []
+        for eid in created:
+            st, e = result.endpoints.get(eid), self.eps.get(eid)
+            if st is None or st.state != "ready" or e is None or e.ipv4 is None:
+                continue
+            net = self.nets.get(e.network_id)
+            if net is not None and core_drivers.get(net.driver).container_iface:
+                eps.append(e)
+        if not eps or self.rec is None:
+            return
+        try:
+            for err in await self._in_thread(self.rec.announce, eps):
+                log.info("node %s: %s", self.node, err)
+        except Exception as exc:  # a lost announcement costs a peer's stale ARP entry, nothing more
+            log.warning("node %s: gratuitous ARP failed: %s", self.node, exc)
 
     def _parents_of(self, nids: set[str]) -> set[str]:
         """The networks here whose IPv4 subnet strictly contains one of ``nids``' subnets."""

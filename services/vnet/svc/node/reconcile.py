@@ -40,6 +40,7 @@ from opentelemetry.trace import Status, StatusCode
 from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.dataplane_model import (
+    EpDesired,
     NodeActual,
     NodeDesired,
     ObjectStatus,
@@ -258,6 +259,12 @@ class Reconciler:
     def plan(self, desired: NodeDesired, scope: Scope | None = None) -> tuple[Plan, NodeActual]:
         actual = self.observe(desired, scope)
         return plan(desired, actual, scope), actual
+
+    def announce(self, endpoints: list[EpDesired]) -> list[str]:
+        """Gratuitous ARP for endpoints just reported ready (the applier's ``announce``);
+        the errors, never raised."""
+        with self._lock:
+            return self.applier.announce(endpoints)
 
     # -- reconcile -----------------------------------------------------------------------
     def reconcile(self, desired: NodeDesired, scope: Scope | None = None) -> ReconcileResult:

@@ -39,6 +39,7 @@ from nats.aio.client import Client
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import NetnsCheck, NetnsCheckReply, NodeStats
 from vnet.core.dataplane_model import (
+    EpDesired,
     NodeDesired,
     ObjectStatus,
     ProbeResult,
@@ -74,6 +75,9 @@ class RecordingApplier:
     reconciles: int = 0
     log: list[tuple[str, str]] = field(default_factory=list)  # (op, id), the last ``keep`` entries
     keep: int = 256
+
+    def announce(self, endpoints: list[EpDesired]) -> list[str]:
+        return []  # no kernel, no gratuitous ARP
 
     def reconcile(self, desired: NodeDesired, scope: Scope | None = None) -> ReconcileResult:
         t0 = time.perf_counter()

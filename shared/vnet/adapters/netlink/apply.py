@@ -19,6 +19,7 @@ write per value) on the socket of its namespace, inside its own OpenTelemetry sp
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import random
@@ -73,7 +74,7 @@ from vnet.adapters.netlink.observe import (
     parse_link,
 )
 from vnet.core import errors as E
-from vnet.core.dataplane_model import NodeActual, NsRef, ReconcileError
+from vnet.core.dataplane_model import EpDesired, NodeActual, NsRef, ReconcileError
 from vnet.core.plan import (
     MAIN_TABLE,
     ROUTE_PROTO,
@@ -160,6 +161,26 @@ def describe(op: PlanOp) -> str:
         into = "the host" if op.peer_ns is None else op.peer_ns
         return f"create {op.kind} {op.ifname} (mode {op.mode}) on {op.parent} in {into}"
     return f"delete link {op.ifname} in {where}"
+
+
+ETH_P_ARP = 0x0806
+
+
+def garp_frame(mac: str, ipv4: str) -> bytes:
+    """A gratuitous ARP request (RFC 5227's announcement: sender and target address both
+    ``ipv4``, broadcast), the frame the kernel sends on link up with ``arp_notify=1``."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    ip = ipaddress.IPv4Address(ipv4).packed
+    eth = b"\xff" * 6 + hw + ETH_P_ARP.to_bytes(2, "big")
+    arp = (b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet, IPv4, hlen 6, plen 4, request
+           + hw + ip + b"\x00" * 6 + ip)
+    return eth + arp
+
+
+def _send_frame(ifname: str, frame: bytes) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as s:
+        s.bind((ifname, ETH_P_ARP))
+        s.send(frame)
 
 
 class ApplyOutcome:
@@ -427,6 +448,27 @@ class Applier:
                 DelRoute: self.del_route, SetSysctl: self.set_sysctl, DeleteLink: self.delete_link,
                 EnsureVxlan: self.ensure_vxlan, AddFdb: self.add_fdb, DelFdb: self.del_fdb, AddNeigh: self.add_neigh,
                 DelNeigh: self.del_neigh, CreateSubIf: self.create_subif}
+
+    def announce(self, endpoints: list[EpDesired]) -> list[str]:
+        """Announce each endpoint's IPv4 address by gratuitous ARP from inside its container,
+        so a peer still holding the address's previous owner's MAC (an address given again)
+        learns the new one. Sent by the node after it has reported the endpoint ready, not by
+        the kernel at link up (``arp_notify``): a broadcast on a bridge of N ports is N copies,
+        each through the bridge's rules and into a container's stack, all in the sender's
+        context — 4 ms of the 1,000th attach's link-up against 0.2 ms for the 10th
+        (docs/dataplane.md, "Growth"). Not a configuration write (not counted); errors are
+        returned, never raised."""
+        errors: list[str] = []
+        with self.tracer.start_as_current_span("kernel announce", attributes={"vnet.endpoints": len(endpoints)}):
+            for e in endpoints:
+                if e.ipv4 is None:
+                    continue
+                frame = garp_frame(e.mac, e.ipv4.split("/")[0])
+                try:
+                    self.ctx.run_in(e.netns, functools.partial(_send_frame, e.ifname, frame))
+                except (OSError, ValueError) as exc:
+                    errors.append(f"endpoint {e.id}: gratuitous ARP on {e.ifname} in {e.netns}: {exc}")
+        return errors
 
     def apply(self, plan: Plan, actual: NodeActual | None = None) -> ApplyOutcome:
         """Run every op in order; failures are collected, never raised."""

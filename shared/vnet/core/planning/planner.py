@@ -44,7 +44,6 @@ from vnet.core.planning.ops import (
     SetSysctl,
     accept_dad_path,
     addr_gen_mode_path,
-    arp_notify_path,
     ep_owner,
     is_link_local,
     net_owner,
@@ -321,8 +320,6 @@ class Planner:
         e, owner = ep.d, ep.owner
         ops: list[PlanOp] = []
         sysctls: list[tuple[str, str]] = []
-        if c.arp_notify is not None and c.arp_notify != 1:
-            sysctls.append((arp_notify_path(e.ifname), "1"))
         if ep.ipv6 is not None and c.accept_dad is not None and c.accept_dad != 0:
             sysctls.append((accept_dad_path(e.ifname), "0"))
         if sysctls:
@@ -341,7 +338,10 @@ class Planner:
     def container_setup(self, ep: EpView, after: str) -> None:
         """A freshly made container interface: sysctls, addresses, up, default routes."""
         e, owner = ep.d, ep.owner
-        sysctls = [(arp_notify_path(e.ifname), "1")]
+        # No arp_notify: the node announces the address by gratuitous ARP once the endpoint
+        # is reported ready (Applier.announce); the kernel's, at link up, flooded every port
+        # of the bridge inside the attach (4 ms of the 1,000th attach's link-up).
+        sysctls: list[tuple[str, str]] = []
         if ep.ipv6 is not None:
             sysctls.append((accept_dad_path(e.ifname), "0"))
         else:
