@@ -59,7 +59,7 @@ def node_state_dirs() -> Iterator[None]:
 
 
 # The session's servers require credentials, as every deployment does (docs/security.md):
-# one identity per server here (the per-role matrix has its own tests, test_security.py), in
+# one identity per server here (the per-role matrix has its own tests, test_security_matrix.py), in
 # the URLs every test and process of the run is given, so nothing connects anonymously.
 _SECRET = secrets.token_urlsafe(18)
 

@@ -1,5 +1,5 @@
 """The permission matrix's own logic: subject matching as nats-server does it, identities,
-rendering (the real server runs the rendering in tests/integration/test_security.py)."""
+rendering (the real server runs the rendering in tests/integration/test_security_matrix.py)."""
 
 from __future__ import annotations
 
