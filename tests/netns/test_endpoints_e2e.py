@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import control_plane, requires_root
-from tests.netns.conftest import addrs, ip, links, ping_all, routes
+from tests.netns.conftest import addrs, ip, links, ping, ping_all, routes
 from vnet import VNetManager
 from vnet.adapters import endpoint_store as es
 from vnet.adapters.redis import global_key, key
@@ -151,6 +151,36 @@ async def test_twenty_containers_reach_gateway_and_peers_then_leave_nothing(env:
     assert await env.m.list_endpoints() == []
     print(f"\n20 containers: attach {attach_s * 1000 / 20:.1f} ms each (16 in flight), "
           f"detach {detach_s * 1000 / 20:.1f} ms each")
+
+
+def _lladdr(ns: str, ip: str) -> str | None:
+    out = subprocess.run(["ip", "-n", ns, "-j", "neigh", "show", ip, "dev", "eth0"], check=True, capture_output=True,
+                         text=True).stdout
+    got = json.loads(out or "[]")
+    return got[0].get("lladdr") if got else None
+
+
+async def test_an_address_given_again_is_announced_to_peers(env: Env) -> None:
+    """A peer that talked to a container keeps its MAC in its ARP cache; when the address
+    goes to a new container, the node's gratuitous ARP (sent once the new endpoint is reported
+    ready) gives the peer the new MAC at once, rather than after the stale entry times out."""
+    cs = await _containers(env, 3, "ga")
+    net = await env.m.create_network("ga", "10.77.6.0/24", None, "bridge", "none")
+    peer, first = await env.attach(cs[:2], net.id)
+    assert await asyncio.to_thread(ping, peer.container_id, first.ip_address)
+    assert await asyncio.to_thread(_lladdr, peer.container_id, first.ip_address) == first.mac_address
+    await env.detach([first])
+    again = await env.m.create_endpoint(cs[2], net.id, ip=first.ip_address, wait=True, wait_timeout=60)
+    assert again.status == "ready" and again.mac_address != first.mac_address, again
+
+    def learned() -> bool:
+        deadline = time.monotonic() + 2.0
+        while _lladdr(peer.container_id, first.ip_address) != again.mac_address and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return _lladdr(peer.container_id, first.ip_address) == again.mac_address
+
+    assert await asyncio.to_thread(learned)
+    await env.detach([peer, again])
 
 
 # Drift is repaired by the next full resync (a period of RESYNC_S; the figure is printed) — the
