@@ -40,7 +40,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import msgspec
@@ -108,9 +108,47 @@ __all__ = [
     "endpoint_from_parts",
     "fmt_addr",
     "merge_intervals",
+    "networks_in_play",
+    "relations",
     "selects",
     "validate_rule",
 ]
+
+# ----------------------------------------------------------------------------- topology
+
+
+def relations(networks: Mapping[str, PolicyNetwork], a: str, b: str) -> list[str]:
+    """Direct relations between networks ``a`` and ``b`` of ``networks`` (symmetric, not
+    transitive): "same", "connected", "parent", "child", "mesh:<group>"; [] = no path."""
+    if a == b:
+        return ["same"]
+    na, nb = networks.get(a), networks.get(b)
+    if na is None or nb is None:
+        return []
+    out: list[str] = []
+    if b in na.connected or a in nb.connected:
+        out.append("connected")
+    if na.parent == b or a in nb.children:
+        out.append("parent")
+    if nb.parent == a or b in na.children:
+        out.append("child")
+    out += [f"mesh:{m}" for m in sorted(set(na.mesh_groups) & set(nb.mesh_groups))]
+    return out
+
+
+def networks_in_play(networks: Mapping[str, PolicyNetwork], local_networks: Iterable[str]) -> set[str]:
+    """The networks in play on a host whose endpoints are in ``local_networks``: those of them
+    that exist in ``networks``, and every network directly related to one of those (a path
+    exists). Nothing of another network ever appears in the host's ruleset (a rule never
+    makes a path to an unrelated network), so its ruleset needs the networks and the
+    endpoints of these only (:meth:`Policy.compile` decides with this, and the policy
+    service reads a node's endpoints with it)."""
+    local = {n for n in local_networks if n in networks}
+    out = set(local)
+    for nid in local:
+        out |= {o for o in networks if relations(networks, nid, o)}
+    return out
+
 
 # ----------------------------------------------------------------------------- verdict
 
@@ -204,20 +242,7 @@ class Policy:
     # -- topology ------------------------------------------------------------------
     def relations(self, a: str, b: str) -> list[str]:
         """Direct relations between networks ``a`` and ``b`` (symmetric, not transitive)."""
-        if a == b:
-            return ["same"]
-        na, nb = self.networks.get(a), self.networks.get(b)
-        if na is None or nb is None:
-            return []
-        out: list[str] = []
-        if b in na.connected or a in nb.connected:
-            out.append("connected")
-        if na.parent == b or a in nb.children:
-            out.append("parent")
-        if nb.parent == a or b in na.children:
-            out.append("child")
-        out += [f"mesh:{m}" for m in sorted(set(na.mesh_groups) & set(nb.mesh_groups))]
-        return out
+        return relations(self.networks, a, b)
 
     def _cidr(self, c: str) -> IPNet:
         n = self._cidrs.get(c)
@@ -458,9 +483,7 @@ class Policy:
         and family), so the structure grows with the rules, never with the endpoints;
         endpoints are set members (:meth:`Ruleset.with_endpoint` adds one the same way)."""
         local = [e for e in self.endpoints.values() if node is None or e.node == node]
-        nets_in_play = {e.network for e in local if e.network in self.networks}
-        for nid in list(nets_in_play):
-            nets_in_play |= {o for o in self.networks if self.relations(nid, o)}
+        nets_in_play = networks_in_play(self.networks, (e.network for e in local))
         nets = [self.networks[n] for n in sorted(nets_in_play) if n in self.networks]
         bridges = sorted({n.bridge_name() for n in nets})
         none_bridges = sorted({n.bridge_name() for n in nets if n.mode == IsolationMode.NONE})
