@@ -57,8 +57,9 @@ from vnet.contracts.policy import (
 )
 from vnet.core import drivers, nft, reach
 from vnet.core import errors as E
+from vnet.core.model import VirtualNetwork
 from vnet.core.mvpolicy import compile_macvlan
-from vnet.core.policy import AllowRule, Policy, Verdict, validate_rule
+from vnet.core.policy import AllowRule, Policy, Verdict, networks_in_play, validate_rule
 from vnet.runtime.idempotency import run_once
 from vnet.runtime.ports import PolicyStorePort, ReplyStorePort
 from vnet.runtime.service import Ctx, ServiceDef
@@ -180,30 +181,56 @@ async def rule_delete(ctx: Ctx, req: RuleDelete) -> RuleDeleted:
     return await _once(ctx, "delete", req.request_id, RuleDeleted, go)
 
 
-async def _policy(ctx: Ctx, node: str | None = None) -> Policy:
-    """Networks and endpoints from their services, rules from Redis."""
-    return (await _load(ctx))[0]
-
-
-async def _load(ctx: Ctx) -> tuple[Policy, list[EndpointInfo]]:
-    """The policy, and the endpoint records it was built from (explain resolves names with them)."""
-    nets = []
+async def _pages(ctx: Ctx, subject: Any, req: Any, reply_type: type[Any], attr: str) -> list[Any]:
+    """Every page of a listing (``req`` carries the filters; its cursor is set here)."""
+    out: list[Any] = []
     cursor: str | None = None
     while True:
-        page = await ctx.request(subjects.NETWORK_LIST, NetworkList(limit=PAGE, cursor=cursor), NetworkPage)
-        nets += page.networks
+        page = await ctx.request(subject, msgspec.structs.replace(req, cursor=cursor), reply_type)
+        out += getattr(page, attr)
         cursor = page.next_cursor
         if cursor is None:
-            break
-    eps = []
-    cursor = None
-    while True:
-        ep_page = await ctx.request(subjects.ENDPOINT_LIST, EndpointList(limit=PAGE, cursor=cursor), EndpointPage)
-        eps += ep_page.endpoints
-        cursor = ep_page.next_cursor
-        if cursor is None:
-            break
-    pol = Policy([policy_network(n) for n in nets], [policy_endpoint(e) for e in eps], await _rules(ctx))
+            return out
+
+
+IN_PLAY_READS = 8  # endpoint listings of a node's networks in play at a time
+
+
+async def _load(ctx: Ctx, node: str | None = None) -> tuple[Policy, list[EndpointInfo]]:
+    """The policy, and the endpoint records it was built from (explain resolves names with them).
+
+    Without ``node`` (explain, exposure, a rule's diff): every network and every endpoint.
+    With ``node`` (its ruleset): every network (relations need them), but only the endpoints
+    :meth:`Policy.compile` of that node can see — the node's own, and those of the networks
+    in play on it (:func:`networks_in_play`, the decision compile makes) — so a node's fetch
+    reads what its networks hold, not what the cluster holds. The compiled ruleset is the
+    same as over everything: compile keeps nothing of another network (set members,
+    bridges, pairs), and every endpoint of the node is read, so its published ports are
+    owned as before (tests/unit/test_ruleset_reduced_load.py)."""
+    nets: list[VirtualNetwork] = await _pages(ctx, subjects.NETWORK_LIST, NetworkList(limit=PAGE), NetworkPage,
+                                              "networks")
+    pnets = [policy_network(n) for n in nets]
+    eps: list[EndpointInfo]
+    if node is None:
+        eps = await _pages(ctx, subjects.ENDPOINT_LIST, EndpointList(limit=PAGE), EndpointPage, "endpoints")
+    else:
+        mine: list[EndpointInfo] = await _pages(ctx, subjects.ENDPOINT_LIST, EndpointList(node=node, limit=PAGE),
+                                                EndpointPage, "endpoints")
+        in_play = networks_in_play({n.id: n for n in pnets}, (e.network_id for e in mine))
+        gate = asyncio.Semaphore(IN_PLAY_READS)
+
+        async def of_network(nid: str) -> list[EndpointInfo]:
+            async with gate:
+                got: list[EndpointInfo] = await _pages(ctx, subjects.ENDPOINT_LIST,
+                                                       EndpointList(network=nid, limit=PAGE), EndpointPage,
+                                                       "endpoints")
+                return got
+
+        byid = {e.id: e for e in mine}
+        for got in await asyncio.gather(*(of_network(nid) for nid in sorted(in_play))):
+            byid.update((e.id, e) for e in got)
+        eps = [byid[k] for k in sorted(byid)]  # id order, as the whole listing
+    pol = Policy(pnets, [policy_endpoint(e) for e in eps], await _rules(ctx))
     return pol, eps
 
 
@@ -309,20 +336,23 @@ async def exposure(ctx: Ctx, req: ExposureRequest) -> ExposureReply:
 RULESET_PART = 384 * 1024  # JSON bytes per part (512 KiB in base64): far below the bus limit
 
 
+def compiled_ruleset(pol: Policy, eps: list[EndpointInfo], node: str, *, structured: bool) -> RulesetReply:
+    """Node ``node``'s whole ruleset reply over ``pol`` (built from ``eps``), before parts."""
+    rs = pol.compile(node)
+    if structured:  # the node worker writes element deltas of it
+        # macvlan endpoints are enforced in their containers (vnet.core.mvpolicy): same engine
+        mv = compile_macvlan(pol, node, {e.network_id for e in eps if drivers.get(e.driver).enforced_in_container})
+        return RulesetReply(node=node, version=rs.version(), script="", endpoints=len(rs.ports),
+                            rules=len(pol.rules), ruleset=rs, macvlan=mv)
+    script = nft.render(rs)
+    version = hashlib.sha256(script.encode()).hexdigest()[:16]
+    return RulesetReply(node=node, version=version, script=script, endpoints=len(rs.ports), rules=len(pol.rules))
+
+
 @SERVICE.op("ruleset.get", subjects.POLICY_RULESET, RulesetRequest)
 async def ruleset(ctx: Ctx, req: RulesetRequest) -> RulesetReply:
-    pol, eps = await _load(ctx)
-    rs = pol.compile(req.node)
-    if req.structured:  # the node worker writes element deltas of it
-        # macvlan endpoints are enforced in their containers (vnet.core.mvpolicy): same engine
-        mv = compile_macvlan(pol, req.node, {e.network_id for e in eps if drivers.get(e.driver).enforced_in_container})
-        whole = RulesetReply(node=req.node, version=rs.version(), script="", endpoints=len(rs.ports),
-                             rules=len(pol.rules), ruleset=rs, macvlan=mv)
-    else:
-        script = nft.render(rs)
-        version = hashlib.sha256(script.encode()).hexdigest()[:16]
-        whole = RulesetReply(node=req.node, version=version, script=script, endpoints=len(rs.ports),
-                             rules=len(pol.rules))
+    pol, eps = await _load(ctx, req.node)
+    whole = compiled_ruleset(pol, eps, req.node, structured=req.structured)
     try:  # a node with thousands of endpoints: in parts (each part recompiles; the version ties them)
         return await asyncio.to_thread(split_ruleset, whole, req.part, RULESET_PART)
     except ValueError as exc:
