@@ -63,6 +63,27 @@ def test_unknown_environment_variable_is_rejected_by_name() -> None:
     assert "VNET_MAX_NETWORKS" in e.message  # the list of known names helps spot the typo
 
 
+def test_every_vnet_variable_the_package_reads_is_accepted() -> None:
+    """A VNET_* variable read anywhere in the package (os.environ, os.getenv, env.get) but
+    neither a config field nor listed as read elsewhere made every service refuse to start
+    ("not a VNet setting"): VNET_TRACE_DIR, documented for local traces, did."""
+    import re
+    from pathlib import Path
+
+    import vnet
+    import vnet.svc
+
+    read: set[str] = set()
+    for pkg in (vnet, vnet.svc):
+        for d in pkg.__path__:
+            for f in Path(d).rglob("*.py"):
+                read |= set(re.findall(r"""(?:environ|getenv|env)(?:\.get)?[\[(]\s*["'](VNET_[A-Z0-9_]+)["']""",
+                                       f.read_text()))
+    assert {"VNET_TRACE_DIR", "VNET_NODE_DNS", "VNET_STATE_DIR"} <= read, read  # the search finds them
+    for name in sorted(read - {"VNET_CONFIG"}):  # VNET_CONFIG names a file to read
+        VNetConfig.load(env={name: "1"})  # raises invalid_config for a name it does not know
+
+
 def test_invalid_environment_value_is_rejected() -> None:
     e = bad(env={"VNET_MAX_NETWORKS": "lots"})
     assert "max_networks" in e.message

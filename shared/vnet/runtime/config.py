@@ -29,8 +29,12 @@ from vnet.core import errors as E
 from vnet.core.model import DriverType, IsolationMode
 
 ENV_PREFIX = "VNET_"
-# Variables read by other parts (not config fields) that must not be mistaken for typos.
-_NON_FIELD_ENV = {"VNET_CONFIG", "VNET_STATE_DIR", "VNET_RUN_PREFIX"}
+# Variables read by other parts (not config fields) that must not be mistaken for typos
+# (tests/unit/test_config.py finds every VNET_* name the package reads and checks this list).
+_NON_FIELD_ENV = {"VNET_CONFIG", "VNET_STATE_DIR", "VNET_RUN_PREFIX",
+                  "VNET_TRACE_DIR", "VNET_LOCAL_TRACES",  # vnet.telemetry.local_traces
+                  "VNET_NODE_DNS",  # vnet.svc.node.dns (vnet-node --dns)
+                  "VNET_CNI_SOCKET"}  # the vnet-cni shim
 
 
 class VNetConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
