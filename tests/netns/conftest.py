@@ -1,5 +1,6 @@
 """Helpers for the real-kernel tests: a guard on the root namespace, ping, and
-independent views of a namespace through ``ip -j`` (not through our observer).
+independent views of a namespace through ``ip -j`` (not through our observer); the ``lab``
+fixture of the isolation lab (:mod:`tests.netns.isolation_lab`).
 
 Every namespace comes from the ``netns`` fixture (per-run prefix, deleted at
 teardown, pass or fail). The autouse ``root_netns_untouched`` fixture fails a test
@@ -12,13 +13,16 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from vnet.core import naming
+
+if TYPE_CHECKING:
+    from tests.netns.isolation_lab import Ep, Lab, Net
 
 
 def ip_json(*args: str, ns: str | None = None) -> Any:
@@ -114,3 +118,21 @@ def root_netns_untouched() -> Iterator[None]:
     assert after[0] == before[0], f"root namespace interfaces changed: {before[0] ^ after[0]}"
     assert after[1] == before[1], f"root namespace addresses changed: {before[1] ^ after[1]}"
     assert after[2] == before[2], f"root namespace routes changed: {before[2] ^ after[2]}"
+
+
+@pytest.fixture
+def lab(netns: Callable[[str], str]) -> Iterator[Callable[[list[Net], list[Ep]], Lab]]:
+    """``lab(nets, eps)``: the isolation lab of :mod:`tests.netns.isolation_lab` (a host
+    namespace, its bridges and ruleset, a probe agent per endpoint); closed at teardown."""
+    from tests.netns.isolation_lab import Lab  # here, not at the top: it imports this module's helpers
+
+    made: list[Lab] = []
+
+    def make(nets: list[Net], eps: list[Ep]) -> Lab:
+        lb = Lab(netns, nets, eps)
+        made.append(lb)
+        return lb
+
+    yield make
+    for lb in made:
+        lb.close()

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import control_plane, fresh_db_config, requires_root
 from tests.netns.conftest import addrs, links, ping_all
-from tests.netns.test_isolation import Agent
+from tests.netns.isolation_lab import Agent
 from tests.netns.test_overlay_e2e import Cluster, cluster  # noqa: F401  (the fixture)
 from vnet import VNetManager
 from vnet.contracts.endpoint import EndpointInfo

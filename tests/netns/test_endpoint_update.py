@@ -33,7 +33,7 @@ import pytest
 
 from tests.conftest import control_plane, requires_root
 from tests.netns.conftest import ip
-from tests.netns.test_isolation import Agent
+from tests.netns.isolation_lab import Agent
 from tests.netns.test_overlay_e2e import Cluster, cluster  # noqa: F401  (the fixture)
 from tests.netns.test_relation_events import full_resyncs, two_hosts
 from vnet import VNetManager

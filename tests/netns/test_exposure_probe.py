@@ -10,12 +10,12 @@ from concurrent.futures import Future
 from typing import Any
 
 from tests.netns.conftest import wait_links_ready
-from tests.netns.test_isolation import FULL, NONE, PEER, Agent, Ep, Lab, Net, lab, reached  # noqa: F401
+from tests.netns.isolation_lab import FULL, NONE, PEER, Agent, Ep, Lab, Net, reached
 from vnet.core import reach
 from vnet.core.policy import AllowRule, PortSpec, Published, Selector
 
 
-def test_exposure_matches_probes_from_outside(lab: Callable[[list[Net], list[Ep]], Lab],  # noqa: F811
+def test_exposure_matches_probes_from_outside(lab: Callable[[list[Net], list[Ep]], Lab],
                                               netns: Callable[[str], str]) -> None:
     nets = [Net("en", NONE, "10.87.1.1/24"), Net("ep", PEER, "10.87.2.1/24"), Net("ef", FULL, "10.87.3.1/24")]
     eps = [Ep("n1", "en", "10.87.1.10/24"), Ep("n2", "en", "10.87.1.11/24"),

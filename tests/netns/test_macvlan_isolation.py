@@ -9,7 +9,7 @@ the existing :class:`Reconciler`; the policy engine's macvlan tables
 :class:`MacvlanEnforcer` BEFORE the sub-interfaces exist (protected from the first
 frame). Every container gets an on-link route for 10.88.0.0/16, so frames between
 the networks and to the LAN host are switched inside the parent device (the path the
-host namespace's firewall never sees). Probes: the agent of ``test_isolation.py``.
+host namespace's firewall never sees). Probes: the agent of ``isolation_lab.py``.
 
 Expected results are written out in each test (never computed by the engine), except
 in the property test, whose point is that ``explain`` equals the kernel.
@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.conftest import requires_root
 from tests.netns.conftest import ip_json
-from tests.netns.test_isolation import (
+from tests.netns.isolation_lab import (
     AGENT,
     PEPS,
     PNETS,
@@ -70,7 +70,7 @@ assert MV_AGENT != AGENT
 
 
 class MvAgent(Agent):
-    """The probe agent of ``test_isolation.py``, answering False when the send itself is refused."""
+    """The probe agent of ``isolation_lab.py``, answering False when the send itself is refused."""
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -335,7 +335,7 @@ def prop_mvlab(mvlab: Callable[[list[Net], list[Ep]], MvLab]) -> MvLab:
 def test_macvlan_explain_equals_observed(prop_mvlab: MvLab, sc: tuple[list[IsolationMode],
                                                                       set[tuple[str, str, str]], list[AllowRule],
                                                                       dict[str, dict[str, str]]]) -> None:
-    """The property of ``test_isolation.py`` on macvlan networks (one parent), the LAN
+    """The property of ``test_isolation_property.py`` on macvlan networks (one parent), the LAN
     host included as a party both ways: every probe result equals ``verdict``."""
     modes, rels, rules, labels = sc
     lb = prop_mvlab

@@ -30,8 +30,8 @@ import pytest
 from tests.conftest import requires_root
 from tests.netns import test_overlay_e2e as ov
 from tests.netns.conftest import ping_all
+from tests.netns.isolation_lab import Agent
 from tests.netns.overlay_util import UNDERLAY_IF, Sockets, plug, underlay_addr
-from tests.netns.test_isolation import Agent
 from tests.netns.test_overlay_e2e import Cluster
 from tests.netns.test_policy_e2e import observe, tcp
 from vnet.runtime.stack import child_env

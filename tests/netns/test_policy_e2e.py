@@ -4,7 +4,7 @@ The full control plane runs in this process (ipam, network, endpoint, policy ser
 node worker) against a host namespace made by the ``netns`` fixture; every container is a
 namespace of this test too, every address is inside them. The node worker's PolicyAgent
 applies the rulesets there (never in the root namespace). Probes are real TCP connects and
-ICMP echoes from the probe agent of ``test_isolation`` (it listens on TCP 80, 85 and 443).
+ICMP echoes from the probe agent of ``isolation_lab`` (it listens on TCP 80, 85 and 443).
 Each observed result is compared with ``VNetManager.explain``; expected results are written
 out here, not computed by the engine.
 """
@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import control_plane, requires_root
 from tests.netns.conftest import ip
-from tests.netns.test_isolation import Agent
+from tests.netns.isolation_lab import Agent
 from vnet import VNetManager
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointInfo, NodeStats, PortMapping

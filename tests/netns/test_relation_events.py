@@ -10,7 +10,7 @@ applies at once, and a child network's arrival sets proxy ARP on its parent's br
 Times are printed (a fraction of a second on a quiet machine); the bound asserted only says
 "long before the 60 s resync", with room for a machine busy with other work. Hosts,
 underlay and containers are namespaces of this test (``overlay_util``, ``control_plane``);
-probes are the probe agents of ``test_isolation`` (TCP 80), every address is inside them.
+probes are the probe agents of ``isolation_lab`` (TCP 80), every address is inside them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import control_plane, requires_root
 from tests.netns.conftest import links
-from tests.netns.test_isolation import Agent
+from tests.netns.isolation_lab import Agent
 from tests.netns.test_overlay_e2e import Cluster, cluster  # noqa: F401  (the fixture)
 from vnet import VNetManager
 from vnet.contracts.endpoint import EndpointInfo
