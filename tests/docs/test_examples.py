@@ -67,6 +67,15 @@ a line of the real output, e.g. "created network web".
 deleted at teardown, pass or fail; macvlan networks (``parent=eth0``) are records only (no
 endpoint is attached to them, and the node worker lives in the test's host namespace, which
 has no eth0).
+
+**One module over 600 lines on purpose** (the house rule of issue 17). It is the one place that
+says what every fenced block of the docs turns into: the same functions (``read_blocks``,
+``classify``, ``shell_commands``, ``plan_page``, ``Subst``) decide what the inventory test
+accepts as run and what ``test_page_examples_run`` then runs, so "run or marked" stays true
+only while the rule and its execution change together. A doc writer whose block is refused
+is told to teach this file (a new kind of command is a rule in ``classify``, a step in
+``_run_commands`` and perhaps a substitution, read and changed side by side); split into a
+parser and a runner, the inventory could accept what the runner does not know.
 """
 
 from __future__ import annotations
