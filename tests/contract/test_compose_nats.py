@@ -51,13 +51,8 @@ def secured_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     try:
         servers._wait_port("127.0.0.1", port, proc, "nats-server", log)
         yield f"nats://127.0.0.1:{port}", pw
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    finally:  # terminate, then kill after 10 s, as the session's servers are stopped
+        servers.ServerProc("nats-server", f"nats://127.0.0.1:{port}", port, proc, log).stop()
 
 
 async def _violations(url: str, user: str, password: str, publish: Iterable[str] = (),
