@@ -19,14 +19,11 @@ write per value) on the socket of its namespace, inside its own OpenTelemetry sp
 from __future__ import annotations
 
 import errno
-import functools
 import ipaddress
 import os
 import random
 import socket
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from opentelemetry import trace
@@ -44,6 +41,7 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWROUTE,
 )
 
+from vnet.adapters.netlink import announce
 from vnet.adapters.netlink import drivers as kernel_drivers
 from vnet.adapters.netlink.drivers import KernelDriver
 from vnet.adapters.netlink.nsctx import (
@@ -163,50 +161,6 @@ def describe(op: PlanOp) -> str:
         into = "the host" if op.peer_ns is None else op.peer_ns
         return f"create {op.kind} {op.ifname} (mode {op.mode}) on {op.parent} in {into}"
     return f"delete link {op.ifname} in {where}"
-
-
-ETH_P_ARP = 0x0806
-
-
-def garp_frame(mac: str, ipv4: str) -> bytes:
-    """A gratuitous ARP request (RFC 5227's announcement: sender and target address both
-    ``ipv4``, broadcast), the frame the kernel sends on link up with ``arp_notify=1``."""
-    hw = bytes.fromhex(mac.replace(":", ""))
-    ip = ipaddress.IPv4Address(ipv4).packed
-    eth = b"\xff" * 6 + hw + ETH_P_ARP.to_bytes(2, "big")
-    arp = (b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet, IPv4, hlen 6, plen 4, request
-           + hw + ip + b"\x00" * 6 + ip)
-    return eth + arp
-
-
-def _send_frame(ifname: str, frame: bytes) -> socket.socket:
-    """Send ``frame`` on ``ifname`` (this thread's namespace); the socket, still open.
-
-    Protocol 0: no receive hook is registered, so opening costs ~0.04 ms where binding to
-    ETH_P_ARP waits for an RCU grace period (8-20 ms here). Closing a packet socket waits
-    for one whatever it did (``packet_release`` calls ``synchronize_net``: 8-44 ms), so the
-    caller closes it off its path (:func:`_close_later`)."""
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    try:
-        s.sendto(frame, (ifname, ETH_P_ARP))
-    except BaseException:
-        _close_later(s)
-        raise
-    return s
-
-
-_closer: ThreadPoolExecutor | None = None
-_closer_lock = threading.Lock()
-
-
-def _close_later(s: socket.socket) -> None:
-    """Close ``s`` on a small pool of threads: each close waits out an RCU grace period,
-    and closes running side by side share one."""
-    global _closer
-    with _closer_lock:
-        if _closer is None:
-            _closer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vnet-packet-close")
-    _closer.submit(s.close)
 
 
 class ApplyOutcome:
@@ -476,25 +430,8 @@ class Applier:
                 DelNeigh: self.del_neigh, CreateSubIf: self.create_subif}
 
     def announce(self, endpoints: list[EpDesired]) -> list[str]:
-        """Announce each endpoint's IPv4 address by gratuitous ARP from inside its container,
-        so a peer still holding the address's previous owner's MAC (an address given again)
-        learns the new one. Sent by the node after it has reported the endpoint ready, not by
-        the kernel at link up (``arp_notify``): a broadcast on a bridge of N ports is N copies,
-        each through the bridge's rules and into a container's stack, all in the sender's
-        context — 4 ms of the 1,000th attach's link-up against 0.2 ms for the 10th
-        (docs/dataplane.md, "Growth"). Not a configuration write (not counted); errors are
-        returned, never raised."""
-        errors: list[str] = []
-        with self.tracer.start_as_current_span("kernel announce", attributes={"vnet.endpoints": len(endpoints)}):
-            for e in endpoints:
-                if e.ipv4 is None:
-                    continue
-                frame = garp_frame(e.mac, e.ipv4.split("/")[0])
-                try:
-                    _close_later(self.ctx.run_in(e.netns, functools.partial(_send_frame, e.ifname, frame)))
-                except (OSError, ValueError) as exc:
-                    errors.append(f"endpoint {e.id}: gratuitous ARP on {e.ifname} in {e.netns}: {exc}")
-        return errors
+        """Gratuitous ARP for endpoints just reported ready (:mod:`.announce`); the errors."""
+        return announce.announce(self.ctx, endpoints, self.tracer)
 
     def apply(self, plan: Plan, actual: NodeActual | None = None) -> ApplyOutcome:
         """Run every op in order; failures are collected, never raised."""
