@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from hypothesis import strategies as st
 
@@ -145,9 +145,11 @@ def reached(sends: dict[K, Callable[[float], Future[Any]]]) -> set[K]:
 class Agent:
     """The probe agent of one container namespace (a process this test started)."""
 
+    SCRIPT = AGENT  # a subclass may run another agent speaking the same lines
+
     def __init__(self, ns: str) -> None:
         self.ns = ns
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", AGENT],
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", self.SCRIPT],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._ids = itertools.count()
         self._pending: dict[int, Future[Any]] = {}
@@ -354,9 +356,11 @@ PNETS = ["n0", "n1", "n2"]
 PEPS = [("p0", "n0"), ("p1", "n0"), ("p2", "n1"), ("p3", "n2")]
 
 
+Scenario = tuple[list[IsolationMode], set[tuple[str, str, str]], list[AllowRule], dict[str, dict[str, str]]]
+
+
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[IsolationMode], set[tuple[str, str, str]], list[AllowRule],
-                                        dict[str, dict[str, str]]]:
+def scenarios(draw: st.DrawFn) -> Scenario:
     modes = [draw(st.sampled_from(MODES)) for _ in PNETS]
     rels: set[tuple[str, str, str]] = set()
     for a, b in itertools.combinations(PNETS, 2):
@@ -378,3 +382,36 @@ def scenarios(draw: st.DrawFn) -> tuple[list[IsolationMode], set[tuple[str, str,
                                       [PortSpec(protocol="tcp", port=70, end_port=85)]]))
         rules.append(AllowRule(id=f"r{i}", from_=[sel()], to=[sel()], ports=ports))
     return modes, rels, rules, labels
+
+
+class ScenarioLab(Protocol):
+    """What :func:`set_scenario` needs of a lab (the bridge lab here, the macvlan one)."""
+
+    nets: dict[str, Net]
+    eps: dict[str, Ep]
+    rules: list[AllowRule]
+
+    def apply(self) -> Any: ...
+
+
+def set_scenario(lb: ScenarioLab, sc: Scenario) -> None:
+    """Puts the networks of ``PNETS`` in the modes, relations, rules and labels of ``sc``
+    (every relation of the last scenario undone first) and applies them."""
+    modes, rels, rules, labels = sc
+    for n, m in zip(PNETS, modes, strict=True):
+        net = lb.nets[n]
+        net.mode, net.connected, net.mesh, net.parent, net.children = m, (), (), None, ()
+    for kind, a, b in rels:
+        na, nb = lb.nets[a], lb.nets[b]
+        if kind == "connected":
+            na.connected += (b,)
+            nb.connected += (a,)
+        elif kind == "mesh":
+            na.mesh += (f"{a}{b}",)
+            nb.mesh += (f"{a}{b}",)
+        else:
+            nb.parent, na.children = a, (*na.children, b)
+    for e, lab_ in labels.items():
+        lb.eps[e].labels = lab_
+    lb.rules = rules
+    lb.apply()

@@ -20,10 +20,10 @@ from tests.netns.isolation_lab import (
     Ep,
     Lab,
     Net,
+    Scenario,
     scenarios,
+    set_scenario,
 )
-from vnet.core.model import IsolationMode
-from vnet.core.policy import AllowRule
 
 pytestmark = [pytest.mark.netns, requires_root]
 
@@ -37,10 +37,9 @@ def prop_lab(lab: Callable[[list[Net], list[Ep]], Lab]) -> Lab:
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sc=scenarios())
-def test_explain_equals_observed(prop_lab: Lab, sc: tuple[list[IsolationMode], set[tuple[str, str, str]],
-                                                         list[AllowRule], dict[str, dict[str, str]]]) -> None:
+def test_explain_equals_observed(prop_lab: Lab, sc: Scenario) -> None:
     lb = prop_lab
-    _set_scenario(lb, sc)
+    set_scenario(lb, sc)
     checks: list[tuple[str, int | None]] = [("tcp", 80), ("icmp", None)]
     seen = lb.probe(checks)
     pol = lb.policy()
@@ -51,9 +50,6 @@ def test_explain_equals_observed(prop_lab: Lab, sc: tuple[list[IsolationMode], s
         if pol.verdict(a, b, "icmp").allowed:
             want["icmp"].add(f"{a}>{b}")
     assert seen == want, sc
-
-
-Scenario = tuple[list[IsolationMode], set[tuple[str, str, str]], list[AllowRule], dict[str, dict[str, str]]]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -67,9 +63,9 @@ def test_reach_diff_equals_the_change_in_probes(prop_lab: Lab, before: Scenario,
 
     lb = prop_lab
     checks: list[tuple[str, int | None]] = [("tcp", 80), ("icmp", None)]
-    _set_scenario(lb, before)
+    set_scenario(lb, before)
     seen_b, pol_b = lb.probe(checks), lb.policy()
-    _set_scenario(lb, after)
+    set_scenario(lb, after)
     seen_a, pol_a = lb.probe(checks), lb.policy()
     paths = reach.paths(pol_b, pol_a)
 
@@ -86,24 +82,3 @@ def test_reach_diff_equals_the_change_in_probes(prop_lab: Lab, before: Scenario,
             was, now = f"{a}>{b}" in seen_b[key], f"{a}>{b}" in seen_a[key]
             got = in_diff(a, b, proto, port)
             assert got == (now if was != now else None), (key, a, b, was, now, got, before, after)
-
-
-def _set_scenario(lb: Lab, sc: Scenario) -> None:
-    modes, rels, rules, labels = sc
-    for n, m in zip(PNETS, modes, strict=True):
-        net = lb.nets[n]
-        net.mode, net.connected, net.mesh, net.parent, net.children = m, (), (), None, ()
-    for kind, a, b in rels:
-        na, nb = lb.nets[a], lb.nets[b]
-        if kind == "connected":
-            na.connected += (b,)
-            nb.connected += (a,)
-        elif kind == "mesh":
-            na.mesh += (f"{a}{b}",)
-            nb.mesh += (f"{a}{b}",)
-        else:
-            nb.parent, na.children = a, (*na.children, b)
-    for e, lab_ in labels.items():
-        lb.eps[e].labels = lab_
-    lb.rules = rules
-    lb.apply()

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -37,9 +35,11 @@ from tests.netns.isolation_lab import (
     Agent,
     Ep,
     Net,
+    Scenario,
     assert_forgeries_dropped,
     reached,
     scenarios,
+    set_scenario,
 )
 from vnet.adapters.mvnft import MacvlanEnforcer
 from vnet.core import mvpolicy as mvp
@@ -72,18 +72,7 @@ assert MV_AGENT != AGENT
 class MvAgent(Agent):
     """The probe agent of ``isolation_lab.py``, answering False when the send itself is refused."""
 
-    def __init__(self, ns: str) -> None:
-        self.ns = ns
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", MV_AGENT],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self._ids = itertools.count()
-        self._pending: dict[int, Future[Any]] = {}
-        self._lock = threading.Lock()
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline()
-        assert first.strip() == "ready", f"agent in {ns} did not start: {first!r}"
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+    SCRIPT = MV_AGENT
 
 
 class MvLab:
@@ -332,30 +321,11 @@ def prop_mvlab(mvlab: Callable[[list[Net], list[Ep]], MvLab]) -> MvLab:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sc=scenarios())
-def test_macvlan_explain_equals_observed(prop_mvlab: MvLab, sc: tuple[list[IsolationMode],
-                                                                      set[tuple[str, str, str]], list[AllowRule],
-                                                                      dict[str, dict[str, str]]]) -> None:
+def test_macvlan_explain_equals_observed(prop_mvlab: MvLab, sc: Scenario) -> None:
     """The property of ``test_isolation_property.py`` on macvlan networks (one parent), the LAN
     host included as a party both ways: every probe result equals ``verdict``."""
-    modes, rels, rules, labels = sc
     lb = prop_mvlab
-    for n, m in zip(PNETS, modes, strict=True):
-        net = lb.nets[n]
-        net.mode, net.connected, net.mesh, net.parent, net.children = m, (), (), None, ()
-    for kind, a, b in rels:
-        na, nb = lb.nets[a], lb.nets[b]
-        if kind == "connected":
-            na.connected += (b,)
-            nb.connected += (a,)
-        elif kind == "mesh":
-            na.mesh += (f"{a}{b}",)
-            nb.mesh += (f"{a}{b}",)
-        else:
-            nb.parent, na.children = a, (*na.children, b)
-    for e, lab_ in labels.items():
-        lb.eps[e].labels = lab_
-    lb.rules = rules
-    lb.apply()
+    set_scenario(lb, sc)
     parties = [e for e, _ in PEPS] + ["lan"]
     pairs = [(a, b) for a, b in itertools.permutations(parties, 2)]
     seen = lb.probe(pairs)
@@ -367,7 +337,7 @@ def test_macvlan_explain_equals_observed(prop_mvlab: MvLab, sc: tuple[list[Isola
             want["tcp/80"].add(f"{a}>{b}")
         if pol.verdict(src, dst, "icmp").allowed:
             want["icmp"].add(f"{a}>{b}")
-    assert seen == want, (modes, rels, rules, labels)
+    assert seen == want, sc
 
 
 def test_dual_stack_tables_are_accepted_and_read_back_equal(netns: Callable[[str], str]) -> None:
@@ -408,7 +378,6 @@ def test_pair_refused_leaves_isolation_and_is_retried(netns: Callable[[str], str
     """A kernel before 6.16 refuses a netdev chain for an interface that does not exist yet:
     simulated by a pair the kernel refuses. The inet table (isolation) is written alone, the
     endpoint is reported, and the next sync writes the pair."""
-    from vnet.adapters import mvnft
     from vnet.core.policy import PolicyNetwork
     pol = Policy([PolicyNetwork(id="a", mode=PEER, cidrs=("10.88.70.0/24",))],
                  [PolicyEndpoint(id="r1", network="a", ips=("10.88.70.10",), mac="02:00:00:88:70:10", node="h1")])
@@ -416,7 +385,7 @@ def test_pair_refused_leaves_isolation_and_is_retried(netns: Callable[[str], str
     locs = {"r1": mvp.MvLocal("r1", "a", ns, "eth0", "02:00:00:88:70:10", ("10.88.70.10",))}
     mv, rs = mvp.compile_macvlan(pol, "h1", {"a"}), pol.compile("h1")
     real = mvp.render
-    monkeypatch.setattr(mvnft.mvp, "render", lambda *a: real(*a) + "add rule netdev vnetm_nowhere egress drop\n")
+    monkeypatch.setattr(mvp, "render", lambda *a: real(*a) + "add rule netdev vnetm_nowhere egress drop\n")
     enf = MacvlanEnforcer()
     try:
         res = enf.sync(mv, rs, locs)
@@ -425,7 +394,7 @@ def test_pair_refused_leaves_isolation_and_is_retried(netns: Callable[[str], str
                                 capture_output=True, text=True).stdout.split("\n")
         assert f"table inet {mvp.table_name('r1')}" in tables
         assert f"table netdev {mvp.table_name('r1')}" not in tables
-        monkeypatch.setattr(mvnft.mvp, "render", real)
+        monkeypatch.setattr(mvp, "render", real)
         res = enf.sync(mv, rs, locs)
         assert (res.writes, res.wholes, res.errors) == (1, 1, {})
         assert enf.sync(mv, rs, locs, check=True).writes == 0
