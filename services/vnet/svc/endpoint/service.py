@@ -91,10 +91,13 @@ async def _start(rt: Runtime) -> None:
     ]
     rt.state["consumers"] = consumers
     try:
+        # every node's heartbeat comes here: handled side by side, not one after another
         rt.state["register_sub"] = await rt.nc.subscribe(subjects.NODE_REGISTER.wildcard(),
-                                                         queue=f"vnet-{SERVICE.name}", cb=on_register)
+                                                         queue=f"vnet-{SERVICE.name}",
+                                                         cb=rt.concurrently(on_register, "register"))
         rt.state["deregister_sub"] = await rt.nc.subscribe(subjects.NODE_DEREGISTER.wildcard(),
-                                                           queue=f"vnet-{SERVICE.name}", cb=on_deregister)
+                                                           queue=f"vnet-{SERVICE.name}",
+                                                           cb=rt.concurrently(on_deregister, "deregister"))
         await consumers[0].start(on_status)
         await consumers[1].start(on_network_deleted)
         rt.spawn(_watch_nodes(rt), "endpoint-node-watch")
