@@ -30,6 +30,7 @@ from tests.integration.service_pattern_env import (
     nc,  # noqa: F401  (the fixture)
 )
 from vnet.adapters import nats as nats_adapter
+from vnet.contracts.messages import MetricsReport
 from vnet.core import errors as E
 from vnet.runtime import servers
 from vnet.runtime.config import VNetConfig
@@ -224,3 +225,28 @@ async def test_service_survives_nats_restart(config: VNetConfig, start_service: 
             await client.close()
         srv.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# -- metrics reports ------------------------------------------------------------------------------
+
+async def test_metrics_report_goes_when_its_counters_move(start_service: StartService, nc: Client) -> None:
+    """An idle instance sends no report each interval (the metrics service keeps the last
+    one; 1,000 idle nodes sent 500 a second); one request later, the next interval reports it."""
+    defn, subj, _ = _echo_service(_unique("preport"))
+    rt = await start_service(defn)
+    interval = rt.config.metrics_report_interval_s
+    got: list[MetricsReport] = []
+
+    async def on_report(msg: Msg) -> None:
+        got.append(msgspec.json.decode(msg.data, type=MetricsReport))
+
+    sub = await nc.subscribe(f"vnet.metrics.report.{defn.name}.{rt.instance}", cb=on_report)
+    try:
+        await nc.flush()
+        await asyncio.sleep(interval * 6)
+        assert got == [], f"{len(got)} unchanged report(s) in {interval * 6:.1f} s"
+        await nats_adapter.request(nc, subj["echo"], Echo(text="x"), EchoReply)
+        assert await _until(lambda: bool(got), timeout=interval * 25), "no report after a request"
+        assert {o.op: o.count for o in got[-1].ops}.get("echo") == 1, got[-1]
+    finally:
+        await sub.unsubscribe()

@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 # Messages of one plain subscription handled at once (Runtime.concurrently): well under the
 # Redis pool (max_inflight connections), which the request handlers share.
 CONCURRENT_HANDLERS = 32
+# An unchanged metrics report is sent again after this long (a restarted metrics service
+# learns every instance within it); a changed one goes every metrics_report_interval_s.
+REPORT_REFRESH_S = 30.0
 
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
@@ -379,6 +382,7 @@ class Runtime:
         self._workers = _Workers(self._run, config.max_inflight)
         self._bg: list[asyncio.Future[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()  # see concurrently()
+        self._last_report: bytes | None = None  # the last metrics report sent (see _report_loop)
         self._stopping = False
         self._stopped = asyncio.Event()
         self._own_nc = own_nc
@@ -609,15 +613,29 @@ class Runtime:
                            status="ok" if ok else "degraded", uptime_s=round(time.time() - self.started, 3),
                            checks=checks, inflight=self.inflight)
 
-    async def _report_metrics(self) -> None:
+    async def _report_metrics(self, *, unchanged: bool = True) -> bool:
+        """Publish the counters; with ``unchanged=False`` only when they moved since the last
+        report. Returns whether it published."""
+        body = codec.encode(self.metrics.snapshot())
+        if not unchanged and body == self._last_report:
+            return False
         subject = subjects.METRICS_REPORT.format(service=self.defn.name, instance=self.instance)
-        await self.nc.publish(subject, codec.encode(self.metrics.snapshot()))
+        await self.nc.publish(subject, body)
+        self._last_report = body
+        return True
 
     async def _report_loop(self) -> None:
+        # An idle instance's counters do not move, and the metrics service keeps the last
+        # report of each instance: re-sending it every interval made 1,000 simulated nodes
+        # the bus's largest idle traffic (500 reports/s of 909 messages/s, bench_scale). The
+        # same report goes again after REPORT_REFRESH_S, for a metrics service that restarted.
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
             await asyncio.sleep(self.config.metrics_report_interval_s)
             try:
-                await self._report_metrics()
+                if await self._report_metrics(unchanged=loop.time() - last >= REPORT_REFRESH_S):
+                    last = loop.time()
             except Exception as exc:
                 log.debug("metrics report failed: %s", exc)
 
