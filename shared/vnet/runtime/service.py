@@ -620,8 +620,12 @@ class Runtime:
         if not unchanged and body == self._last_report:
             return False
         subject = subjects.METRICS_REPORT.format(service=self.defn.name, instance=self.instance)
-        await self.nc.publish(subject, body)
-        self._last_report = body
+        self._last_report = body  # before the await: the loop must not send it again meanwhile
+        try:
+            await self.nc.publish(subject, body)
+        except BaseException:
+            self._last_report = None
+            raise
         return True
 
     async def _report_loop(self) -> None:
