@@ -142,6 +142,21 @@ def reached(sends: dict[K, Callable[[float], Future[Any]]]) -> set[K]:
     return ok | {k for k, f in again.items() if f.result(timeout=60)}
 
 
+def probe_pairs(agents: dict[str, Agent], addr: Callable[[str], str], pairs: list[tuple[str, str]],
+                checks: list[tuple[str, int | None]]) -> dict[str, set[str]]:
+    """``{"tcp/80": {"a>b", ...}, ...}``: the pairs whose probe from ``a``'s agent to
+    ``addr(b)`` succeeded (every probe in parallel, the failed ones once more)."""
+    def send(a: str, b: str, proto: str, port: int | None) -> Callable[[float], Future[Any]]:
+        return lambda t: agents[a].send(op=proto, dst=addr(b), port=port, t=t)
+
+    sends = {(f"{proto}/{port}" if port else proto, f"{a}>{b}"): send(a, b, proto, port)
+             for a, b in pairs for proto, port in checks}
+    out: dict[str, set[str]] = {f"{p}/{q}" if q else p: set() for p, q in checks}
+    for key, pair in reached(sends):
+        out[key].add(pair)
+    return out
+
+
 class Agent:
     """The probe agent of one container namespace (a process this test started)."""
 
@@ -266,16 +281,7 @@ class Lab:
         """``{"tcp/80": {"a>b", ...}, ...}``: the pairs whose probe succeeded."""
         if pairs is None:
             pairs = [(a, b) for a in self.eps for b in self.eps if a != b]
-
-        def send(a: str, b: str, proto: str, port: int | None) -> Callable[[float], Future[Any]]:
-            return lambda t: self.agents[a].send(op=proto, dst=self.eps[b].addr, port=port, t=t)
-
-        sends = {(f"{proto}/{port}" if port else proto, f"{a}>{b}"): send(a, b, proto, port)
-                 for a, b in pairs for proto, port in checks}
-        out: dict[str, set[str]] = {f"{p}/{q}" if q else p: set() for p, q in checks}
-        for key, pair in reached(sends):
-            out[key].add(pair)
-        return out
+        return probe_pairs(self.agents, lambda b: self.eps[b].addr, pairs, checks)
 
     def close(self) -> None:
         for a in getattr(self, "agents", {}).values():

@@ -20,8 +20,6 @@ from __future__ import annotations
 import itertools
 import subprocess
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -37,7 +35,7 @@ from tests.netns.isolation_lab import (
     Net,
     Scenario,
     assert_forgeries_dropped,
-    reached,
+    probe_pairs,
     scenarios,
     set_scenario,
 )
@@ -131,15 +129,7 @@ class MvLab:
 
     def probe(self, pairs: list[tuple[str, str]], checks: list[tuple[str, int | None]] = CHECKS,
               ) -> dict[str, set[str]]:
-        def send(a: str, b: str, proto: str, port: int | None) -> Callable[[float], Future[Any]]:
-            return lambda t: self.agents[a].send(op=proto, dst=self.addr(b), port=port, t=t)
-
-        sends = {(f"{proto}/{port}" if port else proto, f"{a}>{b}"): send(a, b, proto, port)
-                 for a, b in pairs for proto, port in checks}
-        out: dict[str, set[str]] = {f"{p}/{q}" if q else p: set() for p, q in checks}
-        for key, pair in reached(sends):
-            out[key].add(pair)
-        return out
+        return probe_pairs(self.agents, self.addr, pairs, checks)
 
     def close(self) -> None:
         for a in getattr(self, "agents", {}).values():
