@@ -433,7 +433,6 @@ class Runtime:
         the Redis pool, and the nodes expired (bench_scale, 1,000 nodes x 50 endpoints).
         The tasks are cancelled with the background tasks when the service stops."""
         gate = asyncio.Semaphore(limit)
-        running = self._handlers
 
         async def run(msg: Msg) -> None:
             try:
@@ -446,8 +445,8 @@ class Runtime:
         async def callback(msg: Msg) -> None:
             await gate.acquire()
             task = asyncio.get_running_loop().create_task(run(msg), name=f"{self.defn.name}:{name}")
-            running.add(task)
-            task.add_done_callback(running.discard)
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
         return callback
 
@@ -613,11 +612,11 @@ class Runtime:
                            status="ok" if ok else "degraded", uptime_s=round(time.time() - self.started, 3),
                            checks=checks, inflight=self.inflight)
 
-    async def _report_metrics(self, *, unchanged: bool = True) -> bool:
-        """Publish the counters; with ``unchanged=False`` only when they moved since the last
+    async def _report_metrics(self, *, force: bool = True) -> bool:
+        """Publish the counters; without ``force`` only when they moved since the last
         report. Returns whether it published."""
         body = codec.encode(self.metrics.snapshot())
-        if not unchanged and body == self._last_report:
+        if not force and body == self._last_report:
             return False
         subject = subjects.METRICS_REPORT.format(service=self.defn.name, instance=self.instance)
         self._last_report = body  # before the await: the loop must not send it again meanwhile
@@ -638,7 +637,7 @@ class Runtime:
         while True:
             await asyncio.sleep(self.config.metrics_report_interval_s)
             try:
-                if await self._report_metrics(unchanged=loop.time() - last >= REPORT_REFRESH_S):
+                if await self._report_metrics(force=loop.time() - last >= REPORT_REFRESH_S):
                     last = loop.time()
             except Exception as exc:
                 log.debug("metrics report failed: %s", exc)
