@@ -41,6 +41,11 @@ def test_the_reconciler_works_on_the_data_plane_it_is_handed() -> None:
     assert rec.wireguard is wg and made and made[0][0] == "h1"
     rec.stop_wireguard()
     assert wg.calls == ["stop"]
+    # without a state_dir the key lives in a temporary directory of its own, gone at close()
+    key_dir = os.fspath(made[0][1])
+    assert os.path.isdir(key_dir) and os.path.basename(key_dir).startswith("vnet-node-n1-")
+    rec.close()
+    assert not os.path.exists(key_dir) and "close" in ns.calls
 
 
 def test_the_runtime_bundle_builds_the_stores_on_the_service_redis() -> None:

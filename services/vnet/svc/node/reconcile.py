@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -132,6 +133,7 @@ class Reconciler:
         self._lock = threading.Lock()
         self.reconciles = 0
         self._state_dir = state_dir
+        self._tmp_state: str | None = None  # the temporary key directory made without a state_dir
         self._wg: WireGuard | None = None
         self._subifs: dict[str, Departed] = {}  # macvlan/ipvlan endpoints seen desired: where to remove them
         # ... kept in the state directory across restarts (SUBIF_LEDGER), when there is one
@@ -147,7 +149,10 @@ class Reconciler:
     def wireguard(self) -> WireGuard:
         """The WireGuard mesh manager (made on first use)."""
         if self._wg is None:
-            state = self._state_dir or tempfile.mkdtemp(prefix=f"vnet-node-{self.node_name.replace('/', '_')}-")
+            state = self._state_dir
+            if state is None:
+                # Private to this process (a new key pair each start): removed in close()
+                state = self._tmp_state = tempfile.mkdtemp(prefix=f"vnet-node-{self.node_name.replace('/', '_')}-")
             self._wg = self._make_wireguard(self.host_netns, state,
                                             lambda name: self.observer.link(self.host_netns, name) is not None)
         return self._wg
@@ -388,7 +393,12 @@ class Reconciler:
         return out
 
     def close(self) -> None:
+        """The namespace threads end; a temporary key directory goes (a running tunnel keeps its
+        key: wireguard-go read it when the device was set up)."""
         self.ctx.close()
+        if self._tmp_state is not None:
+            shutil.rmtree(self._tmp_state, ignore_errors=True)
+            self._tmp_state = None
 
     def __enter__(self) -> Reconciler:
         return self
