@@ -64,3 +64,47 @@ async def test_long_pull_is_cheap_when_idle_and_follows_a_server_restart(tmp_pat
         await c.stop(delete=True)
         await nc.close()
         srv.stop()
+
+
+async def test_consumers_idle_together_pull_again_at_different_times(tmp_path: Path) -> None:
+    """A fleet's network consumers all go idle after the same network event; their long pulls
+    must not all expire (and be sent again) in the same instant every period: at 1,000 nodes
+    those bursts held JetStream for 1-4 s every 30 s (docs/scale.md)."""
+    from vnet.adapters.nats import PULL_JITTER
+
+    expiry = 3.0
+    srv = servers.start_nats(tmp_path / "nats")
+    nc = await nats.connect(srv.url, name="test-consumer-jitter")
+    js = nc.jetstream()
+    await js.add_stream(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_WILDCARD])
+    got: list[str] = []
+
+    async def handler(msg: Msg) -> None:
+        got.append(msg.subject)
+
+    cs = [DurableConsumer(js, f"jitter-{i}", "vnet.evt.net.>", deliver_all=False, pull_expiry_s=expiry)
+          for i in range(12)]
+    try:
+        for c in cs:
+            await c.start(handler)
+        await js.publish("vnet.evt.net.created.1", b"{}")
+        await _until(lambda: len(got) == len(cs) and all(c.waiting_long for c in cs), "every consumer idle")
+        loop = asyncio.get_running_loop()
+        t0, base = loop.time(), [c.pulls for c in cs]
+        again: dict[int, float] = {}
+        while len(again) < len(cs) and loop.time() - t0 < 2 * expiry:
+            for i, c in enumerate(cs):
+                if i not in again and c.pulls > base[i]:
+                    again[i] = loop.time() - t0
+            await asyncio.sleep(0.02)
+        assert len(again) == len(cs), again
+        lengths = [c.long_expiry_s for c in cs]
+        assert all(PULL_JITTER * expiry <= x <= expiry for x in lengths), lengths
+        assert len(set(lengths)) == len(cs)
+        # the pulls went out again spread over the jitter window, not in one instant
+        assert max(again.values()) - min(again.values()) >= 0.1 * expiry, sorted(again.values())
+    finally:
+        for c in cs:
+            await c.stop(delete=True)
+        await nc.close()
+        srv.stop()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -299,6 +300,7 @@ async def ensure_events_stream(js: JetStreamContext, replicas: int = 1, *, timeo
 PUBLISH_RETRY_S = 10.0
 # How often a long pull looks whether the client reconnected (a local counter, no traffic).
 _RECONNECT_WATCH_S = 1.0
+PULL_JITTER = 0.7  # an idle consumer's long pull lasts 70-100 % of its pull_expiry_s
 # One attempt waits this long for the stream's ack: a publish written to a connection that
 # was dying is lost with it and only a timeout says so; a second copy is harmless (dedup).
 PUBLISH_ATTEMPT_S = 2.0
@@ -372,6 +374,7 @@ class DurableConsumer:
         self.pulls = 0  # pull requests sent (what an idle consumer costs: tests, the scale bench)
         self._busy = False  # the last pull brought messages: pull batches with a short expiry
         self.waiting_long = False  # a long pull is out (idle)
+        self.long_expiry_s = 0.0  # the expiry of the last long pull (jittered)
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stop = asyncio.Event()
@@ -454,7 +457,11 @@ class DurableConsumer:
                 raise
             return msgs
         seen = nc.stats["reconnects"]
-        task = asyncio.ensure_future(sub.fetch(1, timeout=self.pull_expiry_s))
+        # Jittered: consumers that went idle together (a fleet's network consumers after one
+        # network event) would otherwise all pull again in the same instant, every period; at
+        # 1,000 nodes those bursts held JetStream for 1-4 s every 30 s (docs/scale.md).
+        expiry = self.long_expiry_s = self.pull_expiry_s * random.uniform(PULL_JITTER, 1.0)
+        task = asyncio.ensure_future(sub.fetch(1, timeout=expiry))
         self.waiting_long = True
         try:
             while True:
