@@ -18,6 +18,7 @@ import sys
 
 from vnet.contracts import subjects
 from vnet.core.errors import VNetError
+from vnet.runtime import gcpause
 from vnet.runtime import service as svc_runtime
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.stopsignals import StopReason, StopSignals, block_stop_signals
@@ -106,6 +107,7 @@ def _main(name: str, argv: list[str] | None, node: bool) -> int:
     args = p.parse_args(argv)
     # Before anything starts a thread (tracing exporters, the loop's executor): see StopSignals.
     block_stop_signals()
+    gcpause.watch()  # a long collection pause is logged next to the requests it held up
     try:
         overrides = {}
         if node and args.node_id:
