@@ -515,6 +515,10 @@ class EndpointStore:
             return None
         return msgspec.structs.replace(_node_decoder.decode(v), alive=False)
 
+    async def count_seen_nodes(self, since: float) -> int:
+        """Nodes whose last heartbeat came at or after ``since`` (seconds since the epoch)."""
+        return int(await self.r.zcount(NODES, since, "+inf"))
+
     async def nodes(self, *, include_gone: bool = False, counts: bool = True) -> list[NodeInfo]:
         """Registered nodes (``alive`` or, with ``include_gone``, not); ``counts``: their endpoints."""
         names = sorted(_s(x) for x in await self.r.zrange(NODES, 0, -1))

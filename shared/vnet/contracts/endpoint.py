@@ -341,6 +341,11 @@ class NodeRegistered(msgspec.Struct, kw_only=True):
     ttl_s: float
     endpoints: int  # endpoints recorded on this node
     wg_address: str | None = None  # the node's WireGuard mesh address (when it sent a public key)
+    # The full-resync period the control plane asks of every node: the cluster's live nodes
+    # over the desired-state fetches a second it plans for (RESYNC_FETCHES_PER_S), so the
+    # safety net costs the same at 1,000 nodes as at 200. A node uses the longer of this
+    # and its own setting (0: its own).
+    resync_s: float = 0.0
 
 
 class NodeDeregister(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -28,6 +28,7 @@ from vnet.contracts.endpoint import (
 from vnet.core import drivers as core_drivers
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
+from vnet.runtime.ports import EndpointStorePort
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import HEARTBEAT_MISSES, NODE_CALL_TIMEOUT_S, NODE_WATCH_S, _now, _store
 from vnet.svc.endpoint.events import _hosts_of, _related, note_dns_node
@@ -106,7 +107,33 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
     if was is None or was.instance != req.instance:
         log.info("node %s registered (instance %s, drivers available: %s)", req.node, req.instance,
                  ", ".join(sorted(d for d, s in req.drivers.items() if s.available)) or "none")
-    return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=await store.count_on(req.node), wg_address=wg_address)
+    return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=await store.count_on(req.node), wg_address=wg_address,
+                          resync_s=fleet_resync_s(await _live_nodes(rt, store)))
+
+
+RESYNC_FETCHES_PER_S = 20.0  # the whole cluster's full resyncs a second the control plane plans for
+LIVE_NODES_CACHE_S = 5.0
+LIVE_WINDOW_S = 60.0  # a heartbeat within this long: counted (nodes time out after 3 heartbeats, 30 s)
+
+
+def fleet_resync_s(live_nodes: int, fetches_per_s: float | None = None) -> float:
+    """The resync period that keeps ``live_nodes`` nodes' full resyncs at ``fetches_per_s``
+    together (0 up to that many nodes: each node's own period, 10 s by default, is longer).
+    Felix spaces its dataplane refreshes the same way, at 90 s by default."""
+    per_s = RESYNC_FETCHES_PER_S if fetches_per_s is None else fetches_per_s
+    return live_nodes / per_s if per_s > 0 else 0.0
+
+
+async def _live_nodes(rt: Runtime, store: EndpointStorePort) -> int:
+    """Nodes seen within their timeout, counted at most every LIVE_NODES_CACHE_S (a heartbeat of
+    every node, 100 a second at 1,000 nodes, would otherwise count them every time)."""
+    now = time.monotonic()
+    cached: tuple[float, int] | None = rt.state.get("live_nodes")
+    if cached is not None and now - cached[0] < LIVE_NODES_CACHE_S:
+        return cached[1]
+    n = await store.count_seen_nodes(time.time() - LIVE_WINDOW_S)
+    rt.state["live_nodes"] = (now, n)
+    return n
 
 
 async def _membership(rt: Runtime, event: str, body: NodeMembership) -> None:

@@ -127,6 +127,7 @@ class Registration(WorkerParts):
                                                   timeout=self.rt.config.request_timeout_s, params={"node": self.node})
         if reply.wg_address is not None:
             self.wg_address = reply.wg_address
+        self.fleet_resync_s = reply.resync_s
         return reply
 
     async def _wg_key(self) -> None:

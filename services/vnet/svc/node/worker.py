@@ -66,6 +66,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import random
 import resource
 import time
 from collections.abc import Callable, Collection
@@ -120,6 +121,7 @@ T = TypeVar("T")
 
 DEFAULT_RESYNC_S = 10.0
 DEFAULT_HEARTBEAT_S = 10.0
+RESYNC_JITTER = 0.2
 MAX_BATCH = 512
 DRIVERS = tuple(core_drivers.names())  # every registered driver (the simulated fleet reports them)
 
@@ -183,6 +185,9 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self.host_netns = rt.config.host_netns
         params = rt.params
         self.resync_s = _float_param(params, "resync_s", rt.config.node_resync_interval_s)
+        # the period the control plane asks of every node, spaced by the cluster's size (the
+        # heartbeat's reply, NodeRegistered.resync_s); the longer of the two is used
+        self.fleet_resync_s = 0.0
         self.heartbeat_s = _float_param(params, "heartbeat_s", DEFAULT_HEARTBEAT_S)
         # This host's underlay address (overlay VTEP); found from the routes if not given.
         self.underlay = params.get("underlay") or rt.config.node_underlay
@@ -398,6 +403,14 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         return await fut
 
     # -- the loop ------------------------------------------------------------------------------
+    def _next_period(self) -> float:
+        """Seconds to the next full resync: soon while nothing was fetched yet; else the longer of
+        ``resync_s`` and the cluster's period, cut by up to 20 % at random so that nodes started
+        together (a restart of the fleet) do not fetch together ever after."""
+        if not self.fetched:
+            return min(RETRY_S, self.resync_s)
+        return max(self.resync_s, self.fleet_resync_s) * random.uniform(1.0 - RESYNC_JITTER, 1.0)
+
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         next_full = loop.time()
@@ -407,7 +420,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                 first = self.queue.get_nowait() if wait <= 0 else await asyncio.wait_for(self.queue.get(), wait)
             except (TimeoutError, asyncio.QueueEmpty):
                 await self._safe_full(fetch=True, parent=None)
-                next_full = loop.time() + (self.resync_s if self.fetched else min(RETRY_S, self.resync_s))
+                next_full = loop.time() + self._next_period()
                 continue
             batch = [first]
             while len(batch) < MAX_BATCH:
@@ -435,7 +448,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                     log.exception("node %s: repairing drift failed; the next full resync repairs", self.node)
             if resyncs:
                 await self._safe_full(fetch=any(r.fetch for r in resyncs), parent=resyncs[0])
-                next_full = loop.time() + (self.resync_s if self.fetched else min(RETRY_S, self.resync_s))
+                next_full = loop.time() + self._next_period()
                 stats = self.stats()
                 for r in resyncs:
                     if r.done is not None and not r.done.done():
@@ -569,5 +582,6 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                          last_full_duration_s=c.last_full_duration_s, last_full_errors=c.last_full_errors,
                          last_errors=list(c.last_errors),
                          last_full_at=c.last_full_at, desired_fetched=self.fetched,
-                         failed={k: c.failed[k] for k in sorted(c.failed)[:100]}, resync_s=self.resync_s,
+                         failed={k: c.failed[k] for k in sorted(c.failed)[:100]},
+                         resync_s=max(self.resync_s, self.fleet_resync_s),
                          isolation=self.isolation, policy=self._policy_stats())
