@@ -55,6 +55,9 @@ from vnet.core.policy import AllowRule, Selector
 from vnet.runtime import servers
 from vnet.runtime.config import VNetConfig
 
+SLOW_S = 1.0
+PROBE_SLOW_S = 0.3  # --timeline also lists the creates slower than this, by start and node
+
 SERVICES = ("ipam", "network", "endpoint", "policy", "metrics")
 
 
@@ -74,6 +77,10 @@ class Row:
     start_s: float = 0.0
     node_list: str = ""
     nodes_up: int = 0
+    slow: list[tuple[float, float, str]] = field(default_factory=list)  # (start s, latency s, node) of slow ones
+    probes: list[tuple[float, str, float]] = field(default_factory=list)  # (s, what, ms) of slow probes
+    ends: list[float] = field(default_factory=list)  # when each create was answered (s from the load's start)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of each process during the load
 
     @property
     def rate(self) -> float:
@@ -107,6 +114,15 @@ async def node_endpoint_deliveries(nc: Any) -> int:
         offset += len(page)
         if not page:
             return total
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def varz(monitor: int) -> dict[str, int]:
@@ -175,7 +191,8 @@ LABELS = {"app": "bench"}
 
 
 async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_s: float, keep: bool,
-                  per_proc: int, label_rule: bool = False, resync_s: float | None = None) -> Row:
+                  per_proc: int, label_rule: bool = False, resync_s: float | None = None,
+                  timeline: float = 0.0) -> Row:
     root = Path(tempfile.mkdtemp(prefix="vnet-bench-scale-"))
     env = {"VNETSIM_POLICY": "1"} if label_rule else {}
     if resync_s is not None:
@@ -276,6 +293,9 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
                             print(f"  create {cid} on {node}: {info.status} {info.reason}", file=sys.stderr)
                         continue
                     row.lat.append(time.perf_counter() - t)
+                    row.ends.append(time.perf_counter() - t0)
+                    if row.lat[-1] >= SLOW_S:
+                        row.slow.append((t - t0, row.lat[-1], node))
                     row.creates += 1
 
             import nats
@@ -283,9 +303,47 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
             bus = await nats.connect(cfg.nats_url, name="bench-scale-consumers")
             d0 = await node_endpoint_deliveries(bus)
             v0 = varz(st.monitor)
+
+            def cpu_now() -> dict[str, float]:
+                pids = {name: p.pid for name, p in st.procs.items()}
+                pids["nats"], pids["valkey"] = st.servers[0].proc.pid, st.servers[1].proc.pid
+                now = {name: cpu_s(pid) for name, pid in pids.items()}
+                now["bench"] = sum(os.times()[:2])
+                return now
+
+            async def probe() -> None:
+                # every 100 ms: Redis, and each service's health op (its own event loop), timed
+                pr = aioredis.Redis.from_url(cfg.redis_url)
+                try:
+                    while True:
+                        for what in ("redis", *SERVICES, "node"):
+                            t = time.perf_counter()
+                            try:
+                                if what == "redis":
+                                    await pr.ping()
+                                elif what == "node":
+                                    await m.health("node", node=up[0])
+                                else:
+                                    await m.health(what)
+                            except Exception:
+                                pass
+                            took = time.perf_counter() - t
+                            if took >= PROBE_SLOW_S:
+                                row.probes.append((t - t0, what, took * 1e3))
+                        await asyncio.sleep(0.1)
+                finally:
+                    await pr.aclose()
+
+            c0 = cpu_now()
             t0 = time.perf_counter()
+            prober = asyncio.ensure_future(probe()) if timeline else None
             await asyncio.gather(*(worker() for _ in range(inflight)))
             row.secs = time.perf_counter() - t0
+            if prober is not None:
+                prober.cancel()
+                await asyncio.gather(prober, return_exceptions=True)
+            c1 = cpu_now()
+            row.cpu_s = {k: c1[k] - c0.get(k, 0.0) for k in c1}
             v1 = varz(st.monitor)
             # the idle traffic during the load is not the creates' fan-out
             row.msgs_per_create = max(0.0, (v1["out_msgs"] - v0["out_msgs"] - row.idle_msgs_s * row.secs)
@@ -321,7 +379,7 @@ async def run_row(nodes: int, eps: int, inflight: int, nodes_per_net: int, idle_
 COLS = ("ipam", "network", "endpoint", "policy", "metrics", "nodes", "nats")
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], timeline: float = 0.0) -> str:
     head = (f"{'nodes':>6} {'eps/node':>8} {'creates':>8} {'fail':>5} {'create/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
             + " ".join(f"{c + ' MB':>11}" for c in COLS) + f" {'redis MB':>9} {'msgs/create':>11}"
             + f" {'node evts/create':>16} {'idle msg/s':>10}"
@@ -334,6 +392,29 @@ def table(rows: list[Row]) -> str:
                    + f" {r.idle_msgs_s:>10.1f} {r.start_s:>8.1f}")
     out.append("")
     out.extend(f"{r.nodes} nodes: {r.nodes_up} started; node.list: {r.node_list}" for r in rows)
+    out.append("")
+    out.append("share of a core during the load (CPU s / load s):")
+    for r in rows:
+        fleet = sum(v for k, v in r.cpu_s.items() if k.startswith("nodes"))
+        shares = {k: v for k, v in r.cpu_s.items() if not k.startswith("nodes")} | {"fleet": fleet}
+        out.append(f"  {r.nodes} nodes: " + ", ".join(f"{k} {v / r.secs:.0%}" for k, v in
+                                                    sorted(shares.items(), key=lambda kv: -kv[1]) if r.secs)
+                   + f"; all {sum(shares.values()) / r.secs:.0%}" if r.secs else "")
+    if timeline:
+        for r in rows:
+            out.append("")
+            out.append(f"timeline, {r.nodes} nodes (windows of {timeline:g} s: answered, p50, p99, max ms):")
+            buckets: dict[int, list[float]] = {}
+            for end, lat in zip(r.ends, r.lat, strict=True):
+                buckets.setdefault(int(end // timeline), []).append(lat * 1e3)
+            for k in sorted(buckets):
+                w = sorted(buckets[k])
+                out.append(f"  {k * timeline:6.0f}s {len(w):6d} {w[len(w) // 2]:8.0f} "
+                           f"{w[min(len(w) - 1, round(0.99 * (len(w) - 1)))]:8.0f} {w[-1]:8.0f}")
+            out.append(f"probes slower than {PROBE_SLOW_S:g} s: start s, what, ms")
+            out.extend(f"  {t:8.2f} {what:>9} {ms:6.0f}" for t, what, ms in r.probes)
+            out.append(f"creates slower than {SLOW_S:g} s ({len(r.slow)}): start s, latency ms, node")
+            out.extend(f"  {t:8.2f} {lat * 1e3:6.0f} {node}" for t, lat, node in sorted(r.slow)[:300])
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
 
@@ -365,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resync", type=float, default=None,
                    help="the nodes' full resync period in s (default: the config's, 10 s); each resync of a node "
                    "with its policy agent fetches its whole ruleset")
+    p.add_argument("--timeline", type=float, default=0.0,
+                   help="also print each row's latency per window of this many seconds (where the tail happens)")
     p.add_argument("--label-rule", action="store_true",
                    help="an allow rule selecting by label, every endpoint labelled, nodes with their policy agent")
     args = p.parse_args(argv)
@@ -377,10 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(x) for x in args.nodes.split(",")):
         print(f"-- {n} nodes x {args.eps} endpoints ...", file=sys.stderr, flush=True)
         row = asyncio.run(run_row(n, args.eps, args.inflight, args.nodes_per_net, args.idle, args.keep,
-                                  args.per_proc, args.label_rule, args.resync))
+                                  args.per_proc, args.label_rule, args.resync, args.timeline))
         rows.append(row)
         print(table(rows), file=sys.stderr, flush=True)
-    print(table(rows))
+    print(table(rows, args.timeline))
     return 0 if all(r.creates for r in rows) else 1
 
 
