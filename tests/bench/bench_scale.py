@@ -444,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep each row's logs")
     p.add_argument("--per-proc", type=int, default=250, help="simulated nodes per process (default 250)")
     p.add_argument("--resync", type=float, default=None,
-                   help="the nodes' full resync period in s (default: the config's, 10 s); each resync of a node "
-                   "with its policy agent fetches its whole ruleset")
+                   help="the nodes' full resync period in s (default: the config's, 10 s; a node uses the longer "
+                   "of this and the cluster's period, live nodes / 20 s); each resync of a node with its policy "
+                   "agent fetches its whole ruleset")
     p.add_argument("--timeline", type=float, default=0.0,
                    help="also print each row's latency per window of this many seconds (where the tail happens)")
     p.add_argument("--label-rule", action="store_true",
