@@ -141,7 +141,9 @@ def _service_grant(service: str) -> Grant:
                       subjects.EVT_ENDPOINT_STATUS.wildcard()]  # core subscription of a create that waits
         deny.append("vnet.evt.endpoint.status.>")  # only the node of the endpoint reports its status
     if service == "metrics":
-        subscribe.append(subjects.METRICS_REPORT.wildcard())
+        # every instance's reports, and every event it counts (a plain subscription: it only
+        # counts, so it needs no consumer of its own)
+        subscribe += [subjects.METRICS_REPORT.wildcard(), subjects.EVENTS_WILDCARD]
         events = []
     return Grant(tuple(publish + events), tuple(subscribe), tuple(deny), allow_responses=True, redis=True,
                  summary=f"the {service} service")
