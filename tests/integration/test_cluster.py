@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from nats import errors as nats_errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from tests.conftest import fresh_db_config
@@ -169,9 +170,18 @@ async def test_kill_one_nats_server_under_load(config: VNetConfig, tmp_path: Pat
         # no event missing: a created event for every acknowledged endpoint
         seen: set[str] = set()
         js = ep_rt.nc.jetstream()  # a service identity may make an ephemeral consumer (a client may not)
-        sub = await js.pull_subscribe(subjects.EVT_ENDPOINT.template.replace(">", "created.>"), durable=None,
-                                      stream=subjects.EVENTS_STREAM,
-                                      config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        for attempt in range(5):
+            # a JetStream API call can time out while the cluster elects a new leader after the
+            # kill (a fresh-clone CI run saw this one do so once); the client would try again
+            try:
+                sub = await js.pull_subscribe(subjects.EVT_ENDPOINT.template.replace(">", "created.>"),
+                                              durable=None, stream=subjects.EVENTS_STREAM,
+                                              config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+                break
+            except nats_errors.TimeoutError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(1.0)
         while True:
             try:
                 msgs = await sub.fetch(256, timeout=2.0)
