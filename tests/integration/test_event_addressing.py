@@ -1,17 +1,18 @@
 """Node-addressed endpoint events (docs/scale.md, issue 15): a node receives only its own.
 
 The endpoint service publishes every endpoint event on ``vnet.evt.endpoint.<event>.<id>``
-(services, DNS, watchers) and a copy on ``vnet.evt.to.<node>.endpoint.<event>.<id>`` for each
-node that must act on it: the endpoint's node and, for an overlay, the nodes holding an
-endpoint of it or of an overlay related to it. A node worker's endpoint consumer takes only its
-own copies. Real nats-server and Valkey, real services, simulated node workers (the real
+(services, DNS, watchers) and a copy on ``vnet.node.<node>.evt.endpoint.<event>.<id>`` (core
+NATS, not stored) for each node that must act on it: the endpoint's node and, for an overlay,
+the nodes holding an endpoint of it or of an overlay related to it. A node worker listens on
+its own copies only. Real nats-server and Valkey, real services, simulated node workers (the real
 NodeWorker with a recording data plane); what each worker's handler was handed is recorded.
 
 Layout (six nodes): a bridge network on A and B; overlay O1 on C and D; overlay O2 on E,
 connected to O1; F holds nothing until the end. An event of a bridge endpoint reaches only
 its node; one of O1 reaches C, D and E (E routes to O1), never A, B or F; a label update
 only the endpoint's node. The last step creates an endpoint on F and waits for F to see it:
-F's consumer delivers in stream order, so anything misaddressed to F would be there before.
+one endpoint service publishes every copy on one connection, and NATS delivers one
+connection's messages in order, so anything misaddressed to F would be there before.
 Then D leaves: only the nodes still sharing an overlay with it (E) get a copy of node.left.
 """
 
@@ -59,7 +60,7 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
     node_seen: dict[str, list[str]] = {n: [] for n in names}  # node -> membership event subjects
     orig_node = SimulatedNodeWorker._on_node_event
 
-    async def record_node(self: SimulatedNodeWorker, msg: Msg) -> None:  # the consumer binds it at start
+    async def record_node(self: SimulatedNodeWorker, msg: Msg) -> None:  # the feed binds it at start
         node_seen[self.node].append(msg.subject)
         await orig_node(self, msg)
 
@@ -86,15 +87,18 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
     async def on_copy(msg: Msg) -> None:
         copies.append(msg.subject)
 
-    sub2 = await nc.subscribe("vnet.evt.to.*.node.>", cb=on_copy)
+    sub2 = await nc.subscribe("vnet.node.*.evt.node.>", cb=on_copy)
     m = VNetManager(cfg)
     await m.__aenter__()
     try:
         await _until(lambda: all(w.registered for w in fleet.workers()), "every node registered")
-        # every worker's endpoint consumer filters its own node's subject, nothing else
+        # every worker listens on its own node's subjects, nothing else, and has no consumer of
+        # the stream for them (a durable consumer per node made nats-server scan the stream)
+        durables = [c.name for c in await nc.jetstream().consumers_info(subjects.EVENTS_STREAM)]
         for w in fleet.workers():
-            info = await w.rt.js.consumer_info(subjects.EVENTS_STREAM, f"vnet-node-{w.node}-ep")
-            assert info.config.filter_subjects == [f"vnet.evt.to.{w.node}.endpoint.>"], info.config
+            assert w.feed is not None
+            assert w.feed.subjects == [f"vnet.node.{w.node}.evt.endpoint.>", f"vnet.node.{w.node}.evt.node.>"]
+            assert not {f"vnet-node-{w.node}-ep", f"vnet-node-{w.node}-node"} & set(durables), durables
 
         br = await m.create_network(f"{run_prefix}-addr-br", "10.78.0.0/24", driver="bridge")
         o1 = await m.create_network(f"{run_prefix}-addr-o1", "10.78.1.0/24", driver="overlay")
@@ -113,7 +117,7 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
         ec = await ep("ec", o1.id, c)
 
         def got(node: str, ident: str, event: str = "created") -> bool:
-            return (f"vnet.evt.to.{node}.endpoint.{event}.{ident}", ident) in seen[node]
+            return (f"vnet.node.{node}.evt.endpoint.{event}.{ident}", ident) in seen[node]
 
         await _until(lambda: got(c, ec) and got(d, ec) and got(e, ec), "the O1 create at C, D and E")
         await m.update_endpoint(ea, set_labels={"tier": "web"})
@@ -124,7 +128,7 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
         # the sentinel: once F has it, nothing published before is still on its way to F
         ef = await ep("ef", br.id, f)
         await _until(lambda: got(f, ef), "the sentinel at F")
-        # (every other node's consumer has delivered everything up to its own last event too)
+        # (every other node has been handed everything up to its own last event too)
         await _until(lambda: got(d, ed) and got(e, ee), "D and E's own creates")
 
         ids = {n: {i for _, i in seen[n]} for n in names}
@@ -138,7 +142,7 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
         assert not ids[a] & (ids[b] | {ec, ed, ee}) and not ids[b] & {ea, ec, ed, ee, ef}
         # every handler call was a copy addressed to that node
         for n in names:
-            assert all(s.startswith(f"vnet.evt.to.{n}.endpoint.") for s, _ in seen[n]), seen[n]
+            assert all(s.startswith(f"vnet.node.{n}.evt.endpoint.") for s, _ in seen[n]), seen[n]
         # the label update of A's endpoint went to A alone
         upd = [n for n in names if any(".updated." in s for s, _ in seen[n])]
         assert upd == [a], upd
@@ -147,16 +151,13 @@ async def test_each_node_receives_only_the_endpoint_events_addressed_to_it(
 
         # Membership: D leaves (a graceful stop's deregistration). Its peers are the nodes sharing
         # an overlay with it: E (O2, connected to O1); C no longer holds anything in O1.
-        for w in fleet.workers():
-            info = await w.rt.js.consumer_info(subjects.EVENTS_STREAM, f"vnet-node-{w.node}-node")
-            assert info.config.filter_subjects == [f"vnet.evt.to.{w.node}.node.>"], info.config
         wd = next(w for w in fleet.workers() if w.node == d)
         await wd._deregister()
-        left = f"vnet.evt.to.{e}.node.left.{d}"
+        left = f"vnet.node.{e}.evt.node.left.{d}"
         await _until(lambda: left in node_seen[e], "D's departure at E")
         await nc.flush()
-        assert sorted({s.split(".")[3] for s in copies if f".node.left.{d}" in s}) == [e], copies
-        assert all(s.startswith(f"vnet.evt.to.{n}.node.") for n in names for s in node_seen[n]), node_seen
+        assert sorted({s.split(".")[2] for s in copies if f".node.left.{d}" in s}) == [e], copies
+        assert all(s.startswith(f"vnet.node.{n}.evt.node.") for n in names for s in node_seen[n]), node_seen
         assert not any(f".left.{d}" in s for n in (a, b, c, f) for s in node_seen[n]), node_seen
     finally:
         await sub.unsubscribe()

@@ -41,7 +41,7 @@ WEB = {"app": "web"}
 
 
 def _record(workers: Iterable[SimulatedNodeWorker], seen: dict[str, list[str]]) -> None:
-    """Every endpoint event a worker's intake is handed (whichever consumer delivers it)."""
+    """Every endpoint event a worker's intake is handed (whichever subscription hands it over)."""
     for w in workers:
         orig = w._endpoint_event
 
@@ -102,7 +102,7 @@ async def test_a_node_with_label_rules_receives_only_events_of_networks_in_play_
         ed = await ep("ed", n3.id, d)
 
         def got(node: str, ident: str, event: str = "created") -> bool:
-            return f"vnet.evt.to.{node}.endpoint.{event}.{ident}" in seen[node]
+            return f"vnet.node.{node}.evt.endpoint.{event}.{ident}" in seen[node]
 
         await _until(lambda: got(a, eb.id) and got(a, ed.id), "B's and D's endpoints at A")
         # a label update of C's endpoint (selected before and after): C's concern only
@@ -121,8 +121,8 @@ async def test_a_node_with_label_rules_receives_only_events_of_networks_in_play_
         assert {eb.id, ed.id, es.id} <= ids[a], seen[a]
         # N3 is connected to N1: what changed in N1 once D held an endpoint in N3 reached D
         assert got(d, eb.id, "updated") and got(d, es.id), seen[d]
-        for n in names:  # only copies addressed to the node, on its one endpoint consumer
-            assert all(s.startswith(f"vnet.evt.to.{n}.endpoint.") for s in seen[n]), seen[n]
+        for n in names:  # only copies addressed to the node, on its one endpoint subscription
+            assert all(s.startswith(f"vnet.node.{n}.evt.endpoint.") for s in seen[n]), seen[n]
             with pytest.raises(NotFoundError):
                 await workers[n].rt.js.consumer_info(subjects.EVENTS_STREAM, f"vnet-node-{n}-all")
 
@@ -224,11 +224,11 @@ async def test_a_resolver_is_fed_only_related_networks_and_resolves_a_related_na
         assert await answer(eb.container_id) == "NOERROR"
         # the sentinel: once A's resolver has it, anything misaddressed before is there too
         es = await ep("es", n1.id, b)
-        await _until(lambda: f"vnet.evt.to.{a}.endpoint.created.{es.id}" in fed, "the sentinel at A's resolver")
+        await _until(lambda: f"vnet.node.{a}.evt.endpoint.created.{es.id}" in fed, "the sentinel at A's resolver")
         fed_ids = {s.rsplit(".", 1)[-1] for s in fed}
         assert {eb.id, ed.id, es.id} <= fed_ids, fed
         assert ec.id not in fed_ids, fed  # C's unrelated network never reaches A's resolver
-        assert all(s.startswith(f"vnet.evt.to.{a}.endpoint.") for s in fed), fed
+        assert all(s.startswith(f"vnet.node.{a}.evt.endpoint.") for s in fed), fed
         assert resolver.in_play == {n1.id, n3.id}
         # no path: the name does not exist for A (in the fabric's domain: NXDOMAIN; the bare name is
         # not one of A's, and A's network may not forward: REFUSED); it never resolves

@@ -338,6 +338,76 @@ async def publish_event(js: JetStreamContext, subject: str, event: Any, *, msg_i
                 attempt += 1
 
 
+async def publish_copy(nc: Client, subject: str, event: Any, *, template: str) -> None:
+    """Publish a node-addressed copy of an event (core NATS, outside the stream) with trace
+    context. Fire and forget: while the client reconnects it is buffered, and a copy that is
+    lost anyway is repaired by the full resync its node runs when it reconnects (:class:`Feed`)."""
+    data = codec.encode(event)
+    with tracing.publish_span(template, subject) as hdrs:
+        await nc.publish(subject, data, headers=hdrs)
+
+
+class Feed:
+    """Core subscriptions for a level-triggered follower (a node worker's copies, docs/scale.md),
+    and the signal that it may have missed some: ``on_gap`` is called once the client has
+    reconnected (it re-subscribed before; what was published meanwhile is lost).
+
+    Each message is handled in a ``process`` span parented on the publisher's trace, one at a
+    time and in order per subscription; a handler that raises is logged (and counted as a gap:
+    the follower's resync repairs what it missed). The client never drops a message for being
+    slow here (no pending limits: the handlers only queue work); the server closes a connection
+    it cannot write to, which is a reconnect, hence a gap."""
+
+    def __init__(self, nc: Client, on_gap: Callable[[str], None], *, watch_s: float = _RECONNECT_WATCH_S) -> None:
+        self.nc = nc
+        self.on_gap = on_gap
+        self.watch_s = watch_s
+        self.received = 0
+        self.gaps = 0
+        self.subjects: list[str] = []
+        self._subs: list[Any] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def subscribe(self, subject: str, template: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
+        async def cb(m: Msg) -> None:
+            self.received += 1
+            with tracing.process_span(template, m.subject, m.headers) as span:
+                try:
+                    await handler(m)
+                except Exception as exc:
+                    log.exception("handler failed on %s; the next resync repairs what it missed", m.subject)
+                    tracing.mark_error(span, "handler_failed", type(exc).__name__)
+                    self._gap(f"a handler failed on {m.subject}")
+
+        self._subs.append(await self.nc.subscribe(subject, cb=cb, pending_msgs_limit=0, pending_bytes_limit=0))
+        self.subjects.append(subject)
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch(), name=f"feed-{subject}")
+
+    def _gap(self, why: str) -> None:
+        self.gaps += 1
+        self.on_gap(why)
+
+    async def _watch(self) -> None:
+        seen = self.nc.stats["reconnects"]
+        while True:
+            await asyncio.sleep(self.watch_s)
+            now = self.nc.stats["reconnects"]
+            if now != seen:
+                seen = now
+                self._gap("the NATS client reconnected")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await sub.unsubscribe()
+
+
 class DurableConsumer:
     """A pull consumer with explicit ack: a handler that raises is nak'ed and redelivered.
 

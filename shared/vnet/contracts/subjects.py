@@ -155,12 +155,16 @@ EVT_NODE_JOINED = Subject("vnet.evt.node.joined.{node}")
 # (created, deleted, updated) on its domain subject above, for every service and watcher, and
 # once more for each node that must act on it: the endpoint's own node and, for an overlay,
 # the nodes holding an endpoint of that network or of an overlay related to it. A node's
-# worker consumes only ``vnet.evt.to.<node>.>``, so what it receives grows with what changes
-# on it, not with the cluster. Node membership events (left, joined) go the same way to the
-# nodes sharing an overlay with that node.
-EVT_TO_NODE = Subject("vnet.evt.to.{node}.>")
-EVT_ENDPOINT_TO_NODE = Subject("vnet.evt.to.{node}.endpoint.{event}.{id}")
-EVT_NODE_TO_NODE = Subject("vnet.evt.to.{node}.node.{event}.{id}")
+# worker listens only on ``vnet.node.<node>.evt.>``, so what it receives grows with what
+# changes on it, not with the cluster. Node membership events (left, joined) go the same way
+# to the nodes sharing an overlay with that node.
+# The copies are core NATS messages, outside the stream: a durable consumer per node on one
+# shared stream made nats-server scan the stream's blocks for every node's sparse subjects
+# (half of its CPU at 1,000 nodes). The worker is level-triggered, so a copy lost while it
+# was disconnected is repaired by the full resync it runs when it reconnects (Felix/Typha).
+EVT_TO_NODE = Subject("vnet.node.{node}.evt.>")
+EVT_ENDPOINT_TO_NODE = Subject("vnet.node.{node}.evt.endpoint.{event}.{id}")
+EVT_NODE_TO_NODE = Subject("vnet.node.{node}.evt.node.{event}.{id}")
 
 # --- policy: allow rules and compiled rulesets (appended by the policy service) -------------
 POLICY_RULE_PUT = Subject("vnet.policy.rule.put")

@@ -51,6 +51,18 @@ class EventConsumer(Protocol):
     async def stop(self, *, delete: bool = False) -> None: ...
 
 
+class FeedPort(Protocol):
+    """Core subscriptions of a level-triggered follower and its gap signal
+    (:class:`vnet.adapters.nats.Feed`)."""
+
+    received: int
+    gaps: int
+    subjects: list[str]
+
+    async def subscribe(self, subject: str, template: str, handler: Callable[[Msg], Awaitable[None]]) -> None: ...
+    async def close(self) -> None: ...
+
+
 class EndpointStorePort(Protocol):
     """What the service calls on :class:`vnet.adapters.endpoint_store.EndpointStore`."""
 

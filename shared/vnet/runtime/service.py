@@ -405,15 +405,15 @@ class Runtime:
 
         Give ``msg_id`` to make a retried publish idempotent; the default is unique per call.
         ``to`` (with ``node``) publishes the copy addressed to one node instead, e.g.
-        ``subjects.EVT_ENDPOINT_TO_NODE`` (docs/scale.md).
+        ``subjects.EVT_ENDPOINT_TO_NODE``: a core NATS message, not stored (docs/scale.md).
         """
-        if to is not None:
-            subject, template = to.format(node=node, event=event, id=ident), to.template
-        else:
-            subject, template = subjects.event(domain, event, ident), subjects.EVT.template
+        if to is not None:  # a core NATS copy, outside the stream: returns 0
+            await nats_adapter.publish_copy(self.nc, to.format(node=node, event=event, id=ident), payload,
+                                            template=to.template)
+            return 0
         return await nats_adapter.publish_event(
-            self.js, subject, payload, msg_id=msg_id or f"{domain}.{event}.{ident}.{time.time_ns()}",
-            template=template)
+            self.js, subjects.event(domain, event, ident), payload,
+            msg_id=msg_id or f"{domain}.{event}.{ident}.{time.time_ns()}", template=subjects.EVT.template)
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         """A background task that is cancelled when the service stops."""

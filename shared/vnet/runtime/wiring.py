@@ -8,6 +8,7 @@ plus calls on interfaces, and a test can hand it a fake instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nats.aio.client import Client
@@ -18,7 +19,7 @@ from vnet.adapters import nats as nats_adapter
 from vnet.adapters.endpoint_store import EndpointStore
 from vnet.adapters.idempotency import ReplyStore
 from vnet.adapters.ipam_rates import IpamRates
-from vnet.adapters.nats import DurableConsumer
+from vnet.adapters.nats import DurableConsumer, Feed
 from vnet.adapters.network_store import NetworkStore
 from vnet.adapters.policy_store import PolicyStore
 from vnet.contracts import subjects
@@ -27,6 +28,7 @@ from vnet.runtime.config import VNetConfig
 from vnet.runtime.ports import (
     EndpointStorePort,
     EventConsumer,
+    FeedPort,
     IpamRatesPort,
     IpamStorePort,
     NetworkStorePort,
@@ -101,6 +103,11 @@ class ServiceAdapters:
             extra["pull_expiry_s"] = pull_expiry_s
         return DurableConsumer(self._js, durable, filter_subject, deliver_all=deliver_all,
                                inactive_threshold_s=inactive_threshold_s, filter_subjects=filter_subjects, **extra)
+
+    def feed(self, on_gap: Callable[[str], None]) -> FeedPort:
+        """Core subscriptions whose losses ``on_gap`` repairs (:class:`~vnet.adapters.nats.Feed`):
+        a node worker's node-addressed copies (docs/scale.md)."""
+        return Feed(self._bus(), on_gap)
 
     def node(self) -> NodeAdapters:
         """The node worker's own adapters (policy agent, DNS server, kernel probe)."""

@@ -196,16 +196,17 @@ def _has_relations(net: VirtualNetwork) -> bool:
 async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payload: Any, *, msg_id: str,
                                   net: VirtualNetwork | None = None) -> None:
     """The event on ``vnet.evt.endpoint.<event>.<id>`` (every service and watcher) and a copy
-    addressed to each node that must act on it (``vnet.evt.to.<node>.endpoint.<event>.<id>``,
-    :func:`event_nodes`): a node worker consumes only its own, so what it receives grows with
-    what changes on it, not with the cluster. Published together; the first failure raises
-    (the node's next full resync covers a copy that did not land)."""
+    addressed to each node that must act on it (``vnet.node.<node>.evt.endpoint.<event>.<id>``,
+    :func:`event_nodes`, core NATS): a node worker hears only its own, so what it receives grows
+    with what changes on it, not with the cluster. Published together; the first failure raises
+    (the node's next full resync covers a copy that did not land, and a node that was
+    disconnected resyncs when it reconnects)."""
     previous = getattr(payload, "previous", None)  # an update: the endpoint as it was (its labels)
     nodes = sorted(await event_nodes(ctx, event, info, net, previous))
     res = await asyncio.gather(
         ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id),
-        *(ctx.publish_event("endpoint", event, info.id, payload, msg_id=f"{msg_id}.to.{n}",
-                            to=subjects.EVT_ENDPOINT_TO_NODE, node=n) for n in nodes),
+        *(ctx.publish_event("endpoint", event, info.id, payload, to=subjects.EVT_ENDPOINT_TO_NODE, node=n)
+          for n in nodes),
         return_exceptions=True)
     for r in res:
         if isinstance(r, BaseException):

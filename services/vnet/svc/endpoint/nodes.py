@@ -138,16 +138,17 @@ async def _live_nodes(rt: Runtime, store: EndpointStorePort) -> int:
 
 async def _membership(rt: Runtime, event: str, body: NodeMembership) -> None:
     """``vnet.evt.node.<event>.<node>``, and a copy to each node sharing an overlay with it
-    (``vnet.evt.to.<other>.node.<event>.<node>``: their remotes and peers change; the others'
-    do not, and a node with no endpoint yet, a first join, concerns nobody); replicas
-    publishing the same change are deduplicated by the stream (same message ids)."""
+    (``vnet.node.<other>.evt.node.<event>.<node>``, core NATS: their remotes and peers change;
+    the others' do not, and a node with no endpoint yet, a first join, concerns nobody);
+    replicas publishing the same change are deduplicated by the stream (same message ids),
+    their copies are not (a second copy costs its node one more fetch of the same state)."""
     msg_id = f"node.{event}.{body.node}.{body.last_seen}"
     try:
         await rt.publish_event("node", event, body.node, body, msg_id=msg_id)
         ctx = Ctx(rt, subjects.EVT_NODE_TO_NODE.template, subjects.EVT_NODE_TO_NODE.template, {}, {}, None)
         others = sorted(await _overlay_peers(ctx, body.node))
-        res = await asyncio.gather(*(rt.publish_event("node", event, body.node, body, msg_id=f"{msg_id}.to.{n}",
-                                                      to=subjects.EVT_NODE_TO_NODE, node=n) for n in others),
+        res = await asyncio.gather(*(rt.publish_event("node", event, body.node, body, to=subjects.EVT_NODE_TO_NODE,
+                                                      node=n) for n in others),
                                    return_exceptions=True)
         for r in res:
             if isinstance(r, BaseException):

@@ -10,8 +10,8 @@
 * ``vnet_events_total{domain,event}``: events published since this instance started,
   heard on the bus with a plain subscription (no consumer to ack: counting cost a
   delivery, an ack and a Redis read per event, 22 % of a core during the scale bench's
-  creates); the copies addressed to one node (``vnet.evt.to.<node>...``) are not
-  counted again;
+  creates); the copies addressed to one node (``vnet.node.<node>.evt...``, core NATS)
+  are not on ``vnet.evt.>``;
 * per IPAM pool (``network_id``, ``family``), from ``vnet.ipam.pool.list`` every
   ``POOLS_REFRESH_S``: ``vnet_ipam_pool_capacity``, ``vnet_ipam_pool_used``,
   ``vnet_ipam_pool_fullness_ratio``, ``vnet_ipam_pool_alloc_per_hour``,
@@ -147,6 +147,8 @@ LABELED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                                 ("node", "scope")),
     "vnet_node_drift_repairs": ("Drift a node worker repaired, by kind (resync: found by its periodic resync)",
                                 ("node", "kind")),
+    "vnet_node_event_gaps": ("Times a node worker may have missed events addressed to it (it reconnected to NATS, "
+                             "a handler failed) and resynced at once", ("node",)),
 }
 
 
@@ -246,7 +248,7 @@ async def _start(rt: Runtime) -> None:
 
     async def on_event(msg: Msg) -> None:
         parts = msg.subject.split(".")
-        if len(parts) < 4 or parts[2] == "to":  # a copy addressed to a node: counted as published
+        if len(parts) < 4 or parts[2] == "to":  # an older endpoint service's copy addressed to a node
             return
         with st.lock:
             k = (parts[2], parts[3])

@@ -13,7 +13,7 @@ networks related to them ("in play" here, as the node's ruleset has them), read 
 
 Freshness is event-driven: every network and policy event marks the table stale (the
 networks, rules and endpoints are read again), and every endpoint event *addressed to this
-node* (``vnet.evt.to.<node>.endpoint.>``: the endpoint service sends one to each node running
+node* (``vnet.node.<node>.evt.endpoint.>``: the endpoint service sends one to each node running
 a resolver that holds an endpoint of the endpoint's network or of a related one) marks its
 endpoints stale (only the endpoints are read again). A rebuild follows within milliseconds
 (events arriving meanwhile are coalesced into that one rebuild); a query that would be

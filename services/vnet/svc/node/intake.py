@@ -4,8 +4,10 @@ scoped reconcile of a batch of them (the worker's module docstring, "events").
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import random
 from typing import Any
 
 import msgspec
@@ -31,6 +33,17 @@ from vnet.svc.node.workstate import RELATION_EVENTS, WorkerParts, WorkItem, _spa
 from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
+
+GAP_SPREAD_MAX_S = 5.0  # the resync after a possible loss of events starts within this, at random
+
+
+def _domain_parts(subject: str) -> list[str]:
+    """A copy's subject as its domain event's: ``vnet.node.<node>.evt.endpoint.created.<id>``
+    -> ``[vnet, evt, endpoint, created, <id>]``; a domain subject as it is."""
+    parts = subject.split(".")
+    if len(parts) > 3 and parts[1] == "node" and parts[3] == "evt":
+        return parts[:1] + parts[3:]
+    return parts
 
 
 def _involved(data: bytes) -> set[str] | None:
@@ -62,8 +75,19 @@ class EventIntake(WorkerParts):
         span = trace.get_current_span().get_span_context()
         return WorkItem(ctx=otel_context.get_current(), span=span if span.is_valid else None, **kw)
 
+    def _on_gap(self, why: str) -> None:
+        """Copies addressed to this node may have been lost (``why``: the client reconnected, a
+        handler failed): a full resync soon, not at the periodic one. Spread over a tenth of the
+        resync period (at most 5 s), so a fleet that reconnects together after a server died
+        does not fetch its desired states in the same instant."""
+        self.rt.metrics.count("vnet_node_event_gaps", node=self.node)
+        delay = random.uniform(0.0, min(GAP_SPREAD_MAX_S, max(self.resync_s, self.fleet_resync_s) / 10))
+        log.info("node %s: %s: full resync in %.2f s (events addressed here may have been missed)", self.node, why,
+                 delay)
+        asyncio.get_running_loop().call_later(delay, lambda: self.queue.put_nowait(self._item(kind="resync")))
+
     async def _on_endpoint_event(self, msg: Msg) -> None:
-        """An endpoint event addressed to this node (``vnet.evt.to.<node>.endpoint.<event>.<id>``).
+        """An endpoint event addressed to this node (``vnet.node.<node>.evt.endpoint.<event>.<id>``).
 
         The endpoint service addresses one to every node that must act on it (its
         ``event_nodes``): the endpoint's own node; nodes holding its overlay or a network
@@ -73,9 +97,7 @@ class EventIntake(WorkerParts):
         await self._endpoint_event(msg)
 
     async def _endpoint_event(self, msg: Msg) -> None:
-        parts = msg.subject.split(".")
-        if parts[2] == "to":  # vnet.evt.to.<node>.endpoint.<event>.<id>
-            parts = parts[:2] + parts[4:]
+        parts = _domain_parts(msg.subject)
         if len(parts) >= 5 and parts[3] == "updated":
             self._on_endpoint_updated(msg)
             return
@@ -151,9 +173,7 @@ class EventIntake(WorkerParts):
 
     async def _on_node_event(self, msg: Msg) -> None:
         """Another node left or (re)joined: re-fetch the remotes and peers of our overlays now."""
-        parts = msg.subject.split(".")
-        if len(parts) > 2 and parts[2] == "to":  # vnet.evt.to.<us>.node.<event>.<node>
-            parts = parts[:2] + parts[4:]
+        parts = _domain_parts(msg.subject)
         if len(parts) < 5 or parts[3] not in ("left", "joined") or parts[4] == self.node:
             return
         for nid in sorted(n.id for n in self.nets.values() if _spans_hosts(n.driver)):

@@ -98,7 +98,7 @@ from vnet.core.dataplane_model import (
 )
 from vnet.core.plan import ep_owner
 from vnet.runtime.node_wiring import PolicyAgentPort
-from vnet.runtime.ports import EventConsumer
+from vnet.runtime.ports import EventConsumer, FeedPort
 from vnet.runtime.service import Runtime
 from vnet.svc.node import lifecycle
 from vnet.svc.node.drift import DriftMonitor, NodeMetrics
@@ -217,6 +217,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self.counters = Counters()
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._consumers: list[EventConsumer] = []
+        self.feed: FeedPort | None = None  # the copies addressed to this node (core NATS)
         self._tasks: list[asyncio.Task[None]] = []
         self._version = 0
         self._started = asyncio.Event()
@@ -249,25 +250,20 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         adapters = self.rt.adapters
         safe = self.node.replace(".", "_")
         own = subjects.EVT_TO_NODE.format(node=self.node).removesuffix(".>")
+        # Only the events addressed to this node (its endpoints, those of the overlays it holds
+        # or routes to, those rules here select, the joins and departures of the nodes sharing
+        # an overlay with it): the endpoint service sends a copy to each node that must act, so
+        # this grows with what changes here, not with the cluster (docs/scale.md). Core NATS:
+        # a copy missed while disconnected is repaired by the full resync of _on_gap.
+        self.feed = adapters.feed(self._on_gap)
+        await self.feed.subscribe(f"{own}.endpoint.>", subjects.EVT_ENDPOINT_TO_NODE.template,
+                                  self._on_endpoint_event)
+        await self.feed.subscribe(f"{own}.node.>", subjects.EVT_NODE_TO_NODE.template, self._on_node_event)
         self._consumers = [
-            # Only the endpoint events addressed to this node (its endpoints, and those of the
-            # overlays it holds or routes to): the endpoint service publishes a copy per node
-            # that must act, so this grows with what changes here, not with the cluster
-            # (docs/scale.md). Other nodes' endpoints that rules here select come addressed too.
-            adapters.event_consumer(f"vnet-node-{safe}-ep", f"{own}.endpoint.>", deliver_all=False,
-                                    inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
-                                    filter_subjects=[f"{own}.endpoint.>"]),
             adapters.event_consumer(f"vnet-node-{safe}-net", subjects.EVT_NETWORK.template, deliver_all=False,
                                     inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S),
-            # Joins and departures of the nodes sharing an overlay with this one (addressed too:
-            # every node hearing every join made starting N nodes cost N^2/2 deliveries)
-            adapters.event_consumer(f"vnet-node-{safe}-node", f"{own}.node.>", deliver_all=False,
-                                    inactive_threshold_s=CONSUMER_INACTIVE_S, pull_expiry_s=CONSUMER_PULL_EXPIRY_S,
-                                    filter_subjects=[f"{own}.node.>"]),
         ]
-        await self._consumers[0].start(self._on_endpoint_event)
-        await self._consumers[1].start(self._on_network_event)
-        await self._consumers[2].start(self._on_node_event)
+        await self._consumers[0].start(self._on_network_event)
         if self.policy is not None:
             pol = adapters.event_consumer(f"vnet-node-{safe}-pol", subjects.EVT_POLICY.template,
                                           deliver_all=False, inactive_threshold_s=CONSUMER_INACTIVE_S,
@@ -297,6 +293,9 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         teardown removes) and every loop (a reconcile running in the thread finishes)."""
         if self.drift is not None:
             await self.drift.stop()
+        feed, self.feed = self.feed, None
+        if feed is not None:
+            await feed.close()
         consumers, self._consumers = self._consumers, []
         for c in consumers:
             await c.stop(delete=True)

@@ -113,6 +113,7 @@ class WorkerParts:
     wg_public_key: str | None
     wg_address: str | None
     fleet_resync_s: float
+    resync_s: float
     encryption: Support | None
     dataplane: bool
     dataplane_reason: str
