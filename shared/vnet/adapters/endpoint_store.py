@@ -552,15 +552,25 @@ class EndpointStore:
         await self.r.delete(node_key(node))
         return info
 
-    async def liveness(self) -> dict[str, tuple[bool, float]]:
-        """Every node of the registry: (alive, last heartbeat) — two round trips."""
-        got: Any = await self.r.zrange(NODES, 0, -1, withscores=True)
-        pairs: list[tuple[Any, float]] = list(got)
+    async def node_ttls(self, names: list[str] | None = None) -> dict[str, tuple[float | None, float]]:
+        """Nodes of the registry (every one, or those of ``names``): (seconds left of their
+        registration, None once it expired; last heartbeat) — two round trips of integers, no
+        record decoded, so a watch of 1,000 nodes stays cheap."""
+        if names is None:
+            got: Any = await self.r.zrange(NODES, 0, -1, withscores=True)
+            pairs = [(_s(n), float(t)) for n, t in got]
+        else:
+            scores: Any = await self.r.zmscore(NODES, names) if names else []
+            pairs = [(n, float(t)) for n, t in zip(names, scores, strict=True) if t is not None]
         if not pairs:
             return {}
-        names = [_s(n) for n, _ in pairs]
-        live = await self.r.mget([node_key(n) for n in names])
-        return {n: (v is not None, float(t)) for n, v, (_, t) in zip(names, live, pairs, strict=True)}
+        async with self.r.pipeline(transaction=False) as p:
+            for n, _ in pairs:
+                p.pttl(node_key(n))
+            left: list[Any] = await p.execute()
+        # PTTL: -2 the key is gone (expired: silent past its timeout), -1 no expiry (kept alive)
+        return {n: (None if ms == -2 else (ms / 1000 if ms >= 0 else float("inf")), t)
+                for (n, t), ms in zip(pairs, left, strict=True)}
 
     async def alive_nodes(self) -> list[str]:
         return [n.node for n in await self.nodes()]

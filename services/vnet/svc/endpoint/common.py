@@ -16,7 +16,8 @@ from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.service import Ctx, Runtime
 
 HEARTBEAT_MISSES = 3  # a node is gone after this many missed heartbeats
-NODE_WATCH_S = 0.25  # how often expired node registrations are looked for
+NODE_WATCH_S = 0.25  # how often the registrations due to expire by now are looked at
+NODE_WATCH_FULL_S = 5.0  # how often every node's registration expiry is read
 NODE_CALL_TIMEOUT_S = 2.0
 WAIT_POLL_S = 1.0  # a waiting request also re-reads the record this often
 # v2: the status subject gained the node id (vnet.evt.endpoint.status.<node>.<id>); a durable

@@ -30,7 +30,14 @@ from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
 from vnet.runtime.ports import EndpointStorePort
 from vnet.runtime.service import Ctx, Runtime
-from vnet.svc.endpoint.common import HEARTBEAT_MISSES, NODE_CALL_TIMEOUT_S, NODE_WATCH_S, _now, _store
+from vnet.svc.endpoint.common import (
+    HEARTBEAT_MISSES,
+    NODE_CALL_TIMEOUT_S,
+    NODE_WATCH_FULL_S,
+    NODE_WATCH_S,
+    _now,
+    _store,
+)
 from vnet.svc.endpoint.events import _hosts_of, _related, note_dns_node
 from vnet.telemetry import tracing
 
@@ -101,6 +108,7 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
                                        wg_port=req.wg_port)
     was = await store.node(req.node)
     await store.register_node(info, ttl)
+    _note_alive(rt, req.node, ttl)
     note_dns_node(rt, req.node, req.dns_domain is not None)  # names reach its resolver from now on
     if was is None:  # (re)joined: the other hosts' overlays get it at once, not at their next resync
         await _membership(rt, "joined", NodeMembership(node=req.node, reason="registered", last_seen=info.last_seen))
@@ -188,25 +196,51 @@ async def _on_deregister(rt: Runtime, msg: Msg) -> None:
 
 async def _watch_nodes(rt: Runtime) -> None:
     """Notice nodes whose registration expired (silent past their timeout) and announce them:
-    every worker re-fetches its desired state, so their entries leave at once."""
+    every worker re-fetches its desired state, so their entries leave at once.
+
+    Every ``NODE_WATCH_FULL_S`` the whole registry's expiries are read (integers only); in
+    between, every ``NODE_WATCH_S``, only the nodes whose registration was due to expire by
+    now are looked at again (usually none). Reading every node's record four times a second
+    was 7 % of the service's time at 1,000 nodes (bench_scale)."""
     store = _store(rt)
     first = True
+    deadlines: dict[str, float] = rt.state.setdefault("node_deadlines", {})  # node -> expiry (epoch s)
+    next_full = 0.0
     while True:
         try:
-            now = await store.liveness()
-            alive = {n for n, (up, _) in now.items() if up}
+            now = time.time()
+            full = now >= next_full
+            if full:
+                got = await store.node_ttls()
+                next_full = now + NODE_WATCH_FULL_S
+            else:
+                due = [n for n, d in deadlines.items() if d <= now]
+                got = await store.node_ttls(due) if due else {}
+            alive = {n for n, (left, _) in got.items() if left is not None}
+            if full:
+                deadlines.clear()
+            for n, (left, _) in got.items():
+                if left is None:
+                    deadlines.pop(n, None)
+                else:
+                    deadlines[n] = now + left
             known: set[str] = rt.state.get("alive_nodes", set())  # a deregistration takes its node out
-            for n in [] if first else sorted(known - alive):
-                if n in now:
-                    log.info("node %s is silent past its timeout: removing it from the overlays", n)
-                    await _membership(rt, "left", NodeMembership(node=n, reason="timeout", last_seen=now[n][1]))
-            rt.state["alive_nodes"] = alive
+            for n in [] if first else sorted(known & (set(got) - alive)):
+                log.info("node %s is silent past its timeout: removing it from the overlays", n)
+                await _membership(rt, "left", NodeMembership(node=n, reason="timeout", last_seen=got[n][1]))
+            rt.state["alive_nodes"] = alive if full else (known | alive) - (set(got) - alive)
             first = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.debug("node watch: %s", exc)
         await asyncio.sleep(NODE_WATCH_S)
+
+
+def _note_alive(rt: Runtime, node: str, ttl_s: float) -> None:
+    """A heartbeat this instance stored: the watch looks at ``node`` again when it is due."""
+    rt.state.setdefault("node_deadlines", {})[node] = time.time() + ttl_s
+    rt.state.setdefault("alive_nodes", set()).add(node)
 
 
 async def node_list(ctx: Ctx, req: NodeListRequest) -> NodeList:
