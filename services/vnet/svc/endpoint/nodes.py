@@ -106,8 +106,7 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
             raise E.make(E.LIMIT_REACHED, f"{exc}; widen node_wg_mesh", node=req.node) from None
         info = msgspec.structs.replace(info, wg_public_key=req.wg_public_key, wg_address=wg_address,
                                        wg_port=req.wg_port)
-    was = await store.node(req.node)
-    await store.register_node(info, ttl)
+    info, was, endpoints = await store.register_node(info, ttl)
     _note_alive(rt, req.node, ttl)
     note_dns_node(rt, req.node, req.dns_domain is not None)  # names reach its resolver from now on
     if was is None:  # (re)joined: the other hosts' overlays get it at once, not at their next resync
@@ -115,7 +114,7 @@ async def register_node(rt: Runtime, req: NodeRegister) -> NodeRegistered:
     if was is None or was.instance != req.instance:
         log.info("node %s registered (instance %s, drivers available: %s)", req.node, req.instance,
                  ", ".join(sorted(d for d, s in req.drivers.items() if s.available)) or "none")
-    return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=await store.count_on(req.node), wg_address=wg_address,
+    return NodeRegistered(node=req.node, ttl_s=ttl, endpoints=endpoints, wg_address=wg_address,
                           resync_s=fleet_resync_s(await _live_nodes(rt, store)))
 
 
