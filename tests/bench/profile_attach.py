@@ -53,6 +53,8 @@ COUNTS: collections.Counter[str] = collections.Counter()
 def _short(subject: str) -> str:
     """A subject without its ids: events by domain and verb; inboxes and JetStream's own dropped."""
     parts = subject.split(".")
+    if subject.startswith("vnet.node.") and len(parts) > 4 and parts[3] == "evt":  # a node-addressed copy
+        return ".".join(parts[:6])
     return ".".join(parts[:4]) if subject.startswith(("vnet.evt.", "vnet.metrics.report.")) else subject
 
 
