@@ -68,7 +68,9 @@ _JS_CONSUME = (
 # A node's durable consumers are named vnet-node-<node>-<kind> (services/vnet/svc/node/worker.py):
 # it may create, read, pull from and ack only those, so it cannot delete a service's consumer.
 # "all": every node's endpoint events, only while this node's rules select endpoints by label
-# or it enforces macvlan tables (docs/scale.md); "ep" and "node" take its node-addressed copies.
+# or it enforces macvlan tables (docs/scale.md); "ep" and "node" took its node-addressed copies
+# before they became core NATS messages (vnet.node.<node>.evt.>). The kinds of earlier versions
+# stay, so a worker not yet upgraded keeps working under these permissions.
 NODE_CONSUMER_KINDS = ("ep", "net", "node", "pol", "all")
 
 
