@@ -5,7 +5,9 @@
     start:   probe the kernel (which drivers really work) -> register (vnet.node.<node>.register,
              repeated as a heartbeat) -> fetch the desired state (vnet.endpoint.desired.get)
              -> full reconcile
-    events:  vnet.evt.endpoint.{created,deleted}.<id> of this node, vnet.evt.network.deleted.<id>
+    events:  vnet.node.<node>.evt.endpoint.{created,deleted}.<id> (core NATS copies addressed to
+             this node; a full resync as soon as the client has reconnected, since some may have
+             been missed), vnet.evt.network.deleted.<id>
              -> the local copy of the desired state changes -> scoped reconcile of those ids
              (events that arrive while a reconcile runs are handled together in the next one);
              an endpoint of another host in one of our overlays changes that network's remotes
