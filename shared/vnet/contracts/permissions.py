@@ -140,7 +140,10 @@ def _service_grant(service: str) -> Grant:
         service, [f"vnet.evt.{service}.>"])
     if service == "endpoint":
         subscribe += [subjects.NODE_REGISTER.wildcard(), subjects.NODE_DEREGISTER.wildcard(),
-                      subjects.EVT_ENDPOINT_STATUS.wildcard()]  # core subscription of a create that waits
+                      subjects.EVT_ENDPOINT_STATUS.wildcard(),  # core subscription of a create that waits
+                      # what empties its caches of networks and nodes (svc/endpoint/lookups.py)
+                      subjects.EVT_NETWORK.template, subjects.EVT_NODE_JOINED.wildcard(),
+                      subjects.EVT_NODE_LEFT.wildcard()]
         deny.append("vnet.evt.endpoint.status.>")  # only the node of the endpoint reports its status
     if service == "metrics":
         # every instance's reports, and every event it counts (a plain subscription: it only

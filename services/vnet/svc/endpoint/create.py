@@ -24,7 +24,6 @@ from vnet.contracts.endpoint import (
     PortMapping,
 )
 from vnet.contracts.ipam import AddrRelease, AddrReply, AddrRequest, ReleaseReply
-from vnet.contracts.network import NetworkRef
 from vnet.core import drivers, naming
 from vnet.core import errors as E
 from vnet.core.dns import search_domains
@@ -32,6 +31,7 @@ from vnet.core.model import VirtualNetwork
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.ports import claim_port, describe_holder
 from vnet.runtime.service import Ctx
+from vnet.svc.endpoint import lookups
 from vnet.svc.endpoint.common import (
     HOST_NETNS_DEFAULT,
     _check_ifname,
@@ -95,8 +95,7 @@ async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> Endp
         diff = _repeat_differences(req, info)
         if req.network_id != info.network_id:  # a name, or (a repeated request_id) another network
             try:
-                asked = (await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network_id),
-                                           VirtualNetwork)).id
+                asked = (await lookups.network(ctx, req.network_id)).id
             except E.VNetError:
                 asked = req.network_id
             if asked != info.network_id:
@@ -182,11 +181,12 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
         prev = await store.begin_attempt(req.request_id, ident)
         if prev is not None:
             return await _existing(ctx, prev, req, f"request_id {req.request_id!r}")
-    # The node is picked (two Redis reads) while the network is looked up (a round trip to the
-    # network service): neither needs the other, and the attach waits for both.
+    # The node is picked while the network is looked up: neither needs the other. Both usually
+    # come from this replica's lookups (svc/endpoint/lookups.py); on a miss, Redis reads and a
+    # round trip to the network service run side by side.
     picking = asyncio.ensure_future(_pick_node(ctx, req.node))
     try:
-        net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=req.network_id), VirtualNetwork)
+        net = await lookups.network(ctx, req.network_id)
         prev = await store.id_for_container(req.container_id, net.id)
     except BaseException:
         picking.cancel()

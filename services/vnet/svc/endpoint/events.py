@@ -29,6 +29,7 @@ from vnet.core.ruleset import selects
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.ports import PolicyStorePort
 from vnet.runtime.service import Ctx, Runtime
+from vnet.svc.endpoint import lookups
 from vnet.svc.endpoint.common import WAIT_POLL_S, _iso_us, _now, _store
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ async def _related(ctx: Ctx, network_id: str, net: VirtualNetwork | None = None)
     the hosts of either route to the other (:func:`_routed_overlays`)."""
     if net is None:
         try:
-            net = await ctx.request(subjects.NETWORK_GET, NetworkRef(network=network_id), VirtualNetwork)
+            net = await lookups.network(ctx, network_id)
         except E.VNetError as err:  # gone (its endpoints being removed): its own hosts still hear
             log.debug("event addressing: network %s unknown: %s", network_id, err.message)
             return {network_id}

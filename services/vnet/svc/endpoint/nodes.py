@@ -30,6 +30,7 @@ from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
 from vnet.runtime.ports import EndpointStorePort
 from vnet.runtime.service import Ctx, Runtime
+from vnet.svc.endpoint import lookups
 from vnet.svc.endpoint.common import (
     HEARTBEAT_MISSES,
     NODE_CALL_TIMEOUT_S,
@@ -150,6 +151,7 @@ async def _membership(rt: Runtime, event: str, body: NodeMembership) -> None:
     replicas publishing the same change are deduplicated by the stream (same message ids),
     their copies are not (a second copy costs its node one more fetch of the same state)."""
     msg_id = f"node.{event}.{body.node}.{body.last_seen}"
+    lookups.node_changed(rt)  # this replica at once; the others when the event reaches them
     try:
         await rt.publish_event("node", event, body.node, body, msg_id=msg_id)
         ctx = Ctx(rt, subjects.EVT_NODE_TO_NODE.template, subjects.EVT_NODE_TO_NODE.template, {}, {}, None)
@@ -255,14 +257,14 @@ async def node_list(ctx: Ctx, req: NodeListRequest) -> NodeList:
 async def _pick_node(ctx: Ctx, wanted: str | None) -> NodeInfo:
     store = _store(ctx)
     if wanted is not None:
-        info = await store.node(wanted)
+        info = await lookups.live_node(ctx, wanted)
         if info is None:
             gone = await store.node(wanted, include_gone=True)
             when = f"; its last heartbeat was {time.time() - gone.last_seen:.0f}s ago" if gone else ""
             raise E.make(E.NODE_NOT_FOUND, f"node {wanted!r} is not registered{when}; is its node worker "
                          "(vnet-node) running? `vnetctl endpoint nodes` lists the registered nodes", node=wanted)
         return info
-    nodes = await store.nodes(counts=False)
+    nodes = await lookups.live_nodes(ctx)
     if len(nodes) == 1:
         return nodes[0]
     own = ctx.rt.config.node_id

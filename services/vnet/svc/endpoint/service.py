@@ -52,7 +52,7 @@ from vnet.contracts.endpoint import (
     RuntimeDetach,
 )
 from vnet.runtime.service import Runtime, ServiceDef
-from vnet.svc.endpoint import create, desired, nodes, records, runtime_ops, update
+from vnet.svc.endpoint import create, desired, lookups, nodes, records, runtime_ops, update
 from vnet.svc.endpoint.common import NETDEL_DURABLE, STATUS_DURABLE
 from vnet.svc.endpoint.nodes import _on_deregister, _on_register, _watch_nodes
 from vnet.svc.endpoint.records import _on_network_deleted, _on_status
@@ -91,6 +91,8 @@ async def _start(rt: Runtime) -> None:
     ]
     rt.state["consumers"] = consumers
     try:
+        lk = rt.state["lookups"] = lookups.Lookups()
+        await lk.start(rt)
         # every node's heartbeat comes here: handled side by side, not one after another
         rt.state["register_sub"] = await rt.nc.subscribe(subjects.NODE_REGISTER.wildcard(),
                                                          queue=f"vnet-{SERVICE.name}",
@@ -118,6 +120,9 @@ async def _stop(rt: Runtime) -> None:
                 log.debug("unsubscribe %s: %s", key, exc)
     for c in rt.state.pop("consumers", []):
         await c.stop()
+    lk: lookups.Lookups | None = rt.state.pop("lookups", None)
+    if lk is not None:
+        await lk.stop()
 
 
 async def _store_check(rt: Runtime) -> tuple[str, str]:
