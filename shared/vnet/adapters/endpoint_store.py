@@ -471,6 +471,15 @@ class EndpointStore:
         ids = await self.ids_of_node(node)
         return [e for e in await self.get_many(ids) if e is not None]
 
+    async def holders_of_ports(self, node: str, ports: Iterable[Any]) -> dict[str, str]:
+        """The endpoints holding these host ports on ``node`` (claim field -> id), from the
+        claims the commit script takes: one read whatever the node's number of endpoints."""
+        fields = port_claims(ports)
+        if not fields:
+            return {}
+        got: list[Any] = await self.r.hmget(ports_key(node), fields)
+        return {f: _s(v) for f, v in zip(fields, got, strict=True) if v is not None}
+
     async def network_size(self, network_id: str) -> int:
         return int(await self.r.scard(net_set(network_id)))
 

@@ -355,17 +355,13 @@ def _check_ports(ports: list[PortMapping]) -> None:
 
 async def _check_ports_free(store: EndpointStore, node: str, ports: list[PortMapping], exclude: str = "") -> None:
     """A host port (per protocol) maps to one endpoint of a node: 409 naming the holder. A
-    fast, early answer only: the claim itself is taken in the commit script (two creates
-    racing past this check cannot both record the port; the loser gets ``port_in_use``)."""
-    wanted = {(p.protocol, p.host_port) for p in ports}
-    for other in await store.of_node(node):
-        if other.id == exclude:
+    fast, early answer only, read from the node's port claims (one read, not every endpoint
+    of the node): the claim itself is taken in the commit script (two creates racing past
+    this check cannot both record the port; the loser gets ``port_in_use``)."""
+    for claim, holder in sorted((await store.holders_of_ports(node, ports)).items()):
+        if holder == exclude:
             continue
-        for p in other.ports:
-            if (p.protocol, p.host_port) in wanted:
-                raise E.make(E.PORT_IN_USE, f"host port {p.host_port}/{p.protocol} on node {node!r} is already "
-                             f"published by {describe_holder(other, other.id)}; pick another host port",
-                             host_port=p.host_port, protocol=p.protocol, node=node, holder=other.id)
+        raise _port_in_use(node, claim, holder, await store.get(holder))
 
 
 def _ifname_in_use(ifname: str, container: str, holder: str) -> E.VNetError:
