@@ -347,6 +347,19 @@ async def publish_copy(nc: Client, subject: str, event: Any, *, template: str) -
         await nc.publish(subject, data, headers=hdrs)
 
 
+async def handle_traced(template: str, m: Msg, handler: Callable[[Msg], Awaitable[None]], failed: str) -> bool:
+    """``handler(m)`` in a ``process`` span parented on the publisher's trace; a handler that
+    raises is logged with ``failed`` (what happens next) and marked on the span: False."""
+    with tracing.process_span(template, m.subject, m.headers) as span:
+        try:
+            await handler(m)
+        except Exception as exc:
+            log.exception("handler failed on %s; %s", m.subject, failed)
+            tracing.mark_error(span, "handler_failed", type(exc).__name__)
+            return False
+    return True
+
+
 class Feed:
     """Core subscriptions for a level-triggered follower (a node worker's copies, docs/scale.md),
     and the signal that it may have missed some: ``on_gap`` is called once the client has
@@ -371,13 +384,8 @@ class Feed:
     async def subscribe(self, subject: str, template: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
         async def cb(m: Msg) -> None:
             self.received += 1
-            with tracing.process_span(template, m.subject, m.headers) as span:
-                try:
-                    await handler(m)
-                except Exception as exc:
-                    log.exception("handler failed on %s; the next resync repairs what it missed", m.subject)
-                    tracing.mark_error(span, "handler_failed", type(exc).__name__)
-                    self._gap(f"a handler failed on {m.subject}")
+            if not await handle_traced(template, m, handler, "the next resync repairs what it missed"):
+                self._gap(f"a handler failed on {m.subject}")
 
         self._subs.append(await self.nc.subscribe(subject, cb=cb, pending_msgs_limit=0, pending_bytes_limit=0))
         self.subjects.append(subject)
@@ -498,16 +506,7 @@ class DurableConsumer:
                     await asyncio.sleep(0.5)
                     continue
                 for m in msgs:
-                    with tracing.process_span(tmpl, m.subject, m.headers) as span:
-                        try:
-                            await handler(m)
-                        except Exception as exc:
-                            log.exception("event handler failed on %s; nak for redelivery", m.subject)
-                            tracing.mark_error(span, "handler_failed", type(exc).__name__)
-                            ok = False
-                        else:
-                            ok = True
-                    await settle(m, ok)
+                    await settle(m, await handle_traced(tmpl, m, handler, "nak for redelivery"))
 
         self._task = asyncio.create_task(loop(), name=f"consumer-{self.durable}")
 
