@@ -9,8 +9,10 @@ Run as root from the repository root, as a module like the other benches (not a 
 ``tests/bench/profile_attach.py`` says where one attach's time goes (phases, round trips).
 
 VNet: the processes ``vnetctl up`` starts (ipam, network, endpoint, policy services and a
-node worker), here in this process against a private nats-server and valkey in a temporary
-directory; every attach is ``create_endpoint(wait=True)`` (client -> endpoint service ->
+node worker), each in a process of its own as ``vnetctl up`` runs them (``--layout one``:
+all of them in this process, beside the client: one event loop and one GIL for everything,
+as the runs before 3 Dec 16:00 UTC had them), against a private nats-server and valkey in a
+temporary directory; every attach is ``create_endpoint(wait=True)`` (client -> endpoint service ->
 IPAM -> event -> node worker -> kernel (one nft element transaction + netlink) -> status
 -> client), every detach ``delete_endpoint(wait=True)``. CNI: the plugins of the
 ``containernetworking-plugins`` package (``/usr/lib/cni``) executed as a runtime executes
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import ctypes
 import json
 import os
@@ -52,6 +55,7 @@ import msgspec
 
 from vnet import VNetManager
 from vnet.contracts.endpoint import PortMapping
+from vnet.core.errors import VNetError
 from vnet.core.policy import AllowRule, PortSpec, Selector
 from vnet.runtime import launcher, servers, service
 from vnet.runtime.config import VNetConfig
@@ -193,6 +197,16 @@ def underlay(hosts: int, tag: str = "") -> list[str]:
     return hs
 
 
+def service_process(cfg: VNetConfig, work: Path, name: str, args: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """A service (or, with ``name`` "node", a node worker) in a process of its own, as ``vnetctl up`` runs it."""
+    env = {**os.environ, **cfg.to_env()}
+    env.pop("VNET_CONFIG", None)
+    log = open(work / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process's end)
+    return subprocess.Popen([sys.executable, "-m", "vnet.runtime.launcher", name, *(args or [])], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=servers._die_with_parent)
+
+
 def node_process(cfg: VNetConfig, work: Path, node: str, host_ns: str, k: int) -> subprocess.Popen[bytes]:
     """A node worker in a process of its own, as on a host of its own (``vnet-node``)."""
     env = {**os.environ, **cfg.to_env()}
@@ -266,9 +280,11 @@ def fdb_count(ns: str) -> int:
 # ----------------------------------------------------------------------------- VNet through the stack
 
 
-async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> dict[str, Any]:
+async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int, layout: str) -> dict[str, Any]:
     """Every VNet row, with the CNI peer interleaved container by container (the same load
-    for both on a shared machine)."""
+    for both on a shared machine). ``layout`` "processes": each service and the node worker
+    in a process of its own, as ``vnetctl up`` runs them; "one": all of them in this
+    process, beside the client (one event loop and one GIL for everything)."""
     plain, chain = await asyncio.to_thread(cni_host, work)
     valkey = servers.start_valkey(work / "valkey")
     nats = servers.start_nats(work / "nats")
@@ -278,17 +294,27 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> 
     try:
         cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
                               log_level="WARNING")
-        for name in ("ipam", "network", "endpoint", "policy"):
-            rts.append(await service.start(launcher.load_service(name), cfg))
         host = (await asyncio.to_thread(namespaces, "h", 1))[0]
         node = f"{PREFIX}-n1"
-        rts.append(await service.start(launcher.load_service("node"), msgspec.structs.replace(cfg, host_netns=host),
-                                       params={"node": node, "resync_s": "60"}))
+        if layout == "one":
+            for name in ("ipam", "network", "endpoint", "policy"):
+                rts.append(await service.start(launcher.load_service(name), cfg))
+            rts.append(await service.start(launcher.load_service("node"),
+                                           msgspec.structs.replace(cfg, host_netns=host),
+                                           params={"node": node, "resync_s": "60"}))
+        else:
+            for name in ("ipam", "network", "endpoint", "policy"):
+                procs.append(service_process(cfg, work, name))
+            procs.append(service_process(cfg, work, "node", ["--node-id", node, "--host-netns", host,
+                                                             "--resync", "60"]))
         async with VNetManager(cfg) as m:
             for _ in range(1200):
-                if any(x.node == node for x in await m.nodes()):
-                    break
+                with contextlib.suppress(VNetError):  # the services are still starting
+                    if any(x.node == node for x in await m.nodes()):
+                        break
                 await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"node {node} did not register in 60 s (logs in {work})")
             await m.put_rule(AllowRule(id="web", from_=[Selector(labels={"app": "web"})],
                                        to=[Selector(labels={"app": "web"})], ports=[PortSpec(protocol="tcp", port=80)]))
             nets = {"none": await m.create_network("b-none", "10.141.0.0/22", None, "bridge", "none"),
@@ -363,7 +389,8 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> 
             res["par"] = (n / (time.perf_counter() - t0), (await applies() - a0))
 
             if cross:
-                res["x"] = await cross_host(m, cfg, rts, cross, work)
+                if layout == "one":
+                    res["x"] = await cross_host(m, cfg, rts, cross, work)
                 res["xp"] = await cross_host(m, cfg, rts, cross, work, procs)
 
             # growth: the 1,000th attach vs the 10th on one node (full network + the rule)
@@ -403,10 +430,10 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int) -> 
     return res
 
 
-def main(n: int, big: int, parallel: int, cross: int) -> None:
+def main(n: int, big: int, parallel: int, cross: int, layout: str) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
     try:
-        v = asyncio.run(vnet_rows(n, big, parallel, work, cross))
+        v = asyncio.run(vnet_rows(n, big, parallel, work, cross, layout))
     finally:
         cleanup()
         shutil.rmtree(work, ignore_errors=True)
@@ -415,8 +442,10 @@ def main(n: int, big: int, parallel: int, cross: int) -> None:
     cdel = v["none"][5] + v["full"][5]
     padd, pdel = v["pub"][4], v["pub"][5]
     cni_rate = len(cadd) / sum(cadd)
+    how = ("each service and the node worker in a process of its own (as vnetctl up)" if layout == "processes"
+           else "every service, the node worker and the client in one process")
     print(f"\nAttach/detach through the whole stack vs CNI, {n} containers per row, one node, "
-          f"{os.cpu_count()} cores, one run\n")
+          f"{os.cpu_count()} cores, one run; {how}\n")
     hdr = (f"{'row':<44}{'attach med':>11}{'p99':>8}{'detach med':>11}{'p99':>8}"
            f"{'att/CNI':>9}{'det/CNI':>9}{'nft tx/att':>11}")
     print(hdr)
@@ -471,6 +500,9 @@ if __name__ == "__main__":
     ap.add_argument("--big", type=int, default=1000, help="attaches for the growth row (0: skip)")
     ap.add_argument("--parallel", type=int, default=16, help="attaches in flight for the throughput row")
     ap.add_argument("--cross", type=int, default=60, help="attaches for the cross-host row (0: skip)")
+    ap.add_argument("--layout", choices=("processes", "one"), default="processes",
+                    help="processes (default): each service and the node worker in a process of its own, as "
+                         "`vnetctl up` runs them; one: all of them in this process, beside the client")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: it makes network namespaces")
@@ -479,4 +511,4 @@ if __name__ == "__main__":
     atexit.register(cleanup)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    main(args.n, args.big, args.parallel, args.cross)
+    main(args.n, args.big, args.parallel, args.cross, args.layout)
