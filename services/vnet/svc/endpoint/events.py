@@ -199,15 +199,26 @@ async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payl
     """The event on ``vnet.evt.endpoint.<event>.<id>`` (every service and watcher) and a copy
     addressed to each node that must act on it (``vnet.node.<node>.evt.endpoint.<event>.<id>``,
     :func:`event_nodes`, core NATS): a node worker hears only its own, so what it receives grows
-    with what changes on it, not with the cluster. Published together; the first failure raises
-    (the node's next full resync covers a copy that did not land, and a node that was
-    disconnected resyncs when it reconnects)."""
+    with what changes on it, not with the cluster. The first failure raises (the node's next
+    full resync covers a copy that did not land, and a node that was disconnected resyncs when
+    it reconnects).
+
+    The endpoint's own node acts on every event of it, so its copy goes out first, before the
+    addressing of the others reads the rules and the hosts (two Redis round trips an attach
+    that waits for its node would otherwise wait for too); the stream's publish runs beside
+    that addressing."""
     previous = getattr(payload, "previous", None)  # an update: the endpoint as it was (its labels)
-    nodes = sorted(await event_nodes(ctx, event, info, net, previous))
+    await ctx.publish_event("endpoint", event, info.id, payload, to=subjects.EVT_ENDPOINT_TO_NODE, node=info.node)
+    stream = asyncio.ensure_future(ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id))
+    try:
+        others = sorted(await event_nodes(ctx, event, info, net, previous) - {info.node})
+    except BaseException:
+        await asyncio.gather(stream, return_exceptions=True)
+        raise
     res = await asyncio.gather(
-        ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id),
+        stream,
         *(ctx.publish_event("endpoint", event, info.id, payload, to=subjects.EVT_ENDPOINT_TO_NODE, node=n)
-          for n in nodes),
+          for n in others),
         return_exceptions=True)
     for r in res:
         if isinstance(r, BaseException):
