@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -360,6 +361,51 @@ async def handle_traced(template: str, m: Msg, handler: Callable[[Msg], Awaitabl
     return True
 
 
+class _ReconnectWatch:
+    """One look a ``watch_s`` at a client's reconnect counter for every :class:`Feed` on that
+    client (a fleet of simulated nodes shares one connection: one wakeup a second, not one per
+    node), stopped when the last feed closes."""
+
+    _of: weakref.WeakKeyDictionary[Client, dict[float, _ReconnectWatch]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, nc: Client, watch_s: float) -> None:
+        self.nc = nc
+        self.watch_s = watch_s
+        self.feeds: dict[int, Feed] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.seen = nc.stats["reconnects"]  # now: a reconnect before the task first runs counts
+
+    @classmethod
+    def join(cls, feed: Feed) -> None:
+        by_period = cls._of.setdefault(feed.nc, {})
+        w = by_period.get(feed.watch_s)
+        if w is None or w.task is None or w.task.done():
+            w = by_period[feed.watch_s] = cls(feed.nc, feed.watch_s)
+        w.feeds[id(feed)] = feed
+        if w.task is None:
+            w.task = asyncio.create_task(w._run(), name="feed-reconnect-watch")
+
+    @classmethod
+    async def leave(cls, feed: Feed) -> None:
+        w = cls._of.get(feed.nc, {}).get(feed.watch_s)
+        if w is None or w.feeds.pop(id(feed), None) is None or w.feeds:
+            return
+        task, w.task = w.task, None
+        cls._of.get(feed.nc, {}).pop(feed.watch_s, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_s)
+            now = self.nc.stats["reconnects"]
+            if now != self.seen:
+                self.seen = now
+                for f in list(self.feeds.values()):
+                    f._gap("the NATS client reconnected")
+
+
 class Feed:
     """Core subscriptions for a level-triggered follower (a node worker's copies, docs/scale.md),
     and the signal that it may have missed some: ``on_gap`` is called once the client has
@@ -379,7 +425,7 @@ class Feed:
         self.gaps = 0
         self.subjects: list[str] = []
         self._subs: list[Any] = []
-        self._task: asyncio.Task[None] | None = None
+        self._watched = False
 
     async def subscribe(self, subject: str, template: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
         async def cb(m: Msg) -> None:
@@ -389,27 +435,18 @@ class Feed:
 
         self._subs.append(await self.nc.subscribe(subject, cb=cb, pending_msgs_limit=0, pending_bytes_limit=0))
         self.subjects.append(subject)
-        if self._task is None:
-            self._task = asyncio.create_task(self._watch(), name=f"feed-{subject}")
+        if not self._watched:
+            self._watched = True
+            _ReconnectWatch.join(self)
 
     def _gap(self, why: str) -> None:
         self.gaps += 1
         self.on_gap(why)
 
-    async def _watch(self) -> None:
-        seen = self.nc.stats["reconnects"]
-        while True:
-            await asyncio.sleep(self.watch_s)
-            now = self.nc.stats["reconnects"]
-            if now != seen:
-                seen = now
-                self._gap("the NATS client reconnected")
-
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if self._watched:
+            self._watched = False
+            await _ReconnectWatch.leave(self)
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(Exception):  # the connection may be gone already
