@@ -207,6 +207,18 @@ def service_process(cfg: VNetConfig, work: Path, name: str, args: list[str] | No
                             preexec_fn=servers._die_with_parent)
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every one, then wait (SIGKILL after 30 s)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def node_process(cfg: VNetConfig, work: Path, node: str, host_ns: str, k: int) -> subprocess.Popen[bytes]:
     """A node worker in a process of its own, as on a host of its own (``vnet-node``)."""
     env = {**os.environ, **cfg.to_env()}
@@ -415,14 +427,7 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int, lay
                 res["resync"] = (st.last_full_writes, st.last_full_duration_s, st.policy.applies - st0.policy.applies,
                                  st.endpoints, st.policy.last_reason)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
         for rt in reversed(rts):
             await rt.stop(drain_timeout=2.0)
         nats.stop()

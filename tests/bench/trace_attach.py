@@ -85,14 +85,7 @@ async def run(n: int) -> list[float]:
         if flush is not None:
             flush()
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        B.stop_processes(procs)
         nats.stop()
         valkey.stop()
         B.cleanup()
