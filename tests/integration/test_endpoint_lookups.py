@@ -8,9 +8,12 @@ networks, 1 s for nodes): only the invalidation can make it pass.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import msgspec
 import pytest
 
 from tests.conftest import control_plane
@@ -18,6 +21,7 @@ from tests.integration.test_endpoint import Env
 from vnet.adapters import nats as nats_adapter
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import NodeRegister, NodeRegistered
+from vnet.contracts.messages import MetricsReport
 from vnet.core.dataplane_model import Support
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.service import Runtime
@@ -62,6 +66,39 @@ async def test_a_second_node_is_seen_by_the_next_attach(env: Env) -> None:
         e = await env.err(m.create_endpoint(env.netns("c2"), net.id))
         assert e.code == "invalid_request" and "2 nodes are registered" in e.message, e
     finally:
+        await nc.drain()
+
+
+async def test_lookups_count_hits_and_misses_into_the_metrics(env: Env) -> None:
+    """Two attaches to one network in a row: the first reads the network, the second finds it
+    (and the node) kept; the endpoint service's metrics report says so."""
+    m = env.m
+    net = await env.network("lkm", cidr="10.215.0.0/24")
+    nc = await nats_adapter.connect(env.cfg, "test-lookups-metrics")
+    reports: list[MetricsReport] = []
+
+    async def on(msg: Any) -> None:
+        reports.append(msgspec.json.decode(msg.data, type=MetricsReport))
+
+    sub = await nc.subscribe(subjects.METRICS_REPORT.template.format(service="endpoint", instance="*"),
+                             cb=on)
+    try:
+        await m.create_endpoint(env.netns("c1"), net.id, node=env.node)
+        await m.create_endpoint(env.netns("c2"), net.id, node=env.node)
+
+        def counts() -> dict[tuple[str, str], int]:
+            last = reports[-1] if reports else None
+            return {(c.labels["what"], c.labels["result"]): c.value for c in (last.counters if last else [])
+                    if c.name == "vnet_endpoint_lookups"}
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not (counts().get(("network", "hit"), 0) >= 1 and counts().get(("node", "hit"), 0) >= 1):
+            assert loop.time() < deadline, f"no hits reported: {counts()}"
+            await asyncio.sleep(0.1)
+        assert counts().get(("network", "miss"), 0) >= 1, counts()
+    finally:
+        await sub.unsubscribe()
         await nc.drain()
 
 

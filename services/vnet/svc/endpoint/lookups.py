@@ -19,6 +19,8 @@ How it stays right:
   may have been missed) both caches start empty;
 * an entry lives at most ``NETWORK_TTL_S`` / ``NODES_TTL_S`` whatever happens.
 
+Every lookup counts in ``vnet_endpoint_lookups_total{what=network|nodes|node, result=hit|miss}``.
+
 What staleness remains is the time between a change's commit and its event reaching this
 replica (well under a millisecond on one bus), the same window that already lay between a
 create's network lookup and its commit. The commit itself still refuses an endpoint for a
@@ -129,6 +131,10 @@ def _reconnects(rt: Runtime) -> int:
     return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
 
 
+def _counted(ctx: Ctx, what: str, hit: bool) -> None:
+    ctx.rt.metrics.count("vnet_endpoint_lookups", what=what, result="hit" if hit else "miss")
+
+
 def _of(rt: Runtime) -> Lookups | None:
     got: Lookups | None = rt.state.get("lookups")
     if got is not None:
@@ -142,6 +148,7 @@ async def network(ctx: Ctx, ref: str) -> VirtualNetwork:
     if lk is None:
         return await ctx.request(subjects.NETWORK_GET, NetworkRef(network=ref), VirtualNetwork)
     got = lk.networks.get(ref)
+    _counted(ctx, "network", got is not None)
     if got is not None:
         return got
     gen = lk.networks.gen
@@ -156,6 +163,7 @@ async def live_nodes(ctx: Ctx) -> list[NodeInfo]:
     if lk is None:
         return await _store(ctx).nodes(counts=False)
     got: list[NodeInfo] | None = lk.nodes.get("*")
+    _counted(ctx, "nodes", got is not None)
     if got is not None:
         return got
     gen = lk.nodes.gen
@@ -170,6 +178,7 @@ async def live_node(ctx: Ctx, node: str) -> NodeInfo | None:
     if lk is None:
         return await _store(ctx).node(node)
     got: NodeInfo | None = lk.nodes.get(node)
+    _counted(ctx, "node", got is not None)
     if got is not None:
         return got
     gen = lk.nodes.gen

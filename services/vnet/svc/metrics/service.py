@@ -147,6 +147,8 @@ LABELED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                                 ("node", "scope")),
     "vnet_node_drift_repairs": ("Drift a node worker repaired, by kind (resync: found by its periodic resync)",
                                 ("node", "kind")),
+    "vnet_endpoint_lookups": ("Network and node lookups of the endpoint service's attaches and detaches, answered "
+                              "from its caches (hit) or read (miss): svc/endpoint/lookups.py", ("what", "result")),
     "vnet_node_event_gaps": ("Times a node worker may have missed events addressed to it (it reconnected to NATS, "
                              "a handler failed) and resynced at once", ("node",)),
 }
