@@ -386,10 +386,17 @@ class EndpointStore:
                             " ".join(port_claims(before.ports)), " ".join(port_claims(after.ports))])
         return UpdateResult(_s(res[0]), _s(res[1]) if len(res) > 1 else "", _s(res[2]) if len(res) > 2 else "")
 
-    async def port_holders(self, node: str) -> dict[str, str]:
-        """The host-port claims of ``node``: claim field -> endpoint id."""
-        raw: Any = await self.r.hgetall(ports_key(node))
-        return {_s(k): _s(v) for k, v in raw.items()}
+    async def port_holders(self, node: str, ports: Iterable[Any] | None = None) -> dict[str, str]:
+        """The host-port claims of ``node`` (claim field -> endpoint id): every one, or only
+        those of ``ports`` (one read whatever the node's number of endpoints)."""
+        if ports is None:
+            raw: Any = await self.r.hgetall(ports_key(node))
+            return {_s(k): _s(v) for k, v in raw.items()}
+        fields = port_claims(ports)
+        if not fields:
+            return {}
+        got: list[Any] = await self.r.hmget(ports_key(node), fields)
+        return {f: _s(v) for f, v in zip(fields, got, strict=True) if v is not None}
 
     async def repair_port_claims(self, node: str) -> tuple[int, int]:
         """GC of ``node``'s host-port claims against the records: a claim whose endpoint is
@@ -470,15 +477,6 @@ class EndpointStore:
     async def of_node(self, node: str) -> list[EndpointInfo]:
         ids = await self.ids_of_node(node)
         return [e for e in await self.get_many(ids) if e is not None]
-
-    async def holders_of_ports(self, node: str, ports: Iterable[Any]) -> dict[str, str]:
-        """The endpoints holding these host ports on ``node`` (claim field -> id), from the
-        claims the commit script takes: one read whatever the node's number of endpoints."""
-        fields = port_claims(ports)
-        if not fields:
-            return {}
-        got: list[Any] = await self.r.hmget(ports_key(node), fields)
-        return {f: _s(v) for f, v in zip(fields, got, strict=True) if v is not None}
 
     async def network_size(self, network_id: str) -> int:
         return int(await self.r.scard(net_set(network_id)))

@@ -371,7 +371,7 @@ class _ReconnectWatch:
     def __init__(self, nc: Client, watch_s: float) -> None:
         self.nc = nc
         self.watch_s = watch_s
-        self.feeds: dict[int, Feed] = {}
+        self.feeds: set[Feed] = set()
         self.task: asyncio.Task[None] | None = None
         self.seen = nc.stats["reconnects"]  # now: a reconnect before the task first runs counts
 
@@ -381,14 +381,17 @@ class _ReconnectWatch:
         w = by_period.get(feed.watch_s)
         if w is None or w.task is None or w.task.done():
             w = by_period[feed.watch_s] = cls(feed.nc, feed.watch_s)
-        w.feeds[id(feed)] = feed
+        w.feeds.add(feed)
         if w.task is None:
             w.task = asyncio.create_task(w._run(), name="feed-reconnect-watch")
 
     @classmethod
     async def leave(cls, feed: Feed) -> None:
         w = cls._of.get(feed.nc, {}).get(feed.watch_s)
-        if w is None or w.feeds.pop(id(feed), None) is None or w.feeds:
+        if w is None or feed not in w.feeds:
+            return
+        w.feeds.discard(feed)
+        if w.feeds:
             return
         task, w.task = w.task, None
         cls._of.get(feed.nc, {}).pop(feed.watch_s, None)
@@ -402,7 +405,7 @@ class _ReconnectWatch:
             now = self.nc.stats["reconnects"]
             if now != self.seen:
                 self.seen = now
-                for f in list(self.feeds.values()):
+                for f in list(self.feeds):
                     f._gap("the NATS client reconnected")
 
 

@@ -358,7 +358,7 @@ async def _check_ports_free(store: EndpointStore, node: str, ports: list[PortMap
     fast, early answer only, read from the node's port claims (one read, not every endpoint
     of the node): the claim itself is taken in the commit script (two creates racing past
     this check cannot both record the port; the loser gets ``port_in_use``)."""
-    for claim, holder in sorted((await store.holders_of_ports(node, ports)).items()):
+    for claim, holder in sorted((await store.port_holders(node, ports)).items()):
         if holder == exclude:
             continue
         raise _port_in_use(node, claim, holder, await store.get(holder))
