@@ -57,7 +57,8 @@ async def test_rates_exhaustion_fullness_events_and_gauges(env: tuple[VNetManage
         assert before.forecast is not None and before.forecast.exhaustion_s is None  # nothing allocated
         for k in range(10):
             await m.request_address("fc1", f"o{k}")
-        p = (await m.pool("fc1", 4))[0]
+        # an allocation is counted right after its reply (not on the attach's path)
+        p = await _pool_when(m, "fc1", lambda f: f.alloc_per_h == pytest.approx(10 * 3600 / f.window_s, abs=0.01))
         f = p.forecast
         assert f is not None and p.used == 10
         # the rate is over the time the window covers (the pool's age, one bucket at least; the
@@ -73,6 +74,8 @@ async def test_rates_exhaustion_fullness_events_and_gauges(env: tuple[VNetManage
         await _until(lambda: len(got) >= 2)
         assert [(e["level"], e["used"], e["capacity"]) for e in got] == [(0.8, 11, 13), (0.95, 13, 13)]
         assert got[1]["forecast"]["exhaustion_s"] == 0.0
+        p = await _pool_when(m, "fc1", lambda f: f.alloc_per_h >= 13 * 3600 / f.window_s - 0.01)
+        await asyncio.sleep(0.3)  # a 14th count (the repeat's) would have landed by now
         p = (await m.pool("fc1", 4))[0]
         f = p.forecast
         assert f is not None  # 13 allocations, not 14: the repeat did not count
@@ -108,6 +111,18 @@ async def test_rates_exhaustion_fullness_events_and_gauges(env: tuple[VNetManage
     # 14 allocations, 14 releases (one by hand, 13 by the collector): not filling, no time to exhaustion
     assert value(s, "vnet_ipam_pool_release_per_hour", **lbl) == value(s, "vnet_ipam_pool_alloc_per_hour", **lbl) > 0
     assert ("vnet_ipam_pool_exhaustion_seconds", frozenset(lbl.items())) not in s
+
+
+async def _pool_when(m: VNetManager, network: str, pred: Callable[[Any], bool], deadline_s: float = 10.0) -> Any:
+    """The pool once its forecast satisfies ``pred`` (counts land just after the replies)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        p = (await m.pool(network, 4))[0]
+        if p.forecast is not None and pred(p.forecast):
+            return p
+        assert loop.time() < end, f"forecast not as expected within the deadline: {p.forecast}"
+        await asyncio.sleep(0.05)
 
 
 async def _until(pred: Callable[[], bool], deadline_s: float = 30.0) -> None:

@@ -422,6 +422,17 @@ class Runtime:
             task.set_name(f"{self.defn.name}:{name}")
         self._bg.append(task)
 
+    def after_reply(self, coro: Awaitable[None], name: str) -> None:
+        """Work a handler starts that its caller does not wait for (a count, an announcement):
+        it runs once the reply is out, and is cancelled when the service stops (best effort:
+        nothing a caller relies on may go here). Unlike :meth:`spawn`, for one per request:
+        the task is forgotten when it ends."""
+        task = asyncio.ensure_future(coro)
+        if isinstance(task, asyncio.Task):
+            task.set_name(f"{self.defn.name}:{name}")
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
     def concurrently(self, handler: Callable[[Msg], Awaitable[None]], name: str,
                      limit: int = CONCURRENT_HANDLERS) -> Callable[[Msg], Awaitable[None]]:
         """A plain subscription's callback that runs ``handler`` for each message in a task of

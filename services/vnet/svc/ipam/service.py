@@ -263,7 +263,9 @@ async def addr_request(ctx: Ctx, req: AddrRequest) -> AddrReply:
     got = await _store(ctx).allocate(req.network_id, family, req.owner, req.address, req.request_id)
     lay = got.layout
     if not got.existing:  # a retry allocated nothing new
-        await _count(ctx, req.network_id, family, lay, allocs=1)
+        # after the reply: a forecast's count is not what the attach waits for (one Redis
+        # round trip less on every attach's path; best effort, as it always was)
+        ctx.rt.after_reply(_count(ctx, req.network_id, family, lay, allocs=1), "forecast count")
     return AddrReply(network_id=req.network_id, family=family, address=got.address, prefix_len=lay.prefix_len,
                      gateway=str(lay.gateway) if lay.gateway is not None else None, owner=req.owner,
                      allocated_at=got.allocated_at)
