@@ -187,16 +187,35 @@ async def create(ctx: Ctx, req: EndpointCreate) -> EndpointInfo:
     picking = asyncio.ensure_future(_pick_node(ctx, req.node))
     try:
         net = await lookups.network(ctx, req.network_id)
-        prev = await store.id_for_container(req.container_id, net.id)
     except BaseException:
         picking.cancel()
         await asyncio.gather(picking, return_exceptions=True)
         raise
-    if prev is not None:
-        picking.cancel()
-        await asyncio.gather(picking, return_exceptions=True)
+    # Whether this container is already in the network (a repeated attach) is read beside the
+    # rest, not before it: a repeat is rare, and the commit script refuses a second endpoint
+    # anyway; the read is here so that a repeat answers with the first endpoint rather than
+    # with what allocating for it again would say (an address in use, say).
+    # (Awaited, never cancelled: redis-py drops a connection whose command was cancelled.)
+    repeat = asyncio.ensure_future(store.id_for_container(req.container_id, net.id))
+    try:
+        node = await picking
+        return await _create(ctx, req, ident, net, node, mac, ifname, netns, ip4, ip6)
+    except E.VNetError:
+        got = (await asyncio.gather(repeat, return_exceptions=True))[0]
+        if got is None or isinstance(got, BaseException):  # not a repeat (or unknown): the error stands
+            raise
+        prev = got
+        # refused before its commit (an address, MAC or name in use: its own), or the repeat
+        # of a request whose first one created the endpoint: answered with that endpoint
         return await _existing(ctx, prev, req, f"container {req.container_id!r} in network {net.name!r}")
-    node = await picking
+    finally:
+        await asyncio.gather(repeat, return_exceptions=True)
+
+
+async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork, node: NodeInfo,
+                  mac: str | None, ifname: str | None, netns: str, ip4: str | None, ip6: str | None
+                  ) -> EndpointInfo:
+    store = _store(ctx)
     _check_driver(node, net)
     host = not drivers.get(net.driver_type).container_iface  # the container shares the host's namespace
     if host:
@@ -372,10 +391,10 @@ def _ifname_in_use(ifname: str, container: str, holder: str) -> E.VNetError:
 
 async def _commit(ctx: Ctx, store: EndpointStore, info: EndpointInfo, net: VirtualNetwork, *, auto_ifname: bool,
                   auto_mac: bool, request_id: str | None) -> EndpointInfo:
-    await store.netep_add(net.id, info.id)
     try:
-        for _ in range(5):
-            res = await store.commit(info, auto_ifname=auto_ifname, request_id=request_id)
+        for attempt in range(5):
+            # the first try adds the id to the network's netep set in the same round trip
+            res = await store.commit(info, auto_ifname=auto_ifname, request_id=request_id, netep_first=attempt == 0)
             if res.status == "ok":
                 return msgspec.structs.replace(info, interface_name=res.value)
             if res.status == "mac_in_use" and auto_mac:  # a random MAC collided: draw again
