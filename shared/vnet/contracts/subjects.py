@@ -162,11 +162,6 @@ EVT_NODE_JOINED = Subject("vnet.evt.node.joined.{node}")
 # shared stream made nats-server scan the stream's blocks for every node's sparse subjects
 # (half of its CPU at 1,000 nodes). The worker is level-triggered, so a copy lost while it
 # was disconnected is repaired by the full resync it runs when it reconnects (Felix/Typha).
-# Two copies go only to the endpoint's own node and are not events of the domain (no
-# ``vnet.evt.endpoint`` twin, nothing recorded): ``preparing`` while IPAM allocates the
-# address of a bridge endpoint (the node makes its veth pair, down, so the created event
-# finds it) and ``abandoned`` when that attach failed before its commit (the node removes
-# the pair, and answers when the sender waits). A node that does not know them ignores them.
 EVT_TO_NODE = Subject("vnet.node.{node}.evt.>")
 EVT_ENDPOINT_TO_NODE = Subject("vnet.node.{node}.evt.endpoint.{event}.{id}")
 EVT_NODE_TO_NODE = Subject("vnet.node.{node}.evt.node.{event}.{id}")

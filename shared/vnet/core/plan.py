@@ -40,12 +40,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vnet.core import drivers, naming
-from vnet.core.dataplane_model import EpDesired, NetDesired, NodeActual, NodeDesired, Scope
+from vnet.core import drivers
+from vnet.core.dataplane_model import NodeActual, NodeDesired, Scope
 from vnet.core.drivers.overlay import MAX_VNI, VXLAN_PORT
 from vnet.core.planning.checks import Family
 from vnet.core.planning.ops import (
-    ADDR_GEN_MODE_NONE,
     BRIDGE_MAX_PORTS,
     FORWARD4,
     FORWARD6,
@@ -75,7 +74,6 @@ from vnet.core.planning.ops import (
     SetLink,
     SetSysctl,
     accept_dad_path,
-    addr_gen_mode_path,
     arp_notify_path,
     ep_owner,
     is_link_local,
@@ -135,7 +133,6 @@ __all__ = [
     "observation_targets",
     "op_writes",
     "plan",
-    "prepare_plan",
     "proxy_arp_path",
     "proxy_delay_path",
 ]
@@ -149,25 +146,3 @@ def plan(desired: NodeDesired, actual: NodeActual, scope: Scope | None = None,
     before and that are gone now; their interfaces are removed from their containers.
     """
     return Planner(desired, actual, scope, departed).run()
-
-
-def prepare_plan(ep: EpDesired, net: NetDesired, *, ipv6: bool) -> Plan | None:
-    """What a node may make of a bridge endpoint before its address is known: the veth pair
-    (host side on the network's bridge, container side in its namespace under its name,
-    down) and the container side's sysctls, exactly the first steps of
-    :meth:`Planner.container_setup`, so that the attach's reconcile finds the pair and only
-    adds the addresses, brings the link up and routes (``repair_container``). ``ipv6``: the
-    endpoint gets an IPv6 address (no DAD) rather than none (no link-local address either).
-    None for a driver other than the bridge (overlays and sub-interfaces are left whole to
-    the reconcile). The pair carries no address and stays down: nothing can leave the
-    container through it until the reconcile, which writes its bindings first."""
-    if net.driver != "bridge" or not ep.ifname or not ep.netns or not ep.mac:
-        return None
-    owner = ep_owner(ep.id)
-    sysctl = ((accept_dad_path(ep.ifname), "0") if ipv6 else (addr_gen_mode_path(ep.ifname), ADDR_GEN_MODE_NONE))
-    ops: list[PlanOp] = [
-        CreateVeth(owner=owner, ns=None, name=naming.veth_name(ep.id), bridge=net.bridge_name(), peer_ns=ep.netns,
-                   peer_ifname=ep.ifname, peer_mac=ep.mac, mtu=net.mtu),
-        SetSysctl(owner=owner, ns=ep.netns, settings=(sysctl,)),
-    ]
-    return Plan(ops=ops, errors=[], networks=[], endpoints=[ep.id])

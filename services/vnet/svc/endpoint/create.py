@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import msgspec
@@ -41,14 +42,7 @@ from vnet.svc.endpoint.common import (
     _store,
     check_netns,
 )
-from vnet.svc.endpoint.events import (
-    _publish_endpoint_event,
-    _StatusWaiter,
-    _wait_status,
-    abandon_on_node,
-    can_prepare,
-    prepare_on_node,
-)
+from vnet.svc.endpoint.events import _publish_endpoint_event, _StatusWaiter, _wait_status
 from vnet.svc.endpoint.nodes import _check_driver, _check_netns_on_node, _pick_node
 
 log = logging.getLogger(__name__)
@@ -250,22 +244,16 @@ async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork
                         netns=netns, labels=dict(req.labels), driver=net.driver_type, mtu=_mtu(net),
                         network_options=dict(net.options), request_id=req.request_id, ports=list(req.ports),
                         aliases=sorted({a.lower() for a in req.aliases}))
-    allocated = prepared = False
-    jobs: list[asyncio.Future[Any]] = []
+    allocated = False
     try:
         if not host:
             # The namespace check and the allocations run together (each is a round trip);
             # if any fails, whatever was allocated is released below.
             allocated = True
-            jobs = [asyncio.ensure_future(_check_netns_on_node(ctx, node.node, netns)),
-                                               asyncio.ensure_future(_allocate(ctx, net, ident, 4, ip4))]
+            jobs: list[Awaitable[Any]] = [_check_netns_on_node(ctx, node.node, netns),
+                                          _allocate(ctx, net, ident, 4, ip4)]
             if net.cidr_v6 is not None:
-                jobs.append(asyncio.ensure_future(_allocate(ctx, net, ident, 6, ip6)))
-            if can_prepare(net, host):
-                # Once those are on their way (their requests go out first): the node makes the
-                # veth pair while the address is allocated (events.prepare_on_node).
-                prepared = True
-                await prepare_on_node(ctx, info, net)
+                jobs.append(_allocate(ctx, net, ident, 6, ip6))
             results = await asyncio.gather(*jobs, return_exceptions=True)
             failure = next((r for r in results if isinstance(r, BaseException)), None)
             if failure is not None:
@@ -281,10 +269,6 @@ async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork
                              auto_mac=not host and mac is None, request_id=req.request_id)
     except BaseException as exc:
         cleaned = True
-        if jobs:  # cancelled while they ran: what they allocate is released below, so after them
-            await asyncio.gather(*jobs, return_exceptions=True)
-        if prepared:
-            await abandon_on_node(ctx, info)
         if allocated:
             _, unreleased = await _release(ctx, net.id, ident)
             cleaned = unreleased is None

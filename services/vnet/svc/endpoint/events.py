@@ -14,9 +14,8 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from vnet.contracts import codec, subjects
+from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
-    EndpointEvent,
     EndpointInfo,
     EndpointStatusEvent,
 )
@@ -32,7 +31,6 @@ from vnet.runtime.ports import PolicyStorePort
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint import lookups
 from vnet.svc.endpoint.common import WAIT_POLL_S, _iso_us, _now, _store
-from vnet.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -225,48 +223,6 @@ async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payl
     for r in res:
         if isinstance(r, BaseException):
             raise r
-
-
-# --- an attach under way: the node prepares its veth pair while IPAM answers ------------------
-
-# How long a failed attach waits for its node to remove what it prepared (the node answers
-# once removed; a node that does not answer removes it when the pair expires, intake.py).
-ABANDON_WAIT_S = 1.0
-
-
-def can_prepare(net: VirtualNetwork, host: bool) -> bool:
-    """Whether the node may make an endpoint's interface before its address is known (the
-    bridge driver: ``vnet.core.plan.prepare_plan``)."""
-    return not host and net.driver_type == "bridge"
-
-
-async def prepare_on_node(ctx: Ctx, info: EndpointInfo, net: VirtualNetwork) -> None:
-    """The ``preparing`` copy to the endpoint's node (``vnet.node.<node>.evt.endpoint.preparing.<id>``):
-    ``info`` as it will be committed but without its addresses (the interface name is the one
-    asked, else ``eth0``, which the commit gives a container's first interface). The node makes
-    the veth pair, down, while IPAM answers; the created event that follows finds it. Not a
-    record: nothing but the node acts on it, and a node that does not know it ignores it (it
-    then does the whole attach at the created event, as before). Fire and forget."""
-    v6 = ipaddress.ip_network(net.cidr_v6, strict=False).prefixlen if net.cidr_v6 else None
-    shown = msgspec.structs.replace(info, interface_name=info.interface_name or "eth0", prefix_len_v6=v6)
-    try:
-        await ctx.publish_event("endpoint", "preparing", info.id, EndpointEvent(endpoint=shown),
-                                to=subjects.EVT_ENDPOINT_TO_NODE, node=info.node)
-    except Exception as exc:  # the attach does not need it
-        log.debug("could not send preparing for %s: %s", info.id, exc)
-
-
-async def abandon_on_node(ctx: Ctx, info: EndpointInfo) -> None:
-    """The attach of ``info`` failed before its commit: its node removes what it prepared, and
-    answers once it has, so the caller's error leaves nothing behind. Never raises."""
-    subject = subjects.EVT_ENDPOINT_TO_NODE.format(node=info.node, event="abandoned", id=info.id)
-    with tracing.publish_span(subjects.EVT_ENDPOINT_TO_NODE.template, subject) as hdrs:
-        try:
-            await ctx.rt.nc.request(subject, codec.encode(EndpointEvent(endpoint=info)), timeout=ABANDON_WAIT_S,
-                                    headers=hdrs)
-        except Exception as exc:  # it expires on the node (or a resync removes it)
-            log.info("node %s did not confirm removing what it prepared for %s (it expires there): %s", info.node,
-                     info.id, exc)
 
 
 # --- create ---------------------------------------------------------------------------------------

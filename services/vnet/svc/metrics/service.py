@@ -20,7 +20,7 @@
 * counters a report names itself (``MetricsReport.counters``), exposed only when listed
   in ``LABELED_COUNTERS`` with exactly its labels: ``vnet_dns_queries_total{service,node,rcode}``,
   ``vnet_node_reconciles_total{service,node,scope}``, ``vnet_node_kernel_writes_total{service,node,scope}``
-  ``vnet_node_drift_repairs_total{service,node,kind}`` and ``vnet_node_prepares_total{service,node,result}``.
+  and ``vnet_node_drift_repairs_total{service,node,kind}``.
 """
 
 from __future__ import annotations
@@ -149,9 +149,6 @@ LABELED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                                 ("node", "kind")),
     "vnet_endpoint_lookups": ("Network and node lookups of the endpoint service's attaches and detaches, answered "
                               "from its caches (hit) or read (miss): svc/endpoint/lookups.py", ("what", "result")),
-    "vnet_node_prepares": ("Veth pairs a node worker made ahead of an attach's record (made), did not make (skipped: "
-                           "no bridge yet, a name taken), found in use by the attach (used), removed when the attach "
-                           "failed (abandoned) or never came (expired): svc/node/intake.py", ("node", "result")),
     "vnet_node_event_gaps": ("Times a node worker may have missed events addressed to it (it reconnected to NATS, "
                              "a handler failed) and resynced at once", ("node",)),
 }

@@ -95,7 +95,6 @@ class NodeMetrics:
       (kernel writes per reconcile = the ratio of their rates)
     * ``vnet_operation_duration_seconds{service="node",op="nft.delta|nft.whole"}``
     * ``vnet_node_drift_repairs_total{node,kind}``
-    * ``vnet_node_prepares_total{node,result}``
     """
 
     def __init__(self, rt: Runtime, node: str) -> None:
@@ -129,10 +128,6 @@ class NodeMetrics:
         if res is None or not res.wrote:
             return
         self._call(self.rt.metrics.observe, "nft.whole" if res.whole else "nft.delta", res.duration)
-
-    def prepare(self, result: str, n: int = 1) -> None:
-        """``vnet_node_prepares_total{node,result}`` (svc/node/intake.py, "preparing")."""
-        self._call(self.rt.metrics.count, "vnet_node_prepares", n, node=self.node, result=result)
 
     def drift(self, kind: str, repaired_s: float) -> None:
         self._call(self.rt.metrics.count, "vnet_node_drift_repairs", 1, node=self.node, kind=kind)

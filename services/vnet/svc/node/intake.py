@@ -5,7 +5,6 @@ scoped reconcile of a batch of them (the worker's module docstring, "events").
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import random
@@ -36,19 +35,6 @@ from vnet.telemetry import tracing
 log = logging.getLogger(__name__)
 
 GAP_SPREAD_MAX_S = 5.0  # the resync after a possible loss of events starts within this, at random
-PREPARED_TTL_S = 30.0  # a pair prepared for an attach whose created event has not come goes after this
-# node copies of an attach under way (vnet.contracts.subjects, EVT_ENDPOINT_TO_NODE)
-PREPARING = "preparing"
-ABANDONED = "abandoned"
-
-
-async def _answer(msg: Msg) -> None:
-    """Answer a sender that waits (an abandonment: once its pair is gone); never raises."""
-    if msg.reply:
-        try:
-            await msg.respond(b"")
-        except Exception as exc:  # the sender gave up waiting: nothing to answer
-            log.debug("could not answer %s: %s", msg.subject, exc)
 
 
 def _domain_parts(subject: str) -> list[str]:
@@ -115,9 +101,6 @@ class EventIntake(WorkerParts):
         if len(parts) >= 5 and parts[3] == "updated":
             self._on_endpoint_updated(msg)
             return
-        if len(parts) >= 5 and parts[3] in (PREPARING, ABANDONED):
-            await self._on_preparation(parts[3], msg)
-            return
         if len(parts) < 5 or parts[3] not in ("created", "deleted"):
             return  # status reports (ours and other nodes') and anything newer
         try:
@@ -138,77 +121,6 @@ class EventIntake(WorkerParts):
                                                  endpoint=ev.endpoint))
             return
         self.queue.put_nowait(self._item(kind="endpoint", event=parts[3], ident=ev.endpoint.id, endpoint=ev.endpoint))
-
-    # -- endpoints prepared ahead of their record ----------------------------------------------
-    async def _on_preparation(self, event: str, msg: Msg) -> None:
-        """``preparing``: the endpoint service is allocating the address of an endpoint of this
-        node; its veth pair is made now, in the kernel thread, while it waits (the module
-        ``vnet.core.plan.prepare_plan``). ``abandoned``: that attach failed before its commit;
-        what was made goes (answered once gone, when the sender waits). Neither is a record:
-        the created event that follows a preparation is what makes the endpoint desired."""
-        try:
-            ev = msgspec.json.decode(msg.data, type=EndpointEvent)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("node %s: ignoring a malformed event on %s: %s", self.node, msg.subject, exc)
-            return
-        info = ev.endpoint
-        if info.node != self.node or self.rec is None or self.torn_down:
-            await _answer(msg)
-            return
-        loop = asyncio.get_running_loop()
-        if event == PREPARING:
-            # (a simulated node's recording applier prepares nothing: its reconcile does it all)
-            if info.id in self.eps or info.id in self.prepared or not hasattr(self.rec, "prepare"):
-                return
-            self._expire_prepared(loop.time())
-            net, epd = to_desired(info)
-            self.prepared[info.id] = (epd.netns, epd.ifname, loop.time())
-            # Not awaited: the kernel thread runs its jobs in order, so the reconcile of the
-            # created event (queued after this) finds the pair; the handler takes the next copy.
-            task = loop.create_task(self._prepare(epd, net, ipv6=bool(info.prefix_len_v6)))
-            self._prepare_tasks.add(task)
-            task.add_done_callback(self._prepare_tasks.discard)
-            return
-        self.prepared.pop(info.id, None)
-        if info.id not in self.eps:  # never created here: its pair goes (a scoped reconcile of nothing)
-            self.metrics.prepare("abandoned")
-            await self._reconcile(Scope(endpoints=frozenset({info.id}), networks=frozenset()))
-        await _answer(msg)
-
-    async def _prepare(self, epd: EpDesired, net: NetDesired, *, ipv6: bool) -> None:
-        try:
-            made = await self._in_thread(functools.partial(self.rec.prepare, epd, net, ipv6=ipv6))
-        except Exception as exc:  # the reconcile does it all, as without a preparation
-            log.debug("node %s: preparing %s failed: %s", self.node, epd.id, exc)
-            made = False
-        self.metrics.prepare("made" if made else "skipped")
-        if not made:
-            self.prepared.pop(epd.id, None)
-
-    def _expire_prepared(self, now: float) -> None:
-        """Pairs prepared for attaches whose created event never came (the endpoint service died
-        between its allocation and its commit, or the abandonment was lost) go after
-        ``PREPARED_TTL_S``; a full resync removes them too (no endpoint wants them)."""
-        stale = [i for i, (_, _, t) in self.prepared.items() if now - t > PREPARED_TTL_S and i not in self.eps]
-        for i in stale:
-            self.prepared.pop(i)
-        if stale:
-            self.metrics.prepare("expired", len(stale))
-            task = asyncio.get_running_loop().create_task(
-                self._reconcile(Scope(endpoints=frozenset(stale), networks=frozenset())))
-            self._prepare_tasks.add(task)
-            task.add_done_callback(self._prepare_tasks.discard)
-
-    def _prepared_in_the_way(self, items: list[WorkItem]) -> set[str]:
-        """Endpoints prepared here whose interface name in their namespace is the one an endpoint
-        created in this batch is to get (two attaches of one container racing for ``eth0``): their
-        pairs go before the batch's reconcile, which would otherwise find the name taken."""
-        created = {it.ident for it in items if it.kind == "endpoint" and it.event == "created"}
-        used = sum(self.prepared.pop(i, None) is not None for i in created)
-        if used:
-            self.metrics.prepare("used", used)
-        wanted = {(self.eps[i].netns, self.eps[i].ifname) for i in created if i in self.eps}
-        return {i for i, (ns, ifn, _) in self.prepared.items() if (ns, ifn) in wanted and i not in self.eps}
 
     def _on_endpoint_updated(self, msg: Msg) -> None:
         """Labels or published ports of an endpoint (of any node) changed. Labels only move its
@@ -322,11 +234,6 @@ class EventIntake(WorkerParts):
                     # every network the fetch added, removed or changed (related overlays with
                     # their bridge, VXLAN device, FDB and neighbour entries) is reconciled now
                     scope_nets |= {n for n in before.keys() | self.nets.keys() if before.get(n) != self.nets.get(n)}
-            in_the_way = self._prepared_in_the_way(items)
-            if in_the_way:
-                for i in in_the_way:
-                    self.prepared.pop(i, None)
-                await self._reconcile(Scope(endpoints=frozenset(in_the_way), networks=frozenset()))
             # A network none of this node's endpoints uses any more: its bridge goes.
             used = {e.network_id for e in self.eps.values()}
             for nid in [n for n in self.nets if n not in used and n not in self.routed]:

@@ -42,7 +42,6 @@ from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.dataplane_model import (
     EpDesired,
-    NetDesired,
     NodeActual,
     NodeDesired,
     ObjectStatus,
@@ -52,7 +51,6 @@ from vnet.core.dataplane_model import (
 )
 from vnet.core.plan import (
     WG_OWNER,
-    CreateVeth,
     DeleteLink,
     Departed,
     Plan,
@@ -61,7 +59,6 @@ from vnet.core.plan import (
     net_owner,
     observation_targets,
     plan,
-    prepare_plan,
 )
 from vnet.runtime import dataplane
 from vnet.runtime.dataplane import Dataplane, NamespaceGone, WireGuardError
@@ -273,36 +270,6 @@ class Reconciler:
         the errors, never raised."""
         with self._lock:
             return self.applier.announce(endpoints)
-
-    # -- prepared endpoints ----------------------------------------------------------------
-    def prepare(self, ep: EpDesired, net: NetDesired, *, ipv6: bool) -> bool:
-        """The veth pair of an endpoint whose address is still on its way (:func:`prepare_plan`),
-        made while the control plane allocates it; True when made. Nothing is made (False) when
-        the network's bridge is not here yet, or the host or the container name is taken (by
-        anything: a pair prepared before is not ours to reuse unless the reconcile says so):
-        the attach's reconcile then does it all, as without a preparation. A failure part way
-        removes what was made. Never raises."""
-        p = prepare_plan(ep, net, ipv6=ipv6)
-        if p is None:
-            return False
-        hv = p.ops[0]
-        assert isinstance(hv, CreateVeth)
-        with self._lock:
-            try:
-                if (self.observer.link(self.host_netns, net.bridge_name()) is None
-                        or self.observer.link(self.host_netns, hv.name) is not None
-                        or self.observer.link(ep.netns, ep.ifname) is not None):
-                    return False
-                out = self.applier.apply(p)
-            except (NamespaceGone, OSError, ValueError) as exc:  # the namespace went, a bad name: not made
-                log.debug("endpoint %s: not prepared: %s", ep.id, exc)
-                return False
-            if not out.errors:
-                return True
-            log.debug("endpoint %s: preparing failed (%s); removed again", ep.id, out.errors[0].message)
-            self.applier.apply(Plan(ops=[DeleteLink(owner=hv.owner, ifname=hv.name, reason="preparation failed")],
-                                    errors=[], networks=[], endpoints=[]))
-            return False
 
     # -- reconcile -----------------------------------------------------------------------
     def reconcile(self, desired: NodeDesired, scope: Scope | None = None) -> ReconcileResult:

@@ -212,9 +212,6 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self.nets: dict[str, NetDesired] = {}
         self.eps: dict[str, EpDesired] = {}
         self.recorded: dict[str, tuple[str, str]] = {}
-        # endpoints whose veth pair was made ahead of their record (intake.py, "preparing"):
-        # id -> (namespace, interface name, when), until their created event or abandonment
-        self.prepared: dict[str, tuple[str, str, float]] = {}
         self.peers: list[PeerHost] = []  # hosts of the remote endpoints of this node's overlay networks
         self.routed: set[str] = set()  # overlays here only because a local one is related to them
         self.fetched = False
@@ -224,7 +221,6 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self._consumers: list[EventConsumer] = []
         self.feed: FeedPort | None = None  # the copies addressed to this node (core NATS)
         self._tasks: list[asyncio.Task[None]] = []
-        self._prepare_tasks: set[asyncio.Task[Any]] = set()  # preparations and their expiry (intake.py)
         self._version = 0
         self._started = asyncio.Event()
         # Isolation (nftables): the agent, whether stateful filtering is available and why not.
@@ -305,9 +301,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         consumers, self._consumers = self._consumers, []
         for c in consumers:
             await c.stop(delete=True)
-        for t in [*self._tasks, *self._prepare_tasks]:
+        for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._prepare_tasks, return_exceptions=True)
         pending = set(self._tasks)
         while pending:
             _, pending = await asyncio.wait(pending, timeout=1.0)

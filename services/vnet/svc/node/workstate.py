@@ -122,9 +122,6 @@ class WorkerParts:
     nets: dict[str, NetDesired]
     eps: dict[str, EpDesired]
     recorded: dict[str, tuple[str, str]]
-    prepared: dict[str, tuple[str, str, float]]
-    _prepare_tasks: set[asyncio.Task[Any]]
-    torn_down: bool
     peers: list[PeerHost]
     routed: set[str]
     fetched: bool
