@@ -142,6 +142,10 @@ async def test_idempotent_create(env: Env) -> None:
     # ... but a repeat asking for something else is a conflict naming what differs
     e = await env.err(m.create_endpoint(c1, "web", "10.201.0.99", None))
     assert e.code == "conflict" and e.details["fields"] == ["ip"] and a.id in e.message
+    # a repeat naming the address the first one got: IPAM refuses it (in use: by that endpoint),
+    # and the answer is still the first endpoint, with nothing more allocated
+    c = await m.create_endpoint(c1, "web", a.ip_address, a.mac_address)
+    assert c.id == a.id and await env.used(net.id) == {4: 1}
     r1 = await m.create_endpoint(c2, net.id, request_id="req-1")
     r2 = await m.create_endpoint(c2, net.id, request_id="req-1")
     assert r1.id == r2.id
