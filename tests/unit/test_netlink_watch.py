@@ -48,6 +48,19 @@ def test_link_and_address_notifications() -> None:
                    AddrChange(index=7, label="vnb-abc", address="10.9.0.1/24", deleted=True, port=4242)]
 
 
+def test_a_bridge_notice_about_its_port_is_not_the_link_itself() -> None:
+    """A port leaving its bridge comes as an AF_BRIDGE RTM_DELLINK of a link that still exists,
+    beside the link's own RTM_NEWLINK without a master: only the latter is the link's state.
+    The link's other attributes (statistics, per-family settings) are skipped, wherever the
+    name and the master come among them."""
+    port_left = msg(17, struct.pack("=BxHiII", socket.AF_BRIDGE, 1, 9, 0x1043, 0) + nla(3, b"vne9\0")
+                    + nla(10, struct.pack("=I", 3)))
+    own = msg(16, struct.pack("=BxHiII", 0, 1, 9, 0x1043, 0) + nla(23, b"\0" * 96) + nla(3, b"vne9\0")
+              + nla(26, nla(2, b"\0" * 8)))
+    assert parse_rtnl(port_left + own) == [LinkChange(name="vne9", index=9, deleted=False, up=True, master=0,
+                                                      port=0)]
+
+
 def test_an_nftables_transaction_is_one_commit_with_the_kernel_named_sender() -> None:
     p = NftParser()
     chain = nft(5, 1, nla(1, b"vnet\0") + nla(3, b"forward\0"), port=900)
