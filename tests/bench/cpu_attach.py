@@ -1,0 +1,150 @@
+"""How much CPU one attach costs, process by process, with each service and the node worker in
+a process of its own (as ``vnetctl up`` runs them).
+
+Run as root from the repository root::
+
+    .venv/bin/python -m tests.bench.cpu_attach            # 150 attaches
+    .venv/bin/python -m tests.bench.cpu_attach --n 300
+
+``create_endpoint(wait=True)`` on a Full network with an allow rule selecting the endpoint,
+one at a time; the user and system CPU time every process of the stack spent (read from
+``/proc/<pid>/stat`` before and after: the services, the node worker and each of its
+threads, nats-server, valkey, this client) divided by the attaches. Why it matters: a
+sequential attach is a chain of hops between processes, but on a machine with few cores
+the sum of their CPU is a floor under the wall time. If the stack spends C ms of CPU per
+attach on k cores, no overlap of steps gets an attach under C/k ms; the wall time of the
+reference CNI plugins is what C/k must be compared with (``docs/dataplane.md``, "CPU per
+attach").
+
+Everything runs in namespaces this script makes (``<prefix>-...``), removed at the end;
+nothing touches the root namespace and no packet leaves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.bench import bench_attach_cni as B
+from vnet import VNetManager
+from vnet.core.errors import VNetError
+from vnet.core.policy import AllowRule, PortSpec, Selector
+from vnet.runtime import servers
+from vnet.runtime.config import VNetConfig
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu(path: str) -> tuple[float, float]:
+    """(user, system) seconds of a process or thread (``/proc/<pid>`` or ``/proc/<pid>/task/<tid>``)."""
+    try:
+        f = Path(path, "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(f[11]) / HZ, int(f[12]) / HZ
+
+
+def children() -> set[int]:
+    """This process's children (the servers and the services)."""
+    me, out = os.getpid(), set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(Path("/proc", d, "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                out.add(int(d))
+    return out
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path("/proc", str(pid), "comm").read_text().strip()
+    except OSError:
+        return str(pid)
+
+
+async def run(n: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix=f"{B.PREFIX}-"))
+    valkey = servers.start_valkey(work / "valkey")
+    nats = servers.start_nats(work / "nats")
+    procs = []
+    try:
+        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
+                              log_level="WARNING")
+        host = (await asyncio.to_thread(B.namespaces, "h", 1))[0]
+        node = f"{B.PREFIX}-n1"
+        names = ["ipam", "network", "endpoint", "policy"]
+        procs = [B.service_process(cfg, work, name) for name in names]
+        procs.append(B.service_process(cfg, work, "node", ["--node-id", node, "--host-netns", host,
+                                                           "--resync", "60"]))
+        names.append("node")
+        async with VNetManager(cfg) as m:
+            for _ in range(1200):
+                with contextlib.suppress(VNetError):
+                    if any(x.node == node for x in await m.nodes()):
+                        break
+                await asyncio.sleep(0.05)
+            await m.put_rule(AllowRule(id="web", from_=[Selector(labels={"app": "web"})],
+                                       to=[Selector(labels={"app": "web"})], ports=[PortSpec(protocol="tcp", port=80)]))
+            net = await m.create_network("t-full", "10.142.0.0/22", None, "bridge", "full")
+            cs = await asyncio.to_thread(B.namespaces, "t", n + 3)
+            for c in cs[:3]:  # the bridge and the rules are made by the first endpoints
+                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
+            await asyncio.sleep(1.0)
+            label = {p.pid: name for name, p in zip(names, procs, strict=True)}
+            label[os.getpid()] = "client"
+            pids = children() | {os.getpid()}
+            for p in pids:  # nats-server, valkey-server (read now: they are gone when the table is printed)
+                label.setdefault(p, comm(p))
+            node_pid = procs[-1].pid
+            tasks = {t: f"/proc/{node_pid}/task/{t}" for t in os.listdir(f"/proc/{node_pid}/task")}
+            before = {p: cpu(f"/proc/{p}") for p in pids}
+            tbefore = {t: cpu(path) for t, path in tasks.items()}
+            t0 = time.perf_counter()
+            for c in cs[3:]:
+                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
+            wall = time.perf_counter() - t0
+            after = {p: cpu(f"/proc/{p}") for p in pids}
+            tafter = {t: cpu(path) for t, path in tasks.items()}
+    finally:
+        B.stop_processes(procs)
+        nats.stop()
+        valkey.stop()
+        B.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+    def per(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+        return (a[0] - b[0]) / n * 1e3, (a[1] - b[1]) / n * 1e3
+
+    print(f"\nCPU per attach, create_endpoint(wait=True) on a Full network + allow rule, {n} attaches one at a "
+          f"time, {os.cpu_count()} cores\n")
+    print(f"{'process':<16} {'user ms':>8} {'sys ms':>8} {'total ms':>9}")
+    total = 0.0
+    rows = sorted(((label[p], *per(after[p], before[p])) for p in pids), key=lambda r: -(r[1] + r[2]))
+    for name, u, k in rows:
+        total += u + k
+        if u + k >= 0.05:
+            print(f"{name:<16} {u:>8.2f} {k:>8.2f} {u + k:>9.2f}")
+    threads = sorted((sum(per(tafter[t], tbefore[t])) for t in tasks), reverse=True)
+    print(f"{'all':<16} {'':>8} {'':>8} {total:>9.2f}")
+    print(f"\nnode worker by thread (ms per attach, busiest first): "
+          f"{', '.join(f'{x:.2f}' for x in threads if x >= 0.05)}")
+    cores = os.cpu_count() or 1
+    print(f"wall {wall / n * 1e3:.2f} ms per attach; the CPU above spread over {cores} cores is at least "
+          f"{total / cores:.2f} ms of it")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=150, help="attaches (default 150)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: it makes network namespaces")
+    asyncio.run(run(args.n))
