@@ -37,6 +37,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -47,7 +48,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,52 @@ def service_process(cfg: VNetConfig, work: Path, name: str, args: list[str] | No
     return subprocess.Popen([sys.executable, "-m", "vnet.runtime.launcher", name, *(args or [])], env=env,
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=servers._die_with_parent)
+
+
+@dataclasses.dataclass
+class WebStack:
+    m: VNetManager
+    network_id: str
+    containers: list[str]  # namespaces not attached yet
+    procs: list[subprocess.Popen[bytes]]  # ipam, network, endpoint, policy, node
+
+
+@contextlib.asynccontextmanager
+async def web_stack(n: int) -> AsyncIterator[WebStack]:
+    """The whole stack as ``vnetctl up`` runs it (each service and one node worker, resync
+    60 s, in a process of its own, on a private nats-server and valkey), a Full network with
+    an allow rule selecting ``app=web``, its first three endpoints attached (they make the
+    bridge and the rules), and ``n`` container namespaces more; everything goes at the end."""
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    valkey = servers.start_valkey(work / "valkey")
+    nats = servers.start_nats(work / "nats")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
+                              log_level="WARNING")
+        host = (await asyncio.to_thread(namespaces, "h", 1))[0]
+        node = f"{PREFIX}-n1"
+        procs = [service_process(cfg, work, name) for name in ("ipam", "network", "endpoint", "policy")]
+        procs.append(service_process(cfg, work, "node", ["--node-id", node, "--host-netns", host, "--resync", "60"]))
+        async with VNetManager(cfg) as m:
+            for _ in range(1200):
+                with contextlib.suppress(VNetError):
+                    if any(x.node == node for x in await m.nodes()):
+                        break
+                await asyncio.sleep(0.05)
+            await m.put_rule(AllowRule(id="web", from_=[Selector(labels={"app": "web"})],
+                                       to=[Selector(labels={"app": "web"})], ports=[PortSpec(protocol="tcp", port=80)]))
+            net = await m.create_network("t-full", "10.142.0.0/22", None, "bridge", "full")
+            cs = await asyncio.to_thread(namespaces, "t", n + 3)
+            for c in cs[:3]:
+                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
+            yield WebStack(m, net.id, cs[3:], procs)
+    finally:
+        stop_processes(procs)
+        nats.stop()
+        valkey.stop()
+        cleanup()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:

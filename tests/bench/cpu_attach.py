@@ -26,18 +26,11 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from tests.bench import bench_attach_cni as B
-from vnet import VNetManager
-from vnet.core.errors import VNetError
-from vnet.core.policy import AllowRule, PortSpec, Selector
-from vnet.runtime import servers
-from vnet.runtime.config import VNetConfig
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -71,54 +64,24 @@ def comm(pid: int) -> str:
 
 
 async def run(n: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix=f"{B.PREFIX}-"))
-    valkey = servers.start_valkey(work / "valkey")
-    nats = servers.start_nats(work / "nats")
-    procs = []
-    try:
-        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
-                              log_level="WARNING")
-        host = (await asyncio.to_thread(B.namespaces, "h", 1))[0]
-        node = f"{B.PREFIX}-n1"
-        names = ["ipam", "network", "endpoint", "policy"]
-        procs = [B.service_process(cfg, work, name) for name in names]
-        procs.append(B.service_process(cfg, work, "node", ["--node-id", node, "--host-netns", host,
-                                                           "--resync", "60"]))
-        names.append("node")
-        async with VNetManager(cfg) as m:
-            for _ in range(1200):
-                with contextlib.suppress(VNetError):
-                    if any(x.node == node for x in await m.nodes()):
-                        break
-                await asyncio.sleep(0.05)
-            await m.put_rule(AllowRule(id="web", from_=[Selector(labels={"app": "web"})],
-                                       to=[Selector(labels={"app": "web"})], ports=[PortSpec(protocol="tcp", port=80)]))
-            net = await m.create_network("t-full", "10.142.0.0/22", None, "bridge", "full")
-            cs = await asyncio.to_thread(B.namespaces, "t", n + 3)
-            for c in cs[:3]:  # the bridge and the rules are made by the first endpoints
-                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
-            await asyncio.sleep(1.0)
-            label = {p.pid: name for name, p in zip(names, procs, strict=True)}
-            label[os.getpid()] = "client"
-            pids = children() | {os.getpid()}
-            for p in pids:  # nats-server, valkey-server (read now: they are gone when the table is printed)
-                label.setdefault(p, comm(p))
-            node_pid = procs[-1].pid
-            tasks = {t: f"/proc/{node_pid}/task/{t}" for t in os.listdir(f"/proc/{node_pid}/task")}
-            before = {p: cpu(f"/proc/{p}") for p in pids}
-            tbefore = {t: cpu(path) for t, path in tasks.items()}
-            t0 = time.perf_counter()
-            for c in cs[3:]:
-                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
-            wall = time.perf_counter() - t0
-            after = {p: cpu(f"/proc/{p}") for p in pids}
-            tafter = {t: cpu(path) for t, path in tasks.items()}
-    finally:
-        B.stop_processes(procs)
-        nats.stop()
-        valkey.stop()
-        B.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+    async with B.web_stack(n) as st:
+        await asyncio.sleep(1.0)
+        label = {p.pid: name for name, p in zip(("ipam", "network", "endpoint", "policy", "node"), st.procs,
+                                                strict=True)}
+        label[os.getpid()] = "client"
+        pids = children() | {os.getpid()}
+        for p in pids:  # nats-server, valkey-server (read now: they are gone when the table is printed)
+            label.setdefault(p, comm(p))
+        node_pid = st.procs[-1].pid
+        tasks = {t: f"/proc/{node_pid}/task/{t}" for t in os.listdir(f"/proc/{node_pid}/task")}
+        before = {p: cpu(f"/proc/{p}") for p in pids}
+        tbefore = {t: cpu(path) for t, path in tasks.items()}
+        t0 = time.perf_counter()
+        for c in st.containers:
+            await st.m.create_endpoint(c, st.network_id, labels={"app": "web"}, wait=True)
+        wall = time.perf_counter() - t0
+        after = {p: cpu(f"/proc/{p}") for p in pids}
+        tafter = {t: cpu(path) for t, path in tasks.items()}
 
     def per(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
         return (a[0] - b[0]) / n * 1e3, (a[1] - b[1]) / n * 1e3

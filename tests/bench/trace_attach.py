@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,57 +37,22 @@ import msgspec
 from opentelemetry import trace
 
 from tests.bench import bench_attach_cni as B
-from vnet import VNetManager
-from vnet.core.errors import VNetError
-from vnet.core.policy import AllowRule, PortSpec, Selector
-from vnet.runtime import servers
-from vnet.runtime.config import VNetConfig
 from vnet.telemetry import local_traces, tracing
 
 
 async def run(n: int) -> list[float]:
     trace.set_tracer_provider(tracing.make_tracer_provider("client", sample_all=True))
-    work = Path(tempfile.mkdtemp(prefix=f"{B.PREFIX}-"))
-    valkey = servers.start_valkey(work / "valkey")
-    nats = servers.start_nats(work / "nats")
-    procs: list[subprocess.Popen[bytes]] = []
     walls: list[float] = []
-    try:
-        cfg = VNetConfig.load(env={}, nats_url=nats.url, redis_url=valkey.url, metrics_http_port=0,
-                              log_level="WARNING")
-        host = (await asyncio.to_thread(B.namespaces, "h", 1))[0]
-        node = f"{B.PREFIX}-n1"
-        for name in ("ipam", "network", "endpoint", "policy"):
-            procs.append(B.service_process(cfg, work, name))
-        procs.append(B.service_process(cfg, work, "node", ["--node-id", node, "--host-netns", host,
-                                                           "--resync", "60"]))
-        async with VNetManager(cfg) as m:
-            for _ in range(1200):
-                with contextlib.suppress(VNetError):
-                    if any(x.node == node for x in await m.nodes()):
-                        break
-                await asyncio.sleep(0.05)
-            await m.put_rule(AllowRule(id="web", from_=[Selector(labels={"app": "web"})],
-                                       to=[Selector(labels={"app": "web"})], ports=[PortSpec(protocol="tcp", port=80)]))
-            net = await m.create_network("t-full", "10.142.0.0/22", None, "bridge", "full")
-            cs = await asyncio.to_thread(B.namespaces, "t", n + 3)
-            for c in cs[:3]:  # the network's bridge and rules are made by its first endpoints
-                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
-            for c in cs[3:]:
-                t = time.perf_counter()
-                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
-                walls.append(time.perf_counter() - t)
-                await asyncio.sleep(0.02)  # let each attach's tail (reports, announcements) settle
+    async with B.web_stack(n) as st:
+        for c in st.containers:
+            t = time.perf_counter()
+            await st.m.create_endpoint(c, st.network_id, labels={"app": "web"}, wait=True)
+            walls.append(time.perf_counter() - t)
+            await asyncio.sleep(0.02)  # let each attach's tail (reports, announcements) settle
         await asyncio.sleep(1.0)  # the services' batch processors write every 0.2 s
         flush = getattr(trace.get_tracer_provider(), "force_flush", None)
         if flush is not None:
             flush()
-    finally:
-        B.stop_processes(procs)
-        nats.stop()
-        valkey.stop()
-        B.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
     return walls
 
 
