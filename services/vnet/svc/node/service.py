@@ -197,9 +197,9 @@ async def netns_check(ctx: Ctx, req: NetnsCheck) -> NetnsCheckReply:
     """Does this network namespace (a name under /run/netns or a path) exist on this node?"""
     w: NodeWorker | None = ctx.rt.state.get("worker")
     rec = w.rec if w is not None else None
-    # A stat and a mount check: answered here, not from a thread (a thread hop, and the GIL
-    # shared with the kernel thread preparing the attach's veth pair, delayed the answer the
-    # attach waits for by ~1 ms).
+    # A stat and a mount check: answered here, not from a thread (the hop to a thread and back,
+    # on a node busy with the previous attach, delayed the answer the attach waits for); the
+    # socket is opened after the answer is out.
     rep = check_netns_path(req.netns)
     if rep.exists and rec is not None:
         ctx.rt.after_reply(asyncio.to_thread(_open, req.netns, rec.ctx), "netns socket")
