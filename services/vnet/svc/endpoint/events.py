@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -303,10 +304,36 @@ async def _wait_status(ctx: Ctx, info: EndpointInfo | None, waiter: _StatusWaite
             info = await store.get(info.id)
             continue
         if await _apply_status(store, ev) == "ok":
+            note_folded(ctx.rt, ev)
             at = _iso_us(ev.version) if ev.version else _now()
             return msgspec.structs.replace(info, status=ev.status, reason=ev.reason,
                                            status_code=ev.code, status_at=at)
         return await store.get(info.id)
+
+
+# Statuses a waiting create of this replica folded in, (endpoint, version): the durable consumer
+# gets the same report a moment later and need not fold it again (it would find it stale after
+# a Redis round trip: one script less per attach). Bounded: the oldest go first.
+FOLDED_KEEP = 4096
+
+
+def note_folded(rt: Runtime, ev: EndpointStatusEvent) -> None:
+    if not ev.version:  # a report without a version cannot be told from the next one
+        return
+    folded: OrderedDict[tuple[str, int], None] = rt.state.setdefault("folded", OrderedDict())
+    folded[(ev.endpoint_id, ev.version)] = None
+    while len(folded) > FOLDED_KEEP:
+        folded.popitem(last=False)
+
+
+def folded_here(rt: Runtime, ev: EndpointStatusEvent) -> bool:
+    """Whether a create of this replica folded this very report in (then forgotten: it comes once)."""
+    folded: OrderedDict[tuple[str, int], None] | None = rt.state.get("folded")
+    key = (ev.endpoint_id, ev.version)
+    if folded is None or not ev.version or key not in folded:
+        return False
+    del folded[key]
+    return True
 
 
 async def _apply_status(store: EndpointStore, ev: EndpointStatusEvent) -> str:

@@ -29,7 +29,13 @@ from vnet.runtime.ports import ReplyStorePort
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import _not_found, _store
 from vnet.svc.endpoint.create import _release
-from vnet.svc.endpoint.events import _apply_status, _publish_endpoint_event, _StatusWaiter, status_event
+from vnet.svc.endpoint.events import (
+    _apply_status,
+    _publish_endpoint_event,
+    _StatusWaiter,
+    folded_here,
+    status_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +165,7 @@ async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:
 
 async def _on_status(rt: Runtime, msg: Msg) -> None:
     ev = status_event(msg)
-    if ev is None:
+    if ev is None or folded_here(rt, ev):
         return
     res = await _apply_status(_store(rt), ev)
     if res not in ("ok", "ignored", "stale", "missing"):
