@@ -217,11 +217,12 @@ class WebStack:
 
 
 @contextlib.asynccontextmanager
-async def web_stack(n: int) -> AsyncIterator[WebStack]:
+async def web_stack(n: int, pre: int = 0) -> AsyncIterator[WebStack]:
     """The whole stack as ``vnetctl up`` runs it (each service and one node worker, resync
     60 s, in a process of its own, on a private nats-server and valkey), a Full network with
     an allow rule selecting ``app=web``, its first three endpoints attached (they make the
-    bridge and the rules), and ``n`` container namespaces more; everything goes at the end."""
+    bridge and the rules), ``pre`` more attached (a node that already has them), and ``n``
+    container namespaces more; everything goes at the end."""
     work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
     valkey = servers.start_valkey(work / "valkey")
     nats = servers.start_nats(work / "nats")
@@ -241,11 +242,12 @@ async def web_stack(n: int) -> AsyncIterator[WebStack]:
                 await asyncio.sleep(0.05)
             await m.put_rule(AllowRule(id="web", from_=[Selector(labels={"app": "web"})],
                                        to=[Selector(labels={"app": "web"})], ports=[PortSpec(protocol="tcp", port=80)]))
-            net = await m.create_network("t-full", "10.142.0.0/22", None, "bridge", "full")
-            cs = await asyncio.to_thread(namespaces, "t", n + 3)
-            for c in cs[:3]:
-                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True)
-            yield WebStack(m, net.id, cs[3:], procs)
+            net = await m.create_network("t-full", "10.142.0.0/22" if n + pre < 1000 else "10.142.0.0/19", None,
+                                         "bridge", "full")
+            cs = await asyncio.to_thread(namespaces, "t", n + 3 + pre)
+            for c in cs[:3 + pre]:
+                await m.create_endpoint(c, net.id, labels={"app": "web"}, wait=True, wait_timeout=60)
+            yield WebStack(m, net.id, cs[3 + pre:], procs)
     finally:
         stop_processes(procs)
         nats.stop()

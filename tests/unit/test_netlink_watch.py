@@ -184,3 +184,40 @@ def test_a_resync_records_drift_only_on_a_host_that_had_converged() -> None:
     mon._after_reconcile(None, result(1))
     mon.note_resync(result(1), None)
     assert len(mon.ring) == 1
+
+
+def test_a_veth_name_finds_its_endpoint_whatever_order_the_endpoints_came_in() -> None:
+    """``_wanted`` hashes only endpoints it has not seen (the newest first); a dict rebuilt
+    by a resync, an endpoint gone and many gone are answered right, and what it remembers
+    stays bounded."""
+    from vnet.core import naming
+    from vnet.core.dataplane_model import EpDesired
+
+    mon, _, _, ep = _monitor()
+    eps = mon.w.eps
+
+    def add(i: int) -> EpDesired:
+        e = msgspec.structs.replace(ep, id=f"e{i}")
+        eps[e.id] = e
+        return e
+
+    assert mon._wanted(ep.host_ifname()) == ("endpoint", "e1")
+    for i in range(2, 40):  # one at a time, as attaches come: each found by the newest-first look
+        assert mon._wanted(add(i).host_ifname()) == ("endpoint", f"e{i}")
+    later = [add(i) for i in range(40, 60)]
+    # a resync rebuilds the dict in another order: the unseen ones hide behind seen ones
+    rebuilt = dict(sorted(eps.items(), key=lambda kv: kv[0], reverse=True))
+    eps.clear()
+    eps.update(rebuilt)
+    for e in later:
+        assert mon._wanted(e.host_ifname()) == ("endpoint", e.id)
+    gone = eps.pop("e7")
+    assert mon._wanted(gone.host_ifname()) is None  # a departed endpoint's veth is not wanted
+    for i in range(2, 60):
+        eps.pop(f"e{i}", None)
+    for i in range(100, 300):  # churn: many come and go
+        e = add(i)
+        assert mon._wanted(e.host_ifname()) == ("endpoint", e.id)
+        del eps[e.id]
+    assert len(mon._veth_seen) <= 2 * len(eps) + 64 + 1 and len(mon._veth_owner) <= 2 * len(eps) + 64 + 1
+    assert mon._wanted(naming.veth_name("never-attached")) is None  # ours by its look, no endpoint's

@@ -232,3 +232,16 @@ def test_many_port_rules_are_dispatched_by_port() -> None:
                 assert f"chain {nft._seg_chain('int', hit[0])} {{" in s
     # the map is structure: equal structures have equal maps, and it is compared like any set
     assert ("inet", "int_ports") in nft.elements(rs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 60), unique=True), st.lists(st.integers(0, 60), unique=True),
+       st.sets(st.integers(0, 60)))
+def test_the_head_and_tail_skip_gives_the_set_differences(old: list[int], new: list[int], copied: set[int]) -> None:
+    """``_differ`` skips the identical head and tail and hashes the middle only: the same
+    answer as the set differences, whether the items are the same objects or equal copies."""
+    objs = {i: f"e{i:03d}" for i in range(61)}
+    a = [objs[i] for i in sorted(old)]
+    b = [("".join(objs[i]) if i in copied else objs[i]) for i in sorted(new)]  # an equal, distinct str
+    gone, added = nft._differ(a, b)
+    assert (gone, added) == (set(a) - set(b), set(b) - set(a))

@@ -199,24 +199,35 @@ class DriftMonitor:
                           capacity=CAPACITY, records=recs)
 
     # -- notifications (event loop) ------------------------------------------------------------
+    def _note_veth(self, eid: str) -> None:
+        self._veth_seen.add(eid)
+        self._veth_owner[naming.veth_name(eid)] = eid
+
     def _wanted(self, name: str) -> tuple[str, str] | None:
         """Whether the desired state holds host interface ``name``: ("network"|"endpoint", id).
 
         Per name, and O(1) per attach in the number of endpoints: an endpoint's veth name is a
         hash of its id, so the names are remembered per id and only endpoints not seen before
-        are hashed (the set difference is C work). Rebuilding the whole name map after every
-        reconcile hashed every endpoint on every attach (~1-2 ms at 1,000 endpoints)."""
+        are hashed. Rebuilding the whole name map after every reconcile hashed every endpoint
+        on every attach (~1-2 ms at 1,000 endpoints); even the set difference of the ids with
+        those seen was 0.5 ms of the 1,000th attach, so a name not known yet first looks at the
+        newest endpoints only (``eps`` is a dict: insertion order, a new one last)."""
         eps = self.w.eps
         if naming.is_our_veth(name):
             eid = self._veth_owner.get(name)
-            if eid is None or eid not in eps:
-                for i in eps.keys() - self._veth_seen:
-                    self._veth_seen.add(i)
-                    self._veth_owner[naming.veth_name(i)] = i
+            if eid is None:
+                for i in reversed(eps.keys()):
+                    if i in self._veth_seen:
+                        break
+                    self._note_veth(i)
+                eid = self._veth_owner.get(name)
+                if eid is None:  # the dict was rebuilt (a resync), or a veth of ours no endpoint wants
+                    for i in eps.keys() - self._veth_seen:
+                        self._note_veth(i)
+                    eid = self._veth_owner.get(name)
                 if len(self._veth_seen) > 2 * len(eps) + 64:  # forget the departed now and then
                     self._veth_seen = set(eps)
                     self._veth_owner = {naming.veth_name(i): i for i in eps}
-                eid = self._veth_owner.get(name)
             e = eps.get(eid) if eid is not None else None
             n = self.w.nets.get(e.network_id) if e is not None else None
             if e is None or n is None or not drivers.get(n.driver).bridged:
