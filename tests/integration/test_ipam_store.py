@@ -107,23 +107,33 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(owner=st.sampled_from(OWNERS), replica=st.integers(0, 1))
     def allocate(self, owner: str, replica: int) -> None:
         lay = self.m.layout
+        held = owner in self.m.owners
         expect, got = self.both(lambda: self.m.allocate(owner),
                                 lambda: self.stores[replica].allocate(self.nid, lay.family, owner))
         if got is not None and not isinstance(got, E.VNetError):
             assert got.offset == expect, f"serial rule: expected {lay.address_at(expect or 0)}, got {got.address}"
+            self.check_first_use(got, held)
+
+    def check_first_use(self, got: Any, held: bool) -> None:
+        """``first_use`` says no one held the address since the pool was made: never for a
+        repeat, and for a new allocation exactly when the model has never handed it out."""
+        assert got.existing == held
+        assert got.first_use == (not held and self.m.first_use), (got, self.m.high)
 
     @rule(owner=st.sampled_from(OWNERS), offset=st.integers(0, 63), replica=st.integers(0, 1))
     def allocate_static(self, owner: str, offset: int, replica: int) -> None:
         lay = self.m.layout
         addr = str(lay.address_at(offset % lay.window))
+        held = owner in self.m.owners
         expect, got = self.both(lambda: self.m.allocate_static(owner, addr),
                                 lambda: self.stores[replica].allocate(self.nid, lay.family, owner, addr))
         if isinstance(got, E.VNetError):
             if got.code == "address_in_use":
                 assert got.details["holder"] == self.m.holders[offset % lay.window]
                 assert got.details["holder"] in got.message
-        else:
+        elif got is not None:
             assert got.offset == expect and got.address == addr
+            self.check_first_use(got, held)
 
     @rule(n=st.integers(2, 8), replica=st.integers(0, 1))
     def allocate_many(self, n: int, replica: int) -> None:

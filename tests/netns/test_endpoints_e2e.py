@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -160,18 +161,51 @@ def _lladdr(ns: str, ip: str) -> str | None:
     return got[0].get("lladdr") if got else None
 
 
+# Prints the sender address of every gratuitous ARP (sender = target address) the namespace
+# it runs in receives, for argv[1] seconds; "ready" once it listens.
+_GARP_WATCH = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.settimeout(0.1)
+end = time.time() + float(sys.argv[1])
+print("ready", flush=True)
+while time.time() < end:
+    try:
+        f = s.recv(128)
+    except socket.timeout:
+        continue
+    if f[20:22] == b"\\x00\\x01" and f[28:32] == f[38:42]:
+        print(socket.inet_ntoa(f[28:32]), flush=True)
+"""
+
+
 async def test_an_address_given_again_is_announced_to_peers(env: Env) -> None:
     """A peer that talked to a container keeps its MAC in its ARP cache; when the address
     goes to a new container, the node's gratuitous ARP (sent once the new endpoint is reported
-    ready) gives the peer the new MAC at once, rather than after the stale entry times out."""
-    cs = await _containers(env, 3, "ga")
+    ready) gives the peer the new MAC at once, rather than after the stale entry times out.
+    An address no one held before (IPAM's ``first_use``) is not announced: no peer can hold
+    a stale entry for it, and the broadcast would cost every port of the bridge."""
+    cs = await _containers(env, 4, "ga")
     net = await env.m.create_network("ga", "10.77.6.0/24", None, "bridge", "none")
     peer, first = await env.attach(cs[:2], net.id)
+    assert peer.ip_first_use and first.ip_first_use, (peer, first)
     assert await asyncio.to_thread(ping, peer.container_id, first.ip_address)
     assert await asyncio.to_thread(_lladdr, peer.container_id, first.ip_address) == first.mac_address
     await env.detach([first])
+    watch = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", peer.container_id, sys.executable, "-c", _GARP_WATCH, "4",
+        stdout=asyncio.subprocess.PIPE)
+    assert watch.stdout is not None
+    assert (await asyncio.wait_for(watch.stdout.readline(), 30)).strip() == b"ready"
     again = await env.m.create_endpoint(cs[2], net.id, ip=first.ip_address, wait=True, wait_timeout=60)
     assert again.status == "ready" and again.mac_address != first.mac_address, again
+    assert not again.ip_first_use, again
+    fresh = await env.m.create_endpoint(cs[3], net.id, wait=True, wait_timeout=60)
+    assert fresh.status == "ready" and fresh.ip_first_use, fresh
+    out, _ = await watch.communicate()
+    announced = set(out.decode().split())
+    assert again.ip_address in announced, announced
+    assert fresh.ip_address not in announced, announced
 
     def learned() -> bool:
         deadline = time.monotonic() + 2.0
@@ -180,7 +214,7 @@ async def test_an_address_given_again_is_announced_to_peers(env: Env) -> None:
         return _lladdr(peer.container_id, first.ip_address) == again.mac_address
 
     assert await asyncio.to_thread(learned)
-    await env.detach([peer, again])
+    await env.detach([peer, again, fresh])
 
 
 # Drift is repaired by the next full resync (a period of RESYNC_S; the figure is printed) — the

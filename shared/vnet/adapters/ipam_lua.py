@@ -105,14 +105,14 @@ end
 local ts = now()
 redis.call('HSET', KEYS[1], 'sig', ARGV[1], 'gen', ARGV[2], 'network_id', ARGV[3], 'family', ARGV[4],
   'cidr', ARGV[5], 'gateway', ARGV[6], 'reserved', ARGV[7], 'excluded', ARGV[8], 'window', ARGV[9],
-  'capacity', ARGV[10], 'block', B, 'used', 0, 'cursor', -1, 'created_at', ts)
+  'capacity', ARGV[10], 'block', B, 'used', 0, 'cursor', -1, 'high', -1, 'created_at', ts)
 return {'created', ARGV[2], ts}
 """)
 
 # KEYS: meta bits sum own off [rid]
 # ARGV: gen owner want(-1: dynamic) rid_ttl
 ALLOC = Script(_LUA_COMMON + """
-local m = redis.call('HMGET', KEYS[1], 'gen', 'window', 'cursor', 'used', 'block')
+local m = redis.call('HMGET', KEYS[1], 'gen', 'window', 'cursor', 'used', 'block', 'high')
 if not m[1] then return {'nopool'} end
 if m[1] ~= ARGV[1] then return {'stale', m[1]} end
 local owner = ARGV[2]
@@ -171,7 +171,15 @@ redis.call('HINCRBY', KEYS[1], 'used', 1)
 if rid then
   redis.call('SET', rid, ARGV[1] .. '|' .. owner .. '|' .. o .. '|' .. ts, 'EX', tonumber(ARGV[4]))
 end
-return {'ok', o, ts}
+-- first use: no one held this offset since the pool was made (every offset handed out is at
+-- most 'high'); a pool made before 'high' existed has none and never says so
+local high = tonumber(m[6])
+local first = 0
+if high and o > high then
+  first = 1
+  redis.call('HSET', KEYS[1], 'high', o)
+end
+return {'ok', o, ts, first}
 """)
 
 # KEYS: meta bits sum own off

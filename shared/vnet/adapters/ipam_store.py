@@ -112,6 +112,7 @@ class Allocated:
     offset: int
     allocated_at: float
     existing: bool  # the owner already held it (an idempotent retry)
+    first_use: bool = False  # no one held this address since the pool was made (no peer can cache it)
 
     @property
     def address(self) -> str:
@@ -341,7 +342,8 @@ class IpamStore:
             res = await self._batch(ALLOC, keys, [gen, owner, want, self.request_id_ttl_s])
             status = _s(res[0])
             if status == "ok":
-                return Allocated(layout, int(res[1]), float(_s(res[2])), existing=False)
+                return Allocated(layout, int(res[1]), float(_s(res[2])), existing=False,
+                                 first_use=len(res) > 3 and int(res[3]) == 1)
             if status == "exists":
                 return Allocated(layout, int(res[1]), float(_s(res[2])), existing=True)
             if status == "stale":

@@ -96,6 +96,9 @@ class EndpointInfo(Endpoint, kw_only=True):
     dns: EndpointDns | None = None  # set when its node runs the resolver (vnet-node --dns)
     aliases: list[str] = []  # names in DNS besides container_id
     revision: int = 0  # bumped by every update (labels, ports): ``expected_revision`` of an update
+    # no one held ip_address since its pool was made (IPAM's first_use): no peer can cache a
+    # MAC for it, so the node sends no gratuitous ARP for this endpoint
+    ip_first_use: bool = False
 
 
 def _int_or_none(v: str | None) -> int | None:

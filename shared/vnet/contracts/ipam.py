@@ -77,6 +77,9 @@ class AddrReply(msgspec.Struct, kw_only=True):
     gateway: str | None
     owner: str
     allocated_at: float
+    # no one has held this address since the pool was made, so no peer can hold a stale ARP
+    # or neighbour entry for it (the node skips its gratuitous ARP); False when not known
+    first_use: bool = False
 
 
 class AddrRelease(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

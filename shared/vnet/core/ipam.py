@@ -422,6 +422,8 @@ class PoolModel:
     holders: dict[int, str] = field(default_factory=dict)  # offset -> owner
     owners: dict[str, int] = field(default_factory=dict)  # owner -> offset
     cursor: int = -1  # the last offset handed out dynamically (-1: none yet)
+    high: int = -1  # the highest offset ever handed out: one above it is a first use
+    first_use: bool = False  # whether the last new allocation was one
 
     @property
     def used(self) -> int:
@@ -464,6 +466,8 @@ class PoolModel:
     def _take(self, owner: str, off: int) -> None:
         self.holders[off] = owner
         self.owners[owner] = off
+        self.first_use = off > self.high
+        self.high = max(self.high, off)
 
     def bitmap(self) -> bytearray:
         bits = self.layout.blocked_bitmap()

@@ -256,7 +256,8 @@ async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork
             if failure is not None:
                 raise failure
             a4 = cast(AddrReply, results[1])
-            info = msgspec.structs.replace(info, ip_address=a4.address, prefix_len=a4.prefix_len, gateway=a4.gateway)
+            info = msgspec.structs.replace(info, ip_address=a4.address, prefix_len=a4.prefix_len, gateway=a4.gateway,
+                                           ip_first_use=a4.first_use)
             if net.cidr_v6 is not None:
                 a6r = cast(AddrReply, results[2])
                 info = msgspec.structs.replace(info, ipv6_address=a6r.address, prefix_len_v6=a6r.prefix_len,

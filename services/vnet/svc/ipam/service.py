@@ -268,7 +268,7 @@ async def addr_request(ctx: Ctx, req: AddrRequest) -> AddrReply:
         ctx.rt.after_reply(_count(ctx, req.network_id, family, lay, allocs=1), "forecast count")
     return AddrReply(network_id=req.network_id, family=family, address=got.address, prefix_len=lay.prefix_len,
                      gateway=str(lay.gateway) if lay.gateway is not None else None, owner=req.owner,
-                     allocated_at=got.allocated_at)
+                     allocated_at=got.allocated_at, first_use=got.first_use)
 
 
 @SERVICE.op("addr.release", subjects.IPAM_ADDR_RELEASE, AddrRelease)

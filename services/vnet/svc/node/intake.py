@@ -260,13 +260,16 @@ class EventIntake(WorkerParts):
             result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)),
                                            policy_first=policy)
             await self._report(result, gone)
-            await self._announce([it.ident for it in items if it.kind == "endpoint" and it.event == "created"], result)
+            await self._announce([it.ident for it in items if it.kind == "endpoint" and it.event == "created"
+                                  and not it.endpoint.ip_first_use], result)
 
     async def _announce(self, created: list[str], result: ReconcileResult) -> None:
         """Gratuitous ARP for the container interfaces just reported ready, on the kernel
         thread once the report is out: off the attach's path (the kernel's own, at link up,
         floods every port of the bridge before the endpoint can be reported), still before
-        the next batch's kernel work."""
+        the next batch's kernel work. Not for an address no one held before (IPAM's
+        ``first_use``): no peer can cache a MAC for it, and the broadcast costs every port of
+        the bridge (~1-2 ms of CPU at 900 ports, the growth row of docs/dataplane.md)."""
         eps: list[EpDesired] = []
         for eid in created:
             st, e = result.endpoints.get(eid), self.eps.get(eid)
