@@ -23,7 +23,10 @@ port. Each CNI ADD/DEL runs right after the VNet attach/detach of the same index
 both see the same load on a shared machine, and each row's ratio is to its own CNI runs.
 Runtime overhead of a real container engine (result cache, locks) is not counted for
 CNI: the peer is flattered, not handicapped. The growth row also times the kernel's
-share alone (veth + bridge port with ``ip``, interleaved) on a bridge of its own.
+share alone (veth + bridge port with ``ip``, interleaved) on a bridge of its own, and
+once the 1,000 are in, detaches them all and times the first attaches once more: this
+machine's speed drifts by up to 2x within minutes, so the 1,000th attach is also compared
+with the mean of the first ones measured before it and after it.
 
 Everything runs in namespaces this script makes (``<prefix>-...``; a VNet host, a CNI
 host, one namespace per container), removed at the end, on error and on Ctrl-C;
@@ -55,7 +58,7 @@ from typing import Any
 import msgspec
 
 from vnet import VNetManager
-from vnet.contracts.endpoint import PortMapping
+from vnet.contracts.endpoint import EndpointInfo, PortMapping
 from vnet.core.errors import VNetError
 from vnet.core.policy import AllowRule, PortSpec, Selector
 from vnet.runtime import launcher, servers, service
@@ -172,6 +175,11 @@ class IpRef:
         subprocess.run(["ip", "-n", self.ns, "-batch", "-"], check=True, text=True, capture_output=True,
                        input="link add br0 type bridge\nlink set br0 up\n")
         self.k = 0
+
+    def reset(self) -> None:
+        """Every veth gone again (the bridge stays)."""
+        cmds = "".join(f"link del v{k}\n" for k in range(1, self.k + 1))
+        subprocess.run(["ip", "-n", self.ns, "-batch", "-"], check=True, text=True, capture_output=True, input=cmds)
 
     def add(self) -> float:
         self.k += 1
@@ -456,25 +464,45 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int, lay
 
             # growth: the 1,000th attach vs the 10th on one node (full network + the rule)
             if big:
+                w = growth_window(big)
                 bnet = await m.create_network("b-big", "10.144.0.0/20", None, "bridge", "full")
-                cs = await asyncio.to_thread(namespaces, "big", big)
+                cs = await asyncio.to_thread(namespaces, "big", big + w)
                 ref = await asyncio.to_thread(IpRef)
                 glat: list[float] = []
                 gref: list[float] = []
-                for c in cs:
+                eps: list[EndpointInfo] = []
+
+                async def grow(c: str) -> None:
                     t = time.perf_counter()
                     ep = await m.create_endpoint(c, bnet.id, node=node, labels={"app": "web"}, wait=True,
                                                  wait_timeout=60)
                     glat.append(time.perf_counter() - t)
                     assert ep.status == "ready", ep
+                    eps.append(ep)
                     gref.append(await asyncio.to_thread(ref.add))
-                res["big"] = (glat, gref)
+
+                for c in cs[:big]:
+                    await grow(c)
                 # a resync of everything unchanged: zero writes
                 st0 = await m.node_stats(node)
                 st = await m.node_resync(node, timeout=120)
                 assert st.policy is not None and st0.policy is not None
                 res["resync"] = (st.last_full_writes, st.last_full_duration_s, st.policy.applies - st0.policy.applies,
                                  st.endpoints, st.policy.last_reason)
+                # back down to none, and the first attaches once more: the machine's speed drifts
+                # within minutes, so the 1,000th is compared with the first ones measured both
+                # before it and after it
+                dsem = asyncio.Semaphore(8)
+
+                async def down(ep: EndpointInfo) -> None:
+                    async with dsem:
+                        await m.delete_endpoint(ep.id, wait=True)
+
+                await asyncio.gather(*(down(ep) for ep in eps))
+                await asyncio.to_thread(ref.reset)
+                for c in cs[big:]:
+                    await grow(c)
+                res["big"] = (glat, gref, w)
     finally:
         stop_processes(procs)
         for rt in reversed(rts):
@@ -482,6 +510,11 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int, lay
         nats.stop()
         valkey.stop()
     return res
+
+
+def growth_window(big: int) -> int:
+    """How many attaches the growth row's medians take at each end."""
+    return max(5, min(20, big // 10))
 
 
 def main(n: int, big: int, parallel: int, cross: int, layout: str) -> None:
@@ -533,13 +566,16 @@ def main(n: int, big: int, parallel: int, cross: int, layout: str) -> None:
               f"(p99 {pct(x['cross'], .99) * ms:.1f}): {cm / sm:.2f}x; remote FDB entries per host {counts} "
               f"(expected {expect}) {dt * ms:.0f} ms after the last ready")
     if "big" in v:
-        g, gr = v["big"]
-        w = max(5, min(20, len(g) // 10))
-        first, last = statistics.median(g[:w]), statistics.median(g[-w:])
-        rf, rl = statistics.median(gr[:w]), statistics.median(gr[-w:])
+        g, gr, w = v["big"]
+        big = len(g) - w
+        first, last, again = (statistics.median(g[:w]), statistics.median(g[big - w:big]),
+                              statistics.median(g[big:]))
+        rf, rl, ra = (statistics.median(gr[:w]), statistics.median(gr[big - w:big]), statistics.median(gr[big:]))
         print(f"growth (Full + rule, one network, one bridge): attaches 1-{w} median {first * ms:.1f} ms, attaches "
-              f"{len(g) - w + 1}-{len(g)} median {last * ms:.1f} ms: {last / first:.2f}x; the kernel alone (veth + "
-              f"bridge port with ip, interleaved): {rf * ms:.1f} -> {rl * ms:.1f} ms: {rl / rf:.2f}x")
+              f"{big - w + 1}-{big} median {last * ms:.1f} ms, attaches 1-{w} again after detaching all "
+              f"{again * ms:.1f} ms: {last / first:.2f}x the first, {last / ((first + again) / 2):.2f}x the mean "
+              f"of before and after; the kernel alone (veth + bridge port with ip, interleaved): {rf * ms:.1f} -> "
+              f"{rl * ms:.1f} -> {ra * ms:.1f} ms: {rl / rf:.2f}x, {rl / ((rf + ra) / 2):.2f}x")
         writes, dur, tx, eps, reason = v["resync"]
         print(f"resync of {eps} unchanged endpoints: {writes} netlink writes, {tx} nft transactions "
               f"({reason}), {dur * ms:.0f} ms")
