@@ -12,6 +12,7 @@ out here, not computed by the engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -180,6 +181,45 @@ async def test_deleted_table_is_restored_by_the_resync(env: Env, agents: list[Ag
     back = await until(lambda: "table inet vnet" in our_tables(env.host), 30.0)
     assert await asyncio.to_thread(tcp_retried, ags[0], e2, 80)
     print(f"\ndeleted table restored after {back:.2f}s (resync every 2 s)")
+
+
+def _link_state(ns: str, ifname: str) -> str:
+    """"up", "down" or "absent": the container side of an endpoint's veth as the kernel has it."""
+    r = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname], capture_output=True, text=True)
+    if r.returncode != 0:
+        return "absent"
+    return "up" if "UP" in json.loads(r.stdout)[0]["flags"] else "down"
+
+
+async def test_binding_is_written_beside_the_netlink_work_and_in_before_the_link_is_up(env: Env) -> None:
+    """The attach's policy delta runs in its own thread while the interfaces are made; the
+    link goes up only once it is in. The delta is slowed down here: when it starts writing,
+    the veth must already exist (the netlink work went on beside it) and still be down (the
+    gate held the link). Written before the netlink work, it would find no veth; with no
+    gate, a link already up."""
+    net = await env.m.create_network("polgate", "10.134.0.0/24", None, "bridge", "full")
+    await env.attach("pg", net.id, 1)  # the network's first endpoint here: its whole ruleset
+    agent = env.node_rt.state["worker"].policy
+    container = await asyncio.to_thread(env.netns, "pgx")
+    seen: list[str] = []
+    push = agent.push
+
+    def slow_push() -> object:
+        time.sleep(0.5)
+        seen.append(_link_state(container, "eth0"))
+        return push()
+
+    agent.push = slow_push
+    try:
+        e = await env.m.create_endpoint(container, net.id, wait=True, wait_timeout=30)
+    finally:
+        del agent.push
+    assert e.status == "ready", e
+    assert seen[:1] == ["down"], seen
+    assert await asyncio.to_thread(_link_state, container, "eth0") == "up"
+    bound = await asyncio.to_thread(subprocess.run, ["ip", "netns", "exec", env.host, "nft", "list", "set", "bridge",
+                                                     "vnet", "mac_bind"], capture_output=True, text=True, check=True)
+    assert e.mac_address.lower() in bound.stdout, bound.stdout
 
 
 UPLINK, EXT = "10.141.0.1", "10.141.0.2"  # the host's uplink address and the external peer's, both in test namespaces

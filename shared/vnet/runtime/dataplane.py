@@ -51,7 +51,8 @@ class ApplierPort(Protocol):
     writes: int  # kernel writes so far (the reconciler adds the WireGuard mesh's)
     tracer: trace.Tracer  # the reconciler sets the current provider's before each pass
 
-    def apply(self, plan: Plan, actual: NodeActual | None = None) -> ApplyOutcome: ...
+    def apply(self, plan: Plan, actual: NodeActual | None = None,
+              gate: Callable[[], None] | None = None) -> ApplyOutcome: ...
     def announce(self, endpoints: list[EpDesired]) -> list[str]: ...
 
 

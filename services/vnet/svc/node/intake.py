@@ -244,8 +244,9 @@ class EventIntake(WorkerParts):
             scope_nets |= self._parents_of(set(self.nets) - had)
             self.counters.batches += 1
             # Endpoints created or removed: their policy delta computed here, then written in
-            # the same kernel step as the netlink work and before it (bindings before the
-            # link is up, "ready" means "enforced"): one transaction for the whole batch.
+            # the same kernel step as the netlink work, beside it, before any link goes up
+            # (bindings before the link is up, "ready" means "enforced"): one transaction
+            # for the whole batch.
             policy = False
             if self.policy is not None:
                 fetch = False

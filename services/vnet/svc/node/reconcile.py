@@ -272,17 +272,25 @@ class Reconciler:
             return self.applier.announce(endpoints)
 
     # -- reconcile -----------------------------------------------------------------------
-    def reconcile(self, desired: NodeDesired, scope: Scope | None = None) -> ReconcileResult:
+    def reconcile(self, desired: NodeDesired, scope: Scope | None = None,
+                  gate: Callable[[], None] | None = None) -> ReconcileResult:
         """Make the host look like ``desired`` (within ``scope``); never raises for
-        kernel or input problems — they are in ``result.errors`` and the statuses."""
-        with self._lock:
-            return self._reconcile(desired, scope)
+        kernel or input problems — they are in ``result.errors`` and the statuses.
+
+        ``gate`` is called once, before the first kernel op that could let a packet through
+        (``Applier.apply``), and in any case before this returns."""
+        once = _Once(gate)
+        try:
+            with self._lock:
+                return self._reconcile(desired, scope, once)
+        finally:
+            once()
 
     async def areconcile(self, desired: NodeDesired, scope: Scope | None = None) -> ReconcileResult:
         """:meth:`reconcile` off the event loop (the trace context follows)."""
         return await asyncio.to_thread(self.reconcile, desired, scope)
 
-    def _reconcile(self, desired: NodeDesired, scope: Scope | None) -> ReconcileResult:
+    def _reconcile(self, desired: NodeDesired, scope: Scope | None, gate: Callable[[], None]) -> ReconcileResult:
         t0 = time.perf_counter()
         writes0 = self.applier.writes
         self.reconciles += 1
@@ -322,7 +330,7 @@ class Reconciler:
                 if p.ops:
                     t = time.perf_counter()
                     with tracer.start_as_current_span("node.apply") as sp:
-                        out = self.applier.apply(p, actual)
+                        out = self.applier.apply(p, actual, gate)
                         sp.set_attribute("vnet.ops_applied", out.applied)
                         sp.set_attribute("vnet.writes", self.applier.writes - writes0)
                     apply_s = time.perf_counter() - t
@@ -406,3 +414,15 @@ class Reconciler:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class _Once:
+    """``fn`` at most once, whichever caller comes first (the applier or the reconcile's end)."""
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()

@@ -127,6 +127,20 @@ _ACCEPT_ON_CREATE = {errno.EEXIST}
 _ACCEPT_ON_DELETE = {errno.ENODEV, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ESRCH}
 
 
+def closed(op: PlanOp) -> bool:
+    """Whether ``op`` leaves what it makes unable to pass a packet: a veth whose container side
+    is still down (no carrier on either side), a sub-interface made down in its container, an
+    address or a sysctl inside a container (on an interface still down), a deleted link.
+    Anything else (a link set up, a bridge, a route, a neighbour, anything else in the host's
+    namespace such as forwarding) may open a path, so :meth:`Applier.apply` passes its gate
+    first."""
+    if isinstance(op, (CreateVeth, DeleteLink)):
+        return True
+    if isinstance(op, (CreateSubIf, AddAddr, SetSysctl)):
+        return op.ns is not None if not isinstance(op, CreateSubIf) else op.peer_ns is not None
+    return False
+
+
 def describe(op: PlanOp) -> str:
     """One line for logs, errors and span names' attributes."""
     where = "host" if op.ns is None else op.ns
@@ -447,35 +461,52 @@ class Applier:
         """Gratuitous ARP for endpoints just reported ready (:mod:`.announce`); the errors."""
         return announce.announce(self.ctx, endpoints, self.tracer)
 
-    def apply(self, plan: Plan, actual: NodeActual | None = None) -> ApplyOutcome:
-        """Run every op in order; failures are collected, never raised."""
+    def apply(self, plan: Plan, actual: NodeActual | None = None,
+              gate: Callable[[], None] | None = None) -> ApplyOutcome:
+        """Run every op in order; failures are collected, never raised.
+
+        ``gate`` (once, blocking) is called before the first op that could let a packet
+        through (:func:`closed`), or at the end: the worker passes the wait for the attach's
+        policy delta, which is written in another thread while the interfaces are created
+        (they stay down until then: the binding is in before the link is up)."""
         if actual is not None:
             self.seed(actual)
         out = ApplyOutcome()
         run = self._dispatch()
         ops = plan.ops
         i = 0
-        while i < len(ops):
-            op = ops[i]
-            if self._skip(op, out):
-                i += 1
-                continue
-            if isinstance(op, DeleteLink) and op.ns is None:
-                j = i
-                batch: list[DeleteLink] = []
-                while j < len(ops) and isinstance(ops[j], DeleteLink) and ops[j].ns is None:
-                    nxt = ops[j]
-                    assert isinstance(nxt, DeleteLink)
-                    if not self._skip(nxt, out):
-                        batch.append(nxt)
-                    j += 1
-                if len(batch) >= 2:
-                    self._delete_batch(batch, out)
-                    i = j
-                    continue
-            self._record(op, self._run_one(op, run[type(op)]), out)
-            i += 1
+        try:
+            while i < len(ops):
+                op = ops[i]
+                if gate is not None and not closed(op):
+                    opened: Callable[[], None] = gate
+                    gate = None
+                    opened()
+                i = self._step(ops, i, out, run)
+        finally:
+            if gate is not None:
+                gate()
         return out
+
+    def _step(self, ops: list[PlanOp], i: int, out: ApplyOutcome, run: dict[type[Any], Callable[[Any], None]]) -> int:
+        """Run ``ops[i]`` (or the batch of host deletions starting there); the next index."""
+        op = ops[i]
+        if self._skip(op, out):
+            return i + 1
+        if isinstance(op, DeleteLink) and op.ns is None:
+            j = i
+            batch: list[DeleteLink] = []
+            while j < len(ops) and isinstance(ops[j], DeleteLink) and ops[j].ns is None:
+                nxt = ops[j]
+                assert isinstance(nxt, DeleteLink)
+                if not self._skip(nxt, out):
+                    batch.append(nxt)
+                j += 1
+            if len(batch) >= 2:
+                self._delete_batch(batch, out)
+                return j
+        self._record(op, self._run_one(op, run[type(op)]), out)
+        return i + 1
 
     def _skip(self, op: PlanOp, out: ApplyOutcome) -> bool:
         """Skip ops of failed owners, and of owners whose prerequisite failed."""
