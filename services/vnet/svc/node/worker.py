@@ -357,8 +357,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         if policy_first:
             # The policy delta is written in its own thread while the netlink work creates the
             # interfaces, which stay down until the delta is in (the reconcile's gate: the
-            # binding is in before the link is up). In sequence the two cost ~1.5-2 ms more
-            # per attach (docs/dataplane.md, "The attach's path").
+            # binding is in before the link is up). Written first, the delta held the netlink
+            # work up ~1.5-2 ms per attach (docs/dataplane.md, "Policy deltas").
             def step() -> ReconcileResult:
                 assert self._push_pool is not None
                 pushing = self._push_pool.submit(contextvars.copy_context().run, self._push_policy)

@@ -136,8 +136,10 @@ def closed(op: PlanOp) -> bool:
     first."""
     if isinstance(op, (CreateVeth, DeleteLink)):
         return True
-    if isinstance(op, (CreateSubIf, AddAddr, SetSysctl)):
-        return op.ns is not None if not isinstance(op, CreateSubIf) else op.peer_ns is not None
+    if isinstance(op, CreateSubIf):
+        return op.peer_ns is not None
+    if isinstance(op, (AddAddr, SetSysctl)):
+        return op.ns is not None
     return False
 
 
