@@ -42,9 +42,14 @@ T_RETRY = 2.0  # the timeout of the second try of a probe that failed
 K = TypeVar("K")
 
 AGENT = r'''
-import json, os, random, socket, struct, sys, threading, time
+import itertools, json, os, random, socket, struct, sys, threading, time
 TCP, UDP, LOG = (80, 85, 443), (80, 85), 7000
 seen, out_lock = set(), threading.Lock()
+# Each echo of this agent gets an identifier of its own (a counter, not a fresh random draw):
+# conntrack keys an echo flow by (source, destination, identifier) and keeps it ~30 s, so a
+# new probe that drew the identifier of an earlier, allowed one to the same peer matched
+# that flow and passed as "established" under a ruleset that denies it (a false "allowed").
+icmp_ids = itertools.count(random.randrange(65534))
 def serve_tcp(p):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", p)); s.listen(256)
     while True:
@@ -82,7 +87,7 @@ def csum(b):
     s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
     return ~s & 0xFFFF
 def icmp(dst, t):
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); ident = random.randrange(1, 65535)
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); ident = next(icmp_ids) % 65534 + 1
     body = os.urandom(16); hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
     pkt = struct.pack("!BBHHH", 8, 0, csum(hdr + body), ident, 1) + body; end = time.time() + t
     try:
