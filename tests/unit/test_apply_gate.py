@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from tests.unit.test_plan import NET, converge, empty_actual, ep
-from vnet.adapters.netlink.apply import Applier, closed
+from vnet.adapters.netlink.apply import Applier, Once, closed
 from vnet.core import plan as P
 from vnet.core.dataplane_model import NodeDesired, Scope
-from vnet.svc.node.reconcile import _Once
 
 
 class Boom(BaseException):
@@ -105,8 +104,8 @@ def test_closed(op: P.PlanOp, expected: bool) -> None:
 
 def test_once() -> None:
     calls: list[int] = []
-    once = _Once(lambda: calls.append(1))
+    once = Once(lambda: calls.append(1))
     once()
     once()
     assert calls == [1]
-    _Once(None)()  # no gate: nothing to call
+    Once(None)()  # no gate: nothing to call

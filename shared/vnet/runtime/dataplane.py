@@ -17,14 +17,14 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from vnet.adapters.netlink.apply import Applier, ApplyOutcome
+from vnet.adapters.netlink.apply import Applier, ApplyOutcome, Once
 from vnet.adapters.netlink.nsctx import NamespaceGone, NsContext
 from vnet.adapters.netlink.observe import Observer, RawLink
 from vnet.adapters.wireguard import WireGuard, WireGuardError
 from vnet.core.dataplane_model import EpDesired, NodeActual, NsState, PeerHost, Support, Underlay
 from vnet.core.plan import Plan
 
-__all__ = ["ApplierPort", "Dataplane", "NamespaceGone", "NamespacesPort", "ObserverPort", "WireGuardError",
+__all__ = ["ApplierPort", "Dataplane", "NamespaceGone", "NamespacesPort", "ObserverPort", "Once", "WireGuardError",
            "WireGuardPort", "kernel"]
 
 

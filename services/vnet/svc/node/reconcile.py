@@ -61,7 +61,7 @@ from vnet.core.plan import (
     plan,
 )
 from vnet.runtime import dataplane
-from vnet.runtime.dataplane import Dataplane, NamespaceGone, WireGuardError
+from vnet.runtime.dataplane import Dataplane, NamespaceGone, Once, WireGuardError
 from vnet.runtime.dataplane import WireGuardPort as WireGuard
 from vnet.telemetry import tracing
 
@@ -279,7 +279,7 @@ class Reconciler:
 
         ``gate`` is called once, before the first kernel op that could let a packet through
         (``Applier.apply``), and in any case before this returns."""
-        once = _Once(gate)
+        once = Once(gate)
         try:
             with self._lock:
                 return self._reconcile(desired, scope, once)
@@ -415,14 +415,3 @@ class Reconciler:
                  tb: TracebackType | None) -> None:
         self.close()
 
-
-class _Once:
-    """``fn`` at most once, whichever caller comes first (the applier or the reconcile's end)."""
-
-    def __init__(self, fn: Callable[[], None] | None) -> None:
-        self.fn = fn
-
-    def __call__(self) -> None:
-        fn, self.fn = self.fn, None
-        if fn is not None:
-            fn()

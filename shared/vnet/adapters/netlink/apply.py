@@ -143,6 +143,19 @@ def closed(op: PlanOp) -> bool:
     return False
 
 
+class Once:
+    """``fn`` at most once, however often it is called (a gate passed by whoever comes first:
+    the applier before an op that opens, or the end of the apply or reconcile)."""
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
 def describe(op: PlanOp) -> str:
     """One line for logs, errors and span names' attributes."""
     where = "host" if op.ns is None else op.ns
@@ -476,18 +489,15 @@ class Applier:
         out = ApplyOutcome()
         run = self._dispatch()
         ops = plan.ops
+        opened = Once(gate)
         i = 0
         try:
             while i < len(ops):
-                op = ops[i]
-                if gate is not None and not closed(op):
-                    opened: Callable[[], None] = gate
-                    gate = None
+                if not closed(ops[i]):
                     opened()
                 i = self._step(ops, i, out, run)
         finally:
-            if gate is not None:
-                gate()
+            opened()
         return out
 
     def _step(self, ops: list[PlanOp], i: int, out: ApplyOutcome, run: dict[type[Any], Callable[[Any], None]]) -> int:
