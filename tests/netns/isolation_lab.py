@@ -50,6 +50,19 @@ seen, out_lock = set(), threading.Lock()
 # new probe that drew the identifier of an earlier, allowed one to the same peer matched
 # that flow and passed as "established" under a ruleset that denies it (a false "allowed").
 icmp_ids = itertools.count(random.randrange(65534))
+# The same for UDP: conntrack keys a UDP flow by its ports and keeps it 30-120 s, and the
+# kernel draws ephemeral source ports at random (a repeat among ~100 probes to one peer is
+# ~20 % likely), so each UDP probe binds a source port of its own, counted below the
+# kernel's ephemeral range (32768-60999) and away from the ports served here.
+udp_ports = itertools.count(random.randrange(10000))
+def udp_socket():
+    for _ in range(100):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(("0.0.0.0", 20000 + next(udp_ports) % 10000)); return s
+        except OSError:
+            s.close()
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 def serve_tcp(p):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", p)); s.listen(256)
     while True:
@@ -68,7 +81,7 @@ def tcp(dst, port, t):
     except OSError:
         return False
 def udp(dst, port, t):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); tok = os.urandom(12); end = time.time() + t
+    s = udp_socket(); tok = os.urandom(12); end = time.time() + t
     try:
         s.sendto(tok, (dst, port))
         while time.time() < end:
