@@ -68,6 +68,9 @@ async def test_rates_exhaustion_fullness_events_and_gauges(env: tuple[VNetManage
         assert f.exhaustion_s == pytest.approx(3 / f.alloc_per_h * 3600, abs=0.5)  # 3 free at that rate
         assert got == []  # 10 of 13 is below 80 % (ceil(10.4) = 11)
         await m.request_address("fc1", "o10")  # 11: 80 %
+        # (counts are written together every COUNT_FLUSH_S: a level is announced with the
+        # pool's use when the count that crossed it is written, so the crossing is awaited)
+        await _until(lambda: len(got) >= 1)
         await m.request_address("fc1", "o10")  # a repeat allocates nothing and counts nothing
         await m.request_address("fc1", "o11")  # 12
         await m.request_address("fc1", "o12")  # 13: 95 % (ceil(12.35) = 13) and full
@@ -131,3 +134,38 @@ async def _until(pred: Callable[[], bool], deadline_s: float = 30.0) -> None:
     while not pred():
         assert loop.time() < end, "not within the deadline"
         await asyncio.sleep(0.05)
+
+
+async def test_allocation_counts_are_written_together(env: tuple[VNetManager, Runtime]) -> None:
+    """Allocations close together are counted in one write per pool (COUNT_FLUSH_S), not one
+    each, and every one of them is counted."""
+    from vnet.adapters.ipam_rates import rates_key
+
+    m, _ = env
+    r = aioredis.Redis.from_url(m.config.redis_url)
+    try:
+        await m.create_pool("fc3", "10.205.3.0/24", "10.205.3.1")
+
+        async def count_writes() -> int:  # every write of counts renews the hash's TTL (EXPIRE);
+            # nothing else in this stack (IPAM, metrics) sends EXPIRE
+            return int((await r.info("commandstats")).get("cmdstat_expire", {}).get("calls", 0))
+
+        before = await count_writes()
+        await asyncio.gather(*(m.request_address("fc3", f"c{k}") for k in range(30)))
+        got: dict[bytes, bytes] = {}
+
+        def counted() -> int:
+            return sum(int(v) for f, v in got.items() if f.startswith(b"a:"))
+
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while counted() < 30:
+            assert loop.time() < end, f"not every allocation counted: {got}"
+            await asyncio.sleep(0.05)
+            got = await r.hgetall(rates_key("fc3", 4))
+        await asyncio.sleep(0.3)  # nothing more comes
+        assert counted() == 30, got
+        writes = await count_writes() - before
+        assert 1 <= writes <= 10, f"{writes} count writes for 30 allocations"
+    finally:
+        await r.aclose()

@@ -178,6 +178,37 @@ async def _count(ctx: Ctx, network_id: str, family: int, layout: core.PoolLayout
         log.warning("could not count or announce for pool %s/%d: %s", network_id, family, exc)
 
 
+# Allocation counts are added up in this replica and written together: one pipelined round
+# trip per pool every COUNT_FLUSH_S, not one per allocation (an attach cost this service
+# ~0.4 ms of CPU more with a write per allocation: cpu_attach, 4 Dec). Best effort as before:
+# counts not yet written when the service stops are lost (a rate skewed, never an
+# allocation), and a fullness level is announced up to COUNT_FLUSH_S later.
+COUNT_FLUSH_S = 0.1
+
+
+def _note_alloc(ctx: Ctx, network_id: str, family: int, layout: core.PoolLayout) -> None:
+    state = ctx.rt.state
+    pending: dict[tuple[str, int], tuple[int, core.PoolLayout, Ctx]] = state.setdefault("alloc_counts", {})
+    n = pending.get((network_id, family), (0, layout, ctx))[0]
+    pending[(network_id, family)] = (n + 1, layout, ctx)  # the latest request carries the trace of a write
+    if not state.get("alloc_flushing"):
+        state["alloc_flushing"] = True
+        ctx.rt.after_reply(_flush_allocs(ctx.rt), "forecast counts")
+
+
+async def _flush_allocs(rt: Runtime) -> None:
+    """Write the counts noted since the last flush, every COUNT_FLUSH_S while there are any."""
+    try:
+        while True:
+            await asyncio.sleep(COUNT_FLUSH_S)
+            pending: dict[tuple[str, int], tuple[int, core.PoolLayout, Ctx]] = rt.state.pop("alloc_counts", {})
+            if not pending:
+                return
+            await asyncio.gather(*(_count(c, nid, fam, lay, allocs=n) for (nid, fam), (n, lay, c) in pending.items()))
+    finally:
+        rt.state["alloc_flushing"] = False
+
+
 # --- pools ------------------------------------------------------------------------------
 
 @SERVICE.op("pool.create", subjects.IPAM_POOL_CREATE, PoolCreate)
@@ -263,9 +294,9 @@ async def addr_request(ctx: Ctx, req: AddrRequest) -> AddrReply:
     got = await _store(ctx).allocate(req.network_id, family, req.owner, req.address, req.request_id)
     lay = got.layout
     if not got.existing:  # a retry allocated nothing new
-        # after the reply: a forecast's count is not what the attach waits for (one Redis
-        # round trip less on every attach's path; best effort, as it always was)
-        ctx.rt.after_reply(_count(ctx, req.network_id, family, lay, allocs=1), "forecast count")
+        # counted after the reply, with the others of the last COUNT_FLUSH_S: a forecast's
+        # count is not what the attach waits for
+        _note_alloc(ctx, req.network_id, family, lay)
     return AddrReply(network_id=req.network_id, family=family, address=got.address, prefix_len=lay.prefix_len,
                      gateway=str(lay.gateway) if lay.gateway is not None else None, owner=req.owner,
                      allocated_at=got.allocated_at, first_use=got.first_use)
