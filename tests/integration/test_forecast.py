@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from tests.integration.test_metrics import scrape_until, value
 from vnet import VNetManager
 from vnet.adapters import nats as nats_adapter
+from vnet.adapters.ipam_rates import rates_key
 from vnet.adapters.redis import global_key
 from vnet.runtime.config import VNetConfig
 from vnet.runtime.service import Runtime
@@ -139,15 +140,14 @@ async def _until(pred: Callable[[], bool], deadline_s: float = 30.0) -> None:
 async def test_allocation_counts_are_written_together(env: tuple[VNetManager, Runtime]) -> None:
     """Allocations close together are counted in one write per pool (COUNT_FLUSH_S), not one
     each, and every one of them is counted."""
-    from vnet.adapters.ipam_rates import rates_key
-
     m, _ = env
     r = aioredis.Redis.from_url(m.config.redis_url)
     try:
         await m.create_pool("fc3", "10.205.3.0/24", "10.205.3.1")
 
-        async def count_writes() -> int:  # every write of counts renews the hash's TTL (EXPIRE);
-            # nothing else in this stack (IPAM, metrics) sends EXPIRE
+        # Every write of counts renews the hash's TTL; nothing else in this stack (IPAM,
+        # metrics) sends EXPIRE, so Valkey's EXPIRE calls count the writes.
+        async def count_writes() -> int:
             return int((await r.info("commandstats")).get("cmdstat_expire", {}).get("calls", 0))
 
         before = await count_writes()

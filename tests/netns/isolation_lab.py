@@ -52,7 +52,7 @@ seen, out_lock = set(), threading.Lock()
 icmp_ids = itertools.count(random.randrange(65534))
 # The same for UDP: conntrack keys a UDP flow by its ports and keeps it 30-120 s, and the
 # kernel draws ephemeral source ports at random (a repeat among ~100 probes to one peer is
-# ~20 % likely), so each UDP probe binds a source port of its own, counted below the
+# ~15 % likely), so each UDP probe binds a source port of its own, counted below the
 # kernel's ephemeral range (32768-60999) and away from the ports served here.
 udp_ports = itertools.count(random.randrange(10000))
 def udp_socket():
