@@ -106,7 +106,7 @@ async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> Endp
                          f"the request as it was, or detach it first (`vnetctl endpoint rm {ident}`) and attach "
                          "again", endpoint=ident, fields=sorted(diff), differences=diff)
         if req.wait:
-            waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
+            waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}), folds=True)
             await waiter.start()
             try:
                 info = await _wait_status(ctx, await store.get(ident), waiter, req.wait_timeout_s)
@@ -279,7 +279,7 @@ async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork
 
     waiter = None
     if req.wait:
-        waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}))
+        waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}), folds=True)
         await _listen(ctx, waiter, info.node)
     try:
         settling = (asyncio.ensure_future(_settle_attempts(ctx, req.request_id, info, net.id, host))

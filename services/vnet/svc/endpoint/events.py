@@ -251,13 +251,21 @@ def status_event(msg: Msg) -> EndpointStatusEvent | None:
 
 class _StatusWaiter:
     """Listens on ``vnet.evt.endpoint.status.<node>.<id>`` of the endpoint's own node (core
-    NATS sees JetStream publishes too)."""
+    NATS sees JetStream publishes too).
 
-    def __init__(self, rt: Runtime, ident: str, wanted: frozenset[str]) -> None:
+    ``folds``: the waiting request folds the report into the record itself (a create). The
+    report it takes is claimed at once (:func:`claim_fold`): the durable consumer gets the same
+    report a moment later, and without the claim it folded it a second time while the fold it
+    raced was still out, on the event loop the reply waits for."""
+
+    def __init__(self, rt: Runtime, ident: str, wanted: frozenset[str], *, folds: bool = False) -> None:
         self.rt = rt
         self.ident = ident
         self.wanted = wanted
+        self.folds = folds
         self.got: asyncio.Future[EndpointStatusEvent] = asyncio.get_running_loop().create_future()
+        self.claim: asyncio.Future[bool] | None = None
+        self.closed = False
         self.sub: Subscription | None = None
         self.node: str | None = None
 
@@ -274,9 +282,18 @@ class _StatusWaiter:
         if ev is None or ev.node != self.node:
             return
         if ev.status in self.wanted and not self.got.done():
+            if self.folds and not self.closed:
+                self.claim = claim_fold(self.rt, ev)
             self.got.set_result(ev)
 
+    def folded(self, ok: bool) -> None:
+        """The claimed report was folded (``ok``), or not: then the durable consumer folds it."""
+        if self.claim is not None and not self.claim.done():
+            self.claim.set_result(ok)
+
     async def close(self) -> None:
+        self.closed = True
+        self.folded(False)  # a claim never folded (the wait ended first) goes back to the consumer
         if self.sub is not None:
             try:
                 await self.sub.unsubscribe()
@@ -303,37 +320,54 @@ async def _wait_status(ctx: Ctx, info: EndpointInfo | None, waiter: _StatusWaite
         except TimeoutError:
             info = await store.get(info.id)
             continue
-        if await _apply_status(store, ev) == "ok":
-            note_folded(ctx.rt, ev)
+        try:
+            res = await _apply_status(store, ev)
+        except BaseException:
+            waiter.folded(False)
+            raise
+        waiter.folded(True)  # folded, or answered why not: the durable consumer would get the same answer
+        if res == "ok":
             at = _iso_us(ev.version) if ev.version else _now()
             return msgspec.structs.replace(info, status=ev.status, reason=ev.reason,
                                            status_code=ev.code, status_at=at)
         return await store.get(info.id)
 
 
-# Statuses a waiting create of this replica folded in, (endpoint, version): the durable consumer
-# gets the same report a moment later and need not fold it again (it would find it stale after
-# a Redis round trip: one script less per attach). Bounded: the oldest go first.
+# Reports a waiting create of this replica claimed, (endpoint, version) -> whether it folded
+# them: the durable consumer gets the same report a moment later and need not fold it again
+# (it would find it stale after a Redis round trip: one script less per attach). Bounded: the
+# oldest go first.
 FOLDED_KEEP = 4096
+CLAIM_WAIT_S = 5.0
 
 
-def note_folded(rt: Runtime, ev: EndpointStatusEvent) -> None:
+def claim_fold(rt: Runtime, ev: EndpointStatusEvent) -> asyncio.Future[bool] | None:
+    """Claim ``ev`` for the create that waits for it; the future says whether it was folded."""
     if not ev.version:  # a report without a version cannot be told from the next one
-        return
-    folded: OrderedDict[tuple[str, int], None] = rt.state.setdefault("folded", OrderedDict())
-    folded[(ev.endpoint_id, ev.version)] = None
+        return None
+    folded: OrderedDict[tuple[str, int], asyncio.Future[bool]] = rt.state.setdefault("folded", OrderedDict())
+    fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    folded[(ev.endpoint_id, ev.version)] = fut
     while len(folded) > FOLDED_KEEP:
-        folded.popitem(last=False)
+        _, old = folded.popitem(last=False)
+        if not old.done():  # its consumer copy, if it comes, is folded (a second fold is stale)
+            old.set_result(False)
+    return fut
 
 
-def folded_here(rt: Runtime, ev: EndpointStatusEvent) -> bool:
-    """Whether a create of this replica folded this very report in (then forgotten: it comes once)."""
-    folded: OrderedDict[tuple[str, int], None] | None = rt.state.get("folded")
-    key = (ev.endpoint_id, ev.version)
-    if folded is None or not ev.version or key not in folded:
+async def folded_here(rt: Runtime, ev: EndpointStatusEvent) -> bool:
+    """Whether a create of this replica folded this very report in (waiting for a fold under
+    way; then forgotten: it comes once)."""
+    folded: OrderedDict[tuple[str, int], asyncio.Future[bool]] | None = rt.state.get("folded")
+    if folded is None or not ev.version:
         return False
-    del folded[key]
-    return True
+    fut = folded.pop((ev.endpoint_id, ev.version), None)
+    if fut is None:
+        return False
+    try:  # bounded: a claim is settled when its create's wait ends, this is a safety net
+        return await asyncio.wait_for(asyncio.shield(fut), CLAIM_WAIT_S)
+    except TimeoutError:
+        return False
 
 
 async def _apply_status(store: EndpointStore, ev: EndpointStatusEvent) -> str:

@@ -165,7 +165,7 @@ async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:
 
 async def _on_status(rt: Runtime, msg: Msg) -> None:
     ev = status_event(msg)
-    if ev is None or folded_here(rt, ev):
+    if ev is None or await folded_here(rt, ev):
         return
     res = await _apply_status(_store(rt), ev)
     if res not in ("ok", "ignored", "stale", "missing"):
