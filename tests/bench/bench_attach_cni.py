@@ -64,6 +64,9 @@ from vnet.core.policy import AllowRule, PortSpec, Selector
 from vnet.runtime import launcher, servers, service
 from vnet.runtime.config import VNetConfig
 
+# Every service `vnetctl up` runs (the metrics service hears every event: its share of an
+# attach is counted too).
+SERVICES = ("ipam", "network", "endpoint", "policy", "metrics")
 PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-c"
 CNI_PATH = "/usr/lib/cni"
 _made: list[str] = []
@@ -240,7 +243,7 @@ async def web_stack(n: int, pre: int = 0) -> AsyncIterator[WebStack]:
                               log_level="WARNING")
         host = (await asyncio.to_thread(namespaces, "h", 1))[0]
         node = f"{PREFIX}-n1"
-        procs = [service_process(cfg, work, name) for name in ("ipam", "network", "endpoint", "policy")]
+        procs = [service_process(cfg, work, name) for name in SERVICES]
         procs.append(service_process(cfg, work, "node", ["--node-id", node, "--host-netns", host, "--resync", "60"]))
         async with VNetManager(cfg) as m:
             for _ in range(1200):
@@ -366,13 +369,13 @@ async def vnet_rows(n: int, big: int, parallel: int, work: Path, cross: int, lay
         host = (await asyncio.to_thread(namespaces, "h", 1))[0]
         node = f"{PREFIX}-n1"
         if layout == "one":
-            for name in ("ipam", "network", "endpoint", "policy"):
+            for name in SERVICES:
                 rts.append(await service.start(launcher.load_service(name), cfg))
             rts.append(await service.start(launcher.load_service("node"),
                                            msgspec.structs.replace(cfg, host_netns=host),
                                            params={"node": node, "resync_s": "60"}))
         else:
-            for name in ("ipam", "network", "endpoint", "policy"):
+            for name in SERVICES:
                 procs.append(service_process(cfg, work, name))
             procs.append(service_process(cfg, work, "node", ["--node-id", node, "--host-netns", host,
                                                              "--resync", "60"]))

@@ -67,7 +67,7 @@ def comm(pid: int) -> str:
 async def run(n: int, pre: int) -> None:
     async with B.web_stack(n, pre) as st:
         await asyncio.sleep(1.0)
-        label = {p.pid: name for name, p in zip(("ipam", "network", "endpoint", "policy", "node"), st.procs,
+        label = {p.pid: name for name, p in zip((*B.SERVICES, "node"), st.procs,
                                                 strict=True)}
         label[os.getpid()] = "client"
         pids = children() | {os.getpid()}
