@@ -179,16 +179,22 @@ async def event_nodes(ctx: Ctx, event: str, info: EndpointInfo, net: VirtualNetw
         return related
 
     drv = core_drivers.get(info.driver)
+    # The hosts first: where the endpoint's own node is the only one in play (a network on one
+    # host, the common case), no other node can need the event, and the rules need not be read
+    # and matched (a Redis read and every rule decoded, on each attach). Read at the event's
+    # time like the rules, so a node that joins the network after this read fetches its state
+    # after this endpoint's commit, which holds it.
+    hosts = await _hosts_of(_store(ctx), await rel())
+    if not hosts - nodes:
+        return nodes
     every = event != "updated" and drv.spans_hosts
     if not every:
         every = await _selected(ctx, [info] if previous is None else [info, previous])
     if not every and (drv.enforced_in_container or net is None or _has_relations(net)):
         every = await _in_container_tables(ctx, info, await rel())
-    dns = await _dns_nodes(ctx)
-    if not every and not dns:
-        return nodes
-    hosts = await _hosts_of(_store(ctx), await rel())
-    return nodes | (hosts if every else hosts & dns)
+    if every:
+        return nodes | hosts
+    return nodes | (hosts & await _dns_nodes(ctx))
 
 
 def _has_relations(net: VirtualNetwork) -> bool:
