@@ -109,3 +109,43 @@ def test_once() -> None:
     once()
     assert calls == [1]
     Once(None)()  # no gate: nothing to call
+
+
+class _Observer:
+    """Hands the reconciler a fixed observation (or fails)."""
+
+    def __init__(self, actual: Any, fail: bool = False) -> None:
+        self.actual, self.fail = actual, fail
+
+    def node(self, containers: Any, names: Any = None) -> Any:
+        if self.fail:
+            raise OSError("cannot read the host namespace")
+        return self.actual
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_work_beside_the_kernel_starts_once_planned_and_the_gate_is_passed_once(fail: bool) -> None:
+    """The node starts its policy delta when the plan is made (``planned``), before any kernel op,
+    and passes the gate once; when the observation fails nothing is planned, and the gate is
+    still passed (the delta is written either way)."""
+    from vnet.runtime.dataplane import Dataplane
+    from vnet.svc.node.reconcile import Reconciler
+
+    applier = Recording()
+    ns: Any = type("Ns", (), {"close": lambda self: None, "retain": lambda self, r: 0, "prune": lambda self: 0})()
+    rec = Reconciler(None, node_name="n1", kernel=Dataplane(namespaces=ns, observer=_Observer(  # type: ignore[arg-type]
+        empty_actual("c1"), fail=fail), applier=applier, wireguard=lambda *a: None))  # type: ignore[arg-type]
+    try:
+        result = rec.reconcile(NodeDesired(networks=[NET], endpoints=[ep(1)]),
+                               Scope(endpoints=frozenset({"ep1"}), networks=frozenset()),
+                               gate=lambda: applier.log.append("GATE"), planned=lambda: applier.log.append("PLANNED"))
+    finally:
+        rec.close()
+    if fail:
+        assert applier.log == ["GATE"] and result.errors
+    else:
+        assert applier.log[0] == "PLANNED" and applier.log.count("PLANNED") == 1 and applier.log.count("GATE") == 1
+        assert applier.log.index("GATE") < applier.log.index("set_link")

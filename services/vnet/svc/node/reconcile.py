@@ -273,16 +273,19 @@ class Reconciler:
 
     # -- reconcile -----------------------------------------------------------------------
     def reconcile(self, desired: NodeDesired, scope: Scope | None = None,
-                  gate: Callable[[], None] | None = None) -> ReconcileResult:
+                  gate: Callable[[], None] | None = None,
+                  planned: Callable[[], None] | None = None) -> ReconcileResult:
         """Make the host look like ``desired`` (within ``scope``); never raises for
         kernel or input problems — they are in ``result.errors`` and the statuses.
 
         ``gate`` is called once, before the first kernel op that could let a packet through
-        (``Applier.apply``), and in any case before this returns."""
+        (``Applier.apply``), and in any case before this returns. ``planned`` is called once
+        the plan is made, before any kernel op (not at all when the observation or the plan
+        failed): work to run beside the kernel's starts there."""
         once = Once(gate)
         try:
             with self._lock:
-                return self._reconcile(desired, scope, once)
+                return self._reconcile(desired, scope, once, planned)
         finally:
             once()
 
@@ -290,7 +293,8 @@ class Reconciler:
         """:meth:`reconcile` off the event loop (the trace context follows)."""
         return await asyncio.to_thread(self.reconcile, desired, scope)
 
-    def _reconcile(self, desired: NodeDesired, scope: Scope | None, gate: Callable[[], None]) -> ReconcileResult:
+    def _reconcile(self, desired: NodeDesired, scope: Scope | None, gate: Callable[[], None],
+                   planned: Callable[[], None] | None = None) -> ReconcileResult:
         t0 = time.perf_counter()
         writes0 = self.applier.writes
         self.reconciles += 1
@@ -322,6 +326,8 @@ class Reconciler:
                     sp.set_attribute("vnet.plan_errors", len(p.errors))
                 plan_s = time.perf_counter() - t
                 ops_planned = len(p.ops)
+                if planned is not None:
+                    planned()
                 for pe in p.errors:
                     err = ReconcileError(owner=pe.owner, code=pe.code, message=pe.message)
                     errors.append(err)
