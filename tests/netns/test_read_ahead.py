@@ -94,3 +94,40 @@ def test_an_attach_after_its_reading_is_ready_and_the_reading_is_not_used_again(
         again = rec.reconcile(NodeDesired(networks=[NET], endpoints=[ep]))
         assert_all_ready(again)
         assert again.writes == 0 and rec.observer.prefetch_used == 1  # type: ignore[attr-defined]
+
+
+def test_a_namespace_socket_serves_two_threads_one_request_at_a_time(netns: Callable[[str], str]) -> None:
+    """The reading ahead runs in another thread than the reconcile, on the same namespace's
+    socket: requests from both must not interleave (each skipped the other's replies as stale,
+    and one waited for its own until the socket's timeout)."""
+    import threading
+
+    from pyroute2.netlink.rtnl import RTM_GETADDR, RTM_GETLINK
+
+    from vnet.adapters.netlink.nsctx import ifaddrmsg, ifinfomsg
+
+    c = netns("rf")
+    ctx = NsContext(max_entries=4)
+    try:
+        sock = ctx.sock(c)
+        sock.sock.settimeout(2.0)  # a lost reply fails this test in seconds, not 30
+        errors: list[BaseException] = []
+
+        def hammer(kind: int) -> None:
+            try:
+                for _ in range(300):
+                    if kind == RTM_GETLINK:
+                        assert sock.dump(RTM_GETLINK, ifinfomsg(), "dump links")
+                    else:
+                        sock.dump(RTM_GETADDR, ifaddrmsg(), "dump addresses")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in (RTM_GETLINK, RTM_GETADDR, RTM_GETLINK)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+    finally:
+        ctx.close()

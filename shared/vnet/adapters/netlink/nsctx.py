@@ -260,12 +260,18 @@ class NlSocket:
     :meth:`get` return raw message bytes ``(type, bytes)`` for the caller to decode.
     A message is either the body bytes after the netlink header (see the encoders
     below) or a pyroute2 message object.
+
+    One request at a time, whatever the thread: a request holds the socket from its send to
+    its last reply (the kernel thread's reconcile and a namespace read ahead of an attach,
+    from another thread, share a namespace's socket; interleaved, each skipped the other's
+    replies as stale and one waited for its own until the timeout).
     """
 
     def __init__(self, sock: socket.socket, label: str) -> None:
         self.sock = sock
         self.label = label
         self._seq = 0
+        self._lock = threading.Lock()
         sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)  # dumps honour filters (addresses by ifindex)
@@ -320,17 +326,20 @@ class NlSocket:
 
     def request(self, msg_type: int, flags: int, msg: bytes | nlmsg, what: str = "") -> None:
         """Send a state-changing request and wait for the kernel's ACK."""
-        seq = self._send(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, msg)
-        for _ in self._replies(seq, what):
-            pass
+        with self._lock:
+            seq = self._send(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, msg)
+            for _ in self._replies(seq, what):
+                pass
 
     def dump(self, msg_type: int, msg: bytes | nlmsg, what: str = "") -> list[tuple[int, bytes]]:
-        seq = self._send(msg_type, NLM_F_REQUEST | NLM_F_DUMP, msg)
-        return list(self._replies(seq, what))
+        with self._lock:
+            seq = self._send(msg_type, NLM_F_REQUEST | NLM_F_DUMP, msg)
+            return list(self._replies(seq, what))
 
     def get(self, msg_type: int, msg: bytes | nlmsg, what: str = "") -> list[tuple[int, bytes]]:
-        seq = self._send(msg_type, NLM_F_REQUEST | NLM_F_ACK, msg)
-        return list(self._replies(seq, what))
+        with self._lock:
+            seq = self._send(msg_type, NLM_F_REQUEST | NLM_F_ACK, msg)
+            return list(self._replies(seq, what))
 
     def close(self) -> None:
         self.sock.close()
