@@ -406,18 +406,9 @@ class Reconciler:
                       ObjectStatus(state="failed", reason=err.message, code=err.code))
         return out
 
-    def prefetch(self, netns: str) -> None:
-        """Open ``netns``'s socket and read it ahead of its attach (blocking: from a thread).
-        The namespace check of an attach calls it once answered, while the endpoint service
-        waits for its address anyway: the attach that follows finds the socket open (opening
-        it in the namespace's thread cost ~0.25 ms of the attach's kernel step) and, for a
-        fresh namespace nothing changed since, its reading made (``Observer.prefetch``)."""
-        self.observer.prefetch(netns)
-
     def close(self) -> None:
         """The namespace threads end; a temporary key directory goes (a running tunnel keeps its
         key: wireguard-go read it when the device was set up)."""
-        self.observer.drop_prefetched()
         self.ctx.close()
         if self._tmp_state is not None:
             shutil.rmtree(self._tmp_state, ignore_errors=True)

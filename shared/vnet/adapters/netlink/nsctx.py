@@ -262,9 +262,9 @@ class NlSocket:
     below) or a pyroute2 message object.
 
     One request at a time, whatever the thread: a request holds the socket from its send to
-    its last reply (the kernel thread's reconcile and a namespace read ahead of an attach,
-    from another thread, share a namespace's socket; interleaved, each skipped the other's
-    replies as stale and one waited for its own until the timeout).
+    its last reply. Two threads on one socket (a namespace read ahead of its attach beside
+    the reconcile, tried in acfaca2) each skipped the other's replies as stale, and one
+    waited for its own until the timeout.
     """
 
     def __init__(self, sock: socket.socket, label: str) -> None:

@@ -15,11 +15,7 @@ Two ways to look at the host namespace:
 * :meth:`Observer.host_links` fetches only the interfaces named (an event's targeted
   reconcile: O(1) in the number of endpoints on the host).
 
-A container namespace is always read whole (it holds a handful of interfaces). A fresh one
-(nothing but ``lo``) may be read ahead of its attach (:meth:`Observer.prefetch`, after the
-node answered the endpoint service's namespace check): the attach then uses that reading if
-a socket subscribed to the namespace's link, address, route and netconf notifications before
-the reading has received none since. Any change in between (ours included) discards it.
+A container namespace is always read whole (it holds a handful of interfaces).
 """
 
 from __future__ import annotations
@@ -29,11 +25,7 @@ import ipaddress
 import os
 import socket
 import struct
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
 from pyroute2.netlink.rtnl import (
@@ -52,7 +44,6 @@ from vnet.adapters.netlink.nsctx import (
     NamespaceGone,
     NetlinkError,
     NsContext,
-    check_socket_netns,
     ifaddrmsg,
     ifinfomsg,
     nla_str,
@@ -269,52 +260,6 @@ def _states(raw: list[RawLink], addrs: dict[int, list[str]]) -> dict[str, LinkSt
     return out
 
 
-# What a reading ahead of an attach listens to: any change of a link, an address, a route or an
-# interface's netconf in the namespace makes the reading stale.
-_RTMGRP_LINK = 0x1
-_RTMGRP_IPV4_IFADDR = 0x10
-_RTMGRP_IPV4_ROUTE = 0x40
-_RTMGRP_IPV6_IFADDR = 0x100
-_RTMGRP_IPV6_ROUTE = 0x400
-_RTMGRP_IPV4_NETCONF = 1 << (24 - 1)
-_RTMGRP_IPV6_NETCONF = 1 << (25 - 1)
-_PREFETCH_GROUPS = (_RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR | _RTMGRP_IPV4_ROUTE
-                    | _RTMGRP_IPV6_ROUTE | _RTMGRP_IPV4_NETCONF | _RTMGRP_IPV6_NETCONF)
-PREFETCH_TTL_S = 10.0  # an attach comes a few ms after its check; a reading older than this goes
-PREFETCH_MAX = 256  # readings kept at once (one socket each), the oldest dropped first
-
-
-def _watch_socket() -> socket.socket:
-    """In the namespace's thread: a socket that receives the namespace's changes."""
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-    try:
-        s.bind((0, _PREFETCH_GROUPS))
-        s.setblocking(False)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def _quiet(watch: socket.socket) -> bool:
-    """Nothing received since the socket was made (a change, or a lost one: ENOBUFS)."""
-    try:
-        watch.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-@dataclass
-class _Reading:
-    state: NsState
-    watch: socket.socket
-    ident: tuple[int, int]
-    at: float
-
-
 class Observer:
     """Reads namespaces through an :class:`NsContext` (never writes)."""
 
@@ -323,64 +268,6 @@ class Observer:
         self.host_ref = host_ref
         self.requests = 0  # netlink requests made (reads)
         self._host_sysctls: dict[str, str] | None = None  # last read (scoped observations reuse it)
-        self._ahead: OrderedDict[str, _Reading] = OrderedDict()  # fresh namespaces read ahead
-        self._ahead_lock = threading.Lock()
-        self.prefetch_used = 0  # readings ahead an attach used (the rest were stale or unused)
-
-    # -- reading ahead -----------------------------------------------------------------
-    def prefetch(self, ref: str) -> None:
-        """Read the container namespace ``ref`` now, for the attach that follows its check
-        (blocking; from a thread). Kept only when the namespace is fresh (``lo`` alone) and for
-        as long as nothing in it changes: the socket is subscribed before the reading, so a
-        change during or after it is seen. Why: the reading is four netlink dumps (~0.4-0.6 ms
-        of an attach's kernel step) made while the node waits for the attach anyway."""
-        ns = self.ctx.netns(ref)
-        watch = self.ctx.run_in(ref, _watch_socket)
-        try:
-            check_socket_netns(watch, ns)
-            state = self._read_container(ref)
-        except BaseException:
-            watch.close()
-            raise
-        if not state.exists or state.error is not None or set(state.links) - {"lo"}:
-            watch.close()
-            return
-        dropped: list[_Reading] = []
-        with self._ahead_lock:
-            old = self._ahead.pop(ref, None)
-            if old is not None:
-                dropped.append(old)
-            self._ahead[ref] = _Reading(state, watch, ns.ident, time.monotonic())
-            while len(self._ahead) > PREFETCH_MAX:
-                dropped.append(self._ahead.popitem(last=False)[1])
-        for r in dropped:
-            r.watch.close()
-
-    def _read_ahead(self, ref: str) -> NsState | None:
-        """The reading ahead of ``ref`` if it still holds (taken: used once), else None."""
-        with self._ahead_lock:
-            r = self._ahead.pop(ref, None)
-        if r is None:
-            return None
-        try:
-            if time.monotonic() - r.at > PREFETCH_TTL_S or not _quiet(r.watch):
-                return None
-            try:  # the same namespace (not deleted and made again under the name)
-                if self.ctx.netns(ref).ident != r.ident:
-                    return None
-            except (NamespaceGone, OSError):
-                return None
-            self.prefetch_used += 1
-            return r.state
-        finally:
-            r.watch.close()
-
-    def drop_prefetched(self) -> None:
-        with self._ahead_lock:
-            gone = list(self._ahead.values())
-            self._ahead.clear()
-        for r in gone:
-            r.watch.close()
 
     # -- primitives --------------------------------------------------------------------
     def links(self, ref: str | None) -> list[RawLink]:
@@ -532,12 +419,6 @@ class Observer:
         return next((parse_link(b) for t, b in got if t == RTM_NEWLINK), None)
 
     def container(self, ref: str) -> NsState:
-        ahead = self._read_ahead(ref)
-        if ahead is not None:
-            return ahead
-        return self._read_container(ref)
-
-    def _read_container(self, ref: str) -> NsState:
         try:
             if self.ctx.netns(ref).ident == self.ctx.netns(self.host_ref).ident:
                 return NsState(error="it is this node's host namespace; a bridge endpoint needs a namespace of "
