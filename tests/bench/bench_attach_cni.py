@@ -59,14 +59,12 @@ import msgspec
 
 from vnet import VNetManager
 from vnet.contracts.endpoint import EndpointInfo, PortMapping
+from vnet.contracts.subjects import SERVICES  # every service `vnetctl up` runs, metrics included
 from vnet.core.errors import VNetError
 from vnet.core.policy import AllowRule, PortSpec, Selector
 from vnet.runtime import launcher, servers, service
 from vnet.runtime.config import VNetConfig
 
-# Every service `vnetctl up` runs (the metrics service hears every event: its share of an
-# attach is counted too).
-SERVICES = ("ipam", "network", "endpoint", "policy", "metrics")
 PREFIX = f"{os.environ.get('VNET_RUN_PREFIX') or 'vb' + uuid.uuid4().hex[:5]}-c"
 CNI_PATH = "/usr/lib/cni"
 _made: list[str] = []

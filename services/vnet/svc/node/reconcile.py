@@ -294,7 +294,7 @@ class Reconciler:
         return await asyncio.to_thread(self.reconcile, desired, scope)
 
     def _reconcile(self, desired: NodeDesired, scope: Scope | None, gate: Callable[[], None],
-                   planned: Callable[[], None] | None = None) -> ReconcileResult:
+                   planned: Callable[[], None] | None) -> ReconcileResult:
         t0 = time.perf_counter()
         writes0 = self.applier.writes
         self.reconciles += 1
