@@ -209,6 +209,34 @@ async def test_unknown_network_and_bad_input_leave_nothing(env: Env) -> None:
     assert await env.members(global_key("endpoints")) == {a.id}
 
 
+async def test_waiting_create_with_a_missing_namespace_leaves_nothing(env: Env) -> None:
+    """A create that waits asks the node nothing before its commit: the node's own attempt
+    finds the namespace missing (before any kernel write) and the create removes what it
+    committed — record, indexes, address, the node's copy, the request id — and answers
+    ``netns_not_found`` naming the namespace and the node, as the check before the commit did.
+    The same request id then attaches once the namespace is there."""
+    m = env.m
+    net = await env.network()
+    missing = f"{env.host}-nonexistent"
+    e = await env.err(m.create_endpoint("ctr-late", net.id, netns=missing, wait=True, request_id="rq-late"))
+    assert e.code == "netns_not_found" and e.status == 404, e
+    assert missing in e.message and env.node in e.message and "vnetctl container create" in e.message
+    assert e.details["netns"] == missing and e.details["node"] == env.node
+    assert await env.used(net.id) == {4: 0}
+    assert await env.members(global_key("endpoints")) == set()
+    assert await m.list_endpoints(network=net.id) == []
+    for _ in range(100):  # the node heard the deleted event too: it holds nothing of it
+        if (await m.node_stats(env.node)).endpoints == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await m.node_stats(env.node)).endpoints == 0
+    ns = env.netns("late")
+    ep = await m.create_endpoint("ctr-late", net.id, netns=ns, wait=True, request_id="rq-late")
+    assert ep.status == "ready" and ep.netns == ns, ep
+    assert await env.used(net.id) == {4: 1}
+    assert await env.members(global_key("endpoints")) == {ep.id}
+
+
 async def test_node_reports_this_kernels_drivers(env: Env) -> None:
     """What the node worker registered matches an independent probe of this kernel, whichever
     drivers it has."""

@@ -247,7 +247,7 @@ def test_bad_endpoints_fail_alone_and_nothing_is_half_made(world: World) -> None
     r = rec.reconcile(NodeDesired(networks=[NET], endpoints=eps))
     assert r.endpoints["ep-0"].state == "ready" and r.endpoints["ep-2"].state == "ready"
     assert r.endpoints["ep-1"].state == "failed" and r.endpoints["ep-1"].code == "conflict"
-    assert r.endpoints["ep-ghost"].state == "failed" and r.endpoints["ep-ghost"].code == "not_found"
+    assert r.endpoints["ep-ghost"].state == "failed" and r.endpoints["ep-ghost"].code == "netns_not_found"
     assert "does not exist" in r.endpoints["ep-ghost"].reason
     assert r.endpoints["ep-in-host"].state == "failed" and "host namespace" in r.endpoints["ep-in-host"].reason
     hl = links(host)

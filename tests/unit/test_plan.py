@@ -393,7 +393,7 @@ def test_invalid_endpoints_fail_alone() -> None:
     codes = {e.owner: e.code for e in p.errors}
     assert codes == {"ep:ep1": "invalid_request", "ep:ep2": "invalid_request", "ep:ep3": "invalid_cidr",
                      "ep:ep4": "network_not_found", "ep:ep5": "invalid_request", "ep:ep6": "invalid_gateway",
-                     "ep:ep7": "address_in_use", "ep:ep9": "not_found"}
+                     "ep:ep7": "address_in_use", "ep:ep9": "netns_not_found"}
     assert {op.owner for op in p.ops} == {"host", "net:net1", "ep:ep8"}
     assert "missing does not exist" in p.failed()["ep:ep9"].message
 

@@ -144,6 +144,15 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return false
 """)
 
+# KEYS: the request id's key, its attempts set; ARGV: an id committed for it and removed again
+# because the create did not happen after all (its namespace was missing). The request id is
+# free again (if it still names that id): a repeat attaches anew.
+FORGET_REQUEST = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+""")
+
 # KEYS: the attempts set; ARGV: the committed id. The set's other ids; the set is gone.
 SETTLE_ATTEMPTS = Script("""
 local ids = redis.call('SMEMBERS', KEYS[1])
@@ -344,6 +353,11 @@ class EndpointStore:
     async def attempt_done(self, request_id: str, ident: str) -> None:
         """An attempt that failed and released what it held is no one else's to release."""
         await self.r.srem(attempts_key(request_id), ident)
+
+    async def forget_request(self, request_id: str, ident: str) -> None:
+        """``ident`` was committed for ``request_id`` and removed again as never made: the
+        request id is free for a repeat (only while it still names ``ident``)."""
+        await FORGET_REQUEST(self.r, [idem_key(request_id), attempts_key(request_id)], [ident])
 
     async def settle_attempts(self, request_id: str, ident: str) -> list[str]:
         """After ``ident`` committed for ``request_id``: the ids other attempts of it noted. None

@@ -302,6 +302,10 @@ async def _check_netns_on_node(ctx: Ctx, node: str, netns: str) -> None:
             return
         raise
     if not rep.exists:
-        raise E.make(E.NETNS_NOT_FOUND, f"the container's network namespace {netns!r} does not exist on node {node} "
-                     f"({rep.reason or rep.path}); create the container first (`vnetctl container create`), or "
-                     "pass its namespace (netns)", netns=netns, node=node, path=rep.path)
+        raise netns_not_found(netns, node, rep.reason or rep.path, rep.path)
+
+
+def netns_not_found(netns: str, node: str, why: str, path: str) -> E.VNetError:
+    return E.make(E.NETNS_NOT_FOUND, f"the container's network namespace {netns!r} does not exist on node {node} "
+                  f"({why}); create the container first (`vnetctl container create`), or pass its namespace "
+                  "(netns)", netns=netns, node=node, path=path)

@@ -4,7 +4,6 @@ the records, a deleted network's endpoints removed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable
 
@@ -14,28 +13,24 @@ from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     EndpointDelete,
     EndpointDeleted,
-    EndpointEvent,
     EndpointInfo,
     EndpointList,
     EndpointPage,
     EndpointRef,
 )
 from vnet.contracts.network import NetworkRef
-from vnet.core import drivers
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
 from vnet.runtime.idempotency import run_once
 from vnet.runtime.ports import ReplyStorePort
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint.common import _not_found, _store
-from vnet.svc.endpoint.create import _release
 from vnet.svc.endpoint.events import (
     _apply_status,
-    _publish_endpoint_event,
-    _StatusWaiter,
     folded_here,
     status_event,
 )
+from vnet.svc.endpoint.removal import remove
 
 log = logging.getLogger(__name__)
 
@@ -98,53 +93,6 @@ async def list_endpoints(ctx: Ctx, req: EndpointList) -> EndpointPage:
 
 
 # --- delete --------------------------------------------------------------------------------------
-
-
-async def remove(ctx: Ctx, ident: str, *, wait: bool, timeout: float) -> EndpointDeleted:
-    store = _store(ctx)
-    info = await store.get(ident)
-    if info is None:
-        raise _not_found(ident)
-    warnings: list[str] = []
-    waiter = None
-    if wait:
-        node = await store.node(info.node)
-        if node is None:
-            warnings.append(f"node {info.node} is not registered: its interface is removed when its worker comes "
-                            "back (full resync)")
-        else:
-            waiter = _StatusWaiter(ctx.rt, ident, frozenset({"deleted", "failed"}))
-            await waiter.start()
-    try:
-        old = await store.delete(info)
-        if old is None:
-            raise _not_found(ident)
-        await store.netep_remove(old.network_id, ident)
-        try:
-            await _publish_endpoint_event(ctx, "deleted", old, EndpointEvent(endpoint=old),
-                                          msg_id=f"endpoint.deleted.{ident}")
-        except Exception as exc:
-            log.warning("could not publish endpoint.deleted for %s: %s", ident, exc)
-            warnings.append(f"the node was not told ({exc}); its next full resync removes the interface")
-        released: list[str] = []
-        if drivers.get(old.driver).container_iface:  # one sharing the host's namespace holds no address
-            released, warn = await _release(ctx, old.network_id, ident)
-            if warn:
-                warnings.append(warn)
-        confirmed = False
-        if waiter is not None:
-            try:
-                ev = await asyncio.wait_for(asyncio.shield(waiter.got), timeout)
-            except TimeoutError:
-                warnings.append(f"node {old.node} did not confirm the teardown within {timeout:.0f}s")
-            else:
-                confirmed = ev.status == "deleted"
-                if not confirmed:
-                    warnings.append(f"node {old.node} could not tear the interface down: {ev.reason}")
-    finally:
-        if waiter is not None:
-            await waiter.close()
-    return EndpointDeleted(endpoint=old, released=released, node_confirmed=confirmed, warnings=warnings)
 
 
 async def delete(ctx: Ctx, req: EndpointDelete) -> EndpointDeleted:

@@ -17,7 +17,8 @@ from vnet.contracts.endpoint import (
 from vnet.core import errors as E
 from vnet.runtime.service import Ctx
 from vnet.svc.endpoint.create import create
-from vnet.svc.endpoint.records import list_endpoints, remove
+from vnet.svc.endpoint.records import list_endpoints
+from vnet.svc.endpoint.removal import remove
 
 # --- a node acting for a container runtime on itself (the CNI plugin) ---------------------------
 # The node comes from the subject (vnet.endpoint.runtime.<node>.*), which the bus lets only that

@@ -12,14 +12,16 @@ How a create goes (details in ``docs/endpoints.md``)::
     validate (MAC, interface name, namespace)       no I/O
     network.get                                     404 network_not_found
     node registered? driver available there?        404 node_not_found / 503 driver_unavailable
-    node: does the namespace exist?                 404 netns_not_found   (vnet.node.<node>.netns.check)
+    node: does the namespace exist? (no wait only)  404 netns_not_found   (vnet.node.<node>.netns.check)
     IPAM: IPv4 (+ IPv6)  owner = endpoint id        409 address_in_use naming the holder
     netep SADD, commit (one Lua script)             dup -> release and return the first result
     event vnet.evt.endpoint.created.<id>            the node reconciles and reports status
 
 No partial state: anything failing after the allocation releases it; a crash in
 between leaves an allocation whose owner is not in the endpoint index, which the
-IPAM garbage collector releases after its grace period.
+IPAM garbage collector releases after its grace period. A create with ``wait`` learns
+of a missing namespace from the node's report (``netns_not_found``) and removes what it
+committed before it answers with that error.
 
 Statuses: the node worker publishes ``vnet.evt.endpoint.status.<node>.<id>`` (ready, failed
 with a reason, or deleted); a durable JetStream consumer shared by the replicas folds

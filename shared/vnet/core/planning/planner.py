@@ -272,7 +272,9 @@ class Planner:
     def container(self, ep: EpView) -> NsState | None:
         c = self.actual.containers.get(ep.d.netns)
         if c is None or not c.exists:
-            self.fail(ep.owner, E.NOT_FOUND, f"container network namespace {ep.d.netns} does not exist")
+            # its own code: a create that waits for its node learns of a missing namespace here
+            # (it asks no question before: svc/endpoint/create.py) and undoes itself
+            self.fail(ep.owner, E.NETNS_NOT_FOUND, f"container network namespace {ep.d.netns} does not exist")
             return None
         if c.error:
             self.fail(ep.owner, E.UNAVAILABLE, f"container network namespace {ep.d.netns} cannot be read: "
