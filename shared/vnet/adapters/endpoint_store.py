@@ -207,7 +207,9 @@ if mac ~= '' then redis.call('HSET', KEYS[7], mac, id) end
 if ARGV[7] == '1' then redis.call('SET', KEYS[9], id, 'PX', ARGV[8]) end
 for _, f in ipairs(claims) do redis.call('HSET', KEYS[10], f, id) end
 redis.call('HINCRBY', KEYS[11], ARGV[6], 1)
-return {'ok', ifname}
+-- the nodes holding an endpoint of the network now, this one's included: read with the
+-- commit, the endpoint service addresses the created event with them (no read of its own)
+return {'ok', ifname, '', redis.call('HKEYS', KEYS[11])}
 """)
 
 DELETE = Script("""
@@ -307,6 +309,8 @@ class CommitResult(msgspec.Struct):
     status: str  # ok | dup_rid | dup_ctr | no_network | mac_in_use | ifname_in_use | port_in_use
     value: str = ""  # ok: the interface name; otherwise the id named
     claim: str = ""  # port_in_use: the claim field ("tcp/*/8080")
+    # ok: the nodes holding an endpoint of the network after this commit (read by the script)
+    hosts: set[str] | None = None
 
 
 class UpdateResult(msgspec.Struct):
@@ -407,7 +411,9 @@ class EndpointStore:
                 raise res
         else:
             res = await COMMIT(self.r, keys, args)
-        return CommitResult(_s(res[0]), _s(res[1]) if len(res) > 1 else "", _s(res[2]) if len(res) > 2 else "")
+        hosts = {_s(x) for x in res[3]} if len(res) > 3 and isinstance(res[3], list) else None
+        return CommitResult(_s(res[0]), _s(res[1]) if len(res) > 1 else "", _s(res[2]) if len(res) > 2 else "",
+                            hosts)
 
     async def update(self, before: EndpointInfo, after: EndpointInfo) -> UpdateResult:
         """Replace the stored doc of ``before`` (read at ``before.revision``) with ``after``,

@@ -261,8 +261,8 @@ async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork
                 info = msgspec.structs.replace(info, ipv6_address=a6r.address, prefix_len_v6=a6r.prefix_len,
                                                gateway_v6=a6r.gateway)
         info = msgspec.structs.replace(info, dns=_dns_for(node, net, info))
-        info = await _commit(ctx, store, info, net, auto_ifname=not host and ifname is None,
-                             auto_mac=not host and mac is None, request_id=req.request_id)
+        info, hosts = await _commit(ctx, store, info, net, auto_ifname=not host and ifname is None,
+                                    auto_mac=not host and mac is None, request_id=req.request_id)
     except BaseException as exc:
         cleaned = True
         if allocated:
@@ -284,7 +284,7 @@ async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork
                     if req.request_id else None)
         try:
             await _publish_endpoint_event(ctx, "created", info, EndpointEvent(endpoint=info),
-                                          msg_id=f"endpoint.created.{ident}", net=net)
+                                          msg_id=f"endpoint.created.{ident}", net=net, hosts=hosts)
         except Exception as exc:  # committed: the node finds it at its next resync
             log.warning("could not publish endpoint.created for %s (the node picks it up at its next resync): %s",
                         ident, exc)
@@ -420,13 +420,15 @@ def _ifname_in_use(ifname: str, container: str, holder: str) -> E.VNetError:
 
 
 async def _commit(ctx: Ctx, store: EndpointStore, info: EndpointInfo, net: VirtualNetwork, *, auto_ifname: bool,
-                  auto_mac: bool, request_id: str | None) -> EndpointInfo:
+                  auto_mac: bool, request_id: str | None) -> tuple[EndpointInfo, set[str] | None]:
+    """The record committed, and the nodes holding an endpoint of its network since (read by
+    the commit script: the event's addressing needs no read of its own)."""
     try:
         for attempt in range(5):
             # the first try adds the id to the network's netep set in the same round trip
             res = await store.commit(info, auto_ifname=auto_ifname, request_id=request_id, netep_first=attempt == 0)
             if res.status == "ok":
-                return msgspec.structs.replace(info, interface_name=res.value)
+                return msgspec.structs.replace(info, interface_name=res.value), res.hosts
             if res.status == "mac_in_use" and auto_mac:  # a random MAC collided: draw again
                 info = msgspec.structs.replace(info, mac_address=naming.local_mac(os.urandom(6)))
                 continue

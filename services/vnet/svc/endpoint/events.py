@@ -155,7 +155,7 @@ async def _in_container_tables(ctx: Ctx, info: EndpointInfo, related: set[str]) 
 
 
 async def event_nodes(ctx: Ctx, event: str, info: EndpointInfo, net: VirtualNetwork | None = None,
-                      previous: EndpointInfo | None = None) -> set[str]:
+                      previous: EndpointInfo | None = None, hosts: set[str] | None = None) -> set[str]:
     """The nodes that must act on an event of endpoint ``info``: its own node and the nodes
     holding an endpoint of its network or of a related one ("in play" there: a path exists)
     when the event changes something on them —
@@ -184,7 +184,12 @@ async def event_nodes(ctx: Ctx, event: str, info: EndpointInfo, net: VirtualNetw
     # and matched (a Redis read and every rule decoded, on each attach). Read at the event's
     # time like the rules, so a node that joins the network after this read fetches its state
     # after this endpoint's commit, which holds it.
-    hosts = await _hosts_of(_store(ctx), await rel())
+    # ``hosts``: the nodes of the endpoint's network as its commit left them, read by the commit
+    # script (a create): the same guarantee, since a node that joins after the commit joins
+    # after that read too; used when no other network is related, else read for all of them.
+    related_now = await rel()
+    if hosts is None or related_now != {info.network_id}:
+        hosts = await _hosts_of(_store(ctx), related_now)
     if not hosts - nodes:
         return nodes
     every = event != "updated" and drv.spans_hosts
@@ -202,7 +207,7 @@ def _has_relations(net: VirtualNetwork) -> bool:
 
 
 async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payload: Any, *, msg_id: str,
-                                  net: VirtualNetwork | None = None) -> None:
+                                  net: VirtualNetwork | None = None, hosts: set[str] | None = None) -> None:
     """The event on ``vnet.evt.endpoint.<event>.<id>`` (every service and watcher) and a copy
     addressed to each node that must act on it (``vnet.node.<node>.evt.endpoint.<event>.<id>``,
     :func:`event_nodes`, core NATS): a node worker hears only its own, so what it receives grows
@@ -218,7 +223,7 @@ async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payl
     await ctx.publish_event("endpoint", event, info.id, payload, to=subjects.EVT_ENDPOINT_TO_NODE, node=info.node)
     stream = asyncio.ensure_future(ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id))
     try:
-        others = sorted(await event_nodes(ctx, event, info, net, previous) - {info.node})
+        others = sorted(await event_nodes(ctx, event, info, net, previous, hosts) - {info.node})
     except BaseException:
         await asyncio.gather(stream, return_exceptions=True)
         raise
