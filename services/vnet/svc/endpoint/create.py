@@ -115,7 +115,7 @@ async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> Endp
                 await waiter.close()
             if info is not None and _netns_missing(info):  # the first of these requests undoes it
                 path = info.netns if info.netns.startswith("/") else f"/run/netns/{info.netns}"
-                raise netns_not_found(info.netns, info.node, info.reason or f"{path} does not exist", path)
+                raise netns_not_found(info.netns, info.node, f"the node found no namespace at {path}", path)
     if info is None:
         raise E.make(E.ENDPOINT_GONE, f"{how} already created endpoint {ident}, which has since been deleted; use a "
                      "new request_id to attach again", endpoint=ident)
@@ -316,11 +316,12 @@ async def _undo_missing_netns(ctx: Ctx, info: EndpointInfo, request_id: str | No
     left = ""
     try:
         await remove(ctx, info.id, wait=False, timeout=0)
-    except E.VNetError as exc:
-        if exc.code != E.ENDPOINT_NOT_FOUND.code:  # gone already (a repeat undid it): fine
+    except Exception as exc:  # Redis or the bus gone too: the namespace error still comes first
+        if not (isinstance(exc, E.VNetError) and exc.code == E.ENDPOINT_NOT_FOUND.code):  # a repeat undid it
             log.warning("could not remove endpoint %s after its node found no namespace %s: %s", info.id,
                         info.netns, exc)
-            left = (f"; endpoint {info.id} is recorded as failed and could not be removed ({exc.message}): "
+            why = exc.message if isinstance(exc, E.VNetError) else f"{type(exc).__name__}: {exc}"
+            left = (f"; endpoint {info.id} is recorded as failed and could not be removed ({why}): "
                     f"remove it with `vnetctl endpoint rm {info.id}`")
     if request_id and not left:
         try:
@@ -328,7 +329,7 @@ async def _undo_missing_netns(ctx: Ctx, info: EndpointInfo, request_id: str | No
         except Exception as exc:  # the repeat then answers endpoint_gone: a new request id attaches
             log.warning("could not free request id %s of endpoint %s: %s", request_id, info.id, exc)
     path = info.netns if info.netns.startswith("/") else f"/run/netns/{info.netns}"
-    err = netns_not_found(info.netns, info.node, info.reason or f"{path} does not exist", path)
+    err = netns_not_found(info.netns, info.node, f"the node found no namespace at {path}", path)
     if left:
         err.message += left
     raise err
