@@ -114,8 +114,7 @@ async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> Endp
             finally:
                 await waiter.close()
             if info is not None and _netns_missing(info):  # the first of these requests undoes it
-                path = info.netns if info.netns.startswith("/") else f"/run/netns/{info.netns}"
-                raise netns_not_found(info.netns, info.node, f"the node found no namespace at {path}", path)
+                raise _netns_missing_error(info)
     if info is None:
         raise E.make(E.ENDPOINT_GONE, f"{how} already created endpoint {ident}, which has since been deleted; use a "
                      "new request_id to attach again", endpoint=ident)
@@ -307,6 +306,11 @@ def _netns_missing(info: EndpointInfo) -> bool:
     return info.status == "failed" and info.status_code == E.NETNS_NOT_FOUND.code
 
 
+def _netns_missing_error(info: EndpointInfo) -> E.VNetError:
+    path = info.netns if info.netns.startswith("/") else f"/run/netns/{info.netns}"
+    return netns_not_found(info.netns, info.node, f"the node found no namespace at {path}", path)
+
+
 async def _undo_missing_netns(ctx: Ctx, info: EndpointInfo, request_id: str | None) -> NoReturn:
     """The node found no namespace ``info.netns`` and made nothing: the endpoint goes as if
     it had never been asked for (its record and indexes, its address, its request id, and a
@@ -328,8 +332,7 @@ async def _undo_missing_netns(ctx: Ctx, info: EndpointInfo, request_id: str | No
             await store.forget_request(request_id, info.id)
         except Exception as exc:  # the repeat then answers endpoint_gone: a new request id attaches
             log.warning("could not free request id %s of endpoint %s: %s", request_id, info.id, exc)
-    path = info.netns if info.netns.startswith("/") else f"/run/netns/{info.netns}"
-    err = netns_not_found(info.netns, info.node, f"the node found no namespace at {path}", path)
+    err = _netns_missing_error(info)
     if left:
         err.message += left
     raise err
