@@ -121,7 +121,7 @@ class Cni:
     once, and ``subprocess`` starts the plugin with ``vfork``, in that thread's namespace.
     Entering the namespace in the child instead (``preexec_fn``) makes Python ``fork`` this
     whole process: 5-7 ms more per plugin here than ``vfork`` (0.7-1 ms), which counted into
-    every CNI ADD/DEL of the runs before 4 Dec 20:00 UTC (CNI ADD 15-21 ms then) and
+    every CNI ADD/DEL of the runs before 4 Dec 19:00 UTC (CNI ADD 15-21 ms then) and
     flattered VNet's ratios."""
 
     def __init__(self, host_ns: str, name: str, plugins: list[dict[str, Any]], data_dir: Path, *,
@@ -136,13 +136,16 @@ class Cni:
                                                               initializer=None if fork else self._enter)
         self.executor.submit(lambda: None).result()  # entered now: a failure shows here, not in a row
 
+    def _setns(self) -> int:
+        """Enter the CNI host namespace (this thread only): 0, or the errno."""
+        return 0 if _libc.setns(self.host_fd, 0x40000000) == 0 else ctypes.get_errno()
+
     def _enter(self) -> None:  # the executor's thread, once: the plugins it starts inherit the namespace
-        if _libc.setns(self.host_fd, 0x40000000) != 0:
-            err = ctypes.get_errno()
+        if err := self._setns():
             raise OSError(err, f"setns into the CNI host namespace: {os.strerror(err)}")
 
     def _enter_child(self) -> None:  # ``fork``: in the forked child, before exec
-        if _libc.setns(self.host_fd, 0x40000000) != 0:
+        if self._setns():
             os._exit(99)
 
     def close(self) -> None:
