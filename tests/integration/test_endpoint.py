@@ -428,7 +428,7 @@ async def test_one_trace_from_the_request_to_the_kernel(env: Env, spans: InMemor
     trace_id = env.m.last_trace_id
     assert trace_id
     # "node.events" ends last: the gratuitous ARP goes out after the report, inside it
-    expected = {"process vnet.endpoint.create", "publish vnet.ipam.addr.request", "node.events", "node.reconcile",
+    expected = {"process vnet.endpoint.create", "ipam.allocate", "node.events", "node.reconcile",
                 "node.apply"}
     for _ in range(600):
         mine = [s for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id]

@@ -23,11 +23,12 @@ from vnet.contracts.endpoint import (
     NodeInfo,
     PortMapping,
 )
-from vnet.contracts.ipam import AddrReply, AddrRequest
+from vnet.contracts.ipam import AddrReply
 from vnet.core import drivers, naming
 from vnet.core import errors as E
 from vnet.core.dns import search_domains
 from vnet.core.model import VirtualNetwork
+from vnet.runtime import addresses
 from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.ports import claim_port, describe_holder
 from vnet.runtime.service import Ctx
@@ -124,9 +125,7 @@ async def _existing(ctx: Ctx, ident: str, req: EndpointCreate, how: str) -> Endp
 async def _allocate(ctx: Ctx, net: VirtualNetwork, ident: str, family: int, address: str | None) -> AddrReply:
     store = _store(ctx)
     try:
-        return await ctx.request(subjects.IPAM_ADDR_REQUEST,
-                                 AddrRequest(network_id=net.id, owner=ident, family=family, address=address),
-                                 AddrReply)
+        return await addresses.allocate(ctx, net.id, family, ident, address)
     except E.VNetError as err:
         if err.code == E.ADDRESS_IN_USE.code and address is not None:
             holder = str(err.details.get("holder") or "")

@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointDeleted, EndpointEvent
-from vnet.contracts.ipam import AddrRelease, ReleaseReply
 from vnet.core import drivers
 from vnet.core import errors as E
+from vnet.runtime import addresses
 from vnet.runtime.service import Ctx
 from vnet.svc.endpoint.common import _not_found, _store
 from vnet.svc.endpoint.events import _publish_endpoint_event, _StatusWaiter
@@ -23,12 +22,11 @@ log = logging.getLogger(__name__)
 async def _release(ctx: Ctx, network_id: str, ident: str) -> tuple[list[str], str | None]:
     """Release what ``ident`` holds; a failure is a warning (IPAM GC collects it later)."""
     try:
-        rep = await ctx.request(subjects.IPAM_ADDR_RELEASE, AddrRelease(network_id=network_id, owner=ident),
-                                ReleaseReply)
-        return rep.released, None
-    except E.VNetError as err:
-        log.warning("could not release the addresses of endpoint %s: %s", ident, err)
-        return [], (f"the addresses of {ident} were not released ({err.message}); the IPAM garbage collector "
+        return await addresses.release(ctx, network_id, ident), None
+    except Exception as exc:
+        why = exc.message if isinstance(exc, E.VNetError) else f"{type(exc).__name__}: {exc}"
+        log.warning("could not release the addresses of endpoint %s: %s", ident, why)
+        return [], (f"the addresses of {ident} were not released ({why}); the IPAM garbage collector "
                     "releases them after its grace period")
 
 

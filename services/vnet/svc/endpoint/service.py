@@ -53,6 +53,7 @@ from vnet.contracts.endpoint import (
     NodeListRequest,
     RuntimeDetach,
 )
+from vnet.runtime import addresses
 from vnet.runtime.service import Runtime, ServiceDef
 from vnet.svc.endpoint import create, desired, lookups, nodes, records, runtime_ops, update
 from vnet.svc.endpoint.common import NETDEL_DURABLE, STATUS_DURABLE
@@ -72,6 +73,8 @@ async def _start(rt: Runtime) -> None:
     store = rt.adapters.endpoint_store()
     await store.load()
     rt.state["store"] = store
+    # Attach and detach allocate and release addresses themselves (vnet.runtime.addresses).
+    await addresses.start(rt)
     # Tell IPAM GC this index is maintained even when it is empty (Redis drops empty sets).
     await rt.adapters.mark_index_maintained("endpoints")
     async def on_register(msg: Msg) -> None:

@@ -1,6 +1,8 @@
 """IPAM: address pools per network and family, allocation, release, GC and check.
 
 Every decision is one Lua script call on the pool's keys (``vnet.adapters.ipam_store``);
+``addr.request`` and ``addr.release`` run ``vnet.runtime.addresses``, which the endpoint
+service calls too for an attach and a detach (no round trip through this service);
 the rules themselves (offset math, serial next-free, what is never handed out, the
 check) are pure code in ``vnet.core.ipam``. Replicas share nothing but Redis, so any
 number of them may run.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from typing import Any
 
@@ -48,7 +49,6 @@ from vnet.contracts.ipam import (
     PoolDeleteReply,
     PoolEvent,
     PoolExclude,
-    PoolFullness,
     PoolInfo,
     PoolList,
     PoolRef,
@@ -58,6 +58,7 @@ from vnet.contracts.ipam import (
 from vnet.core import errors as E
 from vnet.core import forecast as fc
 from vnet.core import ipam as core
+from vnet.runtime import addresses
 from vnet.runtime import ports as st
 from vnet.runtime.ports import IpamRatesPort as IpamRates
 from vnet.runtime.ports import IpamStorePort as IpamStore
@@ -72,9 +73,6 @@ SERVICE = ServiceDef("ipam", "IP address management: pools, allocation, release,
 GC_INTERVAL_S = 30.0  # 0 disables the periodic collection
 GC_GRACE_S = 60.0
 
-_EVENT_TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
-
-
 def gc_settings(rt: Runtime) -> tuple[float, float]:
     interval = rt.config.ipam_gc_interval_s
     grace = rt.config.ipam_gc_grace_s
@@ -82,17 +80,12 @@ def gc_settings(rt: Runtime) -> tuple[float, float]:
 
 
 def _store(ctx: Ctx | Runtime) -> IpamStore:
-    rt = ctx.rt if isinstance(ctx, Ctx) else ctx
-    store: IpamStore = rt.state["ipam_store"]
-    return store
+    return addresses.store(ctx)
 
 
 @SERVICE.starting
 async def _start(rt: Runtime) -> None:
-    rt.state["ipam_store"] = rt.adapters.ipam_store(wait_replicas=rt.config.redis_wait_replicas,
-                                                    wait_timeout_ms=rt.config.redis_wait_timeout_ms)
-    rt.state["ipam_rates"] = rt.adapters.ipam_rates()
-    await rt.adapters.load_ipam_scripts()
+    await addresses.start(rt)
     interval, _ = gc_settings(rt)
     if interval > 0:
         rt.spawn(_gc_loop(rt), "gc")
@@ -128,7 +121,7 @@ def pool_info(m: PoolMeta) -> PoolInfo:
 
 
 async def _event(ctx: Ctx, name: str, m: PoolMeta, released: int = 0) -> None:
-    ident = f"{_EVENT_TOKEN_BAD.sub('_', m.network_id)}_{m.family}"
+    ident = addresses.event_ident(m.network_id, m.family)
     payload = PoolEvent(network_id=m.network_id, family=m.family, cidr=m.layout.cidr, capacity=m.layout.capacity,
                         released=released)
     try:
@@ -138,9 +131,7 @@ async def _event(ctx: Ctx, name: str, m: PoolMeta, released: int = 0) -> None:
 
 
 def _rates(ctx: Ctx | Runtime) -> IpamRates:
-    rt = ctx.rt if isinstance(ctx, Ctx) else ctx
-    rates: IpamRates = rt.state["ipam_rates"]
-    return rates
+    return addresses.rates(ctx)
 
 
 async def _with_forecasts(ctx: Ctx, metas: list[PoolMeta]) -> list[PoolInfo]:
@@ -155,58 +146,6 @@ async def _with_forecasts(ctx: Ctx, metas: list[PoolMeta]) -> list[PoolInfo]:
     for info, m, b in zip(infos, metas, got, strict=True):
         info.forecast = fc.forecast(b, now=now, used=m.used, capacity=m.layout.capacity, created_at=m.created_at)
     return infos
-
-
-async def _count(ctx: Ctx, network_id: str, family: int, layout: core.PoolLayout, *, allocs: int = 0,
-                 releases: int = 0) -> None:
-    """Count for the forecast; announce a fullness level the pool reached (best effort)."""
-    try:
-        rates = _rates(ctx)
-        now = time.time()
-        used = await rates.note(network_id, family, now=now, allocs=allocs, releases=releases)
-        levels = await rates.crossings(network_id, family, used, layout.capacity, clear=releases > 0)
-        if not levels:
-            return
-        got = (await rates.buckets([(network_id, family)], now))[0]
-        f = fc.forecast(got, now=now, used=used, capacity=layout.capacity)
-        ident = f"{_EVENT_TOKEN_BAD.sub('_', network_id)}_{family}"
-        for lv in levels:
-            await ctx.publish_event("ipam", "pool_fullness", ident,
-                                    PoolFullness(network_id=network_id, family=family, cidr=layout.cidr, level=lv,
-                                                 used=used, capacity=layout.capacity, forecast=f))
-    except Exception as exc:  # the allocation is done: a lost count must not fail it
-        log.warning("could not count or announce for pool %s/%d: %s", network_id, family, exc)
-
-
-# Allocation counts are added up in this replica and written together: one pipelined round
-# trip per pool every COUNT_FLUSH_S, not one per allocation (an attach cost this service
-# ~0.4 ms of CPU more with a write per allocation: cpu_attach, 4 Dec). Best effort as before:
-# counts not yet written when the service stops are lost (a rate skewed, never an
-# allocation), and a fullness level is announced up to COUNT_FLUSH_S later.
-COUNT_FLUSH_S = 0.1
-
-
-def _note_alloc(ctx: Ctx, network_id: str, family: int, layout: core.PoolLayout) -> None:
-    state = ctx.rt.state
-    pending: dict[tuple[str, int], tuple[int, core.PoolLayout, Ctx]] = state.setdefault("alloc_counts", {})
-    n = pending.get((network_id, family), (0, layout, ctx))[0]
-    pending[(network_id, family)] = (n + 1, layout, ctx)  # the latest request carries the trace of a write
-    if not state.get("alloc_flushing"):
-        state["alloc_flushing"] = True
-        ctx.rt.after_reply(_flush_allocs(ctx.rt), "forecast counts")
-
-
-async def _flush_allocs(rt: Runtime) -> None:
-    """Write the counts noted since the last flush, every COUNT_FLUSH_S while there are any."""
-    try:
-        while True:
-            await asyncio.sleep(COUNT_FLUSH_S)
-            pending: dict[tuple[str, int], tuple[int, core.PoolLayout, Ctx]] = rt.state.pop("alloc_counts", {})
-            if not pending:
-                return
-            await asyncio.gather(*(_count(c, nid, fam, lay, allocs=n) for (nid, fam), (n, lay, c) in pending.items()))
-    finally:
-        rt.state["alloc_flushing"] = False
 
 
 # --- pools ------------------------------------------------------------------------------
@@ -284,37 +223,12 @@ async def pool_list(ctx: Ctx, req: PoolList) -> PoolsReply:
 
 @SERVICE.op("addr.request", subjects.IPAM_ADDR_REQUEST, AddrRequest)
 async def addr_request(ctx: Ctx, req: AddrRequest) -> AddrReply:
-    family = req.family
-    if req.address is not None:
-        addr = core.parse_address(req.address)
-        if addr.version == 4 and family == 6:
-            raise E.make(E.ADDRESS_NOT_ASSIGNABLE, f"{addr} is an IPv4 address but family 6 was asked; omit "
-                         "family (it follows the address) or ask for an IPv6 address", address=str(addr))
-        family = addr.version  # the family follows a static address
-    got = await _store(ctx).allocate(req.network_id, family, req.owner, req.address, req.request_id)
-    lay = got.layout
-    if not got.existing:  # a retry allocated nothing new
-        # counted after the reply, with the others of the last COUNT_FLUSH_S: a forecast's
-        # count is not what the attach waits for
-        _note_alloc(ctx, req.network_id, family, lay)
-    return AddrReply(network_id=req.network_id, family=family, address=got.address, prefix_len=lay.prefix_len,
-                     gateway=str(lay.gateway) if lay.gateway is not None else None, owner=req.owner,
-                     allocated_at=got.allocated_at, first_use=got.first_use)
+    return await addresses.allocate(ctx, req.network_id, req.family, req.owner, req.address, req.request_id)
 
 
 @SERVICE.op("addr.release", subjects.IPAM_ADDR_RELEASE, AddrRelease)
 async def addr_release(ctx: Ctx, req: AddrRelease) -> ReleaseReply:
-    store = _store(ctx)
-    results = await asyncio.gather(*(store.release(req.network_id, fam, req.owner) for fam in (4, 6)))
-    for r in results:
-        if r is None:
-            continue
-        try:
-            _, layout = await store.layout(req.network_id, r.family)  # cached: no round trip as a rule
-        except E.VNetError:
-            continue  # the pool went away meanwhile: nothing left to forecast
-        await _count(ctx, req.network_id, r.family, layout, releases=1)
-    return ReleaseReply(released=[r.address for r in results if r is not None])
+    return ReleaseReply(released=await addresses.release(ctx, req.network_id, req.owner))
 
 
 # --- GC and check -----------------------------------------------------------------------
