@@ -439,6 +439,9 @@ async def test_one_trace_from_the_request_to_the_kernel(env: Env, spans: InMemor
     assert expected <= names, names
     assert any(n.startswith("kernel create_veth") for n in names), names
     assert "publish vnet.evt.{domain}.{event}.{id}" in names
+    # the address is allocated in the endpoint service (vnet.runtime.addresses), not asked of
+    # the IPAM service over the bus: a process fewer on the attach's path (issue 9)
+    assert not {"publish vnet.ipam.addr.request", "process vnet.ipam.addr.request"} & names, names
 
 
 async def _vnetctl(cfg: VNetConfig, *args: str) -> tuple[int, str, str]:
