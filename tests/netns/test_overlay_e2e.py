@@ -252,6 +252,53 @@ async def test_three_hosts_one_overlay_then_a_fourth_joins_and_leaves(cluster: C
 @pytest.mark.skipif(shutil.which("wireguard-go") is None or shutil.which("wg") is None
                     or shutil.which("tcpdump") is None,
                     reason="needs wireguard-go, wireguard-tools and tcpdump (ops/scripts/bootstrap.sh)")
+async def test_other_hosts_learn_attaches_and_detaches_as_deltas(cluster: Cluster) -> None:
+    """With the full resync at 60 s only the events can do it: every host gets the FDB and
+    neighbour entries of the others' endpoints as they attach and loses them as they
+    detach, written as deltas (``remote_deltas``, no reconcile of the network). What the
+    deltas built is what a reconcile from scratch renders: a full resync afterwards writes
+    nothing. The attaching host reads no remote entries either (``table_targets``), and
+    leaves them as they are (the same resync checks it)."""
+    c = cluster
+    nodes = [await c.add_host(k, resync_s=60.0) for k in (1, 2, 3)]
+    await c.wait_nodes(nodes)
+    net = await c.m.create_network("ovd", "10.132.0.0/24", None, "overlay", "none")
+    eps: dict[str, list[EndpointInfo]] = {}
+    for k, node in enumerate(nodes, 1):  # the network arrives on each host (a fetch, not a delta)
+        eps[node] = await c.attach(node, await c.containers(node, 1, f"d{k}a"), net.id)
+    before = {n: (await c.m.node_stats(n)).remote_deltas for n in nodes}
+    for k, node in enumerate(nodes, 1):
+        eps[node] += await c.attach(node, await c.containers(node, 2, f"d{k}b"), net.id)
+
+    def entries_match() -> bool:
+        for node in nodes:
+            others = [e for o in nodes if o != node for e in eps[o]]
+            want_fdb = {e.mac_address: underlay_addr(nodes.index(e.node) + 1) for e in others}
+            if _fdb(c.hosts[node]) != want_fdb or _neigh(c.hosts[node]) != {e.ip_address for e in others}:
+                return False
+        return True
+
+    took = await _eventually(entries_match, 10.0)
+    print(f"\nsix attaches on three hosts: every host's remote entries right {took * 1e3:.0f} ms after the last ready")
+    after = {n: (await c.m.node_stats(n)).remote_deltas for n in nodes}
+    assert all(after[n] > before[n] for n in nodes), (before, after)
+    for node in nodes:
+        st = await c.m.node_resync(node)
+        assert st.last_full_writes == 0 and st.last_full_errors == 0, (node, st)
+
+    gone = {node: eps[node].pop() for node in nodes}
+    for e in gone.values():
+        rep = await c.m.delete_endpoint(e.id, wait=True, wait_timeout=30)
+        assert rep.node_confirmed, rep
+    await _eventually(entries_match, 10.0)
+    assert all(not ({e.mac_address for e in gone.values()} & _fdb(c.hosts[n]).keys()) for n in nodes)
+    last = {n: (await c.m.node_stats(n)).remote_deltas for n in nodes}
+    assert all(last[n] > after[n] for n in nodes), (after, last)
+    for node in nodes:
+        st = await c.m.node_resync(node)
+        assert st.last_full_writes == 0 and st.last_full_errors == 0, (node, st)
+
+
 async def test_encrypted_overlay_two_hosts_through_the_control_plane(cluster: Cluster) -> None:
     from tests.netns.test_overlay_encrypted import MARKER, Capture, assert_only_wireguard
 

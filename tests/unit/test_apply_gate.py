@@ -117,7 +117,7 @@ class _Observer:
     def __init__(self, actual: Any, fail: bool = False) -> None:
         self.actual, self.fail = actual, fail
 
-    def node(self, containers: Any, names: Any = None) -> Any:
+    def node(self, containers: Any, names: Any = None, tables: Any = None) -> Any:
         if self.fail:
             raise OSError("cannot read the host namespace")
         return self.actual

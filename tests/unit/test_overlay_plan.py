@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests.unit.test_plan import FakeKernel, empty_actual, kinds
 from vnet.adapters.wireguard import WgPeer, desired_peers, parse_dump, wg_set_args
-from vnet.core import naming
+from vnet.core import drivers, naming
 from vnet.core import plan as P
 from vnet.core.dataplane_model import (
     EpDesired,
@@ -186,6 +186,74 @@ def test_overlay_errors_are_clear() -> None:
     assert [(e.code, e.fatal) for e in p.errors] == [("invalid_request", False)]
     assert "h9" in p.errors[0].message
     assert len([op for op in p.ops if isinstance(op, P.AddFdb)]) == 6
+
+
+# --------------------------------------------------------------------------- remote deltas
+
+DELTA_MACS = [naming.local_mac(bytes([2, 9, 0, 0, 7, i])) for i in range(4)]
+ENTRIES = (P.AddFdb, P.DelFdb, P.AddNeigh, P.DelNeigh)
+
+
+@settings(max_examples=80, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.sampled_from(["h2", "h3", "h9"]),
+                          st.integers(0, 4)), max_size=25))
+def test_remote_deltas_build_what_a_plan_from_scratch_renders(steps: list[tuple[bool, int, str, int]]) -> None:
+    """Random remote endpoints created and deleted on a host where the network is built (MACs
+    and addresses reused, a host that is not a peer): each event's ops as the node applies
+    them (the delta when ``remote_delta`` gives one, else a reconcile of the network), and
+    after every step a plan from scratch has no FDB or neighbour entry left to write."""
+    a = empty_actual("c0")
+    remotes: tuple[RemoteEndpoint, ...] = ()
+    converge(desired(remotes), a)
+    drv = drivers.get("overlay")
+    for created, m, host, ip in steps:
+        rem = RemoteEndpoint(mac=DELTA_MACS[m], host=host, ipv4=f"10.77.0.{200 + ip}")
+        others = tuple(r for r in remotes if r.mac != rem.mac)  # what the node's intake makes of the event
+        new = tuple(sorted((*others, rem), key=lambda r: r.mac)) if created else others
+        ops = drv.remote_delta(overlay(remotes), peers(2, 3), rem, created)
+        if ops is None:
+            converge(desired(new), a, Scope(networks=frozenset({NID})))
+        else:
+            assert all(isinstance(op, ENTRIES) and op.owner == f"net:{NID}" and op.ifname == VX for op in ops)
+            OverlayKernel(a).apply(P.Plan(ops=ops, errors=[], networks=[], endpoints=[]))
+        remotes = new
+        left = [op for op in P.plan(desired(remotes), a).ops if isinstance(op, ENTRIES)]
+        assert left == [], (rem, created, left)
+
+
+def test_remote_delta_ops_and_when_there_is_none() -> None:
+    drv = drivers.get("overlay")
+    r = remote(2, 1)
+    assert kinds(P.Plan(ops=drv.remote_delta(overlay(), peers(2, 3), r, True) or [], errors=[], networks=[],
+                        endpoints=[])) == ["add_fdb", "add_neigh"]
+    assert [type(op) for op in drv.remote_delta(overlay((r,)), peers(2, 3), r, False) or []] == [P.DelNeigh, P.DelFdb]
+    assert drv.remote_delta(overlay(), peers(3), r, True) is None  # its host is not a peer
+    assert drv.remote_delta(overlay(encrypted=True), [msgspec.structs.replace(p, wg_address=None)
+                                                     for p in peers(2)], r, True) is None
+    moved = msgspec.structs.replace(r, host="h3")
+    assert drv.remote_delta(overlay((r,)), peers(2, 3), moved, True) is None  # the old host's entry would stay
+    twin = RemoteEndpoint(mac="02:00:00:00:00:42", host="h3", ipv4=r.ipv4)
+    assert drv.remote_delta(overlay((r,)), peers(2, 3), twin, True) is None  # an address held by another
+    assert drv.remote_delta(overlay((twin, r)), peers(2, 3), r, False) is None
+    assert drivers.get("bridge").remote_delta(overlay(), peers(2), r, True) is None
+
+
+def test_a_scoped_observation_without_the_entries_leaves_them_alone() -> None:
+    """An endpoint attached into an overlay: its network's remote entries were not read
+    (``table_targets``), and nothing is planned for them, even where they differ."""
+    a = empty_actual("c0")
+    converge(desired(REMOTES), a)
+    assert P.table_targets(desired(REMOTES), Scope(endpoints=frozenset({"e1"}))) == set()
+    assert P.table_targets(desired(REMOTES), Scope(networks=frozenset({NID}))) == {VX}
+    assert P.table_targets(desired(REMOTES), None) is None
+    scoped = msgspec.structs.replace(a.host, complete=False, fdb={}, neigh={})
+    p = P.plan(desired(REMOTES[:2], n_local=2), NodeActual(host=scoped, containers=a.containers),
+               Scope(endpoints=frozenset({"e1"})))
+    assert not [op for op in p.ops if isinstance(op, ENTRIES)]
+    # read (the network in scope): the two remotes' entries are kept, the others deleted
+    p = P.plan(desired(REMOTES[:2]), NodeActual(host=msgspec.structs.replace(a.host, complete=False),
+                                                containers=a.containers), Scope(networks=frozenset({NID})))
+    assert sorted(kinds(p)) == ["del_fdb"] * 4 + ["del_neigh"] * 4
 
 
 def test_encrypted_overlay_needs_the_wireguard_interface() -> None:

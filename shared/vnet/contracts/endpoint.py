@@ -463,6 +463,7 @@ class NodeStats(msgspec.Struct, kw_only=True):
     full_resyncs: int
     events: int  # events handled
     batches: int  # scoped reconciles they caused
+    remote_deltas: int = 0  # of the batches: other hosts' endpoints' entries written as a delta, no reconcile
     last_full_writes: int = 0
     last_full_duration_s: float = 0.0
     last_full_errors: int = 0

@@ -83,7 +83,7 @@ from vnet.core.planning.ops import (
     proxy_arp_path,
     proxy_delay_path,
 )
-from vnet.core.planning.planner import Planner, observation_targets
+from vnet.core.planning.planner import Planner, observation_targets, table_targets
 
 # Kept for callers written before the registry (the reconciler's sub-interface ledger);
 # both are read from the registry, so a new driver is counted without an edit here.
@@ -135,6 +135,7 @@ __all__ = [
     "plan",
     "proxy_arp_path",
     "proxy_delay_path",
+    "table_targets",
 ]
 
 

@@ -10,7 +10,7 @@ that the reconciler tells apart are re-exported here with the interfaces.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +41,8 @@ class ObserverPort(Protocol):
 
     def forget_host_sysctls(self) -> None: ...
     def link(self, ref: str | None, name: str) -> RawLink | None: ...
-    def node(self, container_refs: Iterable[str], host_names: Iterable[str] | None = None) -> NodeActual: ...
+    def node(self, container_refs: Iterable[str], host_names: Iterable[str] | None = None,
+             tables: Container[str] | None = None) -> NodeActual: ...
     def host_full(self) -> NsState: ...
 
 

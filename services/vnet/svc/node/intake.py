@@ -29,6 +29,7 @@ from vnet.core.dataplane_model import (
     ReconcileResult,
     Scope,
 )
+from vnet.core.plan import PlanOp, net_owner
 from vnet.svc.node.workstate import RELATION_EVENTS, WorkerParts, WorkItem, _spans_hosts
 from vnet.telemetry import tracing
 
@@ -187,6 +188,7 @@ class EventIntake(WorkerParts):
                                           attributes={"vnet.node": self.node, "vnet.events": len(items)}):
             scope_eps: set[str] = set()
             scope_nets: set[str] = set()
+            delta: dict[str, list[PlanOp]] = {}  # network -> its remote endpoints' entries
             gone: set[str] = set()
             refetch = False  # overlay remotes changed: only the endpoint service knows them all
             had = set(self.nets)
@@ -222,9 +224,14 @@ class EventIntake(WorkerParts):
                     scope_nets.add(it.ident)
                 elif it.kind == "remote":
                     # an endpoint of another host in one of our overlays: its FDB/neighbour entries
-                    # as a delta when its host is a known peer, else the whole state (a new peer)
-                    refetch = refetch or not self._remote_delta(it)
-                    scope_nets.add(it.ident)
+                    # written as a delta when its host is a known peer (else the network is
+                    # reconciled), the whole state fetched for a new peer
+                    known, ops = self._remote_delta(it)
+                    refetch = refetch or not known
+                    if ops is None:
+                        scope_nets.add(it.ident)
+                    else:
+                        delta.setdefault(it.ident, []).extend(ops)
                 elif it.kind == "relations":
                     refetch = True
             if refetch:
@@ -242,6 +249,18 @@ class EventIntake(WorkerParts):
             # A network new here may be the child of one already here: the parent's bridge
             # needs proxy ARP for it now (the planner finds children from the desired networks).
             scope_nets |= self._parents_of(set(self.nets) - had)
+            # A network reconciled anyway needs no delta; one whose delta failed (its VXLAN
+            # device not there yet, say) is reconciled.
+            delta = {n: ops for n, ops in delta.items() if n not in scope_nets and n in self.nets}
+            if delta and self.rec is not None:
+                failed = await self._in_thread(self.rec.apply_delta, [op for ops in delta.values() for op in ops])
+                self.counters.deltas += 1
+                for owner, err in failed.items():
+                    log.info("node %s: remote entries of %s not written as a delta (%s); reconciling it", self.node,
+                             owner, err.message)
+                scope_nets |= {n for n in delta if net_owner(n) in failed or "node" in failed}
+            elif delta:  # no data plane: what a reconcile reports
+                scope_nets |= delta.keys()
             self.counters.batches += 1
             # Endpoints created or removed: their policy delta computed here, then written in
             # the same kernel step as the netlink work, beside it, before any link goes up
@@ -258,8 +277,12 @@ class EventIntake(WorkerParts):
                 if fetch:  # the whole ruleset (the service has these endpoints: events follow commits)
                     await self._policy_sync("endpoints", check=False)
                 policy = True
-            result = await self._reconcile(Scope(endpoints=frozenset(scope_eps), networks=frozenset(scope_nets)),
-                                           policy_first=policy)
+            if scope_eps or scope_nets or not delta:
+                result = await self._reconcile(Scope(endpoints=frozenset(scope_eps),
+                                                     networks=frozenset(scope_nets)), policy_first=policy)
+            else:  # remote entries only, written above; set members are the policy task's
+                result = ReconcileResult(ops_planned=0, ops_applied=0, writes=0, errors=[], networks={}, endpoints={},
+                                         duration=0.0)
             await self._report(result, gone)
             await self._announce([it.ident for it in items if it.kind == "endpoint" and it.event == "created"
                                   and not it.endpoint.ip_first_use], result)
@@ -308,14 +331,17 @@ class EventIntake(WorkerParts):
                 out.add(n.id)
         return out
 
-    def _remote_delta(self, it: WorkItem) -> bool:
-        """Apply a remote endpoint's event to the local desired state; False: refetch instead."""
+    def _remote_delta(self, it: WorkItem) -> tuple[bool, list[PlanOp] | None]:
+        """Apply a remote endpoint's event to the local desired state, and the kernel ops for
+        that endpoint alone (``Driver.remote_delta``; None: reconcile the network). (False,
+        None): its host is not a known peer, refetch instead."""
         info = it.endpoint
         net = self.nets.get(it.ident)
         if info is None or net is None or info.node not in {p.name for p in self.peers}:
-            return False
+            return False, None
         rem = remote_of(info)
+        ops = core_drivers.get(net.driver).remote_delta(net, self.peers, rem, it.event == "created")
         others = tuple(r for r in net.remotes if r.mac != rem.mac)
         remotes = tuple(sorted((*others, rem), key=lambda r: r.mac)) if it.event == "created" else others
         self.nets[net.id] = msgspec.structs.replace(net, remotes=remotes)
-        return True
+        return True, ops

@@ -54,11 +54,13 @@ from vnet.core.plan import (
     DeleteLink,
     Departed,
     Plan,
+    PlanOp,
     SetSysctl,
     ep_owner,
     net_owner,
     observation_targets,
     plan,
+    table_targets,
 )
 from vnet.runtime import dataplane
 from vnet.runtime.dataplane import Dataplane, NamespaceGone, Once, WireGuardError
@@ -183,7 +185,7 @@ class Reconciler:
                 departed: list[Departed] | None = None) -> NodeActual:
         names, containers = observation_targets(desired, scope)
         containers |= {d.netns for d in departed or ()}
-        return self.observer.node(containers, names)
+        return self.observer.node(containers, names, table_targets(desired, scope))
 
     def _departed(self, desired: NodeDesired, scope: Scope | None) -> list[Departed]:
         wanted = {e.id for e in desired.endpoints}
@@ -264,6 +266,23 @@ class Reconciler:
     def plan(self, desired: NodeDesired, scope: Scope | None = None) -> tuple[Plan, NodeActual]:
         actual = self.observe(desired, scope)
         return plan(desired, actual, scope), actual
+
+    def apply_delta(self, ops: list[PlanOp]) -> dict[str, ReconcileError]:
+        """Write ops decided without an observation (a remote endpoint's entries,
+        ``Driver.remote_delta``); the first error of each owner that failed (its network is
+        then reconciled in full by the caller). Never raises for kernel problems."""
+        with self._lock, self.tracer.start_as_current_span("node.delta", attributes={"vnet.ops": len(ops)}) as sp:
+            writes0 = self.applier.writes
+            try:
+                out = self.applier.apply(Plan(ops=ops, errors=[], networks=[], endpoints=[]))
+            except OSError as exc:  # NamespaceGone included: the host namespace itself
+                err = ReconcileError(owner="node", code=E.UNAVAILABLE.code, message=f"host namespace: {exc}",
+                                     errno=exc.errno or 0)
+                return {op.owner: err for op in ops}
+            sp.set_attribute("vnet.writes", self.applier.writes - writes0)
+            if out.failed:
+                sp.set_status(Status(StatusCode.ERROR, f"{len(out.failed)} object(s) failed"))
+            return dict(out.failed)
 
     def announce(self, endpoints: list[EpDesired]) -> list[str]:
         """Gratuitous ARP for endpoints just reported ready (the applier's ``announce``);

@@ -604,7 +604,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         c = self.counters
         return NodeStats(node=self.node, dataplane=self.dataplane, endpoints=len(self.eps), networks=len(self.nets),
                          writes=self.writes, reconciles=c.reconciles, full_resyncs=c.full_resyncs, events=c.events,
-                         batches=c.batches, last_full_writes=c.last_full_writes,
+                         batches=c.batches, remote_deltas=c.deltas, last_full_writes=c.last_full_writes,
                          last_full_duration_s=c.last_full_duration_s, last_full_errors=c.last_full_errors,
                          last_errors=list(c.last_errors),
                          last_full_at=c.last_full_at, desired_fetched=self.fetched,

@@ -79,6 +79,7 @@ class Counters:
     full_resyncs: int = 0
     events: int = 0
     batches: int = 0
+    deltas: int = 0  # batches whose remote endpoints' entries were written as a delta (no reconcile)
     last_full_writes: int = 0
     last_full_duration_s: float = 0.0
     last_full_errors: int = 0

@@ -25,7 +25,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Literal
 
 from pyroute2.netlink.rtnl import (
@@ -374,11 +374,15 @@ class Observer:
                     out[dst] = mac
         return out
 
-    def _vxlan_tables(self, raw: Iterable[RawLink]) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    def _vxlan_tables(self, raw: Iterable[RawLink], tables: Container[str] | None = None
+                      ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+        """The FDB and neighbour entries of our VXLAN devices among ``raw`` (``tables``: of
+        those named only; a device left out has no key in either, and the planner leaves its
+        entries alone)."""
         fdb: dict[str, dict[str, str]] = {}
         neigh: dict[str, dict[str, str]] = {}
         for r in raw:
-            if r.kind == "vxlan" and naming.is_our_vxlan(r.name):
+            if r.kind == "vxlan" and naming.is_our_vxlan(r.name) and (tables is None or r.name in tables):
                 fdb[r.name] = self.fdb(self.host_ref, r.index)
                 neigh[r.name] = self.neigh(self.host_ref, r.index)
         return fdb, neigh
@@ -389,8 +393,9 @@ class Observer:
         return NsState(links=_states(raw, self.addrs(self.host_ref)), sysctls=self.host_sysctls(), fdb=fdb,
                        neigh=neigh)
 
-    def host_links(self, names: Iterable[str]) -> NsState:
-        """Only the interfaces named (and what they point at as master)."""
+    def host_links(self, names: Iterable[str], tables: Container[str] | None = None) -> NsState:
+        """Only the interfaces named (and what they point at as master); the FDB and
+        neighbour entries of the VXLAN devices among them (``tables``: of those named only)."""
         raw: dict[str, RawLink] = {}
         for name in sorted(set(names)):
             r = self.link(self.host_ref, name)
@@ -406,7 +411,7 @@ class Observer:
                     m = self._link_by_index(self.host_ref, other)
                     if m is not None:
                         by_index[m.index] = m
-        fdb, neigh = self._vxlan_tables(raw.values())
+        fdb, neigh = self._vxlan_tables(raw.values(), tables)
         return NsState(links=_states(list(by_index.values()), addrs), sysctls=self.cached_host_sysctls(),
                        complete=False, fdb=fdb, neigh=neigh)
 
@@ -433,7 +438,9 @@ class Observer:
                 return NsState(exists=False)
             return NsState(error=str(exc))
 
-    def node(self, container_refs: Iterable[str], host_names: Iterable[str] | None = None) -> NodeActual:
-        """The host namespace (whole, or only ``host_names``) and the containers named."""
-        host = self.host_full() if host_names is None else self.host_links(host_names)
+    def node(self, container_refs: Iterable[str], host_names: Iterable[str] | None = None,
+             tables: Container[str] | None = None) -> NodeActual:
+        """The host namespace (whole, or only ``host_names``: then ``tables`` limits the
+        VXLAN devices whose entries are read) and the containers named."""
+        host = self.host_full() if host_names is None else self.host_links(host_names, tables)
         return NodeActual(host=host, containers={ref: self.container(ref) for ref in sorted(set(container_refs))})

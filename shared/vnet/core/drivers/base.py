@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from vnet.core import errors as E
 
 if TYPE_CHECKING:
-    from vnet.core.dataplane_model import NetDesired, NodeDesired, NsState
+    from vnet.core.dataplane_model import NetDesired, NodeDesired, NsState, PeerHost, RemoteEndpoint
     from vnet.core.planning.checks import EpView, NetView
+    from vnet.core.planning.ops import PlanOp
     from vnet.core.planning.planner import Planner
 
 # A Linux interface name: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace.
@@ -205,3 +206,11 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def wanted_links(self, nd: NetDesired) -> set[str]:
         """Host interfaces of ours a desired network keeps (the full sweep spares them)."""
+
+    def remote_delta(self, nd: NetDesired, peers: Sequence[PeerHost], rem: RemoteEndpoint,
+                     created: bool) -> list[PlanOp] | None:
+        """The kernel ops for one endpoint of another host arriving in (``created``) or leaving
+        network ``nd`` (its desired state before the event), decided without observing the
+        kernel; None: the caller reconciles the network instead. Only a driver whose networks
+        span hosts has remote endpoints."""
+        return None

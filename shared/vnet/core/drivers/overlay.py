@@ -9,11 +9,12 @@ neighbour entry per remote endpoint (no flooding). The same gateway on every hos
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vnet.core import errors as E
 from vnet.core import naming
-from vnet.core.dataplane_model import NetDesired, NodeDesired, PeerHost
+from vnet.core.dataplane_model import NetDesired, NodeDesired, PeerHost, RemoteEndpoint
 from vnet.core.drivers.base import MTU, OptionSpec, boolean, int_range
 from vnet.core.drivers.bridge import BridgeDriver
 from vnet.core.planning.checks import Invalid, addr_any, iface
@@ -25,6 +26,7 @@ from vnet.core.planning.ops import (
     DelFdb,
     DelNeigh,
     EnsureVxlan,
+    PlanOp,
     SetLink,
     net_owner,
     normalize_cidr,
@@ -132,6 +134,49 @@ class OverlayDriver(BridgeDriver):
                 neigh.setdefault(ip, mac)
         return fdb, neigh
 
+    def remote_delta(self, nd: NetDesired, peers: Sequence[PeerHost], rem: RemoteEndpoint,
+                     created: bool) -> list[PlanOp] | None:
+        """One remote endpoint's FDB and neighbour entries, added (``created``) or deleted, as
+        :meth:`vxlan` plans them for it, without observing the network's entries: the
+        other hosts learn an attach as this delta (two or three netlink writes) instead of a
+        reconcile of the network, whose observation dumps every remote's entries (O(remote
+        endpoints) per attach; 1.2-2 ms here with 30-60 remotes while the attaching host worked
+        on the same cores: docs/dataplane.md, "Remote attaches as deltas"). Adds replace
+        (``NLM_F_REPLACE``), deletes accept "not there": repeating one is harmless.
+
+        None where this endpoint's entries cannot be decided alone: its host is not a peer
+        (or has no WireGuard address for an encrypted network), an address does not parse,
+        the network has a remote under its MAC that differs (host or addresses: entries of
+        the other would stay), or another remote holds one of its addresses (the planner
+        keeps the first)."""
+        owner = net_owner(nd.id)
+        peer = next((h for h in peers if h.name == rem.host), None)
+        vtep = None if peer is None else (peer.wg_address if nd.encrypted else peer.address)
+        if vtep is None:
+            return None
+        try:
+            mac = naming.normalize_mac(rem.mac)
+            dst = str(ipaddress.ip_address(vtep.split("/", 1)[0]))
+            ips = [str(ipaddress.ip_address(a.split("/", 1)[0])) for a in (rem.ipv4, rem.ipv6) if a is not None]
+        except (naming.InvalidName, ValueError):
+            return None
+        for r in nd.remotes:
+            try:
+                same = naming.normalize_mac(r.mac) == mac
+                theirs = {str(ipaddress.ip_address(a.split("/", 1)[0])) for a in (r.ipv4, r.ipv6) if a is not None}
+            except (naming.InvalidName, ValueError):
+                return None
+            if same and (r.host, r.ipv4, r.ipv6) != (rem.host, rem.ipv4, rem.ipv6):
+                return None
+            if not same and theirs & set(ips):
+                return None
+        vx = naming.vxlan_name(nd.id)
+        if created:
+            return [AddFdb(owner=owner, ifname=vx, mac=mac, dst=dst),
+                    *(AddNeigh(owner=owner, ifname=vx, ip=ip, mac=mac) for ip in ips)]
+        return [*(DelNeigh(owner=owner, ifname=vx, ip=ip) for ip in ips),
+                DelFdb(owner=owner, ifname=vx, mac=mac, dst=dst)]
+
     def vxlan(self, p: Planner, n: NetView) -> None:
         """The network's VXLAN device on its bridge, and one static FDB entry and one
         permanent neighbour entry per remote endpoint (no learning, no flooding)."""
@@ -156,6 +201,8 @@ class OverlayDriver(BridgeDriver):
                              mtu=n.d.mtu if link.mtu != n.d.mtu else None)
             if (change.up, change.master, change.mtu) != (None, None, None):
                 p.ops.append(change)
+            if not p.host.complete and n.vxlan not in p.host.fdb:
+                return  # a scoped observation did not read its entries: here for an endpoint only
             have_fdb = p.host.fdb.get(n.vxlan, {})
             have_neigh = p.host.neigh.get(n.vxlan, {})
         for mac, dst in sorted(have_fdb.items()):

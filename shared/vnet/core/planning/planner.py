@@ -434,6 +434,18 @@ def removed_network_links(network_id: str) -> list[str]:
     return sorted(names, key=naming.is_our_bridge)  # stable: registry order otherwise
 
 
+def table_targets(desired: NodeDesired, scope: Scope | None = None) -> set[str] | None:
+    """The VXLAN devices whose FDB and neighbour entries ``plan(desired, ..., scope)`` reads
+    (None: every one). Those of the networks in scope, not those of a network in play only
+    for an endpoint being attached or detached: an attach into an overlay with N endpoints on
+    other hosts read N entries twice (1-1.5 ms with 40 here, and growing), and the remote
+    entries are the networks' own reconciles', the remote endpoints' deltas' and the full
+    resync's. A device whose entries were not read keeps them (``OverlayDriver.vxlan``)."""
+    if scope is None:
+        return None
+    return {naming.vxlan_name(n) for n in scope.networks if n}
+
+
 def observation_targets(desired: NodeDesired, scope: Scope | None = None) -> tuple[set[str] | None, set[str]]:
     """What the observer must read for ``plan(desired, ..., scope)``.
 
