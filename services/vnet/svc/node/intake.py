@@ -258,7 +258,7 @@ class EventIntake(WorkerParts):
                 for owner, err in failed.items():
                     log.info("node %s: remote entries of %s not written as a delta (%s); reconciling it", self.node,
                              owner, err.message)
-                scope_nets |= {n for n in delta if net_owner(n) in failed or "node" in failed}
+                scope_nets |= {n for n in delta if net_owner(n) in failed}
             elif delta:  # no data plane: what a reconcile reports
                 scope_nets |= delta.keys()
             self.counters.batches += 1
@@ -340,7 +340,11 @@ class EventIntake(WorkerParts):
         if info is None or net is None or info.node not in {p.name for p in self.peers}:
             return False, None
         rem = remote_of(info)
-        ops = core_drivers.get(net.driver).remote_delta(net, self.peers, rem, it.event == "created")
+        sup = self.encryption
+        # an encrypted network this node cannot build has no VXLAN device to write to: its
+        # reconcile refuses it as before
+        ops = (None if net.encrypted and sup is not None and not sup.available else
+               core_drivers.get(net.driver).remote_delta(net, self.peers, rem, it.event == "created"))
         others = tuple(r for r in net.remotes if r.mac != rem.mac)
         remotes = tuple(sorted((*others, rem), key=lambda r: r.mac)) if it.event == "created" else others
         self.nets[net.id] = msgspec.structs.replace(net, remotes=remotes)
