@@ -6,8 +6,8 @@ allocation is one script call on the pool's keys (:class:`vnet.adapters.ipam_sto
 and the IPAM service's handler was a thin shell around it. Asking it cost the attach a round
 trip through nats-server and a fourth process (endpoint -> nats -> ipam -> valkey -> ipam ->
 nats -> endpoint, against endpoint -> valkey -> endpoint) on a path where every wakeup of a
-process costs 0.8-1 ms on a loaded 2-core machine (docs/dataplane.md, "A fourth process off
-the attach's path"). Calico's CNI plugin allocates from its datastore in-process the same way;
+process costs 0.8-1 ms on a loaded 2-core machine (docs/dataplane.md, "The last runs on main
+(4 Dec 22:11-22:19 UTC)"). Calico's CNI plugin allocates from its datastore in-process the same way;
 the CNI host-local plugin is a library over its files. The IPAM service keeps its subjects
 (other callers, tools, ``nats req``), pools, GC and check; the rules stay in ``vnet.core.ipam``
 and the atomicity in the script, whichever process calls it.
