@@ -7,7 +7,7 @@ and the IPAM service's handler was a thin shell around it. Asking it cost the at
 trip through nats-server and a fourth process (endpoint -> nats -> ipam -> valkey -> ipam ->
 nats -> endpoint, against endpoint -> valkey -> endpoint) on a path where every wakeup of a
 process costs 0.8-1 ms on a loaded 2-core machine (docs/dataplane.md, "The last runs on main
-(4 Dec 22:11-22:19 UTC)"). Calico's CNI plugin allocates from its datastore in-process the same way;
+(4 Dec 22:11-22:59 UTC)"). Calico's CNI plugin allocates from its datastore in-process the same way;
 the CNI host-local plugin is a library over its files. The IPAM service keeps its subjects
 (other callers, tools, ``nats req``), pools, GC and check; the rules stay in ``vnet.core.ipam``
 and the atomicity in the script, whichever process calls it.
