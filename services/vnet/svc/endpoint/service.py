@@ -13,7 +13,8 @@ How a create goes (details in ``docs/endpoints.md``)::
     network.get                                     404 network_not_found
     node registered? driver available there?        404 node_not_found / 503 driver_unavailable
     node: does the namespace exist? (no wait only)  404 netns_not_found   (vnet.node.<node>.netns.check)
-    IPAM: IPv4 (+ IPv6)  owner = endpoint id        409 address_in_use naming the holder
+    address: IPv4 (+ IPv6)  owner = endpoint id     409 address_in_use naming the holder
+      (IPAM's allocation script, called here: vnet.runtime.addresses)
     netep SADD, commit (one Lua script)             dup -> release and return the first result
     event vnet.evt.endpoint.created.<id>            the node reconciles and reports status
 

@@ -185,7 +185,7 @@ class Reconciler:
                 departed: list[Departed] | None = None) -> NodeActual:
         names, containers = observation_targets(desired, scope)
         containers |= {d.netns for d in departed or ()}
-        return self.observer.node(containers, names, table_targets(desired, scope))
+        return self.observer.node(containers, names, table_targets(scope))
 
     def _departed(self, desired: NodeDesired, scope: Scope | None) -> list[Departed]:
         wanted = {e.id for e in desired.endpoints}

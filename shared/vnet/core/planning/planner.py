@@ -434,8 +434,8 @@ def removed_network_links(network_id: str) -> list[str]:
     return sorted(names, key=naming.is_our_bridge)  # stable: registry order otherwise
 
 
-def table_targets(desired: NodeDesired, scope: Scope | None = None) -> set[str] | None:
-    """The VXLAN devices whose FDB and neighbour entries ``plan(desired, ..., scope)`` reads
+def table_targets(scope: Scope | None) -> set[str] | None:
+    """The VXLAN devices whose FDB and neighbour entries ``plan(..., scope)`` reads
     (None: every one). Those of the networks in scope, not those of a network in play only
     for an endpoint being attached or detached: an attach into an overlay with N endpoints on
     other hosts read N entries twice (1-1.5 ms with 40 here, and growing), and the remote
