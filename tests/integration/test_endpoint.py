@@ -25,6 +25,7 @@ from vnet import VNetManager
 from vnet.adapters import endpoint_store as es
 from vnet.adapters import nats as nats_adapter
 from vnet.adapters.redis import global_key, key
+from vnet.contracts import headers as H
 from vnet.contracts import subjects
 from vnet.contracts.endpoint import EndpointInfo, NodeRegister, NodeRegistered
 from vnet.contracts.ipam import PoolsReply
@@ -442,6 +443,40 @@ async def test_one_trace_from_the_request_to_the_kernel(env: Env, spans: InMemor
     # the address is allocated in the endpoint service (vnet.runtime.addresses), not asked of
     # the IPAM service over the bus: a process fewer on the attach's path (issue 9)
     assert not {"publish vnet.ipam.addr.request", "process vnet.ipam.addr.request"} & names, names
+
+
+async def test_the_node_answers_a_waiting_create_and_a_read_right_after_sees_ready(env: Env) -> None:
+    """The endpoint's node answers a create that waits as soon as the endpoint is ready (the
+    service forwards its caller's reply subject with the event), one hop before the service's
+    own answer; a read that comes before the service has folded the report in still says
+    ready (the report each replica heard, svc/endpoint/events.py StatusBoard)."""
+    net = await env.network()
+    nc = await env.m._client()
+    cs = await asyncio.to_thread(lambda: [env.netns(f"a{i}") for i in range(20)])
+    for c in cs:
+        body = msgspec.json.encode({"container_id": c, "network_id": net.id, "wait": True})
+        msg = await nc.request(subjects.ENDPOINT_CREATE.template, body, timeout=30)
+        assert (msg.headers or {}).get(H.NODE) == env.node, msg.headers  # the node's answer came first
+        assert (msg.headers or {}).get(H.TRACE_ID)  # with the create's trace, as the service's would be
+        ep = msgspec.json.decode(msg.data, type=EndpointInfo)
+        assert ep.status == "ready" and ep.status_at and ep.interface_name == "eth0" and ep.ip_address, ep
+        # at once, before the fold may have landed
+        got, ready = await asyncio.gather(env.m.get_endpoint(ep.id), env.m.list_endpoints(container=c,
+                                                                                         status="ready"))
+        assert got.status == "ready" and got.status_at == ep.status_at, got
+        assert [e.id for e in ready] == [ep.id]
+    # and the records themselves follow (the service's fold)
+    ids = [e.id for e in await env.m.list_endpoints(network=net.id)]
+    for _ in range(100):
+        stored = {await env.r.hget(es.rec_key(i), "status") for i in ids}
+        if stored == {b"ready"}:
+            break
+        await asyncio.sleep(0.05)
+    assert len(ids) == 20 and stored == {b"ready"}
+    # A create that does not wait is answered by the service alone (pending).
+    body = msgspec.json.encode({"container_id": env.netns("nowait"), "network_id": net.id})
+    msg = await nc.request(subjects.ENDPOINT_CREATE.template, body, timeout=30)
+    assert H.NODE not in (msg.headers or {}), msg.headers
 
 
 async def _vnetctl(cfg: VNetConfig, *args: str) -> tuple[int, str, str]:

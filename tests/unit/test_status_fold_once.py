@@ -14,7 +14,15 @@ from typing import Any
 import msgspec
 
 from vnet.contracts.endpoint import EndpointInfo, EndpointStatusEvent
-from vnet.svc.endpoint.events import FOLDED_KEEP, _StatusWaiter, _wait_status, claim_fold
+from vnet.svc.endpoint.events import (
+    FOLDED_KEEP,
+    HEARD_KEEP,
+    _StatusWaiter,
+    _wait_status,
+    board,
+    claim_fold,
+    heard,
+)
 from vnet.svc.endpoint.records import _on_status
 
 
@@ -147,5 +155,39 @@ def test_the_memory_is_bounded() -> None:
             claim_fold(rt, EndpointStatusEvent(endpoint_id=f"e{i}", node="n1", status="ready", version=1))
         assert len(rt.state["folded"]) == FOLDED_KEEP and ("e0", 1) not in rt.state["folded"]
         assert first is not None and first.done() and first.result() is False
+
+    asyncio.run(go())
+
+
+def test_the_board_hands_reports_to_waiters_and_reads_take_what_it_heard() -> None:
+    """One subscription per replica (``StatusBoard``): each report goes to the requests waiting
+    for that endpoint, and a read of a record still ``pending`` takes the report heard (the
+    node answers a waiting create before any replica folds the report in)."""
+    async def go() -> None:
+        rt = _rt(Store())
+        b = board(rt)
+        info = EndpointInfo(id="e1", container_id="c1", network_id="net1", ip_address="10.0.0.2",
+                            mac_address="02:00:00:00:00:01", interface_name="eth0", created_at="", node="n1")
+        assert heard(rt, info) is info  # nothing heard
+        w = _StatusWaiter(rt, "e1", frozenset({"ready"}))
+        w.listen("n1")
+        other = _StatusWaiter(rt, "e2", frozenset({"ready"}))
+        other.listen("n1")
+        await b._on(_msg(EndpointStatusEvent(endpoint_id="e1", node="n2", status="ready", version=5)))
+        assert not w.got.done()  # another node's word about it counts for nothing
+        assert heard(rt, info).status == "pending"
+        ready = EndpointStatusEvent(endpoint_id="e1", node="n1", status="ready", version=1_700_000_000_000_000)
+        await b._on(_msg(ready))
+        assert w.got.done() and w.got.result() == ready and not other.got.done()
+        got = heard(rt, info)
+        assert (got.status, got.status_at) == ("ready", "2023-11-14T22:13:20.000Z")
+        folded = msgspec.structs.replace(info, status="failed", reason="later", status_at="x")
+        assert heard(rt, folded) is folded  # the record's own status once folded
+        await w.close()
+        await other.close()
+        assert b.waiters == {}
+        for i in range(HEARD_KEEP + 1):  # bounded: the oldest go first
+            await b._on(_msg(EndpointStatusEvent(endpoint_id=f"x{i}", node="n1", status="ready", version=1)))
+        assert len(b.latest) == HEARD_KEEP and "e1" not in b.latest
 
     asyncio.run(go())

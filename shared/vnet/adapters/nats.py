@@ -339,13 +339,13 @@ async def publish_event(js: JetStreamContext, subject: str, event: Any, *, msg_i
                 attempt += 1
 
 
-async def publish_copy(nc: Client, subject: str, event: Any, *, template: str) -> None:
+async def publish_copy(nc: Client, subject: str, event: Any, *, template: str, reply: str = "") -> None:
     """Publish a node-addressed copy of an event (core NATS, outside the stream) with trace
     context. Fire and forget: while the client reconnects it is buffered, and a copy that is
     lost anyway is repaired by the full resync its node runs when it reconnects (:class:`Feed`)."""
     data = codec.encode(event)
     with tracing.publish_span(template, subject) as hdrs:
-        await nc.publish(subject, data, headers=hdrs)
+        await nc.publish(subject, data, reply=reply, headers=hdrs)
 
 
 async def handle_traced(template: str, m: Msg, handler: Callable[[Msg], Awaitable[None]], failed: str) -> bool:

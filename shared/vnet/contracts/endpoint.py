@@ -14,6 +14,7 @@ translation from a stored endpoint to the data plane's :class:`EpDesired` /
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Literal
 
 import msgspec
@@ -514,6 +515,13 @@ class EndpointEvent(msgspec.Struct, kw_only=True):
     """``created`` / ``deleted``: the endpoint (as it is, or as it was)."""
 
     endpoint: EndpointInfo
+
+
+def status_time(version_us: int) -> str:
+    """``EndpointInfo.status_at`` of a report: its version (microseconds since the epoch) as
+    an ISO 8601 UTC time in milliseconds."""
+    t = dt.datetime.fromtimestamp(version_us / 1e6, dt.UTC)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class EndpointStatusEvent(msgspec.Struct, kw_only=True):

@@ -103,11 +103,15 @@ class Ctx:
     trace_id: str | None
     # The caller's deadline (Unix seconds) from ``Vnet-Deadline``; None when it sent none.
     deadline: float | None = None
+    # Where the caller waits for the answer (the request's reply subject; "" for an event).
+    reply: str = ""
 
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
-                            msg_id: str | None = None, to: Subject | None = None, node: str = "") -> int:
+                            msg_id: str | None = None, to: Subject | None = None, node: str = "",
+                            reply: str = "") -> int:
         """Publish a domain event to ``VNET_EVENTS``; it carries this request's trace context."""
-        return await self.rt.publish_event(domain, event, ident, payload, msg_id=msg_id, to=to, node=node)
+        return await self.rt.publish_event(domain, event, ident, payload, msg_id=msg_id, to=to, node=node,
+                                           reply=reply)
 
     async def request(self, subject: Subject, payload: Any, reply_type: type[Rep], *,
                       params: dict[str, str] | None = None, timeout: float | None = None) -> Rep:
@@ -400,16 +404,18 @@ class Runtime:
 
     # -- events --------------------------------------------------------------------------
     async def publish_event(self, domain: str, event: str, ident: str, payload: Any, *,
-                            msg_id: str | None = None, to: Subject | None = None, node: str = "") -> int:
+                            msg_id: str | None = None, to: Subject | None = None, node: str = "",
+                            reply: str = "") -> int:
         """Publish ``vnet.evt.<domain>.<event>.<ident>`` with ``Nats-Msg-Id`` (dedup) and trace context.
 
         Give ``msg_id`` to make a retried publish idempotent; the default is unique per call.
         ``to`` (with ``node``) publishes the copy addressed to one node instead, e.g.
-        ``subjects.EVT_ENDPOINT_TO_NODE``: a core NATS message, not stored (docs/scale.md).
+        ``subjects.EVT_ENDPOINT_TO_NODE``: a core NATS message, not stored (docs/scale.md);
+        ``reply`` forwards a caller's reply subject with it (that node may answer the caller).
         """
         if to is not None:  # a core NATS copy, outside the stream: returns 0
             await nats_adapter.publish_copy(self.nc, to.format(node=node, event=event, id=ident), payload,
-                                            template=to.template)
+                                            template=to.template, reply=reply)
             return 0
         return await nats_adapter.publish_event(
             self.js, subjects.event(domain, event, ident), payload,
@@ -506,7 +512,8 @@ class Runtime:
                                  f"(waited {time.time() - deadline:.3f}s too long); nothing was done")
                 req = b.decode(msg.data)
                 ctx = Ctx(self, subject, b.template, headers if headers is not None else {},
-                          b.params_of(subject) if b.dynamic else dict(b.params), trace_id, deadline)
+                          b.params_of(subject) if b.dynamic else dict(b.params), trace_id, deadline,
+                          msg.reply or "")
                 result = await op.handler(ctx, req)
                 body = b"{}" if result is None else codec.encode(result)
                 if len(body) > self._max_reply:

@@ -9,6 +9,7 @@ import datetime as dt
 import ipaddress
 import re
 
+from vnet.contracts.endpoint import status_time
 from vnet.core import drivers, naming
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
@@ -41,9 +42,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _iso_us(us: int) -> str:
-    t = dt.datetime.fromtimestamp(us / 1e6, dt.UTC)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+_iso_us = status_time
 
 
 # --- validation (no I/O) ------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from typing import Any, NoReturn, cast
 
 import msgspec
 
-from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     EndpointCreate,
     EndpointDns,
@@ -276,13 +275,14 @@ async def _create(ctx: Ctx, req: EndpointCreate, ident: str, net: VirtualNetwork
     waiter = None
     if req.wait:
         waiter = _StatusWaiter(ctx.rt, ident, frozenset({"ready", "failed"}), folds=True)
-        await _listen(ctx, waiter, info.node)
+        waiter.listen(info.node)  # the record just committed names the node: no read back
     try:
         settling = (asyncio.ensure_future(_settle_attempts(ctx, req.request_id, info, net.id, host))
                     if req.request_id else None)
         try:
             await _publish_endpoint_event(ctx, "created", info, EndpointEvent(endpoint=info),
-                                          msg_id=f"endpoint.created.{ident}", net=net, hosts=hosts)
+                                          msg_id=f"endpoint.created.{ident}", net=net, hosts=hosts,
+                                          reply=ctx.reply if req.wait else "")
         except Exception as exc:  # committed: the node finds it at its next resync
             log.warning("could not publish endpoint.created for %s (the node picks it up at its next resync): %s",
                         ident, exc)
@@ -358,15 +358,6 @@ async def _settle_attempts(ctx: Ctx, request_id: str, info: EndpointInfo, networ
     if others:
         log.info("endpoint %s (request %s): released the addresses of %d earlier attempt(s): %s", info.id,
                  request_id, len(others), ", ".join(others))
-
-
-async def _listen(ctx: Ctx, waiter: _StatusWaiter, node: str) -> None:
-    """``waiter`` listening on the status subject of ``node``: this create has just committed
-    the record, so it knows the node (``_StatusWaiter.start`` reads the record back to learn it:
-    one Redis round trip less on every attach that waits)."""
-    waiter.node = node
-    waiter.sub = await ctx.rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.format(node=node, id=waiter.ident),
-                                           cb=waiter._cb)
 
 
 def _dns_for(node: NodeInfo, net: VirtualNetwork, info: EndpointInfo) -> EndpointDns | None:

@@ -207,7 +207,8 @@ def _has_relations(net: VirtualNetwork) -> bool:
 
 
 async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payload: Any, *, msg_id: str,
-                                  net: VirtualNetwork | None = None, hosts: set[str] | None = None) -> None:
+                                  net: VirtualNetwork | None = None, hosts: set[str] | None = None,
+                                  reply: str = "") -> None:
     """The event on ``vnet.evt.endpoint.<event>.<id>`` (every service and watcher) and a copy
     addressed to each node that must act on it (``vnet.node.<node>.evt.endpoint.<event>.<id>``,
     :func:`event_nodes`, core NATS): a node worker hears only its own, so what it receives grows
@@ -220,7 +221,8 @@ async def _publish_endpoint_event(ctx: Ctx, event: str, info: EndpointInfo, payl
     that waits for its node would otherwise wait for too); the stream's publish runs beside
     that addressing."""
     previous = getattr(payload, "previous", None)  # an update: the endpoint as it was (its labels)
-    await ctx.publish_event("endpoint", event, info.id, payload, to=subjects.EVT_ENDPOINT_TO_NODE, node=info.node)
+    await ctx.publish_event("endpoint", event, info.id, payload, to=subjects.EVT_ENDPOINT_TO_NODE, node=info.node,
+                            reply=reply)
     stream = asyncio.ensure_future(ctx.publish_event("endpoint", event, info.id, payload, msg_id=msg_id))
     try:
         others = sorted(await event_nodes(ctx, event, info, net, previous, hosts) - {info.node})
@@ -260,9 +262,83 @@ def status_event(msg: Msg) -> EndpointStatusEvent | None:
     return ev
 
 
+HEARD_KEEP = 4096  # the last reports a replica keeps for its reads (StatusBoard.latest)
+
+
+class StatusBoard:
+    """Every status report of every node, heard by this replica on one core subscription
+    (``vnet.evt.endpoint.status.>``; core NATS sees JetStream publishes too).
+
+    Each report goes to this replica's requests waiting for one (a create or a delete with
+    ``wait``, :class:`_StatusWaiter`): one subscription for them all, not one made and
+    dropped per request. The last :data:`HEARD_KEEP` are kept for reads (:func:`heard`): a
+    node answers a waiting create itself as soon as its endpoint is ready (docs/endpoints.md,
+    "Who answers a create"), before any replica has folded the report into the record. The
+    node publishes the report before that answer, so the server hands it to every replica
+    before the caller has the answer, let alone asks again: a read that finds the record still
+    ``pending`` takes the report heard."""
+
+    def __init__(self) -> None:
+        self.waiters: dict[str, list[_StatusWaiter]] = {}
+        self.latest: OrderedDict[str, EndpointStatusEvent] = OrderedDict()
+        self.sub: Subscription | None = None
+
+    async def start(self, rt: Runtime) -> None:
+        self.sub = await rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.wildcard(), cb=self._on)
+
+    async def stop(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                log.debug("status board: unsubscribe: %s", exc)
+
+    async def _on(self, msg: Msg) -> None:
+        ev = status_event(msg)
+        if ev is None:
+            return
+        self.latest[ev.endpoint_id] = ev
+        self.latest.move_to_end(ev.endpoint_id)
+        while len(self.latest) > HEARD_KEEP:
+            self.latest.popitem(last=False)
+        for w in list(self.waiters.get(ev.endpoint_id, ())):
+            w.take(ev)
+
+    def add(self, w: _StatusWaiter) -> None:
+        self.waiters.setdefault(w.ident, []).append(w)
+
+    def remove(self, w: _StatusWaiter) -> None:
+        ws = self.waiters.get(w.ident)
+        if ws is not None and w in ws:
+            ws.remove(w)
+            if not ws:
+                del self.waiters[w.ident]
+
+
+def board(rt: Runtime) -> StatusBoard:
+    b: StatusBoard | None = rt.state.get("board")
+    if b is None:
+        b = rt.state["board"] = StatusBoard()
+    return b
+
+
+def heard(rt: Runtime, info: EndpointInfo) -> EndpointInfo:
+    """``info`` with the report its node published and this replica heard, while the record
+    still says ``pending`` (not folded yet: :class:`StatusBoard`)."""
+    if info.status != "pending":
+        return info
+    b: StatusBoard | None = rt.state.get("board")
+    ev = b.latest.get(info.id) if b is not None else None
+    if ev is None or ev.node != info.node or ev.status not in ("ready", "failed"):
+        return info
+    return msgspec.structs.replace(info, status=ev.status, reason=ev.reason, status_code=ev.code,
+                                   status_at=_iso_us(ev.version) if ev.version else info.status_at)
+
+
 class _StatusWaiter:
-    """Listens on ``vnet.evt.endpoint.status.<node>.<id>`` of the endpoint's own node (core
-    NATS sees JetStream publishes too).
+    """Takes the reports of the endpoint's own node for one endpoint (from this replica's
+    :class:`StatusBoard`).
 
     ``folds``: the waiting request folds the report into the record itself (a create). The
     report it takes is claimed at once (:func:`claim_fold`): the durable consumer gets the same
@@ -277,20 +353,30 @@ class _StatusWaiter:
         self.got: asyncio.Future[EndpointStatusEvent] = asyncio.get_running_loop().create_future()
         self.claim: asyncio.Future[bool] | None = None
         self.closed = False
-        self.sub: Subscription | None = None
+        self.listening = False
         self.node: str | None = None
 
     async def start(self) -> None:
         info = await _store(self.rt).get(self.ident)
         if info is None:  # nothing to wait for: the caller's poll of the record sees that
             return
-        self.node = info.node
-        self.sub = await self.rt.nc.subscribe(subjects.EVT_ENDPOINT_STATUS.format(node=info.node, id=self.ident),
-                                              cb=self._cb)
+        self.listen(info.node)
+
+    def listen(self, node: str) -> None:
+        """Take the reports of ``node`` from now on (the board's subscription is already there:
+        nothing to wait for before publishing what the node will answer)."""
+        self.node = node
+        if not self.listening:
+            board(self.rt).add(self)
+            self.listening = True
 
     async def _cb(self, msg: Msg) -> None:
         ev = status_event(msg)
-        if ev is None or ev.node != self.node:
+        if ev is not None:
+            self.take(ev)
+
+    def take(self, ev: EndpointStatusEvent) -> None:
+        if ev.node != self.node:
             return
         if ev.status in self.wanted and not self.got.done():
             if self.folds and not self.closed:
@@ -305,12 +391,9 @@ class _StatusWaiter:
     async def close(self) -> None:
         self.closed = True
         self.folded(False)  # a claim never folded (the wait ended first) goes back to the consumer
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except Exception:
-                pass
-            self.sub = None
+        if self.listening:
+            board(self.rt).remove(self)
+            self.listening = False
 
 
 async def _wait_status(ctx: Ctx, info: EndpointInfo | None, waiter: _StatusWaiter,

@@ -28,6 +28,7 @@ from vnet.svc.endpoint.common import _not_found, _store
 from vnet.svc.endpoint.events import (
     _apply_status,
     folded_here,
+    heard,
     status_event,
 )
 from vnet.svc.endpoint.removal import remove
@@ -49,7 +50,7 @@ async def get(ctx: Ctx, req: EndpointRef) -> EndpointInfo:
     info = await _store(ctx).get(req.endpoint_id)
     if info is None:
         raise _not_found(req.endpoint_id)
-    return info
+    return heard(ctx.rt, info)
 
 
 async def list_endpoints(ctx: Ctx, req: EndpointList) -> EndpointPage:
@@ -72,9 +73,10 @@ async def list_endpoints(ctx: Ctx, req: EndpointList) -> EndpointPage:
     while pos < len(ids) and len(out) < req.limit:
         chunk = ids[pos:pos + 500]
         pos += len(chunk)
-        for e in await store.get_many(chunk):
-            if e is None:
+        for got in await store.get_many(chunk):
+            if got is None:
                 continue
+            e = heard(ctx.rt, got)
             if network_id is not None and e.network_id != network_id:
                 continue
             if req.node is not None and e.node != req.node:

@@ -26,8 +26,11 @@ committed before it answers with that error.
 
 Statuses: the node worker publishes ``vnet.evt.endpoint.status.<node>.<id>`` (ready, failed
 with a reason, or deleted); a durable JetStream consumer shared by the replicas folds
-them into the records (later versions win). A request with ``wait`` also listens on
-that subject itself, so it answers as soon as the node has.
+them into the records (later versions win). Every replica also hears every report on one
+core subscription (``events.StatusBoard``): its requests with ``wait`` take theirs from it,
+and its reads take a report not folded yet. A create with ``wait`` forwards its caller's
+reply subject to the node with the event, and the node answers it as soon as the endpoint
+is ready; this service answers too, after its fold (the caller keeps the first answer).
 
 Where the code is: this module is the service's face (its definition, start and stop, and
 the table of operations); the handlers are in the sibling modules by concern — ``nodes``
@@ -56,7 +59,7 @@ from vnet.contracts.endpoint import (
 )
 from vnet.runtime import addresses
 from vnet.runtime.service import Runtime, ServiceDef
-from vnet.svc.endpoint import create, desired, lookups, nodes, records, runtime_ops, update
+from vnet.svc.endpoint import create, desired, events, lookups, nodes, records, runtime_ops, update
 from vnet.svc.endpoint.common import NETDEL_DURABLE, STATUS_DURABLE
 from vnet.svc.endpoint.nodes import _on_deregister, _on_register, _watch_nodes
 from vnet.svc.endpoint.records import _on_network_deleted, _on_status
@@ -97,6 +100,8 @@ async def _start(rt: Runtime) -> None:
     ]
     rt.state["consumers"] = consumers
     try:
+        # before any request: every wait and every read of a status takes from it
+        await events.board(rt).start(rt)
         lk = rt.state["lookups"] = lookups.Lookups()
         await lk.start(rt)
         # every node's heartbeat comes here: handled side by side, not one after another
@@ -126,6 +131,9 @@ async def _stop(rt: Runtime) -> None:
                 log.debug("unsubscribe %s: %s", key, exc)
     for c in rt.state.pop("consumers", []):
         await c.stop()
+    b: events.StatusBoard | None = rt.state.pop("board", None)
+    if b is not None:
+        await b.stop()
     lk: lookups.Lookups | None = rt.state.pop("lookups", None)
     if lk is not None:
         await lk.stop()

@@ -121,7 +121,8 @@ class EventIntake(WorkerParts):
                 self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=ev.endpoint.network_id,
                                                  endpoint=ev.endpoint))
             return
-        self.queue.put_nowait(self._item(kind="endpoint", event=parts[3], ident=ev.endpoint.id, endpoint=ev.endpoint))
+        self.queue.put_nowait(self._item(kind="endpoint", event=parts[3], ident=ev.endpoint.id, endpoint=ev.endpoint,
+                                         reply=msg.reply or ""))
 
     def _on_endpoint_updated(self, msg: Msg) -> None:
         """Labels or published ports of an endpoint (of any node) changed. Labels only move its
@@ -283,7 +284,8 @@ class EventIntake(WorkerParts):
             else:  # remote entries only, written above; set members are the policy task's
                 result = ReconcileResult(ops_planned=0, ops_applied=0, writes=0, errors=[], networks={}, endpoints={},
                                          duration=0.0)
-            await self._report(result, gone)
+            await self._report(result, gone, {it.ident: (it.reply, it.endpoint) for it in items
+                                              if it.kind == "endpoint" and it.event == "created" and it.reply})
             await self._announce([it.ident for it in items if it.kind == "endpoint" and it.event == "created"
                                   and not it.endpoint.ip_first_use], result)
 

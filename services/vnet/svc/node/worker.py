@@ -77,14 +77,20 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from vnet.contracts import subjects
+import msgspec
+from opentelemetry import trace
+
+from vnet.contracts import codec, subjects
+from vnet.contracts import headers as H
 from vnet.contracts.endpoint import (
     DesiredReply,
     DesiredRequest,
+    EndpointInfo,
     EndpointStatusEvent,
     NodeStats,
     TeardownReply,
     merge_desired,
+    status_time,
 )
 from vnet.core import drivers as core_drivers
 from vnet.core import errors as E
@@ -562,7 +568,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self._version = max(self._version + 1, time.time_ns() // 1000)
         return self._version
 
-    async def _report(self, result: ReconcileResult, gone: Collection[str] = ()) -> None:
+    async def _report(self, result: ReconcileResult, gone: Collection[str] = (),
+                      answers: dict[str, tuple[str, EndpointInfo]] | None = None) -> None:
         todo: list[tuple[str, str, str, str]] = []
         for eid, st in result.endpoints.items():
             if st.state == "failed":
@@ -588,9 +595,17 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                                      reason=reason, code=code, version=v)
             try:
                 # On this node's own subject: the bus lets this node publish nowhere else.
-                await self.rt.adapters.publish_event(
+                reporting = asyncio.ensure_future(self.rt.adapters.publish_event(
                     subjects.EVT_ENDPOINT_STATUS.format(node=self.node, id=eid), ev,
-                    msg_id=f"endpoint.status.{eid}.{v}", template=subjects.EVT_ENDPOINT_STATUS.template)
+                    msg_id=f"endpoint.status.{eid}.{v}", template=subjects.EVT_ENDPOINT_STATUS.template))
+                answer = answers.get(eid) if answers and state == "ready" else None
+                if answer is not None:
+                    # The report first: its publish is written out before it awaits the stream's
+                    # ack, so every endpoint replica hears it before the caller has the answer
+                    # (a read right after finds the record ready: StatusBoard).
+                    await asyncio.sleep(0)
+                    await self._answer(answer[0], answer[1], v)
+                await reporting
             except Exception as exc:  # not recorded as reported: the next reconcile tries again
                 log.info("node %s: could not report the status of %s: %s", self.node, eid, exc)
                 return
@@ -598,6 +613,22 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                 self.recorded[eid] = (state, reason)
 
         await asyncio.gather(*(one(*t) for t in todo))
+
+    async def _answer(self, reply: str, info: EndpointInfo, version: int) -> None:
+        """Answer the create waiting for ``info`` on ``reply`` (the endpoint service forwarded
+        its caller's reply subject with the event): the endpoint as the service would answer
+        it once the report is folded in, one hop sooner (docs/endpoints.md, "Who answers a
+        create"). The service answers too, after its fold; the caller takes the first answer."""
+        ready = msgspec.structs.replace(info, status="ready", reason="", status_code="",
+                                        status_at=status_time(version))
+        headers = {H.NODE: self.node}
+        sc = trace.get_current_span().get_span_context()
+        if sc.is_valid:
+            headers[H.TRACE_ID] = f"{sc.trace_id:032x}"
+        try:
+            await self.rt.nc.publish(reply, codec.encode(ready), headers=headers)
+        except Exception as exc:  # the service's own answer follows
+            log.info("node %s: could not answer the create of %s: %s", self.node, info.id, exc)
 
     # -- introspection ----------------------------------------------------------------------------
     def stats(self) -> NodeStats:
