@@ -54,6 +54,7 @@ NETLINK_ROUTE = 0
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 NETLINK_GET_STRICT_CHK = 12
+NLM_F_ECHO = 0x08
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_MULTI = 2
@@ -330,6 +331,13 @@ class NlSocket:
             seq = self._send(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, msg)
             for _ in self._replies(seq, what):
                 pass
+
+    def request_echo(self, msg_type: int, flags: int, msg: bytes | nlmsg, what: str = "") -> list[tuple[int, bytes]]:
+        """:meth:`request` with ``NLM_F_ECHO``: the kernel also returns what it made (a new
+        link's message, its index in it) before the ACK, sparing a lookup after it."""
+        with self._lock:
+            seq = self._send(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK | NLM_F_ECHO, msg)
+            return list(self._replies(seq, what))
 
     def dump(self, msg_type: int, msg: bytes | nlmsg, what: str = "") -> list[tuple[int, bytes]]:
         with self._lock:
