@@ -186,3 +186,39 @@ async def test_nobody_reads_anothers_replies(secured: Secured) -> None:
     finally:
         for c in (svc, admin, client):
             await c.nc.close()
+
+
+async def test_a_node_answers_only_the_create_forwarded_to_it_and_only_once(secured: Secured) -> None:
+    """A create that waits is answered by the endpoint's node (docs/endpoints.md, "Who answers a
+    create"): the endpoint service forwards its caller's reply subject with the node's copy of
+    the event, and the node's ``allow_responses`` lets it publish there once. It may not
+    answer again, nor answer a request nobody forwarded to it."""
+    svc = await connect_as(secured, permissions.service_user("endpoint"))
+    node = await connect_as(secured, permissions.node_user("n1"))
+    client = await connect_as(secured, permissions.client_user())
+    try:
+        copies: list[Any] = []
+
+        async def forward(msg: Any) -> None:
+            await svc.nc.publish("vnet.node.n1.evt.endpoint.created.ep1", b"{}", reply=msg.reply)
+
+        async def answer(msg: Any) -> None:
+            copies.append(msg)
+            await node.nc.publish(msg.reply, b"ready-from-node")
+
+        await svc.nc.subscribe("vnet.endpoint.secprobe", cb=forward)
+        await node.nc.subscribe("vnet.node.n1.evt.endpoint.>", cb=answer)
+        await nats_adapter.flush(svc.nc)
+        await nats_adapter.flush(node.nc)
+        rep = await client.nc.request("vnet.endpoint.secprobe", b"{}", timeout=WAIT_S)
+        assert rep.data == b"ready-from-node" and rep.subject.startswith("_INBOX.vnet-client.")
+        assert await node.violations() == set()
+        # once: a second answer on the same reply subject is refused
+        await node.nc.publish(copies[0].reply, b"again")
+        assert await node.violations() == {("pub", copies[0].reply.lower())}
+        # and a reply subject that was never forwarded to it is refused too
+        await node.nc.publish("_INBOX.vnet-client.other.1", b"forged")
+        assert ("pub", "_inbox.vnet-client.other.1") in await node.violations()
+    finally:
+        for c in (svc, node, client):
+            await c.nc.close()

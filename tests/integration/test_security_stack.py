@@ -80,10 +80,18 @@ def test_embedded_stack_is_private_and_authenticated(tmp_path: Path, run_prefix:
     (state / "logs" / "old.log").write_text("old\n")
     (state / "logs" / "old.log").chmod(0o644)
     env = _env(state)
-    up = subprocess.run([VNETCTL, "up", "--detach", "--state-dir", str(state), "--stop-timeout", "5"], env=env,
-                        capture_output=True, text=True, timeout=120, check=False)
+    # with the demo: attaches, waits and reads under the identities and permissions of the stack
+    up = subprocess.run([VNETCTL, "up", "--detach", "--demo", "--state-dir", str(state), "--stop-timeout", "5"],
+                        env=env, capture_output=True, text=True, timeout=180, check=False)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
+        assert "4. cleaned up" in up.stdout and "MISMATCH" not in up.stdout, up.stdout + up.stderr
+        assert up.stdout.count("-> ready") == 3, up.stdout + up.stderr
+        # Nothing the stack itself did was refused, among them the node's answers to the demo's
+        # creates (it may answer the one forwarded to it, once: a copy it heard twice was refused).
+        refused = [line for line in (state / "logs" / "nats-server.log").read_text().splitlines()
+                   if "Publish Violation" in line or "Subscription Violation" in line]
+        assert not refused, refused
         st = json.loads((state / "stack.json").read_text())
         assert st["auth"] is True
         # 0700 directories, 0600 files, everything (data, logs, configs, stack.json).

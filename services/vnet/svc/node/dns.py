@@ -98,6 +98,7 @@ class NodeDns:
         self._rules: list[AllowRule] = []
         self.in_play: set[str] = set()  # the networks whose endpoints the table holds
         self._subs: list[Any] = []
+        self._worker: Any = None  # the node worker whose endpoint copies it hears
 
     def _observe(self, rcode: str, seconds: float, trace_id: str | None) -> None:
         # NXDOMAIN and REFUSED are answers isolation gives, not failures of the resolver
@@ -109,14 +110,22 @@ class NodeDns:
     async def start(self) -> None:
         for subj in (subjects.EVT_NETWORK, subjects.EVT_POLICY):
             self._subs.append(await self.rt.nc.subscribe(str(subj), cb=self._on_event))
-        # endpoint events: only those addressed to this node (core NATS sees JetStream publishes)
-        own = subjects.EVT_TO_NODE.format(node=self.node).removesuffix(".>")
-        self._subs.append(await self.rt.nc.subscribe(f"{own}.endpoint.>", cb=self._on_endpoint_event))
+        # endpoint events: only those addressed to this node, heard through the worker's own
+        # subscription (one per connection: NodeWorker.copy_listeners says why)
+        worker = self.rt.state.get("worker")
+        if worker is not None:
+            worker.copy_listeners.append(self._on_endpoint_event)
+            self._worker = worker
+        else:  # a resolver without a worker in this process
+            own = subjects.EVT_TO_NODE.format(node=self.node).removesuffix(".>")
+            self._subs.append(await self.rt.nc.subscribe(f"{own}.endpoint.>", cb=self._on_endpoint_event))
         self._stale.set()
         self.rt.spawn(self._loop(), "dns-rebuild")
         self.rt.spawn(self._settle(), "dns-settle")
 
     async def stop(self) -> None:
+        if self._worker is not None and self._on_endpoint_event in self._worker.copy_listeners:
+            self._worker.copy_listeners.remove(self._on_endpoint_event)
         for s in self._subs:
             try:
                 await s.unsubscribe()

@@ -94,8 +94,19 @@ class EventIntake(WorkerParts):
         ``event_nodes``): the endpoint's own node; nodes holding its overlay or a network
         related to it; nodes in play for its network when a rule selects it (set members here)
         or a macvlan network relates to it; resolvers. One consumer, so a created and a
-        deleted of one endpoint arrive in order, and nothing of unrelated networks arrives."""
+        deleted of one endpoint arrive in order, and nothing of unrelated networks arrives.
+
+        ``copy_listeners`` (the node's resolver) hear each copy from here. The node's connection
+        must hold one subscription for these copies: the endpoint service forwards a waiting
+        creator's reply subject with its copy, and the bus lets this node answer it once
+        (``allow_responses``); a copy delivered twice (two overlapping subscriptions) took that
+        answer away (the server refused it as a publish to another user's inbox)."""
         await self._endpoint_event(msg)
+        for listener in self.copy_listeners:
+            try:
+                await listener(msg)
+            except Exception:  # one listener's failure is not the worker's
+                log.exception("node %s: a listener of endpoint copies failed on %s", self.node, msg.subject)
 
     async def _endpoint_event(self, msg: Msg) -> None:
         parts = _domain_parts(msg.subject)

@@ -73,11 +73,12 @@ import os
 import random
 import resource
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import msgspec
+from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from vnet.contracts import codec, subjects
@@ -229,6 +230,10 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._consumers: list[EventConsumer] = []
         self.feed: FeedPort | None = None  # the copies addressed to this node (core NATS)
+        # Others in this process that hear the endpoint copies (the node's resolver) hear them
+        # from this subscription, not one of their own: a copy delivered twice on the node's
+        # connection would cost it the one answer its create may get (EventIntake._on_endpoint_event).
+        self.copy_listeners: list[Callable[[Msg], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._version = 0
         self._started = asyncio.Event()

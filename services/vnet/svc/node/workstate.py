@@ -13,7 +13,7 @@ only under ``TYPE_CHECKING``, so none can shadow a real one).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -129,6 +129,7 @@ class WorkerParts:
     fetched: bool
     registered: bool
     counters: Counters
+    copy_listeners: list[Callable[[Msg], Awaitable[None]]]
     queue: asyncio.Queue[WorkItem]
     _consumers: list[EventConsumer]
     policy: PolicyAgentPort | None
