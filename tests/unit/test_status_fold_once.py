@@ -90,7 +90,7 @@ def test_a_consumer_copy_during_the_fold_waits_for_it_and_does_not_fold_again() 
                             mac_address="02:00:00:00:00:01", interface_name="eth0", created_at="", node="n1")
         waiting = asyncio.ensure_future(_wait_status(rt, info, waiter, 5.0))
         await asyncio.sleep(0)
-        await waiter._cb(_msg(ready))  # the create's copy: claimed at once
+        waiter.take(ready)  # the create's copy: claimed at once
         consumer = asyncio.ensure_future(_on_status(rt, _msg(ready)))  # the durable copy, while the fold is out
         await asyncio.sleep(0.01)
         assert not consumer.done()  # it waits for the create's fold
@@ -111,7 +111,7 @@ def test_a_fold_that_failed_is_left_to_the_consumer() -> None:
         waiter = _StatusWaiter(rt, "e1", frozenset({"ready"}), folds=True)
         waiter.node = "n1"
         info: Any = SimpleNamespace(id="e1", status="pending")
-        await waiter._cb(_msg(ready))
+        waiter.take(ready)
         try:
             await _wait_status(rt, info, waiter, 5.0)
         except ConnectionError:
@@ -133,7 +133,7 @@ def test_a_claim_the_wait_never_reached_goes_back_to_the_consumer() -> None:
         ready = EndpointStatusEvent(endpoint_id="e1", node="n1", status="ready", version=9)
         waiter = _StatusWaiter(rt, "e1", frozenset({"ready"}), folds=True)
         waiter.node = "n1"
-        await waiter._cb(_msg(ready))  # claimed, but the create's wait had already ended
+        waiter.take(ready)  # claimed, but the create's wait had already ended
         await waiter.close()
         await _on_status(rt, _msg(ready))
         assert store.folds == [("e1", 9)]
@@ -141,7 +141,7 @@ def test_a_claim_the_wait_never_reached_goes_back_to_the_consumer() -> None:
         late = _StatusWaiter(rt, "e2", frozenset({"ready"}), folds=True)
         late.node = "n1"
         await late.close()
-        await late._cb(_msg(EndpointStatusEvent(endpoint_id="e2", node="n1", status="ready", version=1)))
+        late.take(EndpointStatusEvent(endpoint_id="e2", node="n1", status="ready", version=1))
         assert "folded" not in rt.state or ("e2", 1) not in rt.state["folded"]
 
     asyncio.run(go())

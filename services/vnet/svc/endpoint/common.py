@@ -9,7 +9,6 @@ import datetime as dt
 import ipaddress
 import re
 
-from vnet.contracts.endpoint import status_time
 from vnet.core import drivers, naming
 from vnet.core import errors as E
 from vnet.core.model import VirtualNetwork
@@ -40,9 +39,6 @@ def _store(ctx: Ctx | Runtime) -> EndpointStore:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-_iso_us = status_time
 
 
 # --- validation (no I/O) ------------------------------------------------------------------------

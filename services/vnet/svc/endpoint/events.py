@@ -19,6 +19,7 @@ from vnet.contracts import subjects
 from vnet.contracts.endpoint import (
     EndpointInfo,
     EndpointStatusEvent,
+    status_time,
 )
 from vnet.contracts.network import MeshGroup, MeshRef, NetworkRef
 from vnet.contracts.policy import policy_endpoint
@@ -31,7 +32,7 @@ from vnet.runtime.ports import EndpointStorePort as EndpointStore
 from vnet.runtime.ports import PolicyStorePort
 from vnet.runtime.service import Ctx, Runtime
 from vnet.svc.endpoint import lookups
-from vnet.svc.endpoint.common import WAIT_POLL_S, _iso_us, _now, _store
+from vnet.svc.endpoint.common import WAIT_POLL_S, _now, _store
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def heard(rt: Runtime, info: EndpointInfo) -> EndpointInfo:
     if ev is None or ev.node != info.node or ev.status not in ("ready", "failed"):
         return info
     return msgspec.structs.replace(info, status=ev.status, reason=ev.reason, status_code=ev.code,
-                                   status_at=_iso_us(ev.version) if ev.version else info.status_at)
+                                   status_at=status_time(ev.version) if ev.version else info.status_at)
 
 
 class _StatusWaiter:
@@ -369,11 +370,6 @@ class _StatusWaiter:
         if not self.listening:
             board(self.rt).add(self)
             self.listening = True
-
-    async def _cb(self, msg: Msg) -> None:
-        ev = status_event(msg)
-        if ev is not None:
-            self.take(ev)
 
     def take(self, ev: EndpointStatusEvent) -> None:
         if ev.node != self.node:
@@ -421,7 +417,7 @@ async def _wait_status(ctx: Ctx, info: EndpointInfo | None, waiter: _StatusWaite
             raise
         waiter.folded(True)  # folded, or answered why not: the durable consumer would get the same answer
         if res == "ok":
-            at = _iso_us(ev.version) if ev.version else _now()
+            at = status_time(ev.version) if ev.version else _now()
             return msgspec.structs.replace(info, status=ev.status, reason=ev.reason,
                                            status_code=ev.code, status_at=at)
         return await store.get(info.id)
@@ -468,4 +464,4 @@ async def _apply_status(store: EndpointStore, ev: EndpointStatusEvent) -> str:
     if ev.status == "deleted":
         return "ignored"
     return await store.set_status(ev.endpoint_id, ev.node, ev.status, ev.reason, ev.code, ev.version,
-                                  _iso_us(ev.version) if ev.version else _now())
+                                  status_time(ev.version) if ev.version else _now())
