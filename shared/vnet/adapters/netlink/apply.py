@@ -217,10 +217,11 @@ class Applier:
     def _ref(self, ns: NsRef) -> str | None:
         return self.host_ref if ns is None else ns
 
-    def _write(self, ns: NsRef, msg_type: int, flags: int, body: bytes) -> None:
+    def _write(self, ns: NsRef, msg_type: int, flags: int, body: bytes, *,
+               echo: bool = False) -> list[tuple[int, bytes]]:
         sock = self.ctx.sock(self._ref(ns))
         self.writes += 1
-        sock.request(msg_type, flags, body)
+        return sock.request(msg_type, flags, body, echo=echo)
 
     def index(self, ns: NsRef, name: str) -> int:
         key = (ns, name)
@@ -272,15 +273,7 @@ class Applier:
         # Echoed, the new link gives its index and its peer's (IFLA_LINK, in the peer's
         # namespace): the two lookups the next requests of an attach would make (2 of its
         # ~10 netlink round trips). Not echoed (it was there already): looked up as before.
-        sock = self.ctx.sock(self._ref(None))
-        self.writes += 1
-        try:
-            made = sock.request_echo(RTM_NEWLINK, CREATE, body)
-        except NetlinkError as exc:
-            if exc.errno not in _ACCEPT_ON_CREATE:
-                raise
-            made = []
-        for t, b in made:
+        for t, b in self._create(None, RTM_NEWLINK, body, echo=True):
             if t == RTM_NEWLINK:
                 link = parse_link(b)
                 if link.name == op.name:
@@ -467,12 +460,14 @@ class Applier:
         self._forget(op.ns, op.ifname)
         self._delete(op.ns, RTM_DELLINK, ifinfomsg() + nla_str(IFLA_IFNAME, op.ifname))
 
-    def _create(self, ns: NsRef, msg_type: int, body: bytes) -> None:
+    def _create(self, ns: NsRef, msg_type: int, body: bytes, *, echo: bool = False) -> list[tuple[int, bytes]]:
+        """The kernel's echo of what it made (``echo``); nothing when it was there already."""
         try:
-            self._write(ns, msg_type, CREATE, body)
+            return self._write(ns, msg_type, CREATE, body, echo=echo)
         except NetlinkError as exc:
             if exc.errno not in _ACCEPT_ON_CREATE:
                 raise
+            return []
 
     def _delete(self, ns: NsRef, msg_type: int, body: bytes) -> None:
         try:

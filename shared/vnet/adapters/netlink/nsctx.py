@@ -325,18 +325,13 @@ class NlSocket:
                 yield mtype, view[off:off + length]
                 off += (length + 3) & ~3
 
-    def request(self, msg_type: int, flags: int, msg: bytes | nlmsg, what: str = "") -> None:
-        """Send a state-changing request and wait for the kernel's ACK."""
+    def request(self, msg_type: int, flags: int, msg: bytes | nlmsg, what: str = "", *,
+                echo: bool = False) -> list[tuple[int, bytes]]:
+        """Send a state-changing request and wait for the kernel's ACK. ``echo``
+        (``NLM_F_ECHO``): the kernel also returns what it made (a new link's message, its
+        index in it) before the ACK, sparing a lookup after it; returned."""
         with self._lock:
-            seq = self._send(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, msg)
-            for _ in self._replies(seq, what):
-                pass
-
-    def request_echo(self, msg_type: int, flags: int, msg: bytes | nlmsg, what: str = "") -> list[tuple[int, bytes]]:
-        """:meth:`request` with ``NLM_F_ECHO``: the kernel also returns what it made (a new
-        link's message, its index in it) before the ACK, sparing a lookup after it."""
-        with self._lock:
-            seq = self._send(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK | NLM_F_ECHO, msg)
+            seq = self._send(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK | (NLM_F_ECHO if echo else 0), msg)
             return list(self._replies(seq, what))
 
     def dump(self, msg_type: int, msg: bytes | nlmsg, what: str = "") -> list[tuple[int, bytes]]:
