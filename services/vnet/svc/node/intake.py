@@ -5,6 +5,7 @@ scoped reconcile of a batch of them (the worker's module docstring, "events").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -193,6 +194,12 @@ class EventIntake(WorkerParts):
             self.queue.put_nowait(self._item(kind="remote", event=parts[3], ident=nid))
 
     async def _handle_events(self, items: list[WorkItem]) -> None:
+        # the kernel's notifications of this batch's own writes are read after it, not in
+        # the middle of its reconcile (DriftMonitor.held)
+        with self.drift.held() if self.drift is not None else contextlib.nullcontext():
+            await self._handle_batch(items)
+
+    async def _handle_batch(self, items: list[WorkItem]) -> None:
         first = items[0]
         links = [Link(i.span) for i in items[1:] if i.span is not None]
         tracer = tracing.tracer()

@@ -38,7 +38,7 @@ from vnet.core.dataplane_model import (
 from vnet.runtime.node_wiring import PolicyAgentPort
 from vnet.runtime.ports import EventConsumer
 from vnet.runtime.service import Runtime
-from vnet.svc.node.drift import NodeMetrics
+from vnet.svc.node.drift import DriftMonitor, NodeMetrics
 
 T = TypeVar("T")
 
@@ -139,6 +139,7 @@ class WorkerParts:
     _policy_fetch: bool
     _policy_lock: asyncio.Lock
     metrics: NodeMetrics
+    drift: DriftMonitor | None
 
     if TYPE_CHECKING:
         async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T: ...

@@ -251,6 +251,7 @@ class NetlinkWatch:
         self._buf = bytearray(1 << 18)
         self.messages = 0
         self.overflows = 0
+        self._held = False
 
     def open(self) -> None:
         """Make both sockets inside the namespace (blocking)."""
@@ -269,8 +270,31 @@ class NetlinkWatch:
         """Read on ``loop``: ``on_changes`` is called there with every batch."""
         assert self.rtnl is not None and self.nft is not None, "open() first"
         self._loop = loop
-        loop.add_reader(self.rtnl.fileno(), self._drain, self.rtnl, "rtnetlink")
-        loop.add_reader(self.nft.fileno(), self._drain, self.nft, "nftables")
+        self._readers(True)
+
+    def _readers(self, on: bool) -> None:
+        assert self._loop is not None
+        for sock, source in ((self.rtnl, "rtnetlink"), (self.nft, "nftables")):
+            if sock is None:
+                continue
+            if on:
+                self._loop.add_reader(sock.fileno(), self._drain, sock, source)
+            else:
+                self._loop.remove_reader(sock.fileno())
+
+    def hold(self) -> None:
+        """Stop reading until :meth:`release`: notifications wait in the sockets (8 MiB each;
+        a loss is still an :class:`Overflow`) and come in the kernel's order afterwards.
+        For a caller whose own kernel writes cause them and who is waited for meanwhile."""
+        if self._loop is not None and not self._held:
+            self._held = True
+            self._readers(False)
+
+    def release(self) -> None:
+        """Read again, first whatever arrived while held (the sockets are readable at once)."""
+        if self._loop is not None and self._held:
+            self._held = False
+            self._readers(True)
 
     def _drain(self, sock: socket.socket, source: str) -> None:
         changes: list[Change] = []
