@@ -1,10 +1,12 @@
 """A namespace's netlink socket (``NlSocket``) serves one request at a time whatever the
 thread: requests from two threads on one socket must not interleave (each skipped the
-other's replies as stale, and one waited for its own until the socket's timeout).
+other's replies as stale, and one waited for its own until the socket's timeout). A
+namespace's name is checked once per reconcile pass (``NsContext.one_pass``).
 Namespaces come from the ``netns`` fixture (per-run prefix, removed at the end)."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Callable
 
@@ -42,5 +44,60 @@ def test_a_namespace_socket_serves_two_threads_one_request_at_a_time(netns: Call
         for t in threads:
             t.join(60)
         assert not errors, errors[:3]
+    finally:
+        ctx.close()
+
+
+def test_a_namespace_name_is_checked_once_per_pass_and_on_the_passes_thread_only(
+        netns: Callable[[str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside ``one_pass`` a namespace's name is checked at its first access only (an attach's
+    reconcile reached its namespace ~15 times, each a ``stat``); outside it, and on any other
+    thread, at every access; a namespace made again under its name is found after the pass."""
+    from vnet.adapters.netlink import nsctx
+
+    c = netns("op")
+    checks: list[str] = []
+    real = nsctx._ns_ino
+
+    def counting(path: str) -> tuple[int, int]:
+        if path == f"/run/netns/{c}":  # not the namespace worker's check of its own home
+            checks.append(path)
+        return real(path)
+
+    monkeypatch.setattr(nsctx, "_ns_ino", counting)
+    ctx = NsContext(max_entries=4)
+    try:
+        first = ctx.sock(c)  # opened (no check: it was just opened)
+        for _ in range(3):
+            assert ctx.sock(c) is first
+        assert len(checks) == 3, checks  # outside a pass: every access
+        checks.clear()
+        with ctx.one_pass():
+            for _ in range(10):
+                assert ctx.sock(c) is first
+            assert len(checks) == 1, checks
+            with ctx.one_pass():  # nested: the same pass
+                ctx.sock(c)
+            assert len(checks) == 1, checks
+            other: list[int] = []
+
+            def elsewhere() -> None:  # another thread is not in this pass
+                n = len(checks)
+                ctx.sock(c)
+                ctx.sock(c)
+                other.append(len(checks) - n)
+
+            t = threading.Thread(target=elsewhere)
+            t.start()
+            t.join(30)
+            assert other == [2], other
+            # made again under its name: this pass keeps the instance it checked
+            subprocess.run(["ip", "netns", "del", c], check=True)
+            subprocess.run(["ip", "netns", "add", c], check=True)
+            assert ctx.sock(c) is first
+        opened = ctx.sockets_opened
+        fresh = ctx.sock(c)  # after the pass: checked, found replaced, opened anew
+        assert fresh is not first and ctx.sockets_opened == opened + 1
+        assert fresh.dump(RTM_GETLINK, ifinfomsg(), "dump links")
     finally:
         ctx.close()

@@ -8,6 +8,7 @@ isolation tests check the kernel with the gate in place).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -135,7 +136,8 @@ def test_work_beside_the_kernel_starts_once_planned_and_the_gate_is_passed_once(
     from vnet.svc.node.reconcile import Reconciler
 
     applier = Recording()
-    ns: Any = type("Ns", (), {"close": lambda self: None, "retain": lambda self, r: 0, "prune": lambda self: 0})()
+    ns: Any = type("Ns", (), {"close": lambda self: None, "retain": lambda self, r: 0, "prune": lambda self: 0,
+                              "one_pass": lambda self: contextlib.nullcontext()})()
     rec = Reconciler(None, node_name="n1", kernel=Dataplane(namespaces=ns, observer=_Observer(  # type: ignore[arg-type]
         empty_actual("c1"), fail=fail), applier=applier, wireguard=lambda *a: None))  # type: ignore[arg-type]
     try:

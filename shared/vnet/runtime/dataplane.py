@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Container, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,7 @@ class NamespacesPort(Protocol):
     def close(self) -> None: ...
     def prune(self) -> int: ...
     def retain(self, refs: set[str | None]) -> int: ...
+    def one_pass(self) -> AbstractContextManager[None]: ...
 
 
 class ObserverPort(Protocol):

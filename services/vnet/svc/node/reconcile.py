@@ -303,7 +303,7 @@ class Reconciler:
         failed): work to run beside the kernel's starts there."""
         once = Once(gate)
         try:
-            with self._lock:
+            with self._lock, self.ctx.one_pass():
                 return self._reconcile(desired, scope, once, planned)
         finally:
             once()

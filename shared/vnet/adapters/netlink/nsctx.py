@@ -40,6 +40,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -422,13 +423,36 @@ class NsContext:
     namespace as it was when the context was made). Every socket is checked to live
     in the namespace asked for. Entries whose namespace vanished or was replaced are
     dropped on access and by :meth:`prune`.
+
+    A named namespace's path is checked to still name it (a ``stat``) at every access,
+    or, inside :meth:`one_pass` on the calling thread, at its first access of the pass.
     """
 
     max_entries: int = 1024
     worker: NsWorker = field(default_factory=NsWorker)
     _entries: OrderedDict[str | None, _Entry] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pass: threading.local = field(default_factory=threading.local)
     sockets_opened: int = 0
+
+    @contextmanager
+    def one_pass(self) -> Iterator[None]:
+        """Within, on this thread, each namespace's name is checked once (its first access),
+        not at every request. An attach's reconcile reached its container's namespace ~15
+        times, and each ``stat`` of ``/run/netns/<name>`` gave the GIL up to the worker's
+        other threads: ~0.3 ms of the attach in ``cProfile`` (docs/dataplane.md, "The
+        namespace checked once per reconcile"). A namespace deleted and made again under
+        the same name within the pass is written in its old instance until the pass ends
+        (the next reconcile finds the new one); a check at every access had that window
+        between the check and the request too. Nested passes are one pass."""
+        if getattr(self._pass, "checked", None) is not None:
+            yield
+            return
+        self._pass.checked = set()
+        try:
+            yield
+        finally:
+            self._pass.checked = None
 
     def netns(self, ref: str | None) -> Netns:
         return self._entry(ref).ns
@@ -446,11 +470,16 @@ class NsContext:
         return True
 
     def _entry(self, ref: str | None) -> _Entry:
+        checked: set[str | None] | None = getattr(self._pass, "checked", None)
         with self._lock:
             e = self._entries.get(ref)
             if e is not None:
+                if checked is not None and ref in checked:
+                    return e
                 if e.ns.still_there():
                     self._entries.move_to_end(ref)
+                    if checked is not None:
+                        checked.add(ref)
                     return e
                 self._drop(ref)
             ns = Netns.open(ref)
@@ -461,6 +490,8 @@ class NsContext:
                 raise
             e = _Entry(ns, sock)
             self._entries[ref] = e
+            if checked is not None:
+                checked.add(ref)
             while len(self._entries) > self.max_entries:
                 old = next(iter(self._entries))
                 self._drop(old)
