@@ -89,7 +89,8 @@ async def run(n: int, block: int, gap_s: float, b_env: dict[str, str]) -> dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=300, help="attaches per stack (default 300)")
+    ap.add_argument("--n", type=int, default=300,
+                    help="attaches per stack (default 300; at most 1,020: a bridge holds 1,023 ports)")
     ap.add_argument("--block", type=int, default=10, help="attaches per turn (default 10)")
     ap.add_argument("--gap-ms", type=float, default=9.0,
                     help="this process's busy time after each attach (default 9 ms, a CNI ADD here)")
@@ -108,12 +109,19 @@ def main() -> None:
     what = ", ".join(f"{k}={v}" for k, v in env.items()) or "nothing"
     print(f"\ncreate_endpoint(wait=True), Full network + allow rule, {args.n} attaches per stack in turns of "
           f"{args.block}, {args.gap_ms:g} ms busy after each; B differs by: {what}\n")
-    print(f"{'stack':<6} {'median':>8} {'p25':>8} {'p75':>8} {'mean':>8}")
+    w = min(20, args.n // 4)
+    q = args.n // 4
+    print(f"{'stack':<6} {'median':>8} {'p25':>8} {'p75':>8} {'mean':>8} {'last ' + str(q):>9}   "
+          f"growth: median of the last {w} / first {w}")
     for k in ("A", "B"):
         v = sorted(res[k])
+        grow = statistics.median(res[k][-w:]) / statistics.median(res[k][:w])
         print(f"{k:<6} {statistics.median(v) * 1e3:>6.2f}ms {v[len(v) // 4] * 1e3:>6.2f}ms "
-              f"{v[3 * len(v) // 4] * 1e3:>6.2f}ms {statistics.mean(v) * 1e3:>6.2f}ms")
-    print(f"B / A, medians: {statistics.median(res['B']) / statistics.median(res['A']):.3f}")
+              f"{v[3 * len(v) // 4] * 1e3:>6.2f}ms {statistics.mean(v) * 1e3:>6.2f}ms "
+              f"{statistics.median(res[k][-q:]) * 1e3:>7.2f}ms   {grow:.2f}x")
+    late = statistics.median(res["B"][-q:]) / statistics.median(res["A"][-q:])
+    print(f"B / A, medians: {statistics.median(res['B']) / statistics.median(res['A']):.3f}; of the last {q} "
+          f"(the most endpoints on the node): {late:.3f}")
 
 
 if __name__ == "__main__":
