@@ -260,11 +260,14 @@ class EventIntake(WorkerParts):
                     # every network the fetch added, removed or changed (related overlays with
                     # their bridge, VXLAN device, FDB and neighbour entries) is reconciled now
                     scope_nets |= {n for n in before.keys() | self.nets.keys() if before.get(n) != self.nets.get(n)}
-            # A network none of this node's endpoints uses any more: its bridge goes.
-            used = {e.network_id for e in self.eps.values()}
-            for nid in [n for n in self.nets if n not in used and n not in self.routed]:
-                self.nets.pop(nid)
-                scope_nets.add(nid)
+            # A network none of this node's endpoints uses any more: its bridge goes. Only a
+            # batch that removed endpoints or replaced the state can leave one (a pass over every
+            # endpoint: 0.2 ms of the 1,000th attach in cProfile, for a batch of creates).
+            if gone or refetch or any(it.kind == "network" for it in items):
+                used = {e.network_id for e in self.eps.values()}
+                for nid in [n for n in self.nets if n not in used and n not in self.routed]:
+                    self.nets.pop(nid)
+                    scope_nets.add(nid)
             # A network new here may be the child of one already here: the parent's bridge
             # needs proxy ARP for it now (the planner finds children from the desired networks).
             scope_nets |= self._parents_of(set(self.nets) - had)

@@ -121,6 +121,7 @@ from vnet.svc.node.workstate import (
     CONSUMER_PULL_EXPIRY_S,
     RETRY_S,
     Counters,
+    EndpointTable,
     WorkItem,
     _spans_hosts,
 )
@@ -161,15 +162,26 @@ def _socket_cache_size() -> int:
     return max(1024, min(16384, soft // 4))
 
 
-def _scoped_endpoints(eps: list[EpDesired], scope: Scope) -> list[EpDesired]:
+def _scoped_endpoints(eps: list[EpDesired], scope: Scope, table: EndpointTable | None = None) -> list[EpDesired]:
     """The endpoints a scoped reconcile looks at: those in scope and those sharing a container
     namespace with one of them (they decide its default routes together), in their order.
     The planner, the observation and the reconciler select exactly these from a scoped desired
     state; handing them every endpoint of the node made each attach walk all of them several
-    times (plan, observation targets, ledger, departed: ~1 ms at 1,000 endpoints)."""
+    times (plan, observation targets, ledger, departed: ~1 ms at 1,000 endpoints).
+
+    ``table``: ``eps`` is every endpoint of that table. One endpoint alone in its namespace
+    (an attach) is then found without the two passes over ``eps`` (0.3 ms of the 1,000th
+    attach in cProfile)."""
     ids = scope.endpoints
     if not ids:
         return []
+    if table is not None and len(ids) == 1:
+        (i,) = ids
+        e = table.get(i)
+        if e is None:
+            return []
+        if table.shared(e.netns) == 1:
+            return [e]
     shared = {e.netns for e in eps if e.id in ids}
     return [e for e in eps if e.id in ids or e.netns in shared]
 
@@ -220,7 +232,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
         self._push_pool: ThreadPoolExecutor | None = None  # an attach's policy delta, beside its netlink work
         # The local copy of the desired state, and what the endpoint service has recorded.
         self.nets: dict[str, NetDesired] = {}
-        self.eps: dict[str, EpDesired] = {}
+        self.eps = EndpointTable()
         self.recorded: dict[str, tuple[str, str]] = {}
         self.peers: list[PeerHost] = []  # hosts of the remote endpoints of this node's overlay networks
         self.routed: set[str] = set()  # overlays here only because a local one is related to them
@@ -361,7 +373,8 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                     if self.underlay and self.underlay_ifname else None)
         nets, eps, refused = self._without_encryption(scope)
         if scope is not None:
-            eps = _scoped_endpoints(eps, scope)
+            whole = not refused and len(eps) == len(self.eps)  # every endpoint of the table
+            eps = _scoped_endpoints(eps, scope, self.eps if whole else None)
         desired = NodeDesired(networks=nets, endpoints=eps, underlay=underlay, peers=list(self.peers))
         self.counters.reconciles += 1
         if self.rec is None:
@@ -520,7 +533,7 @@ class NodeWorker(Registration, EventIntake, PolicySync):
                 "keeping the last one" if self.fetched else "retrying")
             return False
         self.nets = {n.id: n for n in rep.desired.networks}
-        self.eps = {e.id: e for e in rep.desired.endpoints}
+        self.eps = EndpointTable(rep.desired.endpoints)
         self.recorded = {i: (s, rep.reasons.get(i, "")) for i, s in rep.statuses.items()}
         self.peers = list(rep.desired.peers)
         self.routed = set(self.nets) - {e.network_id for e in self.eps.values()}

@@ -13,7 +13,7 @@ only under ``TYPE_CHECKING``, so none can shadow a real one).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -59,6 +59,59 @@ Kind = Literal["endpoint", "remote", "network", "relations", "resync", "drift"]
 # Network events that change relations (the related overlays a host routes to, its parents).
 RELATION_EVENTS = frozenset({"updated", "connected", "disconnected", "mesh_created", "mesh_deleted",
                              "mesh_member_added", "mesh_member_removed"})
+
+
+_MISSING: Any = object()
+
+
+class EndpointTable(dict[str, EpDesired]):
+    """This node's desired endpoints by id, counting the endpoints of each container namespace
+    as they come and go, so an attach learns that its namespace holds no other endpoint of
+    ours without a pass over all of them (``shared``)."""
+
+    def __init__(self, eps: Iterable[EpDesired] = ()) -> None:
+        super().__init__()
+        self._netns: dict[str, int] = {}
+        for e in eps:
+            self[e.id] = e
+
+    def __setitem__(self, key: str, e: EpDesired) -> None:
+        old = super().get(key)
+        if old is not None:
+            self._drop(old.netns)
+        super().__setitem__(key, e)
+        self._netns[e.netns] = self._netns.get(e.netns, 0) + 1
+
+    def __delitem__(self, key: str) -> None:
+        old = self[key]
+        super().__delitem__(key)
+        self._drop(old.netns)
+
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        if key not in self:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        e = self[key]
+        del self[key]
+        return e
+
+    def _drop(self, netns: str) -> None:
+        n = self._netns.get(netns, 0) - 1
+        if n > 0:
+            self._netns[netns] = n
+        else:
+            self._netns.pop(netns, None)
+
+    def shared(self, netns: str) -> int:
+        """How many of these endpoints live in container namespace ``netns``."""
+        return self._netns.get(netns, 0)
+
+    # the other ways of changing a dict would miss the count
+    def update(self, *a: Any, **k: Any) -> None:
+        raise TypeError("EndpointTable: set or pop endpoints one by one")
+
+    setdefault = popitem = clear = __ior__ = update  # type: ignore[assignment]
 
 
 @dataclass
@@ -123,7 +176,7 @@ class WorkerParts:
     probe_result: ProbeResult | None
     rec: Any
     nets: dict[str, NetDesired]
-    eps: dict[str, EpDesired]
+    eps: EndpointTable
     recorded: dict[str, tuple[str, str]]
     peers: list[PeerHost]
     routed: set[str]
