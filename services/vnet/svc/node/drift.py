@@ -201,8 +201,8 @@ class DriftMonitor:
         batch's own writes (a veth's creation and setup, the policy delta's commit), and read
         as they came they woke the event loop in the middle of the reconcile, whose thread
         then waited for the GIL: the attach took 0.2-0.55 ms longer (docs/dataplane.md, "The
-        drift monitor waits for the attach"). A change made by someone else meanwhile is
-        repaired no later than the batch's end plus ``COALESCE_S``."""
+        last runs on main (5 Dec 02:50-03:17 UTC)"). A change made by someone else meanwhile
+        is decided at the batch's end plus ``COALESCE_S``."""
         watch = self.watch
         if watch is None:
             yield
