@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
+from unittest import mock
 
 from tests.bench import bench_attach_cni as B
 
@@ -42,18 +43,10 @@ from tests.bench import bench_attach_cni as B
 @contextlib.asynccontextmanager
 async def stack(n: int, prefix: str, env: dict[str, str]) -> AsyncIterator[B.WebStack]:
     """``web_stack(n)`` under its own name prefix, its processes started with ``env`` added."""
-    saved = {k: os.environ.get(k) for k in env}
     B.PREFIX = prefix
     cm = B.web_stack(n)
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):  # the stack's processes inherit it; this one not after
         st = await cm.__aenter__()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         yield st
     finally:
