@@ -197,7 +197,8 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop where it is installed (a dependency on Linux), else on asyncio's
     own loop. Every hop of a request is a message read, a handler and a message written by a
     service's event loop: with uvloop an attach through the whole stack took 2-4 % less time
-    (``tests.bench.pair_attach``, docs/dataplane.md, "uvloop in every process")."""
+    (``tests.bench.pair_attach``, docs/dataplane.md, "The last runs on main (5 Dec
+    02:50-03:17 UTC)")."""
     try:
         import uvloop
     except ImportError:
