@@ -1,5 +1,6 @@
-"""The policy share of an attach, per mechanism: ``nft -f`` in a child process vs libnftables
-in-process (ctypes, on a thread that enters the namespace), with 10 and 1,000 endpoints.
+"""The policy share of an attach, per mechanism: ``nft -f`` in a child process, libnftables
+in-process (ctypes, on a thread that enters the namespace), and the element delta as an
+nfnetlink batch built in Python (libnftables for the rest), with 10 and 1,000 endpoints.
 
 Run as root (it is a script, not a pytest module)::
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 
 from vnet.adapters.nftables import NftEnforcer
 from vnet.core import naming, nft
@@ -37,6 +39,19 @@ def ep(i: int) -> PolicyEndpoint:
                           mac=f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", node="h", labels={"app": "web"})
 
 
+def time_writes(enf: NftEnforcer) -> list[float]:
+    """The seconds each element transaction of ``enf`` takes from now on (the write alone)."""
+    out: list[float] = []
+    inner = enf.write_elements
+
+    def timed(changes: nft.Changes, meta: Mapping[tuple[str, str], nft.SetDecl]) -> None:
+        t = time.perf_counter()
+        inner(changes, meta)
+        out.append(time.perf_counter() - t)
+    enf.write_elements = timed  # type: ignore[method-assign]
+    return out
+
+
 def main(n: int) -> None:
     nets = [PolicyNetwork(id="a", mode=IsolationMode.FULL, cidrs=("10.1.0.0/16",))]
     rules = [AllowRule(id="r", from_=[Selector(labels={"app": "web"})], to=[Selector(labels={"app": "web"})],
@@ -45,8 +60,10 @@ def main(n: int) -> None:
     subprocess.run(["ip", "netns", "add", PREFIX], check=True)
     rows = []
     try:
-        for mech in ("subprocess", "libnftables"):
-            enf = NftEnforcer(PREFIX, mechanism=mech)
+        for name, mech, path in (("subprocess", "subprocess", "script"), ("libnftables", "libnftables", "script"),
+                                 ("nfnetlink", "libnftables", "nfnetlink")):
+            enf = NftEnforcer(PREFIX, mechanism=mech, element_path=path)
+            write_s = time_writes(enf)
             try:
                 rs = Policy(nets, [ep(0)], rules).compile("h")
                 enf.sync_ruleset(rs)
@@ -68,21 +85,23 @@ def main(n: int) -> None:
                 t = time.perf_counter()
                 enf.execute(nft.render(rs))
                 whole = time.perf_counter() - t
-                rows.append((mech, first, last, check, whole))
+                wfirst, wlast = statistics.median(write_s[:2 * w]), statistics.median(write_s[-2 * w:])
+                rows.append((name, first, last, wfirst, wlast, check, whole))
                 enf.delete()
             finally:
                 enf.close()
     finally:
         subprocess.run(["ip", "netns", "del", PREFIX], capture_output=True)
     print(f"\npolicy share of an attach (Full network, one network-wide rule), {os.cpu_count()} cores\n")
-    print(f"{'mechanism':<14}{'attach #1-20':>14}{f'#{n - 19}-{n}':>14}{'growth':>8}{'resync check':>14}"
-          f"{'whole ruleset':>15}")
-    for mech, first, last, check, whole in rows:
-        print(f"{mech:<14}{first * 1e3:>11.3f} ms{last * 1e3:>11.3f} ms{last / first:>7.2f}x{check * 1e3:>11.1f} ms"
-              f"{whole * 1e3:>12.1f} ms")
+    print(f"{'mechanism':<14}{'attach #1-20':>14}{f'#{n - 19}-{n}':>14}{'growth':>8}{'write #1-20':>13}"
+          f"{f'#{n - 19}-{n}':>12}{'resync check':>14}{'whole ruleset':>15}")
+    for mech, first, last, wfirst, wlast, check, whole in rows:
+        print(f"{mech:<14}{first * 1e3:>11.3f} ms{last * 1e3:>11.3f} ms{last / first:>7.2f}x{wfirst * 1e3:>10.3f} ms"
+              f"{wlast * 1e3:>9.3f} ms{check * 1e3:>11.1f} ms{whole * 1e3:>12.1f} ms")
     print(f"\nattach: Ruleset.with_endpoint + one element transaction (6 elements: binding, ARP, set members); "
-          f"resync check: read back {n + 1} endpoints' tables and compare, no write; whole: the full script "
-          f"with {n + 1} endpoints in one transaction")
+          f"write: that transaction alone; resync check: read back {n + 1} endpoints' tables and compare, no "
+          f"write; whole: the full script with {n + 1} endpoints in one transaction (libnftables in the last two "
+          f"rows)")
 
 
 if __name__ == "__main__":

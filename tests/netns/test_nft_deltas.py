@@ -4,8 +4,11 @@ Random sequences of attaches, detaches, rule changes and mode changes are applie
 one host namespace the way the node worker applies them (``NftEnforcer.sync_ruleset``:
 element deltas, the whole ruleset only when the structure changes) and, after every
 step, rendered from scratch into a second namespace; the two kernels' listings
-(structure and every set/map element) must be identical. Each test makes its own two
-namespaces (nothing in the root namespace); no packet is sent.
+(structure and every set/map element) must be identical. The deltas are written both
+ways the enforcer can write them: as nfnetlink batches built in Python (the default,
+:mod:`vnet.adapters.nfnl`) and as ``add``/``delete element`` scripts through
+libnftables. Each test makes its own two namespaces (nothing in the root namespace); no
+packet is sent.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import requires_root
-from vnet.adapters.nftables import NftEnforcer
+from vnet.adapters.nftables import NftEnforcer, NftError
 from vnet.core import naming, nft
 from vnet.core.model import IsolationMode
 from vnet.core.policy import AllowRule, Policy, PolicyEndpoint, PolicyNetwork, PortSpec, Published, Selector
@@ -77,14 +80,16 @@ OPS = st.lists(st.tuples(st.sampled_from(["attach", "attach", "attach", "detach"
                min_size=1, max_size=14)
 
 
+@pytest.mark.parametrize("path", ["nfnetlink", "script"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
-def test_deltas_give_the_kernel_what_a_whole_render_gives(hosts: tuple[str, str], ops: list[Op]) -> None:
+def test_deltas_give_the_kernel_what_a_whole_render_gives(hosts: tuple[str, str], path: str, ops: list[Op]) -> None:
     delta_ns, scratch_ns = hosts
     for ns in hosts:  # every example starts from no table of ours
         subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "vnet"], capture_output=True)
         subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "bridge", "vnet"], capture_output=True)
-    enf = NftEnforcer(delta_ns)
+    enf = NftEnforcer(delta_ns, element_path=path)
+    batches = 0
     modes = {"a": IsolationMode.FULL, "b": IsolationMode.PEER_ONLY, "c": IsolationMode.NONE}
     eps: dict[str, PolicyEndpoint] = {"s0": PolicyEndpoint(id="s0", network="a", ips=("10.6.1.250",),
                                                            mac="02:00:00:00:07:00", node="h")}
@@ -106,6 +111,10 @@ def test_deltas_give_the_kernel_what_a_whole_render_gives(hosts: tuple[str, str]
             res = enf.sync_ruleset(rs)
             # only a rule change rewrites the structure; endpoints and modes are elements
             assert res.whole == structural, (kind, res.reason)
+            if res.wrote and not res.whole:  # a delta: written the way asked
+                now = enf._nfsock.batches if enf._nfsock is not None else 0
+                assert (now == batches + 1) == (path == "nfnetlink"), (path, kind)
+                batches = now
             scratch = NftEnforcer(scratch_ns)
             try:
                 scratch.apply(nft.render(rs))
@@ -155,3 +164,38 @@ def test_drift_is_repaired_and_a_converged_host_costs_no_write(hosts: tuple[str,
         assert naming.veth_name("x9") in str(_listing(enf)[1][("bridge", "mac_bind")])
     finally:
         enf.close()
+
+
+def test_a_refused_batch_changes_nothing_and_the_ruleset_is_written_whole(hosts: tuple[str, str]) -> None:
+    """The kernel applies an nfnetlink batch whole or not at all: a deletion of an element
+    that is not there (our idea of the kernel was wrong) refuses every message of it, with
+    the kernel's reason; the enforcer then writes the whole ruleset."""
+    delta_ns, _ = hosts
+    modes = {"a": IsolationMode.FULL, "b": IsolationMode.PEER_ONLY, "c": IsolationMode.NONE}
+    eps = {f"x{i}": _ep(i, "a", "web", False) for i in range(3)}
+    rs = _policy(modes, eps, RULESETS[1]).compile("h")
+    enf = NftEnforcer(delta_ns)
+    try:
+        assert enf.sync_ruleset(rs).whole
+        before = _listing(enf)
+        meta = {(d.family, d.name): d for d in nft.decls(rs)}
+        gone = ("bridge", "mac_bind")
+        changes: nft.Changes = {
+            ("bridge", "full_ports"): (frozenset(), frozenset({"vne0000000000aa"})),
+            gone: (frozenset({"vne0000000000bb . 02:00:00:00:00:bb"}), frozenset()),
+        }
+        with pytest.raises(NftError, match="No such file or directory"):
+            enf.write_elements(changes, meta)
+        assert _listing(enf) == before  # the addition in the same batch did not land either
+        # the enforcer believes the kernel holds an element it does not: the delta that
+        # removes it is refused, and the ruleset is written whole instead
+        assert enf._have is not None
+        enf._have[gone].add("vne0000000000bb . 02:00:00:00:00:bb")
+        assert enf._have_rs is not None
+        enf._have_rs = None  # the slow path: the delta from what it believes the kernel holds
+        res = enf.sync_ruleset(rs)
+        assert (res.wrote, res.whole) == (True, True) and res.reason.startswith("delta refused"), res.reason
+        assert _listing(enf) == before
+    finally:
+        enf.close()
+

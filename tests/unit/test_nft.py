@@ -191,8 +191,9 @@ def test_node_side_deltas_equal_the_engine(ops: list[tuple[int, str, str, str, b
         assert nxt.version() == scratch.version()
         # the fast delta (only what differs) = the delta from every element
         assert rs is not None
-        script, n, changes = nft.delta_between(rs, nxt)
-        assert (script, n) == nft.delta(nft.elements(rs), nxt)
+        changes, meta = nft.delta_between(rs, nxt)
+        assert nft.delta_script(changes, meta) == nft.delta(nft.elements(rs), nxt)
+        assert nft.delta_changes(nft.elements(rs), nxt)[0] == {k: v for k, v in changes.items() if v[0] or v[1]}
         have = {k: set(v) for k, v in nft.elements(rs).items()}
         for key, (gone, new) in changes.items():
             have[key] = (have.get(key, set()) - gone) | new

@@ -36,7 +36,7 @@ def test_incremental_attach_and_detach_equal_a_compile() -> None:
     assert rs is not None
     full = Policy([NET], [WEB, V4ONLY], []).compile("h")
     assert (rs.published4, rs.published6) == (full.published4, full.published6)
-    script, _, _ = nft.delta_between(empty, rs)
+    script, _ = nft.delta_script(*nft.delta_between(empty, rs))
     assert "add element inet vnet published6 { tcp . 8080 : fd00:1::2 . 80, udp . 5353 : fd00:1::2 . 53 }" \
         in script, script
     # a host port another endpoint holds (in either family's map) is the engine's decision: fetch

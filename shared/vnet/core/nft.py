@@ -356,29 +356,32 @@ def delta(have: Mapping[tuple[str, str], AbstractSet[str]], rs: Ruleset) -> tupl
     """The transaction taking our sets from ``have`` to ``rs`` (same structure), and how
     many elements it changes ("" and 0 when there is nothing to do). Deletions come
     first, so an element whose value changes (a map) is replaced in the same transaction."""
-    dels: list[str] = []
-    adds: list[str] = []
-    n = 0
+    changes, meta = delta_changes(have, rs)
+    return _script(changes, meta)
+
+
+def delta_changes(have: Mapping[tuple[str, str], AbstractSet[str]], rs: Ruleset
+                  ) -> tuple[Changes, dict[tuple[str, str], SetDecl]]:
+    """:func:`delta` as data: the canonical changes per set, and every set's declaration
+    (elements left out) in the order of the script."""
+    changes: Changes = {}
+    meta: dict[tuple[str, str], SetDecl] = {}
     for d in decls(rs):
+        key = (d.family, d.name)
+        meta[key] = d._replace(elements=[])
         want = frozenset(canon(x) for x in d.elements)
-        old = have.get((d.family, d.name), frozenset())
-        gone = sorted(old - want)
-        new = sorted(want - old)
-        if gone:
-            n += len(gone)
-            items = ", ".join(_script_elem(d, c, key_only=True) for c in gone)
-            dels.append(f"delete element {d.family} {TABLE} {d.name} {{ {items} }}\n")
-        if new:
-            n += len(new)
-            items = ", ".join(_script_elem(d, c) for c in new)
-            adds.append(f"add element {d.family} {TABLE} {d.name} {{ {items} }}\n")
-    return "".join(dels + adds), n
+        old = have.get(key, frozenset())
+        gone = frozenset(old - want)
+        new = want - old
+        if gone or new:
+            changes[key] = (gone, new)
+    return changes, meta
 
 
 Changes = dict[tuple[str, str], tuple[frozenset[str], frozenset[str]]]  # key -> (removed, added), canonical
 
 
-def _script(changes: Changes, meta: dict[tuple[str, str], SetDecl]) -> tuple[str, int]:
+def _script(changes: Changes, meta: Mapping[tuple[str, str], SetDecl]) -> tuple[str, int]:
     dels: list[str] = []
     adds: list[str] = []
     n = 0
@@ -417,11 +420,11 @@ def _differ(old: Sequence[_T], new: Sequence[_T]) -> tuple[set[_T], set[_T]]:
     return a - b, b - a
 
 
-def delta_between(old: Ruleset, new: Ruleset) -> tuple[str, int, Changes]:
-    """:func:`delta` from ruleset ``old`` (what the kernel holds) to ``new`` (same structure),
-    looking only at what differs: lists the node left untouched (the same objects) are
-    skipped, changed port bindings are formatted alone — the cost of an attach does not
-    grow with the endpoints already there. Also returns the canonical changes per set."""
+def delta_between(old: Ruleset, new: Ruleset) -> tuple[Changes, dict[tuple[str, str], SetDecl]]:
+    """:func:`delta_changes` from ruleset ``old`` (what the kernel holds) to ``new`` (same
+    structure), looking only at what differs: lists the node left untouched (the same
+    objects) are skipped, changed port bindings are formatted alone — the cost of an attach
+    does not grow with the endpoints already there. The script is :func:`delta_script`."""
     changes: Changes = {}
     meta: dict[tuple[str, str], SetDecl] = {}
 
@@ -454,8 +457,13 @@ def delta_between(old: Ruleset, new: Ruleset) -> tuple[str, int, Changes]:
                 changes[(d_new.family, d_new.name)] = (frozenset(a - b), frozenset(b - a))
     for d in _port_decls(()):
         meta[(d.family, d.name)] = d
-    script, n = _script(changes, meta)
-    return script, n, changes
+    return changes, meta
+
+
+def delta_script(changes: Changes, meta: Mapping[tuple[str, str], SetDecl]) -> tuple[str, int]:
+    """The nft script of ``changes`` (``delete element`` lines, then ``add element`` lines,
+    sets in the order of ``meta``) and how many elements it changes."""
+    return _script(changes, meta)
 
 
 def _canon_json(x: Any) -> str:

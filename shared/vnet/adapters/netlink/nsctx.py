@@ -317,11 +317,11 @@ class NlSocket:
                     (code,) = struct.unpack_from("=i", view, off + 16)
                     if code == 0:
                         return
-                    raise NetlinkError(-code, _ext_ack_message(view, off, length, flags), what=what)
+                    raise NetlinkError(-code, ext_ack_message(view, off, length, flags), what=what)
                 if mtype == NLMSG_DONE:
                     (code,) = struct.unpack_from("=i", view, off + 16) if length >= 20 else (0,)
                     if code < 0:
-                        raise NetlinkError(-code, _ext_ack_message(view, off, length, flags), what=what)
+                        raise NetlinkError(-code, ext_ack_message(view, off, length, flags), what=what)
                     return
                 yield mtype, view[off:off + length]
                 off += (length + 3) & ~3
@@ -391,7 +391,7 @@ def rtmsg(family: int = 0, dst_len: int = 0, table: int = 0, proto: int = 0, sco
     return _RTMSG.pack(family, dst_len, 0, 0, table, proto, scope, rtype, 0)
 
 
-def _ext_ack_message(view: bytes, off: int, length: int, flags: int) -> str:
+def ext_ack_message(view: bytes, off: int, length: int, flags: int) -> str:
     if not flags & NLM_F_ACK_TLVS:
         return ""
     # error header: nlmsghdr(16) + error(4) + the original header (capped) or whole request
