@@ -6,7 +6,9 @@ thread later uses it. So to talk to a namespace we
 1. open the namespace file (``/run/netns/<name>`` or a path such as
    ``/proc/<pid>/ns/net``) once and keep the descriptor;
 2. in ONE dedicated thread (:class:`NsWorker`), ``setns(2)`` into it, create a plain
-   ``AF_NETLINK`` socket, ``setns`` back home (and check that we are home);
+   ``AF_NETLINK`` socket, ``setns`` back home (and check that we are home); inside a
+   reconcile pass (:meth:`NsContext.one_pass`) the pass's own thread does the same, which
+   spares an attach two thread wake-ups (0.17 -> 0.05 ms, :meth:`NsContext._open_here`);
 3. check with ``ioctl(SIOCGSKNS)`` that the socket really lives in the namespace
    asked for (an alarm rather than a hope: a socket in the wrong namespace would
    change the wrong host);
@@ -434,6 +436,8 @@ class NsContext:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pass: threading.local = field(default_factory=threading.local)
     sockets_opened: int = 0
+    _home_fds: list[int] = field(default_factory=list)  # threads' own namespaces (_open_here)
+    _home_ident: tuple[int, int] | None = None
 
     @contextmanager
     def one_pass(self) -> Iterator[None]:
@@ -498,8 +502,9 @@ class NsContext:
             return e
 
     def _open_socket(self, ns: Netns) -> NlSocket:
-        raw = self.worker.run(ns, lambda: socket.socket(socket.AF_NETLINK,
-                                                        socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE))
+        raw = self._open_here(ns) if getattr(self._pass, "checked", None) is not None else None
+        if raw is None:
+            raw = self.worker.run(ns, _new_socket)
         try:
             check_socket_netns(raw, ns)
             sock = NlSocket(raw, ns.path)
@@ -508,6 +513,51 @@ class NsContext:
             raise
         self.sockets_opened += 1
         return sock
+
+    def _open_here(self, ns: Netns) -> socket.socket | None:
+        """Inside a pass, the calling thread makes the socket itself: ``setns`` into ``ns``,
+        ``socket``, ``setns`` back, checked, as the worker thread does; ``None`` (the worker
+        makes it) when this thread ever failed to come back or does not start home.
+
+        A reconcile's first request to a new container namespace handed the socket's making
+        to the worker thread and waited for it: 0.17 ms median of an attach's 1.6 ms
+        reconcile run alone (200 attaches, 5 Dec), most of it the two thread wake-ups; made
+        here, 0.05 ms. The pass's thread is the node's kernel thread, whose
+        namespace nothing else reads: the sockets it uses are made for a namespace, sysctls
+        and libnftables go through worker threads. Should it fail to come back, it refuses
+        to try again and every later socket is the worker's."""
+        here = self._pass
+        if getattr(here, "broken", False):
+            return None
+        home: tuple[int, tuple[int, int]] | None = getattr(here, "home", None)
+        if home is None:
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._process_ns():
+                os.close(fd)  # a thread moved by someone else: not ours to move
+                here.broken = True
+                return None
+            home = (fd, (st.st_dev, st.st_ino))
+            here.home = home
+            self._home_fds.append(fd)  # (under the context's lock: the caller, _entry, holds it)
+        fd, ident = home
+        _setns(ns.fd)
+        try:
+            return _new_socket()
+        finally:
+            try:
+                _setns(fd)
+                if _ns_ino("/proc/thread-self/ns/net") != ident:
+                    raise OSError(errno_mod.EIO, "namespace check after setns back failed")
+            except OSError as exc:
+                here.broken = True
+                raise RuntimeError(f"thread {threading.current_thread().name} could not return to its "
+                                   f"namespace after opening a socket in {ns.path}: {exc}") from exc
+
+    def _process_ns(self) -> tuple[int, int]:
+        if self._home_ident is None:
+            self._home_ident = _ns_ino("/proc/self/ns/net")
+        return self._home_ident
 
     def run_in(self, ref: str | None, fn: Callable[[], T]) -> T:
         """Run ``fn`` with the worker thread inside namespace ``ref`` (sysctls)."""
@@ -546,7 +596,15 @@ class NsContext:
         with self._lock:
             for r in list(self._entries):
                 self._drop(r)
+            fds, self._home_fds = self._home_fds, []
+        for fd in fds:  # a thread that opens again after this gets the worker's sockets
+            os.close(fd)
+        self._pass = threading.local()
         self.worker.close()
+
+
+def _new_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
 
 
 def check_socket_netns(sock: socket.socket, ns: Netns) -> None:
