@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from vnet.core import errors as E
 from vnet.core import naming
 from vnet.core.dataplane_model import EpDesired, NetDesired, NodeDesired
-from vnet.core.planning.ops import MAX_MTU, MIN_MTU, ep_owner
+from vnet.core.planning.ops import MAX_MTU, MIN_MTU, ep_owner, ip_address, ip_interface
 
 if TYPE_CHECKING:
     from vnet.core.drivers.base import Driver
@@ -34,7 +34,7 @@ class Invalid(Exception):
 
 def iface(value: str, family: Family, what: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     try:
-        itf = ipaddress.ip_interface(value)
+        itf = ip_interface(value)
     except ValueError:
         raise Invalid(E.INVALID_CIDR, f"{what} {value!r} is not an address with prefix length") from None
     if itf.version != family:
@@ -55,7 +55,7 @@ def usable(itf: ipaddress.IPv4Interface | ipaddress.IPv6Interface, what: str) ->
 
 def addr(value: str, family: Family, what: str) -> str:
     try:
-        ip = ipaddress.ip_address(value)
+        ip = ip_address(value)
     except ValueError:
         raise Invalid(E.INVALID_GATEWAY, f"{what} {value!r} is not an IP address") from None
     if ip.version != family:
@@ -65,7 +65,7 @@ def addr(value: str, family: Family, what: str) -> str:
 
 def addr_any(value: str, what: str) -> str:
     try:
-        return str(ipaddress.ip_address(value.split("/", 1)[0]))
+        return str(ip_address(value.split("/", 1)[0]))
     except ValueError:
         raise Invalid(E.INVALID_REQUEST, f"{what} {value!r} is not an IP address") from None
 
@@ -187,7 +187,7 @@ def validate_ep(e: EpDesired, net: NetView) -> EpView:
         if ipv4 is None:
             raise Invalid(E.INVALID_GATEWAY, "an IPv4 gateway needs an IPv4 address")
         gw4 = addr(e.gw4, 4, "gateway")
-        if ipaddress.ip_address(gw4) not in ipaddress.ip_interface(ipv4).network:
+        if ip_address(gw4) not in ip_interface(ipv4).network:
             raise Invalid(E.INVALID_GATEWAY, f"gateway {gw4} is not on-link for {ipv4}")
     if e.gw6 is not None:
         if ipv6 is None:

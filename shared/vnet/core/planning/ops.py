@@ -8,6 +8,7 @@ the applier; most drivers only combine the existing ones.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Literal
 
@@ -237,12 +238,18 @@ def addr_gen_mode_path(ifname: str) -> str:
 
 ADDR_GEN_MODE_NONE = "1"  # IN6_ADDR_GEN_MODE_NONE: the kernel makes no link-local address
 
+# Every reconcile parses its desired and observed addresses again: an attach's plan made ~25
+# address objects, half of its 0.2 ms (cProfile, 5 Dec). They are immutable, so each string is
+# parsed once; a string that does not parse raises every time (exceptions are not cached).
+ip_interface = functools.lru_cache(maxsize=8192)(ipaddress.ip_interface)
+ip_address = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
+
 
 def normalize_cidr(cidr: str) -> str:
     """``"FD00:1:0::5/64"`` -> ``"fd00:1::5/64"`` (the form the observer reports)."""
-    return ipaddress.ip_interface(cidr).with_prefixlen
+    return ip_interface(cidr).with_prefixlen
 
 
 def is_link_local(cidr: str) -> bool:
-    return ipaddress.ip_interface(cidr).ip.is_link_local and ":" in cidr
+    return ip_interface(cidr).ip.is_link_local and ":" in cidr
 
