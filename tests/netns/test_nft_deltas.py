@@ -199,3 +199,29 @@ def test_a_refused_batch_changes_nothing_and_the_ruleset_is_written_whole(hosts:
     finally:
         enf.close()
 
+
+
+def test_without_an_nfnetlink_socket_the_deltas_go_through_libnftables(
+        hosts: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the nfnetlink socket cannot be made, the enforcer says so once and writes its
+    deltas as scripts from then on: nothing is lost, nothing is written whole for it."""
+    from vnet.adapters import nfnl
+
+    def refused(*_: object, **__: object) -> nfnl.NfnlSocket:
+        raise OSError(93, "Protocol not supported")
+
+    monkeypatch.setattr(nfnl.NfnlSocket, "open", refused)
+    delta_ns, _ = hosts
+    modes = {"a": IsolationMode.FULL, "b": IsolationMode.PEER_ONLY, "c": IsolationMode.NONE}
+    eps = {f"x{i}": _ep(i, "a", "web", False) for i in range(2)}
+    enf = NftEnforcer(delta_ns)
+    try:
+        assert enf.sync_ruleset(_policy(modes, eps, RULESETS[1]).compile("h")).whole
+        eps["x5"] = _ep(5, "b", "db", True)
+        rs = _policy(modes, eps, RULESETS[1]).compile("h")
+        res = enf.sync_ruleset(rs)
+        assert (res.wrote, res.whole, res.reason) == (True, False, "delta")
+        assert enf.element_path == "script" and enf._nfsock is None
+        assert _listing(enf)[1] == nft.elements(rs)
+    finally:
+        enf.close()

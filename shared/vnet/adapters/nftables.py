@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -66,6 +67,8 @@ from vnet.core import nft as nftr
 from vnet.core.dataplane_model import Support
 from vnet.core.nft import FAMILIES, TABLE, render, render_delete
 from vnet.core.policy import Ruleset
+
+log = logging.getLogger(__name__)
 
 BR_NF = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
 
@@ -295,7 +298,8 @@ class NftEnforcer:
                 self._have = {k: set(v) for k, v in got[1].items()}
                 self._have_rs = None
             fast = self._have_rs is not None and self._have is not None
-            if self._have_rs is not None and self._have is not None:
+            if fast:
+                assert self._have_rs is not None
                 # the fast path: only what differs from the last ruleset written is looked at
                 changes, meta = nftr.delta_between(self._have_rs, rs)
             else:
@@ -330,19 +334,28 @@ class NftEnforcer:
                     msgs = nfnl.element_batch(changes, meta, TABLE)
                 except nfnl.Unsupported:
                     msgs = None
-                if msgs is not None:
+                sock = self._nfnl() if msgs is not None else None
+                if msgs is not None and sock is not None:
                     try:
-                        self._nfnl().send(msgs)
+                        sock.send(msgs)
                     except OSError as exc:  # NfnlError (a refusal) included
                         raise NftError(f"nf_tables refused the element delta (nothing was changed): "
                                        f"{exc.strerror or exc}") from None
                     return
             self.execute(nftr.delta_script(changes, meta)[0])
 
-    def _nfnl(self) -> nfnl.NfnlSocket:
+    def _nfnl(self) -> nfnl.NfnlSocket | None:
+        """The nfnetlink socket (made on first use); None, and deltas as scripts from then on,
+        where it cannot be made."""
         if self._nfsock is None:
             lib = self._libnft()  # its namespace handle and thread make the socket
-            self._nfsock = nfnl.NfnlSocket.open(lib.ns, lib.worker, self.timeout)
+            try:
+                self._nfsock = nfnl.NfnlSocket.open(lib.ns, lib.worker, self.timeout)
+            except OSError as exc:
+                log.warning("no nfnetlink socket in %s (%s): element deltas go through libnftables",
+                            lib.ns.path, exc)
+                self.element_path = "script"
+                return None
         return self._nfsock
 
     def _whole(self, rs: Ruleset, struct: str, reason: str, t0: float) -> SyncResult:

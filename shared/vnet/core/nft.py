@@ -357,7 +357,7 @@ def delta(have: Mapping[tuple[str, str], AbstractSet[str]], rs: Ruleset) -> tupl
     many elements it changes ("" and 0 when there is nothing to do). Deletions come
     first, so an element whose value changes (a map) is replaced in the same transaction."""
     changes, meta = delta_changes(have, rs)
-    return _script(changes, meta)
+    return delta_script(changes, meta)
 
 
 def delta_changes(have: Mapping[tuple[str, str], AbstractSet[str]], rs: Ruleset
@@ -381,7 +381,9 @@ def delta_changes(have: Mapping[tuple[str, str], AbstractSet[str]], rs: Ruleset
 Changes = dict[tuple[str, str], tuple[frozenset[str], frozenset[str]]]  # key -> (removed, added), canonical
 
 
-def _script(changes: Changes, meta: Mapping[tuple[str, str], SetDecl]) -> tuple[str, int]:
+def delta_script(changes: Changes, meta: Mapping[tuple[str, str], SetDecl]) -> tuple[str, int]:
+    """The nft script of ``changes`` (``delete element`` lines, then ``add element`` lines,
+    sets in the order of ``meta``) and how many elements it changes."""
     dels: list[str] = []
     adds: list[str] = []
     n = 0
@@ -458,12 +460,6 @@ def delta_between(old: Ruleset, new: Ruleset) -> tuple[Changes, dict[tuple[str, 
     for d in _port_decls(()):
         meta[(d.family, d.name)] = d
     return changes, meta
-
-
-def delta_script(changes: Changes, meta: Mapping[tuple[str, str], SetDecl]) -> tuple[str, int]:
-    """The nft script of ``changes`` (``delete element`` lines, then ``add element`` lines,
-    sets in the order of ``meta``) and how many elements it changes."""
-    return _script(changes, meta)
 
 
 def _canon_json(x: Any) -> str:
