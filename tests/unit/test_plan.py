@@ -567,10 +567,10 @@ def test_property_one_plan_converges_from_any_state(d1: NodeDesired, d2: NodeDes
 _CORE = Path(__file__).resolve().parents[2] / "shared" / "vnet" / "core"
 _PURE_OK = {"__future__", "abc", "functools", "hashlib", "re", "ipaddress", "collections", "collections.abc", "typing",
             "enum", "dataclasses", "msgspec", "vnet.core", "vnet.core.errors", "vnet.core.naming", "vnet.core.model",
-            "vnet.core.dataplane_model"}
+            "vnet.core.dataplane_model", "vnet.core.addr"}
 # the planner and the drivers are checked below themselves, so importing each other is fine
 _CHECKED_PACKAGES = ("vnet.core.planning", "vnet.core.drivers")
-_PLANNING = ["naming.py", "plan.py", "dataplane_model.py",
+_PLANNING = ["naming.py", "plan.py", "dataplane_model.py", "addr.py",
              *sorted(str(f.relative_to(_CORE)) for pkg in ("planning", "drivers") for f in (_CORE / pkg).glob("*.py"))]
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 import msgspec
 
 from vnet.core import naming
+from vnet.core.addr import parsed_ip
 from vnet.core.policy_inputs import IPAddr, PolicyEndpoint, Selector
 
 # ----------------------------------------------------------------------------- ruleset model
@@ -168,11 +169,11 @@ def _find_port(ports: list[PortBinding], endpoint: str) -> int:
     return i if i < len(ports) and ports[i].endpoint == endpoint else -1
 
 
-# An address string parsed once: an attach's delta placed each address of the new endpoint
-# in every rule's address set by bisection, parsing ~10 addresses per set on the node's event
-# loop before the attach's kernel work (0.1-0.25 ms in cProfile at 100 endpoints). Bounded:
-# a node holds at most a few thousand addresses.
-_ip = functools.lru_cache(maxsize=1 << 16)(ipaddress.ip_address)
+# An address string parsed once (vnet.core.addr.parsed_ip): an attach's delta placed each
+# address of the new endpoint in every rule's address set by bisection, parsing ~10 addresses
+# per set on the node's event loop before the attach's kernel work (0.1-0.25 ms in cProfile at
+# 100 endpoints).
+_ip = parsed_ip
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Literal
 
 from vnet.core import errors as E
 from vnet.core import naming
+from vnet.core.addr import parsed_interface, parsed_ip
 from vnet.core.dataplane_model import EpDesired, NetDesired, NodeDesired
-from vnet.core.planning.ops import MAX_MTU, MIN_MTU, ep_owner, ip_address, ip_interface
+from vnet.core.planning.ops import MAX_MTU, MIN_MTU, ep_owner
 
 if TYPE_CHECKING:
     from vnet.core.drivers.base import Driver
@@ -34,7 +35,7 @@ class Invalid(Exception):
 
 def iface(value: str, family: Family, what: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     try:
-        itf = ip_interface(value)
+        itf = parsed_interface(value)
     except ValueError:
         raise Invalid(E.INVALID_CIDR, f"{what} {value!r} is not an address with prefix length") from None
     if itf.version != family:
@@ -55,7 +56,7 @@ def usable(itf: ipaddress.IPv4Interface | ipaddress.IPv6Interface, what: str) ->
 
 def addr(value: str, family: Family, what: str) -> str:
     try:
-        ip = ip_address(value)
+        ip = parsed_ip(value)
     except ValueError:
         raise Invalid(E.INVALID_GATEWAY, f"{what} {value!r} is not an IP address") from None
     if ip.version != family:
@@ -65,7 +66,7 @@ def addr(value: str, family: Family, what: str) -> str:
 
 def addr_any(value: str, what: str) -> str:
     try:
-        return str(ip_address(value.split("/", 1)[0]))
+        return str(parsed_ip(value.split("/", 1)[0]))
     except ValueError:
         raise Invalid(E.INVALID_REQUEST, f"{what} {value!r} is not an IP address") from None
 
@@ -187,7 +188,7 @@ def validate_ep(e: EpDesired, net: NetView) -> EpView:
         if ipv4 is None:
             raise Invalid(E.INVALID_GATEWAY, "an IPv4 gateway needs an IPv4 address")
         gw4 = addr(e.gw4, 4, "gateway")
-        if ip_address(gw4) not in ip_interface(ipv4).network:
+        if parsed_ip(gw4) not in parsed_interface(ipv4).network:
             raise Invalid(E.INVALID_GATEWAY, f"gateway {gw4} is not on-link for {ipv4}")
     if e.gw6 is not None:
         if ipv6 is None:

@@ -8,12 +8,11 @@ the applier; most drivers only combine the existing ones.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from typing import Literal
 
 import msgspec
 
+from vnet.core.addr import parsed_interface
 from vnet.core.dataplane_model import NsRef
 
 BRIDGE_MAX_PORTS = 1023  # BR_MAX_PORTS is 1024 and port number 0 is reserved
@@ -238,18 +237,12 @@ def addr_gen_mode_path(ifname: str) -> str:
 
 ADDR_GEN_MODE_NONE = "1"  # IN6_ADDR_GEN_MODE_NONE: the kernel makes no link-local address
 
-# Every reconcile parses its desired and observed addresses again: an attach's plan made ~25
-# address objects, half of its 0.2 ms (cProfile, 5 Dec). They are immutable, so each string is
-# parsed once; a string that does not parse raises every time (exceptions are not cached).
-ip_interface = functools.lru_cache(maxsize=8192)(ipaddress.ip_interface)
-ip_address = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
-
 
 def normalize_cidr(cidr: str) -> str:
     """``"FD00:1:0::5/64"`` -> ``"fd00:1::5/64"`` (the form the observer reports)."""
-    return ip_interface(cidr).with_prefixlen
+    return parsed_interface(cidr).with_prefixlen
 
 
 def is_link_local(cidr: str) -> bool:
-    return ip_interface(cidr).ip.is_link_local and ":" in cidr
+    return parsed_interface(cidr).ip.is_link_local and ":" in cidr
 
