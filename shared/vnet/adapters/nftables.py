@@ -331,11 +331,11 @@ class NftEnforcer:
         with self._lock:
             if self.element_path == "nfnetlink" and self.mechanism == "libnftables":
                 try:
-                    msgs = nfnl.element_batch(changes, meta, TABLE)
+                    msgs: list[nfnl.Message] | None = nfnl.element_batch(changes, meta, TABLE)
                 except nfnl.Unsupported:
                     msgs = None
-                sock = self._nfnl() if msgs is not None else None
-                if msgs is not None and sock is not None:
+                sock = self._nfnl() if msgs else None
+                if msgs and sock is not None:
                     try:
                         sock.send(msgs)
                     except OSError as exc:  # NfnlError (a refusal) included

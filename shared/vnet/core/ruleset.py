@@ -112,15 +112,15 @@ class Ruleset(msgspec.Struct, kw_only=True):
                 return self
             if not bridge or bridge not in self.bridges:
                 return None
-            v4 = tuple(sorted((a for a in e.ips if _ip(a).version == 4), key=addr_key))
-            v6 = tuple(sorted((a for a in e.ips if _ip(a).version == 6), key=addr_key))
+            v4 = tuple(sorted((a for a in e.ips if parsed_ip(a).version == 4), key=addr_key))
+            v6 = tuple(sorted((a for a in e.ips if parsed_ip(a).version == 6), key=addr_key))
             pb = PortBinding(ifname=e.port_name(), mac=naming.normalize_mac(e.mac), ipv4=v4, ipv6=v6,
                              full=(bridge, bridge) not in self.net_pairs, endpoint=e.id, bridge=bridge)
             ports = list(ports)  # sorted by endpoint id: insert in place (O(log n) comparisons)
             bisect.insort(ports, pb, key=_ep_key)
             if e.published:
-                a4 = [a for a in e.ips if _ip(a).version == 4]
-                a6 = [a for a in e.ips if _ip(a).version == 6]
+                a4 = [a for a in e.ips if parsed_ip(a).version == 4]
+                a6 = [a for a in e.ips if parsed_ip(a).version == 6]
                 taken = {(p, hp) for p, hp, _, _ in (*published, *published6)}
                 new: list[tuple[str, int, str, int]] = []
                 new6: list[tuple[str, int, str, int]] = []
@@ -152,7 +152,7 @@ class Ruleset(msgspec.Struct, kw_only=True):
             mine_ips = set(e.ips)
             if any(a in mine_ips for _, _, a, _ in (*published, *self.published6)):
                 return None
-        gone = {str(_ip(a)) for a in e.ips}
+        gone = {str(parsed_ip(a)) for a in e.ips}
         sets = [s if not s.selectors or not gone & set(s.elements) else
                 msgspec.structs.replace(s, elements=[x for x in s.elements if x not in gone]) for s in self.sets]
         return msgspec.structs.replace(self, ports=ports, published4=published, sets=sets)
@@ -169,16 +169,9 @@ def _find_port(ports: list[PortBinding], endpoint: str) -> int:
     return i if i < len(ports) and ports[i].endpoint == endpoint else -1
 
 
-# An address string parsed once (vnet.core.addr.parsed_ip): an attach's delta placed each
-# address of the new endpoint in every rule's address set by bisection, parsing ~10 addresses
-# per set on the node's event loop before the attach's kernel work (0.1-0.25 ms in cProfile at
-# 100 endpoints).
-_ip = parsed_ip
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def addr_key(a: str) -> tuple[int, int]:
-    ip = _ip(a)
+    ip = parsed_ip(a)
     return ip.version, int(ip)
 
 
@@ -198,7 +191,7 @@ def _with_member(s: AddrSet, e: PolicyEndpoint) -> AddrSet:
         return s
     add = []
     for a in e.ips:
-        ip = _ip(a)
+        ip = parsed_ip(a)
         if ip.version == s.family and any(selects(x, e, ip) for x in s.selectors):
             add.append(str(ip))
     elements = s.elements
