@@ -200,7 +200,6 @@ def test_a_refused_batch_changes_nothing_and_the_ruleset_is_written_whole(hosts:
         enf.close()
 
 
-
 def test_without_an_nfnetlink_socket_the_deltas_go_through_libnftables(
         hosts: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the nfnetlink socket cannot be made, the enforcer says so once and writes its

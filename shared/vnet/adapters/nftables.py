@@ -297,11 +297,10 @@ class NftEnforcer:
                     reason = "table altered"
                 self._have = {k: set(v) for k, v in got[1].items()}
                 self._have_rs = None
-            fast = self._have_rs is not None and self._have is not None
-            if fast:
-                assert self._have_rs is not None
+            prev = self._have_rs if self._have is not None else None  # the fast path's base
+            if prev is not None:
                 # the fast path: only what differs from the last ruleset written is looked at
-                changes, meta = nftr.delta_between(self._have_rs, rs)
+                changes, meta = nftr.delta_between(prev, rs)
             else:
                 changes, meta = nftr.delta_changes(self._have or {}, rs)
             n = sum(len(gone) + len(new) for gone, new in changes.values())
@@ -313,7 +312,7 @@ class NftEnforcer:
                 self.write_elements(changes, meta)
             except NftError as exc:  # our idea of the kernel was wrong: rewrite it whole
                 return self._whole(rs, struct, f"delta refused ({exc.message[:200]})", t0)
-            if fast and self._have is not None:
+            if prev is not None and self._have is not None:
                 for key, (gone, new) in changes.items():
                     cur = self._have.setdefault(key, set())
                     cur -= gone
